@@ -1,0 +1,69 @@
+# Everything a new machine needs, from a fresh clone: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint typecheck pytest browser wrk bench bench-api drill demo clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## The stack: web server (PORT, default 8000), Celery worker (WORKER_CONCURRENCY, default 2), beat.
+run: install
+	$(BIN)/python -m sagaproject.stack
+
+## The whole suite: lint, type check, tests (fresh test database).
+test: lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy sagas sagaproject orders payments inventory shipping
+
+pytest: install browser
+	$(BIN)/pytest --create-db $(PYTEST_ARGS)
+
+## Debian's Chromium for the admin browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+		else \
+			echo "chromium is not installed: the browser test will be skipped (install Debian's chromium package to run it)"; \
+		fi; }
+
+## Benchmark: order saga vs bare Celery chain (BENCH_ARGS="--sagas 300 --scaling").
+bench: install
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## Debian's wrk for the API load benchmark (bench-api).
+wrk:
+	@command -v wrk >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk; \
+		else \
+			echo "wrk is not installed: install Debian's wrk package to run bench-api" >&2; exit 1; \
+		fi; }
+
+## API load: POST /api/orders/ through gunicorn, driven by wrk (BENCH_API_ARGS="--duration 20").
+bench-api: install wrk
+	$(BIN)/python -m bench.api_load $(BENCH_API_ARGS)
+
+## Fault-injection drill on its own embedded servers (DRILL_ARGS="--sagas 1000 ...").
+drill: install
+	$(BIN)/python -m sagaproject.drill $(DRILL_ARGS)
+
+## Submit a batch of demo orders to a running stack and print the outcomes.
+demo: install
+	$(BIN)/python manage.py demo_orders
+
+clean:
+	rm -rf $(VENV) .local test-artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,207 @@
+"""Settings, read from the environment.
+
+`DATABASE_URL` and `CELERY_BROKER_URL` name the PostgreSQL and Redis servers. Where either is
+unset, an embedded, real server is started for it (see `sagaproject.embedded`).
+"""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+from sagaproject import embedded
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool = False) -> bool:
+    return os.environ.get(name, str(default)).strip().lower() in {"1", "true", "yes", "on"}
+
+
+DEBUG = env_bool("DJANGO_DEBUG", True)
+# The default key is for local development only; production sets DJANGO_SECRET_KEY.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-insecure-local-development-only")
+ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "django_filters",
+    "drf_spectacular",
+    "sagas",
+    "orders",
+    "payments",
+    "inventory",
+    "shipping",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "sagaproject.middleware.DatabaseUnavailableMiddleware",
+]
+
+ROOT_URLCONF = "sagaproject.urls"
+WSGI_APPLICATION = "sagaproject.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# Exported, so that the processes started from here (worker, beat) share the same servers.
+os.environ["DATABASE_URL"] = os.environ.get("DATABASE_URL") or embedded.postgres_url()
+os.environ["CELERY_BROKER_URL"] = os.environ.get("CELERY_BROKER_URL") or embedded.redis_url()
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        os.environ["DATABASE_URL"],
+        conn_max_age=int(os.environ.get("DATABASE_CONN_MAX_AGE", "60")),
+        conn_health_checks=True,
+    )
+}
+# The simulated payment gateway writes its ledger on a connection of its own, outside the step's
+# transaction, as a real provider would.
+DATABASES["gateway"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}
+DATABASE_ROUTERS = ["payments.routers.GatewayRouter"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / ".local" / "static"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "loggers": {
+        "sagas": {
+            "handlers": ["console"],
+            "level": os.environ.get("SAGAS_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
+    },
+}
+
+# Celery. Every setting below is one the saga engine relies on.
+CELERY_BROKER_URL = os.environ["CELERY_BROKER_URL"]
+# Tests and benchmarks use a queue of their own so that a running `make run` worker on the same
+# Redis never takes their messages.
+CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_TASK_DEFAULT_QUEUE", "sagas")
+# JSON only: https://docs.celeryq.dev/en/stable/userguide/security.html#serializers
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+# No result backend: saga and step rows in PostgreSQL are the source of truth.
+CELERY_TASK_IGNORE_RESULT = True
+# Acknowledge after the task ran, and redeliver when a worker dies mid-task:
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-acks-late
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-reject-on-worker-lost
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A worker reserves one message at a time, so a crash strands at most one:
+# https://docs.celeryq.dev/en/stable/userguide/optimizing.html#prefetch-limits
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# An unacknowledged message returns to the queue after this many seconds. It must exceed the
+# longest step time limit plus its retry countdown, or a slow step would run twice:
+# https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "3600")),
+}
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#broker-connection-retry-on-startup
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Celery's Django fixup closes every database connection before and after every task unless
+# this is set (it does not honour CONN_MAX_AGE: celery/celery#9824), which makes each step pay
+# for a new PostgreSQL connection. Reuse a connection for this many tasks; a connection that
+# broke meanwhile (a database restart) is closed and the task retried by the engine.
+# https://docs.celeryq.dev/en/stable/django/first-steps-with-django.html
+CELERY_DB_REUSE_MAX = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
+CELERY_TASK_TIME_LIMIT = 15 * 60
+
+# The recovery sweeper, run by Celery beat:
+# https://docs.celeryq.dev/en/stable/userguide/periodic-tasks.html
+CELERY_BEAT_SCHEDULE = {
+    "sagas-sweep": {
+        "task": "sagas.sweep",
+        "schedule": float(os.environ.get("SAGAS_SWEEP_INTERVAL", "30")),
+    },
+}
+
+# The saga framework (defaults in sagas.conf).
+# A saga in flight with no progress for this many seconds is re-dispatched by the sweeper.
+SAGAS_RECOVERY_STALE_AFTER = float(os.environ.get("SAGAS_RECOVERY_STALE_AFTER", "120"))
+SAGAS_RECOVERY_MAX_ATTEMPTS = int(os.environ.get("SAGAS_RECOVERY_MAX_ATTEMPTS", "5"))
+# Extra modules that register saga definitions (apps may also register in AppConfig.ready).
+SAGAS_MODULES = [m for m in os.environ.get("SAGAS_MODULES", "").split(",") if m]
+SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
+
+# The REST API (sagaproject.api): https://www.django-rest-framework.org/api-guide/settings/
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "sagaproject.api.exception_handler",
+    # Counted in the default cache (per process unless CACHES names a shared one):
+    # https://www.django-rest-framework.org/api-guide/throttling/#setting-up-the-cache
+    "DEFAULT_THROTTLE_RATES": {
+        "orders": os.environ.get("ORDERS_THROTTLE_RATE", "60/minute"),
+        "auth": os.environ.get("AUTH_THROTTLE_RATE", "30/minute"),
+    },
+}
+# https://drf-spectacular.readthedocs.io/en/latest/settings.html
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Sagas API",
+    "DESCRIPTION": "Submit orders, follow their fulfilment sagas, and act on failed sagas.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    # Separate request and response components, so that read-only fields are not asked for.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "SagaStatusEnum": "sagas.models.SagaStatus",
+        "StepStatusEnum": "sagas.models.StepStatus",
+        "EventKindEnum": "sagas.models.EventKind",
+        "OrderStatusEnum": "orders.models.OrderStatus",
+        "PaymentStatusEnum": "payments.models.PaymentStatus",
+        "ReservationStatusEnum": "inventory.models.ReservationStatus",
+        "ShipmentStatusEnum": "shipping.models.ShipmentStatus",
+    },
+}
+# The largest order submission accepted (orders.api); a larger body gets 413.
+ORDERS_MAX_BODY_BYTES = int(os.environ.get("ORDERS_MAX_BODY_BYTES", str(64 * 1024)))
+# Links from a saga's admin page to its domain objects: a function (saga) -> [(label, url)].
+SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"

@@ -1,0 +1,12 @@
+"""URL configuration: the admin, the REST API under /api/, and the health check."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+from sagaproject.api import HealthView
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("api/", include("sagaproject.api")),
+    path("healthz", HealthView.as_view(), name="healthz"),
+]

@@ -1,0 +1,1 @@
+"""Sagas for Django on Celery: ordered steps with compensations, kept in PostgreSQL."""

@@ -1,0 +1,340 @@
+"""The REST API of the framework: sagas with their steps and timeline, and the operator actions.
+
+Reusable: it knows nothing of the domain apps. A project routes `SagaViewSet` under the
+basename "saga" (the serializers link to "saga-detail").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.db.models import Prefetch, QuerySet
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    extend_schema_view,
+)
+from rest_framework import serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import APIException
+from rest_framework.filters import OrderingFilter
+from rest_framework.pagination import PageNumberPagination
+from rest_framework.permissions import BasePermission, IsAdminUser, IsAuthenticated
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.settings import api_settings
+from rest_framework.throttling import ScopedRateThrottle
+
+from .engine import Plan
+from .exceptions import InvalidTransition
+from .models import Saga, SagaEvent, SagaStatus, SagaStep
+from .services import saga_compensate, saga_plan, saga_retry, saga_step_resolve
+
+# -- shared pieces, also used by the domain apps' APIs ------------------------------------------
+
+
+class Pagination(PageNumberPagination):
+    """Pages of 20 by default; `page_size` asks for up to 100."""
+
+    page_size = 20
+    page_size_query_param = "page_size"
+    max_page_size = 100
+
+
+class Conflict(APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_detail = "The resource's current state does not allow this."
+    default_code = "conflict"
+
+
+class ScopedThrottle(ScopedRateThrottle):
+    """`ScopedRateThrottle` that reads the rates when it runs, not when DRF was imported.
+
+    So a changed `REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]` (tests, settings overrides) applies.
+    """
+
+    def __init__(self) -> None:
+        self.THROTTLE_RATES = api_settings.DEFAULT_THROTTLE_RATES
+        super().__init__()
+
+
+class DetailSerializer(serializers.Serializer):
+    """The body of an error response."""
+
+    detail = serializers.CharField(help_text="What went wrong.")
+
+
+class ErrorSerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="A stable, machine-readable error code.")
+    message = serializers.CharField(help_text="A safe, human-readable message.")
+
+
+def _error(obj: Saga | SagaStep) -> dict[str, str] | None:
+    if not obj.error_code and not obj.error_message:
+        return None
+    return {"code": obj.error_code, "message": obj.error_message}
+
+
+ERROR_RESPONSES = {
+    401: OpenApiResponse(DetailSerializer, description="Not authenticated."),
+    403: OpenApiResponse(DetailSerializer, description="Staff only."),
+    404: OpenApiResponse(DetailSerializer, description="No such saga."),
+}
+
+# -- serializers ----------------------------------------------------------------------------------
+
+
+class SagaStepSerializer(serializers.ModelSerializer):
+    error = serializers.SerializerMethodField(help_text="Why the step failed, if it did.")
+
+    class Meta:
+        model = SagaStep
+        fields = [
+            "index",
+            "name",
+            "status",
+            "attempts",
+            "error",
+            "started_at",
+            "finished_at",
+            "compensated_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ErrorSerializer(allow_null=True))
+    def get_error(self, step: SagaStep) -> dict[str, str] | None:
+        return _error(step)
+
+
+class SagaEventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = SagaEvent
+        fields = ["kind", "step_index", "step_name", "detail", "created_at"]
+        read_only_fields = fields
+
+
+class SagaSummarySerializer(serializers.ModelSerializer):
+    """A saga in brief, as other resources (an order) link to it."""
+
+    url = serializers.HyperlinkedIdentityField(view_name="saga-detail", read_only=True)
+
+    class Meta:
+        model = Saga
+        fields = ["id", "status", "url"]
+        read_only_fields = fields
+
+
+class SagaSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name="saga-detail", read_only=True)
+    error = serializers.SerializerMethodField(help_text="Why the saga failed, if it did.")
+    steps = SagaStepSerializer(many=True, read_only=True)
+
+    class Meta:
+        model = Saga
+        fields = [
+            "id",
+            "url",
+            "name",
+            "status",
+            "current_step",
+            "error",
+            "recovery_attempts",
+            "created_at",
+            "updated_at",
+            "finished_at",
+            "steps",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ErrorSerializer(allow_null=True))
+    def get_error(self, saga: Saga) -> dict[str, str] | None:
+        return _error(saga)
+
+
+class SagaDetailSerializer(SagaSerializer):
+    events = SagaEventSerializer(many=True, read_only=True, help_text="The timeline, oldest first.")
+
+    class Meta(SagaSerializer.Meta):
+        fields = [*SagaSerializer.Meta.fields, "events"]
+        read_only_fields = fields
+
+
+class PlanSerializer(serializers.Serializer):
+    action = serializers.CharField(help_text="The operator action previewed.")
+    allowed = serializers.BooleanField(help_text="Whether the saga's state allows it now.")
+    reason = serializers.CharField(help_text="What it will do, or why it is not allowed.")
+    run = serializers.ListField(
+        child=serializers.CharField(), help_text="Steps it will run, in order."
+    )
+    undo = serializers.ListField(
+        child=serializers.CharField(), help_text="Steps it will compensate, in order."
+    )
+
+
+class PlanQuerySerializer(serializers.Serializer):
+    action = serializers.ChoiceField(
+        choices=["retry", "compensate", "resolve"], help_text="The action to preview."
+    )
+    index = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=32767,
+        help_text="The step to resolve (required with action=resolve).",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["action"] == "resolve" and attrs.get("index") is None:
+            raise serializers.ValidationError({"index": "Required with action=resolve."})
+        return attrs
+
+
+# -- views ----------------------------------------------------------------------------------------
+
+
+class SagaFilter(filters.FilterSet):
+    status = filters.ChoiceFilter(
+        choices=SagaStatus.choices, help_text="Only sagas in this status."
+    )
+    name = filters.CharFilter(help_text="Only sagas of this definition.")
+
+    class Meta:
+        model = Saga
+        fields = ["status", "name"]
+
+
+OPERATOR_ACTIONS = {"retry", "compensate", "resolve", "plan"}
+
+
+def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
+    """Steps (and the timeline) in one query each, whatever the number of sagas."""
+    sagas = sagas.prefetch_related(Prefetch("steps", queryset=SagaStep.objects.order_by("index")))
+    if events:
+        sagas = sagas.prefetch_related(
+            Prefetch("events", queryset=SagaEvent.objects.order_by("id"))
+        )
+    return sagas
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List sagas", description="Staff see every saga, others their own."),
+    retrieve=extend_schema(summary="A saga with its steps and timeline"),
+)
+class SagaViewSet(viewsets.ReadOnlyModelViewSet):
+    """Sagas: users see the ones started on their behalf, staff see all and act on them."""
+
+    pagination_class = Pagination
+    filter_backends = [filters.DjangoFilterBackend, OrderingFilter]
+    filterset_class = SagaFilter
+    ordering_fields = ["created_at", "updated_at", "finished_at", "status", "name"]
+    ordering = ["-created_at"]
+    lookup_value_regex = "[0-9a-fA-F-]{32,36}"
+
+    def get_queryset(self) -> QuerySet[Saga]:
+        user = self.request.user
+        sagas = Saga.objects.all() if user.is_staff else Saga.objects.filter(created_by_id=user.pk)
+        if self.action in ("list", "retrieve"):
+            sagas = _with_steps(sagas, events=self.action == "retrieve")
+        return sagas
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer]:
+        return SagaSerializer if self.action == "list" else SagaDetailSerializer
+
+    def get_permissions(self) -> list[BasePermission]:
+        if self.action in OPERATOR_ACTIONS:
+            return [IsAuthenticated(), IsAdminUser()]
+        return super().get_permissions()
+
+    def _accepted(self, saga: Saga) -> Response:
+        saga = _with_steps(Saga.objects.all(), events=True).get(pk=saga.pk)
+        serializer = SagaDetailSerializer(saga, context=self.get_serializer_context())
+        return Response(serializer.data, status=status.HTTP_202_ACCEPTED)
+
+    def _act(self, request: Request, do: Callable[..., Plan]) -> Response:
+        saga = self.get_object()
+        try:
+            do(saga_id=saga.pk, actor=request.user.get_username())
+        except InvalidTransition as exc:
+            raise Conflict(str(exc)) from exc
+        return self._accepted(saga)
+
+    @extend_schema(
+        summary="Retry a failed saga",
+        description="Resume where it stopped: forward, or its compensation. Staff only.",
+        request=None,
+        responses={
+            202: SagaDetailSerializer,
+            409: OpenApiResponse(DetailSerializer, description="Not failed."),
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def retry(self, request: Request, pk: str | None = None) -> Response:
+        return self._act(request, saga_retry)
+
+    @extend_schema(
+        summary="Abort a saga",
+        description="Compensate the completed steps, in reverse order. Staff only.",
+        request=None,
+        responses={
+            202: SagaDetailSerializer,
+            409: OpenApiResponse(DetailSerializer, description="Already final or compensating."),
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def compensate(self, request: Request, pk: str | None = None) -> Response:
+        return self._act(request, saga_compensate)
+
+    @extend_schema(
+        summary="Resolve a step whose compensation failed",
+        description="Mark it compensated by hand and carry on compensating. Staff only.",
+        request=None,
+        parameters=[
+            OpenApiParameter(
+                "index",
+                {"type": "integer", "minimum": 0, "maximum": 999999999},
+                OpenApiParameter.PATH,
+                description="The step's index (0 is the first step).",
+            )
+        ],
+        responses={
+            202: SagaDetailSerializer,
+            409: OpenApiResponse(
+                DetailSerializer, description="The step's compensation has not failed."
+            ),
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"], url_path=r"steps/(?P<index>[0-9]{1,9})/resolve")
+    def resolve(self, request: Request, pk: str | None = None, index: str = "0") -> Response:
+        def do(*, saga_id: Any, actor: str) -> Plan:
+            return saga_step_resolve(saga_id=saga_id, index=int(index), actor=actor)
+
+        return self._act(request, do)
+
+    @extend_schema(
+        summary="Preview an operator action",
+        description="What retry, compensate or resolve would do now, without doing it. Staff only.",
+        parameters=[PlanQuerySerializer],
+        responses={
+            200: PlanSerializer,
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="Bad action or index."),
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["get"])
+    def plan(self, request: Request, pk: str | None = None) -> Response:
+        saga = self.get_object()
+        query = PlanQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        preview = saga_plan(
+            saga_id=saga.pk,
+            action=query.validated_data["action"],
+            index=query.validated_data.get("index"),
+        )
+        return Response(PlanSerializer(preview).data)

@@ -1,0 +1,19 @@
+"""App configuration for the saga framework."""
+
+from django.apps import AppConfig
+
+
+class SagasConfig(AppConfig):
+    name = "sagas"
+    verbose_name = "Sagas"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Modules that register saga definitions, imported in every process (web, worker, beat)
+        # so a worker can run any saga that a web process starts.
+        from importlib import import_module
+
+        from django.conf import settings
+
+        for module in getattr(settings, "SAGAS_MODULES", ()):
+            import_module(module)

@@ -1,0 +1,193 @@
+"""The declarative definition API: a saga is a name and an ordered list of steps."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+from uuid import UUID
+
+from django.utils.module_loading import import_string
+
+from .exceptions import DefinitionError
+
+OnExhausted = Literal["compensate", "pause"]
+
+_registry: dict[str, SagaDefinition] = {}
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What an action or a compensation receives."""
+
+    saga_id: UUID
+    step: str
+    input: dict[str, Any]
+    outputs: dict[str, Any]
+    attempt: int
+    output: Any = None  # the step's own output, for its compensation
+
+    @property
+    def idempotency_key(self) -> str:
+        """Pass this to any external system, so a repeated call is recognised as such."""
+        return f"{self.saga_id}:{self.step}"
+
+
+def dotted_path(target: str | Callable[..., Any] | type) -> str:
+    """The import path of a callable or class, so it can be stored in a step row."""
+    if isinstance(target, str):
+        return target
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how fast a failing action is tried again.
+
+    Only exceptions listed in `transient` are retried (subclasses of `TransientError` always
+    are); the delay before try n is `backoff * 2**(n-1)`, capped at `backoff_max`, with full
+    jitter so that many sagas failing together do not retry together.
+    """
+
+    max_attempts: int = 3
+    backoff: float = 0.5
+    backoff_max: float = 60.0
+    jitter: bool = True
+    # Exception classes or their import paths; stored as paths.
+    transient: tuple[str | type[BaseException], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise DefinitionError("max_attempts must be at least 1")
+        if self.backoff < 0 or self.backoff_max < self.backoff:
+            raise DefinitionError("backoff must be >= 0 and backoff_max >= backoff")
+        object.__setattr__(self, "transient", tuple(dotted_path(t) for t in self.transient))
+
+    def countdown(self, attempt: int) -> float:
+        """Seconds to wait after the given (1-based) failed attempt."""
+        delay = min(self.backoff_max, self.backoff * 2 ** (attempt - 1))
+        return random.uniform(0, delay) if self.jitter else delay
+
+    def longest_wait(self) -> float:
+        return min(self.backoff_max, self.backoff * 2 ** max(self.max_attempts - 2, 0))
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["transient"] = list(self.transient)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RetryPolicy:
+        return cls(**{**data, "transient": tuple(data.get("transient", ()))})
+
+
+DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=8, backoff=1.0, backoff_max=120.0)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step: an action, its compensation and its policy.
+
+    `action(ctx)` returns a JSON-serialisable output; `compensation(ctx)` undoes it, reading
+    `ctx.output`. `on_exhausted` says what happens when transient retries run out: compensate
+    the saga, or pause it (status failed) for an operator. A completed `pivot` step is the point
+    of no return: later failures pause instead of compensating. `compensate_failed_step` also
+    compensates this step when it fails, for actions that may have half-happened.
+    """
+
+    name: str
+    action: str | Callable[..., Any]
+    compensation: str | Callable[..., Any] | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    compensation_retry: RetryPolicy = DEFAULT_COMPENSATION_RETRY
+    time_limit: int = 60
+    on_exhausted: OnExhausted = "compensate"
+    pivot: bool = False
+    compensate_failed_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.on_exhausted not in ("compensate", "pause"):
+            raise DefinitionError(f"step {self.name!r}: on_exhausted must be compensate or pause")
+        if self.time_limit < 1:
+            raise DefinitionError(f"step {self.name!r}: time_limit must be at least 1 second")
+        object.__setattr__(self, "action", dotted_path(self.action))
+        if self.compensation is not None:
+            object.__setattr__(self, "compensation", dotted_path(self.compensation))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a saga copies into its step row when it starts."""
+        return {
+            "action": self.action,
+            "compensation": self.compensation,
+            "retry": self.retry.as_dict(),
+            "compensation_retry": self.compensation_retry.as_dict(),
+            "time_limit": self.time_limit,
+            "on_exhausted": self.on_exhausted,
+            "pivot": self.pivot,
+            "compensate_failed_step": self.compensate_failed_step,
+        }
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    """A named, ordered list of steps.
+
+    `on_complete(ctx)` runs in the same transaction as the last step's completion.
+    `deadline` (seconds) bounds how long a saga may run before it is compensated.
+    `continue_compensation_on_failure` decides whether the remaining compensations still run
+    after one exhausts its retries (the saga ends `failed` either way).
+    """
+
+    name: str
+    steps: Sequence[Step]
+    on_complete: str | Callable[..., Any] | None = None
+    continue_compensation_on_failure: bool = False
+    # Seconds a saga may run; past it the sweeper compensates it, unless it passed its pivot.
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.steps:
+            raise DefinitionError(f"saga {self.name!r} has no steps")
+        names = [step.name for step in self.steps]
+        if len(set(names)) != len(names):
+            raise DefinitionError(f"saga {self.name!r} has duplicate step names")
+        object.__setattr__(self, "steps", tuple(self.steps))
+        if self.on_complete is not None:
+            object.__setattr__(self, "on_complete", dotted_path(self.on_complete))
+        if self.deadline is not None and self.deadline <= 0:
+            raise DefinitionError(f"saga {self.name!r}: deadline must be positive")
+
+    def validate(self) -> None:
+        """Import every callable now, so a typo fails at start-up rather than mid-saga."""
+        for path in self._paths():
+            try:
+                import_string(path)
+            except ImportError as exc:
+                raise DefinitionError(f"saga {self.name!r}: cannot import {path!r}") from exc
+
+    def _paths(self) -> list[str]:
+        paths: list[str] = [str(s.action) for s in self.steps]
+        paths += [str(s.compensation) for s in self.steps if s.compensation]
+        paths += [str(p) for s in self.steps for p in s.retry.transient]
+        paths += [str(p) for s in self.steps for p in s.compensation_retry.transient]
+        if self.on_complete:
+            paths.append(str(self.on_complete))
+        return paths
+
+
+def register(definition: SagaDefinition) -> SagaDefinition:
+    """Make a definition startable by name. Registering the same name again replaces it."""
+    _registry[definition.name] = definition
+    return definition
+
+
+def get_definition(name: str) -> SagaDefinition:
+    try:
+        return _registry[name]
+    except KeyError:
+        raise DefinitionError(f"no saga definition named {name!r}") from None
+
+
+def registered() -> dict[str, SagaDefinition]:
+    return dict(_registry)

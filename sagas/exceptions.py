@@ -1,0 +1,42 @@
+"""Exceptions that step actions raise to tell the engine what went wrong."""
+
+from __future__ import annotations
+
+
+class SagaError(Exception):
+    """Base class of the framework's exceptions."""
+
+
+class StepError(SagaError):
+    """A failure whose code and message are safe to store and show to users.
+
+    Subclasses set `code`; the message must not carry secrets or internal details.
+    """
+
+    code = "step_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class BusinessError(StepError):
+    """The action cannot succeed for this input (declined card, no stock): never retried."""
+
+    code = "business_error"
+
+
+class TransientError(StepError):
+    """A passing fault (timeout, unavailable service): retried with backoff."""
+
+    code = "transient_error"
+
+
+class DefinitionError(SagaError):
+    """A saga definition is invalid, or no definition has the given name."""
+
+
+class InvalidTransition(SagaError):
+    """An operator action or a transition is not allowed in the saga's current state."""

@@ -1,0 +1,80 @@
+"""Fault injection for tests and drills: off unless settings.SAGAS_FAULT_INJECTION is true.
+
+A `Fault` row names a step, a point and an effect. The faults that fire in an attempt are taken
+(and counted down) in their own committed statement before the step's transaction begins, so a
+fault that rolls the step back is still counted.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from django.db import transaction
+from django.db.models import F, Q
+
+from . import conf
+from .exceptions import BusinessError, TransientError
+from .models import Fault, FaultEffect, FaultPoint, SagaStep
+
+
+class InjectedTransientError(TransientError):
+    code = "injected_transient_error"
+
+
+class InjectedBusinessError(BusinessError):
+    code = "injected_business_error"
+
+
+@dataclass
+class Injector:
+    effects: dict[str, str] = field(default_factory=dict)  # point -> effect
+
+    def fire(self, point: str) -> None:
+        effect = self.effects.get(point)
+        if effect == FaultEffect.CRASH:
+            os._exit(137)  # as if the kernel killed the worker process
+        if effect == FaultEffect.TRANSIENT_ERROR:
+            raise InjectedTransientError("Injected transient fault.")
+        if effect == FaultEffect.BUSINESS_ERROR:
+            raise InjectedBusinessError("Injected business fault.")
+
+    def before_action(self) -> None:
+        self.fire(FaultPoint.BEFORE_ACTION)
+
+    def after_action(self) -> None:
+        self.fire(FaultPoint.AFTER_ACTION)
+
+    def before_compensation(self) -> None:
+        self.fire(FaultPoint.BEFORE_COMPENSATION)
+
+    def after_commit(self) -> None:
+        self.fire(FaultPoint.AFTER_COMMIT)
+
+
+def take(saga_id: str, index: int, points: tuple[str, ...]) -> Injector | None:
+    """The faults that fire in this attempt of step `index`, counted down now."""
+    if not conf.fault_injection_enabled():
+        return None
+    step_name = SagaStep.objects.filter(saga_id=saga_id, index=index).values("name")[:1]
+    injector = Injector()
+    with transaction.atomic():
+        rows = (
+            Fault.objects.select_for_update()
+            .filter(
+                Q(saga_id=saga_id) | Q(saga__isnull=True), step_name=step_name, point__in=points
+            )
+            .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
+            .order_by("id")
+        )
+        for fault in rows:
+            if fault.point in injector.effects:
+                continue
+            injector.effects[fault.point] = fault.effect
+            if fault.remaining is not None:
+                Fault.objects.filter(pk=fault.pk).update(remaining=F("remaining") - 1)
+    return injector if injector.effects else None
+
+
+STEP_POINTS = (FaultPoint.BEFORE_ACTION, FaultPoint.AFTER_ACTION, FaultPoint.AFTER_COMMIT)
+COMPENSATION_POINTS = (FaultPoint.BEFORE_COMPENSATION, FaultPoint.AFTER_COMMIT)

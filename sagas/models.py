@@ -1,0 +1,250 @@
+"""Saga instances, their step rows and the append-only event log: the source of truth."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class SagaStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running"
+    COMPENSATING = "compensating", "Compensating"
+    COMPLETED = "completed", "Completed"
+    COMPENSATED = "compensated", "Compensated"
+    FAILED = "failed", "Failed"
+
+
+class StepStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    RUNNING = "running", "Running (retrying)"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    COMPENSATING = "compensating", "Compensating"
+    COMPENSATED = "compensated", "Compensated"
+    COMPENSATION_FAILED = "compensation_failed", "Compensation failed"
+
+
+class EventKind(models.TextChoices):
+    SAGA_STARTED = "saga_started", "Saga started"
+    STEP_COMPLETED = "step_completed", "Step completed"
+    STEP_RETRYING = "step_retrying", "Step attempt failed, retrying"
+    STEP_FAILED = "step_failed", "Step failed"
+    SAGA_PAUSED = "saga_paused", "Saga paused for an operator"
+    COMPENSATION_STARTED = "compensation_started", "Compensation started"
+    STEP_COMPENSATED = "step_compensated", "Step compensated"
+    COMPENSATION_RETRYING = "compensation_retrying", "Compensation attempt failed, retrying"
+    COMPENSATION_FAILED = "compensation_failed", "Compensation failed"
+    SAGA_COMPLETED = "saga_completed", "Saga completed"
+    SAGA_COMPENSATED = "saga_compensated", "Saga compensated"
+    SAGA_FAILED = "saga_failed", "Saga failed"
+    OPERATOR_RETRY = "operator_retry", "Operator retried"
+    OPERATOR_COMPENSATE = "operator_compensate", "Operator aborted (compensate)"
+    OPERATOR_RESOLVE = "operator_resolve", "Operator resolved a step by hand"
+    DUPLICATE_IGNORED = "duplicate_ignored", "Duplicate delivery ignored"
+    RECOVERED = "recovered", "Recovered by the sweeper"
+    DEADLINE_PASSED = "deadline_passed", "Deadline passed"
+
+
+def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
+    return models.CheckConstraint(condition=Q(status__in=choices.values), name=name)
+
+
+class Saga(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    name = models.CharField(
+        "saga name", max_length=100, help_text="Name of the saga definition this instance runs."
+    )
+    status = models.CharField(
+        max_length=20,
+        choices=SagaStatus.choices,
+        default=SagaStatus.PENDING,
+        help_text="Where the saga is in its life cycle.",
+    )
+    input = models.JSONField(help_text="The input the saga was started with.")
+    options = models.JSONField(
+        default=dict, help_text="Definition-level options, copied when the saga started."
+    )
+    current_step = models.PositiveSmallIntegerField(
+        default=0, help_text="Index of the step in progress, failed, or being compensated."
+    )
+    error_code = models.CharField(max_length=100, blank=True, help_text="Safe error code.")
+    error_message = models.CharField(
+        max_length=500, blank=True, help_text="Safe, human-readable error message."
+    )
+    # NULL, not "", for "no key": the unique constraint applies only to sagas that have one.
+    idempotency_key = models.CharField(  # noqa: DJ001
+        max_length=200,
+        null=True,
+        blank=True,
+        help_text="Starting a saga again with the same name and key returns this one.",
+    )
+    recovery_attempts = models.PositiveIntegerField(
+        default=0, help_text="How often the sweeper re-dispatched this saga."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The user on whose behalf the saga was started, if any.",
+    )
+    deadline_at = models.DateTimeField(
+        null=True, blank=True, help_text="Past this, a saga still running is compensated."
+    )
+    created_at = models.DateTimeField(auto_now_add=True, help_text="When the saga was started.")
+    updated_at = models.DateTimeField(auto_now=True, help_text="Last progress of the saga.")
+    finished_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the saga reached a final state."
+    )
+
+    class Meta:
+        verbose_name = "saga"
+        verbose_name_plural = "sagas"
+        ordering = ("-created_at",)
+        constraints = [
+            _status_check("saga_status_valid", SagaStatus),
+            models.UniqueConstraint(
+                fields=["name", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="saga_unique_idempotency_key",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "updated_at"], name="saga_status_updated_idx"),
+            models.Index(fields=["name", "status"], name="saga_name_status_idx"),
+            models.Index(fields=["-created_at"], name="saga_created_idx"),
+        ]
+        # The operator actions of the admin, each granted on its own.
+        permissions = [
+            ("retry_saga", "Can retry a failed saga"),
+            ("compensate_saga", "Can compensate (abort) a saga"),
+            ("resolve_saga", "Can resolve a step whose compensation failed"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.id} ({self.status})"
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+
+
+class SagaStep(models.Model):
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    index = models.PositiveSmallIntegerField(help_text="Position of the step in the saga.")
+    name = models.CharField(max_length=100, help_text="Name of the step.")
+    status = models.CharField(
+        max_length=20,
+        choices=StepStatus.choices,
+        default=StepStatus.PENDING,
+        help_text="Where the step is in its life cycle.",
+    )
+    definition = models.JSONField(
+        help_text="The step's action, compensation and policy, copied when the saga started."
+    )
+    attempts = models.PositiveIntegerField(default=0, help_text="Attempts of the action.")
+    compensation_attempts = models.PositiveIntegerField(
+        default=0, help_text="Attempts of the compensation."
+    )
+    output = models.JSONField(null=True, blank=True, help_text="What the action returned.")
+    error_code = models.CharField(max_length=100, blank=True, help_text="Safe error code.")
+    error_message = models.CharField(
+        max_length=500, blank=True, help_text="Safe, human-readable error message."
+    )
+    started_at = models.DateTimeField(null=True, blank=True, help_text="First attempt started.")
+    finished_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the action completed or finally failed."
+    )
+    compensated_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the compensation completed."
+    )
+
+    class Meta:
+        verbose_name = "saga step"
+        verbose_name_plural = "saga steps"
+        ordering = ("saga", "index")
+        constraints = [
+            _status_check("saga_step_status_valid", StepStatus),
+            models.UniqueConstraint(fields=["saga", "index"], name="saga_step_unique_index"),
+        ]
+        indexes = [models.Index(fields=["status"], name="saga_step_status_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.index}:{self.name} ({self.status})"
+
+    @property
+    def compensation(self) -> str | None:
+        return self.definition.get("compensation")
+
+
+class SagaEvent(models.Model):
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events")
+    step_index = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="The step the event is about, if any."
+    )
+    step_name = models.CharField(max_length=100, blank=True, help_text="Name of that step.")
+    kind = models.CharField(max_length=40, choices=EventKind.choices, help_text="What happened.")
+    detail = models.JSONField(default=dict, blank=True, help_text="Safe details of the event.")
+    created_at = models.DateTimeField(help_text="When it happened.")
+
+    class Meta:
+        verbose_name = "saga event"
+        verbose_name_plural = "saga events"
+        ordering = ("saga", "id")
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(kind__in=EventKind.values), name="saga_event_kind_valid"
+            )
+        ]
+        indexes = [models.Index(fields=["saga", "id"], name="saga_event_saga_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.step_name}".strip()
+
+
+class FaultPoint(models.TextChoices):
+    BEFORE_ACTION = "before_action", "Before the action"
+    AFTER_ACTION = "after_action", "After the action, before its commit"
+    AFTER_COMMIT = "after_commit", "After the commit, before the acknowledgement"
+    BEFORE_COMPENSATION = "before_compensation", "Before the compensation"
+
+
+class FaultEffect(models.TextChoices):
+    BUSINESS_ERROR = "business_error", "Raise a business error"
+    TRANSIENT_ERROR = "transient_error", "Raise a transient error"
+    CRASH = "crash", "Kill the worker process"
+
+
+class Fault(models.Model):
+    """A fault to inject into a step, for tests and drills; read only with SAGAS_FAULT_INJECTION."""
+
+    saga = models.ForeignKey(
+        Saga, null=True, blank=True, on_delete=models.CASCADE, help_text="Empty: any saga."
+    )
+    step_name = models.CharField(max_length=100, help_text="The step to inject into.")
+    point = models.CharField(max_length=30, choices=FaultPoint.choices, help_text="Where.")
+    effect = models.CharField(max_length=30, choices=FaultEffect.choices, help_text="What.")
+    remaining = models.PositiveIntegerField(
+        null=True, blank=True, help_text="How many more times it fires; empty: every time."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "injected fault"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(point__in=FaultPoint.values), name="fault_point_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(effect__in=FaultEffect.values), name="fault_effect_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["step_name"], name="fault_step_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.effect} at {self.point} of {self.step_name}"

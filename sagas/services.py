@@ -1,0 +1,48 @@
+"""The public Python API of the framework: start a saga, and the operator actions.
+
+The REST API, the admin and management commands call these functions and nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from . import engine
+from .engine import Plan
+from .models import Saga
+
+
+def saga_start(
+    *,
+    name: str,
+    input: dict[str, Any],
+    idempotency_key: str | None = None,
+    created_by: Any = None,
+) -> tuple[Saga, bool]:
+    """Start a saga of the named definition. Returns the saga and whether it is new.
+
+    With an idempotency key, starting again returns the first saga. The chain is sent when
+    the surrounding transaction commits, so a caller may create its own rows alongside.
+    """
+    return engine.start(name, input, idempotency_key=idempotency_key, created_by=created_by)
+
+
+def saga_plan(*, saga_id: UUID | str, action: str, index: int | None = None) -> Plan:
+    """Preview an operator action (`retry`, `compensate`, `resolve`) without doing it."""
+    return engine.plan(saga_id, action, index)
+
+
+def saga_retry(*, saga_id: UUID | str, actor: str = "") -> Plan:
+    """Resume a failed saga where it stopped, forward or in its compensation."""
+    return engine.retry(saga_id, actor=actor)
+
+
+def saga_compensate(*, saga_id: UUID | str, actor: str = "") -> Plan:
+    """Abort a running or failed saga: compensate its completed steps in reverse order."""
+    return engine.compensate(saga_id, actor=actor)
+
+
+def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
+    """Mark a step whose compensation failed as compensated by hand, and carry on."""
+    return engine.resolve(saga_id, index, actor=actor)
