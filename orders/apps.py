@@ -1,0 +1,13 @@
+"""App configuration for orders."""
+
+from django.apps import AppConfig
+
+
+class OrdersConfig(AppConfig):
+    name = "orders"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Registers the order fulfilment saga in every process (web, worker, beat), so a worker
+        # can run the sagas a web process starts.
+        from orders import sagas  # noqa: F401

@@ -1,0 +1,27 @@
+"""The order steps of the order fulfilment saga: create the order, cancel it, confirm it."""
+
+from __future__ import annotations
+
+from orders.services import order_cancel, order_confirm, order_create
+from sagas.definitions import StepContext
+
+
+def create_order(ctx: StepContext) -> dict[str, str]:
+    order = order_create(
+        order_id=ctx.input["order_id"],
+        saga_id=ctx.saga_id,
+        customer_id=ctx.input["customer_id"],
+        currency=ctx.input["currency"],
+        items=ctx.input["items"],
+        shipping_address=ctx.input["shipping_address"],
+    )
+    return {"order_id": str(order.pk), "total": str(order.total)}
+
+
+def cancel_order(ctx: StepContext) -> None:
+    order_cancel(order_id=ctx.input["order_id"])
+
+
+def confirm_order(ctx: StepContext) -> None:
+    """The saga's completion hook: every step succeeded."""
+    order_confirm(order_id=ctx.input["order_id"])

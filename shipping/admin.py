@@ -1,0 +1,50 @@
+"""Admin for shipments (read-only: they change through the shipping services)."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from django.contrib import admin
+from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
+from django.utils.safestring import SafeString
+
+from shipping.models import Shipment
+
+
+def order_link(order_id: UUID) -> SafeString:
+    url = reverse("admin:orders_order_change", args=[order_id])
+    return format_html('<a href="{}">{}</a>', url, order_id)
+
+
+@admin.register(Shipment)
+class ShipmentAdmin(admin.ModelAdmin):
+    list_display = ("tracking_number", "order", "country", "status", "created_at")
+    list_filter = ("status", "country", "created_at")
+    search_fields = ("tracking_number", "order_id")
+    date_hierarchy = "created_at"
+    fields = (
+        "tracking_number",
+        "order",
+        "country",
+        "address",
+        "status",
+        "created_at",
+        "updated_at",
+        "cancelled_at",
+    )
+    readonly_fields = ("order",)
+
+    @admin.display(description="order", ordering="order_id")
+    def order(self, shipment: Shipment) -> SafeString:
+        return order_link(shipment.order_id)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
+        return False
