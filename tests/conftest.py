@@ -1,0 +1,223 @@
+"""Fixtures: real Celery worker processes on the test database and the real broker."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from django.conf import settings
+
+from sagaproject.celery import app as celery_app
+from tests import sagadefs  # noqa: F401  (registers the test sagas in this process too)
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+# A queue of this run's own, so no other worker on the same Redis takes the tests' messages.
+QUEUE = f"test-sagas-{uuid.uuid4().hex[:8]}"
+FINAL = {"completed", "compensated", "failed"}
+# A shipping address the order tests share.
+ADDRESS = {
+    "name": "Ada Lovelace",
+    "line1": "12 St James's Square",
+    "city": "London",
+    "postal_code": "SW1Y 4JH",
+    "country": "GB",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    settings.CELERY_TASK_DEFAULT_QUEUE = QUEUE
+    celery_app.conf.task_default_queue = QUEUE
+    settings.SAGAS_FAULT_INJECTION = True
+
+
+def database_url(settings_dict: dict) -> str:
+    """A URL for the (test) database Django is using, to hand to worker processes."""
+    user = quote(settings_dict["USER"] or "")
+    password = quote(settings_dict["PASSWORD"] or "")
+    name = settings_dict["NAME"]
+    host = settings_dict["HOST"] or settings_dict.get("OPTIONS", {}).get("host", "")
+    if host.startswith("/"):  # a Unix socket folder (the embedded server)
+        return f"postgresql://{user}:{password}@/{name}?host={host}"
+    return f"postgresql://{user}:{password}@{host}:{settings_dict['PORT'] or 5432}/{name}"
+
+
+def worker_env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url(settings.DATABASES["default"]),
+        "CELERY_TASK_DEFAULT_QUEUE": QUEUE,
+        "SAGAS_FAULT_INJECTION": "1",
+        "SAGAS_MODULES": "tests.sagadefs",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+class Workers:
+    """Real `celery worker` processes (prefork), started and stopped by the test session."""
+
+    def __init__(self, nodes: int, concurrency: int) -> None:
+        self.nodes, self.concurrency = nodes, concurrency
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    def start(self) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        for i in range(self.nodes):
+            log = ARTIFACTS / f"worker-{i}.log"
+            log.write_text("")
+            self.logs.append(log)
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "sagaproject",
+                "worker",
+                "-Q",
+                QUEUE,
+                "-c",
+                str(self.concurrency),
+                "-n",
+                f"test{i}-{QUEUE}@%h",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "info",
+            ]
+            self.procs.append(
+                subprocess.Popen(
+                    cmd,
+                    cwd=ROOT,
+                    env=worker_env(),
+                    stdout=log.open("w"),
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        wait_for(self.ready, timeout=60, what="Celery workers to start")
+
+    def ready(self) -> bool:
+        for proc, log in zip(self.procs, self.logs, strict=True):
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited early; see {log}:\n{log.read_text()[-3000:]}")
+        return all(" ready." in log.read_text() for log in self.logs)
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def wait_for(
+    condition: Callable[[], object], *, timeout: float = 30, what: str = "condition"
+) -> object:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def workers(django_db_setup, django_db_blocker) -> Iterator[Workers]:
+    with celery_app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(QUEUE)
+    pool = Workers(nodes=2, concurrency=2)
+    pool.start()
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def saga_db(transactional_db, workers):
+    """A database the workers can see (committed transactions), and running workers.
+
+    Afterwards it waits for the workers to go quiet before the database is flushed: a worker
+    still finishing this test's saga would otherwise deadlock with the flush's TRUNCATE, and
+    when PostgreSQL cancels the TRUNCATE, rows leak into the next test.
+    """
+    yield workers
+    wait_for(workers_quiet, timeout=60, what="the workers to finish this test's sagas")
+
+
+def workers_quiet() -> bool:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sagas.models import Saga
+
+    with celery_app.connection_for_write() as conn:
+        queued = conn.default_channel.client.llen(QUEUE)
+    recent = timezone.now() - timedelta(seconds=2)
+    busy = Saga.objects.filter(
+        status__in=("pending", "running", "compensating"), updated_at__gt=recent
+    ).exists()
+    return queued == 0 and not busy
+
+
+def wait_final(saga_id, timeout: float = 30) -> object:
+    from sagas.models import Saga
+
+    def final():
+        saga = Saga.objects.get(pk=saga_id)
+        return saga if saga.status in FINAL else None
+
+    return wait_for(final, timeout=timeout, what=f"saga {saga_id} to reach a final state")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:  # URLError, refused, reset, timed out
+        return False
+
+
+@contextmanager
+def running_server(env: dict[str, str], log: Path, ready_path: str = "/healthz") -> Iterator[str]:
+    """A real `manage.py runserver` on a free port; yields its base URL."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    base = f"http://127.0.0.1:{free_port()}"
+    cmd = [sys.executable, "manage.py", "runserver", base.rsplit("/", 1)[1], "--noreload"]
+    with log.open("w") as output:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: proc.poll() is not None or answers(base + ready_path),
+            timeout=60,
+            what="the web server to answer",
+        )
+        assert proc.poll() is None, f"runserver exited; see {log}:\n{log.read_text()[-3000:]}"
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()

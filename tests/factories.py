@@ -1,0 +1,63 @@
+"""factory_boy factories for the domain objects."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import factory
+from django.contrib.auth import get_user_model
+
+from inventory.models import Product
+from orders.models import Order, OrderLine
+
+
+class UserFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = get_user_model()
+
+    username = factory.Sequence(lambda n: f"customer{n}")
+    email = factory.LazyAttribute(lambda user: f"{user.username}@example.com")
+    password = factory.django.Password("correct horse battery staple")
+
+
+class ProductFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = Product
+
+    sku = factory.Sequence(lambda n: f"SKU-{n:05d}")
+    name = factory.LazyAttribute(lambda product: f"Product {product.sku}")
+    price = Decimal("10.00")
+    stock_on_hand = 100
+
+
+class OrderFactory(factory.django.DjangoModelFactory):
+    """A pending order without lines; add them with OrderLineFactory."""
+
+    class Meta:
+        model = Order
+
+    id = factory.LazyFunction(uuid.uuid4)
+    customer = factory.SubFactory(UserFactory)
+    currency = "EUR"
+    total = Decimal("0.00")
+    shipping_address = factory.LazyFunction(
+        lambda: {
+            "name": "Ada Lovelace",
+            "line1": "12 St James's Square",
+            "city": "London",
+            "postal_code": "SW1Y 4JH",
+            "country": "GB",
+        }
+    )
+
+
+class OrderLineFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = OrderLine
+
+    order = factory.SubFactory(OrderFactory)
+    sku = factory.Sequence(lambda n: f"SKU-{n:05d}")
+    quantity = 1
+    unit_price = Decimal("10.00")
+    line_total = factory.LazyAttribute(lambda line: line.unit_price * line.quantity)

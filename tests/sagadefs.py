@@ -1,0 +1,54 @@
+"""Saga definitions used only by the tests (imported by the test workers via SAGAS_MODULES)."""
+
+from sagas.definitions import RetryPolicy, SagaDefinition, Step, StepContext, register
+
+
+def record(ctx: StepContext) -> dict:
+    return {"step": ctx.step, "attempt": ctx.attempt}
+
+
+def undo(ctx: StepContext) -> None:
+    return None
+
+
+FAST = RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1)
+
+
+def snapshot_v1() -> SagaDefinition:
+    return SagaDefinition(
+        name="snapshot_demo",
+        steps=[
+            Step("first", record, undo, retry=FAST),
+            Step("second", record, undo, retry=FAST, on_exhausted="pause"),
+        ],
+    )
+
+
+def snapshot_v2() -> SagaDefinition:
+    return SagaDefinition(
+        name="snapshot_demo",
+        steps=[
+            Step("first", record, undo, retry=FAST),
+            Step("renamed", record, undo, retry=FAST),
+            Step("added", record, undo, retry=FAST),
+        ],
+    )
+
+
+register(snapshot_v1())
+
+
+def deadline_demo(*, pivot: bool) -> SagaDefinition:
+    """Two steps; the second fails transiently until its fault is removed (it pauses)."""
+    return SagaDefinition(
+        name="deadline_pivot" if pivot else "deadline_demo",
+        steps=[
+            Step("first", record, undo, retry=FAST, pivot=pivot),
+            Step("second", record, undo, retry=FAST, on_exhausted="pause"),
+        ],
+        deadline=60,
+    )
+
+
+register(deadline_demo(pivot=False))
+register(deadline_demo(pivot=True))

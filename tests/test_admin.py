@@ -1,0 +1,357 @@
+"""The saga admin: list and detail pages, and the operator actions behind their confirmation."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal
+
+import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.auth.models import Permission
+from django.contrib.messages import get_messages
+from django.core.management import call_command
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from inventory.models import Product, Reservation
+from orders.models import Order
+from orders.sagas import ORDER_FULFILMENT
+from orders.services import order_submit
+from payments.gateway import gateway_recover
+from payments.models import GatewayCharge, Payment
+from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaEvent, SagaStep
+from shipping.models import Shipment
+from tests.conftest import ADDRESS, wait_final
+from tests.factories import ProductFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
+
+CHANGELIST = reverse("admin:sagas_saga_changelist")
+CONFIRMATION = "admin/sagas/saga/action_confirmation.html"
+STEP_NAMES = [step.name for step in ORDER_FULFILMENT.steps]
+
+
+def detail_url(saga: Saga) -> str:
+    return reverse("admin:sagas_saga_change", args=[saga.pk])
+
+
+def submit(product, *, token: str = "tok_ok", country: str = "GB") -> Saga:
+    saga, _ = order_submit(
+        customer=None,
+        items=[{"sku": product.sku, "quantity": 1}],
+        shipping_address={**ADDRESS, "country": country},
+        payment_token=token,
+    )
+    return saga
+
+
+def build_saga(status: str, step_statuses: list[str]) -> Saga:
+    """Saga rows as the engine leaves them, without running anything (no workers needed)."""
+    now = timezone.now()
+    failed = next((i for i, s in enumerate(step_statuses) if s != "completed"), 0)
+    saga = Saga.objects.create(
+        name=ORDER_FULFILMENT.name,
+        status=status,
+        input={"order_id": str(uuid.uuid4())},
+        current_step=failed,
+        finished_at=now if status in ("completed", "compensated") else None,
+    )
+    SagaStep.objects.bulk_create(
+        SagaStep(
+            saga=saga,
+            index=index,
+            name=step.name,
+            status=step_status,
+            definition=step.snapshot(),
+            attempts=0 if step_status == "pending" else 1,
+            started_at=None if step_status == "pending" else now,
+            finished_at=None if step_status == "pending" else now,
+        )
+        for index, (step, step_status) in enumerate(
+            zip(ORDER_FULFILMENT.steps, step_statuses, strict=True)
+        )
+    )
+    SagaEvent.objects.create(saga=saga, kind=EventKind.SAGA_STARTED, created_at=now)
+    return saga
+
+
+def build_paused() -> Saga:
+    return build_saga("failed", ["completed", "failed", "pending", "pending"])
+
+
+def build_completed() -> Saga:
+    return build_saga("completed", ["completed"] * 4)
+
+
+def action_post(action: str, *sagas: Saga, confirm: bool = False, **extra: str) -> dict:
+    """The form data of the list's action form (or, with confirm, of the confirmation page)."""
+    data: dict = {"action": action, "_selected_action": [str(s.pk) for s in sagas], **extra}
+    if confirm:
+        data["post"] = "yes"
+    else:
+        data["index"] = "0"
+    return data
+
+
+def messages_of(response) -> list[str]:
+    return [str(message) for message in get_messages(response.wsgi_request)]
+
+
+def shown_ids(response) -> set:
+    return {saga.pk for saga in response.context["cl"].result_list}
+
+
+def test_list_and_detail_pages_for_each_outcome(saga_db, admin_client):
+    product = ProductFactory(stock_on_hand=10, price=Decimal("12.50"))
+    completed = submit(product)
+    compensated = submit(product, country="AQ")
+    paused = submit(product, token="tok_timeout")
+    for saga in (completed, compensated, paused):
+        wait_final(saga.pk)
+    paused.refresh_from_db()
+    assert paused.status == "failed"
+
+    response = admin_client.get(CHANGELIST)
+    assert response.status_code == 200
+    assert shown_ids(response) == {completed.pk, compensated.pk, paused.pk}
+    content = response.content.decode()
+    for status in ("completed", "compensated", "failed"):
+        assert f"saga-status-{status}" in content
+    assert "4 of 4" in content  # the completed saga's progress
+    assert "1 of 4" in content  # the paused one: create_order done, charge_payment failed
+
+    failed_only = admin_client.get(CHANGELIST, {"status__exact": "failed"})
+    assert shown_ids(failed_only) == {paused.pk}
+    by_order = admin_client.get(CHANGELIST, {"q": compensated.input["order_id"]})
+    assert shown_ids(by_order) == {compensated.pk}
+    by_saga = admin_client.get(CHANGELIST, {"q": str(completed.pk)[:13]})
+    assert shown_ids(by_saga) == {completed.pk}
+
+    for saga in (completed, compensated, paused):
+        page = admin_client.get(detail_url(saga))
+        assert page.status_code == 200
+        html = page.content.decode()
+        assert "saga-diagram" in html
+        assert all(name in html for name in STEP_NAMES)
+        assert "Saga started" in html  # the timeline
+        order_url = reverse("admin:orders_order_change", args=[saga.input["order_id"]])
+        assert order_url in html  # linked through SAGAS_ADMIN_LINKS
+        assert ("Payment " in html) is (saga != paused)
+
+    completed_html = admin_client.get(detail_url(completed)).content.decode()
+    assert "Reservations (1)" in completed_html
+    assert "Shipment " in completed_html
+    compensated_html = admin_client.get(detail_url(compensated)).content.decode()
+    # The diagram's compensation row: three steps undone, in reverse order.
+    assert compensated_html.count("saga-node saga-node-compensated") == 3
+    assert compensated_html.count('<span class="saga-fact">undone ') == 3
+    assert "unsupported_destination" in compensated_html
+
+    # Buttons for the actions on an unfinished saga; resolve only for a failed compensation.
+    paused_page = admin_client.get(detail_url(paused))
+    buttons = [button.name for button in paused_page.context["saga_operator_actions"]]
+    assert buttons == ["retry_sagas", "compensate_sagas"]
+    assert admin_client.get(detail_url(completed)).context["saga_operator_actions"] == []
+
+    # The domain objects' own pages, which the links lead to, and which link back.
+    order = Order.objects.get(pk=completed.input["order_id"])
+    order_page = admin_client.get(reverse("admin:orders_order_change", args=[order.pk]))
+    assert detail_url(completed) in order_page.content.decode()
+    payment = Payment.objects.get(order_id=order.pk)
+    reservation = Reservation.objects.get(order_id=order.pk)
+    shipment = Shipment.objects.get(order_id=order.pk)
+    order_url = reverse("admin:orders_order_change", args=[order.pk])
+    linking_to_the_order = (
+        reverse("admin:payments_payment_change", args=[payment.pk]),
+        reverse("admin:inventory_reservation_changelist") + f"?order_id={order.pk}",
+        reverse("admin:inventory_reservation_change", args=[reservation.pk]),
+        reverse("admin:shipping_shipment_change", args=[shipment.pk]),
+    )
+    for url in linking_to_the_order:
+        page = admin_client.get(url)
+        assert page.status_code == 200, url
+        assert order_url in page.content.decode(), url
+    for url in (
+        reverse("admin:orders_order_changelist"),
+        reverse("admin:payments_payment_changelist"),
+        reverse("admin:payments_gatewaycharge_changelist") + f"?q={completed.pk}",
+        reverse("admin:payments_gatewayattempt_changelist"),
+        reverse("admin:inventory_product_changelist"),
+        reverse("admin:inventory_product_change", args=[product.pk]),
+        reverse("admin:shipping_shipment_changelist"),
+    ):
+        assert admin_client.get(url).status_code == 200, url
+
+
+def test_the_list_costs_the_same_queries_for_1_and_20_sagas(admin_client):
+    def queries() -> int:
+        with CaptureQueriesContext(connection) as captured:
+            response = admin_client.get(CHANGELIST)
+        assert response.status_code == 200
+        return len(captured.captured_queries)
+
+    build_paused()
+    admin_client.get(CHANGELIST)  # the session's first request loads the user
+    one = queries()
+    for index in range(19):
+        build_paused() if index % 2 else build_completed()
+    twenty = queries()
+    assert one == twenty, f"1 saga: {one} queries, 20 sagas: {twenty}"
+    assert admin_client.get(CHANGELIST).content.decode().count('name="_selected_action"') == 20
+
+
+def test_retry_confirms_first_then_the_paused_saga_completes(saga_db, admin_client, admin_user):
+    product = ProductFactory(stock_on_hand=10)
+    paused = wait_final(submit(product, token="tok_timeout").pk)
+    completed = build_completed()
+    assert paused.status == "failed"
+    gateway_recover()
+
+    page = admin_client.post(CHANGELIST, action_post("retry_sagas", paused, completed))
+    assert page.status_code == 200
+    assert CONFIRMATION in [t.name for t in page.templates]
+    plans = {preview.saga.pk: preview.plan for preview in page.context["previews"]}
+    assert plans[paused.pk].allowed
+    assert plans[paused.pk].run == ("charge_payment", "reserve_inventory", "schedule_shipment")
+    assert not plans[completed.pk].allowed
+    html = page.content.decode()
+    assert "Skipped:" in html and "Yes, retry" in html
+    # Nothing happened yet.
+    assert Saga.objects.get(pk=paused.pk).status == "failed"
+    assert not SagaEvent.objects.filter(saga=paused, kind=EventKind.OPERATOR_RETRY).exists()
+
+    done = admin_client.post(
+        CHANGELIST, action_post("retry_sagas", paused, completed, confirm=True)
+    )
+    assert done.status_code == 302
+    shown = messages_of(done)
+    assert "Retried 1 saga." in shown
+    assert any(str(completed.pk) in m and "Only a failed saga" in m for m in shown)
+
+    saga = wait_final(paused.pk)
+    assert saga.status == "completed"
+    assert Order.objects.get(pk=saga.input["order_id"]).status == "confirmed"
+    retry_event = SagaEvent.objects.get(saga=saga, kind=EventKind.OPERATOR_RETRY)
+    assert retry_event.detail["actor"] == admin_user.get_username()
+    assert LogEntry.objects.filter(object_id=str(saga.pk)).exists()
+    assert Saga.objects.get(pk=completed.pk).status == "completed"
+
+
+def test_compensate_from_the_detail_page_aborts_a_paused_saga(saga_db, admin_client):
+    product = ProductFactory(stock_on_hand=10)
+    paused = wait_final(submit(product, token="tok_timeout").pk)
+
+    # The detail page's button posts exactly this, and gets the same confirmation page.
+    assert 'value="compensate_sagas"' in admin_client.get(detail_url(paused)).content.decode()
+    button = action_post("compensate_sagas", paused, _return_to_detail="1")
+    page = admin_client.post(CHANGELIST, button)
+    assert page.status_code == 200
+    (preview,) = page.context["previews"]
+    # charge_payment may have half-happened, so it is compensated too.
+    assert preview.plan.allowed
+    assert preview.plan.undo == ("charge_payment", "create_order")
+    assert Saga.objects.get(pk=paused.pk).status == "failed"
+
+    confirm = action_post("compensate_sagas", paused, confirm=True, _return_to_detail="1")
+    done = admin_client.post(CHANGELIST, confirm)
+    assert done.status_code == 302 and done["Location"] == detail_url(paused)
+    assert "Compensating 1 saga." in messages_of(done)
+
+    saga = wait_final(paused.pk)
+    assert saga.status == "compensated"
+    assert Order.objects.get(pk=saga.input["order_id"]).status == "cancelled"
+    assert admin_client.get(detail_url(saga)).status_code == 200
+
+
+def test_resolve_marks_the_failed_compensation_handled(saga_db, admin_client):
+    product = ProductFactory(stock_on_hand=10)
+    Fault.objects.create(
+        step_name="charge_payment",
+        point=FaultPoint.BEFORE_COMPENSATION,
+        effect=FaultEffect.TRANSIENT_ERROR,
+    )
+    stuck = wait_final(submit(product, country="AQ").pk, timeout=60)
+    assert stuck.status == "failed"
+    assert SagaStep.objects.get(saga=stuck, name="charge_payment").status == "compensation_failed"
+    html = admin_client.get(detail_url(stuck)).content.decode()
+    assert "undo failed after" in html and "saga-status-compensation_failed" in html
+    assert 'value="resolve_sagas"' in html  # the detail page's button
+
+    page = admin_client.post(CHANGELIST, action_post("resolve_sagas", stuck))
+    (preview,) = page.context["previews"]
+    assert preview.plan.allowed
+    assert preview.plan.reason == "Mark charge_payment as compensated by hand."
+    assert preview.plan.undo == ("create_order",)
+
+    done = admin_client.post(CHANGELIST, action_post("resolve_sagas", stuck, confirm=True))
+    assert "Resolved 1 saga." in messages_of(done)
+    saga = wait_final(stuck.pk)
+    assert saga.status == "compensated"
+    assert SagaEvent.objects.filter(saga=saga, kind=EventKind.OPERATOR_RESOLVE).exists()
+    # Resolved by hand: the gateway was not asked to refund.
+    charge = GatewayCharge.objects.get(idempotency_key=f"{saga.pk}:charge_payment")
+    assert charge.status == "charged"
+
+
+def test_actions_need_their_permissions(client):
+    paused = build_paused()
+    operator = UserFactory(is_staff=True)
+    operator.user_permissions.add(Permission.objects.get(codename="view_saga"))
+    client.force_login(operator)
+
+    page = client.get(CHANGELIST)
+    assert page.status_code == 200
+    assert "retry_sagas" not in page.content.decode()
+    assert client.get(detail_url(paused)).context["saga_operator_actions"] == []
+    # With no action it may take, the list ignores the posted one and shows itself again.
+    for confirm in (False, True):
+        refused = client.post(CHANGELIST, action_post("retry_sagas", paused, confirm=confirm))
+        assert refused.status_code == 200
+        assert CONFIRMATION not in [t.name for t in refused.templates]
+    assert Saga.objects.get(pk=paused.pk).status == "failed"
+    assert not SagaEvent.objects.filter(saga=paused, kind=EventKind.OPERATOR_RETRY).exists()
+
+    operator.user_permissions.add(Permission.objects.get(codename="retry_saga"))
+    page = client.get(CHANGELIST)
+    choices = dict(page.context["action_form"].fields["action"].choices)
+    assert "retry_sagas" in choices
+    assert "compensate_sagas" not in choices and "resolve_sagas" not in choices
+    buttons = client.get(detail_url(paused)).context["saga_operator_actions"]
+    assert [button.name for button in buttons] == ["retry_sagas"]
+    confirmation = client.post(CHANGELIST, action_post("retry_sagas", paused))
+    assert confirmation.status_code == 200 and confirmation.context["allowed_count"] == 1
+    refused = client.post(CHANGELIST, action_post("compensate_sagas", paused, confirm=True))
+    assert "No action selected." in messages_of(refused)
+    assert Saga.objects.get(pk=paused.pk).status == "failed"
+
+
+def test_sagas_are_read_only_and_only_finished_ones_deletable(admin_client):
+    paused, completed = build_paused(), build_completed()
+    assert admin_client.get(reverse("admin:sagas_saga_add")).status_code == 403
+    assert admin_client.get(detail_url(paused)).context["has_change_permission"] is False
+    delete = "admin:sagas_saga_delete"
+    assert admin_client.get(reverse(delete, args=[paused.pk])).status_code == 403
+    assert admin_client.get(reverse(delete, args=[completed.pk])).status_code == 200
+
+
+def test_editing_a_product_never_writes_the_stock(admin_client):
+    product = ProductFactory(stock_on_hand=10, price=Decimal("10.00"))
+    url = reverse("admin:inventory_product_change", args=[product.pk])
+    assert "stock_on_hand" not in admin_client.get(url).context["adminform"].form.fields
+    Product.objects.filter(pk=product.pk).update(stock_on_hand=7)  # an order reserved 3
+    response = admin_client.post(url, {"sku": product.sku, "name": "Renamed", "price": "11.00"})
+    assert response.status_code == 302
+    product.refresh_from_db()
+    assert (product.name, product.price, product.stock_on_hand) == ("Renamed", Decimal("11.00"), 7)
+
+
+def test_fault_admin(admin_client):
+    Fault.objects.create(step_name="charge_payment", point="before_action", effect="crash")
+    assert admin_client.get(reverse("admin:sagas_fault_changelist")).status_code == 200
+    assert admin_client.get(reverse("admin:sagas_fault_add")).status_code == 200
+
+
+def test_no_missing_migrations():
+    call_command("makemigrations", "--check", "--dry-run", verbosity=0)

@@ -1,0 +1,172 @@
+"""The admin in a real browser: an operator finds a paused saga, retries it, and sees it complete.
+
+Headless Chromium (Debian's `chromium` package, /usr/bin/chromium) driven by Playwright, against
+a real `runserver` process and real Celery workers on the test database. Playwright's bundled
+browsers are not used (no `playwright install`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.urls import reverse
+
+from orders.services import order_submit
+from payments.gateway import gateway_recover
+from sagas.models import Saga
+from tests.conftest import (
+    ADDRESS,
+    ARTIFACTS,
+    ROOT,
+    running_server,
+    wait_final,
+    wait_for,
+    worker_env,
+)
+from tests.factories import ProductFactory
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWPORT = {"width": 1280, "height": 900}
+PASSWORD = "browser test password 1"
+
+if not CHROMIUM.exists() and not os.environ.get("CI"):
+    pytest.skip(
+        f"Chromium is not installed at {CHROMIUM} (apt-get install chromium); "
+        "the browser test runs whenever it is, and always in CI",
+        allow_module_level=True,
+    )
+
+from playwright.sync_api import Page, expect, sync_playwright  # noqa: E402
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
+
+
+@pytest.fixture
+def web_server(saga_db) -> Iterator[str]:
+    """`manage.py runserver` on a free port, on the test database and the workers' queue."""
+    env = {**worker_env(), "DJANGO_DEBUG": "1"}  # DEBUG: runserver serves the admin's CSS
+    with running_server(env, ARTIFACTS / "runserver.log", "/admin/login/") as base:
+        yield base
+
+
+def in_browser(name: str, steps: Callable[[Page], None]) -> None:
+    """Run `steps` in a fresh headless Chromium page; on failure, save a screenshot first.
+
+    Playwright's sync API runs an event loop in this thread, in which Django refuses database
+    queries: the steps use only the browser, and the test reads the database before and after.
+    """
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            page.set_default_timeout(15_000)
+            try:
+                steps(page)
+            except BaseException:
+                ARTIFACTS.mkdir(exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
+                (ARTIFACTS / f"{name}-failure.html").write_text(page.content())
+                raise
+        finally:
+            browser.close()
+
+
+def log_in(page: Page, base: str, username: str) -> None:
+    page.goto(f"{base}/admin/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    expect(page.locator("#site-name")).to_be_visible()
+    expect(page.locator("#user-tools")).to_contain_text(username)
+
+
+def submit(*, token: str = "tok_ok", country: str = "GB") -> Saga:
+    product = ProductFactory(stock_on_hand=10)
+    saga, _ = order_submit(
+        customer=None,
+        items=[{"sku": product.sku, "quantity": 1}],
+        shipping_address={**ADDRESS, "country": country},
+        payment_token=token,
+    )
+    return saga
+
+
+def test_operator_retries_a_paused_saga_in_the_browser(web_server):
+    get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    paused = wait_final(submit(token="tok_timeout").pk)
+    assert paused.status == "failed"
+    gateway_recover()  # the outage is over: the retry can succeed
+    detail = web_server + reverse("admin:sagas_saga_change", args=[paused.pk])
+
+    def operator(page: Page) -> None:
+        log_in(page, web_server, "operator")
+        page.goto(web_server + reverse("admin:sagas_saga_changelist"))
+        page.locator("#changelist-filter").get_by_role("link", name="Failed", exact=True).click()
+        expect(page).to_have_url(re.compile(r"status__exact=failed"))
+        page.locator(f'input[name="_selected_action"][value="{paused.pk}"]').check()
+        page.select_option('select[name="action"]', "retry_sagas")
+        page.click('button[name="index"]')
+
+        # The confirmation page says what will run, and nothing has changed yet.
+        plan = page.locator("table.saga-plan")
+        expect(plan).to_contain_text("Resume from the failed step.")
+        expect(plan.locator(".saga-plan-run li")).to_have_text(
+            ["charge_payment", "reserve_inventory", "schedule_shipment"]
+        )
+        expect(plan).to_contain_text("Failed")
+        page.click('input[type=submit][value="Yes, retry"]')
+        expect(page.locator(".messagelist")).to_contain_text("Retried 1 saga.")
+
+        page.goto(detail)
+        badge = page.locator("div.form-row.field-status_badge .saga-badge")
+
+        def completed() -> bool:
+            page.reload()
+            return badge.text_content() == "Completed"
+
+        wait_for(completed, timeout=30, what="the detail page to show the saga completed")
+        expect(page.locator(".saga-diagram .saga-node-completed")).to_have_count(4)
+        expect(page.locator("#events-group")).to_contain_text("Operator retried")
+
+    in_browser("retry", operator)
+    assert Saga.objects.get(pk=paused.pk).status == "completed"
+
+
+@pytest.mark.skipif(
+    not os.environ.get("SAGAS_DOCS_SCREENSHOT"),
+    reason="regenerates docs/admin-saga.png; run with SAGAS_DOCS_SCREENSHOT=1",
+)
+def test_docs_screenshot_of_a_compensated_saga(web_server):
+    get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    # Two gateway retries, then an undeliverable address: a timeline worth showing.
+    saga = wait_final(submit(token="tok_transient_2", country="AQ").pk)
+    assert saga.status == "compensated"
+    target = ROOT / "docs" / "admin-saga.png"
+    target.parent.mkdir(exist_ok=True)
+
+    def screenshot(page: Page) -> None:
+        log_in(page, web_server, "operator")
+        page.goto(web_server + reverse("admin:sagas_saga_change", args=[saga.pk]))
+        page.click("#toggle-nav-sidebar")  # the page's full width for the picture
+        expect(page.locator("#main")).not_to_have_class(re.compile("shifted"))
+        expect(page.locator(".saga-diagram")).to_be_visible()
+        page.screenshot(path=str(target), full_page=True)
+
+    in_browser("docs-screenshot", screenshot)

@@ -1,0 +1,129 @@
+"""The recovery sweeper and the delivery settings it relies on."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from sagaproject.celery import app as celery_app
+from sagas import recovery
+from sagas.definitions import registered
+from sagas.models import EventKind, Saga
+from sagas.services import saga_start
+from tests.conftest import wait_final
+
+
+def test_delivery_settings_that_recovery_relies_on():
+    conf = celery_app.conf
+    assert conf.task_acks_late is True
+    assert conf.task_reject_on_worker_lost is True
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.broker_connection_retry_on_startup is True
+    assert conf.accept_content == ["json"] and conf.task_serializer == "json"
+    assert not conf.task_always_eager
+    # A message must not come back from Redis while a step still runs or waits for its retry.
+    visibility = conf.broker_transport_options["visibility_timeout"]
+    for definition in registered().values():
+        for step in definition.steps:
+            for policy in (step.retry, step.compensation_retry):
+                longest = step.time_limit + 10 + policy.longest_wait()
+                assert longest < visibility, (definition.name, step.name)
+    # The sweeper must not mistake a step waiting for its retry for a lost one.
+    for definition in registered().values():
+        for step in definition.steps:
+            assert step.retry.backoff_max < settings.SAGAS_RECOVERY_STALE_AFTER
+    assert "sagas.sweep" in {entry["task"] for entry in conf.beat_schedule.values()}
+
+
+def _age(saga: Saga, seconds: float) -> None:
+    Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(seconds=seconds))
+
+
+def test_a_saga_whose_first_message_was_lost_is_recovered(saga_db, monkeypatch):
+    # The crash between commit and publish: the saga is committed, its chain never sent.
+    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args: None)
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    monkeypatch.undo()
+    saga.refresh_from_db()
+    assert saga.status == "pending"
+
+    assert recovery.sweep(stale_after=timedelta(seconds=60)).recovered == []  # not stale yet
+    _age(saga, 120)
+    report = recovery.sweep(stale_after=timedelta(seconds=60))
+    assert report.recovered == [str(saga.pk)]
+    saga = wait_final(saga.pk)
+    assert saga.status == "completed"
+    assert saga.recovery_attempts == 1
+    assert saga.events.filter(kind=EventKind.RECOVERED).count() == 1
+
+
+def test_a_saga_that_never_progresses_is_dead_lettered(saga_db, monkeypatch):
+    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args: None)
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    for _ in range(3):
+        _age(saga, 120)
+        recovery.sweep(stale_after=timedelta(seconds=60), max_recoveries=2)
+    saga.refresh_from_db()
+    assert saga.status == "failed"
+    assert saga.error_code == "recovery_exhausted"
+    assert "recovery attempts" in saga.error_message
+
+
+def test_concurrent_sweepers_claim_each_saga_once(saga_db, monkeypatch):
+    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args: None)
+    sagas = [saga_start(name="snapshot_demo", input={})[0] for _ in range(6)]
+    monkeypatch.undo()
+    for saga in sagas:
+        _age(saga, 120)
+    reports: list[recovery.SweepReport] = []
+
+    def run() -> None:
+        from django.db import connection
+
+        reports.append(recovery.sweep(stale_after=timedelta(seconds=60)))
+        connection.close()
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [saga_id for report in reports for saga_id in report.recovered]
+    assert sorted(claimed) == sorted(str(s.pk) for s in sagas)
+    for saga in sagas:
+        assert wait_final(saga.pk).status == "completed"
+        assert Saga.objects.get(pk=saga.pk).recovery_attempts == 1
+
+
+def _hold_second_step(monkeypatch, name: str) -> Saga:
+    """A saga whose first step completed and whose second step's message was lost."""
+    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args: None)
+    saga, _ = saga_start(name=name, input={})
+    from sagas import engine
+
+    assert engine.run_step(str(saga.pk), 0, attempt=1).kind == "done"
+    monkeypatch.undo()
+    Saga.objects.filter(pk=saga.pk).update(deadline_at=timezone.now() - timedelta(seconds=1))
+    return saga
+
+
+def test_a_saga_past_its_deadline_is_compensated(saga_db, monkeypatch):
+    saga = _hold_second_step(monkeypatch, "deadline_demo")
+    report = recovery.sweep(stale_after=timedelta(hours=1))
+    assert report.deadline_compensated == [str(saga.pk)]
+    saga = wait_final(saga.pk)
+    assert saga.status == "compensated"
+    assert saga.error_code == "deadline_passed"
+    assert saga.events.filter(kind=EventKind.DEADLINE_PASSED).count() == 1
+
+
+def test_a_saga_past_its_pivot_is_not_compensated_at_its_deadline(saga_db, monkeypatch):
+    saga = _hold_second_step(monkeypatch, "deadline_pivot")
+    for _ in range(2):
+        assert recovery.sweep(stale_after=timedelta(hours=1)).deadline_compensated == []
+    saga.refresh_from_db()
+    assert saga.status == "running"
+    assert saga.events.filter(kind=EventKind.DEADLINE_PASSED).count() == 1
