@@ -1,0 +1,389 @@
+"""`make bench`: end-to-end saga throughput and latency against the bare Celery chain.
+
+Runs real Celery worker processes (WORKER_CONCURRENCY, default 2) on PostgreSQL and Redis, in
+a database of its own (`<database>_bench`), and measures in the same run and with the same
+settings: the order saga (success path and compensation path), a bare chain of as many tasks
+each doing one committed UPDATE, latency one saga at a time, database cost per step and the
+peak memory of the worker processes. Prints a table, then one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+FINAL = ("completed", "compensated", "failed")
+
+
+def bench_database_url() -> str:
+    """The configured server (or the embedded one), with a database of the benchmark's own."""
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
+    base = os.environ.get("DATABASE_URL")
+    if not base:
+        from sagaproject import embedded
+
+        base = embedded.postgres_url()
+        os.environ["DATABASE_URL"] = base
+    parts = urlsplit(base)
+    name = (parts.path.lstrip("/") or "postgres") + "_bench"
+    import psycopg
+
+    with psycopg.connect(base, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+class Workers:
+    def __init__(self, queue: str, concurrency: int, nodes: int = 1) -> None:
+        self.queue, self.concurrency, self.nodes = queue, concurrency, nodes
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> Workers:
+        log_dir = ROOT / ".local" / "bench"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "CELERY_TASK_DEFAULT_QUEUE": self.queue,
+            "SAGAS_MODULES": "bench.sagas",
+            "SAGAS_LOG_LEVEL": "WARNING",
+        }
+        for i in range(self.nodes):
+            log = log_dir / f"worker-{i}.log"
+            cmd = [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "sagaproject",
+                "worker",
+                "-Q",
+                self.queue,
+                "-c",
+                str(self.concurrency),
+                "-n",
+                f"bench{i}-{self.queue}@%h",
+                "--include",
+                "bench.tasks",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "-l",
+                "info",
+            ]
+            self.procs.append(
+                subprocess.Popen(
+                    cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+                )
+            )
+            self.logs = [*getattr(self, "logs", []), log]
+        wait(lambda: all(" ready." in log.read_text() for log in self.logs), 60, "workers")
+        return self
+
+    def peak_rss_mb(self) -> float:
+        """Peak resident memory (VmHWM) of the largest worker process."""
+        peak = 0
+        for proc in self.procs:
+            parent = psutil.Process(proc.pid)
+            for p in [parent, *parent.children(recursive=True)]:
+                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak = max(peak, int(line.split()[1]))
+        return peak / 1024
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.wait(timeout=30)
+
+
+def wait(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench: timed out waiting for {what}")
+        time.sleep(interval)
+
+
+# -- workloads ---------------------------------------------------------------------------------
+
+
+class OrderSagas:
+    """The reference order saga; `fail_last` sends it down the compensation path."""
+
+    steps = 4
+
+    def __init__(self, fail_last: bool = False) -> None:
+        from decimal import Decimal
+
+        from inventory.services import product_create
+
+        self.country = "AQ" if fail_last else "NO"
+        sku = f"BENCH-{uuid.uuid4().hex[:8]}"
+        self.sku = product_create(
+            sku=sku, name="Bench", price=Decimal("1.00"), stock_on_hand=10**9
+        ).sku
+
+    def submit(self) -> str:
+        from orders.services import order_submit
+
+        saga, _ = order_submit(
+            customer=None,
+            items=[{"sku": self.sku, "quantity": 1}],
+            shipping_address={
+                "name": "B",
+                "line1": "1 Road",
+                "city": "Oslo",
+                "postal_code": "0150",
+                "country": self.country,
+            },
+            payment_token="tok_ok",
+        )
+        return str(saga.pk)
+
+    def done(self, ids: list[str]) -> int:
+        from sagas.models import Saga
+
+        return Saga.objects.filter(pk__in=ids, status__in=FINAL).count()
+
+
+class SyntheticSagas:
+    """A saga of `steps` steps, each one UPDATE: the framework's cost alone."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def submit(self) -> str:
+        from bench.tasks import new_rows
+        from sagas.services import saga_start
+
+        saga, _ = saga_start(name=f"bench_{self.steps}", input={"row": new_rows(1)[0]})
+        return str(saga.pk)
+
+    done = OrderSagas.done
+
+
+class BareChains:
+    """The ceiling: `steps` tasks in a chain, each one committed UPDATE."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def submit(self) -> str:
+        from celery import chain
+
+        from bench.tasks import bare_step, new_rows
+
+        row = new_rows(1)[0]
+        chain(*[bare_step.si(row) for _ in range(self.steps)]).apply_async()
+        return str(row)
+
+    def done(self, ids: list[str]) -> int:
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT count(*) FROM bench_counter WHERE id = ANY(%s) AND n >= %s",
+                [[int(i) for i in ids], self.steps],
+            )
+            return cursor.fetchone()[0]
+
+
+def throughput(workload: Any, count: int) -> float:
+    started = time.perf_counter()
+    ids = [workload.submit() for _ in range(count)]
+    wait(lambda: workload.done(ids) == count, 600, "the batch to finish", interval=0.02)
+    return count / (time.perf_counter() - started)
+
+
+def latencies(workload: Any, count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        started = time.perf_counter()
+        ids = [workload.submit()]
+        wait(lambda: workload.done(ids) == 1, 60, "one saga", interval=0.002)  # noqa: B023
+        samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def percentile(samples: list[float], pct: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(pct / 100 * (len(ordered) - 1)))]
+
+
+# -- database cost -----------------------------------------------------------------------------
+
+
+@contextmanager
+def count_database_work(counts: dict[str, int]):
+    """Count statements and commits on every connection of this process."""
+    from django.db import connections
+
+    originals = {}
+
+    def wrapper(alias: str):
+        def execute(execute, sql, params, many, context):
+            counts["queries"] += 1
+            if not connections[alias].in_atomic_block:
+                counts["commits"] += 1  # a statement in autocommit mode commits by itself
+            return execute(sql, params, many, context)
+
+        return execute
+
+    for alias in connections:
+        conn = connections[alias]
+        conn.ensure_connection()
+        originals[alias] = conn.connection.commit
+        conn.execute_wrappers.append(wrapper(alias))
+
+        def commit(alias=alias):
+            counts["commits"] += 1
+            return originals[alias]()
+
+        conn.connection.commit = commit  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        for alias in connections:
+            connections[alias].execute_wrappers.pop()
+            connections[alias].connection.commit = originals[alias]  # type: ignore[method-assign]
+
+
+def database_cost(samples: int = 20) -> dict[str, float]:
+    """Queries and commits per step of the order saga, its steps driven in this process."""
+    import sagas.tasks
+    from sagas import engine
+
+    workload = OrderSagas()
+    dispatch = sagas.tasks.dispatch_steps
+    sagas.tasks.dispatch_steps = lambda *args: None  # type: ignore[assignment]
+    counts = {"queries": 0, "commits": 0}
+    try:
+        with count_database_work(counts):
+            for _ in range(samples):
+                saga_id = workload.submit()
+                for index in range(workload.steps):
+                    outcome = engine.run_step(saga_id, index, attempt=1)
+                    assert outcome.kind == "done", outcome
+    finally:
+        sagas.tasks.dispatch_steps = dispatch  # type: ignore[assignment]
+    steps = samples * workload.steps
+    return {
+        "queries_per_step": counts["queries"] / steps,
+        "commits_per_step": counts["commits"] / steps,
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sagas", type=int, default=300, help="sagas per throughput run")
+    parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--scaling", action="store_true", help="also 4/8/16-step sagas")
+    args = parser.parse_args()
+    concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
+
+    os.environ["DATABASE_URL"] = bench_database_url()
+    os.environ["SAGAS_MODULES"] = "bench.sagas"
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue
+    os.environ["SAGAS_LOG_LEVEL"] = "WARNING"
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from bench.tasks import ensure_table
+
+    call_command("migrate", verbosity=0, interactive=False)
+    ensure_table()
+
+    results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas}
+    with Workers(queue, concurrency) as workers:
+        for warmup in (OrderSagas(), BareChains(4)):
+            throughput(warmup, 20)
+        results["bare_chain_per_s"] = throughput(BareChains(4), args.sagas)
+        results["sagas_per_s"] = throughput(OrderSagas(), args.sagas)
+        results["compensation_sagas_per_s"] = throughput(OrderSagas(fail_last=True), args.sagas)
+        bare = latencies(BareChains(4), args.latency_samples)
+        saga = latencies(OrderSagas(), args.latency_samples)
+        if args.scaling:
+            for steps in (4, 8, 16):
+                results[f"synthetic_{steps}_per_s"] = throughput(SyntheticSagas(steps), args.sagas)
+                results[f"bare_{steps}_per_s"] = throughput(BareChains(steps), args.sagas)
+                lat = latencies(SyntheticSagas(steps), args.latency_samples)
+                bare_lat = latencies(BareChains(steps), args.latency_samples)
+                results[f"synthetic_{steps}_p50_ms"] = statistics.median(lat)
+                results[f"bare_{steps}_p50_ms"] = statistics.median(bare_lat)
+        results["worker_peak_rss_mb"] = round(workers.peak_rss_mb(), 1)
+    results.update(database_cost())
+    for name, samples in (("", saga), ("bare_", bare)):
+        for pct in (50, 95, 99):
+            results[f"{name}p{pct}_ms"] = round(percentile(samples, pct), 2)
+    results["ratio"] = round(results["sagas_per_s"] / results["bare_chain_per_s"], 3)
+    results["p50_ratio"] = round(results["p50_ms"] / results["bare_p50_ms"], 3)
+    for key, value in results.items():
+        if isinstance(value, float):
+            results[key] = round(value, 3)
+    print_table(results)
+    print(json.dumps(results))
+    return 0
+
+
+def print_table(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Order saga vs bare Celery chain ({r['workers']} worker processes)")
+    for column in ("measure", "order saga", "bare chain (4 tasks)", "saga / bare"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    table.add_row(
+        "throughput, success path (/s)",
+        f"{r['sagas_per_s']:.1f}",
+        f"{r['bare_chain_per_s']:.1f}",
+        f"{r['ratio']:.2f}",
+    )
+    table.add_row(
+        "throughput, compensation path (/s)", f"{r['compensation_sagas_per_s']:.1f}", "", ""
+    )
+    for pct in (50, 95, 99):
+        table.add_row(
+            f"latency p{pct} (ms)",
+            f"{r[f'p{pct}_ms']:.1f}",
+            f"{r[f'bare_p{pct}_ms']:.1f}",
+            f"{r[f'p{pct}_ms'] / r[f'bare_p{pct}_ms']:.2f}",
+        )
+    table.add_row("queries per step", f"{r['queries_per_step']:.2f}", "1", "")
+    table.add_row("commits per step", f"{r['commits_per_step']:.2f}", "1", "")
+    table.add_row("worker peak RSS (MB)", f"{r['worker_peak_rss_mb']:.0f}", "", "")
+    for steps in (4, 8, 16):
+        if f"synthetic_{steps}_per_s" in r:
+            table.add_row(
+                f"{steps}-step synthetic saga (/s, p50 ms)",
+                f"{r[f'synthetic_{steps}_per_s']:.1f}, {r[f'synthetic_{steps}_p50_ms']:.1f}",
+                f"{r[f'bare_{steps}_per_s']:.1f}, {r[f'bare_{steps}_p50_ms']:.1f}",
+                f"{r[f'synthetic_{steps}_per_s'] / r[f'bare_{steps}_per_s']:.2f}",
+            )
+    Console(stderr=False).print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
