@@ -82,8 +82,8 @@ def database_ok() -> bool:
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
-    except Exception:
-        logger.warning("Health check: the database does not answer.", exc_info=True)
+    except Exception as exc:
+        logger.warning("Health check: the database does not answer (%s).", type(exc).__name__)
         return False
     return True
 
@@ -101,8 +101,8 @@ def broker_ok() -> bool:
             transport_options=options,
         ) as conn:
             conn.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
-    except Exception:
-        logger.warning("Health check: the broker does not answer.", exc_info=True)
+    except Exception as exc:
+        logger.warning("Health check: the broker does not answer (%s).", type(exc).__name__)
         return False
     return True
 

@@ -236,12 +236,12 @@ def _publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Call
     def publish() -> None:
         try:
             send()
-        except Exception:
+        except Exception as exc:
             logger.warning(
-                "saga %s: could not publish its next messages (broker unavailable?); "
+                "saga %s: could not publish its next messages (%s); "
                 "the recovery sweeper will send them",
                 saga_id,
-                exc_info=True,
+                type(exc).__name__,
             )
 
     return publish

@@ -10,6 +10,7 @@ from celery.exceptions import Ignore
 from django.db import InterfaceError, OperationalError, close_old_connections
 
 from . import conf, engine, faults, recovery
+from .exceptions import StepError, TransientError
 from .models import Saga
 
 logger = logging.getLogger("sagas")
@@ -53,8 +54,16 @@ def _run(task: Any, saga_id: str, index: int, attempt: int, forward: bool) -> No
         except (Saga.DoesNotExist, *DATABASE_UNAVAILABLE):
             raise
         except Exception as exc:
+            # Declines and transient errors are expected: one line. Anything else is a bug in
+            # the step's code, and its traceback is for the developer reading the worker log.
+            expected = isinstance(exc, StepError | TransientError)
             logger.warning(
-                "saga %s step %d attempt %d failed", saga_id, index, attempt, exc_info=True
+                "saga %s step %d attempt %d failed: %s",
+                saga_id,
+                index,
+                attempt,
+                type(exc).__name__,
+                exc_info=not expected,
             )
             outcome = record_failure(saga_id, index, exc, attempt=attempt)
     except Saga.DoesNotExist:
