@@ -17,7 +17,6 @@ from typing import Any
 from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
-from django.contrib.auth import get_permission_codename
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -31,6 +30,7 @@ from . import services
 from .engine import Plan
 from .exceptions import InvalidTransition
 from .models import Fault, Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from .permissions import may_operate
 
 EMPTY = "—"
 
@@ -133,8 +133,7 @@ def admin_links(saga: Saga) -> list[tuple[str, str]]:
 
 
 def has_saga_permission(request: HttpRequest, action: str) -> bool:
-    codename = get_permission_codename(action, Saga._meta)
-    return request.user.has_perm(f"{Saga._meta.app_label}.{codename}")
+    return may_operate(request.user, action)
 
 
 # -- the step diagram -----------------------------------------------------------------------------

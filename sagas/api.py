@@ -33,6 +33,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from .engine import Plan
 from .exceptions import InvalidTransition
 from .models import Saga, SagaEvent, SagaStatus, SagaStep
+from .permissions import ACTIONS, may_operate
 from .services import saga_compensate, saga_plan, saga_retry, saga_step_resolve
 
 # -- shared pieces, also used by the domain apps' APIs ------------------------------------------
@@ -82,7 +83,9 @@ def _error(obj: Saga | SagaStep) -> dict[str, str] | None:
 
 ERROR_RESPONSES = {
     401: OpenApiResponse(DetailSerializer, description="Not authenticated."),
-    403: OpenApiResponse(DetailSerializer, description="Staff only."),
+    403: OpenApiResponse(
+        DetailSerializer, description="Staff only, with the permission for the action."
+    ),
     404: OpenApiResponse(DetailSerializer, description="No such saga."),
 }
 
@@ -207,7 +210,16 @@ class SagaFilter(filters.FilterSet):
         fields = ["status", "name"]
 
 
-OPERATOR_ACTIONS = {"retry", "compensate", "resolve", "plan"}
+OPERATOR_ACTIONS = {*ACTIONS, "plan"}
+
+
+class MayOperate(BasePermission):
+    """Staff act on sagas only with the action's permission, as in the admin."""
+
+    message = "You do not have the permission for this saga action."
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return view.action not in ACTIONS or may_operate(request.user, view.action)
 
 
 def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
@@ -246,7 +258,7 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_permissions(self) -> list[BasePermission]:
         if self.action in OPERATOR_ACTIONS:
-            return [IsAuthenticated(), IsAdminUser()]
+            return [IsAuthenticated(), IsAdminUser(), MayOperate()]
         return super().get_permissions()
 
     def _accepted(self, saga: Saga) -> Response:
@@ -264,7 +276,9 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         summary="Retry a failed saga",
-        description="Resume where it stopped: forward, or its compensation. Staff only.",
+        description=(
+            "Resume where it stopped: forward, or its compensation. Staff with `sagas.retry_saga`."
+        ),
         request=None,
         responses={
             202: SagaDetailSerializer,
@@ -278,7 +292,9 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         summary="Abort a saga",
-        description="Compensate the completed steps, in reverse order. Staff only.",
+        description=(
+            "Compensate the completed steps, in reverse order. Staff with `sagas.compensate_saga`."
+        ),
         request=None,
         responses={
             202: SagaDetailSerializer,
@@ -292,7 +308,10 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
 
     @extend_schema(
         summary="Resolve a step whose compensation failed",
-        description="Mark it compensated by hand and carry on compensating. Staff only.",
+        description=(
+            "Mark it compensated by hand and carry on compensating. "
+            "Staff with `sagas.resolve_saga`."
+        ),
         request=None,
         parameters=[
             OpenApiParameter(

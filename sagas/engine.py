@@ -750,6 +750,7 @@ def retry(saga_id: UUID | str, *, actor: str = "") -> Plan:
         if not plan.allowed:
             raise InvalidTransition(plan.reason)
         detail = {"actor": actor}
+        unit.set_saga(recovery_attempts=0)  # an operator took over: recovery starts afresh
         if _in_compensation(unit):
             _begin_compensation(unit, EventKind.OPERATOR_RETRY, detail)
         else:
@@ -773,6 +774,7 @@ def compensate(saga_id: UUID | str, *, actor: str = "") -> Plan:
             raise InvalidTransition(plan.reason)
         if unit.saga.status == S.PENDING:
             unit.move_saga(S.RUNNING, None)
+        unit.set_saga(recovery_attempts=0)
         _begin_compensation(unit, EventKind.OPERATOR_COMPENSATE, {"actor": actor})
         unit.save()
     return plan
@@ -793,7 +795,7 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
             {"actor": actor},
             compensated_at=timezone.now(),
         )
-        unit.set_saga(error_code="", error_message="")
+        unit.set_saga(error_code="", error_message="", recovery_attempts=0)
         _begin_compensation(unit, EventKind.COMPENSATION_STARTED, {"actor": actor})
         unit.save()
     return plan

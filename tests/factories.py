@@ -21,6 +21,18 @@ class UserFactory(factory.django.DjangoModelFactory):
     password = factory.django.Password("correct horse battery staple")
 
 
+def make_operator(**fields):
+    """A staff user with the saga action permissions (retry, compensate, resolve)."""
+    from django.contrib.auth.models import Permission
+
+    from sagas.permissions import ACTIONS
+
+    user = UserFactory(is_staff=True, **fields)
+    codenames = [f"{action}_saga" for action in ACTIONS]
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return user
+
+
 class ProductFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Product

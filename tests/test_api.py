@@ -25,7 +25,13 @@ from orders.services import order_submit
 from payments.gateway import gateway_recover
 from sagas.models import Saga, SagaStep
 from tests.conftest import ADDRESS, wait_final
-from tests.factories import OrderFactory, OrderLineFactory, ProductFactory, UserFactory
+from tests.factories import (
+    OrderFactory,
+    OrderLineFactory,
+    ProductFactory,
+    UserFactory,
+    make_operator,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -73,8 +79,14 @@ def world(db):
     """Users A and B with an order and a saga each (not run: no workers), and a staff user."""
     product = ProductFactory(sku="SKU-API")
     user_a, user_b = UserFactory(), UserFactory()
-    staff = UserFactory(is_staff=True)
-    objects: dict[str, Any] = {"a": user_a, "b": user_b, "staff": staff, "product": product}
+    staff = make_operator()
+    objects: dict[str, Any] = {
+        "a": user_a,
+        "b": user_b,
+        "staff": staff,
+        "staff_without_actions": UserFactory(is_staff=True),
+        "product": product,
+    }
     for name, user in (("a", user_a), ("b", user_b)):
         saga = submit_for(user, product)
         order = OrderFactory(id=saga.input["order_id"], customer=user, saga=saga)
@@ -104,8 +116,9 @@ def endpoints(w: dict[str, Any]) -> list[tuple[str, str, str]]:
     ]
 
 
-# Expected status per role. User B sees none of A's objects; only staff act on sagas. The saga
-# has not run (pending): retry and resolve are refused with 409, compensate is accepted.
+# Expected status per role. User B sees none of A's objects; only staff with the action's
+# permission act on sagas (as in the admin). The saga has not run (pending): retry and resolve
+# are refused with 409, compensate is accepted.
 MATRIX = {
     "anonymous": {
         "orders": 401, "order": 401, "submit": 401, "sagas": 401, "saga": 401, "retry": 401,
@@ -125,6 +138,11 @@ MATRIX = {
     "staff": {
         "orders": 200, "order": 200, "submit": 202, "sagas": 200, "saga": 200, "retry": 409,
         "resolve": 409, "plan": 200, "compensate": 202, "products": 200, "product": 200,
+        "healthz": 200, "schema": 200, "docs": 200,
+    },
+    "staff_without_actions": {
+        "orders": 200, "order": 200, "submit": 202, "sagas": 200, "saga": 200, "retry": 403,
+        "resolve": 403, "plan": 200, "compensate": 403, "products": 200, "product": 200,
         "healthz": 200, "schema": 200, "docs": 200,
     },
 }  # fmt: skip
@@ -621,7 +639,7 @@ class TestOnWorkers:
     def test_staff_retry_of_a_paused_saga_completes_it(self, saga_db):
         ProductFactory(sku="SKU-API", stock_on_hand=10)
         customer = UserFactory()
-        staff = client_for(UserFactory(is_staff=True))
+        staff = client_for(make_operator())
         submitted = self.submit(client_for(customer), token="tok_timeout")
         saga = wait_final(submitted["saga"]["id"])
         assert saga.status == "failed"

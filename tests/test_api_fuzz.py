@@ -17,7 +17,7 @@ from rest_framework.authtoken.models import Token
 
 from sagaproject.celery import app as celery_app
 from tests.conftest import ARTIFACTS, running_server, worker_env
-from tests.factories import ProductFactory, UserFactory
+from tests.factories import ProductFactory, make_operator
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
 
@@ -46,7 +46,7 @@ def server(transactional_db) -> Iterator[str]:
 def test_no_input_makes_a_server_error(server, tmp_path):
     # The example order in the schema names a real product, so that one request goes deep.
     ProductFactory(sku="MUG-CLASSIC")
-    token = Token.objects.create(user=UserFactory(is_staff=True)).key
+    token = Token.objects.create(user=make_operator()).key
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("schemathesis")),

@@ -12,7 +12,7 @@ from sagaproject.celery import app as celery_app
 from sagas import recovery
 from sagas.definitions import registered
 from sagas.models import EventKind, Saga
-from sagas.services import saga_start
+from sagas.services import saga_retry, saga_start
 from tests.conftest import wait_final
 
 
@@ -70,6 +70,14 @@ def test_a_saga_that_never_progresses_is_dead_lettered(saga_db, monkeypatch):
     assert saga.status == "failed"
     assert saga.error_code == "recovery_exhausted"
     assert "recovery attempts" in saga.error_message
+
+    # The operator retries once the cause is fixed: recovery counts afresh, so a later stall
+    # is recovered rather than failed at once.
+    monkeypatch.undo()
+    saga_retry(saga_id=saga.pk, actor="operator")
+    saga.refresh_from_db()
+    assert saga.recovery_attempts == 0
+    assert wait_final(saga.pk).status == "completed"
 
 
 def test_concurrent_sweepers_claim_each_saga_once(saga_db, monkeypatch):

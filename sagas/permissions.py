@@ -1,0 +1,18 @@
+"""Who may act on sagas: the same rule for the admin and the API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib.auth import get_permission_codename
+
+from .models import Saga
+
+# The operator actions, each gated by a custom permission of `Saga` (see its Meta).
+ACTIONS = ("retry", "compensate", "resolve")
+
+
+def may_operate(user: Any, action: str) -> bool:
+    """Whether `user` holds the permission for `action` (`sagas.retry_saga`, ...)."""
+    codename = get_permission_codename(action, Saga._meta)
+    return bool(user.has_perm(f"{Saga._meta.app_label}.{codename}"))
