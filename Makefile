@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest browser wrk bench bench-api drill demo clean
+.PHONY: install run test lint typecheck pytest browser wrk bench bench-api profile drill demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ browser:
 ## Benchmark: order saga vs bare Celery chain (BENCH_ARGS="--sagas 300 --scaling").
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## Where a step's time goes: the engine driven in-process under pyinstrument (PROFILE_ARGS="--steps 16").
+profile: install
+	$(BIN)/python -m bench.profile_step $(PROFILE_ARGS)
 
 ## Debian's wrk for the API load benchmark (bench-api).
 wrk:

@@ -265,24 +265,36 @@ def count_database_work(counts: dict[str, int]):
             connections[alias].connection.commit = originals[alias]  # type: ignore[method-assign]
 
 
-def database_cost(samples: int = 20) -> dict[str, float]:
-    """Queries and commits per step of the order saga, its steps driven in this process."""
+@contextmanager
+def steps_in_process():
+    """Run sagas' steps by calling the engine here: no message is sent, no worker needed.
+
+    Yields a function that submits one saga of a workload and runs its steps in order.
+    """
     import sagas.tasks
     from sagas import engine
 
-    workload = OrderSagas()
+    def run_one(workload: Any) -> None:
+        saga_id = workload.submit()
+        for index in range(workload.steps):
+            outcome = engine.run_step(saga_id, index, attempt=1)
+            assert outcome.kind == "done", outcome
+
     dispatch = sagas.tasks.dispatch_steps
     sagas.tasks.dispatch_steps = lambda *args: None  # type: ignore[assignment]
-    counts = {"queries": 0, "commits": 0}
     try:
-        with count_database_work(counts):
-            for _ in range(samples):
-                saga_id = workload.submit()
-                for index in range(workload.steps):
-                    outcome = engine.run_step(saga_id, index, attempt=1)
-                    assert outcome.kind == "done", outcome
+        yield run_one
     finally:
         sagas.tasks.dispatch_steps = dispatch  # type: ignore[assignment]
+
+
+def database_cost(samples: int = 20) -> dict[str, float]:
+    """Queries and commits per step of the order saga, its steps driven in this process."""
+    workload = OrderSagas()
+    counts = {"queries": 0, "commits": 0}
+    with steps_in_process() as run_one, count_database_work(counts):
+        for _ in range(samples):
+            run_one(workload)
     steps = samples * workload.steps
     return {
         "queries_per_step": counts["queries"] / steps,
@@ -306,6 +318,7 @@ def main() -> int:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue
     os.environ["SAGAS_LOG_LEVEL"] = "WARNING"
+    os.environ["DJANGO_DEBUG"] = "0"  # as in production: no query log in the workers
     import django
 
     django.setup()
