@@ -327,6 +327,15 @@ def _with_fulfilment(views: list[OrderView]) -> list[OrderView]:
     return views
 
 
+def sagas_of_order(order_id: uuid.UUID) -> QuerySet[Saga]:
+    """The order fulfilment saga of an order, found by its input (an order has one).
+
+    Unordered, so that PostgreSQL uses orders_saga_order_id_idx: with the default ordering and
+    a LIMIT it walks the newest sagas instead.
+    """
+    return Saga.objects.filter(name=ORDER_FULFILMENT_SAGA, input__order_id=str(order_id)).order_by()
+
+
 def _views(orders: Iterable[Order]) -> list[OrderView]:
     return [OrderView(order=order, lines=list(order.lines.all())) for order in orders]
 
@@ -414,10 +423,10 @@ class OrderViewSet(
         if order is not None:
             return _with_fulfilment(_views([order]))[0]
         # Not created yet (or never): the saga that will create it knows the order.
-        sagas = Saga.objects.filter(name=ORDER_FULFILMENT_SAGA, input__order_id=str(order_id))
+        sagas = sagas_of_order(order_id)
         if not self.request.user.is_staff:
             sagas = sagas.filter(created_by_id=self.request.user.pk)
-        saga = sagas.first()
+        saga = next(iter(sagas[:1]), None)
         if saga is None:
             raise NotFound()
         return _order_from_saga(saga)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import uuid
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from django.test.utils import CaptureQueriesContext, override_settings
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from orders.api import LimitedJSONParser, RequestTooLarge
+from orders.api import LimitedJSONParser, RequestTooLarge, sagas_of_order
 from orders.models import Order
 from orders.services import order_submit
 from payments.gateway import gateway_recover
@@ -500,6 +501,23 @@ def test_list_queries_do_not_grow_with_the_page(db, path):
     add_rows(9)
     ten = count_queries(staff, path)
     assert one == ten
+
+
+def test_an_order_not_created_yet_is_looked_up_through_its_index(world):
+    """The lookup by saga input must match orders_saga_order_id_idx, or it scans every saga."""
+    a = client_for(world["a"])
+    order_id = world["saga_a"].input["order_id"]
+    Order.objects.filter(pk=order_id).delete()  # as before the saga's first step has run
+    assert a.get(f"/api/orders/{order_id}/").json()["id"] == order_id
+    assert a.get(f"/api/orders/{uuid.uuid4()}/").status_code == 404
+
+    sql, params = sagas_of_order(uuid.uuid4())[:1].query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL enable_seqscan = off")  # the test table is tiny
+        cursor.execute(f"EXPLAIN {sql}", params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    # Searched by the index (an Index Cond), not merely walked instead of the table.
+    assert "orders_saga_order_id_idx" in plan and "Index Cond" in plan, plan
 
 
 def test_detail_queries_do_not_grow_with_the_saga(world):
