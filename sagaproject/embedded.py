@@ -48,10 +48,42 @@ def postgres_url() -> str:
     with _file_lock(root / "postgres.lock"), warnings.catch_warnings():
         # pgserver falls back to /tmp when XDG_RUNTIME_DIR is unset, and says so: harmless.
         warnings.simplefilter("ignore")
+        _forget_dead_handles(root / "postgres")
         server = pgserver.get_server(root / "postgres", cleanup_mode="stop")
     # pgserver stops the server when the last process holding a handle exits; keep ours alive.
     globals()["_postgres_server"] = server
     return server.get_uri()
+
+
+def _forget_dead_handles(pgdata: Path) -> None:
+    """Drop the handles of processes that died without releasing them.
+
+    pgserver counts the processes using its server in a list of pids next to the data, and
+    stops the server when the last one exits. A process killed by a signal (a worker killed
+    by the drill, a test run cut short) never takes its pid out, and the server then runs
+    forever after everyone is gone. Pruned under pgserver's own lock, before joining.
+    """
+    from pgserver.postgres_server import PostgresServer
+    from pgserver.utils import DiskList
+
+    handles = DiskList(pgdata / ".handle_pids.json")
+    if not handles.path.exists():
+        return
+    with PostgresServer._lock:
+        pids = handles.get()
+        alive = [pid for pid in pids if _process_exists(pid)]
+        if alive != pids:
+            handles.put(alive)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
 
 
 def _redis_socket() -> Path:

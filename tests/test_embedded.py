@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,5 +33,17 @@ def test_a_saga_completes_on_the_embedded_servers(tmp_path):
     assert result.returncode == 0, output[-4000:]
     assert "redis+socket://" in output and "host=" in output
     assert "saga status: completed" in output
-    # Both servers were stopped at the end: nothing is left listening in the data folder.
+    # Both servers were stopped at the end: nothing is left running in the data folder.
+    postmaster = tmp_path / "data" / "postgres" / "postmaster.pid"
     assert not (tmp_path / "data" / "redis" / "redis.sock").exists()
+    assert not postmaster.exists()
+
+    # A process killed while it used the server never released it: the next one to leave
+    # still stops the server.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    handles = tmp_path / "data" / "postgres" / ".handle_pids.json"
+    handles.write_text(json.dumps([dead.pid]))
+    join = "from sagaproject import embedded; print(embedded.postgres_url())"
+    subprocess.run([sys.executable, "-c", join], cwd=ROOT, env=env, check=True, timeout=120)
+    assert not postmaster.exists(), handles.read_text()
