@@ -21,6 +21,7 @@ from uuid import UUID
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Field
+from django.db.transaction import TransactionManagementError
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -255,6 +256,8 @@ def lock(saga_id: UUID | str) -> Unit:
     before the wait. Read after the lock, in a new statement (READ COMMITTED takes a new
     snapshot), the steps are current: every writer of a step holds its saga's lock.
     """
+    if not connection.in_atomic_block:  # as select_for_update() would refuse
+        raise TransactionManagementError("lock() must run inside a transaction")
     saga_sql, steps_sql = _lock_sql()
     # Raw queries: the same statements the ORM would build, without building them on every
     # step (compiling the two querysets cost more than running them; see `make profile`).
