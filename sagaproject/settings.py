@@ -164,6 +164,8 @@ SAGAS_RECOVERY_MAX_ATTEMPTS = int(os.environ.get("SAGAS_RECOVERY_MAX_ATTEMPTS", 
 # Extra modules that register saga definitions (apps may also register in AppConfig.ready).
 SAGAS_MODULES = [m for m in os.environ.get("SAGAS_MODULES", "").split(",") if m]
 SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
+# Seconds between a step's soft time limit and the hard kill of its process.
+SAGAS_HARD_TIME_LIMIT_GRACE = int(os.environ.get("SAGAS_HARD_TIME_LIMIT_GRACE", "10"))
 
 # The REST API (sagaproject.api): https://www.django-rest-framework.org/api-guide/settings/
 REST_FRAMEWORK = {

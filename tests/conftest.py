@@ -39,6 +39,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.CELERY_TASK_DEFAULT_QUEUE = QUEUE
     celery_app.conf.task_default_queue = QUEUE
     settings.SAGAS_FAULT_INJECTION = True
+    settings.SAGAS_HARD_TIME_LIMIT_GRACE = 2  # as in the workers (worker_env)
 
 
 def database_url(settings_dict: dict) -> str:
@@ -60,6 +61,8 @@ def worker_env() -> dict[str, str]:
         "SAGAS_FAULT_INJECTION": "1",
         "SAGAS_MODULES": "tests.sagadefs",
         "PYTHONUNBUFFERED": "1",
+        # A hung step is killed 2 s after its soft time limit (tests/test_failure_paths.py).
+        "SAGAS_HARD_TIME_LIMIT_GRACE": "2",
     }
 
 

@@ -52,3 +52,102 @@ def deadline_demo(*, pivot: bool) -> SagaDefinition:
 
 register(deadline_demo(pivot=False))
 register(deadline_demo(pivot=True))
+
+
+# -- the engine's failure paths (tests/test_failure_paths.py) --------------------------------
+
+
+def hang(ctx: StepContext) -> None:
+    """A step that ignores its soft time limit: only the hard one stops it."""
+    import time
+
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            continue
+
+
+def needs_first_output(ctx: StepContext) -> None:
+    """A compensation that reads an earlier step's output, as real ones do."""
+    if ctx.outputs.get("first", {}).get("step") != "first":
+        raise LookupError("the output of step 'first' is missing from the context")
+
+
+def decline(ctx: StepContext) -> None:
+    from sagas.exceptions import BusinessError
+
+    raise BusinessError("Declined.", code="declined")
+
+
+register(
+    SagaDefinition(
+        name="three_steps",
+        steps=[Step(name, record, undo, retry=FAST) for name in ("first", "second", "third")],
+    )
+)
+register(
+    SagaDefinition(
+        name="six_steps",
+        steps=[Step(f"step_{i}", record, undo, retry=FAST) for i in range(6)],
+    )
+)
+register(
+    SagaDefinition(
+        name="hung_step",
+        steps=[
+            Step("first", record, undo, retry=FAST),
+            Step("hangs", hang, undo, retry=FAST, time_limit=1),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        name="context_in_compensation",
+        steps=[
+            Step("first", record, undo, retry=FAST),
+            Step(
+                "second",
+                record,
+                needs_first_output,
+                retry=FAST,
+                compensation_retry=RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1),
+            ),
+            Step("third", decline, undo, retry=FAST),
+        ],
+        # The earlier step is compensated while `second` waits for an operator.
+        continue_compensation_on_failure=True,
+    )
+)
+register(
+    SagaDefinition(
+        name="first_step_retries",
+        steps=[
+            Step(
+                "first",
+                record,
+                undo,
+                retry=RetryPolicy(max_attempts=3, backoff=3.0, backoff_max=3.0, jitter=False),
+            ),
+            Step("second", record, undo, retry=FAST),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        name="stale_transient",
+        steps=[
+            Step("first", record, undo, retry=FAST),
+            Step(
+                "second",
+                decline,
+                undo,
+                retry=RetryPolicy(max_attempts=3, transient=("tests.sagadefs.RemovedError",)),
+                on_exhausted="pause",
+            ),
+        ],
+    )
+)

@@ -1,0 +1,237 @@
+"""The engine's failure paths, one test per case of the engine issue, on real workers.
+
+Each test places its fault exactly: some run a step's attempt in this process (as a worker
+would, without the chain's error callback) or suppress the messages the engine sends, then
+hand the saga to the real worker processes and the sweeper and check where it ends.
+"""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from inventory.models import Product
+from payments.gateway import gateway_recover
+from payments.models import GatewayAttempt
+from sagaproject.celery import app as celery_app
+from sagas import engine, recovery
+from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaStep
+from sagas.services import saga_compensate, saga_retry, saga_start
+from tests.conftest import QUEUE, wait_final, wait_for
+from tests.factories import ProductFactory
+from tests.test_order_saga import charges_for, order_of, step_statuses, submit
+
+pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
+
+
+# -- placing faults --------------------------------------------------------------------------
+
+
+def lose_messages(monkeypatch) -> None:
+    """Every chain the engine sends from this process is lost (as in a broker crash)."""
+    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sagas.tasks.dispatch_compensations", lambda *args, **kwargs: None)
+
+
+def attempt_in_process(saga: Saga, index: int) -> str:
+    """One attempt of step `index`, run here as a worker would, but without the chain's error
+    callback (as if the worker died right after the attempt): returns the outcome's kind."""
+    step = SagaStep.objects.get(saga=saga, index=index)
+    attempt = step.attempts + 1
+    try:
+        return engine.run_step(str(saga.pk), index, attempt=attempt).kind
+    except Exception as exc:
+        return engine.step_attempt_failed(str(saga.pk), index, exc, attempt=attempt).kind
+
+
+def stall(saga: Saga) -> None:
+    """Make the saga look as if it had made no progress for a long time."""
+    Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+
+
+def sweep(**kwargs) -> recovery.SweepReport:
+    return recovery.sweep(stale_after=timedelta(minutes=1), **kwargs)
+
+
+def nodes_answering() -> set[str]:
+    """The test worker nodes whose main process answers a ping."""
+    names = [f"test{i}-{QUEUE}@{socket.gethostname()}" for i in range(2)]
+    replies = celery_app.control.ping(destination=names, timeout=2.0)
+    return {name for reply in replies for name in reply}
+
+
+# -- 1. charged and cancelled, never refunded ------------------------------------------------
+
+
+def test_a_charge_interrupted_before_its_commit_is_refunded_when_the_saga_is_compensated(
+    saga_db,
+):
+    """The worker dies after the gateway charged and before the step committed; the operator
+    then compensates. The step's row was never completed, yet the customer was charged."""
+    product = ProductFactory(stock_on_hand=10)
+    with transaction.atomic():
+        saga = submit(product)
+        Fault.objects.create(
+            saga=saga,
+            step_name="charge_payment",
+            point=FaultPoint.AFTER_ACTION,
+            effect=FaultEffect.CRASH,
+        )
+    wait_for(lambda: charges_for(saga).exists(), timeout=30, what="the gateway to charge")
+    saga_compensate(saga_id=saga.pk, actor="operator")
+
+    saga = wait_final(saga.pk, timeout=60)
+    assert saga.status == "compensated"
+    assert order_of(saga).status == "cancelled"
+    assert [c.status for c in charges_for(saga)] == ["refunded"]
+
+
+# -- 2. a hung step ---------------------------------------------------------------------------
+
+
+def test_a_hung_step_is_killed_and_its_saga_follows_its_policy(saga_db):
+    """A step that ignores its soft time limit: the hard limit kills it, each attempt counts,
+    and with its retries spent the saga compensates. No worker node stops answering."""
+    saga, _ = saga_start(name="hung_step", input={})
+    saga = wait_final(saga.pk, timeout=60)
+    assert saga.status == "compensated"
+    hung = SagaStep.objects.get(saga=saga, name="hangs")
+    assert hung.status == "failed"
+    assert hung.error_code == "time_limit"
+    assert hung.attempts == 2  # the policy's max_attempts
+    assert step_statuses(saga) == ["compensated", "failed"]
+    assert len(nodes_answering()) == 2
+
+
+# -- 3. retry of a saga that was compensating ------------------------------------------------
+
+
+def test_retry_of_a_saga_failed_while_compensating_resumes_the_compensation(saga_db, monkeypatch):
+    lose_messages(monkeypatch)
+    saga, _ = saga_start(name="three_steps", input={})
+    assert attempt_in_process(saga, 0) == "done"
+    saga_compensate(saga_id=saga.pk, actor="operator")  # its compensations are lost too
+    stall(saga)
+    sweep(max_recoveries=0)
+    saga.refresh_from_db()
+    assert (saga.status, saga.error_code) == ("failed", "recovery_exhausted")
+
+    monkeypatch.undo()
+    saga_retry(saga_id=saga.pk, actor="operator")
+    saga = wait_final(saga.pk)
+    assert saga.status == "compensated"
+    assert step_statuses(saga) == ["compensated", "pending", "pending"]
+    completed = saga.events.filter(kind=EventKind.STEP_COMPLETED)
+    assert list(completed.values_list("step_name", flat=True)) == ["first"]
+
+
+# -- 4. a lost error callback ----------------------------------------------------------------
+
+
+def test_a_business_failure_whose_error_callback_was_lost_is_never_retried(saga_db, monkeypatch):
+    product = ProductFactory(stock_on_hand=1)
+    lose_messages(monkeypatch)
+    saga = submit(product, quantity=2)
+    assert attempt_in_process(saga, 0) == "done"
+    assert attempt_in_process(saga, 1) == "done"
+    assert attempt_in_process(saga, 2) == "fail"  # not enough stock; the callback is lost
+    Product.objects.filter(pk=product.pk).update(stock_on_hand=10)  # stock arrives meanwhile
+
+    monkeypatch.undo()
+    stall(saga)
+    sweep()
+    saga = wait_final(saga.pk)
+    assert (saga.status, saga.error_code) == ("compensated", "insufficient_stock")
+    assert order_of(saga).status == "cancelled"
+    assert [c.status for c in charges_for(saga)] == ["refunded"]
+
+
+def test_exhausted_retries_whose_error_callback_was_lost_get_no_new_budget(saga_db, monkeypatch):
+    product = ProductFactory(stock_on_hand=10)
+    lose_messages(monkeypatch)
+    saga = submit(product, token="tok_timeout")  # the gateway is out for this token
+    assert attempt_in_process(saga, 0) == "done"
+    outcomes = [attempt_in_process(saga, 1) for _ in range(4)]
+    assert outcomes == ["retry", "retry", "retry", "fail"]  # max_attempts=4; callback lost
+
+    monkeypatch.undo()
+    stall(saga)
+    sweep()
+    saga = wait_final(saga.pk)
+    assert saga.status == "failed"  # paused by the step's policy, for an operator
+    assert order_of(saga).status == "pending"
+    key = f"{saga.pk}:charge_payment"
+    wait_for(lambda: not Saga.objects.filter(status="running").exists(), what="quiet")
+    assert GatewayAttempt.objects.filter(idempotency_key=key).count() == 4
+    assert SagaStep.objects.get(saga=saga, name="charge_payment").attempts == 4
+
+    gateway_recover()
+    saga_retry(saga_id=saga.pk, actor="operator")
+    assert wait_final(saga.pk).status == "completed"
+
+
+# -- 5. the context of a compensation re-run by an operator ----------------------------------
+
+
+def test_a_compensation_retried_by_an_operator_sees_the_earlier_outputs(saga_db):
+    with transaction.atomic():
+        saga, _ = saga_start(name="context_in_compensation", input={})
+        Fault.objects.create(
+            saga=saga,
+            step_name="second",
+            point=FaultPoint.BEFORE_COMPENSATION,
+            effect=FaultEffect.TRANSIENT_ERROR,
+            remaining=2,  # the compensation's max_attempts: it fails for good once
+        )
+    saga = wait_final(saga.pk, timeout=60)
+    assert (saga.status, saga.error_code) == ("failed", "compensation_failed")
+
+    saga_retry(saga_id=saga.pk, actor="operator")
+    saga = wait_final(saga.pk)
+    assert saga.status == "compensated"
+    assert step_statuses(saga) == ["compensated", "compensated", "failed"]
+
+
+# -- 7. smaller ------------------------------------------------------------------------------
+
+
+def test_a_saga_is_running_while_its_first_step_waits_for_a_retry(saga_db):
+    with transaction.atomic():
+        saga, _ = saga_start(name="first_step_retries", input={})
+        Fault.objects.create(
+            saga=saga,
+            step_name="first",
+            point=FaultPoint.BEFORE_ACTION,
+            effect=FaultEffect.TRANSIENT_ERROR,
+            remaining=1,
+        )
+    wait_for(
+        lambda: saga.events.filter(kind=EventKind.STEP_RETRYING).exists(),
+        what="the first attempt to fail",
+    )
+    saga.refresh_from_db()
+    assert saga.status == "running"
+    assert wait_final(saga.pk).status == "completed"
+
+
+def test_progress_resets_the_recovery_count(saga_db, monkeypatch):
+    """A saga that advances a step after each of many recoveries is never given up on."""
+    lose_messages(monkeypatch)
+    saga, _ = saga_start(name="six_steps", input={})
+    for index in range(6):
+        stall(saga)
+        report = sweep(max_recoveries=2)
+        assert report.recovered == [str(saga.pk)], f"recovery {index + 1}"
+        assert attempt_in_process(saga, index) == "done"
+    saga.refresh_from_db()
+    assert saga.status == "completed"
+
+
+def test_an_unimportable_transient_exception_does_not_turn_a_decline_into_a_pause(saga_db):
+    saga, _ = saga_start(name="stale_transient", input={})
+    saga = wait_final(saga.pk)
+    assert (saga.status, saga.error_code) == ("compensated", "declined")
