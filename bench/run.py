@@ -271,21 +271,20 @@ def steps_in_process():
 
     Yields a function that submits one saga of a workload and runs its steps in order.
     """
-    import sagas.tasks
-    from sagas import engine
+    from sagas import dispatch, engine
 
     def run_one(workload: Any) -> None:
         saga_id = workload.submit()
         for index in range(workload.steps):
-            outcome = engine.run_step(saga_id, index, attempt=1)
+            outcome = engine.run_step(saga_id, index, epoch=None)
             assert outcome.kind == "done", outcome
 
-    dispatch = sagas.tasks.dispatch_steps
-    sagas.tasks.dispatch_steps = lambda *args: None  # type: ignore[assignment]
+    send_steps = dispatch.send_steps
+    dispatch.send_steps = lambda *args: None  # type: ignore[assignment]
     try:
         yield run_one
     finally:
-        sagas.tasks.dispatch_steps = dispatch  # type: ignore[assignment]
+        dispatch.send_steps = send_steps  # type: ignore[assignment]
 
 
 def database_cost(samples: int = 20) -> dict[str, float]:

@@ -40,3 +40,7 @@ class DefinitionError(SagaError):
 
 class InvalidTransition(SagaError):
     """An operator action or a transition is not allowed in the saga's current state."""
+
+
+class SagaBusy(InvalidTransition):
+    """An operator action found the saga locked by a step in progress: try again shortly."""

@@ -8,12 +8,15 @@ fault that rolls the step back is still counted.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
+from celery import current_app
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F, Q
 
-from . import conf
+from . import conf, dispatch
 from .exceptions import BusinessError, TransientError
 from .models import Fault, FaultEffect, FaultPoint, SagaStep
 
@@ -38,6 +41,8 @@ class Injector:
             raise InjectedTransientError("Injected transient fault.")
         if effect == FaultEffect.BUSINESS_ERROR:
             raise InjectedBusinessError("Injected business fault.")
+        if effect == FaultEffect.HANG:
+            hang()
 
     def before_action(self) -> None:
         self.fire(FaultPoint.BEFORE_ACTION)
@@ -50,6 +55,28 @@ class Injector:
 
     def after_commit(self) -> None:
         self.fire(FaultPoint.AFTER_COMMIT)
+
+    def after_final_failure(
+        self, task_id: str, saga_id: str, epoch: int | None, forward: bool
+    ) -> None:
+        """A crash here loses the chain's error callback; a repeat sends it twice."""
+        if self.effects.get(FaultPoint.AFTER_FINAL_FAILURE) == FaultEffect.REPEAT_CALLBACK:
+            errback = dispatch.ON_STEP_FAILURE if forward else dispatch.ON_COMPENSATION_FAILURE
+            signature = current_app.signature(
+                errback, args=(task_id, saga_id), kwargs={"epoch": epoch}
+            )
+            signature.apply_async(countdown=1)
+        self.fire(FaultPoint.AFTER_FINAL_FAILURE)
+
+
+def hang() -> None:
+    """Ignore the soft time limit, as a step stuck in a call that swallows it would."""
+    deadline = time.monotonic() + 3600
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(0.05)
+        except SoftTimeLimitExceeded:
+            continue
 
 
 def take(saga_id: str, index: int, points: tuple[str, ...]) -> Injector | None:
@@ -76,5 +103,10 @@ def take(saga_id: str, index: int, points: tuple[str, ...]) -> Injector | None:
     return injector if injector.effects else None
 
 
-STEP_POINTS = (FaultPoint.BEFORE_ACTION, FaultPoint.AFTER_ACTION, FaultPoint.AFTER_COMMIT)
+STEP_POINTS = (
+    FaultPoint.BEFORE_ACTION,
+    FaultPoint.AFTER_ACTION,
+    FaultPoint.AFTER_COMMIT,
+    FaultPoint.AFTER_FINAL_FAILURE,
+)
 COMPENSATION_POINTS = (FaultPoint.BEFORE_COMPENSATION, FaultPoint.AFTER_COMMIT)

@@ -18,12 +18,19 @@ class SagaStatus(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class Direction(models.TextChoices):
+    """Whether a saga runs its actions or undoes them. Once backward, it never turns back."""
+
+    FORWARD = "forward", "Forward"
+    BACKWARD = "backward", "Backward (compensating)"
+
+
 class StepStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running (retrying)"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
-    COMPENSATING = "compensating", "Compensating"
+    COMPENSATING = "compensating", "To compensate"
     COMPENSATED = "compensated", "Compensated"
     COMPENSATION_FAILED = "compensation_failed", "Compensation failed"
 
@@ -64,6 +71,18 @@ class Saga(models.Model):
         default=SagaStatus.PENDING,
         help_text="Where the saga is in its life cycle.",
     )
+    direction = models.CharField(
+        max_length=10,
+        choices=Direction.choices,
+        default=Direction.FORWARD,
+        help_text="Forward (running its actions) or backward (compensating). A saga that "
+        "began compensating stays backward: nothing runs forward after that.",
+    )
+    epoch = models.PositiveIntegerField(
+        default=0,
+        help_text="Generation of the saga's messages, raised whenever the engine sends a new "
+        "chain; a message of an older generation does nothing.",
+    )
     input = models.JSONField(help_text="The input the saga was started with.")
     options = models.JSONField(
         default=dict, help_text="Definition-level options, copied when the saga started."
@@ -83,7 +102,9 @@ class Saga(models.Model):
         help_text="Starting a saga again with the same name and key returns this one.",
     )
     recovery_attempts = models.PositiveIntegerField(
-        default=0, help_text="How often the sweeper re-dispatched this saga."
+        default=0,
+        help_text="Recoveries by the sweeper since the saga last made progress; past "
+        "SAGAS_RECOVERY_MAX_ATTEMPTS the saga fails for an operator.",
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -108,6 +129,9 @@ class Saga(models.Model):
         ordering = ("-created_at",)
         constraints = [
             _status_check("saga_status_valid", SagaStatus),
+            models.CheckConstraint(
+                condition=Q(direction__in=Direction.values), name="saga_direction_valid"
+            ),
             models.UniqueConstraint(
                 fields=["name", "idempotency_key"],
                 condition=Q(idempotency_key__isnull=False),
@@ -133,6 +157,10 @@ class Saga(models.Model):
     def is_final(self) -> bool:
         return self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
 
+    @property
+    def is_backward(self) -> bool:
+        return self.direction == Direction.BACKWARD
+
 
 class SagaStep(models.Model):
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
@@ -147,7 +175,11 @@ class SagaStep(models.Model):
     definition = models.JSONField(
         help_text="The step's action, compensation and policy, copied when the saga started."
     )
-    attempts = models.PositiveIntegerField(default=0, help_text="Attempts of the action.")
+    attempts = models.PositiveIntegerField(
+        default=0,
+        help_text="Failed or completed attempts of the action, counted from its rows: its retry "
+        "budget. An operator's retry starts it afresh.",
+    )
     compensation_attempts = models.PositiveIntegerField(
         default=0, help_text="Attempts of the compensation."
     )
@@ -212,12 +244,18 @@ class FaultPoint(models.TextChoices):
     AFTER_ACTION = "after_action", "After the action, before its commit"
     AFTER_COMMIT = "after_commit", "After the commit, before the acknowledgement"
     BEFORE_COMPENSATION = "before_compensation", "Before the compensation"
+    AFTER_FINAL_FAILURE = (
+        "after_final_failure",
+        "After a final failure's commit, before the error callback is sent",
+    )
 
 
 class FaultEffect(models.TextChoices):
     BUSINESS_ERROR = "business_error", "Raise a business error"
     TRANSIENT_ERROR = "transient_error", "Raise a transient error"
     CRASH = "crash", "Kill the worker process"
+    HANG = "hang", "Hang, ignoring the soft time limit, until the hard one kills the process"
+    REPEAT_CALLBACK = "repeat_callback", "Send the chain's error callback again, 1 s later"
 
 
 class Fault(models.Model):
@@ -227,7 +265,7 @@ class Fault(models.Model):
         Saga, null=True, blank=True, on_delete=models.CASCADE, help_text="Empty: any saga."
     )
     step_name = models.CharField(max_length=100, help_text="The step to inject into.")
-    point = models.CharField(max_length=30, choices=FaultPoint.choices, help_text="Where.")
+    point = models.CharField(max_length=40, choices=FaultPoint.choices, help_text="Where.")
     effect = models.CharField(max_length=30, choices=FaultEffect.choices, help_text="What.")
     remaining = models.PositiveIntegerField(
         null=True, blank=True, help_text="How many more times it fires; empty: every time."

@@ -17,7 +17,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import conf, engine
-from .models import EventKind, Saga, SagaStatus
+from .models import Direction, EventKind, Saga, SagaStatus
 
 logger = logging.getLogger("sagas")
 
@@ -56,7 +56,11 @@ def sweep(
     with transaction.atomic():
         expired = list(
             Saga.objects.select_for_update(skip_locked=True)
-            .filter(status__in=IN_FLIGHT[:2], deadline_at__lt=timezone.now())
+            .filter(
+                status__in=IN_FLIGHT[:2],
+                direction=Direction.FORWARD,
+                deadline_at__lt=timezone.now(),
+            )
             .exclude(events__kind=EventKind.DEADLINE_PASSED)
             .values_list("pk", flat=True)[:batch_size]
         )

@@ -224,3 +224,26 @@ def running_server(env: dict[str, str], log: Path, ready_path: str = "/healthz")
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+# -- placing faults exactly ------------------------------------------------------------------
+
+
+def lose_messages(monkeypatch) -> None:
+    """Every chain the engine sends from this process is lost (as in a broker crash)."""
+    monkeypatch.setattr("sagas.dispatch.send_steps", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sagas.dispatch.send_compensations", lambda *args, **kwargs: None)
+
+
+def attempt_in_process(saga_id, index: int) -> str:
+    """One attempt of step `index`, run here as a worker would, but without the chain's error
+    callback (as if the worker died right after the attempt): returns the outcome's kind."""
+    from sagas import engine
+    from sagas.models import Saga
+
+    saga_id = str(saga_id)
+    epoch = Saga.objects.values_list("epoch", flat=True).get(pk=saga_id)
+    try:
+        return engine.run_step(saga_id, index, epoch=epoch).kind
+    except Exception as exc:
+        return engine.step_attempt_failed(saga_id, index, exc, epoch=epoch).kind

@@ -59,16 +59,9 @@ register(deadline_demo(pivot=True))
 
 def hang(ctx: StepContext) -> None:
     """A step that ignores its soft time limit: only the hard one stops it."""
-    import time
+    from sagas.faults import hang
 
-    from celery.exceptions import SoftTimeLimitExceeded
-
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            time.sleep(0.05)
-        except SoftTimeLimitExceeded:
-            continue
+    hang()
 
 
 def needs_first_output(ctx: StepContext) -> None:

@@ -18,10 +18,10 @@ from inventory.models import Product
 from payments.gateway import gateway_recover
 from payments.models import GatewayAttempt
 from sagaproject.celery import app as celery_app
-from sagas import engine, recovery
+from sagas import recovery
 from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start
-from tests.conftest import QUEUE, wait_final, wait_for
+from tests.conftest import QUEUE, attempt_in_process, lose_messages, wait_final, wait_for
 from tests.factories import ProductFactory
 from tests.test_order_saga import charges_for, order_of, step_statuses, submit
 
@@ -29,23 +29,6 @@ pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gate
 
 
 # -- placing faults --------------------------------------------------------------------------
-
-
-def lose_messages(monkeypatch) -> None:
-    """Every chain the engine sends from this process is lost (as in a broker crash)."""
-    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args, **kwargs: None)
-    monkeypatch.setattr("sagas.tasks.dispatch_compensations", lambda *args, **kwargs: None)
-
-
-def attempt_in_process(saga: Saga, index: int) -> str:
-    """One attempt of step `index`, run here as a worker would, but without the chain's error
-    callback (as if the worker died right after the attempt): returns the outcome's kind."""
-    step = SagaStep.objects.get(saga=saga, index=index)
-    attempt = step.attempts + 1
-    try:
-        return engine.run_step(str(saga.pk), index, attempt=attempt).kind
-    except Exception as exc:
-        return engine.step_attempt_failed(str(saga.pk), index, exc, attempt=attempt).kind
 
 
 def stall(saga: Saga) -> None:
@@ -113,7 +96,7 @@ def test_a_hung_step_is_killed_and_its_saga_follows_its_policy(saga_db):
 def test_retry_of_a_saga_failed_while_compensating_resumes_the_compensation(saga_db, monkeypatch):
     lose_messages(monkeypatch)
     saga, _ = saga_start(name="three_steps", input={})
-    assert attempt_in_process(saga, 0) == "done"
+    assert attempt_in_process(saga.pk, 0) == "done"
     saga_compensate(saga_id=saga.pk, actor="operator")  # its compensations are lost too
     stall(saga)
     sweep(max_recoveries=0)
@@ -136,9 +119,9 @@ def test_a_business_failure_whose_error_callback_was_lost_is_never_retried(saga_
     product = ProductFactory(stock_on_hand=1)
     lose_messages(monkeypatch)
     saga = submit(product, quantity=2)
-    assert attempt_in_process(saga, 0) == "done"
-    assert attempt_in_process(saga, 1) == "done"
-    assert attempt_in_process(saga, 2) == "fail"  # not enough stock; the callback is lost
+    assert attempt_in_process(saga.pk, 0) == "done"
+    assert attempt_in_process(saga.pk, 1) == "done"
+    assert attempt_in_process(saga.pk, 2) == "fail"  # not enough stock; the callback is lost
     Product.objects.filter(pk=product.pk).update(stock_on_hand=10)  # stock arrives meanwhile
 
     monkeypatch.undo()
@@ -154,8 +137,8 @@ def test_exhausted_retries_whose_error_callback_was_lost_get_no_new_budget(saga_
     product = ProductFactory(stock_on_hand=10)
     lose_messages(monkeypatch)
     saga = submit(product, token="tok_timeout")  # the gateway is out for this token
-    assert attempt_in_process(saga, 0) == "done"
-    outcomes = [attempt_in_process(saga, 1) for _ in range(4)]
+    assert attempt_in_process(saga.pk, 0) == "done"
+    outcomes = [attempt_in_process(saga.pk, 1) for _ in range(4)]
     assert outcomes == ["retry", "retry", "retry", "fail"]  # max_attempts=4; callback lost
 
     monkeypatch.undo()
@@ -226,7 +209,7 @@ def test_progress_resets_the_recovery_count(saga_db, monkeypatch):
         stall(saga)
         report = sweep(max_recoveries=2)
         assert report.recovered == [str(saga.pk)], f"recovery {index + 1}"
-        assert attempt_in_process(saga, index) == "done"
+        assert attempt_in_process(saga.pk, index) == "done"
     saga.refresh_from_db()
     assert saga.status == "completed"
 

@@ -14,11 +14,11 @@ from orders.sagas import ORDER_FULFILMENT
 from orders.services import order_submit
 from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
-from sagas import engine
+from sagas import dispatch, engine
 from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaEvent, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start, saga_step_resolve
 from shipping.models import Shipment
-from tests.conftest import ADDRESS, wait_final, wait_for
+from tests.conftest import ADDRESS, attempt_in_process, lose_messages, wait_final, wait_for
 from tests.factories import ProductFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
@@ -194,7 +194,8 @@ def test_compensation_failure_then_retry_finishes_it(saga_db):
     assert saga.error_code == "compensation_failed"
     payment_step = SagaStep.objects.get(saga=saga, name="charge_payment")
     assert payment_step.status == "compensation_failed"
-    assert SagaStep.objects.get(saga=saga, name="create_order").status == "completed"
+    # Still owed: the saga stopped before it, for an operator.
+    assert SagaStep.objects.get(saga=saga, name="create_order").status == "compensating"
     assert order_of(saga).status == "pending"
 
     fault.delete()  # the fault is fixed
@@ -237,11 +238,8 @@ def test_operator_compensate_aborts_a_paused_saga(saga_db):
 def test_duplicate_step_messages_have_one_effect(saga_db):
     product = ProductFactory(stock_on_hand=10)
     saga = submit(product)
-    # Deliver every step a second time, racing the first chain.
-    unit_limits = [(i, 60) for i in range(len(STEP_NAMES))]
-    from sagas.tasks import dispatch_steps
-
-    dispatch_steps(str(saga.pk), unit_limits)
+    # Deliver every step a second time, racing the first chain (same epoch: a redelivery).
+    dispatch.send_steps(str(saga.pk), saga.epoch, [(i, 60) for i in range(len(STEP_NAMES))], 0)
     saga = wait_final(saga.pk)
     assert saga.status == "completed"
     wait_for(
@@ -257,29 +255,19 @@ def test_duplicate_step_messages_have_one_effect(saga_db):
     assert Shipment.objects.filter(order_id=saga.input["order_id"]).count() == 1
 
 
-def test_error_callback_twice_starts_one_compensation(saga_db, monkeypatch):
-    from sagas import tasks
-
+def test_error_callback_thrice_sends_one_compensation(saga_db, monkeypatch):
     product = ProductFactory(stock_on_hand=10)
     # Drive the forward steps by hand, so the failure is ours to report.
-    monkeypatch.setattr("sagas.tasks.dispatch_steps", lambda *args: None)
+    lose_messages(monkeypatch)
     saga = submit(product, country="AQ")
     for index in range(3):
-        assert engine.run_step(str(saga.pk), index, attempt=1).kind == "done"
+        assert attempt_in_process(saga.pk, index) == "done"
+    assert attempt_in_process(saga.pk, 3) == "fail"  # unsupported destination
     monkeypatch.undo()
-    try:
-        engine.run_step(str(saga.pk), 3, attempt=1)
-    except Exception as exc:
-        outcome = engine.step_attempt_failed(str(saga.pk), 3, exc, attempt=1)
-    assert outcome.kind == "fail"
-
-    class Request:
-        args = [str(saga.pk), 3]
-
-    error = tasks.StepFailed(outcome.error.code, outcome.error.message, exhausted=False)
+    epoch = Saga.objects.get(pk=saga.pk).epoch
 
     def callback() -> None:
-        tasks.on_step_failure(Request(), error, None, str(saga.pk))
+        engine.step_chain_failed(str(saga.pk), epoch)
         connection.close()
 
     threads = [threading.Thread(target=callback) for _ in range(2)]
@@ -291,8 +279,10 @@ def test_error_callback_twice_starts_one_compensation(saga_db, monkeypatch):
 
     saga = wait_final(saga.pk)
     assert saga.status == "compensated"
+    assert Saga.objects.get(pk=saga.pk).epoch == epoch + 1  # one chain of compensations
     assert saga.events.filter(kind=EventKind.COMPENSATION_STARTED).count() == 1
     assert compensation_order(saga) == ["reserve_inventory", "charge_payment", "create_order"]
+    assert not saga.events.filter(kind=EventKind.DUPLICATE_IGNORED).exists()
     assert charges_for(saga).get().status == "refunded"
     product.refresh_from_db()
     assert product.stock_on_hand == 10

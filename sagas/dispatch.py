@@ -1,0 +1,64 @@
+"""Sending a saga's chains to the broker, by task name.
+
+A leaf module: the engine decides what to send and calls these after its commit; the tasks
+(`sagas.tasks`) run what arrives. Neither imports the other.
+
+Every chain carries the saga's epoch, and so does its error callback: a message of an older
+epoch finds the saga has moved on and does nothing.
+"""
+
+from __future__ import annotations
+
+from celery import Signature, chain, current_app
+
+from . import conf
+
+RUN_STEP = "sagas.run_step"
+COMPENSATE_STEP = "sagas.compensate_step"
+ON_STEP_FAILURE = "sagas.on_step_failure"
+ON_COMPENSATION_FAILURE = "sagas.on_compensation_failure"
+
+
+def _signature(task: str, saga_id: str, index: int, epoch: int, time_limit: int) -> Signature:
+    # A soft time limit raised inside the action (retried as transient), and a hard one a
+    # little later that kills the process if the action ignores the first.
+    return current_app.signature(
+        task,
+        args=(saga_id, index),
+        kwargs={"epoch": epoch},
+        immutable=True,
+        soft_time_limit=time_limit,
+        time_limit=time_limit + conf.hard_time_limit_grace(),
+    )
+
+
+def _send(
+    task: str,
+    errback: str,
+    saga_id: str,
+    epoch: int,
+    steps: list[tuple[int, int]],
+    countdown: float,
+) -> None:
+    signatures = [_signature(task, saga_id, index, epoch, limit) for index, limit in steps]
+    # The error callback takes the failed task's id first. Being a bound task, Celery sends
+    # it as a message instead of calling it in the process that saw the failure, which for
+    # a hard time limit is the worker's main process.
+    on_error = current_app.signature(errback, args=(saga_id,), kwargs={"epoch": epoch})
+    chained = chain(*signatures).on_error(on_error)
+    if countdown:
+        chained.apply_async(countdown=countdown)
+    else:
+        chained.apply_async()
+
+
+def send_steps(saga_id: str, epoch: int, steps: list[tuple[int, int]], countdown: float) -> None:
+    """Send `run_step` for each (index, time limit) in order, as one chain."""
+    _send(RUN_STEP, ON_STEP_FAILURE, saga_id, epoch, steps, countdown)
+
+
+def send_compensations(
+    saga_id: str, epoch: int, steps: list[tuple[int, int]], countdown: float
+) -> None:
+    """Send `compensate_step` for each (index, time limit) in the order given (reverse)."""
+    _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, steps, countdown)

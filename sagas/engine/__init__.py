@@ -1,0 +1,50 @@
+"""The engine: every saga and step transition happens here, under the saga's row lock.
+
+`forward` starts sagas and runs steps, `compensation` undoes them, `callbacks` are the
+chains' error callbacks, `recovery` is what the sweeper does to one saga, and `operator` holds
+the operator actions. `unit` is the locked saga they all change. Celery tasks
+(`sagas.tasks`) and the services (`sagas.services`) call these functions; nothing else
+changes a status.
+"""
+
+from .callbacks import compensation_chain_failed, step_chain_failed
+from .compensation import begin_compensation, compensate_step, compensation_attempt_failed
+from .forward import run_step, start, step_attempt_failed
+from .operator import (
+    Plan,
+    compensate,
+    plan,
+    plan_compensate,
+    plan_resolve,
+    plan_retry,
+    resolve,
+    retry,
+)
+from .recovery import deadline_passed, recover
+from .unit import Outcome, SafeError, Unit, lock, safe_error
+
+__all__ = [
+    "Outcome",
+    "Plan",
+    "SafeError",
+    "Unit",
+    "begin_compensation",
+    "compensate",
+    "compensate_step",
+    "compensation_attempt_failed",
+    "compensation_chain_failed",
+    "deadline_passed",
+    "lock",
+    "plan",
+    "plan_compensate",
+    "plan_resolve",
+    "plan_retry",
+    "recover",
+    "resolve",
+    "retry",
+    "run_step",
+    "safe_error",
+    "start",
+    "step_attempt_failed",
+    "step_chain_failed",
+]

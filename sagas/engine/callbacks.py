@@ -1,0 +1,73 @@
+"""The chains' error callbacks: safe to lose, to repeat and to delay.
+
+Celery calls a chain's error callback when one of its tasks fails: normally a step whose
+attempt already recorded its final failure and what the saga does next, so the callback only
+sends the compensations that decision began. It also comes when a hard time limit killed an
+attempt before it could record anything; then the callback records that attempt, as the
+attempt itself would have.
+
+Each callback carries the epoch of its chain. The first one to act sends a new chain and so
+raises the saga's epoch: a repeated or late callback finds a newer epoch and does nothing. A
+lost one is made up for by the sweeper, which finds the saga stalled and sends the same.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.db import transaction
+
+from .compensation import finish_if_done, record_compensation_failure
+from .forward import record_attempt_failure
+from .unit import IN_PROGRESS, S, Unit, compensation_time_limit, hard_time_limit_error, lock
+
+logger = logging.getLogger("sagas")
+
+
+def step_chain_failed(saga_id: str, epoch: int | None) -> None:
+    """Error callback of a saga's forward chain. Idempotent."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        saga = unit.saga
+        if not unit.is_current(epoch):
+            logger.info("saga %s: error callback of an older chain, ignored", saga_id)
+            return
+        if saga.status == S.COMPENSATING:
+            unit.send_compensations()  # the failed attempt began the compensation
+        elif saga.status in (S.PENDING, S.RUNNING) and (step := unit.in_progress()):
+            if step.status not in IN_PROGRESS:
+                return
+            error = hard_time_limit_error(step.definition["time_limit"])
+            outcome = record_attempt_failure(unit, step, error, transient=True)
+            _carry_on(unit, outcome.kind, outcome.countdown, forward_from=step.index)
+        else:
+            return
+        unit.save()
+
+
+def compensation_chain_failed(saga_id: str, epoch: int | None) -> None:
+    """Error callback of a saga's compensation chain. Idempotent."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        if not unit.is_current(epoch) or unit.saga.status != S.COMPENSATING:
+            logger.info("saga %s: compensation error callback with nothing to do", saga_id)
+            return
+        remaining = unit.to_compensate()
+        if not remaining:
+            finish_if_done(unit)
+        else:
+            # The compensation in progress recorded nothing: a hard time limit stopped it.
+            step = remaining[0]
+            error = hard_time_limit_error(compensation_time_limit(step))
+            outcome = record_compensation_failure(unit, step, error)
+            if unit.saga.status == S.COMPENSATING:
+                unit.send_compensations(countdown=outcome.countdown)
+        unit.save()
+
+
+def _carry_on(unit: Unit, outcome: str, countdown: float, *, forward_from: int) -> None:
+    """What the chain would have done after the attempt: retry it, or compensate."""
+    if outcome == "retry":
+        unit.send_forward(forward_from, countdown=countdown)
+    elif unit.saga.status == S.COMPENSATING:
+        unit.send_compensations()

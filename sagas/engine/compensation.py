@@ -1,0 +1,162 @@
+"""Going backward: begin a compensation, run one step's compensation, record a failed one.
+
+When a saga begins compensating, every step whose compensation is owed moves to
+`compensating` in the same transaction, and the saga's direction becomes backward for good:
+the rows, not the messages, say what is left to undo.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from ..models import EventKind, SagaStep
+from .unit import (
+    DONE,
+    DUPLICATE,
+    STOP,
+    Outcome,
+    S,
+    SafeError,
+    T,
+    Unit,
+    call,
+    compensation_time_limit,
+    lock,
+    policy_of,
+    safe_error,
+)
+
+
+def begin_compensation(
+    unit: Unit, kind: str, detail: dict[str, Any] | None = None, *, send: bool = True
+) -> None:
+    """Turn the saga backward and mark what it owes; send the compensations unless `send` is
+    false (a failing step's attempt leaves that to the chain's error callback)."""
+    owed = unit.owed_on_compensation()
+    current = unit.in_progress()
+    if current is not None and current.status == T.RUNNING and current not in owed:
+        # Between two attempts, not owed a compensation: it will not run again.
+        unit.move_step(current, T.FAILED, None, finished_at=timezone.now())
+    for step in owed:
+        if step.status != T.COMPENSATING:
+            unit.move_step(step, T.COMPENSATING, None)
+    unit.move_saga(S.COMPENSATING, kind, {**(detail or {}), "steps": [s.name for s in owed]})
+    if not owed:
+        unit.move_saga(S.COMPENSATED, EventKind.SAGA_COMPENSATED)
+        return
+    unit.set_saga(current_step=owed[0].index)
+    if send:
+        unit.send_compensations()
+
+
+def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) -> Outcome:
+    """Run one step's compensation and record it in the same transaction."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        step = unit.steps[index]
+        if not unit.is_current(epoch):
+            return STOP
+        if step.status == T.COMPENSATED:
+            unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "compensation"})
+            unit.save_events()
+            return DUPLICATE
+        if not _its_turn(unit, step):
+            return STOP
+        ctx = unit.context(step, compensation=True)
+        if fault is not None:
+            fault.before_compensation()
+        if step.compensation:
+            call(step.compensation, ctx)
+        unit.move_step(
+            step,
+            T.COMPENSATED,
+            EventKind.STEP_COMPENSATED,
+            {"attempt": ctx.attempt},
+            compensated_at=timezone.now(),
+            compensation_attempts=ctx.attempt,
+        )
+        unit.progressed()
+        finish_if_done(unit)
+        unit.save()
+    return DONE
+
+
+def _its_turn(unit: Unit, step: SagaStep) -> bool:
+    """The saga is compensating, this step is owed, and no later step still waits (reverse
+    order: a message that arrives early stops, and the later step's chain brings it again)."""
+    if unit.saga.status != S.COMPENSATING or step.status != T.COMPENSATING:
+        return False
+    return unit.to_compensate()[0] is step
+
+
+def finish_if_done(unit: Unit) -> None:
+    """After a compensation: the next one is due, or the saga is compensated, or failed."""
+    remaining = unit.to_compensate()
+    if remaining:
+        unit.set_saga(current_step=remaining[0].index)
+        return
+    failed = [s for s in unit.steps if s.status == T.COMPENSATION_FAILED]
+    if failed:
+        _fail_saga(unit, failed[0])
+    else:
+        unit.move_saga(S.COMPENSATED, EventKind.SAGA_COMPENSATED)
+
+
+def _fail_saga(unit: Unit, step: SagaStep) -> None:
+    unit.set_saga(
+        current_step=step.index,
+        error_code="compensation_failed",
+        error_message=f"The compensation of step {step.name} failed.",
+    )
+    unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, {"step": step.name})
+
+
+def compensation_attempt_failed(
+    saga_id: str, index: int, exc: BaseException, *, epoch: int | None
+) -> Outcome:
+    """Record a failed compensation attempt: retry while the policy allows, else fail it."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        step = unit.steps[index]
+        if not unit.is_current(epoch) or not _its_turn(unit, step):
+            return STOP
+        error = safe_error(exc, time_limit=compensation_time_limit(step))
+        outcome = record_compensation_failure(unit, step, error)
+        unit.save()
+    return outcome
+
+
+def record_compensation_failure(unit: Unit, step: SagaStep, error: SafeError) -> Outcome:
+    """Count a failed compensation attempt from the rows; retry it, or give up on it.
+
+    Compensations retry any error. One that exhausts its policy is `compensation_failed`:
+    the saga stops there for an operator or, with `continue_compensation_on_failure`, the
+    chain goes on to the earlier steps ("done") and the saga ends failed after them.
+    """
+    policy = policy_of(step, "compensation_retry")
+    attempt = step.compensation_attempts + 1
+    values = {
+        "compensation_attempts": attempt,
+        "error_code": error.code,
+        "error_message": error.message,
+    }
+    if attempt < policy.max_attempts:
+        countdown = policy.countdown(attempt)
+        detail = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
+        unit.move_step(step, T.COMPENSATING, EventKind.COMPENSATION_RETRYING, detail, **values)
+        return Outcome("retry", countdown=countdown, error=error)
+    unit.move_step(
+        step,
+        T.COMPENSATION_FAILED,
+        EventKind.COMPENSATION_FAILED,
+        {**error.as_dict(), "attempt": attempt},
+        **values,
+    )
+    if unit.to_compensate() and unit.saga.options.get("continue_compensation_on_failure"):
+        unit.set_saga(current_step=unit.to_compensate()[0].index)
+        return DONE
+    _fail_saga(unit, step)
+    return Outcome("fail", error=error)

@@ -1,0 +1,215 @@
+"""Going forward: start a saga, run a step's attempt, record a failed one.
+
+The attempt that fails for good records it in its own transaction, with what the saga does
+next: pause for an operator, or compensate. The chain's error callback then only sends what
+that decision says (`sagas.engine.callbacks`), and the sweeper does when the callback is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ..definitions import StepContext, get_definition
+from ..models import EventKind, Saga, SagaStep
+from .compensation import begin_compensation
+from .unit import (
+    DONE,
+    DUPLICATE,
+    IN_PROGRESS,
+    STOP,
+    Outcome,
+    S,
+    SafeError,
+    T,
+    Unit,
+    call,
+    is_transient,
+    lock,
+    policy_of,
+    safe_error,
+)
+
+
+def _worker() -> str:
+    """Which process ran a step: shown in the timeline, to tell workers apart."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def start(
+    name: str,
+    input: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+    created_by: Any = None,
+) -> tuple[Saga, bool]:
+    """Create the saga and its step rows; send the chain when the transaction commits."""
+    definition = get_definition(name)
+    with transaction.atomic():
+        if idempotency_key is not None:
+            existing = Saga.objects.filter(name=name, idempotency_key=idempotency_key).first()
+            if existing is not None:
+                return existing, False
+        try:
+            with transaction.atomic():
+                saga = Saga.objects.create(
+                    name=name,
+                    input=input,
+                    deadline_at=(
+                        timezone.now() + timedelta(seconds=definition.deadline)
+                        if definition.deadline
+                        else None
+                    ),
+                    idempotency_key=idempotency_key,
+                    created_by=created_by,
+                    options={
+                        "on_complete": definition.on_complete,
+                        "continue_compensation_on_failure": (
+                            definition.continue_compensation_on_failure
+                        ),
+                    },
+                )
+        except IntegrityError:
+            # Another request with the same key committed first: return its saga.
+            if idempotency_key is None:
+                raise
+            existing = Saga.objects.filter(name=name, idempotency_key=idempotency_key).first()
+            if existing is None:
+                raise
+            return existing, False
+        steps = SagaStep.objects.bulk_create(
+            SagaStep(saga=saga, index=i, name=step.name, definition=step.snapshot())
+            for i, step in enumerate(definition.steps)
+        )
+        unit = Unit(saga=saga, steps=list(steps))
+        unit.event(EventKind.SAGA_STARTED, None, {"steps": [s.name for s in definition.steps]})
+        unit.send_forward(0)
+        unit.save()
+    return saga, True
+
+
+def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) -> Outcome:
+    """Run one attempt of a step and record its completion in the same transaction."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        saga, step = unit.saga, unit.steps[index]
+        if not unit.is_current(epoch):
+            return STOP  # a newer chain carries the saga on
+        if step.status == T.COMPLETED:
+            unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "action"})
+            unit.save_events()
+            return DUPLICATE
+        if saga.status not in (S.PENDING, S.RUNNING) or saga.is_backward:
+            return STOP
+        if step.status not in IN_PROGRESS or unit.in_progress() is not step:
+            return STOP  # an earlier step is not done: this message is stale
+        if saga.status == S.PENDING:
+            unit.move_saga(S.RUNNING, None)  # the start was recorded when the saga was created
+        started = step.started_at or timezone.now()
+        ctx = unit.context(step)
+        if fault is not None:
+            fault.before_action()
+        output = call(step.definition["action"], ctx)
+        if fault is not None:
+            fault.after_action()
+        finished = timezone.now()
+        unit.move_step(
+            step,
+            T.COMPLETED,
+            EventKind.STEP_COMPLETED,
+            {
+                "attempt": ctx.attempt,
+                "duration_ms": int((finished - started).total_seconds() * 1000),
+                "worker": _worker(),
+            },
+            output=output,
+            attempts=ctx.attempt,
+            started_at=started,
+            finished_at=finished,
+            error_code="",
+            error_message="",
+        )
+        unit.progressed()
+        if index + 1 == len(unit.steps):
+            on_complete = saga.options.get("on_complete")
+            if on_complete:
+                outputs = unit.outputs_before(len(unit.steps))
+                _ = call(on_complete, StepContext(saga.pk, "", saga.input, outputs, ctx.attempt))
+            unit.move_saga(S.COMPLETED, EventKind.SAGA_COMPLETED)
+        else:
+            unit.set_saga(current_step=index + 1)
+        unit.save()
+    return DONE
+
+
+def step_attempt_failed(
+    saga_id: str, index: int, exc: BaseException, *, epoch: int | None
+) -> Outcome:
+    """Record a failed attempt: retry while the policy allows, or fail the step for good."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        step = unit.steps[index]
+        if not _attempt_may_fail(unit, step, epoch):
+            return STOP
+        error = safe_error(exc, time_limit=step.definition["time_limit"])
+        outcome = record_attempt_failure(unit, step, error, transient=_transient(step, exc))
+        unit.save()
+    return outcome
+
+
+def _attempt_may_fail(unit: Unit, step: SagaStep, epoch: int | None) -> bool:
+    saga = unit.saga
+    running = saga.status in (S.PENDING, S.RUNNING) and not saga.is_backward
+    return unit.is_current(epoch) and running and unit.in_progress() is step
+
+
+def _transient(step: SagaStep, exc: BaseException) -> bool:
+    return is_transient(exc, policy_of(step, "retry"))
+
+
+def record_attempt_failure(
+    unit: Unit, step: SagaStep, error: SafeError, *, transient: bool
+) -> Outcome:
+    """Count a failed attempt from the rows; retry it, or fail the step and decide what next.
+
+    A business error is never retried. A transient one is, until the step's attempts (the
+    rows' count, whichever message ran them) reach its policy's `max_attempts`.
+    """
+    policy = policy_of(step, "retry")
+    attempt = step.attempts + 1
+    values: dict[str, Any] = {
+        "attempts": attempt,
+        "error_code": error.code,
+        "error_message": error.message,
+        "started_at": step.started_at or timezone.now(),
+    }
+    if unit.saga.status == S.PENDING:
+        unit.move_saga(S.RUNNING, None)
+    unit.set_saga(current_step=step.index)
+    if transient and attempt < policy.max_attempts:
+        countdown = policy.countdown(attempt)
+        detail = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
+        unit.move_step(step, T.RUNNING, EventKind.STEP_RETRYING, detail, **values)
+        return Outcome("retry", countdown=countdown, error=error)
+    unit.move_step(
+        step,
+        T.FAILED,
+        EventKind.STEP_FAILED,
+        {**error.as_dict(), "attempt": attempt, "exhausted": transient},
+        finished_at=timezone.now(),
+        **values,
+    )
+    unit.set_saga(error_code=error.code, error_message=error.message)
+    pause = transient and step.definition.get("on_exhausted") == "pause"
+    if pause or unit.passed_pivot():
+        reason = "paused by policy" if pause else "failed after the pivot"
+        unit.move_saga(S.FAILED, EventKind.SAGA_PAUSED, {"step": step.name, "reason": reason})
+    else:
+        # The error callback sends the compensations (or the sweeper, if it is lost).
+        begin_compensation(unit, EventKind.COMPENSATION_STARTED, send=False)
+    return Outcome("fail", error=error)

@@ -1,0 +1,153 @@
+"""Operator actions: retry, compensate, resolve; each with a plan shown before it is done.
+
+They wait a few seconds at most for a saga whose step is running (`SagaBusy` after that),
+so an operator's request never hangs behind a slow or hung step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from django.db import transaction
+from django.utils import timezone
+
+from ..exceptions import InvalidTransition
+from ..models import EventKind
+from .compensation import begin_compensation, finish_if_done
+from .unit import OWED, S, T, Unit, lock
+
+# Seconds an operator action waits for a saga locked by a running step.
+LOCK_WAIT = 5.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What an operator action will do, shown before it is done."""
+
+    action: str
+    allowed: bool
+    reason: str = ""
+    run: tuple[str, ...] = ()
+    undo: tuple[str, ...] = ()
+
+
+def _names(steps: list) -> tuple[str, ...]:
+    return tuple(s.name for s in steps)
+
+
+def _owed_in_order(unit: Unit) -> list:
+    return sorted((s for s in unit.steps if s.status in OWED), key=lambda s: -s.index)
+
+
+def plan_retry(unit: Unit) -> Plan:
+    saga = unit.saga
+    if saga.status != S.FAILED:
+        return Plan("retry", False, f"Only a failed saga can be retried (it is {saga.status}).")
+    if saga.is_backward:
+        owed = _owed_in_order(unit)
+        return Plan("retry", True, "Resume the compensation.", undo=_names(owed))
+    step = unit.in_progress()
+    assert step is not None, "a failed saga going forward has a step to run"
+    return Plan("retry", True, "Resume from the failed step.", run=_names(unit.steps[step.index :]))
+
+
+def plan_compensate(unit: Unit) -> Plan:
+    saga = unit.saga
+    if saga.status not in (S.RUNNING, S.PENDING, S.FAILED) or saga.is_backward:
+        what = "compensating" if saga.is_backward else saga.status
+        return Plan("compensate", False, f"A {what} saga cannot be compensated.")
+    undo = _names(unit.owed_on_compensation())
+    return Plan("compensate", True, "Abort and undo the completed steps.", undo=undo)
+
+
+def plan_resolve(unit: Unit, index: int) -> Plan:
+    if not 0 <= index < len(unit.steps):
+        return Plan("resolve", False, "No such step.")
+    step = unit.steps[index]
+    if unit.saga.status != S.FAILED or step.status != T.COMPENSATION_FAILED:
+        return Plan("resolve", False, "Only a step whose compensation failed can be resolved.")
+    rest = _names([s for s in _owed_in_order(unit) if s.index != index])
+    return Plan("resolve", True, f"Mark {step.name} as compensated by hand.", undo=rest)
+
+
+def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
+    for step in unit.steps:
+        if step.status == T.COMPENSATION_FAILED:  # a new budget: the operator's decision
+            unit.move_step(step, T.COMPENSATING, None, compensation_attempts=0)
+    unit.move_saga(S.COMPENSATING, kind, detail)
+    if unit.to_compensate():
+        unit.set_saga(current_step=unit.to_compensate()[0].index)
+        unit.send_compensations()
+    else:
+        finish_if_done(unit)
+
+
+def _allowed(plan: Plan) -> Plan:
+    if not plan.allowed:
+        raise InvalidTransition(plan.reason)
+    return plan
+
+
+def retry(saga_id: UUID | str, *, actor: str = "") -> Plan:
+    """Resume a failed saga where it stopped, in its direction, without redoing done work."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        plan = _allowed(plan_retry(unit))
+        unit.set_saga(recovery_attempts=0)  # an operator took over: recovery starts afresh
+        if unit.saga.is_backward:
+            _resume_compensation(unit, EventKind.OPERATOR_RETRY, {"actor": actor})
+        else:
+            step = unit.in_progress()
+            assert step is not None
+            detail: dict[str, str | int] = {"actor": actor, "from": step.name}
+            if step.status == T.FAILED:  # a new budget of attempts: the operator's decision
+                detail["attempts_before"] = step.attempts
+                unit.move_step(step, T.PENDING, None, finished_at=None, attempts=0)
+            unit.set_saga(current_step=step.index, error_code="", error_message="")
+            unit.move_saga(S.RUNNING, EventKind.OPERATOR_RETRY, detail)
+            unit.send_forward(step.index)
+        unit.save()
+    return plan
+
+
+def compensate(saga_id: UUID | str, *, actor: str = "") -> Plan:
+    """Abort a running or failed saga and compensate its completed steps in reverse order."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        plan = _allowed(plan_compensate(unit))
+        unit.set_saga(recovery_attempts=0)
+        begin_compensation(unit, EventKind.OPERATOR_COMPENSATE, {"actor": actor})
+        unit.save()
+    return plan
+
+
+def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
+    """Mark a step whose compensation failed as handled by hand; continue the compensation."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        plan = _allowed(plan_resolve(unit, index))
+        unit.move_step(
+            unit.steps[index],
+            T.COMPENSATED,
+            EventKind.OPERATOR_RESOLVE,
+            {"actor": actor},
+            compensated_at=timezone.now(),
+        )
+        unit.set_saga(error_code="", error_message="", recovery_attempts=0)
+        _resume_compensation(unit, EventKind.COMPENSATION_STARTED, {"actor": actor})
+        unit.save()
+    return plan
+
+
+def plan(saga_id: UUID | str, action: str, index: int | None = None) -> Plan:
+    """Preview an operator action without doing it."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        if action == "retry":
+            return plan_retry(unit)
+        if action == "compensate":
+            return plan_compensate(unit)
+        if action == "resolve" and index is not None:
+            return plan_resolve(unit, index)
+    raise InvalidTransition(f"unknown action {action!r}")

@@ -1,0 +1,70 @@
+"""What the sweeper does to one saga: re-send a stalled one, or compensate a late one.
+
+The sweeper (`sagas.recovery`) claims the sagas; these functions run in its transaction.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from ..models import EventKind
+from .compensation import begin_compensation, finish_if_done
+from .unit import S, lock
+
+IN_FLIGHT = (S.PENDING, S.RUNNING, S.COMPENSATING)
+
+
+def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
+    """Re-send a stalled saga from its rows; after too many stalls in a row, fail it.
+
+    A stall is counted each time; any progress (a step or a compensation done) starts the
+    count again. Returns whether the saga was re-sent.
+    """
+    unit = lock(saga_id)
+    saga = unit.saga
+    if saga.status not in IN_FLIGHT:
+        return False
+    stalls = saga.recovery_attempts + 1
+    unit.set_saga(recovery_attempts=stalls)
+    if stalls > max_recoveries:
+        message = f"No progress after {max_recoveries} recoveries in a row; needs an operator."
+        unit.set_saga(error_code="recovery_exhausted", error_message=message)
+        detail = {"reason": "recovery_exhausted", "direction": saga.direction}
+        unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, detail)
+        unit.save()
+        return False
+    if saga.status == S.COMPENSATING:
+        # Also where a failed step's error callback was lost: its attempt began this.
+        remaining = unit.to_compensate()
+        unit.event(EventKind.RECOVERED, None, {"attempt": stalls, "compensations": len(remaining)})
+        if remaining:
+            unit.send_compensations()
+        else:
+            finish_if_done(unit)
+    else:
+        step = unit.in_progress()
+        assert step is not None, "a saga going forward has a step to run"
+        unit.event(EventKind.RECOVERED, None, {"attempt": stalls, "from_step": step.index})
+        unit.send_forward(step.index)
+    unit.save()
+    return True
+
+
+def deadline_passed(saga_id: UUID | str) -> bool:
+    """A saga going forward is past its deadline: compensate it, unless it passed its pivot.
+
+    Returns whether compensation began.
+    """
+    unit = lock(saga_id)
+    saga = unit.saga
+    if saga.status not in (S.PENDING, S.RUNNING) or saga.is_backward:
+        return False
+    if unit.passed_pivot():
+        if not saga.events.filter(kind=EventKind.DEADLINE_PASSED).exists():
+            unit.event(EventKind.DEADLINE_PASSED, None, {"action": "continue past the pivot"})
+            unit.save_events()
+        return False
+    unit.set_saga(error_code="deadline_passed", error_message="The saga ran past its deadline.")
+    begin_compensation(unit, EventKind.DEADLINE_PASSED, {"action": "compensate"})
+    unit.save()
+    return True

@@ -1,0 +1,395 @@
+"""A unit of work: a locked saga with its steps, the one place where statuses change.
+
+`lock()` locks the saga row and reads its step rows; `Unit` applies transitions, collects the
+events and the messages to send, and writes the changed rows and the events in one statement
+before the transaction commits. The messages go out after the commit (`sagas.dispatch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+from uuid import UUID
+
+from celery.exceptions import SoftTimeLimitExceeded
+from django.db import OperationalError, connection, transaction
+from django.db.models import Field
+from django.db.transaction import TransactionManagementError
+from django.utils import timezone
+from django.utils.module_loading import import_string
+
+from .. import dispatch
+from ..definitions import RetryPolicy, StepContext
+from ..exceptions import InvalidTransition, SagaBusy, StepError, TransientError
+from ..models import Direction, Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+
+logger = logging.getLogger("sagas")
+
+S, T = SagaStatus, StepStatus
+
+SAGA_TRANSITIONS: dict[str, set[str]] = {
+    S.PENDING: {S.RUNNING, S.COMPENSATING, S.COMPENSATED, S.FAILED},
+    S.RUNNING: {S.COMPLETED, S.COMPENSATING, S.COMPENSATED, S.FAILED},
+    S.COMPENSATING: {S.COMPENSATED, S.FAILED},
+    S.FAILED: {S.RUNNING, S.COMPENSATING, S.COMPENSATED},
+    S.COMPLETED: set(),
+    S.COMPENSATED: set(),
+}
+
+STEP_TRANSITIONS: dict[str, set[str]] = {
+    # A step in progress may be owed a compensation (`compensate_failed_step`) at any point.
+    T.PENDING: {T.RUNNING, T.COMPLETED, T.FAILED, T.COMPENSATING},
+    T.RUNNING: {T.RUNNING, T.COMPLETED, T.FAILED, T.COMPENSATING},
+    T.COMPLETED: {T.COMPENSATING},
+    T.FAILED: {T.PENDING, T.COMPENSATING},
+    T.COMPENSATING: {T.COMPENSATING, T.COMPENSATED, T.COMPENSATION_FAILED},
+    T.COMPENSATION_FAILED: {T.COMPENSATING, T.COMPENSATED},
+    T.COMPENSATED: set(),
+}
+
+# Steps whose compensation is owed and not done: `compensating` ones wait for their turn.
+OWED = {T.COMPENSATING, T.COMPENSATION_FAILED}
+IN_PROGRESS = {T.PENDING, T.RUNNING}
+
+
+@dataclass(frozen=True)
+class SafeError:
+    code: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "message": self.message}
+
+
+def safe_error(exc: BaseException, *, time_limit: int | None = None) -> SafeError:
+    """A code and message fit to store and show: never a traceback or exception text."""
+    if isinstance(exc, StepError):
+        return SafeError(exc.code, exc.message[:500])
+    if isinstance(exc, SoftTimeLimitExceeded):
+        return SafeError("time_limit", f"The step exceeded its time limit of {time_limit} s.")
+    return SafeError("unexpected_error", f"Unexpected error ({type(exc).__name__}).")
+
+
+def hard_time_limit_error(time_limit: int) -> SafeError:
+    return SafeError(
+        "time_limit",
+        f"The step ignored its time limit of {time_limit} s and its process was stopped.",
+    )
+
+
+@cache
+def _import(path: str) -> Any:
+    return import_string(path)
+
+
+@cache
+def _importable(path: str) -> type[BaseException] | None:
+    """The exception class at `path`, or None (logged once) if it no longer imports."""
+    try:
+        return _import(path)  # type: ignore[no-any-return]
+    except ImportError:
+        logger.error("transient exception %s cannot be imported; it matches nothing", path)
+        return None
+
+
+def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
+    if isinstance(exc, TransientError | SoftTimeLimitExceeded):
+        return True
+    classes = (_importable(str(path)) for path in policy.transient)
+    return any(cls is not None and isinstance(exc, cls) for cls in classes)
+
+
+def call(path: str, ctx: StepContext) -> Any:
+    return _import(path)(ctx)
+
+
+def policy_of(step: SagaStep, key: str) -> RetryPolicy:
+    return RetryPolicy.from_dict(step.definition[key])
+
+
+def compensation_time_limit(step: SagaStep) -> int:
+    return int(step.definition.get("compensation_time_limit") or step.definition["time_limit"])
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a task does next: continue the chain, stop it, retry, or fail it."""
+
+    kind: str  # "done", "duplicate", "stop", "retry", "fail"
+    countdown: float = 0.0
+    error: SafeError | None = None
+
+
+DONE, DUPLICATE, STOP = Outcome("done"), Outcome("duplicate"), Outcome("stop")
+
+
+@dataclass
+class Unit:
+    """A locked saga with its steps, and the changes, events and messages to write with it."""
+
+    saga: Saga
+    steps: list[SagaStep]
+    events: list[SagaEvent] = field(default_factory=list)
+    changed_steps: dict[int, set[str]] = field(default_factory=dict)
+    saga_fields: set[str] = field(default_factory=set)
+    after_commit: list[Callable[[], None]] = field(default_factory=list)
+
+    # -- transitions: the only code that changes a status --------------------------------
+
+    def move_saga(self, to: str, kind: str | None, detail: dict[str, Any] | None = None) -> None:
+        saga = self.saga
+        if to != saga.status and to not in SAGA_TRANSITIONS[saga.status]:
+            raise InvalidTransition(f"saga cannot go from {saga.status} to {to}")
+        if to == S.RUNNING and saga.is_backward:
+            raise InvalidTransition("a saga that began compensating never runs forward again")
+        if to == S.COMPENSATING:
+            self.set_saga(direction=Direction.BACKWARD)
+        final = to in (S.COMPLETED, S.COMPENSATED)
+        self.set_saga(status=to, finished_at=timezone.now() if final else None)
+        if kind:
+            self.event(kind, None, detail)
+
+    def move_step(
+        self,
+        step: SagaStep,
+        to: str,
+        kind: str | None,
+        detail: dict[str, Any] | None = None,
+        **values: Any,
+    ) -> None:
+        if to != step.status and to not in STEP_TRANSITIONS[step.status]:
+            raise InvalidTransition(f"step {step.name} cannot go from {step.status} to {to}")
+        step.status = to
+        for name, value in values.items():
+            setattr(step, name, value)
+        self.changed_steps.setdefault(step.index, set()).update({"status", *values})
+        if kind:
+            self.event(kind, step, detail)
+
+    def set_saga(self, **values: Any) -> None:
+        for name, value in values.items():
+            setattr(self.saga, name, value)
+        self.saga_fields.update(values)
+
+    def progressed(self) -> None:
+        """A step or a compensation got done: the sweeper's count of stalls starts again."""
+        if self.saga.recovery_attempts:
+            self.set_saga(recovery_attempts=0)
+
+    def event(self, kind: str, step: SagaStep | None, detail: dict[str, Any] | None) -> None:
+        self.events.append(
+            SagaEvent(
+                saga_id=self.saga.pk,
+                step_index=step.index if step else None,
+                step_name=step.name if step else "",
+                kind=kind,
+                detail=detail or {},
+                created_at=timezone.now(),
+            )
+        )
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def is_current(self, epoch: int | None) -> bool:
+        """Whether a message of `epoch` belongs to the saga's latest chain.
+
+        Messages sent before epochs existed carry none and are judged by the rows alone.
+        """
+        return epoch is None or epoch == self.saga.epoch
+
+    def _next_epoch(self) -> int:
+        self.set_saga(epoch=self.saga.epoch + 1)
+        return self.saga.epoch
+
+    def send_forward(self, start: int, *, countdown: float = 0.0) -> None:
+        """Send the steps from `start` on as a new chain, after the commit."""
+        saga_id, epoch = str(self.saga.pk), self._next_epoch()
+        steps = [(s.index, int(s.definition["time_limit"])) for s in self.steps[start:]]
+        self.after_commit.append(lambda: dispatch.send_steps(saga_id, epoch, steps, countdown))
+
+    def send_compensations(self, *, countdown: float = 0.0) -> None:
+        """Send the compensations still to run, in reverse order, as a new chain."""
+        saga_id, epoch = str(self.saga.pk), self._next_epoch()
+        steps = [(s.index, compensation_time_limit(s)) for s in self.to_compensate()]
+        if steps:
+            self.after_commit.append(
+                lambda: dispatch.send_compensations(saga_id, epoch, steps, countdown)
+            )
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the changed rows and the events in one statement (one round trip)."""
+        # Always touch the saga: updated_at is how the sweeper sees progress.
+        self.saga.updated_at = timezone.now()
+        writes: list[Sql | None] = [_update_sql(self.saga, self.saga_fields | {"updated_at"})]
+        writes += [_update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
+        writes.append(_insert_events_sql(self.events))
+        _execute_as_one(writes)
+        for send in self.after_commit:
+            transaction.on_commit(_publish_or_leave_to_sweeper(self.saga.pk, send))
+
+    def save_events(self) -> None:
+        """Write only the events (a duplicate delivery changes nothing else)."""
+        SagaEvent.objects.bulk_create(self.events)
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def outputs_before(self, index: int) -> dict[str, Any]:
+        """The outputs of the steps before `index`: every one of them completed, since steps
+        run in order, whatever has become of them since (compensated, or owed)."""
+        return {s.name: s.output for s in self.steps[:index]}
+
+    def context(self, step: SagaStep, *, compensation: bool = False) -> StepContext:
+        """What the step's action (or its compensation) receives; attempts count from the rows."""
+        attempts = step.compensation_attempts if compensation else step.attempts
+        return StepContext(
+            saga_id=self.saga.pk,
+            step=step.name,
+            input=self.saga.input,
+            outputs=self.outputs_before(step.index),
+            attempt=attempts + 1,
+            output=step.output,
+        )
+
+    def in_progress(self) -> SagaStep | None:
+        """The first step that has not completed, while the saga goes forward."""
+        if self.saga.is_backward:
+            return None
+        return next((s for s in self.steps if s.status != T.COMPLETED), None)
+
+    def to_compensate(self) -> list[SagaStep]:
+        """Steps whose compensation is owed and not yet failed, in the order to run them."""
+        owed = [s for s in self.steps if s.status == T.COMPENSATING]
+        return sorted(owed, key=lambda s: s.index, reverse=True)
+
+    def owed_on_compensation(self) -> list[SagaStep]:
+        """What compensating now would undo, in reverse order: every completed step, those
+        whose compensation is owed or failed, and the step in progress when its definition
+        says `compensate_failed_step` (it may have started, whatever its row says)."""
+        owed = [s for s in self.steps if s.status in (T.COMPLETED, *OWED)]
+        current = self.in_progress()
+        if current is not None and current.definition.get("compensate_failed_step"):
+            owed.append(current)
+        return sorted(owed, key=lambda s: s.index, reverse=True)
+
+    def passed_pivot(self) -> bool:
+        return any(s.definition.get("pivot") and s.status == T.COMPLETED for s in self.steps)
+
+
+Sql = tuple[str, list[Any]]
+
+
+def _update_sql(obj: Saga | SagaStep, fields: Iterable[str]) -> Sql:
+    meta, conn = type(obj)._meta, connection
+    columns = [_concrete(meta.get_field(name)) for name in sorted(fields)]
+    assignments = ", ".join(f"{_quoted_column(f)} = %s" for f in columns)
+    params = [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in columns]
+    sql = f"UPDATE {conn.ops.quote_name(meta.db_table)} SET {assignments} WHERE id = %s"
+    return sql, [*params, obj.pk]
+
+
+def _concrete(field: Any) -> Field[Any, Any]:
+    assert isinstance(field, Field), f"{field} is not a column"
+    return field
+
+
+def _quoted_column(field: Field[Any, Any]) -> str:
+    assert field.column, f"{field} has no column"
+    return connection.ops.quote_name(field.column)
+
+
+def _insert_events_sql(events: list[SagaEvent]) -> Sql | None:
+    if not events:
+        return None
+    meta, conn = SagaEvent._meta, connection
+    fields = [f for f in meta.concrete_fields if not f.primary_key]
+    names = ", ".join(_quoted_column(_concrete(f)) for f in fields)
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    params = [f.get_db_prep_save(getattr(e, f.attname), conn) for e in events for f in fields]
+    table = conn.ops.quote_name(meta.db_table)
+    return f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(events))}", params
+
+
+def _execute_as_one(writes: list[Sql | None]) -> None:
+    """Run several INSERT/UPDATE statements as one, with PostgreSQL's writable CTEs.
+
+    A step's completion changes its row, the saga's row and adds events: sent separately that
+    is three round trips inside the step's transaction, on the hot path of every step.
+    """
+    statements = [w for w in writes if w is not None]
+    *first, last = statements
+    ctes = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(first))
+    sql = (f"WITH {ctes} " if ctes else "") + last[0]
+    params = [p for _, ps in first for p in ps] + last[1]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def _publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Callable[[], None]:
+    """Send messages after the commit; if the broker is down, the sweeper sends them later.
+
+    The saga's rows are committed either way, so the caller must not see an error for it.
+    """
+
+    def publish() -> None:
+        try:
+            send()
+        except Exception as exc:
+            logger.warning(
+                "saga %s: could not publish its next messages (%s); "
+                "the recovery sweeper will send them",
+                saga_id,
+                type(exc).__name__,
+            )
+
+    return publish
+
+
+def lock(saga_id: UUID | str, *, wait: float | None = None) -> Unit:
+    """Lock the saga row, then read its steps. Call inside a transaction.
+
+    Two statements on purpose: a `FOR UPDATE OF saga` joined with the steps would, after
+    waiting for the lock, re-check only the saga row and return the step rows as they were
+    before the wait. Read after the lock, in a new statement (READ COMMITTED takes a new
+    snapshot), the steps are current: every writer of a step holds its saga's lock.
+
+    With `wait` (seconds), give up with `SagaBusy` rather than wait longer for the lock: an
+    operator's request must not hang behind a step that is still running.
+    """
+    if not connection.in_atomic_block:  # as select_for_update() would refuse
+        raise TransactionManagementError("lock() must run inside a transaction")
+    saga_sql, steps_sql = _lock_sql()
+    if wait is not None:
+        with connection.cursor() as cursor:
+            cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
+    try:
+        # Raw queries: the same statements the ORM would build, without building them on
+        # every step (compiling the two querysets cost more than running them).
+        saga = next(iter(Saga.objects.raw(saga_sql, [UUID(str(saga_id))])), None)
+    except OperationalError as exc:
+        if wait is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
+            raise SagaBusy("The saga is busy (a step is running); try again shortly.") from None
+        raise
+    if saga is None:
+        raise Saga.DoesNotExist(f"no saga {saga_id}")
+    if wait is not None:
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL lock_timeout = 0")
+    steps = list(SagaStep.objects.raw(steps_sql, [saga.pk]))
+    for step in steps:
+        step.saga = saga
+    return Unit(saga=saga, steps=steps)
+
+
+@cache
+def _lock_sql() -> tuple[str, str]:
+    q = connection.ops.quote_name
+    sagas, steps = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
+    return (
+        f"SELECT * FROM {sagas} WHERE id = %s FOR UPDATE",
+        f"SELECT * FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
+    )
