@@ -172,6 +172,12 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # DRF's defaults, but JSON that fails with a 400, never a 500 (deep nesting, 1e400, ...).
+    "DEFAULT_PARSER_CLASSES": [
+        "sagas.parsers.BoundedJSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+    ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "sagaproject.api.exception_handler",
     # Counted in the default cache (per process unless CACHES names a shared one):
