@@ -1,8 +1,9 @@
 """`make run`: set up the local stack and run the web server, Celery worker and beat together.
 
 Starts the embedded PostgreSQL and Redis when `DATABASE_URL` / `CELERY_BROKER_URL` are unset,
-migrates, seeds the demo catalog and the local development users, then runs every process in
-the foreground until Ctrl-C, and stops them (and the embedded servers) cleanly.
+migrates, collects the static files when DEBUG is off, seeds the demo catalog and the local
+development users, then runs every process in the foreground until Ctrl-C, and stops them (and
+the embedded servers) cleanly.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import django
 
 
 def setup_local_data() -> None:
+    from django.conf import settings
     from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
     call_command("migrate", interactive=False, verbosity=1)
+    if not settings.DEBUG:  # WhiteNoise then serves only the collected files (DEBUG on: the apps')
+        call_command("collectstatic", interactive=False, verbosity=0)
     call_command("seed_catalog")
     # Local development only: well-known passwords, said so in the README.
     users = get_user_model().objects

@@ -39,6 +39,12 @@ def pytest_configure(config: pytest.Config) -> None:
     settings.CELERY_TASK_DEFAULT_QUEUE = QUEUE
     celery_app.conf.task_default_queue = QUEUE
     settings.SAGAS_FAULT_INJECTION = True
+    # The manifest storage needs `collectstatic`, which tests do not run (as Django's docs say
+    # of ManifestStaticFilesStorage); test_production runs it, then a server, DEBUG off.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 def database_url(settings_dict: dict) -> str:
