@@ -48,6 +48,10 @@ def main() -> int:
     from honcho.manager import Manager
 
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
+    # The stack serves plain http on 127.0.0.1, also with DEBUG off: no redirect to https, and
+    # cookies that come back over http. (Exported, like the servers' URLs, to every process.)
+    os.environ.setdefault("DJANGO_SECURE_SSL_REDIRECT", "0")
+    os.environ.setdefault("DJANGO_SECURE_COOKIES", "0")
     django.setup()  # starts the embedded servers if needed and exports their URLs
     from sagaproject import embedded
 

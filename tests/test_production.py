@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import http.cookiejar
+import json
+import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
+import uuid
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -15,7 +21,15 @@ from django.conf import settings
 from django.contrib.staticfiles import finders
 from rest_framework.test import APIClient
 
-from tests.conftest import ARTIFACTS, ROOT, running_server, worker_env
+from tests.conftest import (
+    ARTIFACTS,
+    ROOT,
+    answers,
+    free_port,
+    running_server,
+    wait_for,
+    worker_env,
+)
 
 
 class AssetLinks(HTMLParser):
@@ -99,3 +113,137 @@ def test_static_files_are_served_with_debug_off(tmp_path: Path):
         assert stylesheets
         for url in stylesheets:
             assert get(base + url)[0] == 200, url
+
+
+def test_check_deploy_passes_with_debug_off_and_a_secret_key():
+    result = manage(production_env(), "check", "--deploy", "--fail-level", "WARNING")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no issues" in result.stdout
+
+
+def test_debug_off_with_the_development_secret_key_refuses_to_start():
+    env = production_env()
+    del env["DJANGO_SECRET_KEY"]
+    result = manage(env, "check")
+    assert result.returncode != 0
+    assert "ImproperlyConfigured" in result.stderr
+    assert "DJANGO_SECRET_KEY" in result.stderr.splitlines()[-1]
+
+
+def resolved_settings(env: dict[str, str]) -> dict[str, object]:
+    """The security settings that `env` gives, as a fresh process reads them."""
+    names = [
+        "SECURE_SSL_REDIRECT",
+        "SECURE_HSTS_SECONDS",
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS",
+        "SECURE_HSTS_PRELOAD",
+        "SESSION_COOKIE_SECURE",
+        "CSRF_COOKIE_SECURE",
+        "SECURE_PROXY_SSL_HEADER",
+    ]
+    code = (
+        "import json; from django.conf import settings; "
+        f"print(json.dumps({{n: getattr(settings, n) for n in {names!r}}}))"
+    )
+    result = manage(env, "shell", "-c", code)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def test_https_settings_are_on_in_production_off_locally_and_set_from_the_environment():
+    production = resolved_settings(production_env())
+    assert production == {
+        "SECURE_SSL_REDIRECT": True,
+        "SECURE_HSTS_SECONDS": 3600,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": True,
+        "SECURE_HSTS_PRELOAD": True,
+        "SESSION_COOKIE_SECURE": True,
+        "CSRF_COOKIE_SECURE": True,
+        "SECURE_PROXY_SSL_HEADER": None,
+    }
+    local = resolved_settings({**worker_env(), "DJANGO_DEBUG": "1"})
+    assert local == {
+        "SECURE_SSL_REDIRECT": False,
+        "SECURE_HSTS_SECONDS": 0,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": False,
+        "SECURE_HSTS_PRELOAD": False,
+        "SESSION_COOKIE_SECURE": False,
+        "CSRF_COOKIE_SECURE": False,
+        "SECURE_PROXY_SSL_HEADER": None,
+    }
+    behind_a_proxy = production_env(
+        DJANGO_SECURE_SSL_REDIRECT="0",
+        DJANGO_SECURE_HSTS_SECONDS="31536000",
+        DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS="0",
+        DJANGO_SECURE_HSTS_PRELOAD="0",
+        DJANGO_SECURE_COOKIES="0",
+        DJANGO_SECURE_PROXY_SSL_HEADER="X-Forwarded-Proto",
+    )
+    assert resolved_settings(behind_a_proxy) == {
+        "SECURE_SSL_REDIRECT": False,
+        "SECURE_HSTS_SECONDS": 31536000,
+        "SECURE_HSTS_INCLUDE_SUBDOMAINS": False,
+        "SECURE_HSTS_PRELOAD": False,
+        "SESSION_COOKIE_SECURE": False,
+        "CSRF_COOKIE_SECURE": False,
+        "SECURE_PROXY_SSL_HEADER": ["HTTP_X_FORWARDED_PROTO", "https"],
+    }
+
+
+def log_in_to_admin(base: str) -> str:
+    """Log in as admin/admin through the login form, as a browser over plain http would;
+    returns the admin index page. A Secure cookie would not come back over http (CSRF 403)."""
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    opener.open(base + "/admin/login/", timeout=10).read()
+    csrf = next(cookie.value for cookie in jar if cookie.name == "csrftoken")
+    form = urllib.parse.urlencode(
+        {"username": "admin", "password": "admin", "csrfmiddlewaretoken": csrf, "next": "/admin/"}
+    )
+    with opener.open(base + "/admin/login/", form.encode(), timeout=10) as response:
+        return response.read().decode()
+
+
+@pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
+@pytest.mark.parametrize("debug", ["1", "0"], ids=["debug on", "debug off"])
+def test_make_run_serves_the_admin_with_its_styles_over_plain_http(tmp_path: Path, debug: str):
+    """`make run` (sagaproject.stack) with DEBUG on, and with DEBUG off and a secret key: the
+    admin logs in over http://127.0.0.1 and has its styles (DEBUG off: collected first)."""
+    port = str(free_port())
+    env = production_env(
+        DJANGO_DEBUG=debug,
+        DJANGO_STATIC_ROOT=str(tmp_path / "static"),
+        PORT=port,
+        WORKER_CONCURRENCY="1",
+        # A queue of its own: its worker and beat take none of the other tests' messages.
+        CELERY_TASK_DEFAULT_QUEUE=f"test-stack-{uuid.uuid4().hex[:8]}",
+    )
+    base = f"http://127.0.0.1:{port}"
+    log = ARTIFACTS / f"stack-debug-{debug}.log"
+    with log.open("w") as output:
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "sagaproject.stack"],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group, stopped as Ctrl-C would
+        )
+    try:
+        wait_for(
+            lambda: stack.poll() is not None or answers(base + "/admin/login/"),
+            timeout=120,
+            what="make run's web server",
+        )
+        assert stack.poll() is None, log.read_text()[-3000:]
+        assert "Site administration" in log_in_to_admin(base)
+        status, content_type, _ = get(base + "/static/admin/css/base.css")
+        assert status == 200 and content_type.startswith("text/css")
+        assert (tmp_path / "static" / "admin").exists() == (debug == "0")
+    finally:
+        os.killpg(stack.pid, signal.SIGINT)
+        try:
+            stack.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(stack.pid, signal.SIGKILL)
+            stack.wait()
