@@ -26,8 +26,8 @@ SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or DEVELOPMENT_SECRET_KEY
 if not DEBUG and SECRET_KEY == DEVELOPMENT_SECRET_KEY:
     raise ImproperlyConfigured(
         "DJANGO_DEBUG is off, as in production, but DJANGO_SECRET_KEY is not set: sessions, "
-        "CSRF tokens and password reset links would be signed with the development key that "
-        "this repository publishes. Set DJANGO_SECRET_KEY to a long random value, such as the "
+        "password reset links and signed cookies would rest on the development key that this "
+        "repository publishes. Set DJANGO_SECRET_KEY to a long random value, such as the "
         "output of: python -c 'import secrets; print(secrets.token_urlsafe(50))'"
     )
 ALLOWED_HOSTS = os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",")
@@ -130,7 +130,7 @@ STATIC_URL = "static/"
 # Static files are served by WhiteNoise (https://whitenoise.readthedocs.io/en/stable/django.html).
 # With DEBUG on it finds them in the apps (WHITENOISE_USE_FINDERS defaults to DEBUG); with DEBUG
 # off it serves only what `manage.py collectstatic` put in STATIC_ROOT, compressed and with hashed
-# names cached for ever: `make run` collects them, a deployment does it when it installs.
+# names cached for years: `make run` collects them, a deployment does it when it installs.
 STATIC_ROOT = Path(os.environ.get("DJANGO_STATIC_ROOT") or BASE_DIR / ".local" / "static")
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
