@@ -33,14 +33,19 @@ def setup_local_data() -> None:
 
 
 def processes(port: str, concurrency: str) -> dict[str, str]:
+    from sagaproject import embedded
+
     python = shlex.quote(sys.executable)
+    # In the local data folder, which data_dir() creates: with servers of your own, nothing else
+    # makes it, and beat cannot open a schedule in a missing folder (it exits, and the stack too).
+    schedule = shlex.quote(str(embedded.data_dir() / "celerybeat-schedule"))
     return {
         "web": f"{python} manage.py runserver 127.0.0.1:{port} --noreload",
         "worker": (
             f"{python} -m celery -A sagaproject worker -l info -c {concurrency} "
             "-n worker@%h --without-gossip --without-mingle"
         ),
-        "beat": f"{python} -m celery -A sagaproject beat -l info -s .local/celerybeat-schedule",
+        "beat": f"{python} -m celery -A sagaproject beat -l info -s {schedule}",
     }
 
 

@@ -213,6 +213,7 @@ def test_make_run_serves_the_admin_with_its_styles_over_plain_http(tmp_path: Pat
     env = production_env(
         DJANGO_DEBUG=debug,
         DJANGO_STATIC_ROOT=str(tmp_path / "static"),
+        SAGAS_DATA_DIR=str(tmp_path / "data"),  # beat's schedule: a folder that does not exist
         PORT=port,
         WORKER_CONCURRENCY="1",
         # A queue of its own: its worker and beat take none of the other tests' messages.
@@ -240,6 +241,13 @@ def test_make_run_serves_the_admin_with_its_styles_over_plain_http(tmp_path: Pat
         status, content_type, _ = get(base + "/static/admin/css/base.css")
         assert status == 200 and content_type.startswith("text/css")
         assert (tmp_path / "static" / "admin").exists() == (debug == "0")
+        # Beat keeps its schedule in the data folder (SAGAS_DATA_DIR), which the stack creates.
+        wait_for(
+            lambda: stack.poll() is not None or any((tmp_path / "data").glob("celerybeat-*")),
+            timeout=30,
+            what="beat to open its schedule",
+        )
+        assert stack.poll() is None, log.read_text()[-3000:]
     finally:
         os.killpg(stack.pid, signal.SIGINT)
         try:
