@@ -18,6 +18,7 @@ import json
 import os
 import re
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -66,6 +67,8 @@ class Gunicorn:
         env = {
             **os.environ,
             "DJANGO_DEBUG": "0",
+            "DJANGO_SECRET_KEY": os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50),
+            "DJANGO_SECURE_SSL_REDIRECT": "0",  # plain http on 127.0.0.1
             "ORDERS_THROTTLE_RATE": "1000000/minute",
             "CELERY_TASK_DEFAULT_QUEUE": self.queue,
             "SAGAS_LOG_LEVEL": "WARNING",

@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 
-from bench.run import bench_database_url, steps_in_process
+from bench.run import bench_database_url, debug_off, steps_in_process
 
 
 def main() -> int:
@@ -24,7 +24,7 @@ def main() -> int:
 
     os.environ["DATABASE_URL"] = bench_database_url()
     os.environ["SAGAS_MODULES"] = "bench.sagas"
-    os.environ["DJANGO_DEBUG"] = "0"
+    debug_off()
     import django
 
     django.setup()

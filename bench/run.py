@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -27,6 +28,13 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = ("completed", "compensated", "failed")
+
+
+def debug_off() -> None:
+    """DEBUG off, as in production (no query log in the workers), with a secret key of this
+    run's own: with DEBUG off the project refuses to start on the development key."""
+    os.environ["DJANGO_DEBUG"] = "0"
+    os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
 
 
 def bench_database_url() -> str:
@@ -317,7 +325,7 @@ def main() -> int:
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue
     os.environ["SAGAS_LOG_LEVEL"] = "WARNING"
-    os.environ["DJANGO_DEBUG"] = "0"  # as in production: no query log in the workers
+    debug_off()
     import django
 
     django.setup()

@@ -28,7 +28,6 @@ from drf_spectacular.utils import (
 )
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import APIException, NotFound, ValidationError
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.reverse import reverse
@@ -41,6 +40,7 @@ from orders.services import ORDER_FULFILMENT_SAGA, OrderInvalid, order_submit
 from payments.models import Payment
 from sagas.api import DetailSerializer, Pagination, SagaSummarySerializer, ScopedThrottle
 from sagas.models import Saga, SagaStatus
+from sagas.parsers import BoundedJSONParser
 from shipping.models import Shipment
 
 # Documented limits of a submission (also in the OpenAPI schema).
@@ -69,8 +69,8 @@ def _check_body_size(request: Request) -> None:
         raise RequestTooLarge()
 
 
-class LimitedJSONParser(JSONParser):
-    """JSON that reads at most `ORDERS_MAX_BODY_BYTES`, whatever the Content-Length said."""
+class LimitedJSONParser(BoundedJSONParser):
+    """Bounded JSON that reads at most `ORDERS_MAX_BODY_BYTES`, whatever the Content-Length said."""
 
     def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
         limit = settings.ORDERS_MAX_BODY_BYTES

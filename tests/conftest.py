@@ -40,6 +40,12 @@ def pytest_configure(config: pytest.Config) -> None:
     celery_app.conf.task_default_queue = QUEUE
     settings.SAGAS_FAULT_INJECTION = True
     settings.SAGAS_HARD_TIME_LIMIT_GRACE = 2  # as in the workers (worker_env)
+    # The manifest storage needs `collectstatic`, which tests do not run (as Django's docs say
+    # of ManifestStaticFilesStorage); test_production runs it, then a server, DEBUG off.
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    }
 
 
 def database_url(settings_dict: dict) -> str:

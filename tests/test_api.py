@@ -18,6 +18,7 @@ from django.core.management import call_command
 from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext, override_settings
 from rest_framework.authtoken.models import Token
+from rest_framework.exceptions import ParseError
 from rest_framework.test import APIClient
 
 from orders.api import LimitedJSONParser, RequestTooLarge, sagas_of_order
@@ -25,6 +26,7 @@ from orders.models import Order
 from orders.services import order_submit
 from payments.gateway import gateway_recover
 from sagas.models import Saga, SagaStep
+from sagas.parsers import MAX_JSON_DEPTH, BoundedJSONParser
 from tests.conftest import ADDRESS, wait_final
 from tests.factories import (
     OrderFactory,
@@ -412,6 +414,90 @@ def test_unparseable_bodies_are_refused(customer, data, content_type, expected):
     assert response.status_code == expected
     assert "detail" in response.json()
     assert not Saga.objects.exists()
+
+
+# Bodies that made the JSON parser itself fail (a RecursionError was a 500), and bodies that
+# parse to what no endpoint takes: each is a 4xx with a JSON error on every endpoint that reads
+# JSON, and creates nothing. In the numbers' bodies, VALUE stands in a field the endpoint reads.
+DEPTH = 5000
+HOSTILE_BODIES = {
+    "unclosed arrays": b"[" * DEPTH,
+    "nested arrays": b"[" * DEPTH + b"]" * DEPTH,
+    "nested objects": b'{"a":' * DEPTH + b"1" + b"}" * DEPTH,
+    "nested in a field": b'{"items": ' + b"[" * DEPTH + b"]" * DEPTH + b"}",
+    "1e400": b"VALUE=1e400",
+    "-1e400": b"VALUE=-1e400",
+    "10**400": b"VALUE=" + str(10**400).encode(),
+    "integer of 10,000 digits": b"VALUE=1" + b"0" * 10_000,
+    "integer of 100,000 digits": b"VALUE=1" + b"0" * 100_000,
+    "NaN": b"VALUE=NaN",
+    "Infinity": b"VALUE=Infinity",
+    "-Infinity": b"VALUE=-Infinity",
+    "invalid utf-8": b'VALUE="tok_\xff\xfe"',
+    "a list": b"[1, 2]",
+    "a string": b'"order"',
+    "a number": b"42",
+    "null": b"null",
+    "true": b"true",
+}
+# Where VALUE goes: an order's quantity, a token request's username.
+VALUE_IN = {
+    "/api/orders/": json.dumps(payload(quantity=0)).replace('"quantity": 0', '"quantity": VALUE'),
+    "/api/auth/token/": '{"username": VALUE, "password": "correct horse battery staple"}',
+}
+
+
+def hostile_body(path: str, body: bytes) -> bytes:
+    if not body.startswith(b"VALUE="):
+        return body
+    return VALUE_IN[path].encode().replace(b"VALUE", body.removeprefix(b"VALUE="))
+
+
+@pytest.mark.parametrize("path", list(VALUE_IN))
+@pytest.mark.parametrize("body", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
+def test_hostile_json_bodies_are_a_4xx_and_create_nothing(customer, path, body):
+    UserFactory(username="inf")  # what 1e400 became, as a username, before it was refused
+    response = client_for(customer).generic(
+        "POST", path, data=hostile_body(path, body), content_type="application/json"
+    )
+    assert 400 <= response.status_code < 500, (response.status_code, response.content[:300])
+    assert response["Content-Type"] == "application/json"
+    assert response.json()
+    assert not Saga.objects.exists() and not SagaStep.objects.exists()
+    assert not Order.objects.exists()
+    assert not Token.objects.exists()
+
+
+@pytest.mark.parametrize("path", list(VALUE_IN))
+def test_deep_nesting_is_a_400_that_says_so(customer, path):
+    nested = b'{"a":' * DEPTH + b"1" + b"}" * DEPTH
+    response = client_for(customer).generic(
+        "POST", path, data=nested, content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert "nested" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("path", list(VALUE_IN))
+def test_a_non_finite_number_is_a_400_that_says_so(customer, path):
+    body = hostile_body(path, b"VALUE=1e400")
+    response = client_for(customer).generic(
+        "POST", path, data=body, content_type="application/json"
+    )
+    assert response.status_code == 400
+    assert "1e400" in response.json()["detail"]
+
+
+def test_the_parser_counts_nesting_outside_strings_only():
+    parser = BoundedJSONParser()
+    deepest = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert parser.parse(io.BytesIO(deepest)) == json.loads(deepest)
+    brackets = {"note": '[[[{{{ \\" [[[' * 100, "ok": [1.5, -2, 10**30]}
+    assert parser.parse(io.BytesIO(json.dumps(brackets).encode())) == brackets
+    with pytest.raises(ParseError, match="nested deeper"):
+        parser.parse(io.BytesIO(b"[" + deepest + b"]"))
+    with pytest.raises(ParseError, match="not a text encoding"):
+        parser.parse(io.BytesIO(b"[]"), parser_context={"encoding": "base64"})
 
 
 def test_a_body_over_the_size_limit_is_a_413(customer):

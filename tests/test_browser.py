@@ -59,7 +59,7 @@ pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gate
 @pytest.fixture
 def web_server(saga_db) -> Iterator[str]:
     """`manage.py runserver` on a free port, on the test database and the workers' queue."""
-    env = {**worker_env(), "DJANGO_DEBUG": "1"}  # DEBUG: runserver serves the admin's CSS
+    env = {**worker_env(), "DJANGO_DEBUG": "1"}  # DEBUG: the admin's CSS without collectstatic
     with running_server(env, ARTIFACTS / "runserver.log", "/admin/login/") as base:
         yield base
 
