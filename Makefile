@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## The stack: web server (PORT, default 8000), Celery worker (WORKER_CONCURRENCY, default 2), beat.
+## The stack, supervised: web server (PORT, default 8000), Celery worker (WORKER_CONCURRENCY, default 2), beat.
 run: install
 	$(BIN)/python -m sagaproject.stack
 

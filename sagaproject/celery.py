@@ -6,7 +6,10 @@ from celery import Celery
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
 
-app = Celery("sagaproject")
+# The broker connection class, with a crash on reconnection to Redis worked around (see
+# sagaproject.broker); `amqp` is the app's AMQP class:
+# https://docs.celeryq.dev/en/stable/reference/celery.html#celery.Celery
+app = Celery("sagaproject", amqp="sagaproject.broker:BrokerAMQP")
 # https://docs.celeryq.dev/en/stable/django/first-steps-with-django.html
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()

@@ -110,12 +110,15 @@ def redis_url() -> str:
     return f"redis+socket://{socket_path}"
 
 
-def _start_redis(executable: str, folder: Path, socket_path: Path) -> None:
+def _start_redis(executable: str, folder: Path, socket_path: Path, port: int = 0) -> None:
+    """Start Redis on its unix socket and, given a `port`, on 127.0.0.1:`port` too."""
     subprocess.run(
         [
             executable,
             "--port",
-            "0",
+            str(port),
+            "--bind",
+            "127.0.0.1",
             "--unixsocket",
             str(socket_path),
             "--unixsocketperm",

@@ -1,18 +1,26 @@
-"""`make run`: set up the local stack and run the web server, Celery worker and beat together.
+"""`make run`: set up the local stack and run the web server, Celery worker and beat, supervised.
 
 Starts the embedded PostgreSQL and Redis when `DATABASE_URL` / `CELERY_BROKER_URL` are unset,
 migrates, collects the static files when DEBUG is off, seeds the demo catalog and the local
-development users, then runs every process in the foreground until Ctrl-C, and stops them (and
-the embedded servers) cleanly.
+development users, then runs the processes under Supervisor's `supervisord` in the foreground,
+their output on the terminal. A process that exits is started again; Ctrl-C (or SIGTERM) stops
+them all, and then the embedded servers.
 """
 
 from __future__ import annotations
 
+import configparser
+import io
 import os
 import shlex
+import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import django
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup_local_data() -> None:
@@ -32,26 +40,64 @@ def setup_local_data() -> None:
         users.create_user("demo", "demo@example.com", "demo")
 
 
-def processes(port: str, concurrency: str) -> dict[str, str]:
-    from sagaproject import embedded
-
-    python = shlex.quote(sys.executable)
-    # In the local data folder, which data_dir() creates: with servers of your own, nothing else
-    # makes it, and beat cannot open a schedule in a missing folder (it exits, and the stack too).
-    schedule = shlex.quote(str(embedded.data_dir() / "celerybeat-schedule"))
+def processes(port: str, concurrency: str, data: Path) -> dict[str, list[str]]:
+    python = sys.executable
+    celery = [python, "-m", "celery", "-A", "sagaproject"]
     return {
-        "web": f"{python} manage.py runserver 127.0.0.1:{port} --noreload",
-        "worker": (
-            f"{python} -m celery -A sagaproject worker -l info -c {concurrency} "
-            "-n worker@%h --without-gossip --without-mingle"
-        ),
-        "beat": f"{python} -m celery -A sagaproject beat -l info -s {schedule}",
+        "web": [python, "manage.py", "runserver", f"127.0.0.1:{port}", "--noreload"],
+        "worker": [
+            *(*celery, "worker", "-l", "info", "-c", concurrency, "-n", "worker@%h"),
+            *("--without-gossip", "--without-mingle"),
+        ],
+        "beat": [*celery, "beat", "-l", "info", "-s", str(data / "celerybeat-schedule")],
     }
 
 
-def main() -> int:
-    from honcho.manager import Manager
+def worker_stop_wait() -> int:
+    """Seconds a stopping worker gets to finish its steps in flight: the longest step's hard
+    time limit, and a little more."""
+    from sagas import conf
+    from sagas.definitions import registered
 
+    steps = [step for definition in registered().values() for step in definition.steps]
+    return max((step.time_limit for step in steps), default=60) + conf.hard_time_limit_grace() + 5
+
+
+def supervisord_config(programs: dict[str, list[str]], data: Path, stop_wait: int) -> str:
+    """Supervisor's configuration: http://supervisord.org/configuration.html"""
+    config = configparser.RawConfigParser()
+    config["supervisord"] = {
+        "nodaemon": "true",  # in the foreground; its own log goes to the terminal too
+        "logfile": str(data / "supervisord.log"),
+        "pidfile": str(data / "supervisord.pid"),
+    }
+    if os.geteuid() == 0:
+        # As root, supervisord warns that it dropped no privileges unless told to stay root.
+        config["supervisord"]["user"] = "root"
+    for name, command in programs.items():
+        config[f"program:{name}"] = {
+            "command": shlex.join(command),
+            "directory": str(ROOT),
+            "autorestart": "true",  # whatever made it exit
+            # TERM: a worker's warm shutdown lets its steps in flight finish, then stops its
+            # pool; only if that takes too long is the whole group killed (as Celery's own
+            # supervisord example does).
+            "stopsignal": "TERM",
+            "stopwaitsecs": str(stop_wait if name == "worker" else 10),
+            "killasgroup": "true",
+            "redirect_stderr": "true",
+            "stdout_logfile": "/dev/stdout",
+            "stdout_logfile_maxbytes": "0",  # no rotation: it is the terminal
+        }
+    for section in config.sections():  # supervisord expands %(name)s in values
+        for key, value in config[section].items():
+            config[section][key] = value.replace("%", "%%")
+    text = io.StringIO()
+    config.write(text)
+    return text.getvalue()
+
+
+def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
     # The stack serves plain http on 127.0.0.1, also with DEBUG off: no redirect to https, and
     # cookies that come back over http. (Exported, like the servers' URLs, to every process.)
@@ -61,18 +107,39 @@ def main() -> int:
     from sagaproject import embedded
 
     setup_local_data()
+    data = embedded.data_dir()  # created if missing, embedded servers or not
     port = os.environ.get("PORT", "8000")
-    manager = Manager()
-    for name, command in processes(port, os.environ.get("WORKER_CONCURRENCY", "2")).items():
-        manager.add_process(name, command, env=dict(os.environ))
+    programs = processes(port, os.environ.get("WORKER_CONCURRENCY", "2"), data)
+    config = data / "supervisord.conf"
+    config.write_text(supervisord_config(programs, data, worker_stop_wait()))
+    os.environ["PYTHONUNBUFFERED"] = "1"  # lines reach the terminal as they are written
     print(f"Web server: http://127.0.0.1:{port}/admin/ (admin/admin). Ctrl-C stops everything.")
+    sys.stdout.flush()
+    # A session of its own: Ctrl-C reaches only this process, which asks supervisord once to
+    # stop its processes in order.
+    supervisor = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.supervisord", "-c", str(config)],
+        start_new_session=True,
+    )
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        supervisor.send_signal(signal.SIGTERM)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
     try:
-        manager.loop()
+        returncode = supervisor.wait()
     finally:
+        if supervisor.poll() is None:
+            supervisor.terminate()
+            supervisor.wait()
         embedded.stop_redis_if_started()
         embedded.stop_postgres()
-    # Ctrl-C (SIGINT) and SIGTERM are how a user stops the stack: a clean exit.
-    return 0 if manager.returncode in (None, 130, 143) else manager.returncode
+    # Ctrl-C and SIGTERM are how a user stops the stack: a clean exit.
+    return 0 if stopping else returncode
 
 
 if __name__ == "__main__":

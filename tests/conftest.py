@@ -75,15 +75,18 @@ def worker_env() -> dict[str, str]:
 class Workers:
     """Real `celery worker` processes (prefork), started and stopped by the test session."""
 
-    def __init__(self, nodes: int, concurrency: int) -> None:
+    def __init__(
+        self, nodes: int, concurrency: int, *, name: str = "worker", env: dict | None = None
+    ) -> None:
         self.nodes, self.concurrency = nodes, concurrency
+        self.name, self.env = name, env or {}  # `env`: overrides, e.g. another broker
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
     def start(self) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         for i in range(self.nodes):
-            log = ARTIFACTS / f"worker-{i}.log"
+            log = ARTIFACTS / f"{self.name}-{i}.log"
             log.write_text("")
             self.logs.append(log)
             cmd = [
@@ -98,7 +101,7 @@ class Workers:
                 "-c",
                 str(self.concurrency),
                 "-n",
-                f"test{i}-{QUEUE}@%h",
+                f"{self.name}{i}-{QUEUE}@%h",
                 "--without-gossip",
                 "--without-mingle",
                 "--without-heartbeat",
@@ -109,7 +112,7 @@ class Workers:
                 subprocess.Popen(
                     cmd,
                     cwd=ROOT,
-                    env=worker_env(),
+                    env={**worker_env(), **self.env},
                     stdout=log.open("w"),
                     stderr=subprocess.STDOUT,
                 )

@@ -1,5 +1,8 @@
 """Saga definitions used only by the tests (imported by the test workers via SAGAS_MODULES)."""
 
+import time
+from pathlib import Path
+
 from sagas.definitions import RetryPolicy, SagaDefinition, Step, StepContext, register
 
 
@@ -76,6 +79,19 @@ def decline(ctx: StepContext) -> None:
     raise BusinessError("Declined.", code="declined")
 
 
+def wait_at_gate(ctx: StepContext) -> dict:
+    """Stay in flight until the test creates the file named `gate` in the input (30 s at most).
+
+    Creates `<gate>.started` first, so the test knows the step is running.
+    """
+    gate = Path(ctx.input["gate"])
+    Path(f"{gate}.started").touch()
+    deadline = time.monotonic() + 30
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {"gate_opened": gate.exists()}
+
+
 register(
     SagaDefinition(
         name="three_steps",
@@ -141,6 +157,15 @@ register(
                 retry=RetryPolicy(max_attempts=3, transient=("tests.sagadefs.RemovedError",)),
                 on_exhausted="pause",
             ),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        name="gated_demo",
+        steps=[
+            Step("gated", wait_at_gate, undo, retry=FAST, time_limit=40),
+            Step("after", record, undo, retry=FAST),
         ],
     )
 )
