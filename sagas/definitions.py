@@ -92,8 +92,18 @@ class Step:
     `action(ctx)` returns a JSON-serialisable output; `compensation(ctx)` undoes it, reading
     `ctx.output`. `on_exhausted` says what happens when transient retries run out: compensate
     the saga, or pause it (status failed) for an operator. A completed `pivot` step is the point
-    of no return: later failures pause instead of compensating. `compensate_failed_step` also
-    compensates this step when it fails, for actions that may have half-happened.
+    of no return: later failures pause instead of compensating.
+
+    `compensate_failed_step` is for actions that may have half-happened (an external call made,
+    then the attempt failed or was interrupted before its commit): when the saga compensates,
+    this step is compensated too whenever it may have started, that is when it failed or is
+    the step in progress, whatever its row says. Its compensation then gets `ctx.output=None`
+    and must tolerate that nothing happened (find the effect by `ctx.idempotency_key`).
+
+    `time_limit` bounds an attempt of the action, `compensation_time_limit` one of the
+    compensation (default: the same): past it the attempt gets `SoftTimeLimitExceeded` and
+    is retried; one that ignores it is killed `SAGAS_HARD_TIME_LIMIT_GRACE` seconds later, and
+    that counts as a failed attempt too.
     """
 
     name: str
@@ -105,12 +115,19 @@ class Step:
     on_exhausted: OnExhausted = "compensate"
     pivot: bool = False
     compensate_failed_step: bool = False
+    # Seconds a compensation may run (its own soft limit; the hard kill comes
+    # SAGAS_HARD_TIME_LIMIT_GRACE later); None: the step's `time_limit`.
+    compensation_time_limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.on_exhausted not in ("compensate", "pause"):
             raise DefinitionError(f"step {self.name!r}: on_exhausted must be compensate or pause")
         if self.time_limit < 1:
             raise DefinitionError(f"step {self.name!r}: time_limit must be at least 1 second")
+        if self.compensation_time_limit is not None and self.compensation_time_limit < 1:
+            raise DefinitionError(
+                f"step {self.name!r}: compensation_time_limit must be at least 1 second"
+            )
         object.__setattr__(self, "action", dotted_path(self.action))
         if self.compensation is not None:
             object.__setattr__(self, "compensation", dotted_path(self.compensation))
@@ -123,6 +140,7 @@ class Step:
             "retry": self.retry.as_dict(),
             "compensation_retry": self.compensation_retry.as_dict(),
             "time_limit": self.time_limit,
+            "compensation_time_limit": self.compensation_time_limit or self.time_limit,
             "on_exhausted": self.on_exhausted,
             "pivot": self.pivot,
             "compensate_failed_step": self.compensate_failed_step,

@@ -83,6 +83,9 @@ class Workers:
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
+    def node_names(self) -> list[str]:
+        return [f"{self.name}{i}-{QUEUE}@{socket.gethostname()}" for i in range(self.nodes)]
+
     def start(self) -> None:
         ARTIFACTS.mkdir(exist_ok=True)
         for i in range(self.nodes):

@@ -169,3 +169,25 @@ register(
         ],
     )
 )
+register(
+    SagaDefinition(
+        name="hung_compensation",
+        steps=[
+            Step(
+                "first",
+                record,
+                hang,
+                retry=FAST,
+                compensation_retry=RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1),
+                compensation_time_limit=1,
+            ),
+            Step("second", decline, undo, retry=FAST),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        name="declines_second",
+        steps=[Step("first", record, undo, retry=FAST), Step("second", decline, undo)],
+    )
+)

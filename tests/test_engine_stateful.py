@@ -90,6 +90,14 @@ BEGINS_COMPENSATION = {
     EventKind.OPERATOR_COMPENSATE,
     EventKind.DEADLINE_PASSED,
 }
+# Events that are progress (or an operator taking over): the count of stalls starts again.
+PROGRESS = {
+    EventKind.STEP_COMPLETED,
+    EventKind.STEP_COMPENSATED,
+    EventKind.OPERATOR_RETRY,
+    EventKind.OPERATOR_COMPENSATE,
+    EventKind.OPERATOR_RESOLVE,
+}
 # The tables one example writes; emptied before each example.
 RESET_MODELS = [
     SagaEvent,
@@ -205,6 +213,14 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
         assert outcome.kind == "retry", outcome
     STATS[(chain.kind, outcome.kind)] += 1
     return outcome
+
+
+def call_checking_the_context(path: str, ctx: StepContext) -> Any:
+    """Every action and compensation sees the outputs of all the steps before it."""
+    if ctx.step:  # not the saga's on_complete
+        earlier = STEP_NAMES[: STEP_NAMES.index(ctx.step)]
+        assert sorted(ctx.outputs) == sorted(earlier), f"{ctx.step} got outputs of {ctx.outputs}"
+    return import_string(path)(ctx)
 
 
 def run_callback(callback: Callback) -> None:
@@ -654,8 +670,14 @@ def check_saga(saga_id: str, saga: dict, steps: list[dict], events: list, *, fin
     assert all(n == 1 for n in completed.values()), f"{where}: completed twice {completed}"
     compensated = [i for kind, i, _ in events if kind == EventKind.STEP_COMPENSATED]
     assert compensated == sorted(set(compensated), reverse=True), f"{where}: {compensated}"
-    began, failed_for_good = False, set()
+    began, failed_for_good, stalls = False, set(), 0
     for kind, i, detail in events:
+        if kind == EventKind.RECOVERED:
+            stalls += 1
+        elif kind in PROGRESS:
+            stalls = 0
+        elif kind == EventKind.SAGA_FAILED and detail.get("reason") == "recovery_exhausted":
+            assert stalls == MAX_RECOVERIES, f"{where}: given up after {stalls} stalls in a row"
         if kind in BEGINS_COMPENSATION and detail.get("action", "compensate") == "compensate":
             began = True
             assert backward, f"{where}: compensation began, yet the saga goes forward"
@@ -729,6 +751,8 @@ def test_engine_state_machine(transactional_db, monkeypatch):
     broker = Broker()
     monkeypatch.setattr("sagas.dispatch.send_steps", broker.send_steps)
     monkeypatch.setattr("sagas.dispatch.send_compensations", broker.send_compensations)
+    for module in ("forward", "compensation"):
+        monkeypatch.setattr(f"sagas.engine.{module}.call", call_checking_the_context)
     monkeypatch.setattr(EngineMachine, "broker", broker, raising=False)
     STATS.clear()
     run_state_machine_as_test(EngineMachine, settings=STATEFUL_SETTINGS)

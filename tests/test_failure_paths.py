@@ -7,11 +7,13 @@ hand the saga to the real worker processes and the sweeper and check where it en
 
 from __future__ import annotations
 
-import socket
+import time
+from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
-from django.db import transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
 from inventory.models import Product
@@ -19,9 +21,10 @@ from payments.gateway import gateway_recover
 from payments.models import GatewayAttempt
 from sagaproject.celery import app as celery_app
 from sagas import recovery
+from sagas.exceptions import SagaBusy
 from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start
-from tests.conftest import QUEUE, attempt_in_process, lose_messages, wait_final, wait_for
+from tests.conftest import attempt_in_process, lose_messages, wait_final, wait_for
 from tests.factories import ProductFactory
 from tests.test_order_saga import charges_for, order_of, step_statuses, submit
 
@@ -40,10 +43,9 @@ def sweep(**kwargs) -> recovery.SweepReport:
     return recovery.sweep(stale_after=timedelta(minutes=1), **kwargs)
 
 
-def nodes_answering() -> set[str]:
+def nodes_answering(workers) -> set[str]:
     """The test worker nodes whose main process answers a ping."""
-    names = [f"test{i}-{QUEUE}@{socket.gethostname()}" for i in range(2)]
-    replies = celery_app.control.ping(destination=names, timeout=2.0)
+    replies = celery_app.control.ping(destination=workers.node_names(), timeout=2.0)
     return {name for reply in replies for name in reply}
 
 
@@ -87,7 +89,7 @@ def test_a_hung_step_is_killed_and_its_saga_follows_its_policy(saga_db):
     assert hung.error_code == "time_limit"
     assert hung.attempts == 2  # the policy's max_attempts
     assert step_statuses(saga) == ["compensated", "failed"]
-    assert len(nodes_answering()) == 2
+    assert nodes_answering(saga_db) == set(saga_db.node_names())
 
 
 # -- 3. retry of a saga that was compensating ------------------------------------------------
@@ -218,3 +220,118 @@ def test_an_unimportable_transient_exception_does_not_turn_a_decline_into_a_paus
     saga, _ = saga_start(name="stale_transient", input={})
     saga = wait_final(saga.pk)
     assert (saga.status, saga.error_code) == ("compensated", "declined")
+
+
+def test_a_hung_compensation_is_killed_and_fails_for_an_operator(saga_db):
+    """Compensations have a time limit of their own; a hung one is killed, each kill counts."""
+    saga, _ = saga_start(name="hung_compensation", input={})
+    saga = wait_final(saga.pk, timeout=60)
+    assert (saga.status, saga.error_code) == ("failed", "compensation_failed")
+    first = SagaStep.objects.get(saga=saga, name="first")
+    assert first.status == "compensation_failed"
+    assert first.error_code == "time_limit"
+    assert first.compensation_attempts == 2  # its compensation_retry's max_attempts
+    assert nodes_answering(saga_db) == set(saga_db.node_names())
+
+
+# -- lost, repeated and late error callbacks, on real workers --------------------------------
+
+
+def _declining_saga_with_fault(effect: str) -> Saga:
+    with transaction.atomic():
+        saga, _ = saga_start(name="declines_second", input={})
+        Fault.objects.create(
+            saga=saga, step_name="second", point=FaultPoint.AFTER_FINAL_FAILURE, effect=effect
+        )
+    return saga
+
+
+def test_a_worker_that_dies_before_the_error_callback_leaves_it_to_the_sweeper(saga_db):
+    saga = _declining_saga_with_fault(FaultEffect.CRASH)
+    # The decline is committed with the compensation it begins; then the worker dies, and the
+    # redelivered message finds the step failed for good. Nothing is sent until the sweeper.
+    wait_for(lambda: Saga.objects.get(pk=saga.pk).status == "compensating", what="the decline")
+    saga.refresh_from_db()
+    epoch = saga.epoch
+    stall(saga)
+    assert sweep().recovered == [str(saga.pk)]
+    saga = wait_final(saga.pk)
+    assert (saga.status, saga.error_code) == ("compensated", "declined")
+    assert saga.epoch == epoch + 1
+    assert step_statuses(saga) == ["compensated", "failed"]
+    assert saga.events.filter(kind=EventKind.STEP_FAILED).count() == 1  # never run again
+
+
+def test_an_error_callback_sent_twice_sends_the_compensations_once(saga_db):
+    saga = _declining_saga_with_fault(FaultEffect.REPEAT_CALLBACK)
+    saga = wait_final(saga.pk)
+    assert saga.status == "compensated"
+    wait_for(
+        lambda: "error callback of an older chain" in worker_logs(saga_db),
+        what="the repeated callback to arrive, a second later",
+    )
+    assert Saga.objects.get(pk=saga.pk).epoch == saga.epoch  # nothing sent after
+    assert saga.events.filter(kind=EventKind.STEP_COMPENSATED).count() == 1
+    assert not saga.events.filter(kind=EventKind.DUPLICATE_IGNORED).exists()
+
+
+def worker_logs(workers) -> str:
+    return "".join(log.read_text() for log in workers.logs)
+
+
+def test_an_error_callback_rides_out_a_database_outage(saga_db, monkeypatch):
+    """The callback meets a database that refuses connections: it is sent again later."""
+    lose_messages(monkeypatch)
+    saga, _ = saga_start(name="declines_second", input={})
+    assert attempt_in_process(saga.pk, 0) == "done"
+    assert attempt_in_process(saga.pk, 1) == "fail"
+    monkeypatch.undo()
+    epoch = Saga.objects.get(pk=saga.pk).epoch
+    with database_refusing_workers():
+        celery_app.signature(
+            "sagas.on_step_failure", args=("a-failed-task", str(saga.pk)), kwargs={"epoch": epoch}
+        ).apply_async()
+        wait_for(
+            lambda: f"saga {saga.pk}: database unavailable" in worker_logs(saga_db),
+            what="the callback to meet the outage",
+        )
+    saga = wait_final(saga.pk)
+    assert saga.status == "compensated"
+
+
+@contextmanager
+def database_refusing_workers():
+    """The test database refuses new connections and loses the workers' ones; this test's own
+    connection stays (it must, to undo this)."""
+    name = connection.settings_dict["NAME"]
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (mine,) = cursor.fetchone()
+    # From the maintenance database: a database cannot shut its own door.
+    with connection._nodb_cursor() as cursor:
+        cursor.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = %s AND pid <> %s",
+            [name, mine],
+        )
+    try:
+        yield
+    finally:
+        with connection._nodb_cursor() as cursor:
+            cursor.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+# -- the operator acts while a step runs -------------------------------------------------------
+
+
+def test_an_operator_action_on_a_saga_whose_step_runs_answers_busy(saga_db, tmp_path):
+    gate = tmp_path / "gate"
+    saga, _ = saga_start(name="gated_demo", input={"gate": str(gate)})
+    wait_for(lambda: Path(f"{gate}.started").exists(), what="the step to start")
+    started = time.monotonic()
+    with pytest.raises(SagaBusy):
+        saga_compensate(saga_id=saga.pk, actor="operator")
+    assert time.monotonic() - started < 10
+    gate.touch()
+    assert wait_final(saga.pk).status == "completed"
