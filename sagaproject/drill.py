@@ -50,6 +50,10 @@ SCENARIOS = [  # (name, weight, token, country, quantity)
     ("lost gateway response", 5, "tok_lost_response", "NO", 1),
     ("large order (stock runs out)", 15, "tok_ok", "NO", 3),
 ]
+# The step where a scenario fails for good, if it does: where a lost error callback matters.
+FAILS_AT = {"tok_declined": "charge_payment", "AQ": "schedule_shipment"}
+# Every step's time limit in the drill, so that a hung attempt is killed within seconds.
+STEP_TIME_LIMIT, HARD_TIME_LIMIT_GRACE = 3, 2
 
 
 class Servers:
@@ -124,29 +128,29 @@ class TcpServers(Servers):
         self.start_tcp_redis()
 
 
-def nodes_that_exited(stack: Stack) -> list[str]:
-    """Worker nodes that exited on their own, with their last critical log line.
-
-    The drill starts again only the nodes it killed (a supervisor would start any again), so
-    the other nodes carry the sagas on: reported as a note, not as a violation.
-    """
-    notes = []
-    for name, node in sorted(stack.nodes.items()):
-        if node.poll() is None:
-            continue
-        log = (stack.logs / f"{name}.log").read_text()
-        critical = [line for line in log.splitlines() if "CRITICAL" in line]
-        notes.append(f"worker node {name} exited on its own: {(critical or ['?'])[-1]}")
-    return notes
-
-
 class Stack:
-    """Two worker nodes and beat, restarted when a whole node is killed."""
+    """Two worker nodes and beat. Supervised, as in production: a node that exits, killed by
+    the drill or on its own, is started again (`supervise`)."""
 
     def __init__(self, env: dict[str, str], concurrency: int, logs: Path) -> None:
         self.env, self.concurrency, self.logs = env, concurrency, logs
         self.nodes: dict[str, subprocess.Popen] = {}
         self.beat: subprocess.Popen | None = None
+        self.exits: list[str] = []  # nodes that exited on their own, with why
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # one of supervise() and kill_random_process() at a time
+
+    def supervise(self) -> None:
+        """Start again any node that exits on its own, until the stack stops (a thread)."""
+        while not self.stopping.wait(0.5):
+            with self.lock:
+                for name, node in list(self.nodes.items()):
+                    if node.poll() is None or self.stopping.is_set():
+                        continue
+                    log = (self.logs / f"{name}.log").read_text()
+                    critical = [line for line in log.splitlines() if "CRITICAL" in line]
+                    self.exits.append(f"worker node {name} exited: {(critical or ['?'])[-1]}")
+                    self.start_node(name)
 
     def start_node(self, name: str) -> None:
         cmd = [
@@ -171,6 +175,7 @@ class Stack:
     def start(self) -> None:
         for name in ("drill1", "drill2"):
             self.start_node(name)
+        threading.Thread(target=self.supervise, daemon=True).start()
         log = (self.logs / "beat.log").open("a")
         self.beat = subprocess.Popen(
             [
@@ -192,6 +197,10 @@ class Stack:
         )
 
     def kill_random_process(self, rng: random.Random) -> str:
+        with self.lock:
+            return self._kill_random_process(rng)
+
+    def _kill_random_process(self, rng: random.Random) -> str:
         import psutil
 
         name = rng.choice(sorted(self.nodes))
@@ -210,6 +219,7 @@ class Stack:
         return f"SIGKILL worker node {name} (restarted)"
 
     def stop(self) -> None:
+        self.stopping.set()
         procs = [*self.nodes.values(), *([self.beat] if self.beat else [])]
         for proc in procs:
             proc.terminate()
@@ -242,6 +252,16 @@ def main() -> int:
     parser.add_argument("--redis-restarts", type=int, default=1)
     parser.add_argument("--postgres-restarts", type=int, default=1)
     parser.add_argument("--crash-faults", type=int, default=5)
+    parser.add_argument(
+        "--hung-steps", type=int, default=2, help="sagas with a step that hangs past its limit"
+    )
+    parser.add_argument(
+        "--lost-callbacks",
+        type=int,
+        default=3,
+        help="sagas whose worker dies right after a final failure, before its error callback "
+        "(and as many whose error callback is sent twice, a second apart)",
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="processes per worker node")
     parser.add_argument("--rate", type=float, default=25.0, help="submissions per second")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to reach final")
@@ -270,6 +290,8 @@ def main() -> int:
         "SAGAS_RECOVERY_STALE_AFTER": "8",
         "SAGAS_RECOVERY_MAX_ATTEMPTS": "10",
         "SAGAS_LOG_LEVEL": "WARNING",
+        "ORDERS_STEP_TIME_LIMIT": str(STEP_TIME_LIMIT),
+        "SAGAS_HARD_TIME_LIMIT_GRACE": str(HARD_TIME_LIMIT_GRACE),
     }
     os.environ.update(env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
@@ -289,13 +311,12 @@ def main() -> int:
         saga_ids = run_with_faults(args, rng, servers, stack, faults_done)
         finished = wait_all_final(saga_ids, args.timeout)
         report = check_invariants(saga_ids, products)
-        exited = nodes_that_exited(stack)
     finally:
         stack.stop()
         servers.stop()
     print_report(report, faults_done, finished, seed)
-    for note in exited:
-        print(f"  note: {note}")
+    for note in stack.exits:
+        print(f"  note: {note} (started again, as a supervisor would)")
     if report["violations"] or report["lost"]:
         print(f"drill: FAILED (logs kept in {logs})")
         return 1
@@ -329,6 +350,54 @@ def plant_crash_faults(count: int) -> None:
         )
 
 
+class SagaFaults:
+    """Faults planted in chosen sagas as they are submitted: hung steps, lost and repeated
+    error callbacks."""
+
+    def __init__(self, args: argparse.Namespace, rng: random.Random) -> None:
+        self.rng = rng
+        self.hung, self.lost, self.repeated = (
+            args.hung_steps,
+            args.lost_callbacks,
+            args.lost_callbacks,
+        )
+        # Spread over the run: each saga is a candidate with this chance.
+        self.chance = min(1.0, 4 * (self.hung + 2 * self.lost) / max(args.sagas, 1))
+
+    def for_saga(self, fails_at: str | None, *, clean: bool) -> list[dict[str, Any]]:
+        """The faults of the next saga: `fails_at` is where it fails for good, if it does;
+        `clean` says it should run every step (a hung step is planted only there)."""
+        from orders.sagas import ORDER_FULFILMENT
+        from sagas.models import FaultEffect, FaultPoint
+
+        if self.rng.random() > self.chance:
+            return []
+        if fails_at and (self.lost or self.repeated):
+            effect = (
+                FaultEffect.CRASH if self.lost >= self.repeated else FaultEffect.REPEAT_CALLBACK
+            )
+            if effect == FaultEffect.CRASH:
+                self.lost -= 1
+            else:
+                self.repeated -= 1
+            point = FaultPoint.AFTER_FINAL_FAILURE
+            return [{"step_name": fails_at, "point": point, "effect": effect, "remaining": 1}]
+        if clean and not fails_at and self.hung:
+            self.hung -= 1
+            step = self.rng.choice(ORDER_FULFILMENT.steps)
+            # Hang once (killed, then retried), or on every attempt (its policy decides).
+            times = self.rng.choice([1, 1, None])
+            return [
+                {
+                    "step_name": step.name,
+                    "point": FaultPoint.BEFORE_ACTION,
+                    "effect": FaultEffect.HANG,
+                    "remaining": times,
+                }
+            ]
+        return []
+
+
 def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) -> list[str]:
     from orders.services import order_submit
 
@@ -358,24 +427,35 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
     injector.start()
     weights = [s[1] for s in SCENARIOS]
     saga_ids: list[str] = []
+    step_faults = SagaFaults(args, rng)
     for i in range(args.sagas):
         _, _, token, country, quantity = rng.choices(SCENARIOS, weights)[0]
         sku = f"DRILL-{i % 4}"
+        faults = step_faults.for_saga(
+            FAILS_AT.get(token) or FAILS_AT.get(country), clean=token == "tok_ok" and quantity == 1
+        )
 
-        def submit(token=token, country=country, quantity=quantity, sku=sku, i=i):
-            return order_submit(
-                customer=None,
-                items=[{"sku": sku, "quantity": quantity}],
-                shipping_address={
-                    "name": "D",
-                    "line1": "1 Road",
-                    "city": "Oslo",
-                    "postal_code": "0150",
-                    "country": country,
-                },
-                payment_token=token,
-                idempotency_key=f"drill-{i}",
-            )[0]
+        def submit(token=token, country=country, quantity=quantity, sku=sku, i=i, faults=faults):
+            from django.db import transaction
+
+            from sagas.models import Fault
+
+            with transaction.atomic():  # the faults are in place before the first step runs
+                saga = order_submit(
+                    customer=None,
+                    items=[{"sku": sku, "quantity": quantity}],
+                    shipping_address={
+                        "name": "D",
+                        "line1": "1 Road",
+                        "city": "Oslo",
+                        "postal_code": "0150",
+                        "country": country,
+                    },
+                    payment_token=token,
+                    idempotency_key=f"drill-{i}",
+                )[0]
+                Fault.objects.bulk_create(Fault(saga=saga, **fault) for fault in faults)
+            return saga
 
         # The idempotency key makes a resubmission after a lost connection safe.
         saga_ids.append(str(retrying(submit, "submitting").pk))
@@ -410,9 +490,11 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     from inventory.models import Product, Reservation
     from orders.models import Order
     from payments.models import GatewayCharge
-    from sagas.models import EventKind, Fault, FaultEffect, Saga, SagaEvent, SagaStep
+    from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaEvent, SagaStep
 
     violations: list[str] = []
+    double_charged: list[str] = []
+    charged_and_cancelled: list[str] = []
     sagas = {str(s.pk): s for s in Saga.objects.filter(pk__in=saga_ids)}
     statuses = Counter(s.status for s in sagas.values())
     lost = [i for i in saga_ids if sagas[i].status not in ("completed", "compensated", "failed")]
@@ -429,6 +511,8 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
         mine = [c for c in charges.get(str(saga.pk), []) if c.status != "declined"]
         charged = sum((c.amount for c in mine), Decimal(0))
         refunded = sum((c.amount for c in mine if c.status == "refunded"), Decimal(0))
+        if len(mine) > 1:
+            double_charged.append(f"saga {saga.pk}: {len(mine)} charges")
         if order is not None and order.status == "confirmed":
             if len(mine) != 1 or charged != order.total or refunded != 0:
                 violations.append(
@@ -436,7 +520,7 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
                     f"refunded {refunded}, total {order.total}"
                 )
         elif (order is None or order.status == "cancelled") and charged - refunded != 0:
-            violations.append(f"cancelled order of saga {saga.pk}: {charged - refunded} kept")
+            charged_and_cancelled.append(f"saga {saga.pk}: {charged - refunded} kept")
 
     for product in Product.objects.filter(sku__in=initial_stock):
         reserved = (
@@ -476,19 +560,32 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
         if undone != expected:
             violations.append(f"saga {saga.pk} compensated {undone}, expected {expected}")
 
-    events = Counter(SagaEvent.objects.filter(saga_id__in=saga_ids).values_list("kind", flat=True))
-    crashes = Fault.objects.filter(effect=FaultEffect.CRASH)
+    of_these = SagaEvent.objects.filter(saga_id__in=saga_ids)
+    events = Counter(of_these.values_list("kind", flat=True))
+    fired = Counter(
+        (point, effect)
+        for point, effect in Fault.objects.filter(remaining=0).values_list("point", "effect")
+    )
     reasons = Counter(s.error_code for s in sagas.values() if s.status == "failed")
+    violations += double_charged + charged_and_cancelled
     return {
         "failed_reasons": dict(reasons),
         "sagas": len(saga_ids),
         "statuses": dict(statuses),
         "lost": len(lost),
+        "double_charged": len(double_charged),
+        "charged_and_cancelled": len(charged_and_cancelled),
         "violations": violations,
-        "recovered": Saga.objects.filter(pk__in=saga_ids, recovery_attempts__gt=0).count(),
+        "recovered": of_these.filter(kind=EventKind.RECOVERED).values("saga").distinct().count(),
         "recoveries": events[EventKind.RECOVERED],
         "duplicates": events[EventKind.DUPLICATE_IGNORED],
-        "crash_faults_fired": sum(1 for f in crashes if f.remaining == 0),
+        "crash_faults_fired": fired[(FaultPoint.AFTER_COMMIT, FaultEffect.CRASH)],
+        "callbacks_lost": fired[(FaultPoint.AFTER_FINAL_FAILURE, FaultEffect.CRASH)],
+        "callbacks_repeated": fired[(FaultPoint.AFTER_FINAL_FAILURE, FaultEffect.REPEAT_CALLBACK)],
+        # Attempts (of actions or compensations) killed at their hard time limit.
+        "hung_attempts_killed": of_these.filter(
+            detail__code="time_limit", detail__message__icontains="was stopped"
+        ).count(),
     }
 
 
@@ -507,12 +604,17 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("Redis restarts (empty)", faults["redis"]),
         ("PostgreSQL restarts", faults["postgres"]),
         ("crashes after commit, before ack", report["crash_faults_fired"]),
+        ("hung attempts killed at their hard time limit", report["hung_attempts_killed"]),
+        ("error callbacks lost (worker died first)", report["callbacks_lost"]),
+        ("error callbacks sent twice", report["callbacks_repeated"]),
         ("sagas recovered by the sweeper", report["recovered"]),
         ("recoveries (re-dispatches)", report["recoveries"]),
         ("duplicate deliveries suppressed", report["duplicates"]),
         ("seconds to drain after the last submission", f"{waited:.1f}"),
         ("sagas lost", report["lost"]),
-        ("invariant violations", len(report["violations"])),
+        ("double charges", report["double_charged"]),
+        ("charged and cancelled (not refunded)", report["charged_and_cancelled"]),
+        ("invariant violations (all)", len(report["violations"])),
     ]
     for name, value in rows:
         table.add_row(name, str(value))

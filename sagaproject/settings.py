@@ -251,6 +251,8 @@ SPECTACULAR_SETTINGS = {
         "ShipmentStatusEnum": "shipping.models.ShipmentStatus",
     },
 }
+# Seconds an attempt of an order saga's step may take (orders.sagas).
+ORDERS_STEP_TIME_LIMIT = int(os.environ.get("ORDERS_STEP_TIME_LIMIT", "60"))
 # The largest order submission accepted (orders.api); a larger body gets 413.
 ORDERS_MAX_BODY_BYTES = int(os.environ.get("ORDERS_MAX_BODY_BYTES", str(64 * 1024)))
 # Links from a saga's admin page to its domain objects: a function (saga) -> [(label, url)].

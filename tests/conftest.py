@@ -40,6 +40,8 @@ def pytest_configure(config: pytest.Config) -> None:
     celery_app.conf.task_default_queue = QUEUE
     settings.SAGAS_FAULT_INJECTION = True
     settings.SAGAS_HARD_TIME_LIMIT_GRACE = 2  # as in the workers (worker_env)
+    # WhiteNoise warns at every request when the static folder does not exist.
+    Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)
     # The manifest storage needs `collectstatic`, which tests do not run (as Django's docs say
     # of ManifestStaticFilesStorage); test_production runs it, then a server, DEBUG off.
     settings.STORAGES = {
