@@ -7,9 +7,9 @@ from celery import Celery
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
 
 # The broker connection class, with a crash on reconnection to Redis worked around (see
-# sagaproject.broker); `amqp` is the app's AMQP class:
+# sagas.broker); `amqp` is the app's AMQP class:
 # https://docs.celeryq.dev/en/stable/reference/celery.html#celery.Celery
-app = Celery("sagaproject", amqp="sagaproject.broker:BrokerAMQP")
+app = Celery("sagaproject", amqp="sagas.broker:BrokerAMQP")
 # https://docs.celeryq.dev/en/stable/django/first-steps-with-django.html
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()

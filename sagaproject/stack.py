@@ -54,13 +54,14 @@ def processes(port: str, concurrency: str, data: Path) -> dict[str, list[str]]:
 
 
 def worker_stop_wait() -> int:
-    """Seconds a stopping worker gets to finish its steps in flight: the longest step's hard
-    time limit, and a little more."""
+    """Seconds a stopping worker gets to finish its steps in flight: the longest hard time
+    limit of a step or a compensation, and a little more."""
     from sagas import conf
     from sagas.definitions import registered
 
     steps = [step for definition in registered().values() for step in definition.steps]
-    return max((step.time_limit for step in steps), default=60) + conf.hard_time_limit_grace() + 5
+    limits = [max(s.time_limit, s.compensation_time_limit or 0) for s in steps]
+    return max(limits, default=60) + conf.hard_time_limit_grace() + 5
 
 
 def supervisord_config(programs: dict[str, list[str]], data: Path, stop_wait: int) -> str:

@@ -18,8 +18,15 @@ def database_down(transactional_db):
     connection.settings_dict.update(saved)
 
 
-def test_api_answers_503_without_a_traceback(client, database_down):
-    response = client.get("/api/sagas/", HTTP_AUTHORIZATION="Token not-checked-yet")
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("get", "/api/sagas/"),
+        ("post", "/api/sagas/00000000-0000-0000-0000-000000000000/retry/"),  # operator action
+    ],
+)
+def test_api_answers_503_without_a_traceback(client, database_down, method, path):
+    response = getattr(client, method)(path, HTTP_AUTHORIZATION="Token not-checked-yet")
     assert response.status_code == 503
     assert response["Content-Type"] == "application/json"
     body = response.json()
