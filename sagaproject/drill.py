@@ -338,7 +338,7 @@ def setup_catalog(count: int) -> dict[str, int]:
 def plant_crash_faults(count: int) -> None:
     """Crash a step's process right after its commit, before the acknowledgement."""
     from orders.sagas import ORDER_FULFILMENT
-    from sagas.models import Fault, FaultEffect, FaultPoint
+    from sagas.testing.models import Fault, FaultEffect, FaultPoint
 
     names = [step.name for step in ORDER_FULFILMENT.steps]
     for i in range(count):
@@ -368,7 +368,7 @@ class SagaFaults:
         """The faults of the next saga: `fails_at` is where it fails for good, if it does;
         `clean` says it should run every step (a hung step is planted only there)."""
         from orders.sagas import ORDER_FULFILMENT
-        from sagas.models import FaultEffect, FaultPoint
+        from sagas.testing.models import FaultEffect, FaultPoint
 
         if self.rng.random() > self.chance:
             return []
@@ -438,7 +438,7 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
         def submit(token=token, country=country, quantity=quantity, sku=sku, i=i, faults=faults):
             from django.db import transaction
 
-            from sagas.models import Fault
+            from sagas.testing.models import Fault
 
             with transaction.atomic():  # the faults are in place before the first step runs
                 saga = order_submit(
@@ -490,7 +490,8 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     from inventory.models import Product, Reservation
     from orders.models import Order
     from payments.models import GatewayCharge
-    from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaEvent, SagaStep
+    from sagas.models import EventKind, Saga, SagaEvent, SagaStep
+    from sagas.testing.models import Fault, FaultEffect, FaultPoint
 
     violations: list[str] = []
     double_charged: list[str] = []

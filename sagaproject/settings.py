@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",  # Swagger UI's files, served as static files
     "sagas",
+    *(["sagas.testing"] if env_bool("SAGAS_FAULT_INJECTION", False) else []),
     "orders",
     "payments",
     "inventory",
@@ -201,7 +202,6 @@ SAGAS_RECOVERY_STALE_AFTER = float(os.environ.get("SAGAS_RECOVERY_STALE_AFTER", 
 SAGAS_RECOVERY_MAX_ATTEMPTS = int(os.environ.get("SAGAS_RECOVERY_MAX_ATTEMPTS", "5"))
 # Extra modules that register saga definitions (apps may also register in AppConfig.ready).
 SAGAS_MODULES = [m for m in os.environ.get("SAGAS_MODULES", "").split(",") if m]
-SAGAS_FAULT_INJECTION = env_bool("SAGAS_FAULT_INJECTION", False)
 # Seconds between a step's soft time limit and the hard kill of its process.
 SAGAS_HARD_TIME_LIMIT_GRACE = int(os.environ.get("SAGAS_HARD_TIME_LIMIT_GRACE", "10"))
 

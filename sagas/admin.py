@@ -29,7 +29,7 @@ from django.utils.safestring import SafeString, mark_safe
 from . import services
 from .engine import Plan
 from .exceptions import InvalidTransition
-from .models import Fault, Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from .models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
 from .permissions import may_operate
 
 EMPTY = "—"
@@ -782,14 +782,3 @@ class SagaAdmin(admin.ModelAdmin):
         }
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/sagas/saga/action_confirmation.html", context)
-
-
-@admin.register(Fault)
-class FaultAdmin(admin.ModelAdmin):
-    """Faults to inject into steps (tests and drills); read only with SAGAS_FAULT_INJECTION."""
-
-    list_display = ("step_name", "point", "effect", "remaining", "saga", "created_at")
-    list_filter = ("point", "effect", "step_name")
-    search_fields = ("step_name", "saga__id")
-    raw_id_fields = ("saga",)
-    readonly_fields = ("created_at",)

@@ -7,10 +7,6 @@ from datetime import timedelta
 from django.conf import settings
 
 
-def fault_injection_enabled() -> bool:
-    return bool(getattr(settings, "SAGAS_FAULT_INJECTION", False))
-
-
 def hard_time_limit_grace() -> int:
     """Seconds between a step's soft time limit (raised in the action) and the hard kill."""
     return int(getattr(settings, "SAGAS_HARD_TIME_LIMIT_GRACE", 10))

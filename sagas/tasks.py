@@ -13,7 +13,7 @@ from celery import shared_task
 from celery.exceptions import Ignore
 from django.db import InterfaceError, OperationalError, close_old_connections
 
-from . import engine, faults, recovery
+from . import engine, hooks, recovery
 from .exceptions import StepError, TransientError
 from .models import Saga
 
@@ -70,9 +70,9 @@ def attempt(
 
 
 def _run(task: Any, saga_id: str, index: int, epoch: int | None, forward: bool) -> None:
-    points = faults.STEP_POINTS if forward else faults.COMPENSATION_POINTS
     try:
-        injector = faults.take(saga_id, index, points)
+        hook = hooks.fault_hook
+        injector = hook(saga_id, index, forward=forward) if hook is not None else None
         outcome = attempt(saga_id, index, epoch, forward=forward, fault=injector)
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: message ignored", saga_id)

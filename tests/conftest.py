@@ -38,7 +38,6 @@ ADDRESS = {
 def pytest_configure(config: pytest.Config) -> None:
     settings.CELERY_TASK_DEFAULT_QUEUE = QUEUE
     celery_app.conf.task_default_queue = QUEUE
-    settings.SAGAS_FAULT_INJECTION = True
     settings.SAGAS_HARD_TIME_LIMIT_GRACE = 2  # as in the workers (worker_env)
     # WhiteNoise warns at every request when the static folder does not exist.
     Path(settings.STATIC_ROOT).mkdir(parents=True, exist_ok=True)
@@ -66,7 +65,7 @@ def worker_env() -> dict[str, str]:
         **os.environ,
         "DATABASE_URL": database_url(settings.DATABASES["default"]),
         "CELERY_TASK_DEFAULT_QUEUE": QUEUE,
-        "SAGAS_FAULT_INJECTION": "1",
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
         "SAGAS_MODULES": "tests.sagadefs",
         "PYTHONUNBUFFERED": "1",
         # A hung step is killed 2 s after its soft time limit (tests/test_failure_paths.py).

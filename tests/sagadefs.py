@@ -62,7 +62,7 @@ register(deadline_demo(pivot=True))
 
 def hang(ctx: StepContext) -> None:
     """A step that ignores its soft time limit: only the hard one stops it."""
-    from sagas.faults import hang
+    from sagas.testing.faults import hang
 
     hang()
 

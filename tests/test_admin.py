@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from decimal import Decimal
 
@@ -21,7 +24,8 @@ from orders.sagas import ORDER_FULFILMENT
 from orders.services import order_submit
 from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
-from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaEvent, SagaStep
+from sagas.models import EventKind, Saga, SagaEvent, SagaStep
+from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment
 from tests.conftest import ADDRESS, wait_final
 from tests.factories import ProductFactory, UserFactory
@@ -349,8 +353,28 @@ def test_editing_a_product_never_writes_the_stock(admin_client):
 
 def test_fault_admin(admin_client):
     Fault.objects.create(step_name="charge_payment", point="before_action", effect="crash")
-    assert admin_client.get(reverse("admin:sagas_fault_changelist")).status_code == 200
-    assert admin_client.get(reverse("admin:sagas_fault_add")).status_code == 200
+    assert admin_client.get(reverse("admin:sagas_testing_fault_changelist")).status_code == 200
+    assert admin_client.get(reverse("admin:sagas_testing_fault_add")).status_code == 200
+
+
+def test_the_fault_model_is_only_where_the_test_kit_is_installed():
+    """The project installs `sagas.testing` only with SAGAS_FAULT_INJECTION: no faults model,
+    table or admin in production."""
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "sagaproject.settings"}
+    env.pop("SAGAS_FAULT_INJECTION", None)
+    script = (
+        "import django; django.setup(); from django.apps import apps; "
+        "from django.contrib import admin; "
+        "print(apps.is_installed('sagas.testing'), "
+        "any(m._meta.app_label == 'sagas_testing' for m in admin.site._registry))"
+    )
+    for value, expected in ((None, "False False"), ("1", "True True")):
+        if value:
+            env["SAGAS_FAULT_INJECTION"] = value
+        result = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+        )
+        assert result.stdout.split("\n")[-2] == expected
 
 
 def test_no_missing_migrations():

@@ -6,8 +6,9 @@ import pytest
 
 from sagas.definitions import RetryPolicy, SagaDefinition, Step, register
 from sagas.exceptions import DefinitionError, InvalidTransition
-from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, SagaStep
+from sagas.models import EventKind, SagaStep
 from sagas.services import saga_retry, saga_start
+from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from tests import sagadefs
 from tests.conftest import wait_final
 

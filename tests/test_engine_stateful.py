@@ -51,14 +51,11 @@ from orders.sagas import ORDER_FULFILMENT
 from orders.services import order_submit
 from payments.gateway import gateway_outage_begin, gateway_recover
 from payments.models import GatewayAttempt, GatewayCharge, GatewayOutage, Payment
-from sagas import engine, faults, recovery, tasks
+from sagas import engine, recovery, tasks
 from sagas.definitions import StepContext
 from sagas.exceptions import InvalidTransition
 from sagas.models import (
     EventKind,
-    Fault,
-    FaultEffect,
-    FaultPoint,
     Saga,
     SagaEvent,
     SagaStatus,
@@ -66,6 +63,8 @@ from sagas.models import (
     StepStatus,
 )
 from sagas.services import saga_compensate, saga_retry, saga_step_resolve
+from sagas.testing import faults
+from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment, ShipmentStatus
 from tests.conftest import ADDRESS
 
@@ -199,8 +198,7 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
     forward = chain.kind == STEP
     index = chain.indexes[0]
     if fault is None:
-        points = faults.STEP_POINTS if forward else faults.COMPENSATION_POINTS
-        fault = faults.take(chain.saga_id, index, points)
+        fault = faults.take(chain.saga_id, index, forward=forward)
     outcome = tasks.attempt(chain.saga_id, index, chain.epoch, forward=forward, fault=fault)
     if outcome.kind == "fail":
         broker.end(chain, callbacks=1)

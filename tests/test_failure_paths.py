@@ -22,8 +22,9 @@ from payments.models import GatewayAttempt
 from sagaproject.celery import app as celery_app
 from sagas import recovery
 from sagas.exceptions import SagaBusy
-from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaStep
+from sagas.models import EventKind, Saga, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start
+from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from tests.conftest import attempt_in_process, lose_messages, wait_final, wait_for
 from tests.factories import ProductFactory
 from tests.test_order_saga import charges_for, order_of, step_statuses, submit

@@ -15,8 +15,9 @@ from orders.services import order_submit
 from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
 from sagas import dispatch, engine
-from sagas.models import EventKind, Fault, FaultEffect, FaultPoint, Saga, SagaEvent, SagaStep
+from sagas.models import EventKind, Saga, SagaEvent, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start, saga_step_resolve
+from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment
 from tests.conftest import ADDRESS, attempt_in_process, lose_messages, wait_final, wait_for
 from tests.factories import ProductFactory, UserFactory

@@ -1,4 +1,4 @@
-"""Fault injection for tests and drills: off unless settings.SAGAS_FAULT_INJECTION is true.
+"""Fault injection for tests and drills: with `sagas.testing` in INSTALLED_APPS only.
 
 A `Fault` row names a step, a point and an effect. The faults that fire in an attempt are taken
 (and counted down) in their own committed statement before the step's transaction begins, so a
@@ -16,9 +16,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F, Q
 
-from . import conf, dispatch
-from .exceptions import BusinessError, TransientError
-from .models import Fault, FaultEffect, FaultPoint, SagaStep
+from sagas import dispatch
+from sagas.exceptions import BusinessError, TransientError
+from sagas.models import SagaStep
+
+from .models import Fault, FaultEffect, FaultPoint
 
 
 class InjectedTransientError(TransientError):
@@ -79,10 +81,9 @@ def hang() -> None:
             continue
 
 
-def take(saga_id: str, index: int, points: tuple[str, ...]) -> Injector | None:
-    """The faults that fire in this attempt of step `index`, counted down now."""
-    if not conf.fault_injection_enabled():
-        return None
+def take(saga_id: str, index: int, *, forward: bool) -> Injector | None:
+    """The faults that fire in this attempt of step `index`, counted down now (the hook)."""
+    points = STEP_POINTS if forward else COMPENSATION_POINTS
     step_name = SagaStep.objects.filter(saga_id=saga_id, index=index).values("name")[:1]
     injector = Injector()
     with transaction.atomic():

@@ -1,0 +1,57 @@
+"""Faults to inject into steps, for tests and drills: installed only with this app."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.db.models import Q
+
+from sagas.models import Saga
+
+
+class FaultPoint(models.TextChoices):
+    BEFORE_ACTION = "before_action", "Before the action"
+    AFTER_ACTION = "after_action", "After the action, before its commit"
+    AFTER_COMMIT = "after_commit", "After the commit, before the acknowledgement"
+    BEFORE_COMPENSATION = "before_compensation", "Before the compensation"
+    AFTER_FINAL_FAILURE = (
+        "after_final_failure",
+        "After a final failure's commit, before the error callback is sent",
+    )
+
+
+class FaultEffect(models.TextChoices):
+    BUSINESS_ERROR = "business_error", "Raise a business error"
+    TRANSIENT_ERROR = "transient_error", "Raise a transient error"
+    CRASH = "crash", "Kill the worker process"
+    HANG = "hang", "Hang, ignoring the soft time limit, until the hard one kills the process"
+    REPEAT_CALLBACK = "repeat_callback", "Send the chain's error callback again, 1 s later"
+
+
+class Fault(models.Model):
+    """A fault to inject into a step, for tests and drills."""
+
+    saga = models.ForeignKey(
+        Saga, null=True, blank=True, on_delete=models.CASCADE, help_text="Empty: any saga."
+    )
+    step_name = models.CharField(max_length=100, help_text="The step to inject into.")
+    point = models.CharField(max_length=40, choices=FaultPoint.choices, help_text="Where.")
+    effect = models.CharField(max_length=30, choices=FaultEffect.choices, help_text="What.")
+    remaining = models.PositiveIntegerField(
+        null=True, blank=True, help_text="How many more times it fires; empty: every time."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "injected fault"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(point__in=FaultPoint.values), name="fault_point_valid"
+            ),
+            models.CheckConstraint(
+                condition=Q(effect__in=FaultEffect.values), name="fault_effect_valid"
+            ),
+        ]
+        indexes = [models.Index(fields=["step_name"], name="fault_step_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.effect} at {self.point} of {self.step_name}"
