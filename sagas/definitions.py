@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -175,6 +177,12 @@ class SagaDefinition:
             object.__setattr__(self, "on_complete", dotted_path(self.on_complete))
         if self.deadline is not None and self.deadline <= 0:
             raise DefinitionError(f"saga {self.name!r}: deadline must be positive")
+
+    def snapshot(self) -> tuple[list[dict[str, Any]], str]:
+        """What a saga copies into its step rows when it starts, and the digest naming it."""
+        steps = [step.snapshot() for step in self.steps]
+        encoded = json.dumps(steps, sort_keys=True, separators=(",", ":")).encode()
+        return steps, hashlib.sha256(encoded).hexdigest()[:32]
 
     def validate(self) -> None:
         """Import every callable now, so a typo fails at start-up rather than mid-saga."""

@@ -87,6 +87,12 @@ class Saga(models.Model):
     options = models.JSONField(
         default=dict, help_text="Definition-level options, copied when the saga started."
     )
+    definition_version = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="Digest of the steps' definitions copied into the step rows: workers parse "
+        "the definitions of a version once, not at every step.",
+    )
     current_step = models.PositiveSmallIntegerField(
         default=0, help_text="Index of the step in progress, failed, or being compensated."
     )

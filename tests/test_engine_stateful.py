@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import pytest
 from django.db import connection
@@ -274,15 +275,18 @@ def snapshot() -> dict[str, list[tuple[Any, ...]]]:
     }
 
 
-def age_in_flight_sagas() -> None:
-    """Make every saga in flight look stalled to the sweeper."""
-    Saga.objects.filter(status__in=IN_FLIGHT).update(
-        updated_at=timezone.now() - timedelta(seconds=30)
-    )
+def age_in_flight_sagas(order: list[str]) -> None:
+    """Make every saga in flight look stalled to the sweeper, the first started the oldest
+    (so that the sweeper takes them in the same order in every run of an example)."""
+    now = timezone.now()
+    for i, saga_id in enumerate(order):
+        Saga.objects.filter(pk=saga_id, status__in=IN_FLIGHT).update(
+            updated_at=now - timedelta(seconds=30 - i / 1000)
+        )
 
 
-def sweep_stalled() -> recovery.SweepReport:
-    age_in_flight_sagas()
+def sweep_stalled(order: list[str]) -> recovery.SweepReport:
+    age_in_flight_sagas(order)
     return recovery.sweep(stale_after=timedelta(seconds=1), max_recoveries=MAX_RECOVERIES)
 
 
@@ -359,10 +363,13 @@ class EngineMachine(RuleBasedStateMachine):
         )
         assert created
         self.sagas.append(str(saga.pk))
-        # Compensations give up after 2 attempts, not 6, so that examples reach that too.
+        # Compensations give up after 2 attempts, not 6, so that examples reach that too: a
+        # definition of its own, under a version of its own (workers cache them by version).
         for step in SagaStep.objects.filter(saga=saga):
             step.definition["compensation_retry"]["max_attempts"] = 2
             step.save(update_fields=["definition"])
+        version = f"{saga.definition_version[:20]}-stateful"
+        Saga.objects.filter(pk=saga.pk).update(definition_version=version)
 
     @rule(
         kind=st.sampled_from(["business error", "failing compensation", "none"]),
@@ -471,7 +478,7 @@ class EngineMachine(RuleBasedStateMachine):
         if times == 0:
             self.broker.clear()
         for _ in range(max(times, 1)):
-            sweep_stalled()
+            sweep_stalled(self.sagas)
 
     @precondition(lambda self: self.sagas)
     @rule(i=st.integers(0, MAX_SAGAS - 1))
@@ -491,7 +498,10 @@ class EngineMachine(RuleBasedStateMachine):
         """An operator retries or resolves a failed saga (as one does, from the failed list),
         or compensates any saga."""
         failed = Saga.objects.filter(pk__in=self.sagas, status=S.FAILED)
-        candidates = [str(pk) for pk in failed.values_list("pk", flat=True)]
+        if action == "resolve":
+            failed = failed.filter(steps__status=T.COMPENSATION_FAILED)
+        chosen = {str(pk) for pk in failed.values_list("pk", flat=True)}
+        candidates = [saga_id for saga_id in self.sagas if saga_id in chosen]  # in a set order
         if action == "compensate" or not candidates:
             candidates = self.sagas
         saga_id = candidates[i % len(candidates)]
@@ -545,9 +555,9 @@ class EngineMachine(RuleBasedStateMachine):
             check_invariants()
             statuses = dict(Saga.objects.values_list("pk", "status"))
             if any(status in IN_FLIGHT for status in statuses.values()):
-                sweep_stalled()
+                sweep_stalled(self.sagas)
                 continue
-            failed = [str(pk) for pk, status in statuses.items() if status == S.FAILED]
+            failed = [i for i in self.sagas if statuses[UUID(i)] == S.FAILED]
             if not failed:
                 return
             for saga_id in failed:

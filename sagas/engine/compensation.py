@@ -12,7 +12,8 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from ..models import EventKind, SagaStep
+from ..models import EventKind
+from .rows import StepRow
 from .unit import (
     DONE,
     DUPLICATE,
@@ -80,11 +81,11 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
         )
         unit.progressed()
         finish_if_done(unit)
-        unit.save()
+        unit.save(commit=True)
     return DONE
 
 
-def _its_turn(unit: Unit, step: SagaStep) -> bool:
+def _its_turn(unit: Unit, step: StepRow) -> bool:
     """The saga is compensating, this step is owed, and no later step still waits (reverse
     order: a message that arrives early stops, and the later step's chain brings it again)."""
     if unit.saga.status != S.COMPENSATING or step.status != T.COMPENSATING:
@@ -105,7 +106,7 @@ def finish_if_done(unit: Unit) -> None:
         unit.move_saga(S.COMPENSATED, EventKind.SAGA_COMPENSATED)
 
 
-def _fail_saga(unit: Unit, step: SagaStep) -> None:
+def _fail_saga(unit: Unit, step: StepRow) -> None:
     unit.set_saga(
         current_step=step.index,
         error_code="compensation_failed",
@@ -129,7 +130,7 @@ def compensation_attempt_failed(
     return outcome
 
 
-def record_compensation_failure(unit: Unit, step: SagaStep, error: SafeError) -> Outcome:
+def record_compensation_failure(unit: Unit, step: StepRow, error: SafeError) -> Outcome:
     """Count a failed compensation attempt from the rows; retry it, or give up on it.
 
     Compensations retry any error. One that exhausts its policy is `compensation_failed`:

@@ -11,13 +11,16 @@ import os
 import socket
 from datetime import timedelta
 from typing import Any
+from uuid import uuid4
 
-from django.db import IntegrityError, transaction
+from django.db import connection, transaction
 from django.utils import timezone
 
+from .. import dispatch
 from ..definitions import StepContext, get_definition
 from ..models import EventKind, Saga, SagaStep
 from .compensation import begin_compensation
+from .rows import EventRow, StepRow, insert_saga
 from .unit import (
     DONE,
     DUPLICATE,
@@ -32,6 +35,7 @@ from .unit import (
     is_transient,
     lock,
     policy_of,
+    publish_or_leave_to_sweeper,
     safe_error,
 )
 
@@ -48,48 +52,46 @@ def start(
     idempotency_key: str | None = None,
     created_by: Any = None,
 ) -> tuple[Saga, bool]:
-    """Create the saga and its step rows; send the chain when the transaction commits."""
+    """Create the saga, its step rows and its first event in one statement; send the chain
+    when the transaction commits. With an idempotency key already used, return that saga."""
     definition = get_definition(name)
+    snapshots, version = definition.snapshot()
+    now = timezone.now()
+    saga = Saga(
+        id=uuid4(),
+        name=name,
+        input=input,
+        options={
+            "on_complete": definition.on_complete,
+            "continue_compensation_on_failure": definition.continue_compensation_on_failure,
+        },
+        definition_version=version,
+        epoch=1,  # its first chain's
+        deadline_at=now + timedelta(seconds=definition.deadline) if definition.deadline else None,
+        idempotency_key=idempotency_key,
+        created_by=created_by,
+        created_at=now,
+        updated_at=now,
+    )
+    steps = [
+        SagaStep(saga=saga, index=i, name=step.name, definition=snapshot)
+        for i, (step, snapshot) in enumerate(zip(definition.steps, snapshots, strict=True))
+    ]
+    started = EventRow(
+        saga.id, None, "", EventKind.SAGA_STARTED, {"steps": [s.name for s in steps]}, now
+    )
     with transaction.atomic():
-        if idempotency_key is not None:
-            existing = Saga.objects.filter(name=name, idempotency_key=idempotency_key).first()
-            if existing is not None:
-                return existing, False
-        try:
-            with transaction.atomic():
-                saga = Saga.objects.create(
-                    name=name,
-                    input=input,
-                    deadline_at=(
-                        timezone.now() + timedelta(seconds=definition.deadline)
-                        if definition.deadline
-                        else None
-                    ),
-                    idempotency_key=idempotency_key,
-                    created_by=created_by,
-                    options={
-                        "on_complete": definition.on_complete,
-                        "continue_compensation_on_failure": (
-                            definition.continue_compensation_on_failure
-                        ),
-                    },
-                )
-        except IntegrityError:
-            # Another request with the same key committed first: return its saga.
-            if idempotency_key is None:
-                raise
-            existing = Saga.objects.filter(name=name, idempotency_key=idempotency_key).first()
-            if existing is None:
-                raise
-            return existing, False
-        steps = SagaStep.objects.bulk_create(
-            SagaStep(saga=saga, index=i, name=step.name, definition=step.snapshot())
-            for i, step in enumerate(definition.steps)
+        if not insert_saga(saga, steps, started, commit=True):
+            # The key was used, maybe by a request that committed a moment ago: its saga.
+            return Saga.objects.get(name=name, idempotency_key=idempotency_key), False
+        chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
+        transaction.on_commit(
+            publish_or_leave_to_sweeper(
+                saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
+            )
         )
-        unit = Unit(saga=saga, steps=list(steps))
-        unit.event(EventKind.SAGA_STARTED, None, {"steps": [s.name for s in definition.steps]})
-        unit.send_forward(0)
-        unit.save()
+    saga._state.adding = False
+    saga._state.db = connection.alias
     return saga, True
 
 
@@ -143,7 +145,7 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
             unit.move_saga(S.COMPLETED, EventKind.SAGA_COMPLETED)
         else:
             unit.set_saga(current_step=index + 1)
-        unit.save()
+        unit.save(commit=True)
     return DONE
 
 
@@ -162,18 +164,18 @@ def step_attempt_failed(
     return outcome
 
 
-def _attempt_may_fail(unit: Unit, step: SagaStep, epoch: int | None) -> bool:
+def _attempt_may_fail(unit: Unit, step: StepRow, epoch: int | None) -> bool:
     saga = unit.saga
     running = saga.status in (S.PENDING, S.RUNNING) and not saga.is_backward
     return unit.is_current(epoch) and running and unit.in_progress() is step
 
 
-def _transient(step: SagaStep, exc: BaseException) -> bool:
+def _transient(step: StepRow, exc: BaseException) -> bool:
     return is_transient(exc, policy_of(step, "retry"))
 
 
 def record_attempt_failure(
-    unit: Unit, step: SagaStep, error: SafeError, *, transient: bool
+    unit: Unit, step: StepRow, error: SafeError, *, transient: bool
 ) -> Outcome:
     """Count a failed attempt from the rows; retry it, or fail the step and decide what next.
 

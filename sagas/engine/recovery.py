@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from ..models import EventKind
+from ..models import EventKind, SagaEvent
 from .compensation import begin_compensation, finish_if_done
 from .unit import S, lock
 
@@ -60,7 +60,7 @@ def deadline_passed(saga_id: UUID | str) -> bool:
     if saga.status not in (S.PENDING, S.RUNNING) or saga.is_backward:
         return False
     if unit.passed_pivot():
-        if not saga.events.filter(kind=EventKind.DEADLINE_PASSED).exists():
+        if not SagaEvent.objects.filter(saga_id=saga.id, kind=EventKind.DEADLINE_PASSED).exists():
             unit.event(EventKind.DEADLINE_PASSED, None, {"action": "continue past the pivot"})
             unit.save_events()
         return False

@@ -8,23 +8,23 @@ before the transaction commits. The messages go out after the commit (`sagas.dis
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import OperationalError, connection, transaction
-from django.db.models import Field
-from django.db.transaction import TransactionManagementError
+from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
 from .. import dispatch
 from ..definitions import RetryPolicy, StepContext
-from ..exceptions import InvalidTransition, SagaBusy, StepError, TransientError
-from ..models import Direction, Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from ..exceptions import InvalidTransition, StepError, TransientError
+from ..models import Direction, SagaStatus, StepStatus
+from . import rows
+from .rows import EventRow, SagaRow, StepRow
 
 logger = logging.getLogger("sagas")
 
@@ -106,11 +106,11 @@ def call(path: str, ctx: StepContext) -> Any:
     return _import(path)(ctx)
 
 
-def policy_of(step: SagaStep, key: str) -> RetryPolicy:
-    return RetryPolicy.from_dict(step.definition[key])
+def policy_of(step: StepRow, key: str) -> RetryPolicy:
+    return rows.policy(step.definition, key)
 
 
-def compensation_time_limit(step: SagaStep) -> int:
+def compensation_time_limit(step: StepRow) -> int:
     return int(step.definition.get("compensation_time_limit") or step.definition["time_limit"])
 
 
@@ -130,9 +130,9 @@ DONE, DUPLICATE, STOP = Outcome("done"), Outcome("duplicate"), Outcome("stop")
 class Unit:
     """A locked saga with its steps, and the changes, events and messages to write with it."""
 
-    saga: Saga
-    steps: list[SagaStep]
-    events: list[SagaEvent] = field(default_factory=list)
+    saga: SagaRow
+    steps: list[StepRow]
+    events: list[EventRow] = field(default_factory=list)
     changed_steps: dict[int, set[str]] = field(default_factory=dict)
     saga_fields: set[str] = field(default_factory=set)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
@@ -154,7 +154,7 @@ class Unit:
 
     def move_step(
         self,
-        step: SagaStep,
+        step: StepRow,
         to: str,
         kind: str | None,
         detail: dict[str, Any] | None = None,
@@ -179,15 +179,15 @@ class Unit:
         if self.saga.recovery_attempts:
             self.set_saga(recovery_attempts=0)
 
-    def event(self, kind: str, step: SagaStep | None, detail: dict[str, Any] | None) -> None:
+    def event(self, kind: str, step: StepRow | None, detail: dict[str, Any] | None) -> None:
         self.events.append(
-            SagaEvent(
-                saga_id=self.saga.pk,
-                step_index=step.index if step else None,
-                step_name=step.name if step else "",
-                kind=kind,
-                detail=detail or {},
-                created_at=timezone.now(),
+            EventRow(
+                self.saga.pk,
+                step.index if step else None,
+                step.name if step else "",
+                kind,
+                detail or {},
+                timezone.now(),
             )
         )
 
@@ -221,20 +221,24 @@ class Unit:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def save(self) -> None:
-        """Write the changed rows and the events in one statement (one round trip)."""
+    def save(self, *, commit: bool = False) -> None:
+        """Write the changed rows and the events in one statement.
+
+        With `commit`, and when this is the outermost transaction, the COMMIT goes with it:
+        write and commit in one round trip (psycopg's pipeline mode). The transaction's
+        `atomic()` block then finds nothing left to commit; it must end right after this.
+        """
         # Always touch the saga: updated_at is how the sweeper sees progress.
         self.saga.updated_at = timezone.now()
-        writes: list[Sql | None] = [_update_sql(self.saga, self.saga_fields | {"updated_at"})]
-        writes += [_update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
-        writes.append(_insert_events_sql(self.events))
-        _execute_as_one(writes)
+        writes = [rows.update_sql(self.saga, self.saga_fields | {"updated_at"})]
+        writes += [rows.update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
         for send in self.after_commit:
-            transaction.on_commit(_publish_or_leave_to_sweeper(self.saga.pk, send))
+            transaction.on_commit(publish_or_leave_to_sweeper(self.saga.pk, send))
+        rows.execute_as_one([*writes, rows.insert_events_sql(self.events)], commit=commit)
 
     def save_events(self) -> None:
         """Write only the events (a duplicate delivery changes nothing else)."""
-        SagaEvent.objects.bulk_create(self.events)
+        rows.execute_as_one([rows.insert_events_sql(self.events)], commit=False)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -243,7 +247,7 @@ class Unit:
         run in order, whatever has become of them since (compensated, or owed)."""
         return {s.name: s.output for s in self.steps[:index]}
 
-    def context(self, step: SagaStep, *, compensation: bool = False) -> StepContext:
+    def context(self, step: StepRow, *, compensation: bool = False) -> StepContext:
         """What the step's action (or its compensation) receives; attempts count from the rows."""
         attempts = step.compensation_attempts if compensation else step.attempts
         return StepContext(
@@ -255,18 +259,18 @@ class Unit:
             output=step.output,
         )
 
-    def in_progress(self) -> SagaStep | None:
+    def in_progress(self) -> StepRow | None:
         """The first step that has not completed, while the saga goes forward."""
         if self.saga.is_backward:
             return None
         return next((s for s in self.steps if s.status != T.COMPLETED), None)
 
-    def to_compensate(self) -> list[SagaStep]:
+    def to_compensate(self) -> list[StepRow]:
         """Steps whose compensation is owed and not yet failed, in the order to run them."""
         owed = [s for s in self.steps if s.status == T.COMPENSATING]
         return sorted(owed, key=lambda s: s.index, reverse=True)
 
-    def owed_on_compensation(self) -> list[SagaStep]:
+    def owed_on_compensation(self) -> list[StepRow]:
         """What compensating now would undo, in reverse order: every completed step, those
         whose compensation is owed or failed, and the step in progress when its definition
         says `compensate_failed_step` (it may have started, whatever its row says)."""
@@ -280,56 +284,7 @@ class Unit:
         return any(s.definition.get("pivot") and s.status == T.COMPLETED for s in self.steps)
 
 
-Sql = tuple[str, list[Any]]
-
-
-def _update_sql(obj: Saga | SagaStep, fields: Iterable[str]) -> Sql:
-    meta, conn = type(obj)._meta, connection
-    columns = [_concrete(meta.get_field(name)) for name in sorted(fields)]
-    assignments = ", ".join(f"{_quoted_column(f)} = %s" for f in columns)
-    params = [f.get_db_prep_save(getattr(obj, f.attname), conn) for f in columns]
-    sql = f"UPDATE {conn.ops.quote_name(meta.db_table)} SET {assignments} WHERE id = %s"
-    return sql, [*params, obj.pk]
-
-
-def _concrete(field: Any) -> Field[Any, Any]:
-    assert isinstance(field, Field), f"{field} is not a column"
-    return field
-
-
-def _quoted_column(field: Field[Any, Any]) -> str:
-    assert field.column, f"{field} has no column"
-    return connection.ops.quote_name(field.column)
-
-
-def _insert_events_sql(events: list[SagaEvent]) -> Sql | None:
-    if not events:
-        return None
-    meta, conn = SagaEvent._meta, connection
-    fields = [f for f in meta.concrete_fields if not f.primary_key]
-    names = ", ".join(_quoted_column(_concrete(f)) for f in fields)
-    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
-    params = [f.get_db_prep_save(getattr(e, f.attname), conn) for e in events for f in fields]
-    table = conn.ops.quote_name(meta.db_table)
-    return f"INSERT INTO {table} ({names}) VALUES {', '.join([row] * len(events))}", params
-
-
-def _execute_as_one(writes: list[Sql | None]) -> None:
-    """Run several INSERT/UPDATE statements as one, with PostgreSQL's writable CTEs.
-
-    A step's completion changes its row, the saga's row and adds events: sent separately that
-    is three round trips inside the step's transaction, on the hot path of every step.
-    """
-    statements = [w for w in writes if w is not None]
-    *first, last = statements
-    ctes = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(first))
-    sql = (f"WITH {ctes} " if ctes else "") + last[0]
-    params = [p for _, ps in first for p in ps] + last[1]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-
-
-def _publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Callable[[], None]:
+def publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Callable[[], None]:
     """Send messages after the commit; if the broker is down, the sweeper sends them later.
 
     The saga's rows are committed either way, so the caller must not see an error for it.
@@ -354,42 +309,13 @@ def lock(saga_id: UUID | str, *, wait: float | None = None) -> Unit:
 
     Two statements on purpose: a `FOR UPDATE OF saga` joined with the steps would, after
     waiting for the lock, re-check only the saga row and return the step rows as they were
-    before the wait. Read after the lock, in a new statement (READ COMMITTED takes a new
-    snapshot), the steps are current: every writer of a step holds its saga's lock.
+    before the wait. Read after the lock, in a statement of its own (READ COMMITTED takes a new
+    snapshot for each), the steps are current: every writer of a step holds its saga's lock.
+    Both go to the server together, in one round trip (psycopg's pipeline mode); the server
+    still runs them one after the other.
 
     With `wait` (seconds), give up with `SagaBusy` rather than wait longer for the lock: an
     operator's request must not hang behind a step that is still running.
     """
-    if not connection.in_atomic_block:  # as select_for_update() would refuse
-        raise TransactionManagementError("lock() must run inside a transaction")
-    saga_sql, steps_sql = _lock_sql()
-    if wait is not None:
-        with connection.cursor() as cursor:
-            cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
-    try:
-        # Raw queries: the same statements the ORM would build, without building them on
-        # every step (compiling the two querysets cost more than running them).
-        saga = next(iter(Saga.objects.raw(saga_sql, [UUID(str(saga_id))])), None)
-    except OperationalError as exc:
-        if wait is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
-            raise SagaBusy("The saga is busy (a step is running); try again shortly.") from None
-        raise
-    if saga is None:
-        raise Saga.DoesNotExist(f"no saga {saga_id}")
-    if wait is not None:
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL lock_timeout = 0")
-    steps = list(SagaStep.objects.raw(steps_sql, [saga.pk]))
-    for step in steps:
-        step.saga = saga
+    saga, steps = rows.read_locked(saga_id, wait=wait)
     return Unit(saga=saga, steps=steps)
-
-
-@cache
-def _lock_sql() -> tuple[str, str]:
-    q = connection.ops.quote_name
-    sagas, steps = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
-    return (
-        f"SELECT * FROM {sagas} WHERE id = %s FOR UPDATE",
-        f"SELECT * FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
-    )

@@ -1,0 +1,399 @@
+"""The rows the engine reads and writes, as plain objects, and the SQL it sends.
+
+A step's hot path is: lock the saga and read its steps (sent with the transaction's BEGIN),
+the step's own statements, then the changed rows and the events in one statement sent with the
+COMMIT. No queryset is built and no model instance made on that path: a row is an object with
+the table's columns as attributes, and the statements are built from the models' fields once.
+
+The steps' definitions, copied into their rows when a saga starts, are the same for every saga
+started from the same definition: the saga row names them by a digest (`definition_version`),
+and a process reads and parses each version once.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, NamedTuple
+from uuid import UUID
+
+from django.db import OperationalError, connection
+from django.db.models import Field, Model
+from django.db.transaction import TransactionManagementError
+
+from ..definitions import RetryPolicy
+from ..exceptions import SagaBusy
+from ..models import Direction, Saga, SagaEvent, SagaStep
+
+
+class SagaRow:
+    """A saga's row (`sagas.models.Saga`'s columns)."""
+
+    __slots__ = (
+        "created_at",
+        "created_by_id",
+        "current_step",
+        "deadline_at",
+        "definition_version",
+        "direction",
+        "epoch",
+        "error_code",
+        "error_message",
+        "finished_at",
+        "id",
+        "idempotency_key",
+        "input",
+        "name",
+        "options",
+        "recovery_attempts",
+        "status",
+        "updated_at",
+    )
+    model = Saga
+
+    id: UUID
+    name: str
+    status: str
+    direction: str
+    epoch: int
+    input: dict[str, Any]
+    options: dict[str, Any]
+    definition_version: str
+    current_step: int
+    error_code: str
+    error_message: str
+    idempotency_key: str | None
+    recovery_attempts: int
+    created_by_id: int | None
+    deadline_at: Any
+    created_at: Any
+    updated_at: Any
+    finished_at: Any
+
+    @property
+    def pk(self) -> UUID:
+        return self.id
+
+    @property
+    def is_backward(self) -> bool:
+        return self.direction == Direction.BACKWARD
+
+
+class StepRow:
+    """A step's row (`sagas.models.SagaStep`'s columns); `definition` comes from the cache of
+    its saga's definition version."""
+
+    __slots__ = (
+        "attempts",
+        "compensated_at",
+        "compensation_attempts",
+        "definition",
+        "error_code",
+        "error_message",
+        "finished_at",
+        "id",
+        "index",
+        "name",
+        "output",
+        "saga_id",
+        "started_at",
+        "status",
+    )
+    model = SagaStep
+
+    id: int
+    saga_id: UUID
+    index: int
+    name: str
+    status: str
+    definition: dict[str, Any]
+    attempts: int
+    compensation_attempts: int
+    output: Any
+    error_code: str
+    error_message: str
+    started_at: Any
+    finished_at: Any
+    compensated_at: Any
+
+    @property
+    def pk(self) -> int:
+        return self.id
+
+    @property
+    def compensation(self) -> str | None:
+        return self.definition.get("compensation")
+
+
+class EventRow(NamedTuple):
+    """An event to insert (`sagas.models.SagaEvent`'s columns but its id)."""
+
+    saga_id: Any
+    step_index: int | None
+    step_name: str
+    kind: str
+    detail: dict[str, Any]
+    created_at: Any
+
+
+Sql = tuple[str, list[Any]]
+Row = SagaRow | StepRow
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+def read_locked(saga_id: UUID | str, *, wait: float | None) -> tuple[SagaRow, list[StepRow]]:
+    """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`."""
+    if not connection.in_atomic_block:  # as select_for_update() would refuse
+        raise TransactionManagementError("lock() must run inside a transaction")
+    saga_sql, steps_sql = _lock_sql()
+    key = UUID(str(saga_id))
+    connection.ensure_connection()
+    try:
+        with connection.cursor() as cursor, connection.cursor() as steps_cursor:
+            # Results are read after the pipeline's end, which fetches them all at once.
+            with connection.wrap_database_errors, connection.connection.pipeline():
+                if wait is not None:
+                    cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
+                cursor.execute(saga_sql, [key])
+                steps_cursor.execute(steps_sql, [key])
+            saga_values = cursor.fetchone()
+            step_values = steps_cursor.fetchall()
+            if wait is not None:
+                cursor.execute("SET LOCAL lock_timeout = 0")
+    except OperationalError as exc:
+        if wait is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
+            raise SagaBusy("The saga is busy (a step is running); try again shortly.") from None
+        raise
+    if saga_values is None:
+        raise Saga.DoesNotExist(f"no saga {saga_id}")
+    saga = _row(SagaRow, saga_values)
+    steps = [_row(StepRow, values) for values in step_values]
+    for step, definition in zip(steps, definitions(saga), strict=True):
+        step.definition = definition
+    return saga, steps
+
+
+def _row(cls: Any, values: tuple[Any, ...]) -> Any:
+    row = object.__new__(cls)
+    names, converters = _layout(cls)
+    for name, value in zip(names, values, strict=True):
+        object.__setattr__(row, name, value)
+    for name, convert in converters:  # the JSON columns arrive as text
+        object.__setattr__(row, name, convert(getattr(row, name), None, connection))
+    return row
+
+
+@cache
+def _layout(cls: Any) -> tuple[list[str], list[tuple[str, Any]]]:
+    """The attributes a row of `cls` is read into, in `_lock_sql`'s order, and the converters
+    of those that need one (as a queryset would apply them)."""
+    fields = _read_fields(cls)
+    converters = [(f.attname, f.from_db_value) for f in fields if hasattr(f, "from_db_value")]
+    return [f.attname for f in fields], converters
+
+
+def _read_fields(cls: Any) -> list[Field[Any, Any]]:
+    # Not the steps' definitions: they come from the cache of the saga's definition version.
+    return [f for f in cls.model._meta.concrete_fields if f.attname != "definition"]
+
+
+@cache
+def _lock_sql() -> tuple[str, str]:
+    q = connection.ops.quote_name
+    sagas, steps = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
+    saga_columns = ", ".join(_column(f) for f in _read_fields(SagaRow))
+    step_columns = ", ".join(_column(f) for f in _read_fields(StepRow))
+    return (
+        f"SELECT {saga_columns} FROM {sagas} WHERE id = %s FOR UPDATE",
+        f"SELECT {step_columns} FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
+    )
+
+
+# -- the steps' definitions, parsed once per version --------------------------------------
+
+
+class Definition(dict[str, Any]):
+    """A step's definition (the JSON in its row), with its retry policies parsed beside it."""
+
+    __slots__ = ("policies",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.policies: dict[str, RetryPolicy] = {}
+
+
+_definitions: dict[str, tuple[Definition, ...]] = {}
+
+
+def definitions(saga: SagaRow) -> tuple[Definition, ...]:
+    """The step definitions the saga started with, read from its step rows at most once per
+    definition version and process (sagas from before versions: every time)."""
+    version = saga.definition_version
+    cached = _definitions.get(version) if version else None
+    if cached is not None:
+        return cached
+    with connection.cursor() as cursor:
+        cursor.execute(_definitions_sql(), [saga.id])
+        field = SagaStep._meta.get_field("definition")
+        loaded = tuple(
+            Definition(field.from_db_value(value, None, connection))  # type: ignore[attr-defined,arg-type]
+            for (value,) in cursor.fetchall()
+        )
+    if version:
+        _definitions[version] = loaded
+    return loaded
+
+
+@cache
+def _definitions_sql() -> str:
+    q = connection.ops.quote_name
+    table = q(SagaStep._meta.db_table)
+    return f"SELECT {q('definition')} FROM {table} WHERE saga_id = %s ORDER BY {q('index')}"
+
+
+def policy(definition: dict[str, Any], key: str) -> RetryPolicy:
+    """A step's retry policy (`retry` or `compensation_retry`), parsed once per definition."""
+    if not isinstance(definition, Definition):
+        return RetryPolicy.from_dict(definition[key])
+    if key not in definition.policies:
+        definition.policies[key] = RetryPolicy.from_dict(definition[key])
+    return definition.policies[key]
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def update_sql(row: Any, attributes: set[str]) -> Sql:
+    """UPDATE the given attributes of a row (or of a model instance of the same table)."""
+    model: Any = row.model if isinstance(row, SagaRow | StepRow) else type(row)
+    fields = _fields(model)
+    names = sorted(attributes)
+    assignments = ", ".join(f"{fields[name][0]} = %s" for name in names)
+    params = [fields[name][1].get_db_prep_save(getattr(row, name), connection) for name in names]
+    table = connection.ops.quote_name(model._meta.db_table)
+    return f"UPDATE {table} SET {assignments} WHERE id = %s", [*params, row.pk]
+
+
+@cache
+def _fields(model: Any) -> dict[str, tuple[str, Field[Any, Any]]]:
+    return {f.attname: (_column(f), f) for f in model._meta.concrete_fields}
+
+
+def insert_events_sql(events: list[EventRow]) -> Sql | None:
+    if not events:
+        return None
+    columns, fields = _event_columns()
+    row = "(" + ", ".join(["%s"] * len(fields)) + ")"
+    params = [
+        field.get_db_prep_save(value, connection)
+        for event in events
+        for field, value in zip(fields, event, strict=True)
+    ]
+    table = connection.ops.quote_name(SagaEvent._meta.db_table)
+    return f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * len(events))}", params
+
+
+@cache
+def _event_columns() -> tuple[str, list[Field[Any, Any]]]:
+    fields = [SagaEvent._meta.get_field(name) for name in EventRow._fields]
+    concrete = [f for f in fields if isinstance(f, Field)]
+    return ", ".join(_column(f) for f in concrete), concrete
+
+
+def execute_as_one(writes: list[Sql | None], *, commit: bool) -> None:
+    """Run several INSERT/UPDATE statements as one, with PostgreSQL's writable CTEs; with
+    `commit`, in the outermost transaction, send the COMMIT with it (one round trip)."""
+    statements = [w for w in writes if w is not None]
+    *first, last = statements
+    ctes = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(first))
+    sql = (f"WITH {ctes} " if ctes else "") + last[0]
+    params = [p for _, ps in first for p in ps] + last[1]
+    if commit and _outermost_transaction():
+        with (
+            connection.wrap_database_errors,
+            connection.connection.pipeline(),
+            connection.cursor() as cursor,
+        ):
+            cursor.execute(sql, params)
+            cursor.execute("COMMIT")
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+
+
+def _outermost_transaction() -> bool:
+    """Whether the current `atomic()` block is a transaction of its own, not a savepoint in
+    someone else's (whose commit is not the engine's to send)."""
+    return (
+        connection.in_atomic_block
+        and connection.commit_on_exit
+        and not connection.savepoint_ids
+        and connection.connection is not None
+    )
+
+
+def _column(field: Any) -> str:
+    assert isinstance(field, Field) and field.column, f"{field} is not a column"
+    return connection.ops.quote_name(field.column)
+
+
+# -- starting --------------------------------------------------------------------------------
+
+
+def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: bool) -> bool:
+    """Insert a new saga, its steps and its first event in one statement.
+
+    Returns False, inserting nothing, if a saga with the same name and idempotency key exists.
+    With `commit`, in the outermost transaction, the COMMIT goes with it.
+    """
+    saga_columns, saga_values, saga_params = _values(Saga, [saga])
+    step_columns, step_values, step_params = _values(SagaStep, steps)
+    event_fields = _event_columns()[1]
+    event_values = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in event_fields) + ")"
+    event_params = [
+        f.get_db_prep_save(value, connection) for f, value in zip(event_fields, event, strict=True)
+    ]
+    q = connection.ops.quote_name
+    sql = (
+        f"WITH s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) VALUES {saga_values} "
+        "ON CONFLICT DO NOTHING RETURNING id), "
+        f"st AS (INSERT INTO {q(SagaStep._meta.db_table)} ({step_columns}) "
+        f"SELECT * FROM (VALUES {step_values}) v WHERE EXISTS (SELECT FROM s)), "
+        f"ev AS (INSERT INTO {q(SagaEvent._meta.db_table)} ({_event_columns()[0]}) "
+        f"SELECT * FROM (VALUES {event_values}) e WHERE EXISTS (SELECT FROM s)) "
+        "SELECT count(*) FROM s"
+    )
+    params = saga_params + step_params + event_params
+    with connection.cursor() as cursor:
+        if commit and _outermost_transaction():
+            # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
+            with (
+                connection.wrap_database_errors,
+                connection.connection.pipeline(),
+                connection.cursor() as commit_cursor,
+            ):
+                cursor.execute(sql, params)
+                commit_cursor.execute("COMMIT")
+        else:
+            cursor.execute(sql, params)
+        (count,) = cursor.fetchone()
+    return bool(count == 1)
+
+
+def _values(model: type[Model], instances: list[Any]) -> tuple[str, str, list[Any]]:
+    """Columns, typed VALUES rows and parameters to insert model instances (not their
+    auto-incremented key)."""
+    fields = [
+        f
+        for f in model._meta.concrete_fields
+        if not (f.primary_key and getattr(f, "db_returning", False))
+    ]
+    row = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")"
+    params = [
+        f.get_db_prep_save(getattr(instance, f.attname), connection)
+        for instance in instances
+        for f in fields
+    ]
+    columns = ", ".join(_column(f) for f in fields)
+    return columns, ", ".join([row] * len(instances)), params
