@@ -6,23 +6,19 @@ imports a domain app.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from django.conf import settings
 from django.utils.html import format_html, format_html_join
-from django.utils.module_loading import import_string
 from django.utils.safestring import SafeString
 
+from .. import conf
 from ..models import Saga
 
 
 def admin_links(saga: Saga) -> list[tuple[str, str]]:
     """(label, url) pairs for the domain objects of a saga, from the `SAGAS_ADMIN_LINKS` hook."""
-    hook = getattr(settings, "SAGAS_ADMIN_LINKS", None)
-    if not hook:
-        return []
-    function: Callable[[Saga], Iterable[tuple[str, str]]] = import_string(hook)
-    return list(function(saga))
+    hook = conf.admin_links_hook()
+    return list(hook(saga)) if hook is not None else []
 
 
 def link_list(links: Iterable[tuple[str, str]]) -> SafeString:

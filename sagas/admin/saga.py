@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.conf import settings
 from django.contrib import admin
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
@@ -16,6 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from .. import conf
 from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
 from ..permissions import may_operate
 from .actions import OperatorActionsAdmin
@@ -337,6 +337,6 @@ class SagaAdmin(OperatorActionsAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
-        if getattr(settings, "SAGAS_ADMIN_LINKS", None):
+        if conf.admin_links_hook() is not None:
             return fieldsets
         return [fieldset for fieldset in fieldsets if fieldset[0] != "Related objects"]
