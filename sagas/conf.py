@@ -49,3 +49,10 @@ def admin_links_hook() -> Callable[[Any], Iterable[tuple[str, str]]] | None:
     Without it the page has no "Related objects" section."""
     path = getattr(settings, "SAGAS_ADMIN_LINKS", None)
     return import_string(path) if path else None
+
+
+def admin_search_fields() -> tuple[str, ...]:
+    """`SAGAS_ADMIN_SEARCH_FIELDS`, default none: lookups of a saga that the admin's search
+    looks in besides the saga's id and name, such as `input__order_id` (a key of the saga's
+    input). Business data differs from saga to saga: the project names what to search."""
+    return tuple(getattr(settings, "SAGAS_ADMIN_SEARCH_FIELDS", ()))

@@ -19,6 +19,7 @@ DEFAULTS = [
     ("SAGAS_RECOVERY_MAX_ATTEMPTS", conf.recovery_max_attempts, 5),
     ("SAGAS_MODULES", conf.modules, ()),
     ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
+    ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),
 ]
 
 
@@ -39,10 +40,12 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_RECOVERY_MAX_ATTEMPTS = "2"
     settings.SAGAS_MODULES = ["tests.sagadefs"]
     settings.SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
+    settings.SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
     assert conf.modules() == ("tests.sagadefs",)
+    assert conf.admin_search_fields() == ("input__order_id",)
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links

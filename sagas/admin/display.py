@@ -7,6 +7,7 @@ confirmation page of the operator actions.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -156,3 +157,20 @@ def event_detail_text(detail: dict[str, Any]) -> str:
         parts.append(f"on {detail['worker']}")
     parts.extend(f"{key}: {value}" for key, value in detail.items() if key not in SHOWN_DETAILS)
     return " · ".join(parts)
+
+
+def search_help_text(search_fields: Sequence[str]) -> str:
+    """What the list's search looks in: `Search by saga id, name or order id (or a part of one).`
+
+    A lookup is named by its last part (`input__order_id`: "order id"), without the prefix
+    that picks the kind of match (`^`, `=`, `@`).
+    """
+    lookups = [field.lstrip("^=@") for field in search_fields]
+    labels = [
+        "saga id" if lookup == "id" else lookup.split("__")[-1].replace("_", " ")
+        for lookup in lookups
+    ]
+    if not labels:
+        return ""
+    listed = f"{', '.join(labels[:-1])} or {labels[-1]}" if len(labels) > 1 else labels[0]
+    return f"Search by {listed} (or a part of one)."

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -29,6 +30,7 @@ from .display import (
     error_text,
     event_detail_text,
     pretty_json,
+    search_help_text,
     status_badge,
     step_duration,
     timestamp,
@@ -153,8 +155,7 @@ class SagaAdmin(OperatorActionsAdmin):
     list_display_links = ("short_id",)
     list_filter = ("status", "name", "created_at")
     date_hierarchy = "created_at"
-    search_fields = ("id", "input__order_id")
-    search_help_text = "Search by saga id or order id (or the start of either)."
+    search_fields = ("id", "name")  # and the project's SAGAS_ADMIN_SEARCH_FIELDS
     ordering = ("-created_at",)
     list_per_page = 50
     show_full_result_count = False
@@ -221,6 +222,14 @@ class SagaAdmin(OperatorActionsAdmin):
         # of queries for one saga or a hundred.
         steps = SagaStep.objects.order_by("index").defer("definition", "output")
         return super().get_queryset(request).prefetch_related(Prefetch("steps", queryset=steps))
+
+    def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
+        return (*self.search_fields, *conf.admin_search_fields())
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        changelist = super().get_changelist_instance(request)
+        changelist.search_help_text = search_help_text(changelist.search_fields)
+        return changelist
 
     # Sagas change only through the engine: the admin shows them and offers operator actions.
     def has_add_permission(self, request: HttpRequest) -> bool:
