@@ -36,29 +36,21 @@ from .display import (
     timestamp,
 )
 from .links import admin_links, link_list
+from .readonly import ReadOnlyAdminMixin
 
 
-class ReadOnlyInline(admin.TabularInline):
+class SagaRowsInline(ReadOnlyAdminMixin, admin.TabularInline):
     """Rows of a saga, shown to whoever may view the saga; never added, changed or deleted."""
 
     extra = 0
     can_delete = False
     show_change_link = False
 
-    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return may_operate(request.user, "view") or may_operate(request.user, "change")
 
 
-class SagaStepInline(ReadOnlyInline):
+class SagaStepInline(SagaRowsInline):
     model = SagaStep
     verbose_name_plural = "steps"
     fields = (
@@ -105,7 +97,7 @@ class SagaStepInline(ReadOnlyInline):
         return clock(step.compensated_at)
 
 
-class SagaEventInline(ReadOnlyInline):
+class SagaEventInline(SagaRowsInline):
     model = SagaEvent
     verbose_name = "event"
     verbose_name_plural = "timeline"
@@ -140,7 +132,7 @@ class SagaEventInline(ReadOnlyInline):
         return event_detail_text(event.detail or {}) or EMPTY
 
 
-class SagaAdmin(OperatorActionsAdmin):
+class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
         "short_id",
@@ -232,12 +224,6 @@ class SagaAdmin(OperatorActionsAdmin):
         return changelist
 
     # Sagas change only through the engine: the admin shows them and offers operator actions.
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Only a superuser, and never a saga in flight: its workers would find no rows.
         if not request.user.is_superuser:
