@@ -223,7 +223,7 @@ class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
         changelist.search_help_text = search_help_text(changelist.search_fields)
         return changelist
 
-    # Sagas change only through the engine: the admin shows them and offers operator actions.
+    # Sagas change only through the engine (ReadOnlyAdminMixin), but they may be cleaned up.
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         # Only a superuser, and never a saga in flight: its workers would find no rows.
         if not request.user.is_superuser:
