@@ -15,6 +15,7 @@ from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from inventory.models import Product, Reservation, ReservationStatus
+from sagas.admin import ReadOnlyAdminMixin
 
 
 def order_link(order_id: UUID) -> SafeString:
@@ -66,7 +67,7 @@ class ProductAdmin(admin.ModelAdmin):
 
 
 @admin.register(Reservation)
-class ReservationAdmin(admin.ModelAdmin):
+class ReservationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     """Reservations change only through the inventory services: read-only here."""
 
     list_display = ("order", "product", "quantity", "status", "created_at", "released_at")
@@ -80,12 +81,3 @@ class ReservationAdmin(admin.ModelAdmin):
     @admin.display(description="order", ordering="order_id")
     def order(self, reservation: Reservation) -> SafeString:
         return order_link(reservation.order_id)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False

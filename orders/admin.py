@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from orders.admin_links import fulfilment_links
 from orders.models import Order, OrderLine
+from sagas.admin import ReadOnlyAdminMixin
 
 
-class OrderLineInline(admin.TabularInline):
+class OrderLineInline(ReadOnlyAdminMixin, admin.TabularInline):
     model = OrderLine
     extra = 0
     can_delete = False
     fields = ("sku", "quantity", "unit_price", "line_total")
     readonly_fields = fields
 
-    def has_add_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
 
 @admin.register(Order)
-class OrderAdmin(admin.ModelAdmin):
+class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("id", "customer", "status", "total", "currency", "saga_link", "created_at")
     list_filter = ("status", "currency", "created_at")
     search_fields = ("id", "customer__username", "customer__email", "lines__sku")
@@ -59,12 +56,3 @@ class OrderAdmin(admin.ModelAdmin):
             return "-"
         rows = ((url, label) for label, url in links)
         return format_html_join(" · ", '<a href="{}">{}</a>', rows)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False

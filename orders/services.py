@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 from uuid import UUID
@@ -39,8 +40,34 @@ class OrderStatusConflict(Exception):
     """The order's status does not allow the change asked for."""
 
 
-def _line_total(quantity: int, unit_price: Decimal) -> Decimal:
-    return (unit_price * quantity).quantize(CENT)
+@dataclass(frozen=True)
+class OrderPrice:
+    """An order's lines, each with its total, and the order's total."""
+
+    lines: list[OrderLine]  # not saved, and not yet given their order
+    total: Decimal
+
+
+def order_price(*, items: Iterable[Mapping[str, Any]]) -> OrderPrice:
+    """Price an order: a line costs its quantity times its unit price, rounded to the cent, and
+    the order the sum of its lines. Every price of an order is computed here.
+
+    `items` carry `sku`, `quantity` and `unit_price` (a Decimal, or a decimal string as in the
+    saga's input).
+    """
+    lines = []
+    for item in items:
+        unit_price = Decimal(item["unit_price"])
+        line_total = (unit_price * item["quantity"]).quantize(CENT)
+        lines.append(
+            OrderLine(
+                sku=item["sku"],
+                quantity=item["quantity"],
+                unit_price=unit_price,
+                line_total=line_total,
+            )
+        )
+    return OrderPrice(lines=lines, total=sum((line.line_total for line in lines), Decimal("0.00")))
 
 
 # Steps call this inside their own transaction: a savepoint would add two round trips
@@ -63,26 +90,18 @@ def order_create(
     existing = Order.objects.filter(pk=order_id).first()
     if existing is not None:
         return existing
-    lines = [
-        OrderLine(
-            sku=item["sku"],
-            quantity=item["quantity"],
-            unit_price=Decimal(item["unit_price"]),
-            line_total=_line_total(item["quantity"], Decimal(item["unit_price"])),
-        )
-        for item in items
-    ]
+    price = order_price(items=items)
     order = Order.objects.create(
         id=order_id,
         saga_id=saga_id,
         customer_id=customer_id,
         currency=currency,
-        total=sum((line.line_total for line in lines), Decimal("0.00")),
+        total=price.total,
         shipping_address=dict(shipping_address),
     )
-    for line in lines:
+    for line in price.lines:
         line.order = order
-    OrderLine.objects.bulk_create(lines)
+    OrderLine.objects.bulk_create(price.lines)
     return order
 
 
@@ -139,10 +158,7 @@ def order_submit(
         {"sku": sku, "quantity": quantity, "unit_price": str(prices[sku])}
         for sku, quantity in quantities.items()
     ]
-    total = sum(
-        (_line_total(quantity, prices[sku]) for sku, quantity in quantities.items()),
-        Decimal("0.00"),
-    )
+    total = order_price(items=lines).total
     saga_input = {
         "order_id": str(uuid.uuid4()),
         "customer_id": customer.pk if customer is not None else None,

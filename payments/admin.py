@@ -6,25 +6,12 @@ from urllib.parse import urlencode
 from uuid import UUID
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
 from payments.models import GatewayAttempt, GatewayCharge, GatewayOutage, Payment
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written only by services, or by the gateway: shown, never edited here."""
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
+from sagas.admin import ReadOnlyAdminMixin
 
 
 def order_link(order_id: UUID) -> SafeString:
@@ -33,7 +20,7 @@ def order_link(order_id: UUID) -> SafeString:
 
 
 @admin.register(Payment)
-class PaymentAdmin(ReadOnlyAdmin):
+class PaymentAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = (
         "order",
         "amount",
@@ -79,7 +66,7 @@ class PaymentAdmin(ReadOnlyAdmin):
 
 
 @admin.register(GatewayCharge)
-class GatewayChargeAdmin(ReadOnlyAdmin):
+class GatewayChargeAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("charge_id", "amount", "currency", "status", "decline_code", "created_at")
     list_filter = ("status", "decline_code", "token")
     search_fields = ("charge_id", "idempotency_key")
@@ -87,7 +74,7 @@ class GatewayChargeAdmin(ReadOnlyAdmin):
 
 
 @admin.register(GatewayAttempt)
-class GatewayAttemptAdmin(ReadOnlyAdmin):
+class GatewayAttemptAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("idempotency_key", "operation", "token", "outcome", "created_at")
     list_filter = ("operation", "outcome", "token")
     search_fields = ("idempotency_key",)
@@ -95,5 +82,5 @@ class GatewayAttemptAdmin(ReadOnlyAdmin):
 
 
 @admin.register(GatewayOutage)
-class GatewayOutageAdmin(ReadOnlyAdmin):
+class GatewayOutageAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("created_at", "active")

@@ -13,7 +13,7 @@ class SagasConfig(AppConfig):
         # so a worker can run any saga that a web process starts.
         from importlib import import_module
 
-        from django.conf import settings
+        from . import conf
 
-        for module in getattr(settings, "SAGAS_MODULES", ()):
+        for module in conf.modules():
             import_module(module)

@@ -1,19 +1,28 @@
-"""The framework's settings, read from Django settings with defaults."""
+"""The framework's settings: every `SAGAS_*` Django setting is read here, with its default.
+
+Each is read when it is used, not at import, so a changed setting (a test's override) applies.
+The README lists them under "Settings of the framework".
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
+from django.utils.module_loading import import_string
 
 
 def hard_time_limit_grace() -> int:
-    """Seconds between a step's soft time limit (raised in the action) and the hard kill."""
+    """`SAGAS_HARD_TIME_LIMIT_GRACE`, default 10: seconds between a step's soft time limit
+    (raised in the action) and the hard kill of a process that ignores it."""
     return int(getattr(settings, "SAGAS_HARD_TIME_LIMIT_GRACE", 10))
 
 
 def recovery_stale_after() -> timedelta:
-    """A saga in flight with no progress for this long is re-dispatched by the sweeper.
+    """`SAGAS_RECOVERY_STALE_AFTER`, default 300 (seconds): a saga in flight with no progress
+    for this long is re-dispatched by the sweeper.
 
     Keep it above the longest retry countdown of any step, or the sweeper re-sends a step
     that is only waiting for its retry (harmless, but noisy).
@@ -22,5 +31,28 @@ def recovery_stale_after() -> timedelta:
 
 
 def recovery_max_attempts() -> int:
-    """After this many recoveries a saga goes to `failed` for an operator (dead letter)."""
+    """`SAGAS_RECOVERY_MAX_ATTEMPTS`, default 5: after this many recoveries in a row without
+    progress a saga goes to `failed` for an operator (dead letter)."""
     return int(getattr(settings, "SAGAS_RECOVERY_MAX_ATTEMPTS", 5))
+
+
+def modules() -> tuple[str, ...]:
+    """`SAGAS_MODULES`, default none: modules that register saga definitions, imported when
+    the app is ready in every process (web, worker, beat), so that a worker can run any saga
+    a web process starts."""
+    return tuple(getattr(settings, "SAGAS_MODULES", ()))
+
+
+def admin_links_hook() -> Callable[[Any], Iterable[tuple[str, str]]] | None:
+    """`SAGAS_ADMIN_LINKS`, default none: the import path of a function that takes a saga and
+    gives (label, url) pairs, the links from the saga's admin page to its domain objects.
+    Without it the page has no "Related objects" section."""
+    path = getattr(settings, "SAGAS_ADMIN_LINKS", None)
+    return import_string(path) if path else None
+
+
+def admin_search_fields() -> tuple[str, ...]:
+    """`SAGAS_ADMIN_SEARCH_FIELDS`, default none: lookups of a saga that the admin's search
+    looks in besides the saga's id and name, such as `input__order_id` (a key of the saga's
+    input). Business data differs from saga to saga: the project names what to search."""
+    return tuple(getattr(settings, "SAGAS_ADMIN_SEARCH_FIELDS", ()))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from uuid import UUID
 
 from django.contrib import admin
-from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
+from sagas.admin import ReadOnlyAdminMixin
 from shipping.models import Shipment
 
 
@@ -19,7 +19,7 @@ def order_link(order_id: UUID) -> SafeString:
 
 
 @admin.register(Shipment)
-class ShipmentAdmin(admin.ModelAdmin):
+class ShipmentAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_display = ("tracking_number", "order", "country", "status", "created_at")
     list_filter = ("status", "country", "created_at")
     search_fields = ("tracking_number", "order_id")
@@ -39,12 +39,3 @@ class ShipmentAdmin(admin.ModelAdmin):
     @admin.display(description="order", ordering="order_id")
     def order(self, shipment: Shipment) -> SafeString:
         return order_link(shipment.order_id)
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: object = None) -> bool:
-        return False

@@ -9,11 +9,13 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from django.contrib import admin
 from django.contrib.admin.models import LogEntry
 from django.contrib.auth.models import Permission
 from django.contrib.messages import get_messages
 from django.core.management import call_command
 from django.db import connection
+from django.test import RequestFactory
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
@@ -24,6 +26,7 @@ from orders.sagas import ORDER_FULFILMENT
 from orders.services import order_submit
 from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
+from sagas.admin import ReadOnlyAdminMixin
 from sagas.models import EventKind, Saga, SagaEvent, SagaStep
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment
@@ -379,3 +382,68 @@ def test_the_fault_model_is_only_where_the_test_kit_is_installed():
 
 def test_no_missing_migrations():
     call_command("makemigrations", "--check", "--dry-run", verbosity=0)
+
+
+def test_the_search_looks_in_the_business_data_the_project_names(admin_client, settings):
+    paused, completed = build_paused(), build_completed()
+    order_id = paused.input["order_id"]
+
+    # The reference project names the order id of its saga's input.
+    assert settings.SAGAS_ADMIN_SEARCH_FIELDS == ["input__order_id"]
+    page = admin_client.get(CHANGELIST, {"q": order_id})
+    assert shown_ids(page) == {paused.pk}
+    assert page.context["cl"].search_help_text == (
+        "Search by saga id, name or order id (or a part of one)."
+    )
+
+    # A project without the setting searches the saga's id and name only.
+    del settings.SAGAS_ADMIN_SEARCH_FIELDS
+    page = admin_client.get(CHANGELIST, {"q": order_id})
+    assert shown_ids(page) == set()
+    assert list(page.context["cl"].search_fields) == ["id", "name"]
+    assert "order id" not in page.content.decode()
+    assert shown_ids(admin_client.get(CHANGELIST, {"q": str(paused.pk)[:13]})) == {paused.pk}
+    by_name = admin_client.get(CHANGELIST, {"q": ORDER_FULFILMENT.name})
+    assert shown_ids(by_name) == {paused.pk, completed.pk}
+
+    # Any lookup of the saga will do.
+    Saga.objects.filter(pk=completed.pk).update(idempotency_key="checkout-42")
+    settings.SAGAS_ADMIN_SEARCH_FIELDS = ["idempotency_key"]
+    page = admin_client.get(CHANGELIST, {"q": "checkout-4"})
+    assert shown_ids(page) == {completed.pk}
+    assert "idempotency key" in page.context["cl"].search_help_text
+
+
+def test_rows_that_only_code_writes_are_read_only_in_the_admin(admin_client, admin_user):
+    request = RequestFactory().get("/admin/")
+    request.user = admin_user
+    read_only = {
+        "orders.order",
+        "payments.payment",
+        "payments.gatewaycharge",
+        "payments.gatewayattempt",
+        "payments.gatewayoutage",
+        "inventory.reservation",
+        "shipping.shipment",
+    }
+    for model, model_admin in admin.site._registry.items():
+        label = model._meta.label_lower
+        if label not in read_only:
+            continue
+        assert isinstance(model_admin, ReadOnlyAdminMixin), label
+        assert admin_client.get(reverse(f"admin:{label.replace('.', '_')}_add")).status_code == 403
+        assert not model_admin.has_change_permission(request)
+        assert not model_admin.has_delete_permission(request)
+        assert model_admin.has_view_permission(request)
+        read_only.remove(label)
+    assert read_only == set()
+    # Inlines too: an order's lines, and a saga's steps and events.
+    for parent in (Order, Saga):
+        inlines = admin.site._registry[parent].get_inline_instances(request)
+        assert inlines, parent
+        for inline in inlines:
+            assert isinstance(inline, ReadOnlyAdminMixin), inline
+            assert not inline.has_add_permission(request, None)
+            assert not inline.has_change_permission(request, None)
+            assert not inline.has_delete_permission(request, None)
+            assert inline.has_view_permission(request, None)

@@ -1,0 +1,26 @@
+"""Admin for sagas: status at a glance, the steps and timeline of each, and the operator actions.
+
+One module a job: `saga` (the list and a saga's page, with its inlines), `display` (how facts
+are shown), `diagram` (the step diagram), `actions` (retry, compensate and resolve, confirmed
+first), `links` (links to the domain objects of a saga, from the `SAGAS_ADMIN_LINKS`
+setting, so this app never imports a domain app) and `readonly` (`ReadOnlyAdminMixin`, for
+the admins and inlines of rows that only code writes, in this app and in projects). The
+public names are here.
+"""
+
+from django.contrib import admin
+
+from ..models import Saga
+from .actions import OperatorActionsAdmin
+from .readonly import ReadOnlyAdminMixin
+from .saga import SagaAdmin, SagaEventInline, SagaStepInline
+
+__all__ = [
+    "OperatorActionsAdmin",
+    "ReadOnlyAdminMixin",
+    "SagaAdmin",
+    "SagaEventInline",
+    "SagaStepInline",
+]
+
+admin.site.register(Saga, SagaAdmin)

@@ -1,0 +1,207 @@
+"""The operator actions of the saga admin: retry, compensate and resolve, each confirmed first.
+
+Each action shows what it will do to every selected saga (from `services.saga_plan`) on a
+confirmation page, then calls the matching service: the admin holds no saga logic of its own.
+A saga's page offers the same actions as buttons, which post to the list's action.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from django.contrib import admin, messages
+from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils.safestring import SafeString
+
+from .. import services
+from ..engine import Plan
+from ..exceptions import InvalidTransition
+from ..models import Saga, StepStatus
+from ..permissions import may_operate
+from .display import status_badge
+
+
+@dataclass(frozen=True)
+class OperatorAction:
+    """One operator action: its admin action's name and the words for it on the pages."""
+
+    name: str
+    verb: str
+    done: str
+    explanation: str
+
+
+OPERATOR_ACTIONS: dict[str, OperatorAction] = {
+    "retry": OperatorAction(
+        "retry_sagas",
+        "Retry",
+        "Retried",
+        "Retrying resumes a failed saga where it stopped: steps that completed are not run "
+        "again. A saga that failed while compensating resumes its compensation.",
+    ),
+    "compensate": OperatorAction(
+        "compensate_sagas",
+        "Compensate",
+        "Compensating",
+        "Compensating aborts the saga and undoes its completed steps, in reverse order.",
+    ),
+    "resolve": OperatorAction(
+        "resolve_sagas",
+        "Resolve",
+        "Resolved",
+        "Resolving marks the step whose compensation failed as compensated by hand (you "
+        "undid its effect yourself); the remaining compensations then run.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Preview:
+    """What an action will do to one saga, for the confirmation page."""
+
+    saga: Saga
+    plan: Plan
+
+    @property
+    def status_badge(self) -> SafeString:
+        return status_badge(self.saga.status, self.saga.get_status_display())
+
+
+class OperatorActionsAdmin(admin.ModelAdmin):
+    """The operator actions of a saga ModelAdmin, each gated by its own permission."""
+
+    actions = ("retry_sagas", "compensate_sagas", "resolve_sagas")
+
+    def has_retry_permission(self, request: HttpRequest) -> bool:
+        return may_operate(request.user, "retry")
+
+    def has_compensate_permission(self, request: HttpRequest) -> bool:
+        return may_operate(request.user, "compensate")
+
+    def has_resolve_permission(self, request: HttpRequest) -> bool:
+        return may_operate(request.user, "resolve")
+
+    # -- the detail page's action buttons ---------------------------------------------------
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Any = None,
+    ) -> HttpResponse:
+        if obj is not None:
+            context["saga_operator_actions"] = self._buttons(request, obj)
+            context["saga_changelist_url"] = reverse("admin:sagas_saga_changelist")
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def _buttons(self, request: HttpRequest, saga: Saga) -> list[OperatorAction]:
+        """The actions this user may take on a saga that is not finished.
+
+        Whether an action applies is for its confirmation page to say (from `saga_plan`): a
+        plan locks the saga row, which a page view should not wait for while a step runs.
+        """
+        if saga.is_final:
+            return []
+        stuck = any(s.status == StepStatus.COMPENSATION_FAILED for s in saga.steps.all())
+        return [
+            operator_action
+            for action, operator_action in OPERATOR_ACTIONS.items()
+            if may_operate(request.user, action) and (action != "resolve" or stuck)
+        ]
+
+    # -- the operator actions ---------------------------------------------------------------
+
+    @admin.action(description="Retry the selected sagas", permissions=["retry"])
+    def retry_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        return self._operate(request, queryset, "retry")
+
+    @admin.action(description="Compensate (abort) the selected sagas", permissions=["compensate"])
+    def compensate_sagas(
+        self, request: HttpRequest, queryset: QuerySet[Saga]
+    ) -> HttpResponse | None:
+        return self._operate(request, queryset, "compensate")
+
+    @admin.action(
+        description="Resolve the failed compensation of the selected sagas",
+        permissions=["resolve"],
+    )
+    def resolve_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        return self._operate(request, queryset, "resolve")
+
+    @staticmethod
+    def _resolve_index(saga: Saga) -> int:
+        """The step to resolve: the first whose compensation failed, in compensation order.
+
+        Resolving it restarts the compensation, which retries any other failed one.
+        """
+        failed = [s.index for s in saga.steps.all() if s.status == StepStatus.COMPENSATION_FAILED]
+        return max(failed, default=saga.current_step)
+
+    def _plan(self, saga: Saga, action: str) -> Plan:
+        index = self._resolve_index(saga) if action == "resolve" else None
+        return services.saga_plan(saga_id=saga.pk, action=action, index=index)
+
+    def _act(self, saga: Saga, action: str, actor: str) -> Plan:
+        if action == "retry":
+            return services.saga_retry(saga_id=saga.pk, actor=actor)
+        if action == "compensate":
+            return services.saga_compensate(saga_id=saga.pk, actor=actor)
+        index = self._resolve_index(saga)
+        return services.saga_step_resolve(saga_id=saga.pk, index=index, actor=actor)
+
+    def _operate(
+        self, request: HttpRequest, queryset: QuerySet[Saga], action: str
+    ) -> HttpResponse | None:
+        sagas = list(queryset.order_by("-created_at"))
+        if request.POST.get("post") != "yes":
+            return self._confirmation(request, sagas, action)
+        operator_action = OPERATOR_ACTIONS[action]
+        actor = request.user.get_username()
+        done = 0
+        for saga in sagas:
+            try:
+                plan = self._act(saga, action, actor)
+            except (InvalidTransition, Saga.DoesNotExist) as error:
+                self.message_user(
+                    request, f"Saga {saga.pk} was not changed: {error}", messages.ERROR
+                )
+                continue
+            done += 1
+            self.log_change(request, saga, f"{operator_action.done} by an operator: {plan.reason}")
+        if done:
+            noun = "saga" if done == 1 else "sagas"
+            self.message_user(request, f"{operator_action.done} {done} {noun}.", messages.SUCCESS)
+        if request.POST.get("_return_to_detail") and len(sagas) == 1:
+            return HttpResponseRedirect(reverse("admin:sagas_saga_change", args=[sagas[0].pk]))
+        return None  # back to the list, with its filters
+
+    def _confirmation(self, request: HttpRequest, sagas: list[Saga], action: str) -> HttpResponse:
+        previews = []
+        for saga in sagas:
+            try:
+                plan = self._plan(saga, action)
+            except Saga.DoesNotExist:
+                plan = Plan(action, False, "The saga no longer exists.")
+            previews.append(Preview(saga, plan))
+        operator_action = OPERATOR_ACTIONS[action]
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"{operator_action.verb} sagas: are you sure?",
+            "opts": self.model._meta,
+            "operator_action": operator_action,
+            "previews": previews,
+            "allowed_count": sum(1 for preview in previews if preview.plan.allowed),
+            "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "return_to_detail": bool(request.POST.get("_return_to_detail")),
+            "media": self.media,
+        }
+        request.current_app = self.admin_site.name
+        return TemplateResponse(request, "admin/sagas/saga/action_confirmation.html", context)

@@ -1,0 +1,337 @@
+"""The saga admin: the list of sagas and a saga's page, with its steps and its timeline.
+
+Everything here is read-only: sagas change through the engine only. The operator actions come
+from `actions.OperatorActionsAdmin`; the pieces of the page from `display`, `diagram` and `links`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.contrib.admin.views.main import ChangeList
+from django.db.models import Prefetch, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
+
+from .. import conf
+from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from ..permissions import may_operate
+from .actions import OperatorActionsAdmin
+from .diagram import step_diagram
+from .display import (
+    EMPTY,
+    EVENT_TONES,
+    STATUS_COLOURS,
+    clock,
+    duration_text,
+    error_text,
+    event_detail_text,
+    pretty_json,
+    search_help_text,
+    status_badge,
+    step_duration,
+    timestamp,
+)
+from .links import admin_links, link_list
+from .readonly import ReadOnlyAdminMixin
+
+
+class SagaRowsInline(ReadOnlyAdminMixin, admin.TabularInline):
+    """Rows of a saga, shown to whoever may view the saga; never added, changed or deleted."""
+
+    extra = 0
+    can_delete = False
+    show_change_link = False
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return may_operate(request.user, "view") or may_operate(request.user, "change")
+
+
+class SagaStepInline(SagaRowsInline):
+    model = SagaStep
+    verbose_name_plural = "steps"
+    fields = (
+        "position",
+        "name",
+        "status_badge",
+        "tries",
+        "error",
+        "started",
+        "duration",
+        "compensated",
+    )
+    readonly_fields = fields
+    ordering = ("index",)
+
+    @admin.display(description="#")
+    def position(self, step: SagaStep) -> int:
+        return step.index + 1
+
+    @admin.display(description="status")
+    def status_badge(self, step: SagaStep) -> SafeString:
+        return status_badge(step.status, step.get_status_display())
+
+    @admin.display(description="error")
+    def error(self, step: SagaStep) -> str:
+        return error_text(step.error_code, step.error_message)
+
+    @admin.display(description="attempts (undo)")
+    def tries(self, step: SagaStep) -> str:
+        if step.compensation_attempts:
+            return f"{step.attempts} ({step.compensation_attempts})"
+        return str(step.attempts)
+
+    @admin.display(description="started")
+    def started(self, step: SagaStep) -> str:
+        return clock(step.started_at)
+
+    @admin.display(description="duration")
+    def duration(self, step: SagaStep) -> str:
+        return duration_text(step_duration(step))
+
+    @admin.display(description="compensated")
+    def compensated(self, step: SagaStep) -> str:
+        return clock(step.compensated_at)
+
+
+class SagaEventInline(SagaRowsInline):
+    model = SagaEvent
+    verbose_name = "event"
+    verbose_name_plural = "timeline"
+    fields = ("time", "since_start", "step", "what", "details")
+    readonly_fields = fields
+    ordering = ("id",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[SagaEvent]:
+        return super().get_queryset(request).select_related("saga")
+
+    @admin.display(description="time")
+    def time(self, event: SagaEvent) -> str:
+        return clock(event.created_at)
+
+    @admin.display(description="since start")
+    def since_start(self, event: SagaEvent) -> str:
+        return "+" + duration_text(event.created_at - event.saga.created_at)
+
+    @admin.display(description="step")
+    def step(self, event: SagaEvent) -> str:
+        return event.step_name or EMPTY
+
+    @admin.display(description="event")
+    def what(self, event: SagaEvent) -> SafeString:
+        tone = EVENT_TONES.get(event.kind, "info")
+        return format_html(
+            '<span class="saga-event saga-event-{}">{}</span>', tone, event.get_kind_display()
+        )
+
+    @admin.display(description="details")
+    def details(self, event: SagaEvent) -> str:
+        return event_detail_text(event.detail or {}) or EMPTY
+
+
+class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
+    change_form_template = "admin/sagas/saga/change_form.html"
+    list_display = (
+        "short_id",
+        "name",
+        "status_badge",
+        "progress",
+        "current_step_name",
+        "attempts",
+        "created",
+        "duration",
+    )
+    list_display_links = ("short_id",)
+    list_filter = ("status", "name", "created_at")
+    date_hierarchy = "created_at"
+    search_fields = ("id", "name")  # and the project's SAGAS_ADMIN_SEARCH_FIELDS
+    ordering = ("-created_at",)
+    list_per_page = 50
+    show_full_result_count = False
+    inlines = (SagaStepInline, SagaEventInline)
+    fieldsets = (
+        (
+            None,
+            {
+                "classes": ("saga-summary",),
+                "fields": (
+                    ("id", "name"),
+                    ("status_badge", "progress"),
+                    ("current_step_name", "attempts"),
+                    "error",
+                    ("created", "finished", "duration"),
+                ),
+            },
+        ),
+        ("Steps, forward and compensation", {"classes": ("saga-flow",), "fields": ("diagram",)}),
+        ("Related objects", {"classes": ("saga-related",), "fields": ("related_objects",)}),
+        (
+            "Input and bookkeeping",
+            {
+                "classes": ("collapse",),
+                "fields": (
+                    "input_json",
+                    "options_json",
+                    "idempotency_key",
+                    "created_by",
+                    "deadline",
+                    "recovery_attempts",
+                    "updated_at",
+                ),
+            },
+        ),
+    )
+    readonly_fields = (
+        "id",
+        "name",
+        "status_badge",
+        "progress",
+        "current_step_name",
+        "attempts",
+        "error",
+        "created",
+        "finished",
+        "duration",
+        "updated_at",
+        "diagram",
+        "related_objects",
+        "input_json",
+        "options_json",
+        "idempotency_key",
+        "created_by",
+        "deadline",
+        "recovery_attempts",
+    )
+
+    class Media:
+        css = {"all": ("sagas/admin.css",)}
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Saga]:
+        # One query for the steps of every saga on the page: the list costs the same number
+        # of queries for one saga or a hundred.
+        steps = SagaStep.objects.order_by("index").defer("definition", "output")
+        return super().get_queryset(request).prefetch_related(Prefetch("steps", queryset=steps))
+
+    def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
+        return (*self.search_fields, *conf.admin_search_fields())
+
+    def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
+        changelist = super().get_changelist_instance(request)
+        changelist.search_help_text = search_help_text(changelist.search_fields)
+        return changelist
+
+    # Sagas change only through the engine (ReadOnlyAdminMixin), but they may be cleaned up.
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Only a superuser, and never a saga in flight: its workers would find no rows.
+        if not request.user.is_superuser:
+            return False
+        return obj is None or obj.is_final
+
+    # -- columns and fields ----------------------------------------------------------------
+
+    @staticmethod
+    def _steps(saga: Saga) -> list[SagaStep]:
+        return list(saga.steps.all())  # prefetched by get_queryset
+
+    def _current_step(self, saga: Saga) -> SagaStep | None:
+        steps = self._steps(saga)
+        if saga.status == SagaStatus.COMPLETED or not steps:
+            return None
+        if saga.status == SagaStatus.COMPENSATED:
+            # The furthest step the saga reached: the one that failed, or was running when an
+            # operator aborted it.
+            return next((s for s in reversed(steps) if s.started_at is not None), None)
+        return steps[min(saga.current_step, len(steps) - 1)]
+
+    @admin.display(description="saga id", ordering="id")
+    def short_id(self, saga: Saga) -> SafeString:
+        return format_html('<span class="saga-id" title="{}">{}</span>', saga.pk, str(saga.pk)[:8])
+
+    @admin.display(description="status", ordering="status")
+    def status_badge(self, saga: Saga) -> SafeString:
+        return status_badge(saga.status, saga.get_status_display())
+
+    @admin.display(description="progress")
+    def progress(self, saga: Saga) -> SafeString:
+        steps = self._steps(saga)
+        done = sum(1 for step in steps if step.status == StepStatus.COMPLETED)
+        undone = sum(1 for step in steps if step.status == StepStatus.COMPENSATED)
+        segments = format_html_join(
+            "",
+            '<span class="saga-segment" style="background-color: {}" title="{}: {}"></span>',
+            (
+                (
+                    STATUS_COLOURS.get(step.status, "transparent"),
+                    step.name,
+                    step.get_status_display(),
+                )
+                for step in steps
+            ),
+        )
+        text = f"{done} of {len(steps)}" + (f", {undone} undone" if undone else "")
+        return format_html(
+            '<span class="saga-progress">{}</span> <span class="saga-progress-text">{}</span>',
+            segments,
+            text,
+        )
+
+    @admin.display(description="step", ordering="current_step")
+    def current_step_name(self, saga: Saga) -> str:
+        step = self._current_step(saga)
+        return step.name if step is not None else EMPTY
+
+    @admin.display(description="attempts")
+    def attempts(self, saga: Saga) -> str:
+        step = self._current_step(saga)
+        if step is None:
+            return EMPTY
+        if step.status in (StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED):
+            return f"{step.compensation_attempts} (undo)"
+        return str(step.attempts)
+
+    @admin.display(description="created", ordering="created_at")
+    def created(self, saga: Saga) -> str:
+        return timestamp(saga.created_at)
+
+    @admin.display(description="finished", ordering="finished_at")
+    def finished(self, saga: Saga) -> str:
+        return timestamp(saga.finished_at)
+
+    @admin.display(description="deadline")
+    def deadline(self, saga: Saga) -> str:
+        return timestamp(saga.deadline_at)
+
+    @admin.display(description="duration")
+    def duration(self, saga: Saga) -> str:
+        end = saga.finished_at or timezone.now()
+        return duration_text(end - saga.created_at)
+
+    @admin.display(description="error")
+    def error(self, saga: Saga) -> str:
+        return error_text(saga.error_code, saga.error_message)
+
+    @admin.display(description="steps")
+    def diagram(self, saga: Saga) -> SafeString:
+        return step_diagram(self._steps(saga))
+
+    @admin.display(description="links")
+    def related_objects(self, saga: Saga) -> SafeString | str:
+        links = admin_links(saga)
+        return link_list(links) if links else EMPTY
+
+    @admin.display(description="input")
+    def input_json(self, saga: Saga) -> SafeString:
+        return pretty_json(saga.input)
+
+    @admin.display(description="options")
+    def options_json(self, saga: Saga) -> SafeString:
+        return pretty_json(saga.options)
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if conf.admin_links_hook() is not None:
+            return fieldsets
+        return [fieldset for fieldset in fieldsets if fieldset[0] != "Related objects"]

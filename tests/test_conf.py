@@ -1,0 +1,73 @@
+"""The framework's settings: each read through `sagas.conf`, with the default the README gives."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from sagas import conf
+
+ROOT = Path(__file__).resolve().parent.parent
+# The framework and the reference saga's apps: none of them reads a SAGAS_* setting itself.
+READERS = ("sagas", "orders", "payments", "inventory", "shipping")
+DEFAULTS = [
+    ("SAGAS_HARD_TIME_LIMIT_GRACE", conf.hard_time_limit_grace, 10),
+    ("SAGAS_RECOVERY_STALE_AFTER", conf.recovery_stale_after, timedelta(seconds=300)),
+    ("SAGAS_RECOVERY_MAX_ATTEMPTS", conf.recovery_max_attempts, 5),
+    ("SAGAS_MODULES", conf.modules, ()),
+    ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
+    ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),
+]
+
+
+def conf_setting_names() -> set[str]:
+    return set(re.findall(r'"(SAGAS_[A-Z_]+)"', (ROOT / "sagas" / "conf.py").read_text()))
+
+
+@pytest.mark.parametrize(("name", "read", "default"), DEFAULTS, ids=[d[0] for d in DEFAULTS])
+def test_the_default_of_an_unset_setting(settings, name, read, default):
+    if hasattr(settings, name):
+        delattr(settings, name)
+    assert read() == default
+
+
+def test_a_set_setting_is_read_when_used(settings):
+    settings.SAGAS_HARD_TIME_LIMIT_GRACE = "3"
+    settings.SAGAS_RECOVERY_STALE_AFTER = 7.5
+    settings.SAGAS_RECOVERY_MAX_ATTEMPTS = "2"
+    settings.SAGAS_MODULES = ["tests.sagadefs"]
+    settings.SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
+    settings.SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
+    assert conf.hard_time_limit_grace() == 3
+    assert conf.recovery_stale_after() == timedelta(seconds=7.5)
+    assert conf.recovery_max_attempts() == 2
+    assert conf.modules() == ("tests.sagadefs",)
+    assert conf.admin_search_fields() == ("input__order_id",)
+    from orders.admin_links import saga_links
+
+    assert conf.admin_links_hook() is saga_links
+
+
+def test_every_setting_of_conf_is_tested_here():
+    assert conf_setting_names() == {name for name, _, _ in DEFAULTS}
+
+
+def test_no_module_reads_a_sagas_setting_but_conf():
+    read = re.compile(r"settings\.SAGAS_|getattr\(\s*settings\s*,\s*[\"']SAGAS_")
+    readers = [
+        str(path.relative_to(ROOT))
+        for folder in READERS
+        for path in (ROOT / folder).rglob("*.py")
+        if path != ROOT / "sagas" / "conf.py" and read.search(path.read_text())
+    ]
+    assert readers == []
+
+
+def test_every_setting_is_in_the_readme_with_its_default():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Settings of the framework", 1)[1].split("\n#", 1)[0]
+    documented = set(re.findall(r"^\| `(SAGAS_[A-Z_]+)` \| [^|]+ \|", section, re.MULTILINE))
+    assert documented == conf_setting_names()
