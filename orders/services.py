@@ -43,6 +43,19 @@ def _line_total(quantity: int, unit_price: Decimal) -> Decimal:
     return (unit_price * quantity).quantize(CENT)
 
 
+def order_lines_from_items(items: Iterable[Mapping[str, Any]]) -> list[OrderLine]:
+    """Unsaved lines for `items` as a saga's input carries them (`unit_price` a decimal string)."""
+    return [
+        OrderLine(
+            sku=item["sku"],
+            quantity=item["quantity"],
+            unit_price=Decimal(item["unit_price"]),
+            line_total=_line_total(item["quantity"], Decimal(item["unit_price"])),
+        )
+        for item in items
+    ]
+
+
 # Steps call this inside their own transaction: a savepoint would add two round trips
 # and buy nothing, since any error fails the whole step. Called alone, it is atomic.
 @transaction.atomic(savepoint=False)
@@ -63,15 +76,7 @@ def order_create(
     existing = Order.objects.filter(pk=order_id).first()
     if existing is not None:
         return existing
-    lines = [
-        OrderLine(
-            sku=item["sku"],
-            quantity=item["quantity"],
-            unit_price=Decimal(item["unit_price"]),
-            line_total=_line_total(item["quantity"], Decimal(item["unit_price"])),
-        )
-        for item in items
-    ]
+    lines = order_lines_from_items(items)
     order = Order.objects.create(
         id=order_id,
         saga_id=saga_id,
