@@ -1,4 +1,7 @@
-"""The project's REST API: the router, the token endpoint, the health check, the schema."""
+"""The project's REST API: orders and products, the token endpoint, the health check, the schema.
+
+The saga endpoints are the framework's own, `sagas.urls`, under /api/sagas/ (sagaproject.urls).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from inventory.api import ProductViewSet
 from orders.api import OrderViewSet
 from sagaproject.celery import app as celery_app
 from sagaproject.middleware import database_unavailable_response
-from sagas.api import DetailSerializer, SagaViewSet, ScopedThrottle
+from sagas.api import DetailSerializer, ScopedThrottle
 
 logger = logging.getLogger("sagaproject.api")
 
@@ -139,7 +142,6 @@ class HealthView(APIView):
 
 router = SimpleRouter()
 router.register("orders", OrderViewSet, basename="order")
-router.register("sagas", SagaViewSet, basename="saga")
 router.register("products", ProductViewSet, basename="product")
 
 urlpatterns = [

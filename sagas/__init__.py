@@ -1,1 +1,3 @@
 """Sagas for Django on Celery: ordered steps with compensations, kept in PostgreSQL."""
+
+__version__ = "0.1.0"

@@ -1,7 +1,6 @@
-"""The REST API of the framework: sagas with their steps and timeline, and the operator actions.
+"""The saga API's views: sagas with their steps and timeline, and the operator actions.
 
-Reusable: it knows nothing of the domain apps. A project routes `SagaViewSet` under the
-basename "saga" (the serializers link to "saga-detail").
+Reusable: it knows nothing of the domain apps. `sagas.urls` routes `SagaViewSet`.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from drf_spectacular.utils import (
     OpenApiParameter,
     OpenApiResponse,
     extend_schema,
-    extend_schema_field,
     extend_schema_view,
 )
 from rest_framework import serializers, status, viewsets
@@ -30,11 +28,18 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
-from .engine import Plan
-from .exceptions import InvalidTransition
-from .models import Saga, SagaEvent, SagaStatus, SagaStep
-from .permissions import ACTIONS, may_operate
-from .services import saga_compensate, saga_plan, saga_retry, saga_step_resolve
+from ..engine import Plan
+from ..exceptions import InvalidTransition
+from ..models import Saga, SagaEvent, SagaStatus, SagaStep
+from ..permissions import ACTIONS, may_operate
+from ..services import saga_compensate, saga_plan, saga_retry, saga_step_resolve
+from .serializers import (
+    DetailSerializer,
+    PlanQuerySerializer,
+    PlanSerializer,
+    SagaDetailSerializer,
+    SagaSerializer,
+)
 
 # -- shared pieces, also used by the domain apps' APIs ------------------------------------------
 
@@ -64,23 +69,6 @@ class ScopedThrottle(ScopedRateThrottle):
         super().__init__()
 
 
-class DetailSerializer(serializers.Serializer):
-    """The body of an error response."""
-
-    detail = serializers.CharField(help_text="What went wrong.")
-
-
-class ErrorSerializer(serializers.Serializer):
-    code = serializers.CharField(help_text="A stable, machine-readable error code.")
-    message = serializers.CharField(help_text="A safe, human-readable message.")
-
-
-def _error(obj: Saga | SagaStep) -> dict[str, str] | None:
-    if not obj.error_code and not obj.error_message:
-        return None
-    return {"code": obj.error_code, "message": obj.error_message}
-
-
 ERROR_RESPONSES = {
     401: OpenApiResponse(DetailSerializer, description="Not authenticated."),
     403: OpenApiResponse(
@@ -88,113 +76,6 @@ ERROR_RESPONSES = {
     ),
     404: OpenApiResponse(DetailSerializer, description="No such saga."),
 }
-
-# -- serializers ----------------------------------------------------------------------------------
-
-
-class SagaStepSerializer(serializers.ModelSerializer):
-    error = serializers.SerializerMethodField(help_text="Why the step failed, if it did.")
-
-    class Meta:
-        model = SagaStep
-        fields = [
-            "index",
-            "name",
-            "status",
-            "attempts",
-            "error",
-            "started_at",
-            "finished_at",
-            "compensated_at",
-        ]
-        read_only_fields = fields
-
-    @extend_schema_field(ErrorSerializer(allow_null=True))
-    def get_error(self, step: SagaStep) -> dict[str, str] | None:
-        return _error(step)
-
-
-class SagaEventSerializer(serializers.ModelSerializer):
-    class Meta:
-        model = SagaEvent
-        fields = ["kind", "step_index", "step_name", "detail", "created_at"]
-        read_only_fields = fields
-
-
-class SagaSummarySerializer(serializers.ModelSerializer):
-    """A saga in brief, as other resources (an order) link to it."""
-
-    url = serializers.HyperlinkedIdentityField(view_name="saga-detail", read_only=True)
-
-    class Meta:
-        model = Saga
-        fields = ["id", "status", "url"]
-        read_only_fields = fields
-
-
-class SagaSerializer(serializers.ModelSerializer):
-    url = serializers.HyperlinkedIdentityField(view_name="saga-detail", read_only=True)
-    error = serializers.SerializerMethodField(help_text="Why the saga failed, if it did.")
-    steps = SagaStepSerializer(many=True, read_only=True)
-
-    class Meta:
-        model = Saga
-        fields = [
-            "id",
-            "url",
-            "name",
-            "status",
-            "current_step",
-            "error",
-            "recovery_attempts",
-            "created_at",
-            "updated_at",
-            "finished_at",
-            "steps",
-        ]
-        read_only_fields = fields
-
-    @extend_schema_field(ErrorSerializer(allow_null=True))
-    def get_error(self, saga: Saga) -> dict[str, str] | None:
-        return _error(saga)
-
-
-class SagaDetailSerializer(SagaSerializer):
-    events = SagaEventSerializer(many=True, read_only=True, help_text="The timeline, oldest first.")
-
-    class Meta(SagaSerializer.Meta):
-        fields = [*SagaSerializer.Meta.fields, "events"]
-        read_only_fields = fields
-
-
-class PlanSerializer(serializers.Serializer):
-    action = serializers.CharField(help_text="The operator action previewed.")
-    allowed = serializers.BooleanField(help_text="Whether the saga's state allows it now.")
-    reason = serializers.CharField(help_text="What it will do, or why it is not allowed.")
-    run = serializers.ListField(
-        child=serializers.CharField(), help_text="Steps it will run, in order."
-    )
-    undo = serializers.ListField(
-        child=serializers.CharField(), help_text="Steps it will compensate, in order."
-    )
-
-
-class PlanQuerySerializer(serializers.Serializer):
-    action = serializers.ChoiceField(
-        choices=["retry", "compensate", "resolve"], help_text="The action to preview."
-    )
-    index = serializers.IntegerField(
-        required=False,
-        min_value=0,
-        max_value=32767,
-        help_text="The step to resolve (required with action=resolve).",
-    )
-
-    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if attrs["action"] == "resolve" and attrs.get("index") is None:
-            raise serializers.ValidationError({"index": "Required with action=resolve."})
-        return attrs
-
 
 # -- views ----------------------------------------------------------------------------------------
 
@@ -239,6 +120,8 @@ def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
 class SagaViewSet(viewsets.ReadOnlyModelViewSet):
     """Sagas: users see the ones started on their behalf, staff see all and act on them."""
 
+    # Whatever the project's default permission: a saga list is for signed-in users only.
+    permission_classes = [IsAuthenticated]
     pagination_class = Pagination
     filter_backends = [filters.DjangoFilterBackend, OrderingFilter]
     filterset_class = SagaFilter

@@ -1,0 +1,189 @@
+"""The orders API's serializers: a submission, strictly validated, and an order as shown."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from drf_spectacular.extensions import OpenApiSerializerExtension
+from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
+
+from inventory.models import Reservation
+from inventory.selectors import product_prices
+from orders.models import OrderLine, OrderStatus
+from payments.models import Payment
+from sagas.api import SagaSummarySerializer
+from shipping.models import Shipment
+
+# Documented limits of a submission (also in the OpenAPI schema).
+MAX_LINES = 50
+MAX_QUANTITY = 100
+
+
+# -- input ----------------------------------------------------------------------------------------
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, and only a string: 12 or true is not a SKU."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which no database column can hold
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer, and only an integer: "2", 2.0 and true are refused."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so that a misspelt or unsupported one is not ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = sorted(set(data) - set(self.fields)) if isinstance(data, Mapping) else []
+        errors = {str(name)[:64]: ["Unknown field."] for name in unknown[:10]}
+        try:
+            value = super().to_internal_value(data)
+        except ValidationError as exc:
+            if errors and isinstance(exc.detail, dict):
+                exc.detail.update(ValidationError(errors).detail)  # type: ignore[arg-type]
+            raise
+        if errors:
+            raise ValidationError(errors)
+        return value
+
+
+class StrictSerializerSchema(OpenApiSerializerExtension):
+    """Says in the schema what `StrictSerializer` enforces: no properties but the declared."""
+
+    target_class = StrictSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> Any:
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        return {**schema, "additionalProperties": False}
+
+
+class OrderItemSerializer(StrictSerializer):
+    """A line of an order."""
+
+    sku = StrictCharField(max_length=64, help_text="The product's SKU, as in /api/products/.")
+    quantity = StrictIntegerField(
+        min_value=1, max_value=MAX_QUANTITY, help_text=f"Units, 1 to {MAX_QUANTITY}."
+    )
+
+
+class AddressSerializer(StrictSerializer):
+    """A shipping address."""
+
+    name = StrictCharField(max_length=200, help_text="The recipient.")
+    line1 = StrictCharField(max_length=200, help_text="Street and number.")
+    line2 = StrictCharField(max_length=200, required=False, help_text="More of the address.")
+    city = StrictCharField(max_length=100)
+    postal_code = StrictCharField(max_length=20)
+    country = serializers.RegexField(
+        r"^[A-Z]{2}\Z",
+        help_text="ISO 3166-1 alpha-2 code: two uppercase letters, such as GB.",
+        error_messages={"invalid": "Use an ISO 3166-1 alpha-2 code: two uppercase letters."},
+    )
+
+
+class OrderSubmitSerializer(StrictSerializer):
+    """An order to submit. Unknown fields are refused."""
+
+    items = serializers.ListField(
+        child=OrderItemSerializer(),
+        min_length=1,
+        max_length=MAX_LINES,
+        help_text=f"1 to {MAX_LINES} lines, each SKU at most once.",
+    )
+    shipping_address = AddressSerializer()
+    payment_token = StrictCharField(
+        max_length=64, help_text="The payment method's token (tok_ok, tok_declined, ...)."
+    )
+
+    def validate_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        known = product_prices(skus={item["sku"] for item in items})
+        seen: set[str] = set()
+        # Keyed by the item's position, as DRF reports the items' own field errors.
+        errors: dict[int, dict[str, list[str]]] = {}
+        for position, item in enumerate(items):
+            sku = item["sku"]
+            if sku not in known:
+                errors[position] = {"sku": ["Unknown SKU."]}
+            elif sku in seen:
+                errors[position] = {"sku": ["Listed twice: give each SKU once, with its quantity."]}
+            seen.add(sku)
+        if errors:
+            raise ValidationError(errors)
+        return items
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+class OrderLineSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = OrderLine
+        fields = ["sku", "quantity", "unit_price", "line_total"]
+        read_only_fields = fields
+
+
+class PaymentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Payment
+        fields = ["status", "amount", "refunded_amount", "currency"]
+        read_only_fields = fields
+
+
+class ReservationSerializer(serializers.ModelSerializer):
+    sku = serializers.CharField(source="product.sku", read_only=True, help_text="The product.")
+
+    class Meta:
+        model = Reservation
+        fields = ["sku", "quantity", "status"]
+        read_only_fields = fields
+
+
+class ShipmentSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Shipment
+        fields = ["tracking_number", "status", "country"]
+        read_only_fields = fields
+
+
+class OrderSerializer(serializers.Serializer):
+    id = serializers.UUIDField(source="order.id", read_only=True)
+    url = serializers.HyperlinkedIdentityField(view_name="order-detail", read_only=True)
+    status = serializers.ChoiceField(
+        choices=OrderStatus.choices,
+        source="order.status",
+        read_only=True,
+        help_text="Pending while the saga runs; then confirmed or cancelled.",
+    )
+    total = serializers.DecimalField(
+        max_digits=12, decimal_places=2, source="order.total", read_only=True
+    )
+    currency = serializers.CharField(source="order.currency", read_only=True)
+    created_at = serializers.DateTimeField(source="order.created_at", read_only=True)
+    lines = OrderLineSerializer(many=True, read_only=True)
+    saga = SagaSummarySerializer(
+        source="order.saga", read_only=True, allow_null=True, help_text="The fulfilment saga."
+    )
+
+
+class OrderDetailSerializer(OrderSerializer):
+    shipping_address = AddressSerializer(source="order.shipping_address", read_only=True)
+    payment = PaymentSerializer(read_only=True, allow_null=True)
+    reservations = ReservationSerializer(many=True, read_only=True)
+    shipment = ShipmentSerializer(read_only=True, allow_null=True)

@@ -1,0 +1,47 @@
+"""The framework's REST API (the `api` extra): serializers, views, and shared DRF pieces.
+
+A project routes it with `path("api/sagas/", include("sagas.urls"))`. The names below are the
+package's public ones; a domain app's API may reuse them (pagination, throttling, errors).
+"""
+
+from .serializers import (
+    SAGA_DETAIL,
+    DetailSerializer,
+    ErrorSerializer,
+    PlanQuerySerializer,
+    PlanSerializer,
+    SagaDetailSerializer,
+    SagaEventSerializer,
+    SagaSerializer,
+    SagaStepSerializer,
+    SagaSummarySerializer,
+)
+from .views import (
+    ERROR_RESPONSES,
+    Conflict,
+    MayOperate,
+    Pagination,
+    SagaFilter,
+    SagaViewSet,
+    ScopedThrottle,
+)
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "SAGA_DETAIL",
+    "Conflict",
+    "DetailSerializer",
+    "ErrorSerializer",
+    "MayOperate",
+    "Pagination",
+    "PlanQuerySerializer",
+    "PlanSerializer",
+    "SagaDetailSerializer",
+    "SagaEventSerializer",
+    "SagaFilter",
+    "SagaSerializer",
+    "SagaStepSerializer",
+    "SagaSummarySerializer",
+    "SagaViewSet",
+    "ScopedThrottle",
+]

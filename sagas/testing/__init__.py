@@ -1,0 +1,1 @@
+"""The test kit: injected faults (`Fault` rows) for tests and drills, installed in test settings."""

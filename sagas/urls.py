@@ -1,0 +1,17 @@
+"""The saga endpoints, for a project's URLconf: `path("api/sagas/", include("sagas.urls"))`.
+
+List and detail, the preview (`plan`) and the operator actions (`retry`, `compensate`,
+`steps/<index>/resolve`), named in the `sagas` namespace: `reverse("sagas:saga-detail", ...)`.
+Needs the `api` extra (Django REST framework, django-filter, drf-spectacular).
+"""
+
+from rest_framework.routers import SimpleRouter
+
+from .api import SagaViewSet
+
+app_name = "sagas"
+
+router = SimpleRouter()
+router.register("", SagaViewSet, basename="saga")
+
+urlpatterns = router.urls
