@@ -1,6 +1,7 @@
-"""A test kit for sagas: real workers and injected faults.
+"""A test kit for sagas: real workers, injected faults, and a failure matrix that checks the
+framework's guarantees and your own invariant on any saga definition.
 
-    from sagas.testing import CeleryWorker, test_database_env
+    from sagas.testing import CeleryWorker, FailureMatrix, test_database_env
 
 Add "sagas.testing" to INSTALLED_APPS in your test settings (its `Fault` model and the hook
 that injects them). The names below import lazily, so that a worker which only needs
@@ -13,15 +14,20 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .guarantees import Result
+    from .matrix import Case, FailureMatrix
     from .worker import CeleryWorker, test_database_env, wait_for
 
 _WHERE = {
+    "Case": "matrix",
+    "FailureMatrix": "matrix",
+    "Result": "guarantees",
     "CeleryWorker": "worker",
     "test_database_env": "worker",
     "wait_for": "worker",
 }
 
-__all__ = ["CeleryWorker", "test_database_env", "wait_for"]
+__all__ = ["Case", "CeleryWorker", "FailureMatrix", "Result", "test_database_env", "wait_for"]
 
 
 def __getattr__(name: str) -> Any:
