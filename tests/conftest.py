@@ -20,8 +20,9 @@ from sagaproject.celery import app as celery_app
 from sagas.testing.worker import CeleryWorker, wait_for
 from tests import sagadefs  # noqa: F401  (registers the test sagas in this process too)
 
-# The test kit's fixtures: `saga_worker` starts the suite's workers (`saga_worker_options`).
-pytest_plugins = ["sagas.testing.pytest_plugin"]
+# The test kit's fixtures: `saga_worker` starts the suite's workers (`saga_worker_options`);
+# pytester runs pytest on a test of its own (tests/test_testkit.py).
+pytest_plugins = ["sagas.testing.pytest_plugin", "pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -61,6 +61,26 @@ def test_what_a_case_expects_follows_the_policy():
     assert refund.compensation_attempts == {"charge": 8}  # the default compensation policy
 
 
+# -- the pytest plugin, as a project opts in ---------------------------------------------------
+
+
+def test_the_plugin_takes_the_app_from_pytests_configuration(pytester):
+    pytester.makeini("[pytest]\nsagas_celery_app = proj\n")
+    pytester.makepyfile(
+        """
+        def test_options(saga_worker_options):
+            assert saga_worker_options["app"] == "proj"
+            assert saga_worker_options["queue"].startswith("sagas-test-")
+        """
+    )
+    plugin = ("-p", "sagas.testing.pytest_plugin", "-p", "no:django", "-p", "no:cacheprovider")
+    pytester.runpytest_subprocess(*plugin).assert_outcomes(passed=1)
+
+    pytester.makeini("[pytest]\n")
+    result = pytester.runpytest_subprocess(*plugin)
+    result.stdout.fnmatch_lines(["*set sagas_celery_app = *in pytest's configuration*"])
+
+
 # -- a sound saga passes every case --------------------------------------------------------------
 
 

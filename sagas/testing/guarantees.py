@@ -70,7 +70,7 @@ class Result:
     def assert_guarantees(self) -> None:
         problems = self.problems()
         if problems:
-            broken = "\n".join(f"  - {problem}" for problem in problems)
+            broken = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
             raise AssertionError(
                 f"case {self.case.id!r} (saga {self.saga.pk}) broke {len(problems)} "
                 f"guarantee(s):\n{broken}\ntimeline:\n{self.timeline()}"
