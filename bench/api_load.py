@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 
-from bench.run import FINAL, ROOT, Workers, bench_database_url, percentile, wait
+from bench.run import FINAL, ROOT, bench_database_url, percentile, wait, workers
 
 LOG_DIR = ROOT / ".local" / "bench"
 LUA_SCRIPT = ROOT / "bench" / "post_order.lua"
@@ -387,14 +387,14 @@ def main() -> int:
         warmup_user, warmup_token = api_user("warmup")
         load_user, load_token = api_user("load")
 
-        with Workers(queue, concurrency) as workers, Gunicorn(args.web_workers, queue) as server:
+        with workers(queue, concurrency) as node, Gunicorn(args.web_workers, queue) as server:
             if args.warmup > 0:  # every gunicorn worker imports its views on its first request
                 run_wrk(server.url, warmup_token, body, args.warmup, args)
             start = access_log_settled(server.access_log)
             meter = CpuMeter(
                 {
                     "gunicorn": server.processes,
-                    "celery": lambda: [p for proc in workers.procs for p in _tree(proc.pid)],
+                    "celery": lambda: [p for proc in node.procs for p in _tree(proc.pid)],
                     "postgres": _named("postgres"),
                     "redis": _named("redis-server"),
                 }

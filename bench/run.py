@@ -14,7 +14,6 @@ import json
 import os
 import secrets
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -25,6 +24,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psutil
+
+from sagas.testing.worker import CeleryWorker
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = ("completed", "compensated", "failed")
@@ -57,68 +58,36 @@ def bench_database_url() -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-class Workers:
-    def __init__(self, queue: str, concurrency: int, nodes: int = 1) -> None:
-        self.queue, self.concurrency, self.nodes = queue, concurrency, nodes
-        self.procs: list[subprocess.Popen] = []
-
-    def __enter__(self) -> Workers:
-        log_dir = ROOT / ".local" / "bench"
-        log_dir.mkdir(parents=True, exist_ok=True)
-        env = {
-            **os.environ,
-            "CELERY_TASK_DEFAULT_QUEUE": self.queue,
+def workers(queue: str, concurrency: int) -> CeleryWorker:
+    """One worker node of `concurrency` processes on the run's queue, with the benchmark's tasks,
+    logging to .local/bench/worker-0.log."""
+    return CeleryWorker(
+        "sagaproject",
+        queue=queue,
+        name="bench",
+        concurrency=concurrency,
+        env={
+            "CELERY_TASK_DEFAULT_QUEUE": queue,
             "SAGAS_MODULES": "bench.sagas",
             "SAGAS_LOG_LEVEL": "WARNING",
-        }
-        for i in range(self.nodes):
-            log = log_dir / f"worker-{i}.log"
-            cmd = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "sagaproject",
-                "worker",
-                "-Q",
-                self.queue,
-                "-c",
-                str(self.concurrency),
-                "-n",
-                f"bench{i}-{self.queue}@%h",
-                "--include",
-                "bench.tasks",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-l",
-                "info",
-            ]
-            self.procs.append(
-                subprocess.Popen(
-                    cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
-                )
-            )
-            self.logs = [*getattr(self, "logs", []), log]
-        wait(lambda: all(" ready." in log.read_text() for log in self.logs), 60, "workers")
-        return self
+        },
+        log=ROOT / ".local" / "bench" / "worker-{index}.log",
+        include=["bench.tasks"],
+        cwd=ROOT,
+        stop_timeout=30,
+    )
 
-    def peak_rss_mb(self) -> float:
-        """Peak resident memory (VmHWM) of the largest worker process."""
-        peak = 0
-        for proc in self.procs:
-            parent = psutil.Process(proc.pid)
-            for p in [parent, *parent.children(recursive=True)]:
-                for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        peak = max(peak, int(line.split()[1]))
-        return peak / 1024
 
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            proc.wait(timeout=30)
+def peak_rss_mb(workers: CeleryWorker) -> float:
+    """Peak resident memory (VmHWM) of the largest worker process."""
+    peak = 0
+    for proc in workers.procs:
+        parent = psutil.Process(proc.pid)
+        for p in [parent, *parent.children(recursive=True)]:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peak = max(peak, int(line.split()[1]))
+    return peak / 1024
 
 
 def wait(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.01) -> None:
@@ -337,7 +306,7 @@ def main() -> int:
     ensure_table()
 
     results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas}
-    with Workers(queue, concurrency) as workers:
+    with workers(queue, concurrency) as node:
         for warmup in (OrderSagas(), BareChains(4)):
             throughput(warmup, 20)
         results["bare_chain_per_s"] = throughput(BareChains(4), args.sagas)
@@ -353,7 +322,7 @@ def main() -> int:
                 bare_lat = latencies(BareChains(steps), args.latency_samples)
                 results[f"synthetic_{steps}_p50_ms"] = statistics.median(lat)
                 results[f"bare_{steps}_p50_ms"] = statistics.median(bare_lat)
-        results["worker_peak_rss_mb"] = round(workers.peak_rss_mb(), 1)
+        results["worker_peak_rss_mb"] = round(peak_rss_mb(node), 1)
     results.update(database_cost())
     for name, samples in (("", saga), ("bare_", bare)):
         for pct in (50, 95, 99):

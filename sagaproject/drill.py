@@ -133,8 +133,20 @@ class Stack:
     the drill or on its own, is started again (`supervise`)."""
 
     def __init__(self, env: dict[str, str], concurrency: int, logs: Path) -> None:
-        self.env, self.concurrency, self.logs = env, concurrency, logs
-        self.nodes: dict[str, subprocess.Popen] = {}
+        from sagas.testing.worker import CeleryWorker
+
+        self.env, self.logs = env, logs
+        self.workers = CeleryWorker(
+            "sagaproject",
+            nodes=["drill1", "drill2"],
+            concurrency=concurrency,
+            env=env,
+            log=logs / "{node}.log",
+            loglevel="warning",
+            without=("gossip", "mingle"),
+            cwd=ROOT,
+            stop_timeout=30,
+        )
         self.beat: subprocess.Popen | None = None
         self.exits: list[str] = []  # nodes that exited on their own, with why
         self.stopping = threading.Event()
@@ -144,37 +156,16 @@ class Stack:
         """Start again any node that exits on its own, until the stack stops (a thread)."""
         while not self.stopping.wait(0.5):
             with self.lock:
-                for name, node in list(self.nodes.items()):
+                for name, node in list(self.workers.processes.items()):
                     if node.poll() is None or self.stopping.is_set():
                         continue
                     log = (self.logs / f"{name}.log").read_text()
                     critical = [line for line in log.splitlines() if "CRITICAL" in line]
                     self.exits.append(f"worker node {name} exited: {(critical or ['?'])[-1]}")
-                    self.start_node(name)
-
-    def start_node(self, name: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "sagaproject",
-            "worker",
-            "-c",
-            str(self.concurrency),
-            "-n",
-            f"{name}@%h",
-            "--without-gossip",
-            "--without-mingle",
-            "-l",
-            "warning",
-        ]
-        log = (self.logs / f"{name}.log").open("a")
-        self.nodes[name] = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=log)
+                    self.workers.start_node(name)
 
     def start(self) -> None:
-        for name in ("drill1", "drill2"):
-            self.start_node(name)
+        self.workers.start()  # waits until both nodes take messages
         threading.Thread(target=self.supervise, daemon=True).start()
         log = (self.logs / "beat.log").open("a")
         self.beat = subprocess.Popen(
@@ -203,8 +194,8 @@ class Stack:
     def _kill_random_process(self, rng: random.Random) -> str:
         import psutil
 
-        name = rng.choice(sorted(self.nodes))
-        node = self.nodes[name]
+        name = rng.choice(sorted(self.workers.processes))
+        node = self.workers.processes[name]
         children = psutil.Process(node.pid).children()
         if children and rng.random() < 0.7:
             victim = rng.choice(children)
@@ -215,19 +206,20 @@ class Stack:
         for child in children:  # orphaned pool processes die with their node
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
-        self.start_node(name)
+        self.workers.start_node(name)
         return f"SIGKILL worker node {name} (restarted)"
 
     def stop(self) -> None:
         self.stopping.set()
-        procs = [*self.nodes.values(), *([self.beat] if self.beat else [])]
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        with self.lock:  # not while the supervisor starts a node again
+            if self.beat:
+                self.beat.terminate()
+            self.workers.stop()
+            if self.beat:
+                try:
+                    self.beat.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    self.beat.kill()
 
 
 def retrying(action, what: str, attempts: int = 60):
@@ -307,7 +299,6 @@ def main() -> int:
         products = setup_catalog(args.sagas)
         plant_crash_faults(args.crash_faults)
         stack.start()
-        time.sleep(3)  # let the workers connect before the first faults
         saga_ids = run_with_faults(args, rng, servers, stack, faults_done)
         finished = wait_all_final(saga_ids, args.timeout)
         report = check_invariants(saga_ids, products)

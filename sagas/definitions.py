@@ -181,8 +181,7 @@ class SagaDefinition:
     def snapshot(self) -> tuple[list[dict[str, Any]], str]:
         """What a saga copies into its step rows when it starts, and the digest naming it."""
         steps = [step.snapshot() for step in self.steps]
-        encoded = json.dumps(steps, sort_keys=True, separators=(",", ":")).encode()
-        return steps, hashlib.sha256(encoded).hexdigest()[:32]
+        return steps, snapshot_version(steps)
 
     def validate(self) -> None:
         """Import every callable now, so a typo fails at start-up rather than mid-saga."""
@@ -200,6 +199,16 @@ class SagaDefinition:
         if self.on_complete:
             paths.append(str(self.on_complete))
         return paths
+
+
+def snapshot_version(steps: list[dict[str, Any]]) -> str:
+    """The digest of step definitions as copied into step rows (`Saga.definition_version`).
+
+    Workers read and parse the definitions of a version once: whoever changes a saga's step
+    rows (a test shortening its waits, say) gives it the version of what it wrote.
+    """
+    encoded = json.dumps(steps, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:32]
 
 
 def register(definition: SagaDefinition) -> SagaDefinition:

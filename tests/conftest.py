@@ -6,10 +6,9 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
@@ -18,7 +17,12 @@ import pytest
 from django.conf import settings
 
 from sagaproject.celery import app as celery_app
+from sagas.testing.worker import CeleryWorker, wait_for
 from tests import sagadefs  # noqa: F401  (registers the test sagas in this process too)
+
+# The test kit's fixtures: `saga_worker` starts the suite's workers (`saga_worker_options`);
+# pytester runs pytest on a test of its own (tests/test_testkit.py).
+pytest_plugins = ["sagas.testing.pytest_plugin", "pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -73,94 +77,32 @@ def worker_env() -> dict[str, str]:
     }
 
 
-class Workers:
-    """Real `celery worker` processes (prefork), started and stopped by the test session."""
-
-    def __init__(
-        self, nodes: int, concurrency: int, *, name: str = "worker", env: dict | None = None
-    ) -> None:
-        self.nodes, self.concurrency = nodes, concurrency
-        self.name, self.env = name, env or {}  # `env`: overrides, e.g. another broker
-        self.procs: list[subprocess.Popen] = []
-        self.logs: list[Path] = []
-
-    def node_names(self) -> list[str]:
-        return [f"{self.name}{i}-{QUEUE}@{socket.gethostname()}" for i in range(self.nodes)]
-
-    def start(self) -> None:
-        ARTIFACTS.mkdir(exist_ok=True)
-        for i in range(self.nodes):
-            log = ARTIFACTS / f"{self.name}-{i}.log"
-            log.write_text("")
-            self.logs.append(log)
-            cmd = [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "sagaproject",
-                "worker",
-                "-Q",
-                QUEUE,
-                "-c",
-                str(self.concurrency),
-                "-n",
-                f"{self.name}{i}-{QUEUE}@%h",
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "-l",
-                "info",
-            ]
-            self.procs.append(
-                subprocess.Popen(
-                    cmd,
-                    cwd=ROOT,
-                    env={**worker_env(), **self.env},
-                    stdout=log.open("w"),
-                    stderr=subprocess.STDOUT,
-                )
-            )
-        wait_for(self.ready, timeout=60, what="Celery workers to start")
-
-    def ready(self) -> bool:
-        for proc, log in zip(self.procs, self.logs, strict=True):
-            if proc.poll() is not None:
-                raise RuntimeError(f"worker exited early; see {log}:\n{log.read_text()[-3000:]}")
-        return all(" ready." in log.read_text() for log in self.logs)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def wait_for(
-    condition: Callable[[], object], *, timeout: float = 30, what: str = "condition"
-) -> object:
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
+def worker_options(
+    nodes: int, concurrency: int, *, name: str = "worker", env: dict | None = None
+) -> dict:
+    """Real `celery worker` processes (prefork) of the project on the suite's queue, each
+    logging to test-artifacts/<name>-<i>.log: the test kit's `CeleryWorker` arguments."""
+    return {
+        "app": "sagaproject",
+        "queue": QUEUE,
+        "nodes": nodes,
+        "name": name,
+        "concurrency": concurrency,
+        "env": {**worker_env(), **(env or {})},  # `env`: overrides, e.g. another broker
+        "log": ARTIFACTS / f"{name}-{{index}}.log",
+        "cwd": ROOT,
+    }
 
 
 @pytest.fixture(scope="session")
-def workers(django_db_setup, django_db_blocker) -> Iterator[Workers]:
-    with celery_app.connection_for_write() as conn:
-        conn.default_channel.queue_purge(QUEUE)
-    pool = Workers(nodes=2, concurrency=2)
-    pool.start()
-    yield pool
-    pool.stop()
+def saga_worker_options(django_db_setup) -> dict:
+    """The suite's two worker nodes, started by the test kit's `saga_worker` fixture."""
+    return worker_options(nodes=2, concurrency=2)
+
+
+@pytest.fixture(scope="session")
+def workers(saga_worker) -> CeleryWorker:
+    return saga_worker
 
 
 @pytest.fixture

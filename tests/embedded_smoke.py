@@ -7,12 +7,13 @@ export their URLs, so the worker started here shares them.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from decimal import Decimal
 
 import django
+
+from sagas.testing.worker import CeleryWorker
 
 
 def main() -> int:
@@ -31,26 +32,11 @@ def main() -> int:
         sku="EMBEDDED-1", name="Embedded", price=Decimal("5.00"), stock_on_hand=3
     )
     queue = os.environ["CELERY_TASK_DEFAULT_QUEUE"]
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "sagaproject",
-            "worker",
-            "-c",
-            "1",
-            "-Q",
-            queue,
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-            "-l",
-            "warning",
-        ],
+    worker = CeleryWorker(
+        "sagaproject", queue=queue, nodes=["celery"], loglevel="warning", stop_timeout=30
     )
     try:
+        worker.start()
         saga, _ = order_submit(
             customer=None,
             items=[{"sku": product.sku, "quantity": 1}],
@@ -72,8 +58,7 @@ def main() -> int:
         print("saga status:", status)
         return 0 if status == "completed" else 1
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        worker.stop()
         embedded.stop_redis_if_started()
         embedded.stop_postgres()
 

@@ -191,3 +191,56 @@ register(
         steps=[Step("first", record, undo, retry=FAST), Step("second", decline, undo)],
     )
 )
+
+
+# -- the test kit's own tests (tests/test_testkit.py) ------------------------------------------
+
+
+def take_one(ctx: StepContext) -> dict:
+    """Take one of the product named in the input out of stock."""
+    from django.db.models import F
+
+    from inventory.models import Product
+
+    Product.objects.filter(sku=ctx.input["sku"]).update(stock_on_hand=F("stock_on_hand") - 1)
+    return {"taken": 1}
+
+
+def give_back(ctx: StepContext) -> None:
+    from django.db.models import F
+
+    from inventory.models import Product
+
+    taken = ctx.output["taken"]
+    Product.objects.filter(sku=ctx.input["sku"]).update(stock_on_hand=F("stock_on_hand") + taken)
+
+
+def forget_to_give_back(ctx: StepContext) -> None:
+    """The bug: a compensation that does not undo what its action did."""
+
+
+def stock_saga(name: str, compensation) -> SagaDefinition:
+    return SagaDefinition(
+        name=name,
+        steps=[
+            Step("take", take_one, compensation, retry=FAST),
+            Step("after", record, undo, retry=FAST),
+        ],
+    )
+
+
+register(stock_saga("takes_stock", give_back))
+register(stock_saga("leaks_stock", forget_to_give_back))
+register(
+    SagaDefinition(
+        name="past_a_pivot",
+        steps=[
+            Step("hold", record, undo, retry=FAST),
+            Step("charge", record, undo, retry=FAST, compensate_failed_step=True),
+            Step("commit", record, undo, retry=FAST, pivot=True),
+            Step("notify", record, undo, retry=FAST, on_exhausted="pause"),
+            Step("archive", record, undo, retry=FAST),
+        ],
+        continue_compensation_on_failure=True,
+    )
+)

@@ -53,7 +53,7 @@ from orders.services import order_submit
 from payments.gateway import gateway_outage_begin, gateway_recover
 from payments.models import GatewayAttempt, GatewayCharge, GatewayOutage, Payment
 from sagas import engine, recovery, tasks
-from sagas.definitions import StepContext
+from sagas.definitions import StepContext, snapshot_version
 from sagas.exceptions import InvalidTransition
 from sagas.models import (
     EventKind,
@@ -365,10 +365,11 @@ class EngineMachine(RuleBasedStateMachine):
         self.sagas.append(str(saga.pk))
         # Compensations give up after 2 attempts, not 6, so that examples reach that too: a
         # definition of its own, under a version of its own (workers cache them by version).
-        for step in SagaStep.objects.filter(saga=saga):
+        steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
+        for step in steps:
             step.definition["compensation_retry"]["max_attempts"] = 2
             step.save(update_fields=["definition"])
-        version = f"{saga.definition_version[:20]}-stateful"
+        version = snapshot_version([step.definition for step in steps])
         Saga.objects.filter(pk=saga.pk).update(definition_version=version)
 
     @rule(

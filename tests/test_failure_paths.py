@@ -46,7 +46,7 @@ def sweep(**kwargs) -> recovery.SweepReport:
 
 def nodes_answering(workers) -> set[str]:
     """The test worker nodes whose main process answers a ping."""
-    replies = celery_app.control.ping(destination=workers.node_names(), timeout=2.0)
+    replies = celery_app.control.ping(destination=workers.node_names, timeout=2.0)
     return {name for reply in replies for name in reply}
 
 
@@ -90,7 +90,7 @@ def test_a_hung_step_is_killed_and_its_saga_follows_its_policy(saga_db):
     assert hung.error_code == "time_limit"
     assert hung.attempts == 2  # the policy's max_attempts
     assert step_statuses(saga) == ["compensated", "failed"]
-    assert nodes_answering(saga_db) == set(saga_db.node_names())
+    assert nodes_answering(saga_db) == set(saga_db.node_names)
 
 
 # -- 3. retry of a saga that was compensating ------------------------------------------------
@@ -232,7 +232,7 @@ def test_a_hung_compensation_is_killed_and_fails_for_an_operator(saga_db):
     assert first.status == "compensation_failed"
     assert first.error_code == "time_limit"
     assert first.compensation_attempts == 2  # its compensation_retry's max_attempts
-    assert nodes_answering(saga_db) == set(saga_db.node_names())
+    assert nodes_answering(saga_db) == set(saga_db.node_names)
 
 
 # -- lost, repeated and late error callbacks, on real workers --------------------------------

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import threading
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from django.db import connection
 
-from inventory.models import Reservation
+from inventory.models import Product, Reservation
 from orders.models import Order
 from orders.sagas import ORDER_FULFILMENT
 from orders.services import order_submit
-from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
-from sagas import dispatch, engine
+from sagas import engine
 from sagas.models import EventKind, Saga, SagaEvent, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start, saga_step_resolve
+from sagas.testing import FailureMatrix
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment
-from tests.conftest import ADDRESS, attempt_in_process, lose_messages, wait_final, wait_for
+from tests.conftest import ADDRESS, attempt_in_process, lose_messages, wait_final
 from tests.factories import ProductFactory, UserFactory
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
@@ -83,38 +84,62 @@ def test_happy_path(saga_db):
     ]
 
 
-@pytest.mark.parametrize("failing", range(len(ORDER_FULFILMENT.steps)), ids=STEP_NAMES)
-def test_failure_matrix(saga_db, failing):
-    """A business failure at step k compensates exactly the steps before k, in reverse."""
-    product = ProductFactory(stock_on_hand=10)
-    step = ORDER_FULFILMENT.steps[failing]
-    Fault.objects.create(
-        step_name=step.name, point=FaultPoint.BEFORE_ACTION, effect=FaultEffect.BUSINESS_ERROR
-    )
-    saga = wait_final(submit(product, quantity=3).pk)
+# -- the failure matrix, on the test kit ----------------------------------------------------
 
-    assert saga.status == "compensated"
-    expected_undone = [s.name for s in ORDER_FULFILMENT.steps[:failing]][::-1]
-    if step.compensate_failed_step:
-        expected_undone.insert(0, step.name)
-    assert compensation_order(saga) == expected_undone
-    statuses = step_statuses(saga)
-    assert statuses[:failing] == ["compensated"] * failing
-    assert statuses[failing] == ("compensated" if step.compensate_failed_step else "failed")
-    assert statuses[failing + 1 :] == ["pending"] * (len(STEP_NAMES) - failing - 1)
-    failed = SagaStep.objects.get(saga=saga, index=failing)
-    assert failed.error_code == "injected_business_error"
-    assert saga.error_code == "injected_business_error"
+INITIAL_STOCK, QUANTITY = 10, 3
 
-    order = order_of(saga)
-    assert order is None if failing == 0 else order.status == "cancelled"
-    charged = sum(c.amount for c in charges_for(saga).filter(status="charged"))
-    assert charged == 0  # every charge was refunded
-    assert Payment.objects.filter(order_id=saga.input["order_id"], status="charged").count() == 0
-    product.refresh_from_db()
-    assert product.stock_on_hand == 10
-    assert not Reservation.objects.filter(order_id=saga.input["order_id"], status="active")
-    assert not Shipment.objects.filter(order_id=saga.input["order_id"], status="scheduled")
+
+def order_input() -> dict[str, Any]:
+    """A product of its own with 10 in stock, and an order for 3 of it."""
+    product = ProductFactory(stock_on_hand=INITIAL_STOCK)
+    return {
+        "customer": None,
+        "items": [{"sku": product.sku, "quantity": QUANTITY}],
+        "shipping_address": ADDRESS,
+        "payment_token": "tok_ok",
+    }
+
+
+def the_books_balance(saga: Saga) -> None:
+    """The shop's promise, however the saga ended: stock is never lost or made up; a completed
+    order is confirmed, charged its total once, reserved and shipped; a compensated one is
+    cancelled (or was never created) with every charge refunded and its stock restored; one
+    left for an operator is not confirmed and charged all or nothing."""
+    order, total = order_of(saga), Decimal(saga.input["total"])
+    held = sum(c.amount for c in charges_for(saga) if c.status == "charged")
+    (line,) = saga.input["items"]
+    on_hand = Product.objects.get(sku=line["sku"]).stock_on_hand
+    active = Reservation.objects.filter(order_id=saga.input["order_id"], status="active")
+    reserved = sum(r.quantity for r in active)
+    shipped = Shipment.objects.filter(order_id=saga.input["order_id"], status="scheduled")
+    paid = Payment.objects.filter(order_id=saga.input["order_id"], status="charged").count()
+    assert on_hand + reserved == INITIAL_STOCK, f"stock: {on_hand} on hand, {reserved} reserved"
+    if saga.status == "completed":
+        assert order is not None and order.status == "confirmed"
+        assert (held, charges_for(saga).count(), paid) == (total, 1, 1), "charged once, its total"
+        assert (reserved, shipped.count()) == (line["quantity"], 1)
+    elif saga.status == "compensated":
+        assert order is None or order.status == "cancelled", f"order {order and order.status}"
+        assert (held, paid) == (0, 0), f"{held} charged and not refunded"
+        assert (reserved, shipped.count()) == (0, 0), "stock still reserved, or shipped"
+    else:
+        assert order is None or order.status == "pending", f"order {order and order.status}"
+        assert held in (0, total), f"{held} charged of {total}"
+
+
+MATRIX = FailureMatrix(
+    ORDER_FULFILMENT,
+    make_input=order_input,
+    start=lambda order: order_submit(**order),
+    invariant=the_books_balance,
+)
+
+
+@MATRIX.parametrize()
+def test_failure_matrix(saga_db, case):
+    """Each step failing for good, out of retries, each compensation failing, every message
+    delivered twice: the framework's guarantees and the shop's books hold."""
+    case.run(saga_db).assert_guarantees()
 
 
 @pytest.mark.parametrize(
@@ -158,65 +183,45 @@ def test_transient_failures_are_retried(saga_db):
 
 
 def test_payment_out_of_retries_pauses_and_retry_completes(saga_db):
-    product = ProductFactory(stock_on_hand=10)
-    saga = wait_final(submit(product, token="tok_timeout").pk)
+    result = MATRIX.case("charge_payment retries exhausted (pause)").run(saga_db)
+    result.assert_guarantees()  # paused at the payment, nothing undone, the order pending
+    assert result.saga.current_step == STEP_NAMES.index("charge_payment")
+    assert order_of(result.saga).status == "pending"
 
-    assert saga.status == "failed"
-    assert saga.current_step == STEP_NAMES.index("charge_payment")
-    assert SagaStep.objects.get(saga=saga, name="charge_payment").status == "failed"
-    assert order_of(saga).status == "pending"  # paused, not cancelled
-    assert not saga.events.filter(kind=EventKind.COMPENSATION_STARTED).exists()
-
-    gateway_recover()
-    saga_retry(saga_id=saga.pk, actor="test")
-    saga = wait_final(saga.pk)
+    result.clear_faults()  # the gateway is back
+    saga_retry(saga_id=result.saga.pk, actor="test")
+    saga = wait_final(result.saga.pk)
     assert saga.status == "completed"
-    assert order_of(saga).status == "confirmed"
+    the_books_balance(saga)
     create = SagaStep.objects.get(saga=saga, name="create_order")
     assert create.attempts == 1
     assert saga.events.filter(kind=EventKind.STEP_COMPLETED, step_name="create_order").count() == 1
-    assert charges_for(saga).count() == 1
 
 
-def _failing_refund() -> Fault:
-    return Fault.objects.create(
-        step_name="charge_payment",
-        point=FaultPoint.BEFORE_COMPENSATION,
-        effect=FaultEffect.TRANSIENT_ERROR,
-    )
+REFUND_FAILS = "refund_payment fails for good (compensation of charge_payment)"
 
 
 def test_compensation_failure_then_retry_finishes_it(saga_db):
-    product = ProductFactory(stock_on_hand=10)
-    fault = _failing_refund()
-    saga = wait_final(submit(product, country="AQ").pk, timeout=60)
+    result = MATRIX.case(REFUND_FAILS).run(saga_db)
+    result.assert_guarantees()  # failed for an operator, create_order still owed
+    assert order_of(result.saga).status == "pending"
 
-    assert saga.status == "failed"
-    assert saga.error_code == "compensation_failed"
-    payment_step = SagaStep.objects.get(saga=saga, name="charge_payment")
-    assert payment_step.status == "compensation_failed"
-    # Still owed: the saga stopped before it, for an operator.
-    assert SagaStep.objects.get(saga=saga, name="create_order").status == "compensating"
-    assert order_of(saga).status == "pending"
-
-    fault.delete()  # the fault is fixed
-    saga_retry(saga_id=saga.pk, actor="test")
-    saga = wait_final(saga.pk)
+    result.clear_faults()  # the fault is fixed
+    saga_retry(saga_id=result.saga.pk, actor="test")
+    saga = wait_final(result.saga.pk)
     assert saga.status == "compensated"
     assert compensation_order(saga) == ["reserve_inventory", "charge_payment", "create_order"]
     assert charges_for(saga).get().status == "refunded"
-    assert order_of(saga).status == "cancelled"
+    the_books_balance(saga)
 
 
 def test_resolve_marks_the_step_handled_and_continues(saga_db):
-    product = ProductFactory(stock_on_hand=10)
-    _failing_refund()
-    saga = wait_final(submit(product, country="AQ").pk, timeout=60)
-    assert saga.status == "failed"
+    result = MATRIX.case(REFUND_FAILS).run(saga_db)
+    result.assert_guarantees()
 
     index = STEP_NAMES.index("charge_payment")
-    saga_step_resolve(saga_id=saga.pk, index=index, actor="operator")
-    saga = wait_final(saga.pk)
+    saga_step_resolve(saga_id=result.saga.pk, index=index, actor="operator")
+    saga = wait_final(result.saga.pk)
     assert saga.status == "compensated"
     assert saga.events.filter(kind=EventKind.OPERATOR_RESOLVE, step_name="charge_payment").exists()
     assert order_of(saga).status == "cancelled"
@@ -234,26 +239,6 @@ def test_operator_compensate_aborts_a_paused_saga(saga_db):
     # The failed payment step is compensated too (compensate_failed_step): nothing was charged.
     assert compensation_order(saga) == ["charge_payment", "create_order"]
     assert order_of(saga).status == "cancelled"
-
-
-def test_duplicate_step_messages_have_one_effect(saga_db):
-    product = ProductFactory(stock_on_hand=10)
-    saga = submit(product)
-    # Deliver every step a second time, racing the first chain (same epoch: a redelivery).
-    dispatch.send_steps(str(saga.pk), saga.epoch, [(i, 60) for i in range(len(STEP_NAMES))], 0)
-    saga = wait_final(saga.pk)
-    assert saga.status == "completed"
-    wait_for(
-        lambda: saga.events.filter(kind=EventKind.DUPLICATE_IGNORED).count() == len(STEP_NAMES),
-        what="every duplicate to be delivered",
-    )
-    assert saga.events.filter(kind=EventKind.STEP_COMPLETED).count() == len(STEP_NAMES)
-    assert Order.objects.filter(pk=saga.input["order_id"]).count() == 1
-    assert charges_for(saga).count() == 1
-    assert Payment.objects.filter(order_id=saga.input["order_id"]).count() == 1
-    product.refresh_from_db()
-    assert product.stock_on_hand == 9
-    assert Shipment.objects.filter(order_id=saga.input["order_id"]).count() == 1
 
 
 def test_error_callback_thrice_sends_one_compensation(saga_db, monkeypatch):

@@ -18,7 +18,8 @@ from sagaproject.celery import app as celery_app
 from sagas import recovery
 from sagas.models import Saga
 from sagas.services import saga_start
-from tests.conftest import FINAL, Workers, free_port, wait_for
+from sagas.testing import CeleryWorker
+from tests.conftest import FINAL, free_port, wait_for, worker_options
 
 
 class RedisServer:
@@ -88,15 +89,12 @@ def publishing_to(own_redis, monkeypatch) -> Iterator[None]:
 
 
 @pytest.fixture
-def worker(transactional_db, own_redis) -> Iterator[Workers]:
+def worker(transactional_db, own_redis) -> Iterator[CeleryWorker]:
     """One worker node of two processes on the test's own Redis (remote control on, as in
     `make run`)."""
-    node = Workers(
-        nodes=1, concurrency=2, name="redis-restart", env={"CELERY_BROKER_URL": own_redis.url}
-    )
-    node.start()
-    yield node
-    node.stop()
+    env = {"CELERY_BROKER_URL": own_redis.url}
+    with CeleryWorker(**worker_options(1, 2, name="redis-restart", env=env)) as node:
+        yield node
 
 
 def test_worker_rides_out_a_redis_restart_over_tcp(own_redis, worker, publishing_to, tmp_path):

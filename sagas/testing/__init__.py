@@ -1,1 +1,36 @@
-"""The test kit: injected faults (`Fault` rows) for tests and drills, installed in test settings."""
+"""A test kit for sagas: real workers, injected faults, and a failure matrix that checks the
+framework's guarantees and your own invariant on any saga definition.
+
+    from sagas.testing import CeleryWorker, FailureMatrix, test_database_env
+
+Add "sagas.testing" to INSTALLED_APPS in your test settings (its `Fault` model and the hook
+that injects them). The names below import lazily, so that a worker which only needs
+`sagas.testing.boot` does not need the app installed.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .guarantees import Result
+    from .matrix import Case, FailureMatrix
+    from .worker import CeleryWorker, test_database_env, wait_for
+
+_WHERE = {
+    "Case": "matrix",
+    "FailureMatrix": "matrix",
+    "Result": "guarantees",
+    "CeleryWorker": "worker",
+    "test_database_env": "worker",
+    "wait_for": "worker",
+}
+
+__all__ = ["Case", "CeleryWorker", "FailureMatrix", "Result", "test_database_env", "wait_for"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)

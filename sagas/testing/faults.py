@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from celery import current_app
+from celery import current_app, current_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F, Q
@@ -56,6 +56,8 @@ class Injector:
         self.fire(FaultPoint.BEFORE_COMPENSATION)
 
     def after_commit(self) -> None:
+        if self.effects.get(FaultPoint.AFTER_COMMIT) == FaultEffect.REDELIVER:
+            redeliver()
         self.fire(FaultPoint.AFTER_COMMIT)
 
     def after_final_failure(
@@ -69,6 +71,14 @@ class Injector:
             )
             signature.apply_async(countdown=1)
         self.fire(FaultPoint.AFTER_FINAL_FAILURE)
+
+
+def redeliver() -> None:
+    """Publish the message being run once more, as a broker does when the worker died after the
+    commit and before the acknowledgement: the same task id, epoch and rest of the chain."""
+    if not current_task:
+        raise RuntimeError("a message is redelivered from inside the task that runs it")
+    current_task.signature_from_request().apply_async()
 
 
 def hang() -> None:

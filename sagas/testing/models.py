@@ -25,6 +25,10 @@ class FaultEffect(models.TextChoices):
     CRASH = "crash", "Kill the worker process"
     HANG = "hang", "Hang, ignoring the soft time limit, until the hard one kills the process"
     REPEAT_CALLBACK = "repeat_callback", "Send the chain's error callback again, 1 s later"
+    REDELIVER = (
+        "redeliver",
+        "Deliver the message again, with the rest of its chain (a lost acknowledgement)",
+    )
 
 
 class Fault(models.Model):

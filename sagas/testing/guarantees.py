@@ -1,0 +1,230 @@
+"""What a case of the failure matrix must have guaranteed, read from the saga's rows and events.
+
+Each check returns the broken guarantees as sentences; `Result.assert_guarantees()` fails with
+all of them, the case's id and the saga's timeline, so a failure says what broke and where.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from sagas.definitions import RetryPolicy
+from sagas.models import EventKind, Saga, SagaEvent, SagaStep
+
+from .models import Fault
+
+if TYPE_CHECKING:
+    from .matrix import Case
+
+# Events after which a saga goes backward, whoever turned it.
+TURNS_BACKWARD = (EventKind.COMPENSATION_STARTED, EventKind.OPERATOR_COMPENSATE)
+
+
+@dataclass
+class Result:
+    """How a case's saga ended: its rows and events, read once the workers let go of it."""
+
+    case: Case
+    saga: Saga
+    steps: list[SagaStep]
+    events: list[SagaEvent]
+    unfinished: list[str]  # what did not happen in time
+
+    @classmethod
+    def read(cls, case: Case, saga_id: UUID, unfinished: list[str]) -> Result:
+        saga = Saga.objects.get(pk=saga_id)
+        steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
+        events = list(SagaEvent.objects.filter(saga=saga).order_by("id"))
+        return cls(case=case, saga=saga, steps=steps, events=events, unfinished=unfinished)
+
+    @property
+    def compensated(self) -> list[str]:
+        """The steps compensated, in the order their compensations committed."""
+        return self.named(EventKind.STEP_COMPENSATED)
+
+    def named(self, kind: str) -> list[str]:
+        return [e.step_name for e in self.events if e.kind == kind]
+
+    def problems(self) -> list[str]:
+        """Every broken guarantee, as a sentence; empty when the case held."""
+        problems = list(self.unfinished)
+        for check in CHECKS:
+            problems += check(self)
+        return problems + self.invariant_problems()
+
+    def invariant_problems(self) -> list[str]:
+        invariant = self.case.matrix.invariant
+        if invariant is None:
+            return []
+        try:
+            held = invariant(self.saga)
+        except AssertionError as exc:
+            return [f"the invariant failed: {exc}".strip()]
+        return ["the invariant returned False"] if held is False else []
+
+    def assert_guarantees(self) -> None:
+        problems = self.problems()
+        if problems:
+            broken = "\n".join("  - " + p.replace("\n", "\n    ") for p in problems)
+            raise AssertionError(
+                f"case {self.case.id!r} (saga {self.saga.pk}) broke {len(problems)} "
+                f"guarantee(s):\n{broken}\ntimeline:\n{self.timeline()}"
+            )
+
+    def timeline(self) -> str:
+        return "\n".join(
+            f"  {e.kind:<22} {e.step_name:<20} {json.dumps(e.detail)}" for e in self.events
+        )
+
+    def clear_faults(self) -> None:
+        """Remove the case's faults (the fault is fixed), e.g. before an operator's retry."""
+        Fault.objects.filter(saga=self.saga).delete()
+
+
+# -- the checks ------------------------------------------------------------------------------
+
+
+def final_state(result: Result) -> list[str]:
+    saga, expected = result.saga, result.case.expected
+    problems = []
+    if saga.status != expected.status:
+        problems.append(f"the saga ended {saga.status}, expected {expected.status}")
+    if saga.error_code != expected.error_code:
+        problems.append(f"its error code is {saga.error_code!r}, expected {expected.error_code!r}")
+    return problems
+
+
+def step_statuses(result: Result) -> list[str]:
+    expected = result.case.expected.steps
+    return [
+        f"step {step.name} ended {step.status}, expected {expected[step.name]}"
+        for step in result.steps
+        if step.name in expected and step.status != expected[step.name]
+    ]
+
+
+def compensated_at_most_once(result: Result) -> list[str]:
+    counts = Counter(result.compensated)
+    return [f"{name} was compensated {n} times" for name, n in counts.items() if n > 1]
+
+
+def compensated_in_reverse_order(result: Result) -> list[str]:
+    order = {step.name: step.index for step in result.steps}
+    names = list(dict.fromkeys(result.compensated))
+    indices = [order[name] for name in names]
+    if indices != sorted(indices, reverse=True):
+        return [f"compensations ran in the order {names}, not the reverse of the steps'"]
+    return []
+
+
+def compensated_what_completed(result: Result) -> list[str]:
+    """Exactly the completed steps (plus a `compensate_failed_step` one that may have started)
+    were compensated, as the case expects."""
+    completed = set(result.named(EventKind.STEP_COMPLETED))
+    flagged = {s.name for s in result.steps if s.definition.get("compensate_failed_step")}
+    problems = [
+        f"{name} was compensated though it never completed"
+        for name in dict.fromkeys(result.compensated)
+        if name not in completed | flagged
+    ]
+    expected = set(result.case.expected.compensated)
+    if set(result.compensated) != expected:
+        problems.append(
+            f"the steps compensated are {sorted(set(result.compensated))}, "
+            f"expected {sorted(expected)}"
+        )
+    return problems
+
+
+def completed_once(result: Result) -> list[str]:
+    counts = Counter(result.named(EventKind.STEP_COMPLETED))
+    return [f"{name} completed {n} times" for name, n in counts.items() if n > 1]
+
+
+def nothing_forward_after_compensation_began(result: Result) -> list[str]:
+    turned = next((e.pk for e in result.events if e.kind in TURNS_BACKWARD), None)
+    if turned is None:
+        return []
+    late = [
+        e.step_name for e in result.events if e.kind == EventKind.STEP_COMPLETED and e.pk > turned
+    ]
+    return [f"{name} completed after compensation began" for name in late]
+
+
+def attempts_within_policy(result: Result) -> list[str]:
+    problems = []
+    for step in result.steps:
+        for used, key in (
+            (step.attempts, "retry"),
+            (step.compensation_attempts, "compensation_retry"),
+        ):
+            allowed = RetryPolicy.from_dict(step.definition[key]).max_attempts
+            if used > allowed:
+                problems.append(f"{step.name} used {used} attempts ({key}), over its {allowed}")
+    return problems
+
+
+def attempts_as_expected(result: Result) -> list[str]:
+    expected, problems = result.case.expected, []
+    for step in result.steps:
+        for used, wanted, what in (
+            (step.attempts, expected.attempts.get(step.name), "attempts"),
+            (
+                step.compensation_attempts,
+                expected.compensation_attempts.get(step.name),
+                "compensation attempts",
+            ),
+        ):
+            if wanted is not None and used != wanted:
+                problems.append(f"{step.name} used {used} {what}, expected {wanted}")
+    return problems
+
+
+def business_failure_not_retried(result: Result) -> list[str]:
+    name = result.case.expected.business_failure
+    retried = result.named(EventKind.STEP_RETRYING).count(name) if name else 0
+    return [f"the business failure of {name} was retried {retried} times"] if retried else []
+
+
+def duplicates_delivered(result: Result) -> list[str]:
+    missing = duplicates_missing(result.saga.pk, result.case.expected.duplicates)
+    return [f"no duplicate of {name}'s {kind} message arrived" for name, kind in missing]
+
+
+def duplicates_missing(saga_id: UUID, wanted: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+    """The (step, "action" or "compensation") of `wanted` whose second delivery was not seen:
+    neither ignored as a duplicate nor (wrongly) acted on a second time."""
+    events = SagaEvent.objects.filter(saga_id=saga_id)
+    ignored = {
+        (name, detail.get("of"))
+        for name, detail in events.filter(kind=EventKind.DUPLICATE_IGNORED).values_list(
+            "step_name", "detail"
+        )
+    }
+    done: dict[str, str] = {
+        EventKind.STEP_COMPLETED: "action",
+        EventKind.STEP_COMPENSATED: "compensation",
+    }
+    twice = Counter(events.filter(kind__in=done).values_list("step_name", "kind"))
+    acted = {(name, done[kind]) for (name, kind), n in twice.items() if n > 1}
+    return [pair for pair in wanted if pair not in ignored | acted]
+
+
+CHECKS: list[Callable[[Result], list[str]]] = [
+    final_state,
+    step_statuses,
+    compensated_at_most_once,
+    compensated_in_reverse_order,
+    compensated_what_completed,
+    completed_once,
+    nothing_forward_after_compensation_began,
+    attempts_within_policy,
+    attempts_as_expected,
+    business_failure_not_retried,
+    duplicates_delivered,
+]

@@ -1,0 +1,335 @@
+"""The failure matrix of a saga definition: its cases, how each is planted, what it must end in.
+
+A case plants `Fault` rows on one saga as it starts (in the transaction that creates it, so the
+worker sees them from its first message), lets a real worker run the saga to its end, and
+returns a `Result` whose `assert_guarantees()` checks the framework's promises and the user's
+invariant. What a case expects follows from the definition alone: its steps' order, their
+compensations, retry policies, `on_exhausted`, `pivot` and `compensate_failed_step`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from celery import current_app
+from django.db import connection, transaction
+
+from sagas.definitions import SagaDefinition, get_definition, register, registered, snapshot_version
+from sagas.models import Saga, SagaStatus, SagaStep, StepStatus
+from sagas.services import saga_start
+
+from .models import Fault, FaultEffect, FaultPoint
+from .worker import wait_for, wait_idle
+
+if TYPE_CHECKING:
+    from .guarantees import Result
+    from .worker import CeleryWorker
+
+S, T = SagaStatus, StepStatus
+BUSINESS, TRANSIENT = "injected_business_error", "injected_transient_error"
+FINAL = (S.COMPLETED, S.COMPENSATED, S.FAILED)
+
+Invariant = Callable[[Saga], object]
+Start = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class PlannedFault:
+    """A fault a case plants on its saga: where (step and point) and what."""
+
+    step: str
+    point: str
+    effect: str
+
+
+@dataclass(frozen=True)
+class Expected:
+    """Where a case must end: the saga's status and error code, every step's status, the
+    compensations in the order they must run, and the attempts the policy allows."""
+
+    status: str
+    error_code: str
+    steps: dict[str, str]
+    compensated: tuple[str, ...] = ()
+    attempts: dict[str, int] = field(default_factory=dict)
+    compensation_attempts: dict[str, int] = field(default_factory=dict)
+    business_failure: str | None = None  # the step whose business error must not be retried
+    duplicates: tuple[tuple[str, str], ...] = ()  # (step, "action" or "compensation") redelivered
+
+
+@dataclass(frozen=True, eq=False)
+class Case:
+    """One case of the matrix. `str(case)` is its id, e.g. "charge_payment fails for good"."""
+
+    id: str
+    faults: tuple[PlannedFault, ...]
+    expected: Expected
+    matrix: FailureMatrix = field(repr=False)
+
+    def __str__(self) -> str:
+        return self.id
+
+    def run(self, worker: CeleryWorker | None = None, *, timeout: float | None = None) -> Result:
+        """Start a saga with this case's faults, wait for its end on the real worker, and
+        return what happened. Call it outside any transaction (the worker must see the saga).
+
+        With `worker`, the saga's messages go to that worker's queue, and the kit knows which
+        nodes to ask whether they still hold any of them.
+        """
+        from .guarantees import Result
+
+        if connection.in_atomic_block:
+            raise RuntimeError(
+                "run a case outside a transaction, so that the worker sees the saga: "
+                "pytest's django_db(transaction=True), or Django's TransactionTestCase"
+            )
+        timeout = self.matrix.timeout if timeout is None else timeout
+        saga = self._start(worker)
+        unfinished = self._wait(saga, worker, timeout)
+        return Result.read(self, saga.pk, unfinished)
+
+    def _start(self, worker: CeleryWorker | None) -> Saga:
+        routed = worker.routed() if worker is not None else nullcontext()
+        with routed, transaction.atomic():  # the chain is sent as this commits
+            saga = self.matrix.start_saga()
+            Fault.objects.bulk_create(
+                Fault(saga=saga, step_name=f.step, point=f.point, effect=f.effect)
+                for f in self.faults
+            )
+            if self.matrix.retry_wait is not None:
+                shorten_retry_waits(saga, self.matrix.retry_wait)
+        return saga
+
+    def _wait(self, saga: Saga, worker: CeleryWorker | None, timeout: float) -> list[str]:
+        """Wait for the end, for the planted duplicates, then for the workers to let go of
+        the saga; say what did not happen in time."""
+        waits: list[tuple[str, Callable[[], bool]]] = [
+            ("the saga to reach a final state", lambda: _status(saga) in FINAL),
+            ("every planted duplicate to be delivered", lambda: _duplicates_seen(saga, self)),
+        ]
+        for what, condition in waits:
+            try:
+                wait_for(condition, timeout=timeout, what=what)
+            except AssertionError:
+                return [f"timed out after {timeout}s waiting for {what}"]
+        nodes = worker.node_names if worker is not None else None
+        queue = worker.queue if worker is not None else None
+        try:
+            wait_idle(current_app, queue, nodes, saga.pk, timeout=timeout)
+        except AssertionError:
+            return [f"the workers still held messages of the saga {timeout}s after its end"]
+        return []
+
+
+class FailureMatrix:
+    """The failure matrix of a saga definition.
+
+        matrix = FailureMatrix(definition, make_input=..., invariant=check_books)
+        for case in matrix.cases():
+            case.run(worker).assert_guarantees()
+
+    `definition`: a `SagaDefinition` or the name of a registered one. One not registered yet
+    is registered in this process, which starts it by name; the worker needs only to import
+    its actions and compensations, and `sagas.testing` in its INSTALLED_APPS.
+    `make_input()`: a fresh input for each case (create the rows it needs there).
+    `start(input)`: how the saga starts, returning the saga or `(saga, ...)`, for sagas
+    started by a service of their own; by default `saga_start(name=..., input=...)`.
+    `invariant(saga)`: the user's own check of the domain once the saga ended; it fails by
+    raising AssertionError (or returning False).
+    `timeout`: seconds a case may take. `retry_wait`: the longest wait between two attempts,
+    in seconds (the waits of the saga's copy of its policy are cut to it; the number of
+    attempts and what happens when they run out stay the definition's); None keeps them.
+    """
+
+    def __init__(
+        self,
+        definition: SagaDefinition | str,
+        *,
+        make_input: Callable[[], dict[str, Any]] = dict,
+        start: Start | None = None,
+        invariant: Invariant | None = None,
+        timeout: float = 60.0,
+        retry_wait: float | None = 0.1,
+    ) -> None:
+        if isinstance(definition, str):
+            definition = get_definition(definition)
+        elif definition.name not in registered():
+            register(definition)
+        self.definition, self.make_input, self.start = definition, make_input, start
+        self.invariant, self.timeout, self.retry_wait = invariant, timeout, retry_wait
+
+    def cases(self) -> list[Case]:
+        steps = self.definition.steps
+        trigger = self.last_compensable()
+        cases = [self._fails_for_good(i) for i in range(len(steps))]
+        cases += [self._retries_exhausted(i) for i in range(len(steps))]
+        cases += [
+            self._compensation_fails(trigger, name)
+            for name in self.owed(trigger)
+            if steps[self.index(name)].compensation
+        ]
+        cases += [self._delivered_twice(None), self._delivered_twice(trigger)]
+        return cases
+
+    def case(self, id: str) -> Case:
+        for case in self.cases():
+            if case.id == id:
+                return case
+        raise KeyError(f"no case {id!r}; the cases are {[c.id for c in self.cases()]}")
+
+    def parametrize(self, argname: str = "case") -> Any:
+        """`@matrix.parametrize()`: a pytest test per case, named by the case's id."""
+        import pytest
+
+        return pytest.mark.parametrize(argname, self.cases(), ids=str)
+
+    def start_saga(self) -> Saga:
+        saga_input = self.make_input()
+        if self.start is None:
+            started: Any = saga_start(name=self.definition.name, input=saga_input)
+        else:
+            started = self.start(saga_input)
+        saga = started[0] if isinstance(started, tuple) else started
+        if not isinstance(saga, Saga):
+            raise TypeError(f"start() returned {started!r}, not a saga or (saga, ...)")
+        return saga
+
+    # -- reading the definition ----------------------------------------------------------------
+
+    def index(self, name: str) -> int:
+        return [s.name for s in self.definition.steps].index(name)
+
+    def after_pivot(self, index: int) -> bool:
+        """Whether a pivot step comes before `index`: its failure pauses the saga."""
+        return any(step.pivot for step in self.definition.steps[:index])
+
+    def last_compensable(self) -> int:
+        """The last step whose failure still compensates: the last one, or the first pivot."""
+        pivots = [i for i, step in enumerate(self.definition.steps) if step.pivot]
+        return min([len(self.definition.steps) - 1, *pivots])
+
+    def owed(self, index: int) -> list[str]:
+        """The compensations that step `index` failing for good runs, in their order."""
+        steps = self.definition.steps
+        failed = [steps[index].name] if steps[index].compensate_failed_step else []
+        return failed + [step.name for step in reversed(steps[:index])]
+
+    # -- the cases -----------------------------------------------------------------------------
+
+    def _fails_for_good(self, index: int) -> Case:
+        step = self.definition.steps[index]
+        paused = self.after_pivot(index)
+        expected = self._stopped_at(index, paused=paused, code=BUSINESS, attempts=1)
+        expected = replace(expected, business_failure=step.name)
+        name = f"{step.name} fails for good" + (" after the pivot" if paused else "")
+        return self._case(name, [(step.name, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT)], expected)
+
+    def _retries_exhausted(self, index: int) -> Case:
+        step = self.definition.steps[index]
+        after_pivot = self.after_pivot(index) and step.on_exhausted == "compensate"
+        paused = step.on_exhausted == "pause" or after_pivot
+        attempts = step.retry.max_attempts
+        expected = self._stopped_at(index, paused=paused, code=TRANSIENT, attempts=attempts)
+        how = "pause, after the pivot" if after_pivot else step.on_exhausted
+        fault = (step.name, FaultPoint.BEFORE_ACTION, FaultEffect.TRANSIENT_ERROR)
+        return self._case(f"{step.name} retries exhausted ({how})", [fault], expected)
+
+    def _compensation_fails(self, trigger: int, name: str) -> Case:
+        step = self.definition.steps[self.index(name)]
+        owed = self.owed(trigger)
+        before, after = owed[: owed.index(name)], owed[owed.index(name) + 1 :]
+        carry_on = self.definition.continue_compensation_on_failure
+        statuses = self._stopped_at(trigger, paused=True, code=BUSINESS, attempts=1).steps
+        statuses |= {n: T.COMPENSATED for n in before} | {name: T.COMPENSATION_FAILED}
+        statuses |= {n: T.COMPENSATED if carry_on else T.COMPENSATING for n in after}
+        expected = Expected(
+            status=S.FAILED,
+            error_code="compensation_failed",
+            steps=statuses,
+            compensated=tuple(before + (after if carry_on else [])),
+            compensation_attempts={name: step.compensation_retry.max_attempts},
+        )
+        faults = [
+            (self.definition.steps[trigger].name, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT),
+            (name, FaultPoint.BEFORE_COMPENSATION, FaultEffect.TRANSIENT_ERROR),
+        ]
+        function = str(step.compensation).rsplit(".", 1)[-1]
+        return self._case(f"{function} fails for good (compensation of {name})", faults, expected)
+
+    def _delivered_twice(self, trigger: int | None) -> Case:
+        """Every step's message, and every compensation's, delivered again after its commit;
+        with a failure, the chain's error callback sent twice too."""
+        steps = self.definition.steps
+        faults = [(s.name, FaultPoint.AFTER_COMMIT, FaultEffect.REDELIVER) for s in steps]
+        if trigger is None:
+            names = [s.name for s in steps]
+            expected = Expected(
+                status=S.COMPLETED,
+                error_code="",
+                steps=dict.fromkeys(names, T.COMPLETED),
+                duplicates=tuple((n, "action") for n in names),
+            )
+            return self._case("every message delivered twice", faults, expected)
+        name = steps[trigger].name
+        faults += [
+            (name, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT),
+            (name, FaultPoint.AFTER_FINAL_FAILURE, FaultEffect.REPEAT_CALLBACK),
+        ]
+        expected = self._stopped_at(trigger, paused=False, code=BUSINESS, attempts=1)
+        expected = replace(
+            expected,
+            business_failure=name,
+            duplicates=tuple((n, "compensation") for n in expected.compensated),
+        )
+        return self._case(f"every message delivered twice, {name} fails for good", faults, expected)
+
+    def _stopped_at(self, index: int, *, paused: bool, code: str, attempts: int) -> Expected:
+        """Step `index` failed for good: the saga pauses there, or compensates what it owes."""
+        names = [step.name for step in self.definition.steps]
+        owed = [] if paused else self.owed(index)
+        statuses: dict[str, str] = {}
+        for i, name in enumerate(names):
+            statuses[name] = T.COMPLETED if i < index else T.FAILED if i == index else T.PENDING
+            if name in owed:
+                statuses[name] = T.COMPENSATED
+        return Expected(
+            status=S.FAILED if paused else S.COMPENSATED,
+            error_code=code,
+            steps=statuses,
+            compensated=tuple(owed),
+            attempts={names[index]: attempts},
+        )
+
+    def _case(self, id: str, faults: Sequence[tuple[str, str, str]], expected: Expected) -> Case:
+        planted = tuple(PlannedFault(step, point, effect) for step, point, effect in faults)
+        return Case(id=id, faults=planted, expected=expected, matrix=self)
+
+
+BUSINESS_FAULT = FaultEffect.BUSINESS_ERROR
+
+
+def shorten_retry_waits(saga: Saga, longest: float) -> None:
+    """Cut the waits of the saga's copy of its steps' policies to `longest` seconds (under a
+    definition version of its own: workers cache definitions by version)."""
+    steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
+    for step in steps:
+        for key in ("retry", "compensation_retry"):
+            policy = step.definition[key]
+            policy["backoff"] = min(policy["backoff"], longest)
+            policy["backoff_max"] = min(policy["backoff_max"], longest)
+        step.save(update_fields=["definition"])
+    version = snapshot_version([step.definition for step in steps])
+    Saga.objects.filter(pk=saga.pk).update(definition_version=version)
+
+
+def _status(saga: Saga) -> str:
+    return Saga.objects.values_list("status", flat=True).get(pk=saga.pk)
+
+
+def _duplicates_seen(saga: Saga, case: Case) -> bool:
+    from .guarantees import duplicates_missing
+
+    return not duplicates_missing(saga.pk, case.expected.duplicates)
