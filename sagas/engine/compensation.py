@@ -58,9 +58,9 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if not unit.is_current(epoch):
-            return STOP
         if step.status == T.COMPENSATED:
+            if not unit.is_current(epoch):
+                return STOP  # a newer chain carries the saga on from here
             unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "compensation"})
             unit.save_events()
             return DUPLICATE
@@ -122,7 +122,7 @@ def compensation_attempt_failed(
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if not unit.is_current(epoch) or not _its_turn(unit, step):
+        if not _its_turn(unit, step):
             return STOP
         error = safe_error(exc, time_limit=compensation_time_limit(step))
         outcome = record_compensation_failure(unit, step, error)

@@ -100,9 +100,9 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
     with transaction.atomic():
         unit = lock(saga_id)
         saga, step = unit.saga, unit.steps[index]
-        if not unit.is_current(epoch):
-            return STOP  # a newer chain carries the saga on
         if step.status == T.COMPLETED:
+            if not unit.is_current(epoch):
+                return STOP  # a newer chain carries the saga on from here
             unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "action"})
             unit.save_events()
             return DUPLICATE
@@ -156,7 +156,7 @@ def step_attempt_failed(
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if not _attempt_may_fail(unit, step, epoch):
+        if not _attempt_may_fail(unit, step):
             return STOP
         error = safe_error(exc, time_limit=step.definition["time_limit"])
         outcome = record_attempt_failure(unit, step, error, transient=_transient(step, exc))
@@ -164,10 +164,11 @@ def step_attempt_failed(
     return outcome
 
 
-def _attempt_may_fail(unit: Unit, step: StepRow, epoch: int | None) -> bool:
+def _attempt_may_fail(unit: Unit, step: StepRow) -> bool:
+    # Whichever chain ran it (`epoch`), an attempt that happened is counted.
     saga = unit.saga
     running = saga.status in (S.PENDING, S.RUNNING) and not saga.is_backward
-    return unit.is_current(epoch) and running and unit.in_progress() is step
+    return running and unit.in_progress() is step
 
 
 def _transient(step: StepRow, exc: BaseException) -> bool:
