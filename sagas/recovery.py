@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 from django.db import transaction
+from django.db.models import DateTimeField, DurationField, ExpressionWrapper, F, Value
+from django.db.models.functions import Least, Power
 from django.utils import timezone
 
 from . import conf, engine
@@ -31,20 +34,41 @@ class SweepReport:
     deadline_compensated: list[str] = field(default_factory=list)
 
 
+# After k recoveries in a row without progress, the next waits stale_after * 2**k, at most
+# this many times stale_after.
+MAX_BACKOFF_EXPONENT = 6
+
+
+def _backed_off(now: datetime, stale_after: timedelta) -> Any:
+    """When a saga last made progress, at the latest, to be taken as stalled again: a saga
+    sent again k times in a row is left alone 2**k times longer. A saga that only waits in a
+    queue longer than `stale_after` is otherwise sent again and again, each new chain queued
+    behind the last, which makes the queue longer still."""
+    factor = Power(Value(2.0), Least(F("recovery_attempts"), Value(MAX_BACKOFF_EXPONENT)))
+    return ExpressionWrapper(
+        Value(now, output_field=DateTimeField())
+        - Value(stale_after, output_field=DurationField()) * factor,
+        output_field=DateTimeField(),
+    )
+
+
 def sweep(
     *,
     stale_after: timedelta | None = None,
     max_recoveries: int | None = None,
     batch_size: int = 200,
 ) -> SweepReport:
-    """Recover the sagas that made no progress for `stale_after`. Safe to run concurrently."""
+    """Recover the sagas that made no progress for `stale_after` (longer for those recovered
+    in a row already: see `_backed_off`). Safe to run concurrently."""
     stale_after = stale_after or conf.recovery_stale_after()
     limit = conf.recovery_max_attempts() if max_recoveries is None else max_recoveries
     report = SweepReport()
+    now = timezone.now()
     with transaction.atomic():
         stale = list(
             Saga.objects.select_for_update(skip_locked=True)
-            .filter(status__in=IN_FLIGHT, updated_at__lt=timezone.now() - stale_after)
+            .filter(status__in=IN_FLIGHT, updated_at__lt=now - stale_after)
+            .filter(updated_at__lt=_backed_off(now, stale_after))
             .order_by("updated_at")
             .values_list("pk", flat=True)[:batch_size]
         )

@@ -64,7 +64,7 @@ def test_a_saga_that_never_progresses_is_dead_lettered(saga_db, monkeypatch):
     lose_messages(monkeypatch)
     saga, _ = saga_start(name="snapshot_demo", input={})
     for _ in range(3):
-        _age(saga, 120)
+        _age(saga, 3600)  # past every back-off
         recovery.sweep(stale_after=timedelta(seconds=60), max_recoveries=2)
     saga.refresh_from_db()
     assert saga.status == "failed"
@@ -77,6 +77,26 @@ def test_a_saga_that_never_progresses_is_dead_lettered(saga_db, monkeypatch):
     saga_retry(saga_id=saga.pk, actor="operator")
     saga.refresh_from_db()
     assert saga.recovery_attempts == 0
+    assert wait_final(saga.pk).status == "completed"
+
+
+def test_recovery_backs_off_while_a_saga_makes_no_progress(saga_db, monkeypatch):
+    """Sent again once, a saga is left alone twice as long before the next time (four times
+    after that...): a saga that only waits in a long queue is not sent again and again."""
+    lose_messages(monkeypatch)
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    stale = timedelta(seconds=60)
+    _age(saga, 90)
+    assert recovery.sweep(stale_after=stale).recovered == [str(saga.pk)]
+    _age(saga, 90)  # stale, but not twice as long
+    assert recovery.sweep(stale_after=stale).recovered == []
+    _age(saga, 130)
+    assert recovery.sweep(stale_after=stale).recovered == [str(saga.pk)]
+    _age(saga, 230)  # not four times as long
+    assert recovery.sweep(stale_after=stale).recovered == []
+    monkeypatch.undo()
+    _age(saga, 250)
+    assert recovery.sweep(stale_after=stale).recovered == [str(saga.pk)]
     assert wait_final(saga.pk).status == "completed"
 
 
