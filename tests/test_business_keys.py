@@ -1,0 +1,112 @@
+"""Business keys: a definition names the object a saga is about, stored on the saga when it
+starts; a definition may allow one saga in flight per key."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.db import connection, transaction
+from django.test.utils import CaptureQueriesContext
+
+from orders.services import order_submit
+from sagas.definitions import KEY_MAX_LENGTH, SagaDefinition, Step, register
+from sagas.exceptions import DefinitionError, SagaKeyError, SagaKeyInFlight
+from sagas.models import Saga
+from sagas.services import saga_start
+from tests.conftest import ADDRESS, lose_messages
+from tests.factories import ProductFactory
+from tests.sagadefs import record, undo
+
+STEPS = [Step("only", record, undo)]
+
+register(SagaDefinition("keyed_one_at_a_time", STEPS, key="account.id", one_in_flight_per_key=True))
+register(SagaDefinition("keyed_many_at_a_time", STEPS, key=lambda input: input["account"]["id"]))
+
+
+def submit(customer=None) -> Saga:
+    product = ProductFactory()
+    saga, _ = order_submit(
+        customer=customer,
+        items=[{"sku": product.sku, "quantity": 1}],
+        shipping_address=ADDRESS,
+        payment_token="tok_ok",
+    )
+    return saga
+
+
+def test_a_definition_takes_the_key_from_the_input_by_a_path_or_a_function():
+    by_path = SagaDefinition("by_path", STEPS, key="account.id")
+    assert by_path.key_of({"account": {"id": 42}}) == "42"
+    order_id = uuid.uuid4()
+    assert SagaDefinition("uuid", STEPS, key="order").key_of({"order": order_id}) == str(order_id)
+    by_function = SagaDefinition("by_function", STEPS, key=lambda input: input.get("email"))
+    assert by_function.key_of({"email": "ada@example.com"}) == "ada@example.com"
+    assert by_function.key_of({}) is None  # a function may say "no key"
+    assert SagaDefinition("unkeyed", STEPS).key_of({"id": 1}) is None
+
+    for bad_input, problem in [
+        ({"account": {}}, "the input has no 'account.id'"),
+        ({"account": 3}, "the input has no 'account.id'"),
+        ({"account": {"id": None}}, "not NoneType"),
+        ({"account": {"id": [1]}}, "not list"),
+        ({"account": {"id": True}}, "not bool"),
+        ({"account": {"id": ""}}, f"1 to {KEY_MAX_LENGTH} characters"),
+        ({"account": {"id": "x" * (KEY_MAX_LENGTH + 1)}}, f"1 to {KEY_MAX_LENGTH} characters"),
+    ]:
+        with pytest.raises(SagaKeyError, match=problem):
+            by_path.key_of(bad_input)
+
+    with pytest.raises(DefinitionError, match="one_in_flight_per_key needs a key"):
+        SagaDefinition("no_key", STEPS, one_in_flight_per_key=True)
+    with pytest.raises(DefinitionError, match="is not a path"):
+        SagaDefinition("bad_path", STEPS, key="account..id")
+
+
+def test_a_saga_stores_its_key_in_the_statement_that_starts_it(db):
+    with CaptureQueriesContext(connection) as queries:
+        saga = submit()
+    inserts = [q["sql"] for q in queries if q["sql"].lstrip().startswith("WITH s AS (INSERT")]
+    assert len(inserts) == 1 and "business_key" in inserts[0]
+    assert Saga.objects.get(pk=saga.pk).business_key == saga.input["order_id"]
+    unkeyed, _ = saga_start(name="snapshot_demo", input={})
+    assert Saga.objects.get(pk=unkeyed.pk).business_key is None
+
+
+@pytest.mark.django_db(transaction=True)  # the start commits on its own, as in production
+def test_one_saga_in_flight_per_key(monkeypatch):
+    lose_messages(monkeypatch)
+    account = {"account": {"id": 7}}
+    first, created = saga_start(name="keyed_one_at_a_time", input=account, idempotency_key="k1")
+    assert created and first.business_key == "7"
+
+    with pytest.raises(SagaKeyInFlight, match=r"keyed_one_at_a_time with the key '7'") as caught:
+        saga_start(name="keyed_one_at_a_time", input=account)
+    assert caught.value.saga_id == first.pk
+    assert Saga.objects.count() == 1
+    # A repeated start (its idempotency key) is still the first saga, not an error.
+    assert saga_start(name="keyed_one_at_a_time", input=account, idempotency_key="k1") == (
+        first,
+        False,
+    )
+    # Other keys, and other definitions with the same key, are not held up.
+    saga_start(name="keyed_one_at_a_time", input={"account": {"id": 8}})
+    saga_start(name="keyed_many_at_a_time", input=account)
+    saga_start(name="keyed_many_at_a_time", input=account)
+
+    # Within a caller's transaction, that transaction goes on.
+    with transaction.atomic():
+        with pytest.raises(SagaKeyInFlight):
+            saga_start(name="keyed_one_at_a_time", input=account)
+        assert Saga.objects.filter(business_key="7").count() == 3
+
+    # A failed saga waits for an operator: still in flight. A finished one is not.
+    Saga.objects.filter(pk=first.pk).update(status="failed")
+    with pytest.raises(SagaKeyInFlight):
+        saga_start(name="keyed_one_at_a_time", input=account)
+    Saga.objects.filter(pk=first.pk).update(status="compensated")
+    again, created = saga_start(name="keyed_one_at_a_time", input=account)
+    assert created and again.pk != first.pk
+
+    with pytest.raises(SagaKeyError, match=r"the input has no 'account\.id'"):
+        saga_start(name="keyed_one_at_a_time", input={})
