@@ -1,5 +1,6 @@
 """Business keys: a definition names the object a saga is about, stored on the saga when it
-starts; a definition may allow one saga in flight per key."""
+starts; the admin finds an object's sagas by it; a definition may allow one saga in flight per
+key."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import uuid
 import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
 
 from orders.services import order_submit
 from sagas.definitions import KEY_MAX_LENGTH, SagaDefinition, Step, register
@@ -15,9 +17,10 @@ from sagas.exceptions import DefinitionError, SagaKeyError, SagaKeyInFlight
 from sagas.models import Saga
 from sagas.services import saga_start
 from tests.conftest import ADDRESS, lose_messages
-from tests.factories import ProductFactory
+from tests.factories import OrderFactory, ProductFactory
 from tests.sagadefs import record, undo
 
+CHANGELIST = reverse("admin:sagas_saga_changelist")
 STEPS = [Step("only", record, undo)]
 
 register(SagaDefinition("keyed_one_at_a_time", STEPS, key="account.id", one_in_flight_per_key=True))
@@ -110,3 +113,37 @@ def test_one_saga_in_flight_per_key(monkeypatch):
 
     with pytest.raises(SagaKeyError, match=r"the input has no 'account\.id'"):
         saga_start(name="keyed_one_at_a_time", input={})
+
+
+# The admin's links to a saga's objects read the payment gateway's database too.
+@pytest.mark.django_db(databases=["default", "gateway"])
+def test_the_admin_finds_the_sagas_of_a_key(admin_client):
+    saga, other = submit(), submit()
+    order_id = saga.input["order_id"]
+
+    page = admin_client.get(CHANGELIST, {"q": order_id})
+    assert [s.pk for s in page.context["cl"].result_list] == [saga.pk]
+    assert page.context["cl"].search_help_text.endswith(", or by key.")
+    assert order_id in page.content.decode()  # the list's key column
+    assert admin_client.get(CHANGELIST, {"q": order_id[:13]}).context["cl"].result_count == 0
+
+    page = admin_client.get(CHANGELIST, {"business_key": order_id})
+    assert [s.pk for s in page.context["cl"].result_list] == [saga.pk]
+    detail = admin_client.get(reverse("admin:sagas_saga_change", args=[saga.pk]))
+    assert order_id in detail.content.decode()
+    assert other.input["order_id"] not in detail.content.decode()
+
+
+@pytest.mark.django_db(databases=["default", "gateway"])
+def test_the_order_admin_shows_the_sagas_of_the_order(admin_client):
+    saga = submit()
+    order = OrderFactory(id=saga.input["order_id"], saga=saga)
+    page = admin_client.get(reverse("admin:orders_order_change", args=[order.pk])).content.decode()
+    assert "sagas of this order" in page.lower()
+    assert reverse("admin:sagas_saga_change", args=[saga.pk]) in page
+    assert f"{CHANGELIST}?business_key={order.pk}" in page
+
+    lone = OrderFactory()
+    page = admin_client.get(reverse("admin:orders_order_change", args=[lone.pk])).content.decode()
+    assert "sagas of this order" in page.lower()
+    assert f"?business_key={lone.pk}" not in page
