@@ -1,6 +1,5 @@
-"""Business keys: a definition names the object a saga is about, stored on the saga when it
-starts; the admin finds an object's sagas by it; a definition may allow one saga in flight per
-key."""
+"""Business keys: a definition names the object a saga is about; the admin and the API find an
+object's sagas by it; a definition may allow one saga in flight per key."""
 
 from __future__ import annotations
 
@@ -10,6 +9,7 @@ import pytest
 from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
+from rest_framework.test import APIClient
 
 from orders.services import order_submit
 from sagas.definitions import KEY_MAX_LENGTH, SagaDefinition, Step, register
@@ -17,7 +17,7 @@ from sagas.exceptions import DefinitionError, SagaKeyError, SagaKeyInFlight
 from sagas.models import Saga
 from sagas.services import saga_start
 from tests.conftest import ADDRESS, lose_messages
-from tests.factories import OrderFactory, ProductFactory
+from tests.factories import OrderFactory, ProductFactory, UserFactory
 from tests.sagadefs import record, undo
 
 CHANGELIST = reverse("admin:sagas_saga_changelist")
@@ -25,6 +25,11 @@ STEPS = [Step("only", record, undo)]
 
 register(SagaDefinition("keyed_one_at_a_time", STEPS, key="account.id", one_in_flight_per_key=True))
 register(SagaDefinition("keyed_many_at_a_time", STEPS, key=lambda input: input["account"]["id"]))
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 
 def submit(customer=None) -> Saga:
@@ -147,3 +152,23 @@ def test_the_order_admin_shows_the_sagas_of_the_order(admin_client):
     page = admin_client.get(reverse("admin:orders_order_change", args=[lone.pk])).content.decode()
     assert "sagas of this order" in page.lower()
     assert f"?business_key={lone.pk}" not in page
+
+
+def test_the_api_filters_sagas_by_key(db):
+    owner, stranger = UserFactory(), UserFactory()
+    saga, _ = submit(owner), submit(owner)
+    order_id = saga.input["order_id"]
+    staff = APIClient()
+    staff.force_authenticate(UserFactory(is_staff=True))
+
+    found = staff.get("/api/sagas/", {"key": order_id}).json()
+    assert [s["id"] for s in found["results"]] == [str(saga.pk)]
+    assert found["results"][0]["key"] == order_id
+    assert staff.get("/api/sagas/", {"key": order_id[:13]}).json()["count"] == 0
+    assert staff.get(f"/api/sagas/{saga.pk}/").json()["key"] == order_id
+
+    # A user's own sagas only, as without the filter.
+    for user, count in ((owner, 1), (stranger, 0)):
+        client = APIClient()
+        client.force_authenticate(user)
+        assert client.get("/api/sagas/", {"key": order_id}).json()["count"] == count
