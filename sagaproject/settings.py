@@ -195,6 +195,14 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(os.environ.get("SAGAS_SWEEP_INTERVAL", "30")),
     },
 }
+# Retention, off unless SAGAS_RETENTION is set (such as 30d): finished sagas older than that
+# are deleted with their steps and events, every SAGAS_PURGE_INTERVAL seconds.
+SAGAS_RETENTION = os.environ.get("SAGAS_RETENTION") or None
+if SAGAS_RETENTION:
+    CELERY_BEAT_SCHEDULE["sagas-purge"] = {
+        "task": "sagas.purge",
+        "schedule": float(os.environ.get("SAGAS_PURGE_INTERVAL", "3600")),
+    }
 
 # The saga framework (defaults in sagas.conf).
 # A saga in flight with no progress for this many seconds is re-dispatched by the sweeper.

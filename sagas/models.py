@@ -177,6 +177,12 @@ class Saga(models.Model):
                 condition=Q(business_key__isnull=False),
                 name="saga_business_key_idx",
             ),
+            # Retention (sagas.retention): the oldest finished sagas of a status, first.
+            models.Index(
+                fields=["status", "finished_at"],
+                condition=Q(finished_at__isnull=False),
+                name="saga_status_finished_idx",
+            ),
         ]
         # The operator actions of the admin, each granted on its own.
         permissions = [
