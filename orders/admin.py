@@ -9,7 +9,7 @@ from django.utils.safestring import SafeString
 
 from orders.admin_links import fulfilment_links
 from orders.models import Order, OrderLine
-from sagas.admin import ReadOnlyAdminMixin
+from sagas.admin import ReadOnlyAdminMixin, sagas_of_object
 
 
 class OrderLineInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -35,12 +35,15 @@ class OrderAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "currency",
         "shipping_address",
         "saga_link",
+        "sagas",
         "fulfilment",
         "created_at",
         "updated_at",
     )
-    readonly_fields = ("saga_link", "fulfilment")
+    readonly_fields = ("saga_link", "sagas", "fulfilment")
     inlines = (OrderLineInline,)
+    # Every saga whose key is this order's id (the order fulfilment saga's key).
+    sagas = sagas_of_object(description="sagas of this order")
 
     @admin.display(description="saga", ordering="saga__status")
     def saga_link(self, order: Order) -> SafeString | str:

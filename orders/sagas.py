@@ -64,5 +64,9 @@ ORDER_FULFILMENT = register(
             ),
         ],
         on_complete=confirm_order,
+        # An order's sagas are found by its id (the admin, `GET /api/sagas/?key=`), and an
+        # order is never fulfilled by two sagas at once.
+        key="order_id",
+        one_in_flight_per_key=True,
     )
 )

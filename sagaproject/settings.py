@@ -195,6 +195,14 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(os.environ.get("SAGAS_SWEEP_INTERVAL", "30")),
     },
 }
+# Retention, off unless SAGAS_RETENTION is set (such as 30d): finished sagas older than that
+# are deleted with their steps and events, every SAGAS_PURGE_INTERVAL seconds.
+SAGAS_RETENTION = os.environ.get("SAGAS_RETENTION") or None
+if SAGAS_RETENTION:
+    CELERY_BEAT_SCHEDULE["sagas-purge"] = {
+        "task": "sagas.purge",
+        "schedule": float(os.environ.get("SAGAS_PURGE_INTERVAL", "3600")),
+    }
 
 # The saga framework (defaults in sagas.conf).
 # A saga in flight with no progress for this many seconds is re-dispatched by the sweeper.
@@ -257,5 +265,5 @@ ORDERS_STEP_TIME_LIMIT = int(os.environ.get("ORDERS_STEP_TIME_LIMIT", "60"))
 ORDERS_MAX_BODY_BYTES = int(os.environ.get("ORDERS_MAX_BODY_BYTES", str(64 * 1024)))
 # Links from a saga's admin page to its domain objects: a function (saga) -> [(label, url)].
 SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
-# What the saga admin's search looks in besides a saga's id and name: the order saga's order id.
-SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
+# (No SAGAS_ADMIN_SEARCH_FIELDS: the admin's search finds an order's sagas by their key, the
+# order id, which the order saga's definition names.)

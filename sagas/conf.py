@@ -11,7 +11,10 @@ from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
+
+from .durations import parse_duration
 
 
 def hard_time_limit_grace() -> int:
@@ -56,3 +59,20 @@ def admin_search_fields() -> tuple[str, ...]:
     looks in besides the saga's id and name, such as `input__order_id` (a key of the saga's
     input). Business data differs from saga to saga: the project names what to search."""
     return tuple(getattr(settings, "SAGAS_ADMIN_SEARCH_FIELDS", ()))
+
+
+def retention() -> timedelta | None:
+    """`SAGAS_RETENTION`, default None (off): how long a finished saga (completed or
+    compensated) is kept before the `sagas.purge` task deletes it with its steps and events.
+    A duration such as `"30d"`, a number of seconds, or a `timedelta`."""
+    value = getattr(settings, "SAGAS_RETENTION", None)
+    if value is None or isinstance(value, timedelta):
+        return value
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value <= 0:
+                raise ValueError("it must be more than 0")
+            return timedelta(seconds=value)
+        return parse_duration(str(value))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"SAGAS_RETENTION = {value!r}: {exc}") from None

@@ -12,9 +12,11 @@ from uuid import UUID
 
 from django.utils.module_loading import import_string
 
-from .exceptions import DefinitionError
+from .exceptions import DefinitionError, SagaKeyError
 
 OnExhausted = Literal["compensate", "pause"]
+# The longest business key a saga stores (`Saga.business_key`).
+KEY_MAX_LENGTH = 200
 
 _registry: dict[str, SagaDefinition] = {}
 
@@ -157,6 +159,14 @@ class SagaDefinition:
     `deadline` (seconds) bounds how long a saga may run before it is compensated.
     `continue_compensation_on_failure` decides whether the remaining compensations still run
     after one exhausts its retries (the saga ends `failed` either way).
+
+    `key` names the business object a saga is about (an order id), stored indexed on the saga
+    so that the admin and the API find the sagas of an object: a path in the input
+    (`"order_id"`, `"customer.id"`) or a function of the input (`lambda input: ...`; it may
+    return None for no key). It is computed once, when the saga starts.
+    `one_in_flight_per_key` allows at most one saga of this definition per key that is not
+    finished (pending, running, compensating, or failed for an operator): starting another
+    raises `SagaKeyInFlight`.
     """
 
     name: str
@@ -165,6 +175,8 @@ class SagaDefinition:
     continue_compensation_on_failure: bool = False
     # Seconds a saga may run; past it the sweeper compensates it, unless it passed its pivot.
     deadline: float | None = None
+    key: str | Callable[[dict[str, Any]], Any] | None = None
+    one_in_flight_per_key: bool = False
 
     def __post_init__(self) -> None:
         if not self.steps:
@@ -177,6 +189,40 @@ class SagaDefinition:
             object.__setattr__(self, "on_complete", dotted_path(self.on_complete))
         if self.deadline is not None and self.deadline <= 0:
             raise DefinitionError(f"saga {self.name!r}: deadline must be positive")
+        if isinstance(self.key, str) and not all(self.key.split(".")):
+            raise DefinitionError(f"saga {self.name!r}: key {self.key!r} is not a path")
+        if self.key is not None and not isinstance(self.key, str) and not callable(self.key):
+            raise DefinitionError(f"saga {self.name!r}: key must be a path or a function")
+        if self.one_in_flight_per_key and self.key is None:
+            raise DefinitionError(f"saga {self.name!r}: one_in_flight_per_key needs a key")
+
+    def key_of(self, input: dict[str, Any]) -> str | None:
+        """The business key of a saga started with this input, as stored on its row."""
+        if self.key is None:
+            return None
+        if callable(self.key):
+            value = self.key(input)
+        else:
+            value = input
+            for part in self.key.split("."):
+                if not isinstance(value, dict) or part not in value:
+                    raise SagaKeyError(
+                        f"saga {self.name!r}: the input has no {self.key!r}, the saga's key"
+                    )
+                value = value[part]
+        if value is None and callable(self.key):
+            return None
+        if not isinstance(value, str | int | UUID) or isinstance(value, bool):
+            raise SagaKeyError(
+                f"saga {self.name!r}: its key must be a string, an integer or a UUID, "
+                f"not {type(value).__name__}"
+            )
+        key = str(value)
+        if not key or len(key) > KEY_MAX_LENGTH:
+            raise SagaKeyError(
+                f"saga {self.name!r}: its key must have 1 to {KEY_MAX_LENGTH} characters"
+            )
+        return key
 
     def snapshot(self) -> tuple[list[dict[str, Any]], str]:
         """What a saga copies into its step rows when it starts, and the digest naming it."""

@@ -44,3 +44,16 @@ class InvalidTransition(SagaError):
 
 class SagaBusy(InvalidTransition):
     """An operator action found the saga locked by a step in progress: try again shortly."""
+
+
+class SagaKeyError(SagaError):
+    """A saga's business key cannot be taken from its input: missing, empty or too long."""
+
+
+class SagaKeyInFlight(SagaError):
+    """A saga of the same definition and business key is in flight (or failed, waiting for an
+    operator), and the definition allows one at a time (`one_in_flight_per_key`)."""
+
+    def __init__(self, message: str, *, saga_id: object = None) -> None:
+        super().__init__(message)
+        self.saga_id = saga_id  # the saga in flight, if it was found

@@ -8,6 +8,8 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
+from .definitions import KEY_MAX_LENGTH
+
 
 class SagaStatus(models.TextChoices):
     PENDING = "pending", "Pending"
@@ -16,6 +18,12 @@ class SagaStatus(models.TextChoices):
     COMPLETED = "completed", "Completed"
     COMPENSATED = "compensated", "Compensated"
     FAILED = "failed", "Failed"
+
+
+# A saga in one of these never changes again.
+FINAL_STATUSES = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+# The unique index of the definitions that allow one saga in flight per key.
+ONE_IN_FLIGHT_PER_KEY = "saga_one_in_flight_per_key"
 
 
 class Direction(models.TextChoices):
@@ -107,6 +115,15 @@ class Saga(models.Model):
         blank=True,
         help_text="Starting a saga again with the same name and key returns this one.",
     )
+    # NULL, not "", for "no key": the index and the constraint leave such sagas out.
+    business_key = models.CharField(  # noqa: DJ001
+        "key",
+        max_length=KEY_MAX_LENGTH,
+        null=True,
+        blank=True,
+        help_text="The business object the saga is about (an order id), from its definition's "
+        "key and its input, to find the sagas of an object.",
+    )
     recovery_attempts = models.PositiveIntegerField(
         default=0,
         help_text="Recoveries by the sweeper since the saga last made progress; past "
@@ -143,11 +160,29 @@ class Saga(models.Model):
                 condition=Q(idempotency_key__isnull=False),
                 name="saga_unique_idempotency_key",
             ),
+            # Definitions with `one_in_flight_per_key`: one unfinished saga per key.
+            models.UniqueConstraint(
+                fields=["name", "business_key"],
+                condition=Q(options__one_in_flight_per_key=True)
+                & Q(status__in=[s for s in SagaStatus.values if s not in FINAL_STATUSES]),
+                name=ONE_IN_FLIGHT_PER_KEY,
+            ),
         ]
         indexes = [
             models.Index(fields=["status", "updated_at"], name="saga_status_updated_idx"),
             models.Index(fields=["name", "status"], name="saga_name_status_idx"),
             models.Index(fields=["-created_at"], name="saga_created_idx"),
+            models.Index(
+                fields=["business_key"],
+                condition=Q(business_key__isnull=False),
+                name="saga_business_key_idx",
+            ),
+            # Retention (sagas.retention): the oldest finished sagas of a status, first.
+            models.Index(
+                fields=["status", "finished_at"],
+                condition=Q(finished_at__isnull=False),
+                name="saga_status_finished_idx",
+            ),
         ]
         # The operator actions of the admin, each granted on its own.
         permissions = [
@@ -161,7 +196,7 @@ class Saga(models.Model):
 
     @property
     def is_final(self) -> bool:
-        return self.status in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+        return self.status in FINAL_STATUSES
 
     @property
     def is_backward(self) -> bool:

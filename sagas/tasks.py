@@ -13,7 +13,7 @@ from celery import shared_task
 from celery.exceptions import Ignore
 from django.db import InterfaceError, OperationalError, close_old_connections
 
-from . import engine, hooks, recovery
+from . import conf, engine, hooks, recovery, retention
 from .exceptions import StepError, TransientError
 from .models import Saga
 
@@ -145,3 +145,21 @@ def sweep() -> dict[str, int]:
     """Re-dispatch stalled sagas (run by Celery beat). Safe to run on several machines."""
     report = recovery.sweep()
     return {"recovered": len(report.recovered), "dead_lettered": len(report.dead_lettered)}
+
+
+# Batches of a run of the task: up to 100,000 sagas, so that a first run over a long history
+# ends well within the task's time limit; the next run goes on.
+PURGE_MAX_BATCHES = 100
+
+
+@shared_task(name="sagas.purge")
+def purge() -> dict[str, int]:
+    """Delete finished sagas older than `SAGAS_RETENTION` (run by Celery beat); off while the
+    setting is None. Safe to run on several machines (batches claimed with SKIP LOCKED)."""
+    older_than = conf.retention()
+    if older_than is None:
+        return {"purged": 0}
+    report = retention.purge(older_than=older_than, max_batches=PURGE_MAX_BATCHES)
+    if report.total:
+        logger.info("retention: %s", report.summary())
+    return {"purged": report.total}

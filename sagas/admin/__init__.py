@@ -3,15 +3,17 @@
 One module a job: `saga` (the list and a saga's page, with its inlines), `display` (how facts
 are shown), `diagram` (the step diagram), `actions` (retry, compensate and resolve, confirmed
 first), `links` (links to the domain objects of a saga, from the `SAGAS_ADMIN_LINKS`
-setting, so this app never imports a domain app) and `readonly` (`ReadOnlyAdminMixin`, for
-the admins and inlines of rows that only code writes, in this app and in projects). The
-public names are here.
+setting, so this app never imports a domain app), `objects` (the other way: the sagas of an
+object, found by their business key, for a project's own admins) and `readonly`
+(`ReadOnlyAdminMixin`, for the admins and inlines of rows that only code writes, in this app
+and in projects). The public names are here.
 """
 
 from django.contrib import admin
 
 from ..models import Saga
 from .actions import OperatorActionsAdmin
+from .objects import sagas_of_object
 from .readonly import ReadOnlyAdminMixin
 from .saga import SagaAdmin, SagaEventInline, SagaStepInline
 
@@ -21,6 +23,7 @@ __all__ = [
     "SagaAdmin",
     "SagaEventInline",
     "SagaStepInline",
+    "sagas_of_object",
 ]
 
 admin.site.register(Saga, SagaAdmin)

@@ -159,8 +159,9 @@ def event_detail_text(detail: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
-def search_help_text(search_fields: Sequence[str]) -> str:
-    """What the list's search looks in: `Search by saga id, name or order id (or a part of one).`
+def search_help_text(search_fields: Sequence[str], *, whole: str = "") -> str:
+    """What the list's search looks in: `Search by saga id, name or order id (or a part of
+    one), or by key.`, where `whole` names what is matched whole only.
 
     A lookup is named by its last part (`input__order_id`: "order id"), without the prefix
     that picks the kind of match (`^`, `=`, `@`).
@@ -171,6 +172,6 @@ def search_help_text(search_fields: Sequence[str]) -> str:
         for lookup in lookups
     ]
     if not labels:
-        return ""
+        return f"Search by {whole}." if whole else ""
     listed = f"{', '.join(labels[:-1])} or {labels[-1]}" if len(labels) > 1 else labels[0]
-    return f"Search by {listed} (or a part of one)."
+    return f"Search by {listed} (or a part of one)" + (f", or by {whole}." if whole else ".")

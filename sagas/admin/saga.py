@@ -137,6 +137,7 @@ class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
     list_display = (
         "short_id",
         "name",
+        "business_key",
         "status_badge",
         "progress",
         "current_step_name",
@@ -147,7 +148,8 @@ class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
     list_display_links = ("short_id",)
     list_filter = ("status", "name", "created_at")
     date_hierarchy = "created_at"
-    search_fields = ("id", "name")  # and the project's SAGAS_ADMIN_SEARCH_FIELDS
+    # and the business key, whole (get_search_results), and the project's SAGAS_ADMIN_SEARCH_FIELDS
+    search_fields = ("id", "name")
     ordering = ("-created_at",)
     list_per_page = 50
     show_full_result_count = False
@@ -158,7 +160,7 @@ class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
             {
                 "classes": ("saga-summary",),
                 "fields": (
-                    ("id", "name"),
+                    ("id", "name", "business_key"),
                     ("status_badge", "progress"),
                     ("current_step_name", "attempts"),
                     "error",
@@ -187,6 +189,7 @@ class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
     readonly_fields = (
         "id",
         "name",
+        "business_key",
         "status_badge",
         "progress",
         "current_step_name",
@@ -218,9 +221,20 @@ class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
     def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
         return (*self.search_fields, *conf.admin_search_fields())
 
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Saga], search_term: str
+    ) -> tuple[QuerySet[Saga], bool]:
+        # A key is matched whole, as stored: an object's sagas, by saga_business_key_idx.
+        # (The list's link to them, `?business_key=...`, uses that index alone.)
+        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
+        key = search_term.strip()
+        if key:
+            results |= queryset.filter(business_key=key)
+        return results, may_have_duplicates
+
     def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
         changelist = super().get_changelist_instance(request)
-        changelist.search_help_text = search_help_text(changelist.search_fields)
+        changelist.search_help_text = search_help_text(changelist.search_fields, whole="key")
         return changelist
 
     # Sagas change only through the engine (ReadOnlyAdminMixin), but they may be cleaned up.

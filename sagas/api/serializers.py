@@ -72,6 +72,12 @@ class SagaSummarySerializer(serializers.ModelSerializer):
 
 class SagaSerializer(serializers.ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name=SAGA_DETAIL, read_only=True)
+    key = serializers.CharField(
+        source="business_key",
+        read_only=True,
+        allow_null=True,
+        help_text="The business object the saga is about (its definition's `key`), if any.",
+    )
     error = serializers.SerializerMethodField(help_text="Why the saga failed, if it did.")
     steps = SagaStepSerializer(many=True, read_only=True)
 
@@ -81,6 +87,7 @@ class SagaSerializer(serializers.ModelSerializer):
             "id",
             "url",
             "name",
+            "key",
             "status",
             "current_step",
             "error",

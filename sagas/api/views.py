@@ -85,6 +85,11 @@ class SagaFilter(filters.FilterSet):
         choices=SagaStatus.choices, help_text="Only sagas in this status."
     )
     name = filters.CharFilter(help_text="Only sagas of this definition.")
+    key = filters.CharFilter(
+        field_name="business_key",
+        help_text="Only sagas with this business key (their definition's `key`), such as an "
+        "order id: the sagas of an object.",
+    )
 
     class Meta:
         model = Saga

@@ -13,12 +13,13 @@ from datetime import timedelta
 from typing import Any
 from uuid import uuid4
 
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from .. import dispatch
-from ..definitions import StepContext, get_definition
-from ..models import EventKind, Saga, SagaStep
+from ..definitions import SagaDefinition, StepContext, get_definition
+from ..exceptions import SagaKeyInFlight
+from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
 from .compensation import begin_compensation
 from .rows import EventRow, StepRow, insert_saga
 from .unit import (
@@ -53,18 +54,26 @@ def start(
     created_by: Any = None,
 ) -> tuple[Saga, bool]:
     """Create the saga, its step rows and its first event in one statement; send the chain
-    when the transaction commits. With an idempotency key already used, return that saga."""
+    when the transaction commits. With an idempotency key already used, return that saga.
+
+    Raises `SagaKeyError` if the definition's key is not in the input, and `SagaKeyInFlight`
+    if the definition allows one saga in flight per key and one is.
+    """
     definition = get_definition(name)
     snapshots, version = definition.snapshot()
     now = timezone.now()
+    options: dict[str, Any] = {
+        "on_complete": definition.on_complete,
+        "continue_compensation_on_failure": definition.continue_compensation_on_failure,
+    }
+    if definition.one_in_flight_per_key:
+        options["one_in_flight_per_key"] = True  # the partial unique index's condition
     saga = Saga(
         id=uuid4(),
         name=name,
         input=input,
-        options={
-            "on_complete": definition.on_complete,
-            "continue_compensation_on_failure": definition.continue_compensation_on_failure,
-        },
+        business_key=definition.key_of(input),
+        options=options,
         definition_version=version,
         epoch=1,  # its first chain's
         deadline_at=now + timedelta(seconds=definition.deadline) if definition.deadline else None,
@@ -80,19 +89,40 @@ def start(
     started = EventRow(
         saga.id, None, "", EventKind.SAGA_STARTED, {"steps": [s.name for s in steps]}, now
     )
-    with transaction.atomic():
-        if not insert_saga(saga, steps, started, commit=True):
-            # The key was used, maybe by a request that committed a moment ago: its saga.
-            return Saga.objects.get(name=name, idempotency_key=idempotency_key), False
-        chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
-        transaction.on_commit(
-            publish_or_leave_to_sweeper(
-                saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
+    try:
+        with transaction.atomic():
+            if not insert_saga(saga, steps, started, commit=True):
+                # The key was used, maybe by a request that committed a moment ago: its saga.
+                return Saga.objects.get(name=name, idempotency_key=idempotency_key), False
+            chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
+            transaction.on_commit(
+                publish_or_leave_to_sweeper(
+                    saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
+                )
             )
-        )
+    except IntegrityError as exc:
+        constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
+        if constraint != ONE_IN_FLIGHT_PER_KEY:
+            raise
+        raise _in_flight(definition, saga.business_key) from None
     saga._state.adding = False
     saga._state.db = connection.alias
     return saga, True
+
+
+def _in_flight(definition: SagaDefinition, key: str | None) -> SagaKeyInFlight:
+    other = (
+        Saga.objects.filter(name=definition.name, business_key=key)
+        .exclude(status__in=FINAL_STATUSES)
+        .values_list("pk", flat=True)
+        .first()
+    )
+    return SagaKeyInFlight(
+        f"A saga {definition.name} with the key {key!r} is in flight"
+        + (f" ({other})" if other else "")
+        + ": one at a time per key.",
+        saga_id=other,
+    )
 
 
 def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) -> Outcome:

@@ -29,6 +29,7 @@ class SagaRow:
     """A saga's row (`sagas.models.Saga`'s columns)."""
 
     __slots__ = (
+        "business_key",
         "created_at",
         "created_by_id",
         "current_step",
@@ -62,6 +63,7 @@ class SagaRow:
     error_code: str
     error_message: str
     idempotency_key: str | None
+    business_key: str | None
     recovery_attempts: int
     created_by_id: int | None
     deadline_at: Any
@@ -345,6 +347,7 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
     """Insert a new saga, its steps and its first event in one statement.
 
     Returns False, inserting nothing, if a saga with the same name and idempotency key exists.
+    Any other unique constraint (one saga in flight per key) raises its IntegrityError.
     With `commit`, in the outermost transaction, the COMMIT goes with it.
     """
     saga_columns, saga_values, saga_params = _values(Saga, [saga])
@@ -357,7 +360,8 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
     q = connection.ops.quote_name
     sql = (
         f"WITH s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) VALUES {saga_values} "
-        "ON CONFLICT DO NOTHING RETURNING id), "
+        "ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL "
+        "DO NOTHING RETURNING id), "
         f"st AS (INSERT INTO {q(SagaStep._meta.db_table)} ({step_columns}) "
         f"SELECT * FROM (VALUES {step_values}) v WHERE EXISTS (SELECT FROM s)), "
         f"ev AS (INSERT INTO {q(SagaEvent._meta.db_table)} ({_event_columns()[0]}) "
