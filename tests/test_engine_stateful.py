@@ -117,6 +117,7 @@ RESET_MODELS = [
 ]
 
 STEP, COMPENSATION = "step", "compensation"
+CHARGE = STEP_NAMES.index("charge_payment")  # the step whose action calls outside (the gateway)
 STATS: Counter[Any] = Counter()
 
 
@@ -460,8 +461,13 @@ class EngineMachine(RuleBasedStateMachine):
         an operator compensates the saga before it does.
         hard time limit: the attempt hangs and is killed before its commit; Celery acknowledges
         the message and sends the chain's error callback, twice.
-        lost: the message (with the rest of its chain) is lost, as in a broker crash."""
+        lost: the message (with the rest of its chain) is lost, as in a broker crash.
+        An operator's abort right after a death matters where the step made an external call:
+        that fate picks a chain about to charge, when there is one."""
         chain = self.broker.pick(i)
+        charging = [c for c in self.broker.chains if c.kind == STEP and c.indexes[0] == CHARGE]
+        if fate == "killed, then aborted" and charging:
+            chain = charging[i % len(charging)]
         if fate == "lost":
             self.broker.chains.remove(chain)
             return
