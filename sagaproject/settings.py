@@ -149,6 +149,12 @@ LOGGING = {
             "level": os.environ.get("SAGAS_LOG_LEVEL", "INFO"),
             "propagate": False,
         },
+        # The reference saga's receivers of sagas.signals (orders/receivers.py).
+        "orders": {
+            "handlers": ["console"],
+            "level": os.environ.get("SAGAS_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
     },
 }
 

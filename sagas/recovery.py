@@ -10,13 +10,14 @@ compensations, are sent again. Every task checks its row first, so a duplicate i
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import transaction
 from django.utils import timezone
 
-from . import conf, engine
+from . import conf, engine, notify
 from .models import Direction, EventKind, Saga, SagaStatus
 
 logger = logging.getLogger("sagas")
@@ -41,6 +42,7 @@ def sweep(
     stale_after = stale_after or conf.recovery_stale_after()
     limit = conf.recovery_max_attempts() if max_recoveries is None else max_recoveries
     report = SweepReport()
+    started = time.monotonic()
     with transaction.atomic():
         stale = list(
             Saga.objects.select_for_update(skip_locked=True)
@@ -73,4 +75,5 @@ def sweep(
             len(report.recovered),
             len(report.dead_lettered),
         )
+    notify.swept(time.monotonic() - started, len(report.recovered), len(report.dead_lettered))
     return report

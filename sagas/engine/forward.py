@@ -16,7 +16,7 @@ from uuid import uuid4
 from django.db import connection, transaction
 from django.utils import timezone
 
-from .. import dispatch
+from .. import dispatch, notify
 from ..definitions import StepContext, get_definition
 from ..models import EventKind, Saga, SagaStep
 from .compensation import begin_compensation
@@ -90,6 +90,7 @@ def start(
                 saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
             )
         )
+        notify.on_commit(saga, [started])
     saga._state.adding = False
     saga._state.db = connection.alias
     return saga, True

@@ -2,7 +2,8 @@
 
 `lock()` locks the saga row and reads its step rows; `Unit` applies transitions, collects the
 events and the messages to send, and writes the changed rows and the events in one statement
-before the transaction commits. The messages go out after the commit (`sagas.dispatch`).
+before the transaction commits. The messages go out after the commit (`sagas.dispatch`), and
+so do the events that signals, metrics or traces want (`sagas.notify`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from .. import dispatch
+from .. import dispatch, notify
 from ..definitions import RetryPolicy, StepContext
 from ..exceptions import InvalidTransition, StepError, TransientError
 from ..models import Direction, SagaStatus, StepStatus
@@ -234,10 +235,12 @@ class Unit:
         writes += [rows.update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
         for send in self.after_commit:
             transaction.on_commit(publish_or_leave_to_sweeper(self.saga.pk, send))
+        notify.on_commit(self.saga, self.events)
         rows.execute_as_one([*writes, rows.insert_events_sql(self.events)], commit=commit)
 
     def save_events(self) -> None:
         """Write only the events (a duplicate delivery changes nothing else)."""
+        notify.on_commit(self.saga, self.events)
         rows.execute_as_one([rows.insert_events_sql(self.events)], commit=False)
 
     # -- reading ---------------------------------------------------------------------------
