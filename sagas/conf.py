@@ -56,3 +56,28 @@ def admin_search_fields() -> tuple[str, ...]:
     looks in besides the saga's id and name, such as `input__order_id` (a key of the saga's
     input). Business data differs from saga to saga: the project names what to search."""
     return tuple(getattr(settings, "SAGAS_ADMIN_SEARCH_FIELDS", ()))
+
+
+def metrics() -> bool:
+    """`SAGAS_METRICS`, default False: count what the engine does for Prometheus
+    (`sagas.metrics`; needs the `metrics` extra, prometheus-client)."""
+    return bool(getattr(settings, "SAGAS_METRICS", False))
+
+
+def metrics_worker_port() -> int | None:
+    """`SAGAS_METRICS_WORKER_PORT`, default none: with metrics on, a Celery worker's main
+    process serves its processes' metrics on this port (`/metrics`); none, no server."""
+    port = getattr(settings, "SAGAS_METRICS_WORKER_PORT", None)
+    return int(port) if port not in (None, "") else None
+
+
+def metrics_worker_address() -> str:
+    """`SAGAS_METRICS_WORKER_ADDRESS`, default "0.0.0.0": the address the worker's metrics
+    server listens on."""
+    return str(getattr(settings, "SAGAS_METRICS_WORKER_ADDRESS", "0.0.0.0"))
+
+
+def metrics_token() -> str:
+    """`SAGAS_METRICS_TOKEN`, default none: a scraper of the web process's `/metrics` view must
+    send `Authorization: Bearer <token>`; without one the view answers anyone who reaches it."""
+    return str(getattr(settings, "SAGAS_METRICS_TOKEN", "") or "")
