@@ -216,6 +216,15 @@ SAGAS_METRICS = env_bool("SAGAS_METRICS", True)
 SAGAS_METRICS_WORKER_PORT = os.environ.get("SAGAS_METRICS_WORKER_PORT") or None
 SAGAS_METRICS_WORKER_ADDRESS = os.environ.get("SAGAS_METRICS_WORKER_ADDRESS", "0.0.0.0")
 SAGAS_METRICS_TOKEN = os.environ.get("SAGAS_METRICS_TOKEN", "")
+# OpenTelemetry traces (sagas.tracing): with SAGAS_TRACING=1, each process appends its spans to
+# SAGAS_TRACES_FILE (sagaproject/tracing.py); a real deployment exports them to its backend.
+SAGAS_TRACING = env_bool("SAGAS_TRACING", False)
+if SAGAS_TRACING:
+    from sagaproject import tracing
+
+    tracing.configure(
+        Path(os.environ.get("SAGAS_TRACES_FILE") or embedded.data_dir() / "traces.jsonl")
+    )
 
 # The REST API (sagaproject.api): https://www.django-rest-framework.org/api-guide/settings/
 REST_FRAMEWORK = {

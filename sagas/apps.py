@@ -22,3 +22,7 @@ class SagasConfig(AppConfig):
             from . import metrics
 
             metrics.install()
+        if conf.tracing():
+            from . import tracing
+
+            tracing.install()

@@ -81,3 +81,9 @@ def metrics_token() -> str:
     """`SAGAS_METRICS_TOKEN`, default none: a scraper of the web process's `/metrics` view must
     send `Authorization: Bearer <token>`; without one the view answers anyone who reaches it."""
     return str(getattr(settings, "SAGAS_METRICS_TOKEN", "") or "")
+
+
+def tracing() -> bool:
+    """`SAGAS_TRACING`, default False: a span per saga, step and compensation attempt through
+    OpenTelemetry's API (`sagas.tracing`; needs the `tracing` extra)."""
+    return bool(getattr(settings, "SAGAS_TRACING", False))

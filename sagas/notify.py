@@ -7,13 +7,16 @@ no one wants any of them (a step's hot path then pays a look at its one or two e
 
 Who wants what: the signals of `sagas.signals` want the kinds they announce, while a receiver
 is connected; observers (`sagas.metrics`, `sagas.tracing`, turned on by their settings) want
-the kinds they declare. A leaf module: the engine imports it, and it imports only the signals.
+the kinds they declare. Traces also need a span while an attempt runs, so that what its action
+does nests in it: that is the `tracer`. A leaf module: the engine imports it, and it imports
+only the signals.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, Protocol
 
@@ -52,8 +55,20 @@ class Observer(Protocol):
         """A sweep of the recovery sweeper ended (`sagas.recovery.sweep`)."""
 
 
+class Tracer(Protocol):
+    """Spans of a saga and of its attempts while they run (`sagas.tracing`)."""
+
+    def begin_saga(self, saga: Any) -> str:
+        """Start the saga's span; return its context to store on the saga's row."""
+
+    def attempt(self, saga: Any, step: Any, *, compensation: bool) -> AbstractContextManager[Any]:
+        """The span of an attempt of a step's action (or compensation), current while it runs."""
+
+
 observers: list[Observer] = []
 _observed: frozenset[str] = frozenset()
+# Set by `sagas.tracing.install()`; None: no span, and the engine pays one attribute read.
+tracer: Tracer | None = None
 
 
 def add_observer(observer: Observer) -> None:

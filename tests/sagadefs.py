@@ -281,3 +281,19 @@ register(
         ],
     )
 )
+
+
+def open_a_span(ctx: StepContext) -> dict:
+    """An action that traces work of its own, as an instrumented client would."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("tests").start_as_current_span("inner work"):
+        return {"step": ctx.step}
+
+
+register(
+    SagaDefinition(
+        name="traced",
+        steps=[Step("flaky", flaky_once, undo, retry=FAST), Step("inner", open_a_span, undo)],
+    )
+)

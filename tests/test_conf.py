@@ -24,6 +24,7 @@ DEFAULTS = [
     ("SAGAS_METRICS_WORKER_PORT", conf.metrics_worker_port, None),
     ("SAGAS_METRICS_WORKER_ADDRESS", conf.metrics_worker_address, "0.0.0.0"),
     ("SAGAS_METRICS_TOKEN", conf.metrics_token, ""),
+    ("SAGAS_TRACING", conf.tracing, False),
 ]
 
 

@@ -80,6 +80,8 @@ def start(
     started = EventRow(
         saga.id, None, "", EventKind.SAGA_STARTED, {"steps": [s.name for s in steps]}, now
     )
+    if notify.tracer is not None:
+        saga.trace_context = notify.tracer.begin_saga(saga)
     with transaction.atomic():
         if not insert_saga(saga, steps, started, commit=True):
             # The key was used, maybe by a request that committed a moment ago: its saga.
@@ -115,11 +117,12 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
             unit.move_saga(S.RUNNING, None)  # the start was recorded when the saga was created
         started = step.started_at or timezone.now()
         ctx = unit.context(step)
-        if fault is not None:
-            fault.before_action()
-        output = call(step.definition["action"], ctx)
-        if fault is not None:
-            fault.after_action()
+        with unit.attempt(step):
+            if fault is not None:
+                fault.before_action()
+            output = call(step.definition["action"], ctx)
+            if fault is not None:
+                fault.after_action()
         finished = timezone.now()
         unit.move_step(
             step,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -125,6 +126,8 @@ class Outcome:
 
 
 DONE, DUPLICATE, STOP = Outcome("done"), Outcome("duplicate"), Outcome("stop")
+# What an attempt runs in when nothing traces it.
+UNTRACED: AbstractContextManager[Any] = nullcontext()
 
 
 @dataclass
@@ -191,6 +194,14 @@ class Unit:
                 timezone.now(),
             )
         )
+
+    def attempt(self, step: StepRow, *, compensation: bool = False) -> AbstractContextManager[Any]:
+        """What an attempt of the step's action (or compensation) runs in: its span, when
+        traces are on (`sagas.tracing`), which ends once the attempt's outcome commits."""
+        tracer = notify.tracer
+        if tracer is None:
+            return UNTRACED
+        return tracer.attempt(self.saga, step, compensation=compensation)
 
     # -- messages ----------------------------------------------------------------------------
 
