@@ -106,6 +106,8 @@ class Tracing:
             span.set_attribute("sagas.outcome", OUTCOME[event.kind])
             span.set_attribute("sagas.saga.status", saga.status)
             if code := event.detail.get("code"):
+                # Also when what failed came after the action (`on_complete`, say).
+                span.set_status(Status(StatusCode.ERROR, code))
                 span.set_attribute("sagas.error.code", code)
             span.end()
 
