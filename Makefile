@@ -6,13 +6,13 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: install run test lint typecheck pytest browser wrk bench bench-api profile drill demo clean
 
-# The framework (editable, with its `api` extra) and, from pyproject.toml's dependency groups, what
-# the reference project and the tests need: neither is in the wheel's metadata. pip installs
-# dependency groups (`--group`, PEP 735) from version 25.1.
+# The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
+# pyproject.toml's dependency groups, what the reference project and the tests need: neither is
+# in the wheel's metadata. pip installs dependency groups (`--group`, PEP 735) from version 25.1.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade 'pip>=25.1'
-	$(BIN)/pip install --quiet -e '.[api]' --group dev
+	$(BIN)/pip install --quiet -e '.[api,metrics,tracing]' --group dev
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,5 +9,6 @@ class OrdersConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the order fulfilment saga in every process (web, worker, beat), so a worker
-        # can run the sagas a web process starts.
-        from orders import sagas  # noqa: F401
+        # can run the sagas a web process starts; and the receivers of its signals, which log
+        # a line when an order saga is undone or needs an operator.
+        from orders import receivers, sagas  # noqa: F401

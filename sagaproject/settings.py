@@ -149,6 +149,12 @@ LOGGING = {
             "level": os.environ.get("SAGAS_LOG_LEVEL", "INFO"),
             "propagate": False,
         },
+        # The reference saga's receivers of sagas.signals (orders/receivers.py).
+        "orders": {
+            "handlers": ["console"],
+            "level": os.environ.get("SAGAS_LOG_LEVEL", "INFO"),
+            "propagate": False,
+        },
     },
 }
 
@@ -212,6 +218,21 @@ SAGAS_RECOVERY_MAX_ATTEMPTS = int(os.environ.get("SAGAS_RECOVERY_MAX_ATTEMPTS", 
 SAGAS_MODULES = [m for m in os.environ.get("SAGAS_MODULES", "").split(",") if m]
 # Seconds between a step's soft time limit and the hard kill of its process.
 SAGAS_HARD_TIME_LIMIT_GRACE = int(os.environ.get("SAGAS_HARD_TIME_LIMIT_GRACE", "10"))
+# Prometheus metrics (sagas.metrics): counted in every process, served at /metrics by the web
+# process and, where SAGAS_METRICS_WORKER_PORT is set (`make run` sets it), by each worker.
+SAGAS_METRICS = env_bool("SAGAS_METRICS", True)
+SAGAS_METRICS_WORKER_PORT = os.environ.get("SAGAS_METRICS_WORKER_PORT") or None
+SAGAS_METRICS_WORKER_ADDRESS = os.environ.get("SAGAS_METRICS_WORKER_ADDRESS", "0.0.0.0")
+SAGAS_METRICS_TOKEN = os.environ.get("SAGAS_METRICS_TOKEN", "")
+# OpenTelemetry traces (sagas.tracing): with SAGAS_TRACING=1, each process appends its spans to
+# SAGAS_TRACES_FILE (sagaproject/tracing.py); a real deployment exports them to its backend.
+SAGAS_TRACING = env_bool("SAGAS_TRACING", False)
+if SAGAS_TRACING:
+    from sagaproject import tracing
+
+    tracing.configure(
+        Path(os.environ.get("SAGAS_TRACES_FILE") or embedded.data_dir() / "traces.jsonl")
+    )
 
 # The REST API (sagaproject.api): https://www.django-rest-framework.org/api-guide/settings/
 REST_FRAMEWORK = {

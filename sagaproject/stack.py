@@ -13,6 +13,7 @@ import configparser
 import io
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,7 +65,23 @@ def worker_stop_wait() -> int:
     return max(limits, default=60) + conf.hard_time_limit_grace() + 5
 
 
-def supervisord_config(programs: dict[str, list[str]], data: Path, stop_wait: int) -> str:
+def worker_metrics(data: Path) -> dict[str, str]:
+    """The worker's metrics (sagas.metrics.worker): its pool processes write to a directory of
+    its own, emptied here before it starts (as prometheus-client asks), and its main process
+    serves them on SAGAS_METRICS_WORKER_PORT (default 9808)."""
+    folder = data / "metrics" / "worker"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    port = os.environ.get("SAGAS_METRICS_WORKER_PORT") or "9808"
+    return {"PROMETHEUS_MULTIPROC_DIR": str(folder), "SAGAS_METRICS_WORKER_PORT": port}
+
+
+def supervisord_config(
+    programs: dict[str, list[str]],
+    data: Path,
+    stop_wait: int,
+    environments: dict[str, dict[str, str]] | None = None,
+) -> str:
     """Supervisor's configuration: http://supervisord.org/configuration.html"""
     config = configparser.RawConfigParser()
     config["supervisord"] = {
@@ -90,6 +107,10 @@ def supervisord_config(programs: dict[str, list[str]], data: Path, stop_wait: in
             "stdout_logfile": "/dev/stdout",
             "stdout_logfile_maxbytes": "0",  # no rotation: it is the terminal
         }
+        if environment := (environments or {}).get(name):
+            config[f"program:{name}"]["environment"] = ",".join(
+                f'{key}="{value}"' for key, value in environment.items()
+            )
     for section in config.sections():  # supervisord expands %(name)s in values
         for key, value in config[section].items():
             config[section][key] = value.replace("%", "%%")
@@ -112,9 +133,12 @@ def main() -> int:
     port = os.environ.get("PORT", "8000")
     programs = processes(port, os.environ.get("WORKER_CONCURRENCY", "2"), data)
     config = data / "supervisord.conf"
-    config.write_text(supervisord_config(programs, data, worker_stop_wait()))
+    environments = {"worker": worker_metrics(data)}
+    config.write_text(supervisord_config(programs, data, worker_stop_wait(), environments))
     os.environ["PYTHONUNBUFFERED"] = "1"  # lines reach the terminal as they are written
     print(f"Web server: http://127.0.0.1:{port}/admin/ (admin/admin). Ctrl-C stops everything.")
+    metrics_port = environments["worker"]["SAGAS_METRICS_WORKER_PORT"]
+    print(f"Metrics: http://127.0.0.1:{port}/metrics and the worker's on :{metrics_port}/metrics")
     sys.stdout.flush()
     # A session of its own: Ctrl-C reaches only this process, which asks supervisord once to
     # stop its processes in order.

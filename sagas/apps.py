@@ -17,3 +17,12 @@ class SagasConfig(AppConfig):
 
         for module in conf.modules():
             import_module(module)
+        # Optional, each with its extra: Prometheus metrics and OpenTelemetry traces.
+        if conf.metrics():
+            from . import metrics
+
+            metrics.install()
+        if conf.tracing():
+            from . import tracing
+
+            tracing.install()

@@ -76,3 +76,34 @@ def retention() -> timedelta | None:
         return parse_duration(str(value))
     except ValueError as exc:
         raise ImproperlyConfigured(f"SAGAS_RETENTION = {value!r}: {exc}") from None
+
+
+def metrics() -> bool:
+    """`SAGAS_METRICS`, default False: count what the engine does for Prometheus
+    (`sagas.metrics`; needs the `metrics` extra, prometheus-client)."""
+    return bool(getattr(settings, "SAGAS_METRICS", False))
+
+
+def metrics_worker_port() -> int | None:
+    """`SAGAS_METRICS_WORKER_PORT`, default none: with metrics on, a Celery worker's main
+    process serves its processes' metrics on this port (`/metrics`); none, no server."""
+    port = getattr(settings, "SAGAS_METRICS_WORKER_PORT", None)
+    return int(port) if port not in (None, "") else None
+
+
+def metrics_worker_address() -> str:
+    """`SAGAS_METRICS_WORKER_ADDRESS`, default "0.0.0.0": the address the worker's metrics
+    server listens on."""
+    return str(getattr(settings, "SAGAS_METRICS_WORKER_ADDRESS", "0.0.0.0"))
+
+
+def metrics_token() -> str:
+    """`SAGAS_METRICS_TOKEN`, default none: a scraper of the web process's `/metrics` view must
+    send `Authorization: Bearer <token>`; without one the view answers anyone who reaches it."""
+    return str(getattr(settings, "SAGAS_METRICS_TOKEN", "") or "")
+
+
+def tracing() -> bool:
+    """`SAGAS_TRACING`, default False: a span per saga, step and compensation attempt through
+    OpenTelemetry's API (`sagas.tracing`; needs the `tracing` extra)."""
+    return bool(getattr(settings, "SAGAS_TRACING", False))

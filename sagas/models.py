@@ -140,6 +140,13 @@ class Saga(models.Model):
     deadline_at = models.DateTimeField(
         null=True, blank=True, help_text="Past this, a saga still running is compensated."
     )
+    trace_context = models.CharField(
+        max_length=200,
+        blank=True,
+        default="",
+        help_text="The W3C traceparent of the saga's span (SAGAS_TRACING): its steps' and "
+        "compensations' spans are its children, in whichever process they run.",
+    )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the saga was started.")
     updated_at = models.DateTimeField(auto_now=True, help_text="Last progress of the saga.")
     finished_at = models.DateTimeField(

@@ -10,6 +10,7 @@ compensations, are sent again. Every task checks its row first, so a duplicate i
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +20,7 @@ from django.db.models import DateTimeField, DurationField, ExpressionWrapper, F,
 from django.db.models.functions import Least, Power
 from django.utils import timezone
 
-from . import conf, engine
+from . import conf, engine, notify
 from .models import Direction, EventKind, Saga, SagaStatus
 
 logger = logging.getLogger("sagas")
@@ -64,6 +65,7 @@ def sweep(
     limit = conf.recovery_max_attempts() if max_recoveries is None else max_recoveries
     report = SweepReport()
     now = timezone.now()
+    started = time.monotonic()
     with transaction.atomic():
         stale = list(
             Saga.objects.select_for_update(skip_locked=True)
@@ -97,4 +99,5 @@ def sweep(
             len(report.recovered),
             len(report.dead_lettered),
         )
+    notify.swept(time.monotonic() - started, len(report.recovered), len(report.dead_lettered))
     return report

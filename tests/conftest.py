@@ -95,9 +95,28 @@ def worker_options(
 
 
 @pytest.fixture(scope="session")
-def saga_worker_options(django_db_setup) -> dict:
+def worker_metrics(tmp_path_factory) -> dict:
+    """Where the suite's workers keep their metrics: the directory of prometheus-client's
+    multiprocess mode, which their pool processes write to, and the URL at which a node's main
+    process serves it (sagas.metrics.worker). Both nodes share them: the node that takes the
+    port serves the other's files too, and the other logs that the port is taken."""
+    port = free_port()
+    return {
+        "dir": tmp_path_factory.mktemp("worker-metrics"),
+        "port": port,
+        "url": f"http://127.0.0.1:{port}/metrics",
+    }
+
+
+@pytest.fixture(scope="session")
+def saga_worker_options(django_db_setup, worker_metrics) -> dict:
     """The suite's two worker nodes, started by the test kit's `saga_worker` fixture."""
-    return worker_options(nodes=2, concurrency=2)
+    env = {
+        "PROMETHEUS_MULTIPROC_DIR": str(worker_metrics["dir"]),
+        "SAGAS_METRICS_WORKER_PORT": str(worker_metrics["port"]),
+        "SAGAS_METRICS_WORKER_ADDRESS": "127.0.0.1",
+    }
+    return worker_options(nodes=2, concurrency=2, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -244,3 +244,56 @@ register(
         continue_compensation_on_failure=True,
     )
 )
+
+
+# -- signals, metrics and traces (tests/test_signals.py, test_metrics.py, test_tracing.py) ----
+
+
+def refuse_to_confirm(ctx: StepContext) -> None:
+    """An `on_complete` that fails: the last step had moved to completed, in memory only."""
+    from sagas.exceptions import BusinessError
+
+    raise BusinessError("The order cannot be confirmed.", code="not_confirmed")
+
+
+def flaky_once(ctx: StepContext) -> dict:
+    """Fails its first attempt with a transient error, then succeeds."""
+    from sagas.exceptions import TransientError
+
+    if ctx.attempt == 1:
+        raise TransientError("Try again.", code="hiccup")
+    return {"step": ctx.step, "attempt": ctx.attempt}
+
+
+register(
+    SagaDefinition(
+        name="refuses_to_confirm",
+        steps=[Step("first", record, undo, retry=FAST), Step("last", record, undo, retry=FAST)],
+        on_complete=refuse_to_confirm,
+    )
+)
+register(
+    SagaDefinition(
+        name="flaky_then_fine",
+        steps=[
+            Step("flaky", flaky_once, undo, retry=FAST),
+            Step("after", record, undo, retry=FAST),
+        ],
+    )
+)
+
+
+def open_a_span(ctx: StepContext) -> dict:
+    """An action that traces work of its own, as an instrumented client would."""
+    from opentelemetry import trace
+
+    with trace.get_tracer("tests").start_as_current_span("inner work"):
+        return {"step": ctx.step}
+
+
+register(
+    SagaDefinition(
+        name="traced",
+        steps=[Step("flaky", flaky_once, undo, retry=FAST), Step("inner", open_a_span, undo)],
+    )
+)

@@ -361,14 +361,25 @@ def test_the_wheel_holds_sagas_alone(wheel: Path):
 
     requires = [Requirement(f.split(": ", 1)[1]) for f in fields if f.startswith("Requires-Dist:")]
     runtime = {r.name.lower(): r for r in requires if r.marker is None}
-    api = {
-        r.name.lower()
-        for r in requires
-        if r.marker is not None and r.marker.evaluate({"extra": "api"})
+    extras = {
+        extra: {
+            r.name.lower()
+            for r in requires
+            if r.marker is not None and r.marker.evaluate({"extra": extra})
+        }
+        for extra in ("api", "metrics", "tracing")
     }
     assert set(runtime) == {"django", "celery", "psycopg"}
-    assert api == {"djangorestframework", "django-filter", "drf-spectacular"}
-    assert [f for f in fields if f.startswith("Provides-Extra:")] == ["Provides-Extra: api"]
+    assert extras == {
+        "api": {"djangorestframework", "django-filter", "drf-spectacular"},
+        "metrics": {"prometheus-client"},
+        "tracing": {"opentelemetry-api"},
+    }
+    assert [f for f in fields if f.startswith("Provides-Extra:")] == [
+        "Provides-Extra: api",
+        "Provides-Extra: metrics",
+        "Provides-Extra: tracing",
+    ]
     assert "Requires-Python: >=3.11" in fields
     # Exactly the Django versions that the variants below prove: 5.2 LTS and 6.
     declared = runtime["django"].specifier

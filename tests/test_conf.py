@@ -21,6 +21,11 @@ DEFAULTS = [
     ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
     ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),
     ("SAGAS_RETENTION", conf.retention, None),
+    ("SAGAS_METRICS", conf.metrics, False),
+    ("SAGAS_METRICS_WORKER_PORT", conf.metrics_worker_port, None),
+    ("SAGAS_METRICS_WORKER_ADDRESS", conf.metrics_worker_address, "0.0.0.0"),
+    ("SAGAS_METRICS_TOKEN", conf.metrics_token, ""),
+    ("SAGAS_TRACING", conf.tracing, False),
 ]
 
 
@@ -43,12 +48,16 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
     settings.SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
     settings.SAGAS_RETENTION = "30d"
+    settings.SAGAS_METRICS_WORKER_PORT = "9808"
+    settings.SAGAS_METRICS_TOKEN = None
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
     assert conf.modules() == ("tests.sagadefs",)
     assert conf.admin_search_fields() == ("input__order_id",)
     assert conf.retention() == timedelta(days=30)
+    assert conf.metrics_worker_port() == 9808
+    assert conf.metrics_token() == ""
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links

@@ -67,10 +67,11 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
         if not _its_turn(unit, step):
             return STOP
         ctx = unit.context(step, compensation=True)
-        if fault is not None:
-            fault.before_compensation()
-        if step.compensation:
-            call(step.compensation, ctx)
+        with unit.attempt(step, compensation=True):
+            if fault is not None:
+                fault.before_compensation()
+            if step.compensation:
+                call(step.compensation, ctx)
         unit.move_step(
             step,
             T.COMPENSATED,

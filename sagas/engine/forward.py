@@ -16,7 +16,7 @@ from uuid import uuid4
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from .. import dispatch
+from .. import dispatch, notify
 from ..definitions import SagaDefinition, StepContext, get_definition
 from ..exceptions import SagaKeyInFlight
 from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
@@ -89,6 +89,8 @@ def start(
     started = EventRow(
         saga.id, None, "", EventKind.SAGA_STARTED, {"steps": [s.name for s in steps]}, now
     )
+    if notify.tracer is not None:
+        saga.trace_context = notify.tracer.begin_saga(saga)
     try:
         with transaction.atomic():
             if not insert_saga(saga, steps, started, commit=True):
@@ -100,6 +102,7 @@ def start(
                     saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
                 )
             )
+            notify.on_commit(saga, [started])
     except IntegrityError as exc:
         constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
         if constraint != ONE_IN_FLIGHT_PER_KEY:
@@ -144,11 +147,12 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
             unit.move_saga(S.RUNNING, None)  # the start was recorded when the saga was created
         started = step.started_at or timezone.now()
         ctx = unit.context(step)
-        if fault is not None:
-            fault.before_action()
-        output = call(step.definition["action"], ctx)
-        if fault is not None:
-            fault.after_action()
+        with unit.attempt(step):
+            if fault is not None:
+                fault.before_action()
+            output = call(step.definition["action"], ctx)
+            if fault is not None:
+                fault.after_action()
         finished = timezone.now()
         unit.move_step(
             step,

@@ -47,6 +47,7 @@ class SagaRow:
         "options",
         "recovery_attempts",
         "status",
+        "trace_context",
         "updated_at",
     )
     model = Saga
@@ -67,6 +68,7 @@ class SagaRow:
     recovery_attempts: int
     created_by_id: int | None
     deadline_at: Any
+    trace_context: str
     created_at: Any
     updated_at: Any
     finished_at: Any

@@ -2,13 +2,15 @@
 
 `lock()` locks the saga row and reads its step rows; `Unit` applies transitions, collects the
 events and the messages to send, and writes the changed rows and the events in one statement
-before the transaction commits. The messages go out after the commit (`sagas.dispatch`).
+before the transaction commits. The messages go out after the commit (`sagas.dispatch`), and
+so do the events that signals, metrics or traces want (`sagas.notify`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -19,7 +21,7 @@ from django.db import transaction
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
-from .. import dispatch
+from .. import dispatch, notify
 from ..definitions import RetryPolicy, StepContext
 from ..exceptions import InvalidTransition, StepError, TransientError
 from ..models import Direction, SagaStatus, StepStatus
@@ -124,6 +126,8 @@ class Outcome:
 
 
 DONE, DUPLICATE, STOP = Outcome("done"), Outcome("duplicate"), Outcome("stop")
+# What an attempt runs in when nothing traces it.
+UNTRACED: AbstractContextManager[Any] = nullcontext()
 
 
 @dataclass
@@ -191,6 +195,14 @@ class Unit:
             )
         )
 
+    def attempt(self, step: StepRow, *, compensation: bool = False) -> AbstractContextManager[Any]:
+        """What an attempt of the step's action (or compensation) runs in: its span, when
+        traces are on (`sagas.tracing`), which ends once the attempt's outcome commits."""
+        tracer = notify.tracer
+        if tracer is None:
+            return UNTRACED
+        return tracer.attempt(self.saga, step, compensation=compensation)
+
     # -- messages ----------------------------------------------------------------------------
 
     def is_current(self, epoch: int | None) -> bool:
@@ -239,10 +251,12 @@ class Unit:
         writes += [rows.update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
         for send in self.after_commit:
             transaction.on_commit(publish_or_leave_to_sweeper(self.saga.pk, send))
+        notify.on_commit(self.saga, self.events)
         rows.execute_as_one([*writes, rows.insert_events_sql(self.events)], commit=commit)
 
     def save_events(self) -> None:
         """Write only the events (a duplicate delivery changes nothing else)."""
+        notify.on_commit(self.saga, self.events)
         rows.execute_as_one([rows.insert_events_sql(self.events)], commit=False)
 
     # -- reading ---------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""What the engine's calls cost a step, in process: `engine.run_step` of synthetic sagas, timed.
+
+Submits sagas of `--steps` steps (each step one UPDATE) and runs their steps by calling the
+engine in this process, as `make profile` does, timing the `engine.run_step` calls alone (not
+the submission), in wall time and in this process's CPU time: what the framework's Python
+costs, which is what signals, metrics and traces add to, and which a busy database server
+shared with other work disturbs less than the wall time. The observability settings come
+from the environment, as in `make run`: `SAGAS_METRICS=1`, `SAGAS_TRACING=1`; `--receivers`
+connects a receiver to every signal of `sagas.signals`. Prints the medians and means of a
+step, then one JSON line.
+
+    .venv/bin/python -m bench.hot_path --sagas 200 --steps 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Any
+
+from bench.run import bench_database_url, debug_off, steps_in_process
+
+
+def connect_receivers() -> int:
+    from sagas import signals
+
+    def receiver(**kwargs: Any) -> None:
+        return None
+
+    names = [name for name in signals.__all__ if name.startswith(("saga_", "step_"))]
+    for name in names:
+        getattr(signals, name).connect(receiver, weak=False)
+    return len(names)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sagas", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--receivers", action="store_true", help="a receiver on every signal")
+    args = parser.parse_args()
+
+    os.environ["DATABASE_URL"] = bench_database_url()
+    os.environ["SAGAS_MODULES"] = "bench.sagas"
+    os.environ.setdefault("SAGAS_METRICS", "0")
+    debug_off()
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from bench.run import SyntheticSagas
+    from bench.tasks import ensure_table
+    from sagas import engine
+
+    call_command("migrate", verbosity=0, interactive=False)
+    ensure_table()
+    if args.receivers:
+        connect_receivers()
+    workload = SyntheticSagas(args.steps)
+    per_step: list[float] = []
+    cpu_per_step: list[float] = []
+
+    with steps_in_process():
+        for round_ in range(args.sagas + 10):
+            saga_id = workload.submit()
+            for index in range(args.steps):
+                started, cpu_started = time.perf_counter(), time.process_time()
+                outcome = engine.run_step(saga_id, index, epoch=None)
+                cpu = (time.process_time() - cpu_started) * 1000
+                elapsed = (time.perf_counter() - started) * 1000
+                assert outcome.kind == "done", outcome
+                if round_ >= 10:  # the first ten warm up: imports, connections, caches
+                    per_step.append(elapsed)
+                    cpu_per_step.append(cpu)
+
+    result = {
+        "steps": args.steps,
+        "sagas": args.sagas,
+        "metrics": os.environ.get("SAGAS_METRICS", "0"),
+        "tracing": os.environ.get("SAGAS_TRACING", "0"),
+        "receivers": args.receivers,
+        "median_ms": round(statistics.median(per_step), 4),
+        "mean_ms": round(statistics.fmean(per_step), 4),
+        "cpu_mean_ms": round(statistics.fmean(cpu_per_step), 4),
+    }
+    print(
+        f"engine.run_step: median {result['median_ms']} ms, mean {result['mean_ms']} ms a step; "
+        f"CPU {result['cpu_mean_ms']} ms a step (mean)"
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

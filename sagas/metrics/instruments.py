@@ -1,0 +1,140 @@
+"""The counters and histograms, and the observer that feeds them from committed events.
+
+Each process counts what it committed: a worker's processes the steps, compensations and
+sweeps, the web process the starts and the operators' actions. Under prometheus-client's
+multiprocess mode (`PROMETHEUS_MULTIPROC_DIR`) every process writes its own file and whoever
+serves the directory adds them up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from ..models import EventKind
+
+K = EventKind
+BY_DEFINITION = ["definition"]
+BY_STEP = ["definition", "step"]
+
+# Steps run from milliseconds (a row) to a minute (an external call with retries).
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+started = Counter("sagas_started", "Sagas started.", BY_DEFINITION)
+completed = Counter("sagas_completed", "Sagas that completed every step.", BY_DEFINITION)
+compensated = Counter("sagas_compensated", "Sagas whose compensations all ran.", BY_DEFINITION)
+failed = Counter(
+    "sagas_failed",
+    "Sagas that stopped for an operator: a compensation failed (compensation_failed), or the "
+    "sweeper gave up on them (recovery_exhausted).",
+    ["definition", "reason"],
+)
+paused = Counter(
+    "sagas_paused",
+    "Sagas paused for an operator after a step failed for good (by policy, or past a pivot).",
+    BY_DEFINITION,
+)
+step_attempts = Counter(
+    "sagas_step_attempts",
+    "Attempts of a step's action whose outcome was recorded (completed, retried or failed).",
+    BY_STEP,
+)
+step_retries = Counter(
+    "sagas_step_retries", "Failed attempts of a step's action that will be retried.", BY_STEP
+)
+step_failures = Counter(
+    "sagas_step_failures",
+    "Steps whose action failed for good, by safe error code.",
+    ["definition", "step", "code"],
+)
+step_duration = Histogram(
+    "sagas_step_duration_seconds",
+    "Time from a step's first attempt to its completion (retries included).",
+    BY_STEP,
+    buckets=STEP_BUCKETS,
+)
+compensations = Counter("sagas_compensations", "Compensations that ran.", BY_STEP)
+compensation_retries = Counter(
+    "sagas_compensation_retries", "Failed compensation attempts that will be retried.", BY_STEP
+)
+compensation_failures = Counter(
+    "sagas_compensation_failures", "Compensations that ran out of retries.", BY_STEP
+)
+recoveries = Counter(
+    "sagas_recoveries", "Stalled sagas sent again by the recovery sweeper.", BY_DEFINITION
+)
+dead_lettered = Counter(
+    "sagas_dead_lettered",
+    "Sagas failed by the sweeper after SAGAS_RECOVERY_MAX_ATTEMPTS recoveries without progress.",
+    BY_DEFINITION,
+)
+sweep_duration = Histogram(
+    "sagas_sweep_duration_seconds",
+    "Time a sweep of the recovery sweeper took.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+
+def _step(definition: str, event: Any) -> tuple[str, str]:
+    return definition, event.step_name
+
+
+def _saga_failed(definition: str, event: Any) -> None:
+    reason = event.detail.get("reason", "compensation_failed")
+    failed.labels(definition, reason).inc()
+    if reason == "recovery_exhausted":
+        dead_lettered.labels(definition).inc()
+
+
+def _step_completed(definition: str, event: Any) -> None:
+    step_attempts.labels(*_step(definition, event)).inc()
+    seconds = event.detail.get("duration_ms")
+    if seconds is not None:
+        step_duration.labels(*_step(definition, event)).observe(seconds / 1000)
+
+
+def _step_retrying(definition: str, event: Any) -> None:
+    step_attempts.labels(*_step(definition, event)).inc()
+    step_retries.labels(*_step(definition, event)).inc()
+
+
+def _step_failed(definition: str, event: Any) -> None:
+    step_attempts.labels(*_step(definition, event)).inc()
+    step_failures.labels(*_step(definition, event), event.detail.get("code", "")).inc()
+
+
+COUNT: dict[str, Callable[[str, Any], None]] = {
+    K.SAGA_STARTED: lambda d, e: started.labels(d).inc(),
+    K.SAGA_COMPLETED: lambda d, e: completed.labels(d).inc(),
+    K.SAGA_COMPENSATED: lambda d, e: compensated.labels(d).inc(),
+    K.SAGA_FAILED: _saga_failed,
+    K.SAGA_PAUSED: lambda d, e: paused.labels(d).inc(),
+    K.STEP_COMPLETED: _step_completed,
+    K.STEP_RETRYING: _step_retrying,
+    K.STEP_FAILED: _step_failed,
+    K.STEP_COMPENSATED: lambda d, e: compensations.labels(*_step(d, e)).inc(),
+    K.COMPENSATION_RETRYING: lambda d, e: compensation_retries.labels(*_step(d, e)).inc(),
+    K.COMPENSATION_FAILED: lambda d, e: compensation_failures.labels(*_step(d, e)).inc(),
+    K.RECOVERED: lambda d, e: recoveries.labels(d).inc(),
+}
+
+
+class MetricsObserver:
+    """Counts committed events (`sagas.notify`)."""
+
+    kinds = frozenset(COUNT)
+
+    def committed(self, saga: Any, events: Sequence[Any]) -> None:
+        for event in events:
+            COUNT[event.kind](saga.name, event)
+
+    def swept(self, seconds: float, recovered: int, dead_lettered: int) -> None:
+        sweep_duration.observe(seconds)
+
+    def __repr__(self) -> str:
+        return "sagas.metrics"
+
+
+observer = MetricsObserver()

@@ -1,0 +1,124 @@
+"""What the engine did, told after its transaction commits: to signals, metrics and traces.
+
+The engine records every transition as an event (`sagas.engine.unit.Unit.event`). When it
+writes them, it hands the events that someone wants here, and they leave in one
+`transaction.on_commit` callback: never for a change that rolled back, and not at all when
+no one wants any of them (a step's hot path then pays a look at its one or two events).
+
+Who wants what: the signals of `sagas.signals` want the kinds they announce, while a receiver
+is connected; observers (`sagas.metrics`, `sagas.tracing`, turned on by their settings) want
+the kinds they declare. Traces also need a span while an attempt runs, so that what its action
+does nests in it: that is the `tracer`. A leaf module: the engine imports it, and it imports
+only the signals.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from functools import partial
+from typing import Any, Protocol
+
+from django.db import transaction
+
+from . import signals
+
+logger = logging.getLogger("sagas")
+
+
+class Event(Protocol):
+    """An event as the engine wrote it (`sagas.engine.rows.EventRow`)."""
+
+    @property
+    def step_index(self) -> int | None: ...
+    @property
+    def step_name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def detail(self) -> dict[str, Any]: ...
+    @property
+    def created_at(self) -> Any: ...
+
+
+class Observer(Protocol):
+    """Told of committed events of the `kinds` it wants, in the process that committed them."""
+
+    kinds: frozenset[str]
+
+    def committed(self, saga: Any, events: Sequence[Event]) -> None:
+        """`saga` is the saga's row as the transaction wrote it (id, name, status, error_code,
+        error_message, created_at, ...)."""
+
+    def swept(self, seconds: float, recovered: int, dead_lettered: int) -> None:
+        """A sweep of the recovery sweeper ended (`sagas.recovery.sweep`)."""
+
+
+class Tracer(Protocol):
+    """Spans of a saga and of its attempts while they run (`sagas.tracing`)."""
+
+    def begin_saga(self, saga: Any) -> str:
+        """Start the saga's span; return its context to store on the saga's row."""
+
+    def attempt(self, saga: Any, step: Any, *, compensation: bool) -> AbstractContextManager[Any]:
+        """The span of an attempt of a step's action (or compensation), current while it runs."""
+
+
+observers: list[Observer] = []
+_observed: frozenset[str] = frozenset()
+# Set by `sagas.tracing.install()`; None: no span, and the engine pays one attribute read.
+tracer: Tracer | None = None
+
+
+def add_observer(observer: Observer) -> None:
+    global _observed
+    if observer not in observers:
+        observers.append(observer)
+    _observed = frozenset().union(*(o.kinds for o in observers))
+
+
+def remove_observer(observer: Observer) -> None:
+    global _observed
+    if observer in observers:
+        observers.remove(observer)
+    _observed = frozenset().union(*(o.kinds for o in observers))
+
+
+def wanted(events: Iterable[Event]) -> list[Event]:
+    """The events that someone wants to hear of: observed, or announced to a receiver."""
+    observed, announced = _observed, signals.BY_KIND
+    return [
+        e
+        for e in events
+        if e.kind in observed or (e.kind in announced and announced[e.kind].receivers)
+    ]
+
+
+def on_commit(saga: Any, events: Iterable[Event]) -> None:
+    """Tell of `events` once the current transaction commits; nothing if no one wants them."""
+    told = wanted(events)
+    if told:
+        transaction.on_commit(partial(committed, saga, told), robust=True)
+
+
+def committed(saga: Any, events: Sequence[Event]) -> None:
+    """The events are committed: send the signals, then tell the observers. A receiver's or an
+    observer's error is logged, never raised: the change is done, and the engine goes on."""
+    signals.announce(saga, events)
+    for observer in list(observers):
+        mine = [e for e in events if e.kind in observer.kinds]
+        if not mine:
+            continue
+        try:
+            observer.committed(saga, mine)
+        except Exception:
+            logger.exception("sagas: observer %r failed on saga %s", observer, saga.id)
+
+
+def swept(seconds: float, recovered: int, dead_lettered: int) -> None:
+    for observer in list(observers):
+        try:
+            observer.swept(seconds, recovered, dead_lettered)
+        except Exception:
+            logger.exception("sagas: observer %r failed after a sweep", observer)

@@ -1,0 +1,110 @@
+"""Django signals of a saga's life, sent once the transaction that made the change commits.
+
+    from django.dispatch import receiver
+    from sagas.signals import saga_compensated
+
+    @receiver(saga_compensated)
+    def tell_the_customer(sender, saga_id, definition, error_code, **kwargs):
+        ...
+
+Each is sent once per change, in the process that committed it (a worker for a step, the web
+process for a start or an operator's action), after the commit: never for a change that rolled
+back, and after the outermost transaction when the engine ran inside one of yours. `sender`
+is the `Saga` model; every signal has `saga_id` (a UUID) and `definition` (the saga's name);
+the others are listed with each signal. Receivers get keyword arguments: take `**kwargs`, so
+that arguments added later do not break them.
+
+A receiver's exception is logged (logger `sagas`) and not raised: the change is committed, and
+the engine carries on. A receiver that needs a transaction opens its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from django.dispatch import Signal
+
+from .models import EventKind, Saga
+
+logger = logging.getLogger("sagas")
+
+__all__ = [
+    "saga_compensated",
+    "saga_completed",
+    "saga_failed",
+    "saga_paused",
+    "saga_started",
+    "step_failed",
+]
+
+#: A saga was started (`saga_start`). Also: `input`, the saga's input.
+saga_started = Signal()
+#: Every step completed.
+saga_completed = Signal()
+#: The compensations of the completed steps ran: the saga is undone. Also: `error_code`, why
+#: (the failed step's code, `deadline_passed`, or "" when an operator aborted it).
+saga_compensated = Signal()
+#: The saga stopped and needs an operator. Also: `reason` (`compensation_failed` or
+#: `recovery_exhausted`), `step` (the step whose compensation failed, or None), `error_code`
+#: and `error_message`.
+saga_failed = Signal()
+#: A step failed for good and the saga waits for an operator instead of compensating (its
+#: policy says `on_exhausted="pause"`, or the saga passed its pivot). Also: `step`, `reason`,
+#: `error_code` and `error_message`.
+saga_paused = Signal()
+#: A step's action failed for good: a business error, or its retries ran out. Also: `step`
+#: (its name), `index`, `attempt`, `exhausted` (True when retries ran out), `error_code` and
+#: `error_message` (the safe code and message stored on its row). What the saga does next
+#: follows as `saga_paused`, or as `saga_compensated` once its compensations ran.
+step_failed = Signal()
+
+BY_KIND: dict[str, Signal] = {
+    EventKind.SAGA_STARTED: saga_started,
+    EventKind.SAGA_COMPLETED: saga_completed,
+    EventKind.SAGA_COMPENSATED: saga_compensated,
+    EventKind.SAGA_FAILED: saga_failed,
+    EventKind.SAGA_PAUSED: saga_paused,
+    EventKind.STEP_FAILED: step_failed,
+}
+
+
+def _arguments(saga: Any, event: Any) -> dict[str, Any]:
+    detail = event.detail
+    found: dict[str, Any] = {"saga_id": saga.id, "definition": saga.name}
+    kind = event.kind
+    if kind == EventKind.SAGA_STARTED:
+        found["input"] = saga.input
+    elif kind == EventKind.SAGA_COMPENSATED:
+        found["error_code"] = saga.error_code
+    elif kind in (EventKind.SAGA_FAILED, EventKind.SAGA_PAUSED):
+        found["step"] = detail.get("step")
+        found["reason"] = detail.get("reason", "compensation_failed")
+        found["error_code"] = saga.error_code
+        found["error_message"] = saga.error_message
+    elif kind == EventKind.STEP_FAILED:
+        found["step"] = event.step_name
+        found["index"] = event.step_index
+        found["attempt"] = detail.get("attempt")
+        found["exhausted"] = bool(detail.get("exhausted"))
+        found["error_code"] = detail.get("code", "")
+        found["error_message"] = detail.get("message", "")
+    return found
+
+
+def announce(saga: Any, events: Sequence[Any]) -> None:
+    """Send the signal of each committed event that has one (`sagas.notify` calls this)."""
+    for event in events:
+        signal = BY_KIND.get(event.kind)
+        if signal is None or not signal.receivers:
+            continue
+        for receiver, result in signal.send_robust(sender=Saga, **_arguments(saga, event)):
+            if isinstance(result, Exception):
+                logger.error(
+                    "sagas: receiver %r of %s failed on saga %s",
+                    receiver,
+                    event.kind,
+                    saga.id,
+                    exc_info=result,
+                )

@@ -1,0 +1,176 @@
+"""The signals of `sagas.signals`: once per change, after the commit, never for a rollback.
+
+The engine is driven in this process, as a worker drives it (its messages suppressed): a signal
+is sent in the process that commits the change, and the receivers are connected here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connection, transaction
+
+from sagas import engine, signals
+from sagas.exceptions import TransientError
+from sagas.models import Saga
+from sagas.services import saga_compensate, saga_start
+from sagas.tasks import attempt
+from tests.conftest import lose_messages
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+NAMES = signals.__all__
+
+
+@pytest.fixture
+def received(monkeypatch) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Every signal received here, with its arguments and what the receiver saw: whether a
+    transaction was still open, and the saga's status as the database has it."""
+    lose_messages(monkeypatch)
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    def receiver(name: str):
+        def receive(sender, **kwargs):
+            assert sender is Saga
+            status = Saga.objects.values_list("status", flat=True).get(pk=kwargs["saga_id"])
+            seen = {"in_transaction": connection.in_atomic_block, "db": status}
+            got.append((name, {**kwargs, **seen}))
+
+        return receive
+
+    receivers = {name: receiver(name) for name in NAMES}
+    for name, receive in receivers.items():
+        getattr(signals, name).connect(receive)
+    yield got
+    for name, receive in receivers.items():
+        getattr(signals, name).disconnect(receive)
+
+
+def run(saga_id, index: int) -> str:
+    """One delivery of a step's message, as the worker's task makes it."""
+    epoch = Saga.objects.values_list("epoch", flat=True).get(pk=saga_id)
+    return attempt(str(saga_id), index, epoch, forward=True).kind
+
+
+def compensate(saga_id, index: int) -> str:
+    epoch = Saga.objects.values_list("epoch", flat=True).get(pk=saga_id)
+    return attempt(str(saga_id), index, epoch, forward=False).kind
+
+
+def test_a_completed_saga_is_announced_once_started_and_once_completed(received):
+    saga, _ = saga_start(name="three_steps", input={"n": 1})
+    for index in range(3):
+        assert run(saga.pk, index) == "done"
+    assert run(saga.pk, 2) == "duplicate"  # a redelivery changes nothing: no signal
+
+    assert [name for name, _ in received] == ["saga_started", "saga_completed"]
+    started, completed = (kwargs for _, kwargs in received)
+    assert started["saga_id"] == saga.pk
+    assert started["definition"] == "three_steps"
+    assert started["input"] == {"n": 1}
+    # Sent after the commit: no transaction open, and the change visible in the database.
+    assert completed["in_transaction"] is False
+    assert completed["db"] == "completed"
+
+
+def test_a_failed_step_and_the_compensation_are_announced_once(received):
+    saga, _ = saga_start(name="declines_second", input={})
+    assert run(saga.pk, 0) == "done"
+    assert run(saga.pk, 1) == "fail"  # a business error: failed for good, compensating
+    engine.step_chain_failed(str(saga.pk), Saga.objects.get(pk=saga.pk).epoch)
+    assert compensate(saga.pk, 0) == "done"
+    engine.step_chain_failed(str(saga.pk), None)  # a repeated error callback: nothing new
+
+    names = [name for name, _ in received]
+    assert names == ["saga_started", "step_failed", "saga_compensated"]
+    failed, compensated = received[1][1], received[2][1]
+    assert failed["step"] == "second"
+    assert failed["index"] == 1
+    assert failed["attempt"] == 1
+    assert failed["exhausted"] is False
+    assert failed["error_code"] == "declined"
+    assert failed["error_message"] == "Declined."
+    assert failed["db"] == "compensating"
+    assert not failed["in_transaction"]
+    assert compensated["error_code"] == "declined"
+    assert compensated["db"] == "compensated"
+
+
+def test_a_pause_and_a_dead_letter_are_announced(received):
+    paused, _ = saga_start(name="snapshot_demo", input={})
+    assert run(paused.pk, 0) == "done"
+    epoch = Saga.objects.get(pk=paused.pk).epoch
+    for _ in range(2):  # the policy's two attempts, both transient
+        engine.step_attempt_failed(str(paused.pk), 1, TransientError("Down."), epoch=epoch)
+
+    stalled, _ = saga_start(name="three_steps", input={})
+    with transaction.atomic():
+        engine.recover(stalled.pk, max_recoveries=0)
+
+    kinds = [name for name, _ in received if name != "saga_started"]
+    assert kinds == ["step_failed", "saga_paused", "saga_failed"]
+    step, pause, dead = (kwargs for name, kwargs in received if name != "saga_started")
+    assert step["exhausted"] is True
+    assert step["attempt"] == 2
+    assert step["error_code"] == "transient_error"
+    assert pause["saga_id"] == paused.pk
+    assert pause["step"] == "second"
+    assert pause["reason"] == "paused by policy"
+    assert pause["error_code"] == "transient_error"
+    assert pause["db"] == "failed"
+    assert dead["saga_id"] == stalled.pk
+    assert dead["reason"] == "recovery_exhausted"
+    assert dead["step"] is None
+    assert dead["error_code"] == "recovery_exhausted"
+
+
+def test_a_change_rolled_back_after_the_engine_made_it_in_memory_is_not_announced(received):
+    """The last step completes, in memory, with the saga; then the saga's `on_complete` raises:
+    the transaction rolls back, and nobody hears that the saga completed. Its failure, recorded
+    in a transaction of its own, is announced."""
+    saga, _ = saga_start(name="refuses_to_confirm", input={})
+    assert run(saga.pk, 0) == "done"
+    assert run(saga.pk, 1) == "fail"
+
+    assert [name for name, _ in received] == ["saga_started", "step_failed"]
+    assert received[1][1]["error_code"] == "not_confirmed"
+    assert Saga.objects.get(pk=saga.pk).status == "compensating"
+
+
+def test_nothing_is_announced_when_an_outer_transaction_rolls_back(received):
+    class Rollback(Exception):
+        pass
+
+    with pytest.raises(Rollback), transaction.atomic():
+        saga_start(name="three_steps", input={})
+        raise Rollback
+    assert received == []
+    assert not Saga.objects.exists()
+
+    saga, _ = saga_start(name="three_steps", input={})
+    with pytest.raises(Rollback), transaction.atomic():
+        saga_compensate(saga_id=saga.pk, actor="operator")  # nothing done: compensated at once
+        assert received == [("saga_started", received[0][1])]  # not yet: not committed
+        raise Rollback
+    assert [name for name, _ in received] == ["saga_started"]
+
+    saga_compensate(saga_id=saga.pk, actor="operator")
+    assert [name for name, _ in received] == ["saga_started", "saga_compensated"]
+
+
+def test_a_receiver_that_raises_is_logged_and_the_engine_carries_on(monkeypatch, caplog):
+    lose_messages(monkeypatch)
+
+    def broken(sender, **kwargs):
+        raise RuntimeError("a bug in a receiver")
+
+    signals.saga_completed.connect(broken)
+    try:
+        saga, _ = saga_start(name="three_steps", input={})
+        assert [run(saga.pk, index) for index in range(3)] == ["done"] * 3
+    finally:
+        signals.saga_completed.disconnect(broken)
+    assert Saga.objects.get(pk=saga.pk).status == "completed"
+    assert "receiver" in caplog.text and "saga_completed" in caplog.text
