@@ -58,9 +58,7 @@ def test_no_import_circle_in_sagas():
     }
 
     def reaches(start: str, goal: str, seen: set[str]) -> bool:
-        return any(
-            nxt == goal or reaches(nxt, goal, seen | {nxt}) for nxt in graph[start] - seen
-        )
+        return any(nxt == goal or reaches(nxt, goal, seen | {nxt}) for nxt in graph[start] - seen)
 
     circles = sorted(name for name in graph if reaches(name, name, set()))
     assert circles == [], f"modules on an import circle: {circles}"
