@@ -33,14 +33,19 @@ def saga_plan(*, saga_id: UUID | str, action: str, index: int | None = None) -> 
     return engine.plan(saga_id, action, index)
 
 
-def saga_retry(*, saga_id: UUID | str, actor: str = "") -> Plan:
-    """Resume a failed saga where it stopped, forward or in its compensation."""
-    return engine.retry(saga_id, actor=actor)
+def saga_retry(*, saga_id: UUID | str, actor: str = "", bulk_action_id: int | None = None) -> Plan:
+    """Resume a failed saga where it stopped, forward or in its compensation.
+
+    The timeline records the actor and, for a saga retried by a bulk action, its id.
+    """
+    return engine.retry(saga_id, actor=actor, bulk_action_id=bulk_action_id)
 
 
-def saga_compensate(*, saga_id: UUID | str, actor: str = "") -> Plan:
+def saga_compensate(
+    *, saga_id: UUID | str, actor: str = "", bulk_action_id: int | None = None
+) -> Plan:
     """Abort a running or failed saga: compensate its completed steps in reverse order."""
-    return engine.compensate(saga_id, actor=actor)
+    return engine.compensate(saga_id, actor=actor, bulk_action_id=bulk_action_id)
 
 
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
