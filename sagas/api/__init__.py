@@ -15,6 +15,9 @@ from .serializers import (
     SagaSerializer,
     SagaStepSerializer,
     SagaSummarySerializer,
+    StrictCharField,
+    StrictIntegerField,
+    StrictSerializer,
 )
 from .views import (
     ERROR_RESPONSES,
@@ -44,4 +47,7 @@ __all__ = [
     "SagaSummarySerializer",
     "SagaViewSet",
     "ScopedThrottle",
+    "StrictCharField",
+    "StrictIntegerField",
+    "StrictSerializer",
 ]

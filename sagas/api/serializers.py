@@ -1,16 +1,76 @@
-"""The saga API's serializers: sagas with their steps and timeline, plans, and errors."""
+"""The saga API's serializers: sagas with their steps and timeline, plans, and errors; and the
+strict input fields that this API and the domain apps' share."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
 
 from ..models import Saga, SagaEvent, SagaStep
 
 # The URL name of a saga's detail endpoint: `sagas.urls` under its application namespace.
 SAGA_DETAIL = "sagas:saga-detail"
+
+
+# -- strict input ---------------------------------------------------------------------------------
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, and only a string: 12 or true is not a SKU."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which no database column can hold
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer, and only an integer: "2", 2.0 and true are refused."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so that a misspelt or unsupported one is not ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = sorted(set(data) - set(self.fields)) if isinstance(data, Mapping) else []
+        errors = {str(name)[:64]: ["Unknown field."] for name in unknown[:10]}
+        try:
+            value = super().to_internal_value(data)
+        except ValidationError as exc:
+            if errors and isinstance(exc.detail, dict):
+                exc.detail.update(ValidationError(errors).detail)  # type: ignore[arg-type]
+            raise
+        if errors:
+            raise ValidationError(errors)
+        return value
+
+
+class StrictSerializerSchema(OpenApiSerializerExtension):
+    """Says in the schema what `StrictSerializer` enforces: no properties but the declared."""
+
+    target_class = StrictSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> Any:
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        return {**schema, "additionalProperties": False}
+
+
+# -- output ---------------------------------------------------------------------------------------
 
 
 class DetailSerializer(serializers.Serializer):
