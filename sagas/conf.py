@@ -56,3 +56,18 @@ def admin_search_fields() -> tuple[str, ...]:
     looks in besides the saga's id and name, such as `input__order_id` (a key of the saga's
     input). Business data differs from saga to saga: the project names what to search."""
     return tuple(getattr(settings, "SAGAS_ADMIN_SEARCH_FIELDS", ()))
+
+
+def bulk_max_sagas() -> int:
+    """`SAGAS_BULK_MAX_SAGAS`, default 10000: the most sagas one bulk action (retry or
+    compensate every saga matching a filter) may take. A filter that matches more is refused
+    with a message to narrow it: one action on a whole table is more likely a mistake than an
+    intent, and its preview and snapshot must fit one request."""
+    return int(getattr(settings, "SAGAS_BULK_MAX_SAGAS", 10_000))
+
+
+def bulk_batch_size() -> int:
+    """`SAGAS_BULK_BATCH_SIZE`, default 100: sagas a bulk action's task acts on per message
+    before it sends the next one, so that a bulk action never holds a worker process for long
+    and the sagas' own steps get their turn between its batches."""
+    return int(getattr(settings, "SAGAS_BULK_BATCH_SIZE", 100))

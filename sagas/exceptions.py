@@ -44,3 +44,11 @@ class InvalidTransition(SagaError):
 
 class SagaBusy(InvalidTransition):
     """An operator action found the saga locked by a step in progress: try again shortly."""
+
+
+class BulkActionRefused(SagaError):
+    """A bulk action's filter matches no saga, or more than one bulk action may take."""
+
+
+class BulkPreviewOutdated(BulkActionRefused):
+    """A bulk action's filter no longer matches as many sagas as its preview showed."""

@@ -5,6 +5,7 @@ publish). A saga that is `pending`, `running` or `compensating` and has made no 
 while is claimed with `SELECT ... FOR UPDATE SKIP LOCKED` (a step in progress holds the lock,
 and several sweepers never claim the same saga) and its remaining steps, or remaining
 compensations, are sent again. Every task checks its row first, so a duplicate is a no-op.
+A bulk action that made no progress for as long has its next batch sent again, as harmlessly.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from . import conf, engine
+from .bulk import batches
 from .models import Direction, EventKind, Saga, SagaStatus
 
 logger = logging.getLogger("sagas")
@@ -29,6 +31,7 @@ class SweepReport:
     recovered: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
     deadline_compensated: list[str] = field(default_factory=list)
+    bulk_actions_resumed: list[int] = field(default_factory=list)
 
 
 def sweep(
@@ -67,6 +70,7 @@ def sweep(
         for saga_id in expired:
             if engine.deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
+    report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     if stale:
         logger.warning(
             "sweeper: recovered %d saga(s), gave up on %d",

@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from . import engine
+from . import bulk, conf, engine
+from .bulk import BulkFilter, BulkPreview
 from .engine import Plan
-from .models import Saga
+from .models import BulkAction, Saga
 
 
 def saga_start(
@@ -51,3 +52,35 @@ def saga_compensate(
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
     """Mark a step whose compensation failed as compensated by hand, and carry on."""
     return engine.resolve(saga_id, index, actor=actor)
+
+
+def bulk_action_preview(*, action: str, bulk_filter: BulkFilter) -> BulkPreview:
+    """What retrying or compensating every saga the filter matches would do: how many match,
+    and their plans (`saga_plan`), in groups. `BulkActionRefused` beyond
+    `SAGAS_BULK_MAX_SAGAS`."""
+    return bulk.preview(action=action, bulk_filter=bulk_filter, limit=conf.bulk_max_sagas())
+
+
+def bulk_action_start(
+    *,
+    action: str,
+    bulk_filter: BulkFilter,
+    actor: str,
+    created_by: Any = None,
+    expected_count: int | None = None,
+) -> BulkAction:
+    """Retry or compensate every saga the filter matches, in the background, in batches.
+
+    The matching sagas are recorded now; each is acted on when its batch reaches it, through
+    `saga_retry` or `saga_compensate`, its timeline naming the actor and the bulk action, or
+    skipped (and reported) if it changed since. `BulkActionRefused` when the filter matches
+    no saga, or more than `SAGAS_BULK_MAX_SAGAS`; `BulkPreviewOutdated` when it no longer
+    matches `expected_count` sagas (the preview's count).
+    """
+    return bulk.create(
+        action=action,
+        bulk_filter=bulk_filter,
+        actor=actor,
+        created_by=created_by,
+        expected_count=expected_count,
+    )

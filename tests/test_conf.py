@@ -20,6 +20,8 @@ DEFAULTS = [
     ("SAGAS_MODULES", conf.modules, ()),
     ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
     ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),
+    ("SAGAS_BULK_MAX_SAGAS", conf.bulk_max_sagas, 10_000),
+    ("SAGAS_BULK_BATCH_SIZE", conf.bulk_batch_size, 100),
 ]
 
 
@@ -41,11 +43,14 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_MODULES = ["tests.sagadefs"]
     settings.SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
     settings.SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
+    settings.SAGAS_BULK_MAX_SAGAS = "500"
+    settings.SAGAS_BULK_BATCH_SIZE = 20
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
     assert conf.modules() == ("tests.sagadefs",)
     assert conf.admin_search_fields() == ("input__order_id",)
+    assert (conf.bulk_max_sagas(), conf.bulk_batch_size()) == (500, 20)
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links
