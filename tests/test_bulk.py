@@ -10,14 +10,34 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from django.contrib.auth.models import Permission
 from django.db import connection, transaction
 from django.utils import timezone
+from rest_framework.test import APIClient
 
 from sagas import services
-from sagas.bulk import BulkFilter, batches
+from sagas.bulk import BulkFilter, batches, sagas_have_business_key
 from sagas.models import BulkAction, EventKind, Saga, SagaEvent
-from tests.conftest import lose_messages
-from tests.factories import saga_rows
+from tests.conftest import lose_messages, wait_final, wait_for
+from tests.factories import UserFactory, make_operator, saga_rows
+
+PREVIEW, BULK = "/api/sagas/bulk/preview/", "/api/sagas/bulk/"
+TOO_MANY = (
+    "More than 2 sagas match this filter; a bulk action takes at most 2 (SAGAS_BULK_MAX_SAGAS). "
+    "Narrow the filter, for instance by time range."
+)
+
+
+@pytest.fixture(autouse=True)
+def fast_password_hashing(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+
+def client_for(user=None) -> APIClient:
+    client = APIClient()
+    if user is not None:
+        client.force_authenticate(user)
+    return client
 
 
 def run_to_the_end(bulk_action: BulkAction) -> BulkAction:
@@ -26,6 +46,12 @@ def run_to_the_end(bulk_action: BulkAction) -> BulkAction:
         pass
     bulk_action.refresh_from_db()
     return bulk_action
+
+
+def staff_with(*codenames: str):
+    user = UserFactory(is_staff=True)
+    user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
+    return user
 
 
 @contextmanager
@@ -53,6 +79,56 @@ def locked_elsewhere(saga: Saga) -> Iterator[None]:
 
 
 # -- the preview, then what happens -----------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_bulk_retry_does_what_its_preview_showed(saga_db, settings):
+    settings.SAGAS_BULK_BATCH_SIZE = 2  # five sagas: three batches
+    at_second = [saga_rows(stopped_at=1) for _ in range(3)]
+    at_first = saga_rows(stopped_at=0, error_code="other")
+    completed = saga_rows(status="completed")
+    saga_rows("six_steps", stopped_at=2)  # another definition: not matched
+    operator = make_operator()
+    client = client_for(operator)
+    body: dict[str, Any] = {"action": "retry", "filter": {"name": "three_steps"}}
+
+    preview = client.post(PREVIEW, body, format="json")
+    assert preview.status_code == 200, preview.content
+    shown = preview.json()
+    assert (shown["count"], shown["allowed"], shown["limit"]) == (5, 4, 10_000)
+    groups = [(g["count"], g["allowed"], g["reason"], g["run"]) for g in shown["groups"]]
+    assert groups == [
+        (3, True, "Resume from the failed step.", ["second", "third"]),
+        (1, True, "Resume from the failed step.", ["first", "second", "third"]),
+        (1, False, "Only a failed saga can be retried (it is completed).", []),
+    ]
+    assert set(shown["groups"][0]["sample"]) == {str(saga.pk) for saga in at_second}
+    assert not BulkAction.objects.exists()  # a preview changes nothing
+
+    started = client.post(BULK, {**body, "expected_count": 5}, format="json")
+    assert started.status_code == 202, started.content
+    progress_url = started.json()["url"]
+
+    def finished() -> dict | None:
+        progress = client.get(progress_url).json()
+        return progress if progress["status"] == "completed" else None
+
+    result = wait_for(finished, timeout=30, what="the bulk action to finish")
+    assert (result["total"], result["done"], result["skipped"], result["failed"]) == (5, 4, 1, 0)
+    assert result["actor"] == operator.username
+    assert result["filter"] == {"name": "three_steps"}
+    assert result["skipped_sagas"] == [
+        {"saga": str(completed.pk), "reason": groups[2][2]}  # as the preview said
+    ]
+    assert result["failed_sagas"] == []
+    for saga in [*at_second, at_first]:
+        assert wait_final(saga.pk).status == "completed"
+        retried = SagaEvent.objects.get(saga=saga, kind=EventKind.OPERATOR_RETRY)
+        assert retried.detail["actor"] == operator.username
+        assert retried.detail["bulk_action"] == result["id"]
+    listed = client.get(BULK).json()["results"]
+    assert [item["id"] for item in listed] == [result["id"]]
+    assert "skipped_sagas" not in listed[0]
 
 
 @pytest.mark.django_db(transaction=True)
@@ -105,7 +181,98 @@ def test_sagas_that_changed_since_the_preview_are_skipped_and_reported(monkeypat
     assert SagaEvent.objects.filter(kind=EventKind.OPERATOR_RETRY).count() == 2
 
 
-# -- the filter and the admin ---------------------------------------------------------------------
+# -- limits, validation and permissions -----------------------------------------------------------
+
+
+def test_a_bulk_action_takes_at_most_the_limit(db, settings):
+    settings.SAGAS_BULK_MAX_SAGAS = 2
+    for _ in range(3):
+        saga_rows()
+    staff = client_for(make_operator())
+    body = {"action": "retry", "filter": {"status": "failed"}}
+    for path in (PREVIEW, BULK):
+        response = staff.post(path, body, format="json")
+        assert response.status_code == 400
+        assert response.json() == {"filter": [TOO_MANY]}
+
+    assert not BulkAction.objects.exists()
+    settings.SAGAS_BULK_MAX_SAGAS = 3
+    assert staff.post(PREVIEW, body, format="json").json()["count"] == 3
+
+
+BAD_BODIES = [
+    ({"action": "resolve", "filter": {}}, {"action"}),
+    ({"action": "retry"}, {"filter"}),
+    ({"action": "retry", "filter": {}, "colour": "red"}, {"colour"}),
+    ({"action": "retry", "filter": {"status": "bogus"}}, {"filter.status"}),
+    ({"action": "retry", "filter": {"shape": "round"}}, {"filter.shape"}),
+    ({"action": "retry", "filter": {"name": 12}}, {"filter.name"}),
+    ({"action": "retry", "filter": {"created_from": "yesterday"}}, {"filter.created_from"}),
+    ({"action": "retry", "filter": {"updated_before": 12}}, {"filter.updated_before"}),
+    (
+        {
+            "action": "retry",
+            "filter": {"created_from": "2026-11-26T10:00Z", "created_before": "2026-11-26T09:00Z"},
+        },
+        {"filter.created_before"},
+    ),
+]
+
+
+def error_fields(errors: dict) -> set[str]:
+    nested = errors.get("filter") if isinstance(errors.get("filter"), dict) else {}
+    return {key for key in errors if key != "filter" or not nested} | {
+        f"filter.{key}" for key in nested
+    }
+
+
+def test_a_bad_body_is_a_400_with_field_errors_and_starts_nothing(db):
+    saga_rows()
+    staff = client_for(make_operator())
+    for body, fields in BAD_BODIES:
+        for path in (PREVIEW, BULK):
+            response = staff.post(path, body, format="json")
+            assert response.status_code == 400, (path, body, response.content)
+            assert error_fields(response.json()) == fields, (path, body, response.json())
+    counted = staff.post(BULK, {"action": "retry", "filter": {}, "expected_count": "1"}, "json")
+    assert counted.status_code == 400 and "expected_count" in counted.json()
+    nothing = staff.post(BULK, {"action": "retry", "filter": {"name": "none"}}, format="json")
+    assert nothing.json() == {"filter": ["No saga matches this filter."]}
+    # The business key: a filter of its own where sagas have the column, refused before.
+    keyed = {"action": "retry", "filter": {"business_key": "order-42"}}
+    response = staff.post(PREVIEW, keyed, format="json")
+    if sagas_have_business_key():
+        assert response.status_code == 200 and response.json()["count"] == 0
+    else:
+        assert response.json() == {
+            "filter": {"business_key": ["This project's sagas have no business key."]}
+        }
+    assert not BulkAction.objects.exists()
+
+
+def test_bulk_actions_need_the_single_actions_permissions(db):
+    saga_rows()
+    retry = {"action": "retry", "filter": {}}
+    compensate = {"action": "compensate", "filter": {}}
+    customer, viewer = UserFactory(), staff_with("view_saga")
+    retrier = staff_with("view_saga", "retry_saga")
+
+    assert client_for().post(PREVIEW, retry, format="json").status_code == 401
+    assert client_for().get(BULK).status_code == 401
+    for path in (PREVIEW, BULK):
+        assert client_for(customer).post(path, retry, format="json").status_code == 403
+    assert client_for(customer).get(BULK).status_code == 403
+    # Staff see the preview (as a single action's plan) and the bulk actions.
+    assert client_for(viewer).post(PREVIEW, retry, format="json").status_code == 200
+    assert client_for(viewer).get(BULK).status_code == 200
+    for body in (retry, compensate):
+        assert client_for(viewer).post(BULK, body, format="json").status_code == 403
+    assert client_for(retrier).post(BULK, compensate, format="json").status_code == 403
+    assert not BulkAction.objects.exists()
+    assert client_for(retrier).post(BULK, retry, format="json").status_code == 202
+
+
+# -- the filter ---------------------------------------------------------------------------------
 
 
 def test_each_field_of_the_filter(db):

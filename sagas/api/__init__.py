@@ -5,7 +5,14 @@ package's public ones; a domain app's API may reuse them (pagination, throttling
 """
 
 from .serializers import (
+    BULK_ACTION_DETAIL,
     SAGA_DETAIL,
+    BulkActionDetailSerializer,
+    BulkActionRequestSerializer,
+    BulkActionSerializer,
+    BulkFilterSerializer,
+    BulkPreviewRequestSerializer,
+    BulkPreviewSerializer,
     DetailSerializer,
     ErrorSerializer,
     PlanQuerySerializer,
@@ -21,6 +28,7 @@ from .serializers import (
 )
 from .views import (
     ERROR_RESPONSES,
+    BulkActionViewSet,
     Conflict,
     MayOperate,
     Pagination,
@@ -30,8 +38,16 @@ from .views import (
 )
 
 __all__ = [
+    "BULK_ACTION_DETAIL",
     "ERROR_RESPONSES",
     "SAGA_DETAIL",
+    "BulkActionDetailSerializer",
+    "BulkActionRequestSerializer",
+    "BulkActionSerializer",
+    "BulkActionViewSet",
+    "BulkFilterSerializer",
+    "BulkPreviewRequestSerializer",
+    "BulkPreviewSerializer",
     "Conflict",
     "DetailSerializer",
     "ErrorSerializer",

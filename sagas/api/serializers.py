@@ -11,10 +11,20 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
-from ..models import Saga, SagaEvent, SagaStep
+from ..bulk import BulkFilter
+from ..models import (
+    BulkAction,
+    BulkOperation,
+    BulkOutcome,
+    Saga,
+    SagaEvent,
+    SagaStatus,
+    SagaStep,
+)
 
-# The URL name of a saga's detail endpoint: `sagas.urls` under its application namespace.
+# The URL names of a saga's and a bulk action's detail: `sagas.urls`, in its namespace.
 SAGA_DETAIL = "sagas:saga-detail"
+BULK_ACTION_DETAIL = "sagas:bulk-action-detail"
 
 
 # -- strict input ---------------------------------------------------------------------------------
@@ -192,3 +202,156 @@ class PlanQuerySerializer(serializers.Serializer):
         if attrs["action"] == "resolve" and attrs.get("index") is None:
             raise serializers.ValidationError({"index": "Required with action=resolve."})
         return attrs
+
+
+# -- bulk actions ---------------------------------------------------------------------------------
+
+
+class BulkFilterSerializer(StrictSerializer):
+    """Which sagas: every field given must match, and an empty filter matches every saga.
+    Unknown fields are refused."""
+
+    status = serializers.ChoiceField(
+        choices=SagaStatus.choices, required=False, help_text="Only sagas in this status."
+    )
+    name = StrictCharField(
+        max_length=100, required=False, help_text="Only sagas of this definition."
+    )
+    error_code = StrictCharField(
+        max_length=100, required=False, help_text="Only sagas that failed with this error code."
+    )
+    failed_step = StrictCharField(
+        max_length=100,
+        required=False,
+        help_text="Only sagas that stopped at the step of this name: it failed (or its "
+        "compensation did), or it is in progress.",
+    )
+    created_from = serializers.DateTimeField(
+        required=False, help_text="Only sagas created at or after this time (ISO 8601)."
+    )
+    created_before = serializers.DateTimeField(
+        required=False, help_text="Only sagas created before this time."
+    )
+    updated_from = serializers.DateTimeField(
+        required=False, help_text="Only sagas last updated at or after this time."
+    )
+    updated_before = serializers.DateTimeField(
+        required=False, help_text="Only sagas last updated before this time."
+    )
+    business_key = StrictCharField(
+        max_length=200,
+        required=False,
+        help_text="Only sagas with this business key (where sagas have one).",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        problems = BulkFilter(**attrs).problems()
+        if problems:
+            raise ValidationError({field: [text] for field, text in problems.items()})
+        return attrs
+
+
+class BulkPreviewRequestSerializer(StrictSerializer):
+    action = serializers.ChoiceField(
+        choices=BulkOperation.choices, help_text="The action to take on every matching saga."
+    )
+    filter = BulkFilterSerializer(help_text="Which sagas.")
+
+
+class BulkActionRequestSerializer(BulkPreviewRequestSerializer):
+    expected_count = StrictIntegerField(
+        required=False,
+        min_value=0,
+        max_value=2**31 - 1,
+        help_text="The count of the preview you confirm: if the filter no longer matches as "
+        "many sagas, nothing starts (409).",
+    )
+
+
+class PlanGroupSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="The sagas' definition.")
+    count = serializers.IntegerField(help_text="Sagas in the group.")
+    allowed = serializers.BooleanField(
+        source="plan.allowed", help_text="Whether their state allows the action now."
+    )
+    reason = serializers.CharField(
+        source="plan.reason", help_text="What it will do, or why it will skip them."
+    )
+    run = serializers.ListField(
+        source="plan.run", child=serializers.CharField(), help_text="Steps it will run, in order."
+    )
+    undo = serializers.ListField(
+        source="plan.undo",
+        child=serializers.CharField(),
+        help_text="Steps it will compensate, in order.",
+    )
+    sample = serializers.ListField(
+        child=serializers.UUIDField(), help_text="A few of the group's sagas, newest first."
+    )
+
+
+class BulkPreviewSerializer(serializers.Serializer):
+    action = serializers.CharField(help_text="The action previewed.")
+    count = serializers.IntegerField(help_text="Sagas the filter matches.")
+    allowed = serializers.IntegerField(
+        help_text="Of them, sagas the action will be taken on, as their plans stand now."
+    )
+    limit = serializers.IntegerField(help_text="The most sagas one bulk action takes.")
+    groups = PlanGroupSerializer(
+        many=True, help_text="Sagas with the same plan, those it allows first."
+    )
+
+
+class BulkSagaSerializer(serializers.Serializer):
+    saga = serializers.UUIDField(source="saga_id", help_text="The saga.")
+    reason = serializers.CharField(help_text="Why it was skipped, or how it failed.")
+
+
+class BulkActionSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name=BULK_ACTION_DETAIL, read_only=True)
+
+    class Meta:
+        model = BulkAction
+        fields = [
+            "id",
+            "url",
+            "action",
+            "filter",
+            "actor",
+            "status",
+            "total",
+            "done",
+            "skipped",
+            "failed",
+            "created_at",
+            "started_at",
+            "updated_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class BulkActionDetailSerializer(BulkActionSerializer):
+    skipped_sagas = serializers.SerializerMethodField(
+        help_text="The sagas skipped because they changed since the bulk action started."
+    )
+    failed_sagas = serializers.SerializerMethodField(
+        help_text="The sagas on which the action failed."
+    )
+
+    class Meta(BulkActionSerializer.Meta):
+        fields = [*BulkActionSerializer.Meta.fields, "skipped_sagas", "failed_sagas"]
+        read_only_fields = fields
+
+    @extend_schema_field(BulkSagaSerializer(many=True))
+    def get_skipped_sagas(self, bulk_action: BulkAction) -> list[dict[str, Any]]:
+        return _sagas_with_outcome(bulk_action, BulkOutcome.SKIPPED)
+
+    @extend_schema_field(BulkSagaSerializer(many=True))
+    def get_failed_sagas(self, bulk_action: BulkAction) -> list[dict[str, Any]]:
+        return _sagas_with_outcome(bulk_action, BulkOutcome.FAILED)
+
+
+def _sagas_with_outcome(bulk_action: BulkAction, outcome: str) -> list[dict[str, Any]]:
+    items = bulk_action.items.filter(outcome=outcome).order_by("id")
+    return BulkSagaSerializer(items, many=True).data  # type: ignore[return-value]
