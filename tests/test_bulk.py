@@ -11,17 +11,23 @@ from typing import Any
 
 import pytest
 from django.contrib.auth.models import Permission
+from django.contrib.messages import get_messages
 from django.db import connection, transaction
+from django.http import QueryDict
+from django.urls import reverse
 from django.utils import timezone
 from rest_framework.test import APIClient
 
 from sagas import services
+from sagas.admin.bulk import changelist_filter_data
 from sagas.bulk import BulkFilter, batches, sagas_have_business_key
 from sagas.models import BulkAction, EventKind, Saga, SagaEvent
 from tests.conftest import lose_messages, wait_final, wait_for
 from tests.factories import UserFactory, make_operator, saga_rows
 
 PREVIEW, BULK = "/api/sagas/bulk/preview/", "/api/sagas/bulk/"
+CHANGELIST = reverse("admin:sagas_saga_changelist")
+BULK_PAGE = reverse("admin:sagas_saga_bulk")
 TOO_MANY = (
     "More than 2 sagas match this filter; a bulk action takes at most 2 (SAGAS_BULK_MAX_SAGAS). "
     "Narrow the filter, for instance by time range."
@@ -38,6 +44,10 @@ def client_for(user=None) -> APIClient:
     if user is not None:
         client.force_authenticate(user)
     return client
+
+
+def messages_of(response) -> list[str]:
+    return [str(message) for message in get_messages(response.wsgi_request)]
 
 
 def run_to_the_end(bulk_action: BulkAction) -> BulkAction:
@@ -184,7 +194,7 @@ def test_sagas_that_changed_since_the_preview_are_skipped_and_reported(monkeypat
 # -- limits, validation and permissions -----------------------------------------------------------
 
 
-def test_a_bulk_action_takes_at_most_the_limit(db, settings):
+def test_a_bulk_action_takes_at_most_the_limit(db, settings, admin_client):
     settings.SAGAS_BULK_MAX_SAGAS = 2
     for _ in range(3):
         saga_rows()
@@ -195,7 +205,14 @@ def test_a_bulk_action_takes_at_most_the_limit(db, settings):
         assert response.status_code == 400
         assert response.json() == {"filter": [TOO_MANY]}
 
+    page = admin_client.get(BULK_PAGE, {"status__exact": "failed"})
+    assert page.context["refused"] == TOO_MANY
+    assert "saga-confirm" not in page.content.decode()  # nothing to confirm
+    posted = {"status": "failed", "action": "retry", "expected_count": "3"}
+    refused = admin_client.post(BULK_PAGE, posted)
+    assert refused.status_code == 302 and TOO_MANY in messages_of(refused)
     assert not BulkAction.objects.exists()
+
     settings.SAGAS_BULK_MAX_SAGAS = 3
     assert staff.post(PREVIEW, body, format="json").json()["count"] == 3
 
@@ -250,7 +267,7 @@ def test_a_bad_body_is_a_400_with_field_errors_and_starts_nothing(db):
     assert not BulkAction.objects.exists()
 
 
-def test_bulk_actions_need_the_single_actions_permissions(db):
+def test_bulk_actions_need_the_single_actions_permissions(db, client):
     saga_rows()
     retry = {"action": "retry", "filter": {}}
     compensate = {"action": "compensate", "filter": {}}
@@ -271,8 +288,24 @@ def test_bulk_actions_need_the_single_actions_permissions(db):
     assert not BulkAction.objects.exists()
     assert client_for(retrier).post(BULK, retry, format="json").status_code == 202
 
+    # The admin: no link, no page without an action's permission.
+    client.force_login(viewer)
+    assert "saga_bulk_url" not in client.get(CHANGELIST).context
+    assert client.get(BULK_PAGE).status_code == 403
+    assert client.post(BULK_PAGE, {"action": "retry"}).status_code == 403
+    # With retry's only: retry alone is previewed and may be started.
+    client.force_login(retrier)
+    assert client.get(CHANGELIST, {"status__exact": "failed"}).context["saga_bulk_url"] == (
+        f"{BULK_PAGE}?status__exact=failed"
+    )
+    page = client.get(BULK_PAGE, {"status__exact": "failed"})
+    assert [section.action for section in page.context["previews"]] == ["retry"]
+    posted = {"status": "failed", "action": "compensate", "expected_count": "1"}
+    assert client.post(BULK_PAGE, posted).status_code == 403
+    assert BulkAction.objects.get().action == "retry"  # the API's, above
 
-# -- the filter ---------------------------------------------------------------------------------
+
+# -- the filter and the admin ---------------------------------------------------------------------
 
 
 def test_each_field_of_the_filter(db):
@@ -299,3 +332,59 @@ def test_each_field_of_the_filter(db):
     assert matched(updated_from=a_day_ago, updated_before=an_hour_ago) == {first.pk}
     recorded = BulkFilter(status="failed", created_from=an_hour_ago)
     assert BulkFilter.from_json(recorded.as_json()) == recorded
+
+
+def test_the_admin_previews_the_lists_filters_then_shows_the_progress(db, admin_client):
+    failed = [saga_rows() for _ in range(2)]
+    completed = saga_rows(status="completed")
+    listed = admin_client.get(CHANGELIST, {"name": "three_steps"})
+    assert listed.context["saga_bulk_url"] == f"{BULK_PAGE}?name=three_steps"
+    assert "Retry or compensate all matching" in listed.content.decode()
+
+    page = admin_client.get(BULK_PAGE, {"name": "three_steps", "q": "abc", "o": "2"})
+    assert page.context["left_out"] == ["q=abc"]  # the search is not a bulk filter
+    previews = {section.action: section.preview for section in page.context["previews"]}
+    assert (previews["retry"].count, previews["retry"].allowed) == (3, 2)
+    assert (previews["compensate"].count, previews["compensate"].allowed) == (3, 2)
+    html = page.content.decode()
+    assert 'value="Retry 2 sagas"' in html and 'value="Compensate 2 sagas"' in html
+    assert 'name="expected_count" value="3"' in html
+
+    posted = {"name": "three_steps", "action": "retry", "expected_count": "2"}  # stale
+    outdated = admin_client.post(BULK_PAGE, posted)
+    assert outdated["Location"].startswith(f"{BULK_PAGE}?")
+    assert "_preview=1" in outdated["Location"] and "name=three_steps" in outdated["Location"]
+    again = admin_client.get(outdated["Location"])  # the preview anew, with the message
+    assert messages_of(again) == [
+        "The filter now matches 3 sagas, not the 2 of its preview: preview it again."
+    ]
+    assert again.context["form"].cleaned_data["name"] == "three_steps"
+    started = admin_client.post(BULK_PAGE, {**posted, "expected_count": "3"})
+    bulk_action = BulkAction.objects.get()
+    progress_url = reverse("admin:sagas_bulkaction_change", args=[bulk_action.pk])
+    assert started["Location"] == progress_url
+    assert messages_of(started) == [f"Bulk retry {bulk_action.pk} started on 3 sagas."]
+    waiting = admin_client.get(progress_url).content.decode()
+    assert 'http-equiv="refresh"' in waiting and "0 of 3: 0 done" in waiting
+
+    run_to_the_end(bulk_action)  # as the workers would
+    done = admin_client.get(progress_url).content.decode()
+    assert 'http-equiv="refresh"' not in done
+    assert "3 of 3: 2 done, 1 skipped, 0 failed" in done
+    assert str(completed.pk) in done and "Only a failed saga can be retried" in done
+    timeline = admin_client.get(reverse("admin:sagas_saga_change", args=[failed[0].pk]))
+    assert f"by admin · in bulk action {bulk_action.pk}" in timeline.content.decode()
+    assert admin_client.get(reverse("admin:sagas_bulkaction_changelist")).status_code == 200
+
+
+def test_the_lists_date_hierarchy_becomes_a_time_range(settings):
+    settings.TIME_ZONE = "UTC"
+    data, left_out = changelist_filter_data(
+        QueryDict("created_at__year=2026&created_at__month=12&status__exact=failed&p=2")
+    )
+    assert data == {
+        "status": "failed",
+        "created_from": "2026-12-01 00:00:00+00:00",
+        "created_before": "2027-01-01 00:00:00+00:00",
+    }
+    assert left_out == []
