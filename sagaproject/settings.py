@@ -274,6 +274,8 @@ SPECTACULAR_SETTINGS = {
         "SagaStatusEnum": "sagas.models.SagaStatus",
         "StepStatusEnum": "sagas.models.StepStatus",
         "EventKindEnum": "sagas.models.EventKind",
+        "BulkActionStatusEnum": "sagas.models.BulkActionStatus",
+        "BulkOperationEnum": "sagas.models.BulkOperation",
         "OrderStatusEnum": "orders.models.OrderStatus",
         "PaymentStatusEnum": "payments.models.PaymentStatus",
         "ReservationStatusEnum": "inventory.models.ReservationStatus",

@@ -107,3 +107,20 @@ def tracing() -> bool:
     """`SAGAS_TRACING`, default False: a span per saga, step and compensation attempt through
     OpenTelemetry's API (`sagas.tracing`; needs the `tracing` extra)."""
     return bool(getattr(settings, "SAGAS_TRACING", False))
+
+
+def bulk_max_sagas() -> int:
+    """`SAGAS_BULK_MAX_SAGAS`, default 10000: the most sagas one bulk action (retry or
+    compensate every saga matching a filter) may take. A filter that matches more is refused
+    with a message to narrow it: one action on a whole table is more likely a mistake than an
+    intent, and its preview and snapshot must fit one request."""
+    return int(getattr(settings, "SAGAS_BULK_MAX_SAGAS", 10_000))
+
+
+def bulk_batch_size() -> int:
+    """`SAGAS_BULK_BATCH_SIZE`, default 100: sagas a bulk action's task acts on per message
+    before it sends the next one, so that a bulk action never holds a worker process for long
+    and the sagas' own steps get their turn between its batches. A saga whose step is running
+    holds its batch up to 5 s before it is skipped: keep a batch's worst case (100 busy sagas,
+    500 s) within the Celery task time limit (the reference project's is 15 min)."""
+    return int(getattr(settings, "SAGAS_BULK_BATCH_SIZE", 100))

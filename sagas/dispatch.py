@@ -17,6 +17,7 @@ RUN_STEP = "sagas.run_step"
 COMPENSATE_STEP = "sagas.compensate_step"
 ON_STEP_FAILURE = "sagas.on_step_failure"
 ON_COMPENSATION_FAILURE = "sagas.on_compensation_failure"
+BULK_ACTION_BATCH = "sagas.bulk_action_batch"
 
 
 def _signature(task: str, saga_id: str, index: int, epoch: int, time_limit: int) -> Signature:
@@ -62,3 +63,8 @@ def send_compensations(
 ) -> None:
     """Send `compensate_step` for each (index, time limit) in the order given (reverse)."""
     _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, steps, countdown)
+
+
+def send_bulk_batch(bulk_action_id: int) -> None:
+    """Send `bulk_action_batch`: the next batch of a bulk action's sagas."""
+    current_app.signature(BULK_ACTION_BATCH, args=(bulk_action_id,)).apply_async()

@@ -57,3 +57,11 @@ class SagaKeyInFlight(SagaError):
     def __init__(self, message: str, *, saga_id: object = None) -> None:
         super().__init__(message)
         self.saga_id = saga_id  # the saga in flight, if it was found
+
+
+class BulkActionRefused(SagaError):
+    """A bulk action's filter matches no saga, or more than one bulk action may take."""
+
+
+class BulkPreviewOutdated(BulkActionRefused):
+    """A bulk action's filter no longer matches as many sagas as its preview showed."""

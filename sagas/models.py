@@ -285,3 +285,142 @@ class SagaEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.step_name}".strip()
+
+
+# -- bulk actions: an operator action on every saga that matches a filter -----------------------
+
+
+class BulkOperation(models.TextChoices):
+    """The operator actions a bulk action can take (resolve is one step's, never in bulk)."""
+
+    RETRY = "retry", "Retry"
+    COMPENSATE = "compensate", "Compensate"
+
+
+class BulkActionStatus(models.TextChoices):
+    PENDING = "pending", "Waiting for a worker"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+
+
+class BulkOutcome(models.TextChoices):
+    PENDING = "pending", "To do"
+    DONE = "done", "Done"
+    SKIPPED = "skipped", "Skipped"
+    FAILED = "failed", "Failed"
+
+
+class BulkAction(models.Model):
+    """Retry or compensate every saga that matched a filter, worked through in batches."""
+
+    action = models.CharField(
+        max_length=20, choices=BulkOperation.choices, help_text="The action taken on each saga."
+    )
+    filter = models.JSONField(
+        help_text="The filter the sagas matched (`sagas.bulk.BulkFilter`); each saga must "
+        "still match it when its batch reaches it."
+    )
+    actor = models.CharField(
+        max_length=150, help_text="The operator's username, recorded in each saga's timeline."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+        help_text="The operator who started it.",
+    )
+    status = models.CharField(
+        max_length=20,
+        choices=BulkActionStatus.choices,
+        default=BulkActionStatus.PENDING,
+        help_text="Waiting for its first batch, running, or completed.",
+    )
+    batch_size = models.PositiveIntegerField(
+        help_text="Sagas acted on per task message (SAGAS_BULK_BATCH_SIZE when it started)."
+    )
+    total = models.PositiveIntegerField(
+        default=0, help_text="Sagas that matched the filter when the bulk action started."
+    )
+    done = models.PositiveIntegerField(default=0, help_text="Sagas the action was taken on.")
+    skipped = models.PositiveIntegerField(
+        default=0,
+        help_text="Sagas that changed since: no longer matching the filter, no longer allowed "
+        "by their plan, busy, or gone.",
+    )
+    failed = models.PositiveIntegerField(
+        default=0, help_text="Sagas on which the action failed with an unexpected error."
+    )
+    created_at = models.DateTimeField(auto_now_add=True, help_text="When it was started.")
+    started_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a worker took its first batch."
+    )
+    updated_at = models.DateTimeField(
+        auto_now=True, help_text="Last progress: the sweeper sends a stalled one again."
+    )
+    finished_at = models.DateTimeField(
+        null=True, blank=True, help_text="When every saga had its outcome."
+    )
+
+    class Meta:
+        verbose_name = "bulk action"
+        verbose_name_plural = "bulk actions"
+        ordering = ("-created_at",)
+        constraints = [
+            _status_check("bulk_action_status_valid", BulkActionStatus),
+            models.CheckConstraint(
+                condition=Q(action__in=BulkOperation.values), name="bulk_action_action_valid"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "updated_at"], name="bulk_action_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Bulk {self.action} {self.pk} ({self.status})"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == BulkActionStatus.COMPLETED
+
+    @property
+    def processed(self) -> int:
+        return self.done + self.skipped + self.failed
+
+
+class BulkActionItem(models.Model):
+    """One saga of a bulk action and what became of it: the list of its sagas, and the record
+    that makes acting on each exactly once (written in the same transaction as the action)."""
+
+    bulk_action = models.ForeignKey(BulkAction, on_delete=models.CASCADE, related_name="items")
+    # An id, not a foreign key: the record outlives a saga deleted later.
+    saga_id = models.UUIDField(help_text="The saga.")
+    outcome = models.CharField(
+        max_length=20,
+        choices=BulkOutcome.choices,
+        default=BulkOutcome.PENDING,
+        help_text="To do, done, skipped or failed.",
+    )
+    reason = models.CharField(
+        max_length=500, blank=True, help_text="What was done, or why the saga was skipped."
+    )
+
+    class Meta:
+        verbose_name = "bulk action saga"
+        verbose_name_plural = "bulk action sagas"
+        ordering = ("bulk_action", "id")
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(outcome__in=BulkOutcome.values), name="bulk_item_outcome_valid"
+            ),
+            models.UniqueConstraint(
+                fields=["bulk_action", "saga_id"], name="bulk_item_unique_saga"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["bulk_action", "outcome", "id"], name="bulk_item_outcome_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.saga_id} ({self.outcome})"

@@ -5,6 +5,7 @@ publish). A saga that is `pending`, `running` or `compensating` and has made no 
 while is claimed with `SELECT ... FOR UPDATE SKIP LOCKED` (a step in progress holds the lock,
 and several sweepers never claim the same saga) and its remaining steps, or remaining
 compensations, are sent again. Every task checks its row first, so a duplicate is a no-op.
+A bulk action that made no progress for as long has its next batch sent again, as harmlessly.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from django.db.models.functions import Least, Power
 from django.utils import timezone
 
 from . import conf, engine, notify
+from .bulk import batches
 from .models import Direction, EventKind, Saga, SagaStatus
 
 logger = logging.getLogger("sagas")
@@ -33,6 +35,7 @@ class SweepReport:
     recovered: list[str] = field(default_factory=list)
     dead_lettered: list[str] = field(default_factory=list)
     deadline_compensated: list[str] = field(default_factory=list)
+    bulk_actions_resumed: list[int] = field(default_factory=list)
 
 
 # After k recoveries in a row without progress, the next waits stale_after * 2**k, at most
@@ -93,6 +96,7 @@ def sweep(
         for saga_id in expired:
             if engine.deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
+    report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     if stale:
         logger.warning(
             "sweeper: recovered %d saga(s), gave up on %d",

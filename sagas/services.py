@@ -8,9 +8,10 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID
 
-from . import engine
+from . import bulk, conf, engine
+from .bulk import BulkFilter, BulkPreview
 from .engine import Plan
-from .models import Saga
+from .models import BulkAction, Saga
 
 
 def saga_start(
@@ -33,16 +34,53 @@ def saga_plan(*, saga_id: UUID | str, action: str, index: int | None = None) -> 
     return engine.plan(saga_id, action, index)
 
 
-def saga_retry(*, saga_id: UUID | str, actor: str = "") -> Plan:
-    """Resume a failed saga where it stopped, forward or in its compensation."""
-    return engine.retry(saga_id, actor=actor)
+def saga_retry(*, saga_id: UUID | str, actor: str = "", bulk_action_id: int | None = None) -> Plan:
+    """Resume a failed saga where it stopped, forward or in its compensation.
+
+    The timeline records the actor and, for a saga retried by a bulk action, its id.
+    """
+    return engine.retry(saga_id, actor=actor, bulk_action_id=bulk_action_id)
 
 
-def saga_compensate(*, saga_id: UUID | str, actor: str = "") -> Plan:
+def saga_compensate(
+    *, saga_id: UUID | str, actor: str = "", bulk_action_id: int | None = None
+) -> Plan:
     """Abort a running or failed saga: compensate its completed steps in reverse order."""
-    return engine.compensate(saga_id, actor=actor)
+    return engine.compensate(saga_id, actor=actor, bulk_action_id=bulk_action_id)
 
 
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
     """Mark a step whose compensation failed as compensated by hand, and carry on."""
     return engine.resolve(saga_id, index, actor=actor)
+
+
+def bulk_action_preview(*, action: str, bulk_filter: BulkFilter) -> BulkPreview:
+    """What retrying or compensating every saga the filter matches would do: how many match,
+    and their plans (`saga_plan`), in groups. `BulkActionRefused` beyond
+    `SAGAS_BULK_MAX_SAGAS`."""
+    return bulk.preview(action=action, bulk_filter=bulk_filter, limit=conf.bulk_max_sagas())
+
+
+def bulk_action_start(
+    *,
+    action: str,
+    bulk_filter: BulkFilter,
+    actor: str,
+    created_by: Any = None,
+    expected_count: int | None = None,
+) -> BulkAction:
+    """Retry or compensate every saga the filter matches, in the background, in batches.
+
+    The matching sagas are recorded now; each is acted on when its batch reaches it, through
+    `saga_retry` or `saga_compensate`, its timeline naming the actor and the bulk action, or
+    skipped (and reported) if it changed since. `BulkActionRefused` when the filter matches
+    no saga, or more than `SAGAS_BULK_MAX_SAGAS`; `BulkPreviewOutdated` when it no longer
+    matches `expected_count` sagas (the preview's count).
+    """
+    return bulk.create(
+        action=action,
+        bulk_filter=bulk_filter,
+        actor=actor,
+        created_by=created_by,
+        expected_count=expected_count,
+    )

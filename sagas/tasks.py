@@ -13,9 +13,10 @@ from celery import shared_task
 from celery.exceptions import Ignore
 from django.db import InterfaceError, OperationalError, close_old_connections
 
-from . import conf, engine, hooks, recovery, retention
+from . import conf, dispatch, engine, hooks, recovery, retention
+from .bulk import batches
 from .exceptions import StepError, TransientError
-from .models import Saga
+from .models import BulkAction, Saga
 
 logger = logging.getLogger("sagas")
 
@@ -39,8 +40,8 @@ class StepFailed(Exception):
         return f"{self.error.code}: {self.error.message}"
 
 
-def _database_unavailable(task: Any, saga_id: str) -> Exception:
-    logger.warning("saga %s: database unavailable, task sent again later", saga_id)
+def _database_unavailable(task: Any, saga_id: Any, *, what: str = "saga") -> Exception:
+    logger.warning("%s %s: database unavailable, task sent again later", what, saga_id)
     close_old_connections()
     countdown = min(30.0, 0.5 * 2 ** min(task.request.retries, 6))
     return task.retry(countdown=countdown)
@@ -140,11 +141,31 @@ def on_compensation_failure(
     _callback(self, saga_id, engine.compensation_chain_failed, epoch)
 
 
+@shared_task(bind=True, name="sagas.bulk_action_batch", max_retries=None)
+def bulk_action_batch(self: Any, bulk_action_id: int) -> None:
+    """Act on the next batch of a bulk action's sagas, then send the next batch. Idempotent:
+    each saga's outcome is recorded with its action, and a saga with one is passed over."""
+    try:
+        more = batches.run_batch(bulk_action_id)
+    except BulkAction.DoesNotExist:
+        logger.warning("bulk action %s does not exist: message ignored", bulk_action_id)
+        raise Ignore() from None
+    except DATABASE_UNAVAILABLE:
+        raise _database_unavailable(self, bulk_action_id, what="bulk action") from None
+    if more:
+        dispatch.send_bulk_batch(bulk_action_id)
+
+
 @shared_task(name="sagas.sweep")
 def sweep() -> dict[str, int]:
-    """Re-dispatch stalled sagas (run by Celery beat). Safe to run on several machines."""
+    """Re-dispatch stalled sagas and bulk actions (run by Celery beat). Safe to run on several
+    machines."""
     report = recovery.sweep()
-    return {"recovered": len(report.recovered), "dead_lettered": len(report.dead_lettered)}
+    return {
+        "recovered": len(report.recovered),
+        "dead_lettered": len(report.dead_lettered),
+        "bulk_actions_resumed": len(report.bulk_actions_resumed),
+    }
 
 
 # Batches of a run of the task: up to 100,000 sagas, so that a first run over a long history

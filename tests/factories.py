@@ -73,3 +73,55 @@ class OrderLineFactory(factory.django.DjangoModelFactory):
     quantity = 1
     unit_price = Decimal("10.00")
     line_total = factory.LazyAttribute(lambda line: line.unit_price * line.quantity)
+
+
+def saga_rows(
+    name: str = "three_steps",
+    *,
+    status: str = "failed",
+    stopped_at: int = 1,
+    error_code: str = "boom",
+):
+    """A saga of a registered definition as the engine leaves it, built without running it:
+    `failed` at step `stopped_at` (its earlier steps completed), or `completed`."""
+    from django.utils import timezone
+
+    from sagas.definitions import get_definition
+    from sagas.models import Saga, SagaStep
+
+    definitions, version = get_definition(name).snapshot()
+    steps = get_definition(name).steps
+    if status == "completed":
+        stopped_at = len(steps) - 1
+        statuses = ["completed"] * len(steps)
+    else:
+        statuses = ["completed"] * stopped_at + ["failed"]
+        statuses += ["pending"] * (len(steps) - len(statuses))
+    now = timezone.now()
+    saga = Saga.objects.create(
+        name=name,
+        status=status,
+        input={},
+        current_step=stopped_at,
+        error_code=error_code if status == "failed" else "",
+        error_message="It failed." if status == "failed" else "",
+        definition_version=version,
+        finished_at=now if status == "completed" else None,
+    )
+    SagaStep.objects.bulk_create(
+        SagaStep(
+            saga=saga,
+            index=index,
+            name=step.name,
+            status=step_status,
+            definition=definition,
+            attempts=0 if step_status == "pending" else 1,
+            output={"step": step.name} if step_status == "completed" else None,
+            started_at=None if step_status == "pending" else now,
+            finished_at=None if step_status == "pending" else now,
+        )
+        for index, (step, definition, step_status) in enumerate(
+            zip(steps, definitions, statuses, strict=True)
+        )
+    )
+    return saga

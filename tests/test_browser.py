@@ -1,4 +1,5 @@
-"""The admin in a real browser: an operator finds a paused saga, retries it, and sees it complete.
+"""The admin in a real browser: an operator finds a paused saga, retries it, and sees it complete;
+and retries every failed saga of a definition at once, in bulk, and follows its progress.
 
 Headless Chromium (Debian's `chromium` package, /usr/bin/chromium) driven by Playwright, against
 a real `runserver` process and real Celery workers on the test database. Playwright's bundled
@@ -28,7 +29,7 @@ from tests.conftest import (
     wait_for,
     worker_env,
 )
-from tests.factories import ProductFactory
+from tests.factories import ProductFactory, saga_rows
 
 CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -147,6 +148,36 @@ def test_operator_retries_a_paused_saga_in_the_browser(web_server):
 
     in_browser("retry", operator)
     assert Saga.objects.get(pk=paused.pk).status == "completed"
+
+
+def test_operator_retries_failed_sagas_in_bulk_in_the_browser(web_server):
+    get_user_model().objects.create_superuser("operator", "operator@example.com", PASSWORD)
+    failed = [saga_rows("three_steps", stopped_at=1) for _ in range(2)]
+    saga_rows("three_steps", status="completed")  # not failed: the list's filter leaves it out
+
+    def operator(page: Page) -> None:
+        log_in(page, web_server, "operator")
+        page.goto(web_server + reverse("admin:sagas_saga_changelist"))
+        page.locator("#changelist-filter").get_by_role("link", name="Failed", exact=True).click()
+        expect(page).to_have_url(re.compile(r"status__exact=failed"))
+        page.get_by_role("link", name="Retry or compensate all matching…").click()
+
+        # The preview: how many match, and what retrying them will run; nothing changed yet.
+        retry = page.locator("#bulk-retry")
+        expect(retry.locator("h2")).to_have_text("Retry: 2 of 2 matching sagas")
+        expect(retry.locator(".saga-plan-run li")).to_have_text(["second", "third"])
+        expect(page.locator("#id_status")).to_have_value("failed")
+        retry.locator('input[type=submit][value="Retry 2 sagas"]').click()
+
+        # The bulk action's page, which reloads itself until the workers are done.
+        expect(page.locator(".messagelist")).to_contain_text("started on 2 sagas")
+        counts = page.locator(".saga-bulk-counts")
+        expect(counts).to_have_text("2 of 2: 2 done, 0 skipped, 0 failed", timeout=30_000)
+        expect(page.locator("div.field-status_badge .saga-badge")).to_have_text("Completed")
+
+    in_browser("bulk-retry", operator)
+    for saga in failed:
+        assert wait_final(saga.pk).status == "completed"
 
 
 @pytest.mark.skipif(

@@ -26,6 +26,8 @@ DEFAULTS = [
     ("SAGAS_METRICS_WORKER_ADDRESS", conf.metrics_worker_address, "0.0.0.0"),
     ("SAGAS_METRICS_TOKEN", conf.metrics_token, ""),
     ("SAGAS_TRACING", conf.tracing, False),
+    ("SAGAS_BULK_MAX_SAGAS", conf.bulk_max_sagas, 10_000),
+    ("SAGAS_BULK_BATCH_SIZE", conf.bulk_batch_size, 100),
 ]
 
 
@@ -50,6 +52,8 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_RETENTION = "30d"
     settings.SAGAS_METRICS_WORKER_PORT = "9808"
     settings.SAGAS_METRICS_TOKEN = None
+    settings.SAGAS_BULK_MAX_SAGAS = "500"
+    settings.SAGAS_BULK_BATCH_SIZE = 20
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
@@ -58,6 +62,7 @@ def test_a_set_setting_is_read_when_used(settings):
     assert conf.retention() == timedelta(days=30)
     assert conf.metrics_worker_port() == 9808
     assert conf.metrics_token() == ""
+    assert (conf.bulk_max_sagas(), conf.bulk_batch_size()) == (500, 20)
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-from drf_spectacular.extensions import OpenApiSerializerExtension
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
@@ -13,7 +11,12 @@ from inventory.models import Reservation
 from inventory.selectors import product_prices
 from orders.models import OrderLine, OrderStatus
 from payments.models import Payment
-from sagas.api import SagaSummarySerializer
+from sagas.api import (
+    SagaSummarySerializer,
+    StrictCharField,
+    StrictIntegerField,
+    StrictSerializer,
+)
 from shipping.models import Shipment
 
 # Documented limits of a submission (also in the OpenAPI schema).
@@ -22,56 +25,6 @@ MAX_QUANTITY = 100
 
 
 # -- input ----------------------------------------------------------------------------------------
-
-
-class StrictCharField(serializers.CharField):
-    """A JSON string, and only a string: 12 or true is not a SKU."""
-
-    def to_internal_value(self, data: Any) -> str:
-        if not isinstance(data, str):
-            self.fail("invalid")
-        try:
-            data.encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate, which no database column can hold
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictIntegerField(serializers.IntegerField):
-    """A JSON integer, and only an integer: "2", 2.0 and true are refused."""
-
-    def to_internal_value(self, data: Any) -> int:
-        if isinstance(data, bool) or not isinstance(data, int):
-            self.fail("invalid")
-        return super().to_internal_value(data)
-
-
-class StrictSerializer(serializers.Serializer):
-    """Refuses fields it does not know, so that a misspelt or unsupported one is not ignored."""
-
-    def to_internal_value(self, data: Any) -> Any:
-        unknown = sorted(set(data) - set(self.fields)) if isinstance(data, Mapping) else []
-        errors = {str(name)[:64]: ["Unknown field."] for name in unknown[:10]}
-        try:
-            value = super().to_internal_value(data)
-        except ValidationError as exc:
-            if errors and isinstance(exc.detail, dict):
-                exc.detail.update(ValidationError(errors).detail)  # type: ignore[arg-type]
-            raise
-        if errors:
-            raise ValidationError(errors)
-        return value
-
-
-class StrictSerializerSchema(OpenApiSerializerExtension):
-    """Says in the schema what `StrictSerializer` enforces: no properties but the declared."""
-
-    target_class = StrictSerializer
-    match_subclasses = True
-
-    def map_serializer(self, auto_schema: Any, direction: Any) -> Any:
-        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
-        return {**schema, "additionalProperties": False}
 
 
 class OrderItemSerializer(StrictSerializer):

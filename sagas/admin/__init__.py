@@ -2,22 +2,26 @@
 
 One module a job: `saga` (the list and a saga's page, with its inlines), `display` (how facts
 are shown), `diagram` (the step diagram), `actions` (retry, compensate and resolve, confirmed
-first), `links` (links to the domain objects of a saga, from the `SAGAS_ADMIN_LINKS`
-setting, so this app never imports a domain app), `objects` (the other way: the sagas of an
-object, found by their business key, for a project's own admins) and `readonly`
-(`ReadOnlyAdminMixin`, for the admins and inlines of rows that only code writes, in this app
-and in projects). The public names are here.
+first), `bulk` (retry or compensate every saga a filter matches, and the bulk actions' pages),
+`links` (links to the domain objects of a saga, from the `SAGAS_ADMIN_LINKS` setting, so this
+app never imports a domain app), `objects` (the other way: the sagas of an object, found by
+their business key, for a project's own admins) and `readonly` (`ReadOnlyAdminMixin`, for the
+admins and inlines of rows that only code writes, in this app and in projects). The public
+names are here.
 """
 
 from django.contrib import admin
 
-from ..models import Saga
+from ..models import BulkAction, Saga
 from .actions import OperatorActionsAdmin
+from .bulk import BulkActionAdmin, BulkActionsAdmin
 from .objects import sagas_of_object
 from .readonly import ReadOnlyAdminMixin
 from .saga import SagaAdmin, SagaEventInline, SagaStepInline
 
 __all__ = [
+    "BulkActionAdmin",
+    "BulkActionsAdmin",
     "OperatorActionsAdmin",
     "ReadOnlyAdminMixin",
     "SagaAdmin",
@@ -27,3 +31,4 @@ __all__ = [
 ]
 
 admin.site.register(Saga, SagaAdmin)
+admin.site.register(BulkAction, BulkActionAdmin)

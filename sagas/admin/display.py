@@ -128,6 +128,7 @@ SHOWN_DETAILS = frozenset(
         "reason",
         "from",
         "actor",
+        "bulk_action",
         "worker",
         "exhausted",
     ]
@@ -153,6 +154,8 @@ def event_detail_text(detail: dict[str, Any]) -> str:
         parts.append(f"from {detail['from']}")
     if detail.get("actor"):
         parts.append(f"by {detail['actor']}")
+    if detail.get("bulk_action"):
+        parts.append(f"in bulk action {detail['bulk_action']}")
     if detail.get("worker"):
         parts.append(f"on {detail['worker']}")
     parts.extend(f"{key}: {value}" for key, value in detail.items() if key not in SHOWN_DETAILS)

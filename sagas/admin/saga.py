@@ -1,7 +1,8 @@
 """The saga admin: the list of sagas and a saga's page, with its steps and its timeline.
 
 Everything here is read-only: sagas change through the engine only. The operator actions come
-from `actions.OperatorActionsAdmin`; the pieces of the page from `display`, `diagram` and `links`.
+from `actions.OperatorActionsAdmin`, and their bulk page from `bulk.BulkActionsAdmin`; the pieces
+of the page from `display`, `diagram` and `links`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from django.utils.safestring import SafeString
 from .. import conf
 from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
 from ..permissions import may_operate
-from .actions import OperatorActionsAdmin
+from .bulk import BulkActionsAdmin
 from .diagram import step_diagram
 from .display import (
     EMPTY,
@@ -132,7 +133,7 @@ class SagaEventInline(SagaRowsInline):
         return event_detail_text(event.detail or {}) or EMPTY
 
 
-class SagaAdmin(ReadOnlyAdminMixin, OperatorActionsAdmin):
+class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
         "short_id",

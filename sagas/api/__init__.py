@@ -5,7 +5,14 @@ package's public ones; a domain app's API may reuse them (pagination, throttling
 """
 
 from .serializers import (
+    BULK_ACTION_DETAIL,
     SAGA_DETAIL,
+    BulkActionDetailSerializer,
+    BulkActionRequestSerializer,
+    BulkActionSerializer,
+    BulkFilterSerializer,
+    BulkPreviewRequestSerializer,
+    BulkPreviewSerializer,
     DetailSerializer,
     ErrorSerializer,
     PlanQuerySerializer,
@@ -15,9 +22,13 @@ from .serializers import (
     SagaSerializer,
     SagaStepSerializer,
     SagaSummarySerializer,
+    StrictCharField,
+    StrictIntegerField,
+    StrictSerializer,
 )
 from .views import (
     ERROR_RESPONSES,
+    BulkActionViewSet,
     Conflict,
     MayOperate,
     Pagination,
@@ -27,8 +38,16 @@ from .views import (
 )
 
 __all__ = [
+    "BULK_ACTION_DETAIL",
     "ERROR_RESPONSES",
     "SAGA_DETAIL",
+    "BulkActionDetailSerializer",
+    "BulkActionRequestSerializer",
+    "BulkActionSerializer",
+    "BulkActionViewSet",
+    "BulkFilterSerializer",
+    "BulkPreviewRequestSerializer",
+    "BulkPreviewSerializer",
     "Conflict",
     "DetailSerializer",
     "ErrorSerializer",
@@ -44,4 +63,7 @@ __all__ = [
     "SagaSummarySerializer",
     "SagaViewSet",
     "ScopedThrottle",
+    "StrictCharField",
+    "StrictIntegerField",
+    "StrictSerializer",
 ]

@@ -1,16 +1,86 @@
-"""The saga API's serializers: sagas with their steps and timeline, plans, and errors."""
+"""The saga API's serializers: sagas with their steps and timeline, plans, and errors; and the
+strict input fields that this API and the domain apps' share."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+from rest_framework.exceptions import ValidationError
 
-from ..models import Saga, SagaEvent, SagaStep
+from ..bulk import BulkFilter
+from ..models import (
+    BulkAction,
+    BulkOperation,
+    BulkOutcome,
+    Saga,
+    SagaEvent,
+    SagaStatus,
+    SagaStep,
+)
 
-# The URL name of a saga's detail endpoint: `sagas.urls` under its application namespace.
+# The URL names of a saga's and a bulk action's detail: `sagas.urls`, in its namespace.
 SAGA_DETAIL = "sagas:saga-detail"
+BULK_ACTION_DETAIL = "sagas:bulk-action-detail"
+
+
+# -- strict input ---------------------------------------------------------------------------------
+
+
+class StrictCharField(serializers.CharField):
+    """A JSON string, and only a string: 12 or true is not a SKU."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, which no database column can hold
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """A JSON integer, and only an integer: "2", 2.0 and true are refused."""
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictSerializer(serializers.Serializer):
+    """Refuses fields it does not know, so that a misspelt or unsupported one is not ignored."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        unknown = sorted(set(data) - set(self.fields)) if isinstance(data, Mapping) else []
+        errors = {str(name)[:64]: ["Unknown field."] for name in unknown[:10]}
+        try:
+            value = super().to_internal_value(data)
+        except ValidationError as exc:
+            if errors and isinstance(exc.detail, dict):
+                exc.detail.update(ValidationError(errors).detail)  # type: ignore[arg-type]
+            raise
+        if errors:
+            raise ValidationError(errors)
+        return value
+
+
+class StrictSerializerSchema(OpenApiSerializerExtension):
+    """Says in the schema what `StrictSerializer` enforces: no properties but the declared."""
+
+    target_class = StrictSerializer
+    match_subclasses = True
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> Any:
+        schema = auto_schema._map_serializer(self.target, direction, bypass_extensions=True)
+        return {**schema, "additionalProperties": False}
+
+
+# -- output ---------------------------------------------------------------------------------------
 
 
 class DetailSerializer(serializers.Serializer):
@@ -139,3 +209,156 @@ class PlanQuerySerializer(serializers.Serializer):
         if attrs["action"] == "resolve" and attrs.get("index") is None:
             raise serializers.ValidationError({"index": "Required with action=resolve."})
         return attrs
+
+
+# -- bulk actions ---------------------------------------------------------------------------------
+
+
+class BulkFilterSerializer(StrictSerializer):
+    """Which sagas: every field given must match, and an empty filter matches every saga.
+    Unknown fields are refused."""
+
+    status = serializers.ChoiceField(
+        choices=SagaStatus.choices, required=False, help_text="Only sagas in this status."
+    )
+    name = StrictCharField(
+        max_length=100, required=False, help_text="Only sagas of this definition."
+    )
+    error_code = StrictCharField(
+        max_length=100, required=False, help_text="Only sagas that failed with this error code."
+    )
+    failed_step = StrictCharField(
+        max_length=100,
+        required=False,
+        help_text="Only sagas that stopped at the step of this name: it failed (or its "
+        "compensation did), or it is in progress.",
+    )
+    created_from = serializers.DateTimeField(
+        required=False, help_text="Only sagas created at or after this time (ISO 8601)."
+    )
+    created_before = serializers.DateTimeField(
+        required=False, help_text="Only sagas created before this time."
+    )
+    updated_from = serializers.DateTimeField(
+        required=False, help_text="Only sagas last updated at or after this time."
+    )
+    updated_before = serializers.DateTimeField(
+        required=False, help_text="Only sagas last updated before this time."
+    )
+    business_key = StrictCharField(
+        max_length=200,
+        required=False,
+        help_text="Only sagas with this business key (where sagas have one).",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        problems = BulkFilter(**attrs).problems()
+        if problems:
+            raise ValidationError({field: [text] for field, text in problems.items()})
+        return attrs
+
+
+class BulkPreviewRequestSerializer(StrictSerializer):
+    action = serializers.ChoiceField(
+        choices=BulkOperation.choices, help_text="The action to take on every matching saga."
+    )
+    filter = BulkFilterSerializer(help_text="Which sagas.")
+
+
+class BulkActionRequestSerializer(BulkPreviewRequestSerializer):
+    expected_count = StrictIntegerField(
+        required=False,
+        min_value=0,
+        max_value=2**31 - 1,
+        help_text="The count of the preview you confirm: if the filter no longer matches as "
+        "many sagas, nothing starts (409).",
+    )
+
+
+class PlanGroupSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="The sagas' definition.")
+    count = serializers.IntegerField(help_text="Sagas in the group.")
+    allowed = serializers.BooleanField(
+        source="plan.allowed", help_text="Whether their state allows the action now."
+    )
+    reason = serializers.CharField(
+        source="plan.reason", help_text="What it will do, or why it will skip them."
+    )
+    run = serializers.ListField(
+        source="plan.run", child=serializers.CharField(), help_text="Steps it will run, in order."
+    )
+    undo = serializers.ListField(
+        source="plan.undo",
+        child=serializers.CharField(),
+        help_text="Steps it will compensate, in order.",
+    )
+    sample = serializers.ListField(
+        child=serializers.UUIDField(), help_text="A few of the group's sagas, newest first."
+    )
+
+
+class BulkPreviewSerializer(serializers.Serializer):
+    action = serializers.CharField(help_text="The action previewed.")
+    count = serializers.IntegerField(help_text="Sagas the filter matches.")
+    allowed = serializers.IntegerField(
+        help_text="Of them, sagas the action will be taken on, as their plans stand now."
+    )
+    limit = serializers.IntegerField(help_text="The most sagas one bulk action takes.")
+    groups = PlanGroupSerializer(
+        many=True, help_text="Sagas with the same plan, those it allows first."
+    )
+
+
+class BulkSagaSerializer(serializers.Serializer):
+    saga = serializers.UUIDField(source="saga_id", help_text="The saga.")
+    reason = serializers.CharField(help_text="Why it was skipped, or how it failed.")
+
+
+class BulkActionSerializer(serializers.ModelSerializer):
+    url = serializers.HyperlinkedIdentityField(view_name=BULK_ACTION_DETAIL, read_only=True)
+
+    class Meta:
+        model = BulkAction
+        fields = [
+            "id",
+            "url",
+            "action",
+            "filter",
+            "actor",
+            "status",
+            "total",
+            "done",
+            "skipped",
+            "failed",
+            "created_at",
+            "started_at",
+            "updated_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+
+class BulkActionDetailSerializer(BulkActionSerializer):
+    skipped_sagas = serializers.SerializerMethodField(
+        help_text="The sagas skipped because they changed since the bulk action started."
+    )
+    failed_sagas = serializers.SerializerMethodField(
+        help_text="The sagas on which the action failed."
+    )
+
+    class Meta(BulkActionSerializer.Meta):
+        fields = [*BulkActionSerializer.Meta.fields, "skipped_sagas", "failed_sagas"]
+        read_only_fields = fields
+
+    @extend_schema_field(BulkSagaSerializer(many=True))
+    def get_skipped_sagas(self, bulk_action: BulkAction) -> list[dict[str, Any]]:
+        return _sagas_with_outcome(bulk_action, BulkOutcome.SKIPPED)
+
+    @extend_schema_field(BulkSagaSerializer(many=True))
+    def get_failed_sagas(self, bulk_action: BulkAction) -> list[dict[str, Any]]:
+        return _sagas_with_outcome(bulk_action, BulkOutcome.FAILED)
+
+
+def _sagas_with_outcome(bulk_action: BulkAction, outcome: str) -> list[dict[str, Any]]:
+    items = bulk_action.items.filter(outcome=outcome).order_by("id")
+    return BulkSagaSerializer(items, many=True).data  # type: ignore[return-value]

@@ -1,4 +1,5 @@
-"""The saga API's views: sagas with their steps and timeline, and the operator actions.
+"""The saga API's views: sagas with their steps and timeline, the operator actions, and bulk
+actions (an operator action on every saga that matches a filter).
 
 Reusable: it knows nothing of the domain apps. `sagas.urls` routes `SagaViewSet`.
 """
@@ -28,12 +29,25 @@ from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
+from ..bulk import BulkFilter
 from ..engine import Plan
-from ..exceptions import InvalidTransition
-from ..models import Saga, SagaEvent, SagaStatus, SagaStep
+from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition
+from ..models import BulkAction, BulkOperation, Saga, SagaEvent, SagaStatus, SagaStep
 from ..permissions import ACTIONS, may_operate
-from ..services import saga_compensate, saga_plan, saga_retry, saga_step_resolve
+from ..services import (
+    bulk_action_preview,
+    bulk_action_start,
+    saga_compensate,
+    saga_plan,
+    saga_retry,
+    saga_step_resolve,
+)
 from .serializers import (
+    BulkActionDetailSerializer,
+    BulkActionRequestSerializer,
+    BulkActionSerializer,
+    BulkPreviewRequestSerializer,
+    BulkPreviewSerializer,
     DetailSerializer,
     PlanQuerySerializer,
     PlanSerializer,
@@ -245,3 +259,111 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             index=query.validated_data.get("index"),
         )
         return Response(PlanSerializer(preview).data)
+
+
+# -- bulk actions ---------------------------------------------------------------------------------
+
+
+class MayStartBulkAction(BasePermission):
+    """Starting a bulk action needs the permission of one of its actions, at least; the view
+    checks the one asked for once the body is valid."""
+
+    message = MayOperate.message
+
+    def has_permission(self, request: Request, view: Any) -> bool:
+        return view.action != "create" or any(
+            may_operate(request.user, action) for action in BulkOperation.values
+        )
+
+
+@extend_schema_view(
+    list=extend_schema(summary="List bulk actions", description="Newest first. Staff only."),
+    retrieve=extend_schema(
+        summary="A bulk action's progress",
+        description="Its counts, and the sagas it skipped or failed on, with the reasons.",
+    ),
+)
+class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
+    """Retry or compensate every saga that matches a filter, after a preview: staff only."""
+
+    permission_classes = [IsAuthenticated, IsAdminUser, MayStartBulkAction]
+    pagination_class = Pagination
+    queryset = BulkAction.objects.order_by("-created_at", "-pk")
+    lookup_value_regex = "[0-9]{1,18}"
+
+    def get_serializer_class(self) -> type[serializers.BaseSerializer]:
+        return BulkActionSerializer if self.action == "list" else BulkActionDetailSerializer
+
+    @staticmethod
+    def _filter(request_serializer: serializers.Serializer) -> BulkFilter:
+        return BulkFilter(**request_serializer.validated_data["filter"])
+
+    @extend_schema(
+        summary="Preview a bulk action",
+        description=(
+            "How many sagas the filter matches and, in groups of sagas with the same plan, "
+            "what the action will run and undo. Changes nothing. Staff only."
+        ),
+        request=BulkPreviewRequestSerializer,
+        responses={
+            200: BulkPreviewSerializer,
+            400: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="Field errors, or more sagas match than one bulk action takes.",
+            ),
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=False, methods=["post"])
+    def preview(self, request: Request) -> Response:
+        body = BulkPreviewRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            preview = bulk_action_preview(
+                action=body.validated_data["action"], bulk_filter=self._filter(body)
+            )
+        except BulkActionRefused as exc:
+            raise serializers.ValidationError({"filter": [str(exc)]}) from exc
+        return Response(BulkPreviewSerializer(preview).data)
+
+    @extend_schema(
+        summary="Start a bulk action",
+        description=(
+            "Retry or compensate every saga the filter matches, in the background, in batches. "
+            "A saga that changed since (no longer matching, no longer allowed by its plan, "
+            "busy) is skipped and reported. Staff with the action's permission "
+            "(`sagas.retry_saga`, `sagas.compensate_saga`)."
+        ),
+        request=BulkActionRequestSerializer,
+        responses={
+            202: BulkActionDetailSerializer,
+            400: OpenApiResponse(
+                OpenApiTypes.OBJECT,
+                description="Field errors; no saga matches, or more than one bulk action takes.",
+            ),
+            409: OpenApiResponse(
+                DetailSerializer, description="The filter no longer matches expected_count."
+            ),
+            **ERROR_RESPONSES,
+        },
+    )
+    def create(self, request: Request) -> Response:
+        body = BulkActionRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        operation = body.validated_data["action"]
+        if not may_operate(request.user, operation):
+            self.permission_denied(request, message=MayOperate.message)
+        try:
+            bulk_action = bulk_action_start(
+                action=operation,
+                bulk_filter=self._filter(body),
+                actor=request.user.get_username(),
+                created_by=request.user,
+                expected_count=body.validated_data.get("expected_count"),
+            )
+        except BulkPreviewOutdated as exc:
+            raise Conflict(str(exc)) from exc
+        except BulkActionRefused as exc:
+            raise serializers.ValidationError({"filter": [str(exc)]}) from exc
+        serializer = BulkActionDetailSerializer(bulk_action, context=self.get_serializer_context())
+        return Response(serializer.data, status=status.HTTP_202_ACCEPTED)

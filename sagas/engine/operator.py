@@ -15,7 +15,7 @@ from django.utils import timezone
 from ..exceptions import InvalidTransition
 from ..models import EventKind
 from .compensation import begin_compensation, finish_if_done
-from .unit import OWED, S, T, Unit, lock
+from .unit import OWED, S, T, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
 LOCK_WAIT = 5.0
@@ -83,24 +83,32 @@ def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
         finish_if_done(unit)
 
 
+def _by(actor: str, bulk_action_id: int | None) -> dict[str, str | int]:
+    """Who acted, for the timeline: the operator, and the bulk action it was part of, if any."""
+    detail: dict[str, str | int] = {"actor": actor}
+    if bulk_action_id is not None:
+        detail["bulk_action"] = bulk_action_id
+    return detail
+
+
 def _allowed(plan: Plan) -> Plan:
     if not plan.allowed:
         raise InvalidTransition(plan.reason)
     return plan
 
 
-def retry(saga_id: UUID | str, *, actor: str = "") -> Plan:
+def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = None) -> Plan:
     """Resume a failed saga where it stopped, in its direction, without redoing done work."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
         plan = _allowed(plan_retry(unit))
         unit.set_saga(recovery_attempts=0)  # an operator took over: recovery starts afresh
         if unit.saga.is_backward:
-            _resume_compensation(unit, EventKind.OPERATOR_RETRY, {"actor": actor})
+            _resume_compensation(unit, EventKind.OPERATOR_RETRY, _by(actor, bulk_action_id))
         else:
             step = unit.in_progress()
             assert step is not None
-            detail: dict[str, str | int] = {"actor": actor, "from": step.name}
+            detail = {**_by(actor, bulk_action_id), "from": step.name}
             if step.status == T.FAILED:  # a new budget of attempts: the operator's decision
                 detail["attempts_before"] = step.attempts
                 unit.move_step(step, T.PENDING, None, finished_at=None, attempts=0)
@@ -111,13 +119,13 @@ def retry(saga_id: UUID | str, *, actor: str = "") -> Plan:
     return plan
 
 
-def compensate(saga_id: UUID | str, *, actor: str = "") -> Plan:
+def compensate(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = None) -> Plan:
     """Abort a running or failed saga and compensate its completed steps in reverse order."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
         plan = _allowed(plan_compensate(unit))
         unit.set_saga(recovery_attempts=0)
-        begin_compensation(unit, EventKind.OPERATOR_COMPENSATE, {"actor": actor})
+        begin_compensation(unit, EventKind.OPERATOR_COMPENSATE, _by(actor, bulk_action_id))
         unit.save()
     return plan
 
@@ -140,10 +148,16 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
     return plan
 
 
-def plan(saga_id: UUID | str, action: str, index: int | None = None) -> Plan:
-    """Preview an operator action without doing it."""
+def plan(
+    saga_id: UUID | str, action: str, index: int | None = None, *, locked: bool = True
+) -> Plan:
+    """Preview an operator action without doing it.
+
+    Not `locked`: from the rows as they are, without waiting for a running step (a bulk
+    action's preview, of many sagas); the action's own plan, under the lock, has the last word.
+    """
     with transaction.atomic():
-        unit = lock(saga_id, wait=LOCK_WAIT)
+        unit = lock(saga_id, wait=LOCK_WAIT) if locked else peek(saga_id)
         if action == "retry":
             return plan_retry(unit)
         if action == "compensate":

@@ -146,11 +146,14 @@ Row = SagaRow | StepRow
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_locked(saga_id: UUID | str, *, wait: float | None) -> tuple[SagaRow, list[StepRow]]:
-    """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`."""
+def read_locked(
+    saga_id: UUID | str, *, wait: float | None, lock: bool = True
+) -> tuple[SagaRow, list[StepRow]]:
+    """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`. Without `lock`,
+    read them as they are (`sagas.engine.unit.peek`)."""
     if not connection.in_atomic_block:  # as select_for_update() would refuse
         raise TransactionManagementError("lock() must run inside a transaction")
-    saga_sql, steps_sql = _lock_sql()
+    saga_sql, steps_sql = _lock_sql(lock)
     key = UUID(str(saga_id))
     connection.ensure_connection()
     try:
@@ -203,13 +206,13 @@ def _read_fields(cls: Any) -> list[Field[Any, Any]]:
 
 
 @cache
-def _lock_sql() -> tuple[str, str]:
+def _lock_sql(lock: bool = True) -> tuple[str, str]:
     q = connection.ops.quote_name
     sagas, steps = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
     saga_columns = ", ".join(_column(f) for f in _read_fields(SagaRow))
     step_columns = ", ".join(_column(f) for f in _read_fields(StepRow))
     return (
-        f"SELECT {saga_columns} FROM {sagas} WHERE id = %s FOR UPDATE",
+        f"SELECT {saga_columns} FROM {sagas} WHERE id = %s" + (" FOR UPDATE" if lock else ""),
         f"SELECT {step_columns} FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
     )
 

@@ -338,3 +338,11 @@ def lock(saga_id: UUID | str, *, wait: float | None = None) -> Unit:
     """
     saga, steps = rows.read_locked(saga_id, wait=wait)
     return Unit(saga=saga, steps=steps)
+
+
+def peek(saga_id: UUID | str) -> Unit:
+    """The saga and its steps as they are, without the lock: for a preview that must not wait
+    for a running step. Call inside a transaction; change nothing through it. What it shows
+    may be out of date by the time an action locks the saga, whose plan has the last word."""
+    saga, steps = rows.read_locked(saga_id, wait=None, lock=False)
+    return Unit(saga=saga, steps=steps)
