@@ -8,6 +8,7 @@ UPDATE), and reports per step and per bare task:
 - wall time (the batch's elapsed time over its steps) and, one at a time, latency;
 - CPU time of the worker's pool processes, its main process, every PostgreSQL server process,
   the Redis server and this process (which submits and polls);
+- with `--py-spy`, the share of the pool processes' busy Python samples by library;
 - with `--round-trips` (needs `strace`), the round trips of the pool processes to PostgreSQL and
   to Redis over TCP, counted in a short separate run (strace slows what it watches).
 
@@ -21,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -43,6 +45,7 @@ from bench.run import (
 )
 
 STEPS = 16
+PY_SPY = str(Path(sys.executable).with_name("py-spy"))  # installed with the dev group
 PARTS = ("pool processes", "worker main process", "PostgreSQL", "Redis", "submitter (this)")
 
 
@@ -133,12 +136,59 @@ def round_trips(node: Any, workload: Any, count: int, ports: dict[str, str]) -> 
     return {server: trips[server] / (count * workload.steps) for server in ports}
 
 
+# Where a sampled frame's file lives, by library: the first match names the layer.
+LAYERS = (
+    ("(sagas/", "sagas (the framework)"),
+    ("(bench/", "the step's own work"),
+    ("(django/", "Django (ORM, signals)"),
+    ("(psycopg", "psycopg"),
+    ("(kombu/", "Celery and kombu"),
+    ("(celery/", "Celery and kombu"),
+    ("(billiard/", "Celery and kombu"),
+    ("(redis/", "redis-py"),
+)
+
+
+def python_profile(node: Any, workload: Any, count: int) -> dict[str, float]:
+    """Share of the pool processes' busy samples by library of the innermost frame (py-spy,
+    idle samples left out)."""
+    pids = [c.pid for main in node.procs for c in psutil.Process(main.pid).children()]
+    folder = Path(tempfile.mkdtemp(prefix="saga-py-spy-"))
+    record = [PY_SPY, "record", "--rate", "250", "--gil", "--format", "raw"]
+    spies = [
+        subprocess.Popen(
+            [*record, "--pid", str(pid), "--output", str(folder / f"{pid}.txt")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for pid in pids
+    ]
+    time.sleep(1.0)  # attached
+    throughput(workload, count)
+    for spy in spies:
+        spy.send_signal(signal.SIGINT)
+        spy.wait(timeout=30)
+    samples: Counter[str] = Counter()
+    for path in folder.glob("*.txt"):
+        for line in path.read_text().splitlines():
+            stack, _, weight = line.rpartition(" ")
+            leaf = stack.rsplit(";", 1)[-1]
+            layer = next((name for key, name in LAYERS if key in leaf), "other (Python, stdlib)")
+            samples[layer] += int(weight)
+    shutil.rmtree(folder, ignore_errors=True)
+    total = sum(samples.values()) or 1
+    return {layer: samples[layer] / total for layer in sorted(samples)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sagas", type=int, default=100, help="16-step sagas (and chains)")
     parser.add_argument("--latency-samples", type=int, default=20)
     parser.add_argument(
         "--round-trips", action="store_true", help="count round trips per step with strace"
+    )
+    parser.add_argument(
+        "--py-spy", action="store_true", help="where the pool processes' Python time goes"
     )
     args = parser.parse_args()
     concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
@@ -177,6 +227,10 @@ def main() -> int:
             for name, workload in (("saga", SyntheticSagas(STEPS)), ("bare", BareChains(STEPS))):
                 for server, per_step in round_trips(node, workload, 10, ports).items():
                     results[f"{name} round_trips_per_step {server}"] = per_step
+        if args.py_spy and Path(PY_SPY).exists():
+            for name, workload in (("saga", SyntheticSagas(STEPS)), ("bare", BareChains(STEPS))):
+                for layer, share in python_profile(node, workload, args.sagas).items():
+                    results[f"{name} python_share {layer}"] = share
     for key, value in results.items():
         if isinstance(value, float):
             results[key] = round(value, 3)
@@ -206,6 +260,15 @@ def print_table(r: dict[str, Any]) -> None:
         saga, bare = r[f"saga {key}"], r[f"bare {key}"]
         table.add_row(label, f"{saga:.2f}", f"{bare:.2f}", f"{saga - bare:+.2f}")
     Console().print(table)
+    layers = sorted({key.split("python_share ", 1)[1] for key in r if "python_share" in key})
+    if layers:
+        table = Table(title="Pool processes' busy Python samples, by innermost frame (py-spy)")
+        for column in ("library", "saga step", "bare task"):
+            table.add_column(column, justify="left" if column == "library" else "right")
+        for layer in layers:
+            saga, bare = (r.get(f"{name} python_share {layer}", 0.0) for name in ("saga", "bare"))
+            table.add_row(layer, f"{saga:.0%}", f"{bare:.0%}")
+        Console().print(table)
 
 
 if __name__ == "__main__":
