@@ -167,8 +167,8 @@ class OrderViewSet(
                 customer=request.user, idempotency_key=key, **submission.validated_data
             )
         except OrderInvalid as exc:
-            raise ValidationError({"non_field_errors": [str(exc)]}) from exc
-        view = self._submitted(saga)
+            raise ValidationError(exc.errors or {"non_field_errors": [str(exc)]}) from exc
+        view = self._submitted(saga, created)
         body = OrderDetailSerializer(view, context=self.get_serializer_context()).data
         return Response(
             body,
@@ -176,7 +176,11 @@ class OrderViewSet(
             headers={"Location": reverse("order-detail", args=[view.pk], request=request)},
         )
 
-    def _submitted(self, saga: Saga) -> OrderView:
+    def _submitted(self, saga: Saga, created: bool) -> OrderView:
+        if created:
+            # As submitted: its chain was sent a moment ago, on commit, and the row its first
+            # step makes, had it run already, would read the same (pending, nothing done yet).
+            return order_from_saga(saga)
         order = self.get_queryset().filter(pk=saga.input["order_id"]).first()
         if order is None:
             return order_from_saga(saga)
