@@ -11,6 +11,7 @@ from inventory.models import Reservation
 from orders.models import OrderLine, OrderStatus
 from payments.models import Payment
 from sagas.api import (
+    ModelSerializer,
     SagaSummarySerializer,
     StrictCharField,
     StrictIntegerField,
@@ -83,21 +84,21 @@ class OrderSubmitSerializer(StrictSerializer):
 # -- output ---------------------------------------------------------------------------------------
 
 
-class OrderLineSerializer(serializers.ModelSerializer):
+class OrderLineSerializer(ModelSerializer):
     class Meta:
         model = OrderLine
         fields = ["sku", "quantity", "unit_price", "line_total"]
         read_only_fields = fields
 
 
-class PaymentSerializer(serializers.ModelSerializer):
+class PaymentSerializer(ModelSerializer):
     class Meta:
         model = Payment
         fields = ["status", "amount", "refunded_amount", "currency"]
         read_only_fields = fields
 
 
-class ReservationSerializer(serializers.ModelSerializer):
+class ReservationSerializer(ModelSerializer):
     sku = serializers.CharField(source="product.sku", read_only=True, help_text="The product.")
 
     class Meta:
@@ -106,7 +107,7 @@ class ReservationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ShipmentSerializer(serializers.ModelSerializer):
+class ShipmentSerializer(ModelSerializer):
     class Meta:
         model = Shipment
         fields = ["tracking_number", "status", "country"]

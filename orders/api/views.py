@@ -19,7 +19,6 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.reverse import reverse
 from rest_framework.throttling import BaseThrottle
 
 from orders.models import Order, OrderLine
@@ -173,7 +172,7 @@ class OrderViewSet(
         return Response(
             body,
             status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
-            headers={"Location": reverse("order-detail", args=[view.pk], request=request)},
+            headers={"Location": body["url"]},  # the order's, as reversed for the body
         )
 
     def _submitted(self, saga: Saga, created: bool) -> OrderView:
