@@ -172,7 +172,8 @@ class OrderViewSet(
         return Response(
             body,
             status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
-            headers={"Location": body["url"]},  # the order's, as reversed for the body
+            # The order's, as reversed for the body (a str subclass there: WSGI wants a str).
+            headers={"Location": str(body["url"])},
         )
 
     def _submitted(self, saga: Saga, created: bool) -> OrderView:
