@@ -304,6 +304,7 @@ def test_submission_returns_the_pending_order_and_its_saga(customer):
     assert order["saga"]["url"].endswith(f"/api/sagas/{saga.pk}/")
     assert order["payment"] is None and order["shipment"] is None and order["reservations"] == []
     assert response["Location"].endswith(f"/api/orders/{order['id']}/")
+    assert type(response["Location"]) is str  # as WSGI requires (wsgiref refuses a subclass)
     assert saga.created_by == customer
     # Before the first step has made the row, the order is already readable by its customer.
     assert not Order.objects.exists()
