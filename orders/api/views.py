@@ -178,8 +178,8 @@ class OrderViewSet(
 
     def _submitted(self, saga: Saga, created: bool) -> OrderView:
         if created:
-            # As submitted: its chain was sent a moment ago, on commit, and the row its first
-            # step makes, had it run already, would read the same (pending, nothing done yet).
+            # As submitted, pending, without looking for its row: the chain that makes it was
+            # sent a moment ago, on commit (a worker quick enough to have begun shows in a GET).
             return order_from_saga(saga)
         order = self.get_queryset().filter(pk=saga.input["order_id"]).first()
         if order is None:
