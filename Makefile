@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest browser wrk bench bench-api profile profile-system drill demo clean
+.PHONY: install run test lint typecheck pytest browser wrk bench bench-api profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -64,9 +64,13 @@ wrk:
 			echo "wrk is not installed: install Debian's wrk package to run bench-api" >&2; exit 1; \
 		fi; }
 
-## API load: POST /api/orders/ through gunicorn, driven by wrk (BENCH_API_ARGS="--duration 20").
+## API load: POST /api/orders/ and its ceiling through gunicorn, driven by wrk (BENCH_API_ARGS="--duration 20").
 bench-api: install wrk
 	$(BIN)/python -m bench.api_load $(BENCH_API_ARGS)
+
+## Where a request's time goes: POST /api/orders/ and the ceiling in-process, under pyinstrument (PROFILE_API_ARGS="--show-sql").
+profile-api: install
+	$(BIN)/python -m bench.profile_api $(PROFILE_API_ARGS)
 
 ## Fault-injection drill on its own embedded servers (DRILL_ARGS="--sagas 1000 ...").
 drill: install

@@ -1,14 +1,18 @@
-"""`make bench-api`: load on POST /api/orders/ through gunicorn, driven by wrk.
+"""`make bench-api`: load on POST /api/orders/ through gunicorn, driven by wrk, against its ceiling.
 
 Runs, in a database of its own (`<database>_bench`, as `bench.run`), a production-style web
 server (gunicorn, `--web-workers` sync workers, DEBUG off, the order throttle raised) and real
 Celery workers (WORKER_CONCURRENCY, default 2) so that the submitted sagas run as in production.
-wrk (Debian's package) posts one fixed, valid order with a token for `--duration` seconds over
-`--connections` connections, after a short warm-up. Reports requests per second, latency
+The same server also serves the ceiling (`bench.endpoints`, mounted for this run only): an
+authenticated endpoint that validates a small body, inserts one row and publishes one message.
+wrk (Debian's package) posts one fixed, valid body with a token for `--duration` seconds over
+`--connections` connections, after a short warm-up: first to the ceiling (then waits for its
+messages to be consumed), then to POST /api/orders/. Reports for each requests per second, latency
 percentiles (wrk's, and the server's own from gunicorn's access log), errors (wrk's non-2xx/3xx
-and socket errors, and every response but 202 in the access log), the CPU each part used, then
-waits (bounded) for the submitted sagas to finish. Prints a table, then one JSON object as its
-last line. Exits 1 if any request failed. All traffic is to 127.0.0.1.
+and socket errors, and every response but 202 in the access log), the CPU each part used, and the
+orders' requests per second over the ceiling's; then waits (bounded) for the submitted sagas to
+finish. Prints a table, then one JSON object as its last line. Exits 1 if any request failed. All
+traffic is to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ import psutil
 from bench.run import FINAL, ROOT, bench_database_url, percentile, wait, workers
 
 LOG_DIR = ROOT / ".local" / "bench"
-LUA_SCRIPT = ROOT / "bench" / "post_order.lua"
+LUA_SCRIPT = ROOT / "bench" / "post_json.lua"
 ORDERS_PATH = "/api/orders/"
+CEILING_PATH = "/bench/submissions/"
 # Gunicorn access log: status, request time in seconds, method, path.
 ACCESS_LOG_FORMAT = "%(s)s %(L)s %(m)s %(U)s"
 
@@ -72,6 +77,7 @@ class Gunicorn:
             "ORDERS_THROTTLE_RATE": "1000000/minute",
             "CELERY_TASK_DEFAULT_QUEUE": self.queue,
             "SAGAS_LOG_LEVEL": "WARNING",
+            "SAGAPROJECT_BENCH_ENDPOINTS": "1",  # the ceiling, bench.endpoints
         }
         cmd = [
             sys.executable,
@@ -175,7 +181,7 @@ def parse_wrk(output: str) -> dict[str, Any]:
 def run_wrk(
     url: str, token: str, body: str, duration: int, args: argparse.Namespace
 ) -> tuple[dict[str, Any], float]:
-    """Run wrk for `duration` seconds; its parsed output and the CPU seconds it used."""
+    """Run wrk on `url` for `duration` seconds; its parsed output and the CPU seconds it used."""
     cmd = [
         "wrk",
         "--threads",
@@ -189,7 +195,7 @@ def run_wrk(
         "--latency",
         "--script",
         str(LUA_SCRIPT),
-        url + ORDERS_PATH,
+        url,
     ]
     env = {**os.environ, "WRK_TOKEN": token, "WRK_BODY": body}
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -217,8 +223,10 @@ def access_log_settled(path: Path, timeout: float = 10) -> int:
     return path.stat().st_size
 
 
-def read_access_log(path: Path, start: int, end: int) -> tuple[dict[int, int], list[float]]:
-    """Status counts and request times (ms) of the order submissions logged in [start, end)."""
+def read_access_log(
+    path: Path, start: int, end: int, url_path: str
+) -> tuple[dict[int, int], list[float]]:
+    """Status counts and request times (ms) of the POSTs to `url_path` logged in [start, end)."""
     statuses: dict[int, int] = {}
     times: list[float] = []
     with path.open("rb") as handle:
@@ -226,7 +234,7 @@ def read_access_log(path: Path, start: int, end: int) -> tuple[dict[int, int], l
         text = handle.read(end - start).decode(errors="replace")
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) != 4 or parts[2] != "POST" or parts[3] != ORDERS_PATH:
+        if len(parts) != 4 or parts[2] != "POST" or parts[3] != url_path:
             continue
         statuses[int(parts[0])] = statuses.get(int(parts[0]), 0) + 1
         times.append(float(parts[1]) * 1000)
@@ -347,6 +355,76 @@ def purge_queue(queue: str) -> None:
 # -- the run -----------------------------------------------------------------------------------
 
 
+def ceiling_rows_after(row_id: int) -> tuple[int, int]:
+    """Rows the ceiling inserted after `row_id`, and those whose message has not run yet."""
+    from django.db import connection
+
+    from bench.tasks import TABLE
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT count(*), count(*) FILTER (WHERE n = 0) FROM {TABLE} WHERE id > %s", [row_id]
+        )
+        inserted, waiting = cursor.fetchone()
+    return inserted, waiting
+
+
+def ceiling_last_row() -> int:
+    from django.db import connection
+
+    from bench.tasks import TABLE
+
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT coalesce(max(id), 0) FROM {TABLE}")
+        return cursor.fetchone()[0]
+
+
+def consumed(row_id: int, timeout: float) -> float | None:
+    """Wait until every message of the ceiling's rows after `row_id` ran; seconds, or None."""
+    started = time.monotonic()
+    while ceiling_rows_after(row_id)[1]:
+        if time.monotonic() - started > timeout:
+            return None
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
+def load_phase(
+    server: Gunicorn,
+    url_path: str,
+    token: str,
+    body: str,
+    args: argparse.Namespace,
+    meter: CpuMeter,
+    on_stop: Any = None,
+) -> dict[str, Any]:
+    """wrk on one endpoint for `--duration` seconds: wrk's figures, the server's statuses and
+    request times from the access log, CPU (cores) of each part, errors."""
+    start = access_log_settled(server.access_log)
+    meter.start()
+    load, wrk_cpu = run_wrk(server.url + url_path, token, body, args.duration, args)
+    meter.stop()
+    after = on_stop() if on_stop else None
+    end = access_log_settled(server.access_log)
+    statuses, times = read_access_log(server.access_log, start, end, url_path)
+    elapsed = load.get("elapsed_s", args.duration)
+    cpu = {name: used / elapsed for name, used in meter.used.items()}
+    cpu["wrk"] = wrk_cpu / elapsed
+    server_errors = sum(n for code, n in statuses.items() if code != 202)
+    return {
+        "load": load,
+        "statuses": statuses,
+        "times": times,
+        "elapsed": elapsed,
+        "cpu": cpu,
+        "gunicorn_cpu_ms_per_request": meter.used["gunicorn"] * 1000 / max(1, load["requests"]),
+        # A failed request is one wrk saw fail (a socket error, or neither 2xx nor 3xx) or one
+        # the server answered with anything but 202, whichever count is higher.
+        "errors": load["socket_errors"] + max(load["non_2xx_3xx"], server_errors),
+        "after": after,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=20, help="seconds of measured load")
@@ -378,19 +456,23 @@ def main() -> int:
     django.setup()  # exports the (embedded, if need be) servers' URLs for the processes below
     from django.core.management import call_command
 
+    from bench.tasks import ensure_table
     from sagaproject import embedded
 
     try:
         call_command("migrate", verbosity=0, interactive=False)
-        _sku, order = seed()
+        ensure_table()
+        sku, order = seed()
         body = json.dumps(order, separators=(",", ":"))
+        ceiling_body = json.dumps({"sku": sku, "quantity": 1}, separators=(",", ":"))
         warmup_user, warmup_token = api_user("warmup")
         load_user, load_token = api_user("load")
 
         with workers(queue, concurrency) as node, Gunicorn(args.web_workers, queue) as server:
             if args.warmup > 0:  # every gunicorn worker imports its views on its first request
-                run_wrk(server.url, warmup_token, body, args.warmup, args)
-            start = access_log_settled(server.access_log)
+                run_wrk(server.url + CEILING_PATH, warmup_token, ceiling_body, args.warmup, args)
+                run_wrk(server.url + ORDERS_PATH, warmup_token, body, args.warmup, args)
+                drain([warmup_user], args.drain_timeout)
             meter = CpuMeter(
                 {
                     "gunicorn": server.processes,
@@ -399,13 +481,23 @@ def main() -> int:
                     "redis": _named("redis-server"),
                 }
             )
+            # The ceiling first, on idle workers; its messages are consumed before the orders.
+            last_row = ceiling_last_row()
+            ceiling = load_phase(server, CEILING_PATH, load_token, ceiling_body, args, meter)
+            ceiling_consumed_s = consumed(last_row, args.drain_timeout)
+            ceiling_rows = ceiling_rows_after(last_row)[0]
+
             done_before = finished([warmup_user, load_user])
-            meter.start()
-            load, wrk_cpu = run_wrk(server.url, load_token, body, args.duration, args)
-            meter.stop()
-            done_after = finished([warmup_user, load_user])
-            end = access_log_settled(server.access_log)
-            statuses, server_times = read_access_log(server.access_log, start, end)
+            orders = load_phase(
+                server,
+                ORDERS_PATH,
+                load_token,
+                body,
+                args,
+                meter,
+                on_stop=lambda: finished([warmup_user, load_user]),
+            )
+            done_after = orders["after"]
             drain_s = drain([warmup_user, load_user], args.drain_timeout)
             sagas = saga_counts(load_user)
             total, _ = finished([warmup_user, load_user])
@@ -414,17 +506,23 @@ def main() -> int:
         embedded.stop_redis_if_started()
         embedded.stop_postgres()
 
-    server_errors = sum(n for code, n in statuses.items() if code != 202)
-    elapsed = load.get("elapsed_s", args.duration)
-    cpu = {name: used / elapsed for name, used in meter.used.items()}
-    cpu["wrk"] = wrk_cpu / elapsed
+    load, elapsed, server_times = orders["load"], orders["elapsed"], orders["times"]
     results: dict[str, Any] = {
         "api_rps": round(load["rps"], 1),
         "api_p50_ms": round(load["p50_ms"], 2),
         "api_p99_ms": round(load["p99_ms"], 2),
-        # A failed request is one wrk saw fail (a socket error, or neither 2xx nor 3xx) or one
-        # the server answered with anything but 202, whichever count is higher.
-        "api_errors": load["socket_errors"] + max(load["non_2xx_3xx"], server_errors),
+        "api_errors": orders["errors"],
+        "ceiling_rps": round(ceiling["load"]["rps"], 1),
+        "ceiling_p50_ms": round(ceiling["load"]["p50_ms"], 2),
+        "ceiling_p99_ms": round(ceiling["load"]["p99_ms"], 2),
+        "ceiling_errors": ceiling["errors"],
+        # POST /api/orders/'s requests per second over the ceiling's (the target: >= 0.5).
+        "ratio": round(load["rps"] / ceiling["load"]["rps"], 2),
+        # The same by gunicorn's CPU per request (the ceiling's over the orders'): what the
+        # ratio would be if both had the same share of the machine.
+        "ratio_cpu": round(
+            ceiling["gunicorn_cpu_ms_per_request"] / orders["gunicorn_cpu_ms_per_request"], 2
+        ),
         "sagas_submitted": sum(sagas.values()),
         "sagas_completed": sagas.get("completed", 0),
         "web_workers": args.web_workers,
@@ -437,19 +535,39 @@ def main() -> int:
         "server_p99_ms": round(percentile(server_times, 99), 2) if server_times else None,
         "wrk_non_2xx_3xx": load["non_2xx_3xx"],
         "wrk_socket_errors": load["socket_errors"],
-        "server_statuses": {str(code): n for code, n in sorted(statuses.items())},
+        "server_statuses": {str(code): n for code, n in sorted(orders["statuses"].items())},
         "sagas_final": {k: v for k, v in sorted(sagas.items())},
         "drain_s": round(drain_s, 1) if drain_s is not None else None,
         # Sagas (and steps) per second the workers finished while the load ran, then draining.
         "sagas_per_s_during_load": round((done_after[0] - done_before[0]) / elapsed, 1),
         "steps_per_s_during_load": round((done_after[1] - done_before[1]) / elapsed, 1),
         "sagas_per_s_draining": round((total - done_after[0]) / drain_s, 1) if drain_s else None,
-        "gunicorn_cpu_ms_per_request": round(
-            meter.used["gunicorn"] * 1000 / max(1, load["requests"]), 1
+        "gunicorn_cpu_ms_per_request": round(orders["gunicorn_cpu_ms_per_request"], 1),
+        "cpu_cores": {name: round(value, 2) for name, value in orders["cpu"].items()},
+        "ceiling_requests": ceiling["load"]["requests"],
+        "ceiling_p75_ms": round(ceiling["load"]["p75_ms"], 2),
+        "ceiling_p90_ms": round(ceiling["load"]["p90_ms"], 2),
+        "ceiling_server_p50_ms": (
+            round(percentile(ceiling["times"], 50), 2) if ceiling["times"] else None
+        ),
+        "ceiling_server_p99_ms": (
+            round(percentile(ceiling["times"], 99), 2) if ceiling["times"] else None
+        ),
+        "ceiling_wrk_non_2xx_3xx": ceiling["load"]["non_2xx_3xx"],
+        "ceiling_wrk_socket_errors": ceiling["load"]["socket_errors"],
+        "ceiling_server_statuses": {
+            str(code): n for code, n in sorted(ceiling["statuses"].items())
+        },
+        "ceiling_gunicorn_cpu_ms_per_request": round(ceiling["gunicorn_cpu_ms_per_request"], 1),
+        "ceiling_cpu_cores": {name: round(value, 2) for name, value in ceiling["cpu"].items()},
+        # Rows the ceiling inserted (one per 202), and how long after its load their messages
+        # had all run (None: not within --drain-timeout).
+        "ceiling_rows": ceiling_rows,
+        "ceiling_consumed_s": (
+            round(ceiling_consumed_s, 1) if ceiling_consumed_s is not None else None
         ),
         "worker_concurrency": concurrency,
         "wrk_threads": args.threads,
-        "cpu_cores": {name: round(value, 2) for name, value in cpu.items()},
         "host_cores": os.cpu_count(),
     }
     print_table(results)
@@ -457,57 +575,89 @@ def main() -> int:
         print(
             f"bench: the sagas were not all final after {args.drain_timeout:.0f} s", file=sys.stderr
         )
+    if ceiling_consumed_s is None:
+        print("bench: the ceiling's messages had not all run", file=sys.stderr)
     print(json.dumps(results))
-    return 1 if results["api_errors"] > 0 else 0
+    return 1 if results["api_errors"] or results["ceiling_errors"] else 0
 
 
 def print_table(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    def errors(prefix: str) -> str:
+        statuses = r[f"{prefix}server_statuses"]
+        return (
+            f"{r[f'{prefix}wrk_non_2xx_3xx']}, {r[f'{prefix}wrk_socket_errors']}; "
+            f"{sum(n for code, n in statuses.items() if code != '202')}"
+        )
+
+    def latency(prefix: str) -> str:
+        return " / ".join(f"{r[f'{prefix}_p{p}_ms']:.1f}" for p in (50, 75, 90, 99))
+
+    def cpu(cores: dict[str, float]) -> str:
+        return ", ".join(f"{name} {value:.2f}" for name, value in cores.items())
+
     table = Table(
         title=(
-            f"POST /api/orders/: wrk, {r['connections']} connections, {r['duration_s']} s, "
+            f"wrk, {r['connections']} connections, {r['duration_s']} s each, "
             f"gunicorn {r['web_workers']} workers, Celery {r['worker_concurrency']} processes"
         )
     )
     table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("requests", f"{r['requests']}")
-    table.add_row("throughput (requests/s)", f"{r['api_rps']:.1f}")
+    table.add_column("POST /api/orders/", justify="right")
+    table.add_column(f"ceiling, POST {CEILING_PATH}", justify="right")
+    table.add_row("requests", f"{r['requests']}", f"{r['ceiling_requests']}")
+    table.add_row("throughput (requests/s)", f"{r['api_rps']:.1f}", f"{r['ceiling_rps']:.1f}")
     table.add_row(
-        "latency p50 / p75 / p90 / p99 (ms, wrk)",
-        f"{r['api_p50_ms']:.1f} / {r['api_p75_ms']:.1f} / {r['api_p90_ms']:.1f} / "
-        f"{r['api_p99_ms']:.1f}",
+        "orders / ceiling: requests/s (by gunicorn CPU per request)",
+        f"[bold]{r['ratio']:.2f}[/bold] ({r['ratio_cpu']:.2f})",
+        "",
     )
-    if r["server_p50_ms"] is not None:
+    table.add_row("latency p50 / p75 / p90 / p99 (ms, wrk)", latency("api"), latency("ceiling"))
+    if r["server_p50_ms"] is not None and r["ceiling_server_p50_ms"] is not None:
         table.add_row(
             "in the server p50 / p99 (ms, gunicorn)",
             f"{r['server_p50_ms']:.1f} / {r['server_p99_ms']:.1f}",
+            f"{r['ceiling_server_p50_ms']:.1f} / {r['ceiling_server_p99_ms']:.1f}",
         )
     table.add_row(
-        "errors (wrk non-2xx/3xx, socket; server non-202)",
-        f"{r['wrk_non_2xx_3xx']}, {r['wrk_socket_errors']}; "
-        f"{sum(n for code, n in r['server_statuses'].items() if code != '202')}",
+        "gunicorn CPU per request (ms)",
+        f"{r['gunicorn_cpu_ms_per_request']:.1f}",
+        f"{r['ceiling_gunicorn_cpu_ms_per_request']:.1f}",
     )
-    table.add_row("server responses by status", json.dumps(r["server_statuses"]))
     table.add_row(
-        "sagas submitted / completed",
+        "errors (wrk non-2xx/3xx, socket; server non-202)", errors(""), errors("ceiling_")
+    )
+    table.add_row(
+        "server responses by status",
+        json.dumps(r["server_statuses"]),
+        json.dumps(r["ceiling_server_statuses"]),
+    )
+    table.add_row(
+        f"CPU during the load (cores of {r['host_cores']}; postgres: the whole server)",
+        cpu(r["cpu_cores"]),
+        cpu(r["ceiling_cpu_cores"]),
+    )
+    table.add_row(
+        "sagas submitted / completed; ceiling: rows, their messages run",
         f"{r['sagas_submitted']} / {r['sagas_completed']}"
         + ("" if r["drain_s"] is None else f" (all final {r['drain_s']:.1f} s after the load)"),
+        f"{r['ceiling_rows']}"
+        + (
+            ", not all"
+            if r["ceiling_consumed_s"] is None
+            else f", all {r['ceiling_consumed_s']:.1f} s after the load"
+        ),
     )
     table.add_row(
         "sagas (steps) finished per second: during the load; draining",
         f"{r['sagas_per_s_during_load']:.1f} ({r['steps_per_s_during_load']:.1f}); "
         + ("-" if r["sagas_per_s_draining"] is None else f"{r['sagas_per_s_draining']:.1f}"),
+        "",
     )
-    table.add_row(
-        f"CPU during the load (cores of {r['host_cores']}; postgres: the whole server)",
-        ", ".join(f"{name} {value:.2f}" for name, value in r["cpu_cores"].items()),
-    )
-    table.add_row("gunicorn CPU per request (ms)", f"{r['gunicorn_cpu_ms_per_request']:.1f}")
-    table.add_row("api_errors", f"{r['api_errors']}")
-    Console(stderr=False).print(table)
+    table.add_row("api_errors, ceiling_errors", f"{r['api_errors']}", f"{r['ceiling_errors']}")
+    Console(stderr=False, width=150).print(table)
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import serializers, viewsets
 
 from inventory.models import Product
-from sagas.api import Pagination
+from sagas.api import ModelSerializer, Pagination
 
 
-class ProductSerializer(serializers.ModelSerializer):
+class ProductSerializer(ModelSerializer):
     available_stock = serializers.IntegerField(
         source="stock_on_hand",
         read_only=True,

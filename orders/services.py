@@ -33,7 +33,12 @@ NEXT_STATUSES: dict[str, set[str]] = {
 
 
 class OrderInvalid(ValueError):
-    """A submitted order cannot be accepted. The message says why and is safe to show."""
+    """A submitted order cannot be accepted. The message says why and is safe to show; `errors`,
+    where given, says it field by field, as the API reports field errors."""
+
+    def __init__(self, message: str, *, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors
 
 
 class OrderStatusConflict(Exception):
@@ -151,9 +156,13 @@ def order_submit(
     if not isinstance(payment_token, str) or not payment_token.strip():
         raise OrderInvalid("A payment token is required.")
     prices = product_prices(skus=quantities)
-    unknown = [_shown(sku) for sku in quantities if sku not in prices]
+    unknown = {position: sku for position, sku in enumerate(quantities) if sku not in prices}
     if unknown:
-        raise OrderInvalid(f"Unknown SKU: {', '.join(unknown)}.")
+        # Keyed by the item's position (one per item: a SKU listed twice was refused above).
+        raise OrderInvalid(
+            f"Unknown SKU: {', '.join(_shown(sku) for sku in unknown.values())}.",
+            errors={"items": {position: {"sku": ["Unknown SKU."]} for position in unknown}},
+        )
     lines = [
         {"sku": sku, "quantity": quantity, "unit_price": str(prices[sku])}
         for sku, quantity in quantities.items()

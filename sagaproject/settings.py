@@ -287,6 +287,9 @@ SPECTACULAR_SETTINGS = {
 ORDERS_STEP_TIME_LIMIT = int(os.environ.get("ORDERS_STEP_TIME_LIMIT", "60"))
 # The largest order submission accepted (orders.api); a larger body gets 413.
 ORDERS_MAX_BODY_BYTES = int(os.environ.get("ORDERS_MAX_BODY_BYTES", str(64 * 1024)))
+# The API load benchmark's ceiling endpoint under /bench/ (bench.endpoints): only for
+# `make bench-api`'s own server, never in a deployment.
+BENCH_ENDPOINTS = env_bool("SAGAPROJECT_BENCH_ENDPOINTS", False)
 # Links from a saga's admin page to its domain objects: a function (saga) -> [(label, url)].
 SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
 # (No SAGAS_ADMIN_SEARCH_FIELDS: the admin's search finds an order's sagas by their key, the

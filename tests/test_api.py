@@ -4,6 +4,7 @@ actions, the health check and the OpenAPI schema; sagas run on real workers wher
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import uuid
@@ -17,6 +18,7 @@ from django.core.cache import cache
 from django.core.management import call_command
 from django.db import OperationalError, connection
 from django.test.utils import CaptureQueriesContext, override_settings
+from django.urls import clear_url_caches
 from rest_framework.authtoken.models import Token
 from rest_framework.exceptions import ParseError
 from rest_framework.test import APIClient
@@ -321,6 +323,7 @@ def test_submission_returns_the_pending_order_and_its_saga(customer):
     assert order["saga"]["url"].endswith(f"/api/sagas/{saga.pk}/")
     assert order["payment"] is None and order["shipment"] is None and order["reservations"] == []
     assert response["Location"].endswith(f"/api/orders/{order['id']}/")
+    assert type(response["Location"]) is str  # as WSGI requires (wsgiref refuses a subclass)
     assert saga.created_by == customer
     # Before the first step has made the row, the order is already readable by its customer.
     assert not Order.objects.exists()
@@ -694,6 +697,41 @@ def test_schema_generates_without_warnings(tmp_path: Path):
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
     schema = target.read_text()
     assert "/api/orders/" in schema and "/api/sagas/{id}/retry/" in schema
+
+
+# -- the API load benchmark's ceiling (bench.endpoints) -------------------------------------------
+
+
+@pytest.fixture
+def bench_endpoints_mounted():
+    """The project's URLs as `make bench-api`'s server has them (SAGAPROJECT_BENCH_ENDPOINTS=1)."""
+    import sagaproject.urls
+
+    with override_settings(BENCH_ENDPOINTS=True):
+        importlib.reload(sagaproject.urls)
+        clear_url_caches()
+        yield
+    importlib.reload(sagaproject.urls)
+    clear_url_caches()
+
+
+def test_the_benchmark_ceiling_is_not_served_by_default(customer):
+    assert settings.BENCH_ENDPOINTS is False
+    response = client_for(customer).post(
+        "/bench/submissions/", {"sku": "SKU-API", "quantity": 1}, format="json"
+    )
+    assert response.status_code == 404
+
+
+def test_the_benchmark_ceiling_authenticates_and_validates_when_mounted(
+    customer, bench_endpoints_mounted
+):
+    body = {"sku": "SKU-API", "quantity": 1}
+    assert client_for().post("/bench/submissions/", body, format="json").status_code == 401
+    response = client_for(customer).post(
+        "/bench/submissions/", {**body, "quantity": 0}, format="json"
+    )
+    assert response.status_code == 400 and "quantity" in response.json()
 
 
 # -- on real workers ------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
 from inventory.models import Reservation
-from inventory.selectors import product_prices
 from orders.models import OrderLine, OrderStatus
 from payments.models import Payment
 from sagas.api import (
+    ModelSerializer,
     SagaSummarySerializer,
     StrictCharField,
     StrictIntegerField,
@@ -66,15 +66,14 @@ class OrderSubmitSerializer(StrictSerializer):
     )
 
     def validate_items(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        known = product_prices(skus={item["sku"] for item in items})
+        # Unknown SKUs are the service's to find (`order_submit`, which reads the prices once),
+        # with field errors of the same shape.
         seen: set[str] = set()
         # Keyed by the item's position, as DRF reports the items' own field errors.
         errors: dict[int, dict[str, list[str]]] = {}
         for position, item in enumerate(items):
             sku = item["sku"]
-            if sku not in known:
-                errors[position] = {"sku": ["Unknown SKU."]}
-            elif sku in seen:
+            if sku in seen:
                 errors[position] = {"sku": ["Listed twice: give each SKU once, with its quantity."]}
             seen.add(sku)
         if errors:
@@ -85,21 +84,21 @@ class OrderSubmitSerializer(StrictSerializer):
 # -- output ---------------------------------------------------------------------------------------
 
 
-class OrderLineSerializer(serializers.ModelSerializer):
+class OrderLineSerializer(ModelSerializer):
     class Meta:
         model = OrderLine
         fields = ["sku", "quantity", "unit_price", "line_total"]
         read_only_fields = fields
 
 
-class PaymentSerializer(serializers.ModelSerializer):
+class PaymentSerializer(ModelSerializer):
     class Meta:
         model = Payment
         fields = ["status", "amount", "refunded_amount", "currency"]
         read_only_fields = fields
 
 
-class ReservationSerializer(serializers.ModelSerializer):
+class ReservationSerializer(ModelSerializer):
     sku = serializers.CharField(source="product.sku", read_only=True, help_text="The product.")
 
     class Meta:
@@ -108,7 +107,7 @@ class ReservationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ShipmentSerializer(serializers.ModelSerializer):
+class ShipmentSerializer(ModelSerializer):
     class Meta:
         model = Shipment
         fields = ["tracking_number", "status", "country"]

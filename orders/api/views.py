@@ -19,7 +19,6 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.reverse import reverse
 from rest_framework.throttling import BaseThrottle
 
 from orders.models import Order, OrderLine
@@ -167,16 +166,21 @@ class OrderViewSet(
                 customer=request.user, idempotency_key=key, **submission.validated_data
             )
         except OrderInvalid as exc:
-            raise ValidationError({"non_field_errors": [str(exc)]}) from exc
-        view = self._submitted(saga)
+            raise ValidationError(exc.errors or {"non_field_errors": [str(exc)]}) from exc
+        view = self._submitted(saga, created)
         body = OrderDetailSerializer(view, context=self.get_serializer_context()).data
         return Response(
             body,
             status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
-            headers={"Location": reverse("order-detail", args=[view.pk], request=request)},
+            # The order's, as reversed for the body (a str subclass there: WSGI wants a str).
+            headers={"Location": str(body["url"])},
         )
 
-    def _submitted(self, saga: Saga) -> OrderView:
+    def _submitted(self, saga: Saga, created: bool) -> OrderView:
+        if created:
+            # As submitted, pending, without looking for its row: the chain that makes it was
+            # sent a moment ago, on commit (a worker quick enough to have begun shows in a GET).
+            return order_from_saga(saga)
         order = self.get_queryset().filter(pk=saga.input["order_id"]).first()
         if order is None:
             return order_from_saga(saga)

@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from django.db import OperationalError, connection
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
 from django.db.models import Field, Model
 from django.db.transaction import TransactionManagementError
 
@@ -355,25 +355,18 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
     Any other unique constraint (one saga in flight per key) raises its IntegrityError.
     With `commit`, in the outermost transaction, the COMMIT goes with it.
     """
-    saga_columns, saga_values, saga_params = _values(Saga, [saga])
-    step_columns, step_values, step_params = _values(SagaStep, steps)
-    event_fields = _event_columns()[1]
-    event_values = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in event_fields) + ")"
-    event_params = [
-        f.get_db_prep_save(value, connection) for f, value in zip(event_fields, event, strict=True)
+    # The statement is built once per number of steps; each start only adapts its values,
+    # on this thread's connection looked up once (not through the proxy for each value).
+    db = connections[DEFAULT_DB_ALIAS]
+    params = [
+        *_insert_params(Saga, [saga], db),
+        *_insert_params(SagaStep, steps, db),
+        *(
+            f.get_db_prep_save(value, db)
+            for f, value in zip(_event_columns()[1], event, strict=True)
+        ),
     ]
-    q = connection.ops.quote_name
-    sql = (
-        f"WITH s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) VALUES {saga_values} "
-        "ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL "
-        "DO NOTHING RETURNING id), "
-        f"st AS (INSERT INTO {q(SagaStep._meta.db_table)} ({step_columns}) "
-        f"SELECT * FROM (VALUES {step_values}) v WHERE EXISTS (SELECT FROM s)), "
-        f"ev AS (INSERT INTO {q(SagaEvent._meta.db_table)} ({_event_columns()[0]}) "
-        f"SELECT * FROM (VALUES {event_values}) e WHERE EXISTS (SELECT FROM s)) "
-        "SELECT count(*) FROM s"
-    )
-    params = saga_params + step_params + event_params
+    sql = _insert_saga_sql(len(steps))
     with connection.cursor() as cursor:
         if commit and _outermost_transaction():
             # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
@@ -390,19 +383,47 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
     return bool(count == 1)
 
 
-def _values(model: type[Model], instances: list[Any]) -> tuple[str, str, list[Any]]:
-    """Columns, typed VALUES rows and parameters to insert model instances (not their
-    auto-incremented key)."""
-    fields = [
+@cache
+def _insert_saga_sql(step_count: int) -> str:
+    saga_columns, saga_row = _insert_columns(Saga)
+    step_columns, step_row = _insert_columns(SagaStep)
+    event_columns, event_fields = _event_columns()
+    event_row = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in event_fields) + ")"
+    q = connection.ops.quote_name
+    return (
+        f"WITH s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) VALUES {saga_row} "
+        "ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL "
+        "DO NOTHING RETURNING id), "
+        f"st AS (INSERT INTO {q(SagaStep._meta.db_table)} ({step_columns}) "
+        f"SELECT * FROM (VALUES {', '.join([step_row] * step_count)}) v "
+        "WHERE EXISTS (SELECT FROM s)), "
+        f"ev AS (INSERT INTO {q(SagaEvent._meta.db_table)} ({event_columns}) "
+        f"SELECT * FROM (VALUES {event_row}) e WHERE EXISTS (SELECT FROM s)) "
+        "SELECT count(*) FROM s"
+    )
+
+
+@cache
+def _insert_fields(model: type[Model]) -> list[Field[Any, Any]]:
+    """The fields a new row is inserted with: all but an auto-incremented key."""
+    return [
         f
         for f in model._meta.concrete_fields
-        if not (f.primary_key and getattr(f, "db_returning", False))
+        if isinstance(f, Field) and not (f.primary_key and getattr(f, "db_returning", False))
     ]
+
+
+def _insert_columns(model: type[Model]) -> tuple[str, str]:
+    """Columns, and a typed VALUES row, to insert rows of `model`."""
+    fields = _insert_fields(model)
     row = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in fields) + ")"
-    params = [
-        f.get_db_prep_save(getattr(instance, f.attname), connection)
+    return ", ".join(_column(f) for f in fields), row
+
+
+def _insert_params(model: type[Model], instances: list[Any], db: Any) -> list[Any]:
+    fields = _insert_fields(model)
+    return [
+        f.get_db_prep_save(getattr(instance, f.attname), db)
         for instance in instances
         for f in fields
     ]
-    columns = ", ".join(_column(f) for f in fields)
-    return columns, ", ".join([row] * len(instances)), params
