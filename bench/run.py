@@ -38,8 +38,9 @@ def debug_off() -> None:
     os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
 
 
-def bench_database_url() -> str:
-    """The configured server (or the embedded one), with a database of the benchmark's own."""
+def bench_database_url(name: str | None = None) -> str:
+    """The configured server (or the embedded one), with a database of the benchmark's own:
+    `name`, by default `<database>_bench`. Never the configured database itself."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
     base = os.environ.get("DATABASE_URL")
     if not base:
@@ -48,7 +49,10 @@ def bench_database_url() -> str:
         base = embedded.postgres_url()
         os.environ["DATABASE_URL"] = base
     parts = urlsplit(base)
-    name = (parts.path.lstrip("/") or "postgres") + "_bench"
+    own = parts.path.lstrip("/") or "postgres"
+    name = name or own + "_bench"
+    if name == own:
+        raise SystemExit(f"bench: {name} is the database of DATABASE_URL; name another one")
     import psycopg
 
     with psycopg.connect(base, autocommit=True) as conn:
