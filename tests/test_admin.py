@@ -450,3 +450,25 @@ def test_rows_that_only_code_writes_are_read_only_in_the_admin(admin_client, adm
             assert not inline.has_change_permission(request, None)
             assert not inline.has_delete_permission(request, None)
             assert inline.has_view_permission(request, None)
+
+
+def test_the_saga_list_counts_no_further_than_past_its_page(
+    db, admin_client, settings, monkeypatch
+):
+    """On a table of millions of sagas the list counts what it shows, not the table: up to
+    SAGAS_LIST_COUNT_LIMIT sagas past the page; past them it says "more than"."""
+    from tests.factories import saga_rows
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 3
+    monkeypatch.setattr(admin.site._registry[Saga], "list_per_page", 2)
+    for _ in range(8):
+        saga_rows("three_steps", status="completed")
+    with CaptureQueriesContext(connection) as queries:
+        first = admin_client.get(CHANGELIST)
+    assert first.context["cl"].result_count == 5
+    assert b"more than 5 sagas" in first.content
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
+    assert counts and all("LIMIT 6" in sql for sql in counts), counts
+    last = admin_client.get(CHANGELIST, {"p": 4})
+    assert last.context["cl"].result_count == 8 and len(shown_ids(last)) == 2
+    assert b"8 sagas" in last.content and b"more than" not in last.content

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib import admin
-from django.contrib.admin.views.main import ChangeList
+from django.contrib.admin.views.main import PAGE_VAR, ChangeList
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -19,6 +19,7 @@ from django.utils.safestring import SafeString
 
 from .. import conf
 from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from ..paginators import BoundedPaginator
 from ..permissions import may_operate
 from .bulk import BulkActionsAdmin
 from .diagram import step_diagram
@@ -153,7 +154,9 @@ class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
     search_fields = ("id", "name")
     ordering = ("-created_at",)
     list_per_page = 50
+    # Neither the table's count nor the filtered list's: a count that stops past the page.
     show_full_result_count = False
+    paginator = BoundedPaginator
     inlines = (SagaStepInline, SagaEventInline)
     fieldsets = (
         (
@@ -218,6 +221,20 @@ class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
         # of queries for one saga or a hundred.
         steps = SagaStep.objects.order_by("index").defer("definition", "output")
         return super().get_queryset(request).prefetch_related(Prefetch("steps", queryset=steps))
+
+    def get_paginator(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[Saga],
+        per_page: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> BoundedPaginator:
+        try:
+            reach = int(request.GET.get(PAGE_VAR, 1))
+        except ValueError:
+            reach = 1
+        return BoundedPaginator(queryset, per_page, *args, reach=reach, **kwargs)
 
     def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
         return (*self.search_fields, *conf.admin_search_fields())
