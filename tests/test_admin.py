@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC
 from decimal import Decimal
 
 import pytest
@@ -472,3 +473,36 @@ def test_the_saga_list_counts_no_further_than_past_its_page(
     last = admin_client.get(CHANGELIST, {"p": 4})
     assert last.context["cl"].result_count == 8 and len(shown_ids(last)) == 2
     assert b"8 sagas" in last.content and b"more than" not in last.content
+
+
+def test_the_date_drill_down_and_the_name_filter_list_what_django_would(db, admin_client):
+    """The list's drill-down probes each period through the index, and its name filter reads
+    the index name by name: the same choices as Django's `SELECT DISTINCT`s."""
+    from datetime import datetime
+
+    from sagas.admin.saga import distinct_names
+    from sagas.templatetags.saga_admin import ProbedDates
+    from tests.factories import saga_rows
+
+    moments = [(2024, 12, 31, 23, 30), (2025, 3, 1, 0, 5), (2025, 3, 15, 12), (2026, 11, 2, 8)]
+    for index, moment in enumerate(moments):
+        saga = saga_rows("three_steps", status="completed")
+        name = ("three_steps", "other_saga")[index % 2]
+        created = datetime(*moment, tzinfo=UTC)
+        Saga.objects.filter(pk=saga.pk).update(created_at=created, name=name)
+    lists = [
+        Saga.objects.all(),
+        Saga.objects.filter(created_at__year=2025),
+        Saga.objects.filter(created_at__year=2025, created_at__month=3),
+        Saga.objects.filter(status="failed"),
+    ]
+    for queryset in lists:
+        for kind in ("year", "month", "day")[: 2 if queryset is lists[0] else 3]:
+            probed = ProbedDates(queryset).datetimes("created_at", kind)
+            assert probed == list(queryset.datetimes("created_at", kind)), (queryset, kind)
+    assert distinct_names() == ["other_saga", "three_steps"]
+
+    page = admin_client.get(CHANGELIST)
+    assert b"created_at__year=2025" in page.content and b"name=other_saga" in page.content
+    march = admin_client.get(CHANGELIST, {"created_at__year": 2025, "created_at__month": 3})
+    assert b"created_at__day=15" in march.content

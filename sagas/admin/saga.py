@@ -11,6 +11,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.contrib.admin.views.main import PAGE_VAR, ChangeList
+from django.db import connection
 from django.db.models import Prefetch, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
@@ -134,6 +135,30 @@ class SagaEventInline(SagaRowsInline):
         return event_detail_text(event.detail or {}) or EMPTY
 
 
+class SagaNameFilter(admin.AllValuesFieldListFilter):
+    """The sagas' names, as Django's filter lists them, but read from saga_name_status_idx one
+    name at a time (a loose index scan: one index probe per name), not by `SELECT DISTINCT`
+    over every saga."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        choices: Any = distinct_names()
+        self.lookup_choices = choices
+
+
+def distinct_names() -> list[str]:
+    q = connection.ops.quote_name
+    table, name = q(Saga._meta.db_table), q("name")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH RECURSIVE names AS ((SELECT {name} FROM {table} ORDER BY {name} LIMIT 1) "
+            f"UNION ALL SELECT (SELECT s.{name} FROM {table} s WHERE s.{name} > names.{name} "
+            f"ORDER BY s.{name} LIMIT 1) FROM names WHERE names.{name} IS NOT NULL) "
+            f"SELECT {name} FROM names WHERE {name} IS NOT NULL"
+        )
+        return [value for (value,) in cursor.fetchall()]
+
+
 class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
@@ -148,7 +173,7 @@ class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
         "duration",
     )
     list_display_links = ("short_id",)
-    list_filter = ("status", "name", "created_at")
+    list_filter = ("status", ("name", SagaNameFilter), "created_at")
     date_hierarchy = "created_at"
     # and the business key, whole (get_search_results), and the project's SAGAS_ADMIN_SEARCH_FIELDS
     search_fields = ("id", "name")
