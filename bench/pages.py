@@ -76,11 +76,29 @@ def queries_of(call: Callable[[], Any]) -> list[str]:
     return [q["sql"] for q in captured.captured_queries]
 
 
+def explain(what: str, queries: list[str]) -> None:
+    """Each SELECT of a page, with its plan and the time it ran, as PostgreSQL reports them."""
+    from django.db import connection, transaction
+
+    print(f"== {what}")
+    for sql in queries:
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            continue
+        with transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql.replace("%", "%%"))
+            plan = [row[0] for row in cursor.fetchall()]
+        print(f"-- {sql[:300]}")
+        print("\n".join("   " + line for line in plan))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--database", help="the database (default: <DATABASE_URL's>_bench)")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--explain", action="store_true", help="print EXPLAIN (ANALYZE) of each page's queries"
+    )
     args = parser.parse_args()
     os.environ["DATABASE_URL"] = bench_database_url(args.database)
     os.environ["SAGAS_LOG_LEVEL"] = "WARNING"
@@ -95,6 +113,8 @@ def main() -> int:
     from sagas.models import Saga, SagaStatus
 
     call_command("migrate", verbosity=0, interactive=False)
+    # DEBUG off serves the collected files' manifest, as in production (`make run` collects).
+    call_command("collectstatic", verbosity=0, interactive=False)
     user, _ = get_user_model().objects.get_or_create(
         username="bench-pages", defaults={"is_staff": True, "is_superuser": True}
     )
@@ -111,6 +131,8 @@ def main() -> int:
         call = request(client, url) if url else sweep
         samples = timed(call, warmup=args.warmup, runs=args.runs)
         sql = queries_of(call)
+        if args.explain:
+            explain(what, sql)
         counts = sum(1 for q in sql if "COUNT(" in q.upper())
         median, p95 = statistics.median(samples), percentile(samples, 95)
         rows.append((what, median, p95, len(sql), counts))
