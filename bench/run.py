@@ -290,7 +290,10 @@ def sagas_in_tables() -> int:
     from django.db import connection
 
     with connection.cursor() as cursor:
-        cursor.execute("SELECT reltuples FROM pg_class WHERE relname = 'sagas_saga'")
+        cursor.execute(
+            "SELECT CASE WHEN reltuples >= 0 THEN reltuples "  # -1: never analysed
+            "ELSE (SELECT count(*) FROM sagas_saga) END FROM pg_class WHERE relname = 'sagas_saga'"
+        )
         return max(0, int(cursor.fetchone()[0]))
 
 
