@@ -6,8 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django import template
-from django.contrib.admin.templatetags.admin_list import date_hierarchy
-from django.contrib.admin.templatetags.base import InclusionAdminNode
+from django.contrib.admin.templatetags.admin_list import date_hierarchy, date_hierarchy_tag
 from django.db.models import Max, Min
 from django.utils import timezone
 
@@ -78,11 +77,9 @@ def saga_date_hierarchy(changelist: Any) -> Any:
 
 
 @register.tag(name="saga_date_hierarchy")
-def saga_date_hierarchy_tag(parser: Any, token: Any) -> InclusionAdminNode:
-    return InclusionAdminNode(  # type: ignore[call-arg]  # django-stubs lacks `token`
-        parser,
-        token,
-        func=saga_date_hierarchy,
-        template_name="date_hierarchy.html",
-        takes_context=False,
-    )
+def saga_date_hierarchy_tag(parser: Any, token: Any) -> Any:
+    # Django's own tag (its template, overridable per model), with the probing function: the
+    # node's constructor differs between Django versions, the node's `func` does not.
+    node = date_hierarchy_tag(parser, token)
+    node.func = saga_date_hierarchy
+    return node
