@@ -513,3 +513,21 @@ def test_the_date_drill_down_and_the_name_filter_list_what_django_would(db, admi
     assert b"created_at__year=2025" in page.content and b"name=other_saga" in page.content
     march = admin_client.get(CHANGELIST, {"created_at__year": 2025, "created_at__month": 3})
     assert b"created_at__day=15" in march.content
+
+
+def test_an_action_on_all_of_a_long_list_points_to_the_bulk_action(db, admin_client, settings):
+    """ "Select all" past the list's count limit: no page of a million plans, a pointer to the
+    bulk action instead. Below the limit, the confirmation page as before."""
+    from tests.factories import saga_rows
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 3
+    sagas = [saga_rows("three_steps") for _ in range(4)]
+    form = action_post("retry_sagas", sagas[0], select_across="1")
+    response = admin_client.post(CHANGELIST, form)
+    assert response.status_code == 302
+    assert any("More than 3 sagas match" in m for m in messages_of(response))
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 4
+    confirmation = admin_client.post(CHANGELIST, form)
+    assert confirmation.status_code == 200
+    assert len(confirmation.context["previews"]) == 4
