@@ -10,6 +10,8 @@ from django.core.paginator import Paginator
 
 from . import conf
 
+LARGEST_LIMIT = 2**62
+
 
 class BoundedPaginator(Paginator):
     """Django's `Paginator`, but `count` stops `SAGAS_LIST_COUNT_LIMIT` rows past the page
@@ -32,7 +34,8 @@ class BoundedPaginator(Paginator):
 
     @cached_property
     def count(self) -> int:
-        limit = self.reach * self.per_page + conf.list_count_limit()
+        # (A page number past any table's size must not overflow PostgreSQL's LIMIT.)
+        limit = min(self.reach * self.per_page + conf.list_count_limit(), LARGEST_LIMIT)
         rows: Any = self.object_list
         if hasattr(rows, "order_by"):  # a queryset: a count of a LIMIT, in the database
             rows = rows.order_by()

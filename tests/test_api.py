@@ -239,6 +239,7 @@ def test_the_saga_list_counts_no_further_than_past_its_page(world, settings):
     last = staff.get("/api/sagas/?page_size=1&page=6").json()
     assert (last["count"], last["next"]) == (6, None)
     assert staff.get("/api/sagas/?page_size=1&page=7").status_code == 404
+    assert staff.get("/api/sagas/?page_size=100&page=417316848291199320064").status_code == 404
     assert staff.get("/api/sagas/?page_size=5").json()["count"] == 6
 
 
