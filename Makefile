@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest browser wrk bench bench-api bench-pages fill profile drill demo clean
+.PHONY: install run test lint typecheck pytest browser wrk bench bench-api bench-pages fill profile profile-system drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -58,6 +58,10 @@ bench-pages: install
 ## Where a step's time goes: the engine driven in-process under pyinstrument (PROFILE_ARGS="--steps 16").
 profile: install
 	$(BIN)/python -m bench.profile_step $(PROFILE_ARGS)
+
+## Where a step's time goes across the system: CPU of workers, PostgreSQL, Redis; sends per step (PROFILE_ARGS="--round-trips").
+profile-system: install
+	$(BIN)/python -m bench.breakdown $(PROFILE_ARGS)
 
 ## Debian's wrk for the API load benchmark (bench-api).
 wrk:

@@ -187,20 +187,26 @@ class Stack:
             stderr=log,
         )
 
-    def kill_random_process(self, rng: random.Random) -> str:
+    def kill_random_process(self, rng: random.Random, spare: set[str]) -> str:
+        busy = hung_processes(spare)  # asked before the lock: it waits on the broker
         with self.lock:
-            return self._kill_random_process(rng)
+            return self._kill_random_process(rng, busy)
 
-    def _kill_random_process(self, rng: random.Random) -> str:
+    def _kill_random_process(self, rng: random.Random, spare: set[int]) -> str:
+        """SIGKILL a pool process or a whole node, but never a process in a planted hang: the
+        hard time limit is what must end that one."""
         import psutil
 
         name = rng.choice(sorted(self.workers.processes))
         node = self.workers.processes[name]
         children = psutil.Process(node.pid).children()
-        if children and rng.random() < 0.7:
-            victim = rng.choice(children)
+        others = [child for child in children if child.pid not in spare]
+        if others and (len(others) < len(children) or rng.random() < 0.7):
+            victim = rng.choice(others)
             victim.send_signal(signal.SIGKILL)  # the pool replaces it
             return f"SIGKILL pool process {victim.pid} of {name}"
+        if len(others) < len(children):
+            return f"nothing killed: {name}'s processes are in a planted hang"
         node.send_signal(signal.SIGKILL)
         node.wait()
         for child in children:  # orphaned pool processes die with their node
@@ -261,6 +267,9 @@ def main() -> int:
     parser.add_argument(
         "--redis-tcp", action="store_true", help="workers reach Redis over TCP, not its socket"
     )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the servers' data and logs, even on a pass"
+    )
     args = parser.parse_args()
     # Terminated (CI time-out, kill): still stop the workers and servers in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -314,7 +323,8 @@ def main() -> int:
     if report["violations"] or report["lost"]:
         print(f"drill: FAILED (logs kept in {logs})")
         return 1
-    shutil.rmtree(folder, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
     print("drill: passed")
     return 0
 
@@ -392,6 +402,24 @@ class SagaFaults:
         return []
 
 
+def hung_processes(saga_ids: set[str]) -> set[int]:
+    """The worker processes running a step of these sagas now (Celery's `inspect active`)."""
+    from sagaproject.celery import app
+
+    if not saga_ids:
+        return set()
+    try:
+        active = app.control.inspect(timeout=1.0).active() or {}
+    except Exception:  # the broker is restarting: spare nothing
+        return set()
+    return {
+        task["worker_pid"]
+        for tasks in active.values()
+        for task in tasks
+        if task.get("args") and str(task["args"][0]) in saga_ids
+    }
+
+
 def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) -> list[str]:
     from orders.services import order_submit
 
@@ -403,12 +431,13 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
     )
     plan.sort(key=lambda item: item[1])
     started = time.monotonic()
+    hung: set[str] = set()  # sagas with a planted hang, whose process a kill spares
 
     def inject() -> None:
         for kind, at in plan:
             time.sleep(max(0.0, at - (time.monotonic() - started)))
             if kind == "worker":
-                print(f"  fault: {stack.kill_random_process(rng)}", flush=True)
+                print(f"  fault: {stack.kill_random_process(rng, hung)}", flush=True)
             elif kind == "redis":
                 servers.restart_redis_empty()
                 print("  fault: Redis killed and started again empty", flush=True)
@@ -453,6 +482,8 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
 
         # The idempotency key makes a resubmission after a lost connection safe.
         saga_ids.append(str(retrying(submit, "submitting").pk))
+        if any(fault["effect"] == "hang" for fault in faults):
+            hung.add(saga_ids[-1])
         time.sleep(max(0.0, (i + 1) / args.rate - (time.monotonic() - started)))
     injector.join()
     return saga_ids
@@ -579,6 +610,7 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
         "callbacks_repeated": fired[(FaultPoint.AFTER_FINAL_FAILURE, FaultEffect.REPEAT_CALLBACK)],
         # Attempts killed at their hard time limit and recorded so by their error callback (a
         # callback that came after the sweeper had sent the saga again does nothing).
+        "hung_planted": Fault.objects.filter(effect=FaultEffect.HANG).count(),
         "hung_attempts_recorded": of_these.filter(
             detail__code="time_limit", detail__message__icontains="was stopped"
         ).count(),
@@ -600,6 +632,7 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("Redis restarts (empty)", faults["redis"]),
         ("PostgreSQL restarts", faults["postgres"]),
         ("crashes after commit, before ack", report["crash_faults_fired"]),
+        ("hung steps planted", report["hung_planted"]),
         ("hung attempts killed at their hard time limit", report["hung_attempts_killed"]),
         ("  recorded as failed attempts by their callback", report["hung_attempts_recorded"]),
         ("error callbacks lost (worker died first)", report["callbacks_lost"]),

@@ -222,7 +222,8 @@ SAGAS_HARD_TIME_LIMIT_GRACE = int(os.environ.get("SAGAS_HARD_TIME_LIMIT_GRACE", 
 # process and, where SAGAS_METRICS_WORKER_PORT is set (`make run` sets it), by each worker.
 SAGAS_METRICS = env_bool("SAGAS_METRICS", True)
 SAGAS_METRICS_WORKER_PORT = os.environ.get("SAGAS_METRICS_WORKER_PORT") or None
-SAGAS_METRICS_WORKER_ADDRESS = os.environ.get("SAGAS_METRICS_WORKER_ADDRESS", "0.0.0.0")
+# This machine only, unless told: a Prometheus on another host sets 0.0.0.0 (or an address).
+SAGAS_METRICS_WORKER_ADDRESS = os.environ.get("SAGAS_METRICS_WORKER_ADDRESS", "127.0.0.1")
 SAGAS_METRICS_TOKEN = os.environ.get("SAGAS_METRICS_TOKEN", "")
 # OpenTelemetry traces (sagas.tracing): with SAGAS_TRACING=1, each process appends its spans to
 # SAGAS_TRACES_FILE (sagaproject/tracing.py); a real deployment exports them to its backend.

@@ -20,6 +20,21 @@ ON_COMPENSATION_FAILURE = "sagas.on_compensation_failure"
 BULK_ACTION_BATCH = "sagas.bulk_action_batch"
 
 
+def task_id(saga_id: str, epoch: int, index: int) -> str:
+    """The Celery task id of step `index`'s message in the saga's chain of `epoch`: unique, as
+    every chain raises the epoch, and telling an error callback which task of its chain failed."""
+    return f"{saga_id}:{epoch}:{index}"
+
+
+def failed_index(failed_task_id: str, saga_id: str, epoch: int | None) -> int | None:
+    """The step whose task failed, from the id an error callback receives (None for a task
+    id of another form, as sent before task ids were given)."""
+    parts = failed_task_id.split(":")
+    if len(parts) != 3 or parts[0] != saga_id or parts[1] != str(epoch):
+        return None
+    return int(parts[2]) if parts[2].isdigit() else None
+
+
 def _signature(task: str, saga_id: str, index: int, epoch: int, time_limit: int) -> Signature:
     # A soft time limit raised inside the action (retried as transient), and a hard one a
     # little later that kills the process if the action ignores the first.
@@ -30,6 +45,7 @@ def _signature(task: str, saga_id: str, index: int, epoch: int, time_limit: int)
         immutable=True,
         soft_time_limit=time_limit,
         time_limit=time_limit + conf.hard_time_limit_grace(),
+        task_id=task_id(saga_id, epoch, index),
     )
 
 

@@ -115,9 +115,9 @@ def compensate_step(
     _run(self, saga_id, index, epoch, forward=False)
 
 
-def _callback(task: Any, saga_id: str, handle: Any, epoch: int | None) -> None:
+def _callback(task: Any, failed_task_id: str, saga_id: str, handle: Any, epoch: int | None) -> None:
     try:
-        handle(saga_id, epoch)
+        handle(saga_id, epoch, failed=dispatch.failed_index(failed_task_id, saga_id, epoch))
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: error callback ignored", saga_id)
     except DATABASE_UNAVAILABLE:
@@ -130,7 +130,7 @@ def _callback(task: Any, saga_id: str, handle: Any, epoch: int | None) -> None:
 @shared_task(bind=True, name="sagas.on_step_failure", max_retries=None)
 def on_step_failure(self: Any, task_id: str, saga_id: str, epoch: int | None = None) -> None:
     """Error callback of a saga's step chain. Idempotent: a repeated call changes nothing."""
-    _callback(self, saga_id, engine.step_chain_failed, epoch)
+    _callback(self, task_id, saga_id, engine.step_chain_failed, epoch)
 
 
 @shared_task(bind=True, name="sagas.on_compensation_failure", max_retries=None)
@@ -138,7 +138,7 @@ def on_compensation_failure(
     self: Any, task_id: str, saga_id: str, epoch: int | None = None
 ) -> None:
     """Error callback of a saga's compensation chain. Idempotent."""
-    _callback(self, saga_id, engine.compensation_chain_failed, epoch)
+    _callback(self, task_id, saga_id, engine.compensation_chain_failed, epoch)
 
 
 @shared_task(bind=True, name="sagas.bulk_action_batch", max_retries=None)

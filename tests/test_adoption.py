@@ -248,7 +248,8 @@ def readme_files() -> dict[str, str]:
 def readme_commands() -> list[str]:
     """The shell commands of the README's "Use it in your own project"."""
     blocks = re.findall(r"```sh\n(.*?)```", readme_section(), flags=re.DOTALL)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    lines = [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line]
 
 
 class Process:
@@ -491,7 +492,7 @@ def test_a_new_project_runs_sagas_from_the_wheel(
         'pip install "django-sagas[api]"',
         "python manage.py migrate",
         "celery -A mysite worker -l info",
-        "celery -A mysite beat -l info",
+        "celery -A mysite beat -l info -s /var/lib/mysite/celerybeat-schedule",
     ):
         assert command in commands, f"the README no longer says {command!r}"
     started = time.monotonic()

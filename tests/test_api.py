@@ -272,6 +272,25 @@ def test_plan_preview(world):
     assert resolve["allowed"] is False
 
 
+@pytest.mark.parametrize(
+    ("status", "direction", "why"),
+    [
+        ("compensated", "backward", "A compensated saga cannot be compensated."),
+        ("completed", "forward", "A completed saga cannot be compensated."),
+        ("compensating", "backward", "The saga is already compensating."),
+        ("failed", "backward", "The saga failed while compensating: retry resumes"),
+    ],
+)
+def test_a_refused_compensation_says_why_in_the_sagas_own_words(world, status, direction, why):
+    staff = client_for(world["staff"])
+    saga = world["saga_a"]
+    Saga.objects.filter(pk=saga.pk).update(status=status, direction=direction)
+    plan = staff.get(f"/api/sagas/{saga.pk}/plan/?action=compensate").json()
+    assert plan["allowed"] is False and plan["reason"].startswith(why)
+    response = staff.post(f"/api/sagas/{saga.pk}/compensate/")
+    assert response.status_code == 409 and why in json.dumps(response.json())
+
+
 def test_unknown_ids_are_404(world):
     staff = client_for(world["staff"])
     for path in (

@@ -165,6 +165,7 @@ class Callback:
     kind: str
     saga_id: str
     epoch: int
+    failed: int | None = None  # the failed task's step, as its task id tells
 
 
 @dataclass
@@ -183,9 +184,9 @@ class Broker:
     def pick(self, i: int) -> Chain:
         return self.chains[i % len(self.chains)]
 
-    def end(self, chain: Chain, *, callbacks: int = 0) -> None:
+    def end(self, chain: Chain, *, callbacks: int = 0, failed: int | None = None) -> None:
         self.chains.remove(chain)
-        self.callbacks += [Callback(chain.kind, chain.saga_id, chain.epoch)] * callbacks
+        self.callbacks += [Callback(chain.kind, chain.saga_id, chain.epoch, failed)] * callbacks
 
     def clear(self) -> None:
         self.chains.clear()
@@ -204,7 +205,7 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
         fault = faults.take(chain.saga_id, index, forward=forward)
     outcome = tasks.attempt(chain.saga_id, index, chain.epoch, forward=forward, fault=fault)
     if outcome.kind == "fail":
-        broker.end(chain, callbacks=1)
+        broker.end(chain, callbacks=1, failed=index)
     elif outcome.kind == "stop":
         broker.end(chain)
     elif outcome.kind in ("done", "duplicate"):
@@ -227,9 +228,9 @@ def call_checking_the_context(path: str, ctx: StepContext) -> Any:
 
 def run_callback(callback: Callback) -> None:
     if callback.kind == STEP:
-        engine.step_chain_failed(callback.saga_id, callback.epoch)
+        engine.step_chain_failed(callback.saga_id, callback.epoch, failed=callback.failed)
     else:
-        engine.compensation_chain_failed(callback.saga_id, callback.epoch)
+        engine.compensation_chain_failed(callback.saga_id, callback.epoch, failed=callback.failed)
     STATS[("callback", callback.kind)] += 1
 
 
@@ -454,7 +455,9 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.broker.chains)
     @rule(
         i=st.integers(0, 7),
-        fate=st.sampled_from(["killed", "killed, then aborted", "hard time limit", "lost"]),
+        fate=st.sampled_from(
+            ["killed", "killed, then aborted", "hard time limit", "lost", "next message refused"]
+        ),
     )
     def worker_fault(self, i: int, fate: str) -> None:
         """killed: SIGKILL after the step's external call, before its commit: the transaction
@@ -463,6 +466,8 @@ class EngineMachine(RuleBasedStateMachine):
         hard time limit: the attempt hangs and is killed before its commit; Celery acknowledges
         the message and sends the chain's error callback, twice.
         lost: the message (with the rest of its chain) is lost, as in a broker crash.
+        next message refused: the attempt commits, then the broker refuses the chain's next
+        message; Celery fails the task and sends the chain's error callback.
         An operator's abort right after a death matters where the step made an external call:
         that fate picks a chain about to charge, when there is one."""
         chain = self.broker.pick(i)
@@ -472,12 +477,19 @@ class EngineMachine(RuleBasedStateMachine):
         if fate == "lost":
             self.broker.chains.remove(chain)
             return
+        head = chain.indexes[0]
+        if fate == "next message refused":
+            outcome = deliver(self.broker, chain)
+            if outcome.kind in ("done", "duplicate") and chain in self.broker.chains:
+                STATS[fate] += 1
+                self.broker.end(chain, callbacks=1, failed=head)
+            return
         with suppress(WorkerDied):
             deliver(self.broker, chain, fault=Dies(fate))
             return  # it finished (or stopped) before the fault
         STATS["killed" if fate.startswith("killed") else fate] += 1
         if fate == "hard time limit":
-            self.broker.end(chain, callbacks=2)
+            self.broker.end(chain, callbacks=2, failed=head)
         if fate == "killed, then aborted":
             with suppress(InvalidTransition):
                 saga_compensate(saga_id=chain.saga_id, actor="operator")
@@ -805,6 +817,14 @@ def deliver_all(machine: EngineMachine) -> None:
         check_invariants()
 
 
+def no_step_stopped_at_a_time_limit() -> None:
+    stopped = SagaStep.objects.filter(error_code="time_limit").values_list("name", flat=True)
+    assert not stopped, (
+        f"a step whose task only failed to send the next was taken as stopped: {list(stopped)}"
+    )
+    assert STATS["next message refused"] >= 2, "the script refused no next message"
+
+
 # Interleavings the random examples may or may not reach in a given run, made sure of.
 SCRIPTS = {
     "a compensation fails for good; the operator resolves it": [
@@ -816,6 +836,16 @@ SCRIPTS = {
         lambda m: m.begin(["tok_ok"], "none", 1),
         lambda m: m.deliver([0]),
         lambda m: m.worker_fault(0, "killed, then aborted"),
+    ],
+    "the broker refuses the next message after a commit, forward and then backward": [
+        lambda m: m.begin(["tok_ok"], "a business failure", 3),
+        lambda m: m.worker_fault(0, "next message refused"),
+        lambda m: m.error_callback(0, "delivered"),
+        lambda m: m.deliver([0, 0, 0]),
+        lambda m: m.error_callback(0, "delivered"),
+        lambda m: m.worker_fault(0, "next message refused"),
+        deliver_all,
+        lambda m: no_step_stopped_at_a_time_limit(),
     ],
     "the gateway stays down; the saga pauses; the operator retries once it is back": [
         lambda m: m.begin(["tok_timeout"], "none", 1),
@@ -857,6 +887,7 @@ def test_engine_state_machine(transactional_db, broker):
         ("callback", STEP),
         "killed",
         "hard time limit",
+        "next message refused",
         "callback lost",
         ("operator", "retry"),
         ("operator", "compensate"),

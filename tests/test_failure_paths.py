@@ -276,6 +276,47 @@ def test_an_error_callback_sent_twice_sends_the_compensations_once(saga_db):
     assert not saga.events.filter(kind=EventKind.DUPLICATE_IGNORED).exists()
 
 
+def _with_next_message_refused(product, step_name: str, **order) -> Saga:
+    """An order saga whose `step_name` task, and its compensation's, commits and then cannot
+    send its chain's next message: the broker refuses it, and Celery fails the task after its
+    commit and sends the chain's error callback."""
+    with transaction.atomic():
+        saga = submit(product, **order)
+        Fault.objects.create(
+            saga=saga,
+            step_name=step_name,
+            point=FaultPoint.AFTER_COMMIT,
+            effect=FaultEffect.REFUSE_NEXT,
+            remaining=None,  # its action's message and its compensation's
+        )
+    return saga
+
+
+def test_a_next_message_refused_after_a_commit_sends_the_rest_again_and_fails_nothing(saga_db):
+    """The step committed; its task failed only to send the next one. The error callback must
+    not take that for an attempt stopped at its time limit."""
+    saga = _with_next_message_refused(ProductFactory(stock_on_hand=10), "create_order")
+    saga = wait_final(saga.pk)
+    assert saga.status == "completed"
+    assert not SagaStep.objects.filter(saga=saga).exclude(error_code="").exists()
+    assert set(SagaStep.objects.filter(saga=saga).values_list("attempts", flat=True)) == {1}
+    assert not saga.events.filter(kind=EventKind.STEP_RETRYING).exists()
+    assert "Injected: the broker refused" in worker_logs(saga_db)  # the fault did fire
+
+
+def test_a_compensations_next_message_refused_after_its_commit_fails_no_compensation(saga_db):
+    product = ProductFactory(stock_on_hand=10)
+    saga = _with_next_message_refused(product, "reserve_inventory", country="AQ")
+    saga = wait_final(saga.pk)
+    assert (saga.status, saga.error_code) == ("compensated", "unsupported_destination")
+    steps = SagaStep.objects.filter(saga=saga).order_by("index")
+    assert [s.error_code for s in steps][:3] == ["", "", ""]  # no time limit recorded
+    assert [s.compensation_attempts for s in steps][:3] == [1, 1, 1]
+    assert not saga.events.filter(kind=EventKind.COMPENSATION_RETRYING).exists()
+    assert Product.objects.get(pk=product.pk).stock_on_hand == 10
+    assert [c.status for c in charges_for(saga)] == ["refunded"]
+
+
 def worker_logs(workers) -> str:
     return "".join(log.read_text() for log in workers.logs)
 

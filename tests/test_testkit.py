@@ -37,6 +37,19 @@ def test_the_order_sagas_cases():
     ]
 
 
+def test_the_kit_asks_for_its_app_when_it_is_not_installed():
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test.utils import modify_settings
+
+    with (
+        modify_settings(INSTALLED_APPS={"remove": ["sagas.testing"]}),
+        pytest.raises(
+            ImproperlyConfigured, match=re.escape('add "sagas.testing" to INSTALLED_APPS')
+        ),
+    ):
+        FailureMatrix(ORDER_FULFILMENT)
+
+
 def test_what_a_case_expects_follows_the_policy():
     matrix = FailureMatrix("past_a_pivot")
     # A step marked compensate_failed_step is undone too, first.

@@ -4,7 +4,9 @@ Celery calls a chain's error callback when one of its tasks fails: normally a st
 attempt already recorded its final failure and what the saga does next, so the callback only
 sends the compensations that decision began. It also comes when a hard time limit killed an
 attempt before it could record anything; then the callback records that attempt, as the
-attempt itself would have.
+attempt itself would have. And it comes when an attempt committed but its task could not send
+the chain's next message (the broker refused it): the failed task's id names its step
+(`dispatch.task_id`), already done, so the callback sends the rest of the chain again.
 
 Each callback carries the epoch of its chain. The first one to act sends a new chain and so
 raises the saga's epoch: a repeated or late callback finds a newer epoch and does nothing. A
@@ -24,8 +26,9 @@ from .unit import IN_PROGRESS, S, Unit, compensation_time_limit, hard_time_limit
 logger = logging.getLogger("sagas")
 
 
-def step_chain_failed(saga_id: str, epoch: int | None) -> None:
-    """Error callback of a saga's forward chain. Idempotent."""
+def step_chain_failed(saga_id: str, epoch: int | None, *, failed: int | None = None) -> None:
+    """Error callback of a saga's forward chain; `failed` is the index of the step whose task
+    failed, where its task id tells. Idempotent."""
     with transaction.atomic():
         unit = lock(saga_id)
         saga = unit.saga
@@ -35,18 +38,25 @@ def step_chain_failed(saga_id: str, epoch: int | None) -> None:
         if saga.status == S.COMPENSATING:
             unit.send_compensations()  # the failed attempt began the compensation
         elif saga.status in (S.PENDING, S.RUNNING) and (step := unit.in_progress()):
-            if step.status not in IN_PROGRESS:
+            if failed is not None and failed < step.index:
+                # That step committed; then its task failed to send the chain's next message
+                # (the broker refused it): send the rest again, nothing failed.
+                unit.send_forward(step.index)
+            elif step.status not in IN_PROGRESS:
                 return
-            error = hard_time_limit_error(step.definition["time_limit"])
-            outcome = record_attempt_failure(unit, step, error, transient=True)
-            _carry_on(unit, outcome.kind, outcome.countdown, forward_from=step.index)
+            else:
+                error = hard_time_limit_error(step.definition["time_limit"])
+                outcome = record_attempt_failure(unit, step, error, transient=True)
+                _carry_on(unit, outcome.kind, outcome.countdown, forward_from=step.index)
         else:
             return
         unit.save()
 
 
-def compensation_chain_failed(saga_id: str, epoch: int | None) -> None:
-    """Error callback of a saga's compensation chain. Idempotent."""
+def compensation_chain_failed(
+    saga_id: str, epoch: int | None, *, failed: int | None = None
+) -> None:
+    """Error callback of a saga's compensation chain; `failed` as above. Idempotent."""
     with transaction.atomic():
         unit = lock(saga_id)
         if not unit.is_current(epoch) or unit.saga.status != S.COMPENSATING:
@@ -55,6 +65,10 @@ def compensation_chain_failed(saga_id: str, epoch: int | None) -> None:
         remaining = unit.to_compensate()
         if not remaining:
             finish_if_done(unit)
+        elif failed is not None and failed not in {step.index for step in remaining}:
+            # That compensation committed; then its task failed to send the chain's next
+            # message: send the rest again, nothing failed.
+            unit.send_compensations()
         else:
             # The compensation in progress recorded nothing: a hard time limit stopped it.
             step = remaining[0]

@@ -54,9 +54,13 @@ def plan_retry(unit: Unit) -> Plan:
 
 def plan_compensate(unit: Unit) -> Plan:
     saga = unit.saga
-    if saga.status not in (S.RUNNING, S.PENDING, S.FAILED) or saga.is_backward:
-        what = "compensating" if saga.is_backward else saga.status
-        return Plan("compensate", False, f"A {what} saga cannot be compensated.")
+    if saga.status not in (S.RUNNING, S.PENDING, S.FAILED):
+        if saga.status == S.COMPENSATING:
+            return Plan("compensate", False, "The saga is already compensating.")
+        return Plan("compensate", False, f"A {saga.status} saga cannot be compensated.")
+    if saga.is_backward:
+        why = "The saga failed while compensating: retry resumes its compensation."
+        return Plan("compensate", False, why)
     undo = _names(unit.owed_on_compensation())
     return Plan("compensate", True, "Abort and undo the completed steps.", undo=undo)
 

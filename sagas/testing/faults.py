@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from celery import current_app, current_task
 from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import F, Q
+from kombu.exceptions import OperationalError
 
 from sagas import dispatch
 from sagas.exceptions import BusinessError, TransientError
@@ -58,6 +60,8 @@ class Injector:
     def after_commit(self) -> None:
         if self.effects.get(FaultPoint.AFTER_COMMIT) == FaultEffect.REDELIVER:
             redeliver()
+        if self.effects.get(FaultPoint.AFTER_COMMIT) == FaultEffect.REFUSE_NEXT:
+            refuse_next_message()
         self.fire(FaultPoint.AFTER_COMMIT)
 
     def after_final_failure(
@@ -79,6 +83,22 @@ def redeliver() -> None:
     if not current_task:
         raise RuntimeError("a message is redelivered from inside the task that runs it")
     current_task.signature_from_request().apply_async()
+
+
+def refuse_next_message() -> None:
+    """Make the broker refuse the next message of this task's chain, which Celery publishes
+    once the task returns (`AMQP._retry_publish`, its seam for a chain's next message): the
+    task then fails after its commit, and the chain's error callback is sent."""
+    if not current_task or not current_task.request.chain:
+        return  # the chain's last task: there is no next message to refuse
+    amqp: Any = current_app.amqp
+    publish = amqp._retry_publish
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        amqp._retry_publish = publish  # once
+        raise OperationalError("Injected: the broker refused the chain's next message.")
+
+    amqp._retry_publish = refuse
 
 
 def hang() -> None:

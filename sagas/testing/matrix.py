@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from celery import current_app
+from django.apps import apps
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 
 from sagas.definitions import SagaDefinition, get_definition, register, registered, snapshot_version
@@ -154,6 +156,11 @@ class FailureMatrix:
         timeout: float = 60.0,
         retry_wait: float | None = 0.1,
     ) -> None:
+        if not apps.is_installed("sagas.testing"):
+            raise ImproperlyConfigured(
+                'add "sagas.testing" to INSTALLED_APPS in your test settings (never in '
+                "production): the failure matrix plants its faults through its table and hook"
+            )
         if isinstance(definition, str):
             definition = get_definition(definition)
         elif definition.name not in registered():

@@ -29,6 +29,10 @@ class FaultEffect(models.TextChoices):
         "redeliver",
         "Deliver the message again, with the rest of its chain (a lost acknowledgement)",
     )
+    REFUSE_NEXT = (
+        "refuse_next",
+        "The broker refuses the chain's next message (the task fails after its commit)",
+    )
 
 
 class Fault(models.Model):
