@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest browser wrk bench bench-api profile profile-system profile-api drill demo clean
+.PHONY: install run test lint typecheck pytest browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -46,6 +46,14 @@ browser:
 ## Benchmark: order saga vs bare Celery chain (BENCH_ARGS="--sagas 300 --scaling").
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## A benchmark database of finished sagas, by SQL (FILL_ARGS="--sagas 1000000 --database NAME").
+fill: install
+	$(BIN)/python -m bench.fill $(FILL_ARGS)
+
+## Admin pages, API lists and a sweep, timed on that database (PAGES_ARGS="--database NAME").
+bench-pages: install
+	$(BIN)/python -m bench.pages $(PAGES_ARGS)
 
 ## Where a step's time goes: the engine driven in-process under pyinstrument (PROFILE_ARGS="--steps 16").
 profile: install

@@ -41,9 +41,10 @@ def main() -> int:
     parser.add_argument("--sagas", type=int, default=200)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--receivers", action="store_true", help="a receiver on every signal")
+    parser.add_argument("--database", help="the database (default: <DATABASE_URL's>_bench)")
     args = parser.parse_args()
 
-    os.environ["DATABASE_URL"] = bench_database_url()
+    os.environ["DATABASE_URL"] = bench_database_url(args.database)
     os.environ["SAGAS_MODULES"] = "bench.sagas"
     os.environ.setdefault("SAGAS_METRICS", "0")
     debug_off()

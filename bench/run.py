@@ -42,8 +42,9 @@ def debug_off() -> None:
     os.environ.setdefault("DJANGO_SECRET_KEY", secrets.token_urlsafe(50))
 
 
-def bench_database_url() -> str:
-    """The configured server (or the embedded one), with a database of the benchmark's own."""
+def bench_database_url(name: str | None = None) -> str:
+    """The configured server (or the embedded one), with a database of the benchmark's own:
+    `name`, by default `<database>_bench`. Never the configured database itself."""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
     base = os.environ.get("DATABASE_URL")
     if not base:
@@ -52,7 +53,10 @@ def bench_database_url() -> str:
         base = embedded.postgres_url()
         os.environ["DATABASE_URL"] = base
     parts = urlsplit(base)
-    name = (parts.path.lstrip("/") or "postgres") + "_bench"
+    own = parts.path.lstrip("/") or "postgres"
+    name = name or own + "_bench"
+    if name == own:
+        raise SystemExit(f"bench: {name} is the database of DATABASE_URL; name another one")
     import psycopg
 
     with psycopg.connect(base, autocommit=True) as conn:
@@ -282,6 +286,45 @@ def database_cost(samples: int = 20) -> dict[str, float]:
     }
 
 
+TABLES = ("sagas_saga", "sagas_sagastep")
+
+
+def sagas_in_tables() -> int:
+    """The saga table's size, as the planner knows it (no count of a filled table)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT CASE WHEN reltuples >= 0 THEN reltuples "  # -1: never analysed
+            "ELSE (SELECT count(*) FROM sagas_saga) END FROM pg_class WHERE relname = 'sagas_saga'"
+        )
+        return max(0, int(cursor.fetchone()[0]))
+
+
+def updates() -> dict[str, tuple[int, int]]:
+    """Rows updated so far, and of them HOT updates (no index touched), per table."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_stat_clear_snapshot()")
+        cursor.execute(
+            "SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+            "WHERE relname = ANY(%s)",
+            [list(TABLES)],
+        )
+        return {name: (updated, hot) for name, updated, hot in cursor.fetchall()}
+
+
+def hot_updates(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> dict:
+    """The share of the run's updates of each table that were HOT."""
+    shares = {}
+    for table in TABLES:
+        updated = after[table][0] - before[table][0]
+        hot = after[table][1] - before[table][1]
+        shares[f"hot_updates_{table}"] = round(hot / updated, 3) if updated else 0.0
+    return shares
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -290,10 +333,15 @@ def main() -> int:
     parser.add_argument("--sagas", type=int, default=300, help="sagas per throughput run")
     parser.add_argument("--latency-samples", type=int, default=50)
     parser.add_argument("--scaling", action="store_true", help="also 8-step sagas")
+    parser.add_argument(
+        "--database",
+        help="the database to run in (default: <DATABASE_URL's database>_bench), such as one "
+        "`make fill` filled",
+    )
     args = parser.parse_args()
     concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
 
-    os.environ["DATABASE_URL"] = bench_database_url()
+    os.environ["DATABASE_URL"] = bench_database_url(args.database)
     os.environ["SAGAS_MODULES"] = "bench.sagas"
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue
@@ -310,6 +358,8 @@ def main() -> int:
     ensure_table()
 
     results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas}
+    results["sagas_in_tables"] = sagas_in_tables()
+    updates_before = updates()
     with workers(queue, concurrency) as node:
         for warmup in (OrderSagas(), BareChains(4)):
             throughput(warmup, 20)
@@ -330,6 +380,7 @@ def main() -> int:
             results[f"bare_{steps}_p50_ms"] = statistics.median(bare_lat)
         results["bare_4_per_s"] = results["bare_chain_per_s"]
         results["worker_peak_rss_mb"] = round(peak_rss_mb(node), 1)
+    results.update(hot_updates(updates_before, updates()))
     results.update(database_cost())
     for name, samples in (("", saga), ("bare_", bare)):
         for pct in (50, 95, 99):
@@ -381,6 +432,13 @@ def print_table(r: dict[str, Any]) -> None:
     table.add_row("queries per step", f"{r['queries_per_step']:.2f}", "1", "")
     table.add_row("commits per step", f"{r['commits_per_step']:.2f}", "1", "")
     table.add_row("worker peak RSS (MB)", f"{r['worker_peak_rss_mb']:.0f}", "", "")
+    table.add_row(
+        "HOT updates: saga rows, step rows",
+        f"{r['hot_updates_sagas_saga']:.0%}, {r['hot_updates_sagas_sagastep']:.0%}",
+        "",
+        "",
+    )
+    table.add_row("sagas in the tables before the run", f"{r['sagas_in_tables']:,}", "", "")
     for steps in (4, 8, 16):
         if f"synthetic_{steps}_per_s" in r:
             table.add_row(

@@ -54,6 +54,12 @@ def admin_links_hook() -> Callable[[Any], Iterable[tuple[str, str]]] | None:
     return import_string(path) if path else None
 
 
+def list_count_limit() -> int:
+    """Rows a list (the admin's saga list, the API's lists) counts past the page it shows;
+    past them it says "more than" (`sagas.paginators.BoundedPaginator`)."""
+    return int(getattr(settings, "SAGAS_LIST_COUNT_LIMIT", 1000))
+
+
 def admin_search_fields() -> tuple[str, ...]:
     """`SAGAS_ADMIN_SEARCH_FIELDS`, default none: lookups of a saga that the admin's search
     looks in besides the saga's id and name, such as `input__order_id` (a key of the saga's

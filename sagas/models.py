@@ -22,6 +22,8 @@ class SagaStatus(models.TextChoices):
 
 # A saga in one of these never changes again.
 FINAL_STATUSES = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
+# A saga in one of these waits for nothing (`failed` waits for an operator, not a worker).
+FINISHED = (*FINAL_STATUSES, SagaStatus.FAILED)
 # The unique index of the definitions that allow one saga in flight per key.
 ONE_IN_FLIGHT_PER_KEY = "saga_one_in_flight_per_key"
 
@@ -176,7 +178,16 @@ class Saga(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["status", "updated_at"], name="saga_status_updated_idx"),
+            # The sweeper's: the sagas in flight, a few among millions. On `status` alone, not
+            # `updated_at`, which every step writes: a step's write that changes no indexed
+            # column can be a HOT update (no index touched). The sweeper sorts the few it finds.
+            models.Index(
+                fields=["status"],
+                condition=Q(status__in=[s for s in SagaStatus.values if s not in FINISHED]),
+                name="saga_in_flight_idx",
+            ),
+            # The list of a status (the admin's filter, `GET /api/sagas/?status=`), newest first.
+            models.Index(fields=["status", "-created_at"], name="saga_status_created_idx"),
             models.Index(fields=["name", "status"], name="saga_name_status_idx"),
             models.Index(fields=["-created_at"], name="saga_created_idx"),
             models.Index(
@@ -211,7 +222,8 @@ class Saga(models.Model):
 
 
 class SagaStep(models.Model):
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps")
+    # Not indexed on its own: the unique (saga, index) serves every lookup by saga.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps", db_index=False)
     index = models.PositiveSmallIntegerField(help_text="Position of the step in the saga.")
     name = models.CharField(max_length=100, help_text="Name of the step.")
     status = models.CharField(
@@ -252,7 +264,8 @@ class SagaStep(models.Model):
             _status_check("saga_step_status_valid", StepStatus),
             models.UniqueConstraint(fields=["saga", "index"], name="saga_step_unique_index"),
         ]
-        indexes = [models.Index(fields=["status"], name="saga_step_status_idx")]
+        # No index on `status`: nothing looks steps up by it, and every step's write changes
+        # it; without one, such a write can be a HOT update.
 
     def __str__(self) -> str:
         return f"{self.index}:{self.name} ({self.status})"
@@ -263,7 +276,8 @@ class SagaStep(models.Model):
 
 
 class SagaEvent(models.Model):
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events")
+    # Not indexed on its own: saga_event_saga_idx (saga, id) serves every lookup by saga.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events", db_index=False)
     step_index = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="The step the event is about, if any."
     )

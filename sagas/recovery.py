@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
-from django.db.models import DateTimeField, DurationField, ExpressionWrapper, F, Value
+from django.db.models import DateTimeField, DurationField, ExpressionWrapper, F, QuerySet, Value
 from django.db.models.functions import Least, Power
 from django.utils import timezone
 
@@ -56,6 +56,18 @@ def _backed_off(now: datetime, stale_after: timedelta) -> Any:
     )
 
 
+def stale_sagas(now: datetime, stale_after: timedelta) -> QuerySet[Saga, Any]:
+    """The ids of the sagas to recover, the longest stalled first, locked (skipping the
+    locked ones). Read through saga_in_flight_idx: the sagas in flight, not the history."""
+    return (
+        Saga.objects.select_for_update(skip_locked=True)
+        .filter(status__in=IN_FLIGHT, updated_at__lt=now - stale_after)
+        .filter(updated_at__lt=_backed_off(now, stale_after))
+        .order_by("updated_at")
+        .values_list("pk", flat=True)
+    )
+
+
 def sweep(
     *,
     stale_after: timedelta | None = None,
@@ -70,13 +82,7 @@ def sweep(
     now = timezone.now()
     started = time.monotonic()
     with transaction.atomic():
-        stale = list(
-            Saga.objects.select_for_update(skip_locked=True)
-            .filter(status__in=IN_FLIGHT, updated_at__lt=now - stale_after)
-            .filter(updated_at__lt=_backed_off(now, stale_after))
-            .order_by("updated_at")
-            .values_list("pk", flat=True)[:batch_size]
-        )
+        stale = list(stale_sagas(now, stale_after)[:batch_size])
         for saga_id in stale:
             if engine.recover(saga_id, max_recoveries=limit):
                 report.recovered.append(str(saga_id))

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC
 from decimal import Decimal
 
 import pytest
@@ -395,18 +396,25 @@ def test_the_search_looks_in_the_business_data_the_project_names(admin_client, s
     assert shown_ids(page) == set()
     assert list(page.context["cl"].search_fields) == ["id", "name"]
     assert page.context["cl"].search_help_text == (
-        "Search by saga id or name (or a part of one), or by key."
+        "Search by saga id (or its beginning), name (or a part of one), or by key."
     )
-    assert shown_ids(admin_client.get(CHANGELIST, {"q": str(paused.pk)[:13]})) == {paused.pk}
+    # Each through an index, on a table of millions: no LIKE over every saga.
+    with CaptureQueriesContext(connection) as queries:
+        by_id = admin_client.get(CHANGELIST, {"q": str(paused.pk)[:13]})
+    assert shown_ids(by_id) == {paused.pk}
+    assert not [q["sql"] for q in queries.captured_queries if "LIKE" in q["sql"].upper()]
+    assert shown_ids(admin_client.get(CHANGELIST, {"q": str(paused.pk).upper()})) == {paused.pk}
+    assert shown_ids(admin_client.get(CHANGELIST, {"q": str(paused.pk)[9:20]})) == set()
     by_name = admin_client.get(CHANGELIST, {"q": ORDER_FULFILMENT.name})
     assert shown_ids(by_name) == {paused.pk, completed.pk}
+    assert shown_ids(admin_client.get(CHANGELIST, {"q": "FULFIL"})) == {paused.pk, completed.pk}
 
     # A project names more lookups of the saga, such as a part of its input.
     settings.SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
     page = admin_client.get(CHANGELIST, {"q": order_id[:13]})
     assert shown_ids(page) == {paused.pk}
     assert page.context["cl"].search_help_text == (
-        "Search by saga id, name or order id (or a part of one), or by key."
+        "Search by saga id (or its beginning), name or order id (or a part of one), or by key."
     )
 
     # Any lookup of the saga will do.
@@ -450,3 +458,76 @@ def test_rows_that_only_code_writes_are_read_only_in_the_admin(admin_client, adm
             assert not inline.has_change_permission(request, None)
             assert not inline.has_delete_permission(request, None)
             assert inline.has_view_permission(request, None)
+
+
+def test_the_saga_list_counts_no_further_than_past_its_page(
+    db, admin_client, settings, monkeypatch
+):
+    """On a table of millions of sagas the list counts what it shows, not the table: up to
+    SAGAS_LIST_COUNT_LIMIT sagas past the page; past them it says "more than"."""
+    from tests.factories import saga_rows
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 3
+    monkeypatch.setattr(admin.site._registry[Saga], "list_per_page", 2)
+    for _ in range(8):
+        saga_rows("three_steps", status="completed")
+    with CaptureQueriesContext(connection) as queries:
+        first = admin_client.get(CHANGELIST)
+    assert first.context["cl"].result_count == 5
+    assert b"more than 5 sagas" in first.content
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
+    assert counts and all("LIMIT 6" in sql for sql in counts), counts
+    last = admin_client.get(CHANGELIST, {"p": 4})
+    assert last.context["cl"].result_count == 8 and len(shown_ids(last)) == 2
+    assert b"8 sagas" in last.content and b"more than" not in last.content
+
+
+def test_the_date_drill_down_and_the_name_filter_list_what_django_would(db, admin_client):
+    """The list's drill-down probes each period through the index, and its name filter reads
+    the index name by name: the same choices as Django's `SELECT DISTINCT`s."""
+    from datetime import datetime
+
+    from sagas.admin.saga import distinct_names
+    from sagas.templatetags.saga_admin import ProbedDates
+    from tests.factories import saga_rows
+
+    moments = [(2024, 12, 31, 23, 30), (2025, 3, 1, 0, 5), (2025, 3, 15, 12), (2026, 11, 2, 8)]
+    for index, moment in enumerate(moments):
+        saga = saga_rows("three_steps", status="completed")
+        name = ("three_steps", "other_saga")[index % 2]
+        created = datetime(*moment, tzinfo=UTC)
+        Saga.objects.filter(pk=saga.pk).update(created_at=created, name=name)
+    lists = [
+        Saga.objects.all(),
+        Saga.objects.filter(created_at__year=2025),
+        Saga.objects.filter(created_at__year=2025, created_at__month=3),
+        Saga.objects.filter(status="failed"),
+    ]
+    for queryset in lists:
+        for kind in ("year", "month", "day")[: 2 if queryset is lists[0] else 3]:
+            probed = ProbedDates(queryset).datetimes("created_at", kind)
+            assert probed == list(queryset.datetimes("created_at", kind)), (queryset, kind)
+    assert distinct_names() == ["other_saga", "three_steps"]
+
+    page = admin_client.get(CHANGELIST)
+    assert b"created_at__year=2025" in page.content and b"name=other_saga" in page.content
+    march = admin_client.get(CHANGELIST, {"created_at__year": 2025, "created_at__month": 3})
+    assert b"created_at__day=15" in march.content
+
+
+def test_an_action_on_all_of_a_long_list_points_to_the_bulk_action(db, admin_client, settings):
+    """ "Select all" past the list's count limit: no page of a million plans, a pointer to the
+    bulk action instead. Below the limit, the confirmation page as before."""
+    from tests.factories import saga_rows
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 3
+    sagas = [saga_rows("three_steps") for _ in range(4)]
+    form = action_post("retry_sagas", sagas[0], select_across="1")
+    response = admin_client.post(CHANGELIST, form)
+    assert response.status_code == 302
+    assert any("More than 3 sagas match" in m for m in messages_of(response))
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 4
+    confirmation = admin_client.post(CHANGELIST, form)
+    assert confirmation.status_code == 200
+    assert len(confirmation.context["previews"]) == 4

@@ -221,6 +221,30 @@ def test_saga_filters_and_ordering(world):
     assert page["count"] == 2 and len(page["results"]) == 1 and page["next"]
 
 
+def test_the_saga_list_counts_no_further_than_past_its_page(world, settings):
+    """On a table of millions of sagas a list counts what it shows, not the table: `count` is
+    exact up to SAGAS_LIST_COUNT_LIMIT sagas past the page asked for, then that bound."""
+    from tests.factories import saga_rows
+
+    settings.SAGAS_LIST_COUNT_LIMIT = 2
+    for _ in range(4):
+        saga_rows("three_steps", status="completed")  # 6 sagas with the world's two
+    staff = client_for(world["staff"])
+    with CaptureQueriesContext(connection) as queries:
+        first = staff.get("/api/sagas/?page_size=1").json()
+    assert (first["count"], len(first["results"]), first["previous"]) == (3, 1, None)
+    assert first["next"].endswith("page=2&page_size=1")
+    counts = [q["sql"] for q in queries.captured_queries if "COUNT(" in q["sql"].upper()]
+    assert counts and all("LIMIT 4" in sql for sql in counts), counts
+    third = staff.get("/api/sagas/?page_size=1&page=3").json()
+    assert third["count"] == 5 and third["next"]
+    last = staff.get("/api/sagas/?page_size=1&page=6").json()
+    assert (last["count"], last["next"]) == (6, None)
+    assert staff.get("/api/sagas/?page_size=1&page=7").status_code == 404
+    assert staff.get("/api/sagas/?page_size=100&page=417316848291199320064").status_code == 404
+    assert staff.get("/api/sagas/?page_size=5").json()["count"] == 6
+
+
 def test_saga_detail_shape(world):
     body = client_for(world["a"]).get(f"/api/sagas/{world['saga_a'].pk}/").json()
     assert body["status"] == "pending"

@@ -28,6 +28,7 @@ DEFAULTS = [
     ("SAGAS_TRACING", conf.tracing, False),
     ("SAGAS_BULK_MAX_SAGAS", conf.bulk_max_sagas, 10_000),
     ("SAGAS_BULK_BATCH_SIZE", conf.bulk_batch_size, 100),
+    ("SAGAS_LIST_COUNT_LIMIT", conf.list_count_limit, 1000),
 ]
 
 
@@ -54,6 +55,7 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_METRICS_TOKEN = None
     settings.SAGAS_BULK_MAX_SAGAS = "500"
     settings.SAGAS_BULK_BATCH_SIZE = 20
+    settings.SAGAS_LIST_COUNT_LIMIT = "50"
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
@@ -63,6 +65,7 @@ def test_a_set_setting_is_read_when_used(settings):
     assert conf.metrics_worker_port() == 9808
     assert conf.metrics_token() == ""
     assert (conf.bulk_max_sagas(), conf.bulk_batch_size()) == (500, 20)
+    assert conf.list_count_limit() == 50
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links

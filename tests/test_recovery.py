@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import pytest
 from django.conf import settings
 from django.utils import timezone
 
@@ -13,7 +14,7 @@ from sagas import recovery
 from sagas.definitions import registered
 from sagas.models import EventKind, Saga
 from sagas.services import saga_retry, saga_start
-from tests.conftest import attempt_in_process, lose_messages, wait_final
+from tests.conftest import attempt_in_process, finished_sagas, lose_messages, wait_final
 
 
 def test_delivery_settings_that_recovery_relies_on():
@@ -153,3 +154,17 @@ def test_a_saga_past_its_pivot_is_not_compensated_at_its_deadline(saga_db, monke
     saga.refresh_from_db()
     assert saga.status == "running"
     assert saga.events.filter(kind=EventKind.DEADLINE_PASSED).count() == 1
+
+
+@pytest.mark.django_db
+def test_the_sweeper_reads_the_sagas_in_flight_through_their_index():
+    """However many finished sagas the table holds, the sweeper's query reads the sagas in
+    flight only, through their index."""
+    from django.db import connection
+
+    finished_sagas(3000)
+    sql, params = recovery.stale_sagas(timezone.now(), timedelta(minutes=1)).query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "saga_in_flight_idx" in plan and "Seq Scan" not in plan, plan

@@ -18,7 +18,7 @@ from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils.safestring import SafeString
 
-from .. import services
+from .. import conf, services
 from ..engine import Plan
 from ..exceptions import InvalidTransition
 from ..models import Saga, StepStatus
@@ -160,6 +160,16 @@ class OperatorActionsAdmin(admin.ModelAdmin):
     def _operate(
         self, request: HttpRequest, queryset: QuerySet[Saga], action: str
     ) -> HttpResponse | None:
+        if request.POST.get("select_across") == "1" and self._too_many(queryset):
+            # "Select all" on a list of millions: one page of plans would hold them all. The
+            # list's count stops at SAGAS_LIST_COUNT_LIMIT too, so it would not say how many.
+            self.message_user(
+                request,
+                f"More than {conf.list_count_limit()} sagas match: narrow the list, or use "
+                "“Retry or compensate all matching…”, which works through them in batches.",
+                messages.WARNING,
+            )
+            return None
         sagas = list(queryset.order_by("-created_at"))
         if request.POST.get("post") != "yes":
             return self._confirmation(request, sagas, action)
@@ -182,6 +192,11 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         if request.POST.get("_return_to_detail") and len(sagas) == 1:
             return HttpResponseRedirect(reverse("admin:sagas_saga_change", args=[sagas[0].pk]))
         return None  # back to the list, with its filters
+
+    @staticmethod
+    def _too_many(queryset: QuerySet[Saga]) -> bool:
+        limit = conf.list_count_limit()
+        return queryset.order_by()[: limit + 1].count() > limit
 
     def _confirmation(self, request: HttpRequest, sagas: list[Saga], action: str) -> HttpResponse:
         previews = []

@@ -7,11 +7,13 @@ of the page from `display`, `diagram` and `links`.
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from django.contrib import admin
-from django.contrib.admin.views.main import ChangeList
-from django.db.models import Prefetch, QuerySet
+from django.contrib.admin.views.main import PAGE_VAR, ChangeList
+from django.db import connection
+from django.db.models import Prefetch, Q, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
@@ -19,6 +21,7 @@ from django.utils.safestring import SafeString
 
 from .. import conf
 from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from ..paginators import BoundedPaginator
 from ..permissions import may_operate
 from .bulk import BulkActionsAdmin
 from .diagram import step_diagram
@@ -133,6 +136,54 @@ class SagaEventInline(SagaRowsInline):
         return event_detail_text(event.detail or {}) or EMPTY
 
 
+class SagaNameFilter(admin.AllValuesFieldListFilter):
+    """The sagas' names, as Django's filter lists them, but read from saga_name_status_idx one
+    name at a time (a loose index scan: one index probe per name), not by `SELECT DISTINCT`
+    over every saga."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        choices: Any = distinct_names()
+        self.lookup_choices = choices
+
+
+def distinct_names() -> list[str]:
+    q = connection.ops.quote_name
+    table, name = q(Saga._meta.db_table), q("name")
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"WITH RECURSIVE names AS ((SELECT {name} FROM {table} ORDER BY {name} LIMIT 1) "
+            f"UNION ALL SELECT (SELECT s.{name} FROM {table} s WHERE s.{name} > names.{name} "
+            f"ORDER BY s.{name} LIMIT 1) FROM names WHERE names.{name} IS NOT NULL) "
+            f"SELECT {name} FROM names WHERE {name} IS NOT NULL"
+        )
+        return [value for (value,) in cursor.fetchall()]
+
+
+def id_range(term: str) -> tuple[uuid.UUID, uuid.UUID] | None:
+    """The saga ids that begin with `term` (a whole id or its beginning, as the list shows
+    it), as the first and last of a range; None if no id begins so."""
+    text = term.lower()
+    digits = text.replace("-", "")
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        return None
+    first, last = uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
+    return (first, last) if str(first).startswith(text) else None
+
+
+class ProjectFieldsOnly:
+    """The saga admin, as Django's search sees it: with the project's lookups only."""
+
+    def __init__(self, model_admin: admin.ModelAdmin[Saga]) -> None:
+        self._model_admin = model_admin
+
+    def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
+        return conf.admin_search_fields()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model_admin, name)
+
+
 class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
@@ -147,13 +198,16 @@ class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
         "duration",
     )
     list_display_links = ("short_id",)
-    list_filter = ("status", "name", "created_at")
+    list_filter = ("status", ("name", SagaNameFilter), "created_at")
     date_hierarchy = "created_at"
-    # and the business key, whole (get_search_results), and the project's SAGAS_ADMIN_SEARCH_FIELDS
+    # as get_search_results searches them (through indexes), with the business key, whole,
+    # and the project's SAGAS_ADMIN_SEARCH_FIELDS
     search_fields = ("id", "name")
     ordering = ("-created_at",)
     list_per_page = 50
+    # Neither the table's count nor the filtered list's: a count that stops past the page.
     show_full_result_count = False
+    paginator = BoundedPaginator
     inlines = (SagaStepInline, SagaEventInline)
     fieldsets = (
         (
@@ -219,23 +273,53 @@ class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
         steps = SagaStep.objects.order_by("index").defer("definition", "output")
         return super().get_queryset(request).prefetch_related(Prefetch("steps", queryset=steps))
 
+    def get_paginator(
+        self,
+        request: HttpRequest,
+        queryset: QuerySet[Saga],
+        per_page: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> BoundedPaginator:
+        try:
+            reach = int(request.GET.get(PAGE_VAR, 1))
+        except ValueError:
+            reach = 1
+        return BoundedPaginator(queryset, per_page, *args, reach=reach, **kwargs)
+
     def get_search_fields(self, request: HttpRequest) -> tuple[str, ...]:
         return (*self.search_fields, *conf.admin_search_fields())
 
     def get_search_results(
         self, request: HttpRequest, queryset: QuerySet[Saga], search_term: str
     ) -> tuple[QuerySet[Saga], bool]:
-        # A key is matched whole, as stored: an object's sagas, by saga_business_key_idx.
-        # (The list's link to them, `?business_key=...`, uses that index alone.)
-        results, may_have_duplicates = super().get_search_results(request, queryset, search_term)
-        key = search_term.strip()
-        if key:
-            results |= queryset.filter(business_key=key)
+        # Each through an index, on a table of millions: a key whole (saga_business_key_idx),
+        # a saga id or its beginning (a range of the primary key), a part of a name (the
+        # names that hold it, read from saga_name_status_idx). The project's own lookups
+        # (SAGAS_ADMIN_SEARCH_FIELDS) are searched as Django searches.
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        matches = Q(business_key=term)
+        if ids := id_range(term):
+            matches |= Q(pk__gte=ids[0], pk__lte=ids[1])
+        if names := [name for name in distinct_names() if term.casefold() in name.casefold()]:
+            matches |= Q(name__in=names)
+        results, may_have_duplicates = queryset.filter(matches), False
+        if conf.admin_search_fields():
+            project: Any = ProjectFieldsOnly(self)
+            found, may_have_duplicates = admin.ModelAdmin.get_search_results(
+                project, request, queryset, search_term
+            )
+            results |= found
         return results, may_have_duplicates
 
     def get_changelist_instance(self, request: HttpRequest) -> ChangeList:
         changelist = super().get_changelist_instance(request)
-        changelist.search_help_text = search_help_text(changelist.search_fields, whole="key")
+        names = search_help_text(("name", *conf.admin_search_fields()), whole="key")
+        changelist.search_help_text = names.replace(
+            "Search by ", "Search by saga id (or its beginning), ", 1
+        )
         return changelist
 
     # Sagas change only through the engine (ReadOnlyAdminMixin), but they may be cleaned up.

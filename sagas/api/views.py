@@ -33,6 +33,7 @@ from ..bulk import BulkFilter
 from ..engine import Plan
 from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition
 from ..models import BulkAction, BulkOperation, Saga, SagaEvent, SagaStatus, SagaStep
+from ..paginators import BoundedPaginator
 from ..permissions import ACTIONS, may_operate
 from ..services import (
     bulk_action_preview,
@@ -59,8 +60,11 @@ from .serializers import (
 
 
 class Pagination(PageNumberPagination):
-    """Pages of 20 by default; `page_size` asks for up to 100."""
+    """Pages of 20 by default; `page_size` asks for up to 100. `count` stops
+    `SAGAS_LIST_COUNT_LIMIT` rows past the page asked for (`BoundedPaginator`): a list of
+    millions of rows is not counted at every request."""
 
+    django_paginator_class = BoundedPaginator
     page_size = 20
     page_size_query_param = "page_size"
     max_page_size = 100
