@@ -197,16 +197,21 @@ class Stack:
         hard time limit is what must end that one."""
         import psutil
 
-        name = rng.choice(sorted(self.workers.processes))
-        node = self.workers.processes[name]
-        children = psutil.Process(node.pid).children()
-        others = [child for child in children if child.pid not in spare]
+        nodes = {}
+        for name, node in sorted(self.workers.processes.items()):
+            # Not one killed a moment ago that its pool has not reaped yet.
+            children = [child for child in psutil.Process(node.pid).children() if alive(child)]
+            others = [child for child in children if child.pid not in spare]
+            if others or not children:  # not a node whose every process is in a hang
+                nodes[name] = (node, children, others)
+        if not nodes:
+            return "nothing killed: every worker process is in a planted hang"
+        name = rng.choice(sorted(nodes))
+        node, children, others = nodes[name]
         if others and (len(others) < len(children) or rng.random() < 0.7):
             victim = rng.choice(others)
             victim.send_signal(signal.SIGKILL)  # the pool replaces it
             return f"SIGKILL pool process {victim.pid} of {name}"
-        if len(others) < len(children):
-            return f"nothing killed: {name}'s processes are in a planted hang"
         node.send_signal(signal.SIGKILL)
         node.wait()
         for child in children:  # orphaned pool processes die with their node
@@ -402,6 +407,15 @@ class SagaFaults:
         return []
 
 
+def alive(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def hung_processes(saga_ids: set[str]) -> set[int]:
     """The worker processes running a step of these sagas now (Celery's `inspect active`)."""
     from sagaproject.celery import app
@@ -437,7 +451,10 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
         for kind, at in plan:
             time.sleep(max(0.0, at - (time.monotonic() - started)))
             if kind == "worker":
-                print(f"  fault: {stack.kill_random_process(rng, hung)}", flush=True)
+                what = stack.kill_random_process(rng, hung)
+                print(f"  fault: {what}", flush=True)
+                if what.startswith("nothing killed"):
+                    continue  # not counted as a kill
             elif kind == "redis":
                 servers.restart_redis_empty()
                 print("  fault: Redis killed and started again empty", flush=True)
