@@ -27,22 +27,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-from bench.run import (
-    BareChains,
-    SyntheticSagas,
-    bench_database_url,
-    debug_off,
-    latencies,
-    throughput,
-    workers,
-)
+from bench.run import BareChains, SyntheticSagas, latencies, prepare, throughput, workers
 
 STEPS = 16
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))  # installed with the dev group
@@ -192,22 +183,9 @@ def main() -> int:
     )
     args = parser.parse_args()
     concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
-    os.environ["DATABASE_URL"] = bench_database_url()
-    os.environ["SAGAS_MODULES"] = "bench.sagas"
-    queue = f"bench-{uuid.uuid4().hex[:8]}"
-    os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue
-    os.environ["SAGAS_LOG_LEVEL"] = "WARNING"
-    debug_off()
-    import django
-
-    django.setup()
+    queue = prepare()
     from django.conf import settings
-    from django.core.management import call_command
 
-    from bench.tasks import ensure_table
-
-    call_command("migrate", verbosity=0, interactive=False)
-    ensure_table()
     database = settings.DATABASES["default"]
     ports = {
         "PostgreSQL": str(database.get("PORT") or "5432"),

@@ -328,20 +328,10 @@ def hot_updates(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, 
 # -- the run -----------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sagas", type=int, default=300, help="sagas per throughput run")
-    parser.add_argument("--latency-samples", type=int, default=50)
-    parser.add_argument("--scaling", action="store_true", help="also 8-step sagas")
-    parser.add_argument(
-        "--database",
-        help="the database to run in (default: <DATABASE_URL's database>_bench), such as one "
-        "`make fill` filled",
-    )
-    args = parser.parse_args()
-    concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
-
-    os.environ["DATABASE_URL"] = bench_database_url(args.database)
+def prepare(database: str | None = None) -> str:
+    """Set up this process for a run in the benchmark's database: Django with DEBUG off, the
+    benchmark's sagas, migrations and table, and a queue of the run's own (returned)."""
+    os.environ["DATABASE_URL"] = bench_database_url(database)
     os.environ["SAGAS_MODULES"] = "bench.sagas"
     queue = f"bench-{uuid.uuid4().hex[:8]}"
     os.environ["CELERY_TASK_DEFAULT_QUEUE"] = queue
@@ -356,6 +346,23 @@ def main() -> int:
 
     call_command("migrate", verbosity=0, interactive=False)
     ensure_table()
+    return queue
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sagas", type=int, default=300, help="sagas per throughput run")
+    parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument("--scaling", action="store_true", help="also 8-step sagas")
+    parser.add_argument(
+        "--database",
+        help="the database to run in (default: <DATABASE_URL's database>_bench), such as one "
+        "`make fill` filled",
+    )
+    args = parser.parse_args()
+    concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
+
+    queue = prepare(args.database)
 
     results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas}
     results["sagas_in_tables"] = sagas_in_tables()
