@@ -14,6 +14,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from sagas.metrics import instruments
@@ -74,13 +75,21 @@ def test_the_worker_counts_a_real_saga_from_its_pool_processes(saga_db, worker_m
     # The counters move after each commit: a moment after the saga's final state is visible.
     wait_for(grown, timeout=10, what="the counters to count both sagas")
     # Counted in the pool processes: each writes a file of its own, named by its pid; a
-    # node's main process counts nothing.
+    # node's main process holds only the series it created at 0 (instruments.zero_series).
     mains = {proc.pid for proc in saga_db.procs}
     children = {c.pid for pid in mains for c in psutil.Process(pid).children()}
-    files = Path(worker_metrics["dir"]).glob("counter_*.db")
-    counting = {int(f.stem.rsplit("_", 1)[1]) for f in files}
+    files = {
+        int(f.stem.rsplit("_", 1)[1]): f for f in Path(worker_metrics["dir"]).glob("counter_*.db")
+    }
+    counting = {pid for pid, f in files.items() if any(counter_values(f))}
     assert counting & children, (counting, children)
     assert not counting & mains
+    assert set(files) & mains, "a main process created no series at 0"
+
+
+def counter_values(path: Path) -> list[float]:
+    """The values in a counter file of prometheus-client's multiprocess mode."""
+    return [value for _, value, _, _ in MmapedDict.read_all_values_from_file(str(path))]
 
 
 def _scrape_or_none(url: str) -> Samples | None:
@@ -119,6 +128,27 @@ def test_the_web_view_serves_its_counters_and_the_gauges_of_the_database(
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer nope").status_code == 401
     assert client.get("/metrics", HTTP_AUTHORIZATION="Bearer s3cret").status_code == 200
+
+
+@pytest.mark.django_db
+def test_an_idle_system_reads_zero_not_no_data(client):
+    """Every registered definition's series exist before their first increment, and the
+    gauges read 0 with nothing in flight: a dashboard shows 0, and rate() counts the first."""
+    Saga.objects.all().delete()
+    samples = parse(client.get("/metrics").content.decode())
+    present = {(name, dict(labels).get("definition")) for name, labels in samples}
+    for name in (
+        "sagas_started_total",
+        "sagas_dead_lettered_total",
+        "sagas_step_attempts_total",
+        "sagas_compensation_failures_total",
+        "sagas_stalled",
+        "sagas_oldest_progress_age_seconds",
+    ):
+        assert (name, "three_steps") in present, f"no {name} series for three_steps"
+    running = ("sagas_in_flight", (("definition", "three_steps"), ("status", "running")))
+    assert samples[running] == 0
+    assert value(samples, "sagas_stalled", definition="three_steps") == 0
 
 
 @pytest.mark.django_db

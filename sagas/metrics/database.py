@@ -16,6 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import conf
+from ..definitions import registered
 from ..models import Saga, SagaStatus
 
 IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
@@ -56,12 +57,17 @@ class DatabaseCollector(Collector):
             "Seconds since the saga in flight that has waited longest made progress.",
             labels=["definition"],
         )
-        by_definition: dict[str, tuple[int, float]] = {}
+        # Every registered definition has its series, at 0 when nothing is in flight: an idle
+        # system reads 0, not "no data" (nor a stale last value).
+        counts = {(name, str(status)): 0 for name in registered() for status in IN_FLIGHT}
+        by_definition: dict[str, tuple[int, float]] = dict.fromkeys(registered(), (0, 0.0))
         for name, status, count, stale, least_recent in rows:
-            in_flight.add_metric([name, status], count)
+            counts[(name, status)] = count
             stale_before, age_before = by_definition.get(name, (0, 0.0))
             age = max(age_before, (now - least_recent).total_seconds())
             by_definition[name] = (stale_before + stale, age)
+        for (name, status), count in sorted(counts.items()):
+            in_flight.add_metric([name, status], count)
         for name, (stale, age) in sorted(by_definition.items()):
             stalled.add_metric([name], stale)
             oldest.add_metric([name], age)

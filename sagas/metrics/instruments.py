@@ -77,6 +77,28 @@ sweep_duration = Histogram(
 )
 
 
+def zero_series() -> None:
+    """Create the series of every registered definition (and of its steps) at 0, so that a
+    scrape sees them before their first increment: `rate()` and `increase()` count that
+    first one, and a rare event (a dead letter) is not lost from its panel. Idempotent."""
+    from ..definitions import registered
+
+    for name, definition in registered().items():
+        for counter in (started, completed, compensated, paused, recoveries, dead_lettered):
+            counter.labels(name)
+        for reason in ("compensation_failed", "recovery_exhausted"):
+            failed.labels(name, reason)
+        for step in definition.steps:
+            for per_step in (
+                step_attempts,
+                step_retries,
+                compensations,
+                compensation_retries,
+                compensation_failures,
+            ):
+                per_step.labels(name, step.name)
+
+
 def _step(definition: str, event: Any) -> tuple[str, str]:
     return definition, event.step_name
 

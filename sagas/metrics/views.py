@@ -18,6 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from .. import conf
+from . import instruments
 from .database import DatabaseCollector
 
 
@@ -52,5 +53,6 @@ def metrics(request: HttpRequest) -> HttpResponse:
     token = conf.metrics_token()
     if token and not _authorized(request, token):
         return HttpResponse(status=401, headers={"WWW-Authenticate": "Bearer"})
+    instruments.zero_series()
     encode, content_type = choose_encoder(request.headers.get("Accept", ""))
     return HttpResponse(encode(registry(database=True)), content_type=content_type)

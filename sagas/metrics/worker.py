@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 from prometheus_client.multiprocess import mark_process_dead
 
 from .. import conf
+from . import instruments
 from .views import registry
 
 logger = logging.getLogger("sagas")
@@ -38,10 +39,12 @@ def connect() -> None:
 
 
 def serve(**kwargs: Any) -> None:
-    """In the worker's main process, before its pool starts: serve `/metrics`."""
+    """In the worker's main process, before its pool starts: serve `/metrics`, with every
+    definition's series created at 0 (in the main process's own file)."""
     port = conf.metrics_worker_port()
     if port is None:
         return
+    instruments.zero_series()
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         logger.warning(
             "sagas metrics: PROMETHEUS_MULTIPROC_DIR is not set, so the worker's pool "
