@@ -18,7 +18,6 @@ Prints a table, then one JSON object as its last line.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -33,7 +32,15 @@ from typing import Any
 
 import psutil
 
-from bench.run import BareChains, SyntheticSagas, latencies, prepare, throughput, workers
+from bench.run import (
+    BareChains,
+    SyntheticSagas,
+    latencies,
+    prepare,
+    report,
+    throughput,
+    workers,
+)
 
 STEPS = 16
 PY_SPY = str(Path(sys.executable).with_name("py-spy"))  # installed with the dev group
@@ -209,12 +216,7 @@ def main() -> int:
             for name, workload in (("saga", SyntheticSagas(STEPS)), ("bare", BareChains(STEPS))):
                 for layer, share in python_profile(node, workload, args.sagas).items():
                     results[f"{name} python_share {layer}"] = share
-    for key, value in results.items():
-        if isinstance(value, float):
-            results[key] = round(value, 3)
-    print_table(results)
-    print(json.dumps(results))
-    return 0
+    return report(results, print_table)
 
 
 def print_table(r: dict[str, Any]) -> None:

@@ -402,6 +402,11 @@ def main() -> int:
             results[f"ratio_{steps}"] = round(
                 results[f"synthetic_{steps}_per_s"] / results[f"bare_{steps}_per_s"], 3
             )
+    return report(results, print_table)
+
+
+def report(results: dict[str, Any], print_table: Callable[[dict[str, Any]], None]) -> int:
+    """Round the figures, print the table, then the JSON line (a run's last line)."""
     for key, value in results.items():
         if isinstance(value, float):
             results[key] = round(value, 3)

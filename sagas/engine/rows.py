@@ -316,16 +316,22 @@ def execute_as_one(writes: list[Sql | None], *, commit: bool) -> None:
     ctes = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(first))
     sql = (f"WITH {ctes} " if ctes else "") + last[0]
     params = [p for _, ps in first for p in ps] + last[1]
+    with connection.cursor() as cursor:
+        _execute(cursor, sql, params, commit=commit)
+
+
+def _execute(cursor: Any, sql: str, params: list[Any], *, commit: bool) -> None:
+    """Execute on `cursor`; with `commit`, in the outermost transaction, send the COMMIT in
+    the same round trip (psycopg's pipeline mode)."""
     if commit and _outermost_transaction():
         with (
             connection.wrap_database_errors,
             connection.connection.pipeline(),
-            connection.cursor() as cursor,
+            connection.cursor() as commit_cursor,
         ):
             cursor.execute(sql, params)
-            cursor.execute("COMMIT")
-        return
-    with connection.cursor() as cursor:
+            commit_cursor.execute("COMMIT")
+    else:
         cursor.execute(sql, params)
 
 
@@ -368,17 +374,8 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
     ]
     sql = _insert_saga_sql(len(steps))
     with connection.cursor() as cursor:
-        if commit and _outermost_transaction():
-            # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
-            with (
-                connection.wrap_database_errors,
-                connection.connection.pipeline(),
-                connection.cursor() as commit_cursor,
-            ):
-                cursor.execute(sql, params)
-                commit_cursor.execute("COMMIT")
-        else:
-            cursor.execute(sql, params)
+        # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
+        _execute(cursor, sql, params, commit=commit)
         (count,) = cursor.fetchone()
     return bool(count == 1)
 

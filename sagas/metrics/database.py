@@ -59,8 +59,9 @@ class DatabaseCollector(Collector):
         )
         # Every registered definition has its series, at 0 when nothing is in flight: an idle
         # system reads 0, not "no data" (nor a stale last value).
-        counts = {(name, str(status)): 0 for name in registered() for status in IN_FLIGHT}
-        by_definition: dict[str, tuple[int, float]] = dict.fromkeys(registered(), (0, 0.0))
+        names = registered()
+        counts = {(name, str(status)): 0 for name in names for status in IN_FLIGHT}
+        by_definition: dict[str, tuple[int, float]] = dict.fromkeys(names, (0, 0.0))
         for name, status, count, stale, least_recent in rows:
             counts[(name, status)] = count
             stale_before, age_before = by_definition.get(name, (0, 0.0))
