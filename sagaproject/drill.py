@@ -151,6 +151,7 @@ class Stack:
         self.exits: list[str] = []  # nodes that exited on their own, with why
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # one of supervise() and kill_random_process() at a time
+        self.killed: set[int] = set()  # not killed twice: a process may take a moment to die
 
     def supervise(self) -> None:
         """Start again any node that exits on its own, until the stack stops (a thread)."""
@@ -187,30 +188,37 @@ class Stack:
             stderr=log,
         )
 
-    def kill_random_process(self, rng: random.Random, spare: set[str]) -> str:
-        busy = hung_processes(spare)  # asked before the lock: it waits on the broker
+    def kill_random_process(self, rng: random.Random) -> str:
         with self.lock:
-            return self._kill_random_process(rng, busy)
+            hung = retrying(hung_processes, "finding the processes in a planted hang")
+            what = self._kill_random_process(rng, hung)
+        return f"{what}, sparing {len(hung)} in a hang" if hung else what
 
     def _kill_random_process(self, rng: random.Random, spare: set[int]) -> str:
         """SIGKILL a pool process or a whole node, but never a process in a planted hang: the
         hard time limit is what must end that one."""
         import psutil
 
-        nodes = {}
+        nodes, seen = {}, {}
         for name, node in sorted(self.workers.processes.items()):
             # Not one killed a moment ago that its pool has not reaped yet.
-            children = [child for child in psutil.Process(node.pid).children() if alive(child)]
+            children = [
+                child
+                for child in psutil.Process(node.pid).children()
+                if alive(child) and child.pid not in self.killed
+            ]
             others = [child for child in children if child.pid not in spare]
+            seen[name] = [child.pid for child in children]
             if others or not children:  # not a node whose every process is in a hang
                 nodes[name] = (node, children, others)
         if not nodes:
-            return "nothing killed: every worker process is in a planted hang"
+            return f"nothing killed: every worker process is in a planted hang ({seen})"
         name = rng.choice(sorted(nodes))
         node, children, others = nodes[name]
         if others and (len(others) < len(children) or rng.random() < 0.7):
             victim = rng.choice(others)
             victim.send_signal(signal.SIGKILL)  # the pool replaces it
+            self.killed.add(victim.pid)
             return f"SIGKILL pool process {victim.pid} of {name}"
         node.send_signal(signal.SIGKILL)
         node.wait()
@@ -416,22 +424,13 @@ def alive(process: Any) -> bool:
         return False
 
 
-def hung_processes(saga_ids: set[str]) -> set[int]:
-    """The worker processes running a step of these sagas now (Celery's `inspect active`)."""
-    from sagaproject.celery import app
+def hung_processes() -> set[int]:
+    """The worker processes that took a planted hang (the fault hook records each taker's pid
+    as it commits, before the step starts). Some have ended since: sparing those is harmless."""
+    from sagas.testing.models import Fault, FaultEffect
 
-    if not saga_ids:
-        return set()
-    try:
-        active = app.control.inspect(timeout=1.0).active() or {}
-    except Exception:  # the broker is restarting: spare nothing
-        return set()
-    return {
-        task["worker_pid"]
-        for tasks in active.values()
-        for task in tasks
-        if task.get("args") and str(task["args"][0]) in saga_ids
-    }
+    takers = Fault.objects.filter(effect=FaultEffect.HANG).values_list("taken_by", flat=True)
+    return {pid for pid in takers if pid is not None}
 
 
 def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) -> list[str]:
@@ -445,13 +444,12 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
     )
     plan.sort(key=lambda item: item[1])
     started = time.monotonic()
-    hung: set[str] = set()  # sagas with a planted hang, whose process a kill spares
 
     def inject() -> None:
         for kind, at in plan:
             time.sleep(max(0.0, at - (time.monotonic() - started)))
             if kind == "worker":
-                what = stack.kill_random_process(rng, hung)
+                what = stack.kill_random_process(rng)
                 print(f"  fault: {what}", flush=True)
                 if what.startswith("nothing killed"):
                     continue  # not counted as a kill
@@ -499,8 +497,6 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
 
         # The idempotency key makes a resubmission after a lost connection safe.
         saga_ids.append(str(retrying(submit, "submitting").pk))
-        if any(fault["effect"] == "hang" for fault in faults):
-            hung.add(saga_ids[-1])
         time.sleep(max(0.0, (i + 1) / args.rate - (time.monotonic() - started)))
     injector.join()
     return saga_ids

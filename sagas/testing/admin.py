@@ -9,8 +9,8 @@ from .models import Fault
 class FaultAdmin(admin.ModelAdmin):
     """Faults to inject into steps (tests and drills)."""
 
-    list_display = ("step_name", "point", "effect", "remaining", "saga", "created_at")
+    list_display = ("step_name", "point", "effect", "remaining", "saga", "taken_by", "created_at")
     list_filter = ("point", "effect", "step_name")
     search_fields = ("step_name", "saga__id")
     raw_id_fields = ("saga",)
-    readonly_fields = ("created_at",)
+    readonly_fields = ("taken_by", "created_at")

@@ -129,8 +129,10 @@ def take(saga_id: str, index: int, *, forward: bool) -> Injector | None:
             if fault.point in injector.effects:
                 continue
             injector.effects[fault.point] = fault.effect
+            taken: dict[str, Any] = {"taken_by": os.getpid()}
             if fault.remaining is not None:
-                Fault.objects.filter(pk=fault.pk).update(remaining=F("remaining") - 1)
+                taken["remaining"] = F("remaining") - 1
+            Fault.objects.filter(pk=fault.pk).update(**taken)
     return injector if injector.effects else None
 
 

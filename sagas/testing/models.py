@@ -47,6 +47,9 @@ class Fault(models.Model):
     remaining = models.PositiveIntegerField(
         null=True, blank=True, help_text="How many more times it fires; empty: every time."
     )
+    taken_by = models.PositiveIntegerField(
+        null=True, blank=True, help_text="The worker process (pid) that last took it."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
