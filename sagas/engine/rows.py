@@ -1,9 +1,10 @@
 """The rows the engine reads and writes, as plain objects, and the SQL it sends.
 
-A step's hot path is: lock the saga and read its steps (sent with the transaction's BEGIN),
-the step's own statements, then the changed rows and the events in one statement sent with the
-COMMIT. No queryset is built and no model instance made on that path: a row is an object with
-the table's columns as attributes, and the statements are built from the models' fields once.
+A step's hot path is: the transaction's BEGIN (psycopg sends it alone), the saga's lock and
+the read of its steps in one round trip, the step's own statements, then the changed rows and
+the events in one statement sent with the COMMIT. No queryset is built and no model instance
+made on that path: a row is an object with the table's columns as attributes, and the
+statements are built from the models' fields once.
 
 The steps' definitions, copied into their rows when a saga starts, are the same for every saga
 started from the same definition: the saga row names them by a digest (`definition_version`),

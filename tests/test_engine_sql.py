@@ -1,0 +1,90 @@
+"""The engine's statements on the hot path: the saga's lock and the read of its steps in one
+round trip, the write and its COMMIT in another (psycopg's pipeline mode), with client-side
+binding (Django's default) and with server-side binding (the `server_side_binding` option)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+from django.db import connection, connections, transaction
+from django.db.backends.postgresql.base import ServerBindingCursor
+
+from sagas import engine
+from sagas.engine import unit
+from sagas.exceptions import SagaBusy
+from sagas.models import Saga
+from sagas.services import saga_start
+from tests.conftest import lose_messages
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(params=["client-side binding", "server-side binding"])
+def binding(request):
+    connection.ensure_connection()
+    factory = connection.connection.cursor_factory
+    if request.param == "server-side binding":
+        connection.connection.cursor_factory = ServerBindingCursor
+    yield request.param
+    connection.connection.cursor_factory = factory
+
+
+def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monkeypatch):
+    lose_messages(monkeypatch)  # the steps run here, one by one
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    for index in range(2):
+        sent: list[str] = []
+
+        def record(execute, sql, params, many, context, sent=sent):
+            if not sql.startswith('SELECT "definition"'):  # read once per definition version
+                sent.append(sql)
+            return execute(sql, params, many, context)
+
+        with connection.execute_wrapper(record):
+            assert engine.run_step(str(saga.pk), index, epoch=saga.epoch).kind == "done"
+        assert len(sent) == 4, sent  # two pipelines of two statements
+        assert sent[0].endswith("FOR UPDATE") and sent[1].startswith("SELECT")
+        assert sent[2].startswith(("UPDATE", "WITH")) and sent[3] == "COMMIT"
+    saga.refresh_from_db()
+    assert saga.status == "completed"
+    assert list(saga.steps.values_list("status", flat=True)) == ["completed", "completed"]
+
+
+def test_a_missing_saga_is_reported_as_missing(binding):
+    with pytest.raises(Saga.DoesNotExist), transaction.atomic():
+        unit.lock(uuid.uuid4())
+
+
+def test_a_bounded_wait_for_the_lock_answers_busy_and_leaves_no_timeout_behind(binding):
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        try:
+            with transaction.atomic():
+                unit.lock(saga.pk)
+                locked.set()
+                release.wait(30)
+        finally:
+            connections.close_all()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert locked.wait(30)
+        started = time.monotonic()
+        with pytest.raises(SagaBusy), transaction.atomic():
+            unit.lock(saga.pk, wait=0.2)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        holder.join()
+    with transaction.atomic():
+        locked_unit = unit.lock(saga.pk, wait=5)
+        with connection.cursor() as cursor:
+            cursor.execute("SHOW lock_timeout")
+            assert cursor.fetchone() == ("0",)
+    assert [step.index for step in locked_unit.steps] == [0, 1]
