@@ -449,7 +449,13 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
         for kind, at in plan:
             time.sleep(max(0.0, at - (time.monotonic() - started)))
             if kind == "worker":
+                # While every process is in a planted hang, wait for one to end (a hard time
+                # limit is at most a few seconds away), then kill.
+                deadline = time.monotonic() + 3 * (STEP_TIME_LIMIT + HARD_TIME_LIMIT_GRACE)
                 what = stack.kill_random_process(rng)
+                while what.startswith("nothing killed") and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    what = stack.kill_random_process(rng)
                 print(f"  fault: {what}", flush=True)
                 if what.startswith("nothing killed"):
                     continue  # not counted as a kill
