@@ -29,6 +29,10 @@ def binding(request):
     if request.param == "server-side binding":
         connection.connection.cursor_factory = ServerBindingCursor
     yield request.param
+    with connection.cursor() as cursor:  # still the same connection, with the binding asked for
+        assert isinstance(cursor.cursor, ServerBindingCursor) == (
+            request.param != "client-side binding"
+        )
     connection.connection.cursor_factory = factory
 
 
