@@ -189,10 +189,17 @@ class Stack:
         )
 
     def kill_random_process(self, rng: random.Random) -> str:
+        from django.db import transaction
+
+        def kill() -> str:
+            # The planted hangs' rows stay locked until the kill is done: a worker about to
+            # take one (the hook locks it too) waits, rather than being killed unseen between
+            # this read and the kill.
+            with transaction.atomic():
+                return self._kill_random_process(rng, hung_processes())
+
         with self.lock:
-            hung = retrying(hung_processes, "finding the processes in a planted hang")
-            what = self._kill_random_process(rng, hung)
-        return f"{what}, sparing {len(hung)} in a hang" if hung else what
+            return retrying(kill, "finding the processes in a planted hang")
 
     def _kill_random_process(self, rng: random.Random, spare: set[int]) -> str:
         """SIGKILL a pool process or a whole node, but never a process in a planted hang: the
@@ -211,6 +218,8 @@ class Stack:
             seen[name] = [child.pid for child in children]
             if others or not children:  # not a node whose every process is in a hang
                 nodes[name] = (node, children, others)
+        spared = sum(pid in spare for pids in seen.values() for pid in pids)
+        sparing = f", sparing {spared} in a hang" if spared else ""
         if not nodes:
             return f"nothing killed: every worker process is in a planted hang ({seen})"
         name = rng.choice(sorted(nodes))
@@ -219,14 +228,14 @@ class Stack:
             victim = rng.choice(others)
             victim.send_signal(signal.SIGKILL)  # the pool replaces it
             self.killed.add(victim.pid)
-            return f"SIGKILL pool process {victim.pid} of {name}"
+            return f"SIGKILL pool process {victim.pid} of {name}{sparing}"
         node.send_signal(signal.SIGKILL)
         node.wait()
         for child in children:  # orphaned pool processes die with their node
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()
         self.workers.start_node(name)
-        return f"SIGKILL worker node {name} (restarted)"
+        return f"SIGKILL worker node {name} (restarted){sparing}"
 
     def stop(self) -> None:
         self.stopping.set()
@@ -426,10 +435,12 @@ def alive(process: Any) -> bool:
 
 def hung_processes() -> set[int]:
     """The worker processes that took a planted hang (the fault hook records each taker's pid
-    as it commits, before the step starts). Some have ended since: sparing those is harmless."""
+    as it commits, before the step starts), the rows locked until the caller's transaction
+    ends. Some have ended since: sparing those is harmless."""
     from sagas.testing.models import Fault, FaultEffect
 
-    takers = Fault.objects.filter(effect=FaultEffect.HANG).values_list("taken_by", flat=True)
+    hangs = Fault.objects.select_for_update().filter(effect=FaultEffect.HANG)
+    takers = hangs.values_list("taken_by", flat=True)
     return {pid for pid in takers if pid is not None}
 
 
