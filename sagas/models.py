@@ -22,8 +22,8 @@ class SagaStatus(models.TextChoices):
 
 # A saga in one of these never changes again.
 FINAL_STATUSES = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
-# A saga in one of these waits for nothing (`failed` waits for an operator, not a worker).
-FINISHED = (*FINAL_STATUSES, SagaStatus.FAILED)
+# A saga in one of these waits for a worker (`failed` waits for an operator instead).
+IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
 # The unique index of the definitions that allow one saga in flight per key.
 ONE_IN_FLIGHT_PER_KEY = "saga_one_in_flight_per_key"
 
@@ -183,7 +183,7 @@ class Saga(models.Model):
             # column can be a HOT update (no index touched). The sweeper sorts the few it finds.
             models.Index(
                 fields=["status"],
-                condition=Q(status__in=[s for s in SagaStatus.values if s not in FINISHED]),
+                condition=Q(status__in=[*IN_FLIGHT]),
                 name="saga_in_flight_idx",
             ),
             # The list of a status (the admin's filter, `GET /api/sagas/?status=`), newest first.

@@ -23,11 +23,9 @@ from django.utils import timezone
 
 from . import conf, engine, notify
 from .bulk import batches
-from .models import Direction, EventKind, Saga, SagaStatus
+from .models import IN_FLIGHT, Direction, EventKind, Saga
 
 logger = logging.getLogger("sagas")
-
-IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
 
 
 @dataclass

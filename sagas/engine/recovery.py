@@ -7,11 +7,9 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from ..models import EventKind, SagaEvent
+from ..models import IN_FLIGHT, EventKind, SagaEvent
 from .compensation import begin_compensation, finish_if_done
 from .unit import S, lock
-
-IN_FLIGHT = (S.PENDING, S.RUNNING, S.COMPENSATING)
 
 
 def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:

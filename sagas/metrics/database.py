@@ -1,8 +1,8 @@
 """Gauges read from the database when scraped: the sagas in flight, the stalled ones, and how
 long the one that has waited longest has gone without progress.
 
-One statement, served by the index on (status, updated_at): it reads the sagas in flight
-only, however many finished sagas the table keeps.
+One statement, served by saga_in_flight_idx: it reads the sagas in flight only, however many
+finished sagas the table keeps.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from prometheus_client.registry import Collector
 
 from .. import conf
 from ..definitions import registered
-from ..models import Saga, SagaStatus
-
-IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+from ..models import IN_FLIGHT, Saga
 
 
 @cache
