@@ -112,6 +112,16 @@ DATABASES = {
         conn_health_checks=True,
     )
 }
+# Prepared statements: psycopg prepares a statement run this many times on a connection. Django
+# turns them off (None) for connection poolers' sake; here no pooler stands between the
+# processes and PostgreSQL. Queries keep Django's client-side binding, which never prepares;
+# the saga engine binds its own statements on the server when this is set (sagas.engine.rows).
+# Empty: off, as behind PgBouncer in transaction mode before 1.21.
+# https://docs.djangoproject.com/en/stable/ref/databases/#server-side-parameters-binding
+_prepare_threshold = os.environ.get("DATABASE_PREPARE_THRESHOLD", "5")
+DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
+    int(_prepare_threshold) if _prepare_threshold else None
+)
 # The simulated payment gateway writes its ledger on a connection of its own, outside the step's
 # transaction, as a real provider would.
 DATABASES["gateway"] = {**DATABASES["default"], "TEST": {"MIRROR": "default"}}

@@ -1,6 +1,8 @@
 """The engine's statements on the hot path: the saga's lock and the read of its steps in one
 round trip, the write and its COMMIT in another (psycopg's pipeline mode), with client-side
-binding (Django's default) and with server-side binding (the `server_side_binding` option)."""
+binding (Django's default), with server-side binding (the `server_side_binding` option), and
+with client-side binding where the project allows prepared statements (`prepare_threshold`):
+the engine's own statements are then bound on the server and prepared."""
 
 from __future__ import annotations
 
@@ -22,18 +24,32 @@ from tests.conftest import lose_messages
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-@pytest.fixture(params=["client-side binding", "server-side binding"])
+PREPARED = "client-side binding, prepared statements allowed"
+
+
+@pytest.fixture(params=["client-side binding", "server-side binding", PREPARED])
 def binding(request):
     connection.ensure_connection()
     factory = connection.connection.cursor_factory
+    threshold = connection.connection.prepare_threshold
     if request.param == "server-side binding":
         connection.connection.cursor_factory = ServerBindingCursor
+    if request.param == PREPARED:
+        connection.connection.prepare_threshold = 0  # prepared from their first execution
     yield request.param
     with connection.cursor() as cursor:  # still the same connection, with the binding asked for
         assert isinstance(cursor.cursor, ServerBindingCursor) == (
-            request.param != "client-side binding"
+            request.param == "server-side binding"
         )
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        prepared = [statement for (statement,) in cursor.fetchall()]
+    # Prepared: the engine's statements only (the project's keep their binding), and only where
+    # the project allows them. (A rollback makes psycopg deallocate them all.)
+    assert not any("pg_prepared_statements" in statement for statement in prepared)
+    if request.param != PREPARED:
+        assert prepared == []
     connection.connection.cursor_factory = factory
+    connection.connection.prepare_threshold = threshold
 
 
 def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monkeypatch):
@@ -55,6 +71,12 @@ def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monk
     saga.refresh_from_db()
     assert saga.status == "completed"
     assert list(saga.steps.values_list("status", flat=True)) == ["completed", "completed"]
+    if binding == PREPARED:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT statement FROM pg_prepared_statements")
+            prepared = {statement for (statement,) in cursor.fetchall()}
+        assert any(statement.endswith("FOR UPDATE") for statement in prepared), prepared
+        assert "COMMIT" in prepared and any(s.startswith("WITH s AS (INSERT") for s in prepared)
 
 
 def test_a_missing_saga_is_reported_as_missing(binding):

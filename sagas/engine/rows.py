@@ -4,7 +4,8 @@ A step's hot path is: the transaction's BEGIN (psycopg sends it alone), the saga
 the read of its steps in one round trip, the step's own statements, then the changed rows and
 the events in one statement sent with the COMMIT. No queryset is built and no model instance
 made on that path: a row is an object with the table's columns as attributes, and the
-statements are built from the models' fields once.
+statements are built from the models' fields once. Where the project allows prepared
+statements (`prepare_threshold` in the database's OPTIONS), psycopg prepares them (`_cursor`).
 
 The steps' definitions, copied into their rows when a saga starts, are the same for every saga
 started from the same definition: the saga row names them by a digest (`definition_version`),
@@ -13,13 +14,20 @@ and a process reads and parses each version once.
 
 from __future__ import annotations
 
+import datetime
 from functools import cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 from uuid import UUID
 
 from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
+from django.db.backends.postgresql.base import ServerBindingCursor
+from django.db.backends.postgresql.psycopg_any import register_tzloader
 from django.db.models import Field, Model
 from django.db.transaction import TransactionManagementError
+from psycopg import ClientCursor
+from psycopg import adapters as psycopg_adapters
+from psycopg.postgres import types as pg_types
+from psycopg.pq import Format
 
 from ..definitions import RetryPolicy
 from ..exceptions import SagaBusy
@@ -152,15 +160,16 @@ def read_locked(
 ) -> tuple[SagaRow, list[StepRow]]:
     """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`. Without `lock`,
     read them as they are (`sagas.engine.unit.peek`)."""
-    if not connection.in_atomic_block:  # as select_for_update() would refuse
+    db = _db()
+    if not db.in_atomic_block:  # as select_for_update() would refuse
         raise TransactionManagementError("lock() must run inside a transaction")
     saga_sql, steps_sql = _lock_sql(lock)
     key = UUID(str(saga_id))
-    connection.ensure_connection()
+    db.ensure_connection()
     try:
-        with connection.cursor() as cursor, connection.cursor() as steps_cursor:
+        with _read_cursor(db) as cursor, _read_cursor(db) as steps_cursor:
             # Results are read after the pipeline's end, which fetches them all at once.
-            with connection.wrap_database_errors, connection.connection.pipeline():
+            with db.wrap_database_errors, db.connection.pipeline():
                 if wait is not None:
                     cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
                 cursor.execute(saga_sql, [key])
@@ -175,20 +184,67 @@ def read_locked(
         raise
     if saga_values is None:
         raise Saga.DoesNotExist(f"no saga {saga_id}")
-    saga = _row(SagaRow, saga_values)
-    steps = [_row(StepRow, values) for values in step_values]
+    saga = _row(SagaRow, saga_values, db)
+    steps = [_row(StepRow, values, db) for values in step_values]
     for step, definition in zip(steps, definitions(saga), strict=True):
         step.definition = definition
     return saga, steps
 
 
-def _row(cls: Any, values: tuple[Any, ...]) -> Any:
+def _db() -> Any:
+    """The default database's connection wrapper, looked up once by each caller: every
+    attribute read through `django.db.connection` (a proxy) looks it up again."""
+    return connections[DEFAULT_DB_ALIAS]
+
+
+TIMESTAMPTZ_OID = pg_types["timestamptz"].oid
+
+
+def _cursor(db: Any) -> Any:
+    """A cursor for the engine's statements on `db`: Django's own, unless the project allows
+    prepared statements on the connection (`OPTIONS["prepare_threshold"]`, which Django leaves
+    at None, none, for connection poolers' sake) while Django binds parameters on the client,
+    which never prepares. Then it binds them on the server, as Django's `server_side_binding`
+    cursors do, so that psycopg prepares each statement the engine runs that many times and
+    PostgreSQL stops parsing and planning it for every step. The project's own queries keep
+    their binding."""
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    raw = db.connection
+    if raw.prepare_threshold is None or not issubclass(raw.cursor_factory, ClientCursor):
+        return db.cursor()
+    with db.wrap_database_errors:
+        cursor = cast(Any, ServerBindingCursor)(raw)  # (typed as psycopg2's by django-stubs)
+        # As Django's `create_cursor`: the connection's time zone unless the project's differs.
+        if db.timezone != raw.adapters.get_loader(TIMESTAMPTZ_OID, Format.TEXT).timezone:
+            register_tzloader(db.timezone, cursor)
+        db.validate_thread_sharing()
+        return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
+
+
+def _read_cursor(db: Any) -> Any:
+    """`_cursor`, reading times with psycopg's own loader (in C with psycopg's binary or C
+    implementation) where Django's, written in Python, would only give them the same UTC
+    time zone: with USE_TZ, Django sets the connection's time zone to UTC."""
+    cursor = _cursor(db)
+    loader = _utc_loader()
+    if db.timezone is datetime.UTC and loader is not None:
+        cursor.cursor.adapters.register_loader(TIMESTAMPTZ_OID, loader)
+    return cursor
+
+
+@cache
+def _utc_loader() -> Any:
+    return psycopg_adapters.get_loader(TIMESTAMPTZ_OID, Format.TEXT)
+
+
+def _row(cls: Any, values: tuple[Any, ...], db: Any) -> Any:
     row = object.__new__(cls)
     names, converters = _layout(cls)
     for name, value in zip(names, values, strict=True):
         object.__setattr__(row, name, value)
     for name, convert in converters:  # the JSON columns arrive as text
-        object.__setattr__(row, name, convert(getattr(row, name), None, connection))
+        object.__setattr__(row, name, convert(getattr(row, name), None, db))
     return row
 
 
@@ -275,11 +331,12 @@ def policy(definition: dict[str, Any], key: str) -> RetryPolicy:
 def update_sql(row: Any, attributes: set[str]) -> Sql:
     """UPDATE the given attributes of a row (or of a model instance of the same table)."""
     model: Any = row.model if isinstance(row, SagaRow | StepRow) else type(row)
+    db = _db()
     fields = _fields(model)
     names = sorted(attributes)
     assignments = ", ".join(f"{fields[name][0]} = %s" for name in names)
-    params = [fields[name][1].get_db_prep_save(getattr(row, name), connection) for name in names]
-    table = connection.ops.quote_name(model._meta.db_table)
+    params = [fields[name][1].get_db_prep_save(getattr(row, name), db) for name in names]
+    table = db.ops.quote_name(model._meta.db_table)
     return f"UPDATE {table} SET {assignments} WHERE id = %s", [*params, row.pk]
 
 
@@ -292,13 +349,14 @@ def insert_events_sql(events: list[EventRow]) -> Sql | None:
     if not events:
         return None
     columns, fields = _event_columns()
+    db = _db()
     row = "(" + ", ".join(["%s"] * len(fields)) + ")"
     params = [
-        field.get_db_prep_save(value, connection)
+        field.get_db_prep_save(value, db)
         for event in events
         for field, value in zip(fields, event, strict=True)
     ]
-    table = connection.ops.quote_name(SagaEvent._meta.db_table)
+    table = db.ops.quote_name(SagaEvent._meta.db_table)
     return f"INSERT INTO {table} ({columns}) VALUES {', '.join([row] * len(events))}", params
 
 
@@ -317,18 +375,19 @@ def execute_as_one(writes: list[Sql | None], *, commit: bool) -> None:
     ctes = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(first))
     sql = (f"WITH {ctes} " if ctes else "") + last[0]
     params = [p for _, ps in first for p in ps] + last[1]
-    with connection.cursor() as cursor:
-        _execute(cursor, sql, params, commit=commit)
+    db = _db()
+    with _cursor(db) as cursor:
+        _execute(db, cursor, sql, params, commit=commit)
 
 
-def _execute(cursor: Any, sql: str, params: list[Any], *, commit: bool) -> None:
-    """Execute on `cursor`; with `commit`, in the outermost transaction, send the COMMIT in
-    the same round trip (psycopg's pipeline mode)."""
-    if commit and _outermost_transaction():
+def _execute(db: Any, cursor: Any, sql: str, params: list[Any], *, commit: bool) -> None:
+    """Execute on `cursor`, one of `db`'s; with `commit`, in the outermost transaction, send
+    the COMMIT in the same round trip (psycopg's pipeline mode)."""
+    if commit and _outermost_transaction(db):
         with (
-            connection.wrap_database_errors,
-            connection.connection.pipeline(),
-            connection.cursor() as commit_cursor,
+            db.wrap_database_errors,
+            db.connection.pipeline(),
+            _cursor(db) as commit_cursor,
         ):
             cursor.execute(sql, params)
             commit_cursor.execute("COMMIT")
@@ -336,14 +395,14 @@ def _execute(cursor: Any, sql: str, params: list[Any], *, commit: bool) -> None:
         cursor.execute(sql, params)
 
 
-def _outermost_transaction() -> bool:
+def _outermost_transaction(db: Any) -> bool:
     """Whether the current `atomic()` block is a transaction of its own, not a savepoint in
     someone else's (whose commit is not the engine's to send)."""
     return (
-        connection.in_atomic_block
-        and connection.commit_on_exit
-        and not connection.savepoint_ids
-        and connection.connection is not None
+        db.in_atomic_block
+        and db.commit_on_exit
+        and not db.savepoint_ids
+        and db.connection is not None
     )
 
 
@@ -374,9 +433,9 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
         ),
     ]
     sql = _insert_saga_sql(len(steps))
-    with connection.cursor() as cursor:
+    with _cursor(db) as cursor:
         # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
-        _execute(cursor, sql, params, commit=commit)
+        _execute(db, cursor, sql, params, commit=commit)
         (count,) = cursor.fetchone()
     return bool(count == 1)
 
