@@ -7,6 +7,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 from uuid import UUID
 
@@ -225,7 +226,15 @@ class SagaDefinition:
         return key
 
     def snapshot(self) -> tuple[list[dict[str, Any]], str]:
-        """What a saga copies into its step rows when it starts, and the digest naming it."""
+        """What a saga copies into its step rows when it starts, and the digest naming it.
+
+        Made once per definition, which does not change once made (registering a changed
+        one replaces it): every start shares it, and must not change it.
+        """
+        return self._snapshot
+
+    @cached_property
+    def _snapshot(self) -> tuple[list[dict[str, Any]], str]:
         steps = [step.snapshot() for step in self.steps]
         return steps, snapshot_version(steps)
 
