@@ -10,8 +10,9 @@ import threading
 import time
 import uuid
 
+import psycopg
 import pytest
-from django.db import connection, connections, transaction
+from django.db import OperationalError, connection, connections, transaction
 from django.db.backends.postgresql.base import ServerBindingCursor
 
 from sagas import engine
@@ -114,3 +115,35 @@ def test_a_bounded_wait_for_the_lock_answers_busy_and_leaves_no_timeout_behind(b
             cursor.execute("SHOW lock_timeout")
             assert cursor.fetchone() == ("0",)
     assert [step.index for step in locked_unit.steps] == [0, 1]
+
+
+def alter_table(change: str) -> None:
+    """Alter the sagas' table on a connection of its own, as a migration run elsewhere would
+    (psycopg forgets its prepared statements when it sees an ALTER on their own connection)."""
+    params = {**connection.get_connection_params(), "autocommit": True}
+    with psycopg.connect(**params) as other:
+        other.execute(f"ALTER TABLE sagas_saga {change}")
+
+
+def test_a_migration_that_changes_a_column_the_engine_reads_fails_no_step(monkeypatch):
+    """PostgreSQL refuses to run a prepared statement whose result's type a migration changed
+    ("cached plan must not change result type"). The engine reports it as the database being
+    unavailable, for the task to be sent again; the rollback has made psycopg drop its prepared
+    statements, so the next attempt runs, and no attempt of the step is spent."""
+    lose_messages(monkeypatch)
+    connection.ensure_connection()
+    threshold = connection.connection.prepare_threshold
+    connection.connection.prepare_threshold = 0
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    try:
+        assert engine.run_step(str(saga.pk), 0, epoch=saga.epoch).kind == "done"
+        alter_table("ALTER COLUMN recovery_attempts TYPE bigint")  # a deploy's migration
+        with pytest.raises(OperationalError, match="prepared before a change"):
+            engine.run_step(str(saga.pk), 1, epoch=saga.epoch)
+        assert engine.run_step(str(saga.pk), 1, epoch=saga.epoch).kind == "done"
+    finally:
+        connection.connection.prepare_threshold = threshold
+        alter_table("ALTER COLUMN recovery_attempts TYPE integer")
+    saga.refresh_from_db()
+    assert saga.status == "completed"
+    assert list(saga.steps.values_list("attempts", flat=True)) == [1, 1]

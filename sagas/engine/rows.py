@@ -19,7 +19,13 @@ from functools import cache
 from typing import Any, NamedTuple, cast
 from uuid import UUID
 
-from django.db import DEFAULT_DB_ALIAS, OperationalError, connection, connections
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    NotSupportedError,
+    OperationalError,
+    connection,
+    connections,
+)
 from django.db.backends.postgresql.base import ServerBindingCursor
 from django.db.backends.postgresql.psycopg_any import register_tzloader
 from django.db.models import Field, Model
@@ -182,6 +188,16 @@ def read_locked(
         if wait is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
             raise SagaBusy("The saga is busy (a step is running); try again shortly.") from None
         raise
+    except NotSupportedError as exc:
+        if not _replanned(exc):
+            raise
+        # A migration changed a column these prepared statements read. The transaction's
+        # rollback makes psycopg drop its prepared statements: as for a database restart,
+        # the caller tries again later (a task is sent again; no attempt is spent).
+        raise OperationalError(
+            "The saga's statements were prepared before a change to its tables; "
+            "they are prepared again on the next try."
+        ) from exc
     if saga_values is None:
         raise Saga.DoesNotExist(f"no saga {saga_id}")
     saga = _row(SagaRow, saga_values, db)
@@ -220,6 +236,13 @@ def _cursor(db: Any) -> Any:
             register_tzloader(db.timezone, cursor)
         db.validate_thread_sharing()
         return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
+
+
+def _replanned(exc: NotSupportedError) -> bool:
+    """Whether PostgreSQL refused a prepared statement whose result a change of its tables
+    altered ("cached plan must not change result type")."""
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == "0A000" and "cached plan" in str(cause)
 
 
 def _read_cursor(db: Any) -> Any:
