@@ -118,7 +118,12 @@ DATABASES = {
 # the saga engine binds its own statements on the server when this is set (sagas.engine.rows).
 # Empty: off, as behind PgBouncer in transaction mode before 1.21.
 # https://docs.djangoproject.com/en/stable/ref/databases/#server-side-parameters-binding
-_prepare_threshold = os.environ.get("DATABASE_PREPARE_THRESHOLD", "5")
+_prepare_threshold = os.environ.get("DATABASE_PREPARE_THRESHOLD", "5").strip()
+if _prepare_threshold and not _prepare_threshold.isdigit():
+    raise ImproperlyConfigured(
+        f"DATABASE_PREPARE_THRESHOLD must be a whole number, or empty for none prepared: "
+        f"{_prepare_threshold!r}"
+    )
 DATABASES["default"].setdefault("OPTIONS", {})["prepare_threshold"] = (
     int(_prepare_threshold) if _prepare_threshold else None
 )

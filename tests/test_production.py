@@ -130,6 +130,24 @@ def test_debug_off_with_the_development_secret_key_refuses_to_start():
     assert "DJANGO_SECRET_KEY" in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("value", "threshold"), [(None, "5"), ("", "None"), ("1", "1"), ("off", None)]
+)
+def test_prepared_statements_are_set_from_the_environment(value, threshold):
+    env = production_env()
+    if value is not None:
+        env["DATABASE_PREPARE_THRESHOLD"] = value
+    code = "from django.conf import settings as s; "
+    code += "print(s.DATABASES['default']['OPTIONS']['prepare_threshold'])"
+    result = manage(env, "shell", "-c", code)
+    if threshold is None:  # a clear message, not a traceback of int()
+        assert result.returncode != 0
+        assert "DATABASE_PREPARE_THRESHOLD must be a whole number" in result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == threshold
+
+
 def resolved_settings(env: dict[str, str]) -> dict[str, object]:
     """The security settings that `env` gives, as a fresh process reads them."""
     names = [
