@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from django.db import OperationalError, connection, connections, transaction
 from django.db.backends.postgresql.base import ServerBindingCursor
+from django.test.utils import CaptureQueriesContext
 
 from sagas import engine
 from sagas.engine import unit
@@ -115,6 +116,26 @@ def test_a_bounded_wait_for_the_lock_answers_busy_and_leaves_no_timeout_behind(b
             cursor.execute("SHOW lock_timeout")
             assert cursor.fetchone() == ("0",)
     assert [step.index for step in locked_unit.steps] == [0, 1]
+
+
+def test_while_django_logs_queries_the_log_has_each_statement_of_the_engine(monkeypatch):
+    """A prepared statement's text is None in Django's query log (DEBUG, the debug toolbar,
+    `CaptureQueriesContext`): while Django logs, the engine prepares nothing."""
+    lose_messages(monkeypatch)
+    connection.ensure_connection()
+    threshold = connection.connection.prepare_threshold
+    connection.connection.prepare_threshold = 0
+    try:
+        for _ in range(2):  # the second time, what is prepared would run by name
+            with CaptureQueriesContext(connection) as queries:
+                saga, _ = saga_start(name="snapshot_demo", input={})
+                for index in range(2):
+                    engine.run_step(str(saga.pk), index, epoch=saga.epoch)
+            logged = [query["sql"] for query in queries.captured_queries]
+            assert all(isinstance(sql, str) for sql in logged), logged
+            assert any(sql.endswith("FOR UPDATE") for sql in logged), logged
+    finally:
+        connection.connection.prepare_threshold = threshold
 
 
 def alter_table(change: str) -> None:

@@ -223,11 +223,16 @@ def _cursor(db: Any) -> Any:
     which never prepares. Then it binds them on the server, as Django's `server_side_binding`
     cursors do, so that psycopg prepares each statement the engine runs that many times and
     PostgreSQL stops parsing and planning it for every step. The project's own queries keep
-    their binding."""
+    their binding. While Django logs queries (DEBUG, `CaptureQueriesContext`), Django's own
+    cursor: its log would show a prepared statement's text as None."""
     db.close_if_health_check_failed()
     db.ensure_connection()
     raw = db.connection
-    if raw.prepare_threshold is None or not issubclass(raw.cursor_factory, ClientCursor):
+    if (
+        raw.prepare_threshold is None
+        or db.queries_logged
+        or not issubclass(raw.cursor_factory, ClientCursor)
+    ):
         return db.cursor()
     with db.wrap_database_errors:
         cursor = cast(Any, ServerBindingCursor)(raw)  # (typed as psycopg2's by django-stubs)
