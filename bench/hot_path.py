@@ -23,6 +23,7 @@ from typing import Any
 
 import psutil
 
+from bench.breakdown import cpu_seconds
 from bench.run import bench_database_url, debug_off, steps_in_process
 
 
@@ -38,8 +39,9 @@ def connect_receivers() -> int:
     return len(names)
 
 
-def server_process() -> psutil.Process | None:
-    """The PostgreSQL server process of this process's connection, if it runs on this host."""
+def server_process() -> list[psutil.Process]:
+    """The PostgreSQL server process of this process's connection if it runs on this host
+    (a list of one), or none."""
     from django.db import connection
 
     with connection.cursor() as cursor:
@@ -47,16 +49,9 @@ def server_process() -> psutil.Process | None:
         (pid,) = cursor.fetchone()
     try:
         process = psutil.Process(pid)
-        return process if process.name() == "postgres" else None
+        return [process] if process.name() == "postgres" else []
     except psutil.Error:
-        return None
-
-
-def cpu_seconds(process: psutil.Process | None) -> float:
-    if process is None:
-        return 0.0
-    times = process.cpu_times()
-    return float(times.user + times.system)
+        return []
 
 
 def main() -> int:
@@ -93,7 +88,7 @@ def main() -> int:
     with steps_in_process():
         for round_ in range(args.sagas + 10):
             saga_id = workload.submit()
-            server_started = cpu_seconds(server)
+            server_started = sum(cpu_seconds(server).values())
             for index in range(args.steps):
                 started, cpu_started = time.perf_counter(), time.process_time()
                 outcome = engine.run_step(saga_id, index, epoch=None)
@@ -104,7 +99,7 @@ def main() -> int:
                     per_step.append(elapsed)
                     cpu_per_step.append(cpu)
             if round_ >= 10:
-                server_cpu += cpu_seconds(server) - server_started
+                server_cpu += sum(cpu_seconds(server).values()) - server_started
 
     result = {
         "steps": args.steps,
@@ -116,9 +111,7 @@ def main() -> int:
         "mean_ms": round(statistics.fmean(per_step), 4),
         "cpu_mean_ms": round(statistics.fmean(cpu_per_step), 4),
         # The database server process's CPU per step (its own statements), when it runs here.
-        "server_cpu_mean_ms": (
-            round(server_cpu * 1000 / len(per_step), 4) if server is not None else None
-        ),
+        "server_cpu_mean_ms": (round(server_cpu * 1000 / len(per_step), 4) if server else None),
     }
     print(
         f"engine.run_step: median {result['median_ms']} ms, mean {result['mean_ms']} ms a step; "

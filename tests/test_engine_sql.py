@@ -118,24 +118,30 @@ def test_a_bounded_wait_for_the_lock_answers_busy_and_leaves_no_timeout_behind(b
     assert [step.index for step in locked_unit.steps] == [0, 1]
 
 
-def test_while_django_logs_queries_the_log_has_each_statement_of_the_engine(monkeypatch):
-    """A prepared statement's text is None in Django's query log (DEBUG, the debug toolbar,
-    `CaptureQueriesContext`): while Django logs, the engine prepares nothing."""
-    lose_messages(monkeypatch)
+@pytest.fixture
+def prepared_at_once():
+    """Prepared statements allowed on this connection, from their first execution."""
     connection.ensure_connection()
     threshold = connection.connection.prepare_threshold
     connection.connection.prepare_threshold = 0
-    try:
-        for _ in range(2):  # the second time, what is prepared would run by name
-            with CaptureQueriesContext(connection) as queries:
-                saga, _ = saga_start(name="snapshot_demo", input={})
-                for index in range(2):
-                    engine.run_step(str(saga.pk), index, epoch=saga.epoch)
-            logged = [query["sql"] for query in queries.captured_queries]
-            assert all(isinstance(sql, str) for sql in logged), logged
-            assert any(sql.endswith("FOR UPDATE") for sql in logged), logged
-    finally:
-        connection.connection.prepare_threshold = threshold
+    yield
+    connection.connection.prepare_threshold = threshold
+
+
+def test_while_django_logs_queries_the_log_has_each_statement_of_the_engine(
+    prepared_at_once, monkeypatch
+):
+    """A prepared statement's text is None in Django's query log (DEBUG, the debug toolbar,
+    `CaptureQueriesContext`): while Django logs, the engine prepares nothing."""
+    lose_messages(monkeypatch)
+    for _ in range(2):  # the second time, what is prepared would run by name
+        with CaptureQueriesContext(connection) as queries:
+            saga, _ = saga_start(name="snapshot_demo", input={})
+            for index in range(2):
+                engine.run_step(str(saga.pk), index, epoch=saga.epoch)
+        logged = [query["sql"] for query in queries.captured_queries]
+        assert all(isinstance(sql, str) for sql in logged), logged
+        assert any(sql.endswith("FOR UPDATE") for sql in logged), logged
 
 
 def alter_table(change: str) -> None:
@@ -146,15 +152,14 @@ def alter_table(change: str) -> None:
         other.execute(f"ALTER TABLE sagas_saga {change}")
 
 
-def test_a_migration_that_changes_a_column_the_engine_reads_fails_no_step(monkeypatch):
+def test_a_migration_that_changes_a_column_the_engine_reads_fails_no_step(
+    prepared_at_once, monkeypatch
+):
     """PostgreSQL refuses to run a prepared statement whose result's type a migration changed
     ("cached plan must not change result type"). The engine reports it as the database being
     unavailable, for the task to be sent again; the rollback has made psycopg drop its prepared
     statements, so the next attempt runs, and no attempt of the step is spent."""
     lose_messages(monkeypatch)
-    connection.ensure_connection()
-    threshold = connection.connection.prepare_threshold
-    connection.connection.prepare_threshold = 0
     saga, _ = saga_start(name="snapshot_demo", input={})
     try:
         assert engine.run_step(str(saga.pk), 0, epoch=saga.epoch).kind == "done"
@@ -163,7 +168,6 @@ def test_a_migration_that_changes_a_column_the_engine_reads_fails_no_step(monkey
             engine.run_step(str(saga.pk), 1, epoch=saga.epoch)
         assert engine.run_step(str(saga.pk), 1, epoch=saga.epoch).kind == "done"
     finally:
-        connection.connection.prepare_threshold = threshold
         alter_table("ALTER COLUMN recovery_attempts TYPE integer")
     saga.refresh_from_db()
     assert saga.status == "completed"

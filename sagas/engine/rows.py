@@ -171,7 +171,6 @@ def read_locked(
         raise TransactionManagementError("lock() must run inside a transaction")
     saga_sql, steps_sql = _lock_sql(lock)
     key = UUID(str(saga_id))
-    db.ensure_connection()
     try:
         with _read_cursor(db) as cursor, _read_cursor(db) as steps_cursor:
             # Results are read after the pipeline's end, which fetches them all at once.
