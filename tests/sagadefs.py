@@ -80,13 +80,14 @@ def decline(ctx: StepContext) -> None:
 
 
 def wait_at_gate(ctx: StepContext) -> dict:
-    """Stay in flight until the test creates the file named `gate` in the input (30 s at most).
+    """Stay in flight until the test creates the file named `gate` in the input (`hold`
+    seconds at most, default 30).
 
     Creates `<gate>.started` first, so the test knows the step is running.
     """
     gate = Path(ctx.input["gate"])
     Path(f"{gate}.started").touch()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + ctx.input.get("hold", 30)
     while not gate.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     return {"gate_opened": gate.exists()}
@@ -297,3 +298,31 @@ register(
         steps=[Step("flaky", flaky_once, undo, retry=FAST), Step("inner", open_a_span, undo)],
     )
 )
+
+
+# -- a bug or a deploy never undoes paid work (tests/test_safe_defaults.py) -------------------
+# The definitions are registered by the tests, in their own process: a worker runs a saga's
+# steps from the import paths stored in its rows, and needs only these functions.
+
+
+def has_a_bug(ctx: StepContext) -> dict:
+    """A programming error: the input has no such key."""
+    return {"total": ctx.input["no_such_key"]}
+
+
+class BadGatewayResponse(Exception):
+    """An exception whose message a project lists as safe to show staff."""
+
+
+def raises_a_safe_message(ctx: StepContext) -> None:
+    raise BadGatewayResponse("the gateway answered 502 Bad Gateway")
+
+
+def leaks_a_secret(ctx: StepContext) -> None:
+    raise RuntimeError("password=hunter2 rejected by the upstream")
+
+
+def fails_to_undo(ctx: StepContext) -> None:
+    from sagas.exceptions import TransientError
+
+    raise TransientError("The refund service is down.", code="refund_unavailable")

@@ -5,3 +5,12 @@ from sagaproject.settings import INSTALLED_APPS
 
 if "sagas.testing" not in INSTALLED_APPS:
     INSTALLED_APPS = [*INSTALLED_APPS, "sagas.testing"]
+
+import json
+import os
+
+# A deploy that renames a step's callable maps its old path to the new one
+# (tests/test_safe_defaults.py starts a worker with a mapping of its own).
+SAGAS_RENAMED_CALLABLES = json.loads(os.environ.get("TEST_SAGAS_RENAMED_CALLABLES") or "{}")
+# Exceptions whose messages are safe to show staff (tests/test_safe_defaults.py).
+SAGAS_SHOWN_EXCEPTIONS = ["tests.sagadefs.BadGatewayResponse"]
