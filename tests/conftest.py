@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -119,9 +120,36 @@ def saga_worker_options(django_db_setup, worker_metrics) -> dict:
     return worker_options(nodes=2, concurrency=2, env=env)
 
 
+# Whether the session's workers were started: a transactional test then waits for them to go
+# quiet before its database is flushed (`quiet_before_flush`).
+_workers_started = False
+
+
 @pytest.fixture(scope="session")
 def workers(saga_worker) -> CeleryWorker:
+    global _workers_started
+    _workers_started = True
     return saga_worker
+
+
+@pytest.fixture(autouse=True)
+def quiet_before_flush(request):
+    """Before any transactional test's flush, the session's workers finish what they were doing.
+
+    A worker still busy with an earlier test's saga (a retry after an outage, the sweeper's
+    re-send) writes rows while the flush's TRUNCATE takes its table locks: PostgreSQL then
+    cancels one of them as a deadlock, and a flush that failed leaves Django's guards on the
+    connections for every test after it. pytest-django's own autouse fixture sets the database
+    up first, so this one's teardown runs before the flush.
+    """
+    yield
+    marker = request.node.get_closest_marker("django_db")
+    transactional = marker is not None and (
+        marker.kwargs.get("transaction") or (marker.args and marker.args[0])
+    )
+    if _workers_started and (transactional or "transactional_db" in request.fixturenames):
+        with contextlib.suppress(AssertionError):  # the flush tries anyway
+            wait_for(workers_quiet, timeout=60, what="the workers to go quiet")
 
 
 @pytest.fixture
