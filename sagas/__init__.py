@@ -1,3 +1,146 @@
-"""Sagas for Django on Celery: ordered steps with compensations, kept in PostgreSQL."""
+"""Sagas for Django on Celery: ordered steps with compensations, kept in PostgreSQL.
+
+What a project needs is importable from here:
+
+    from sagas import RetryPolicy, SagaDefinition, Step, StepContext, register, saga_start
+    from sagas import BusinessError, TransientError, SagaBusy, SagaKeyInFlight
+
+These names import lazily (on first use), because this package is imported before Django's
+app registry is ready (by `sagas.apps`, by settings), and the services import the models.
+
+A map of the package:
+
+- `definitions`: the declarative definition API (`SagaDefinition`, `Step`, `RetryPolicy`,
+  `StepContext`, `register`) and the registry of definitions.
+- `services`: the public Python API: start a saga, preview and run the operator actions
+  (retry, compensate, resolve a step), bulk actions. The admin, the API and the commands call
+  these and nothing else.
+- `exceptions`: what step actions raise to tell the engine what went wrong (`BusinessError`,
+  `TransientError`), and what the services raise (`SagaBusy`, `SagaKeyInFlight`, ...).
+- `engine/`: every saga and step transition, under the saga's row lock.
+- `tasks`: the Celery tasks of the engine; `dispatch` sends a saga's chains to the broker.
+- `models`: sagas, their step rows and the append-only event log, the source of truth.
+- `recovery`: the sweeper that re-dispatches sagas whose messages were lost.
+- `retention`: deletes finished sagas in short batches (`manage.py sagas_purge`).
+- `signals`: Django signals of a saga's life, sent after the commit of each change.
+- `admin/`: the admin: status at a glance, each saga's steps and timeline, operator actions.
+- `api/` and `urls`: the REST API (the `api` extra).
+- `bulk/`: retry or compensate every saga that matches a filter, after a preview.
+- `metrics/`: Prometheus metrics (`SAGAS_METRICS`; the `metrics` extra).
+- `tracing`: OpenTelemetry traces, one per saga (`SAGAS_TRACING`; the `tracing` extra).
+- `checks`: Django system checks of what the framework's guarantees need.
+- `conf`: every `SAGAS_*` setting, with its default.
+- `testing/`: the test kit: real workers, injected faults, a failure matrix.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .bulk import BulkFilter
+    from .definitions import (
+        RetryPolicy,
+        SagaDefinition,
+        Step,
+        StepContext,
+        get_definition,
+        register,
+        registered,
+    )
+    from .exceptions import (
+        BulkActionRefused,
+        BulkPreviewOutdated,
+        BusinessError,
+        DefinitionError,
+        InvalidTransition,
+        SagaBusy,
+        SagaError,
+        SagaKeyError,
+        SagaKeyInFlight,
+        StepError,
+        TransientError,
+    )
+    from .services import (
+        bulk_action_preview,
+        bulk_action_start,
+        saga_compensate,
+        saga_plan,
+        saga_retry,
+        saga_start,
+        saga_step_resolve,
+    )
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    # Defining sagas.
+    "RetryPolicy": "definitions",
+    "SagaDefinition": "definitions",
+    "Step": "definitions",
+    "StepContext": "definitions",
+    "get_definition": "definitions",
+    "register": "definitions",
+    "registered": "definitions",
+    # Starting them, and the operator actions.
+    "saga_start": "services",
+    "saga_plan": "services",
+    "saga_retry": "services",
+    "saga_compensate": "services",
+    "saga_step_resolve": "services",
+    "bulk_action_preview": "services",
+    "bulk_action_start": "services",
+    "BulkFilter": "bulk",
+    # Raised by step actions, or by the services.
+    "SagaError": "exceptions",
+    "StepError": "exceptions",
+    "BusinessError": "exceptions",
+    "TransientError": "exceptions",
+    "DefinitionError": "exceptions",
+    "InvalidTransition": "exceptions",
+    "SagaBusy": "exceptions",
+    "SagaKeyError": "exceptions",
+    "SagaKeyInFlight": "exceptions",
+    "BulkActionRefused": "exceptions",
+    "BulkPreviewOutdated": "exceptions",
+}
+
+__all__ = [
+    "BulkActionRefused",
+    "BulkFilter",
+    "BulkPreviewOutdated",
+    "BusinessError",
+    "DefinitionError",
+    "InvalidTransition",
+    "RetryPolicy",
+    "SagaBusy",
+    "SagaDefinition",
+    "SagaError",
+    "SagaKeyError",
+    "SagaKeyInFlight",
+    "Step",
+    "StepContext",
+    "StepError",
+    "TransientError",
+    "bulk_action_preview",
+    "bulk_action_start",
+    "get_definition",
+    "register",
+    "registered",
+    "saga_compensate",
+    "saga_plan",
+    "saga_retry",
+    "saga_start",
+    "saga_step_resolve",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
