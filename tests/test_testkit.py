@@ -3,9 +3,11 @@ saga, and it fails, for the right reason, when a saga or the engine breaks a gua
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 
@@ -13,7 +15,8 @@ from inventory.models import Product
 from orders.sagas import ORDER_FULFILMENT
 from sagas.models import Saga
 from sagas.testing import CeleryWorker, FailureMatrix
-from tests.conftest import worker_options
+from sagas.testing.worker import SAGA_TASKS, queue_length
+from tests.conftest import celery_app, worker_options
 from tests.factories import ProductFactory
 
 # -- the cases follow from the definition -------------------------------------------------------
@@ -180,3 +183,77 @@ def test_the_broken_engine_runs_other_sagas_soundly(transactional_db, broken_eng
     matrix = on_broken_engine("")
     for case in ("third fails for good", "every message delivered twice, third fails for good"):
         matrix.case(case).run(broken_engine).assert_guarantees()
+
+
+# -- the kit's worker follows the project's task_routes -------------------------------------------
+
+
+def test_the_kit_knows_every_task_of_the_framework():
+    """The tasks the kit's worker follows through the app's routes are all the framework's."""
+    import sagas.tasks  # noqa: F401  (registers them)
+
+    assert set(SAGA_TASKS) == {name for name in celery_app.tasks if name.startswith("sagas.")}
+
+
+@dataclass
+class Routes:
+    queue: str  # where the project's routes send the saga tasks
+    env: dict[str, str]  # for a worker of the project with those routes
+
+
+@pytest.fixture
+def routes_elsewhere() -> Iterator[Routes]:
+    """The project routes the saga tasks to a queue of their own (Celery's `task_routes`), in
+    this process and in the workers a test starts (tests/settings.py); no worker listens there
+    unless the kit's does."""
+    routes = Routes(queue=f"test-routed-{uuid.uuid4().hex[:8]}", env={})
+    setting = {"sagas.*": {"queue": routes.queue}}
+    routes.env["TEST_CELERY_TASK_ROUTES"] = json.dumps(setting)
+    amqp, before = celery_app.amqp, (celery_app.conf.task_routes, celery_app.amqp.router)
+    celery_app.conf.task_routes = setting
+    amqp.flush_routes()
+    del amqp.router  # built again from the routes above
+    try:
+        assert amqp.router.route({}, "sagas.run_step")["queue"].name == routes.queue
+        yield routes
+    finally:
+        celery_app.conf.task_routes, amqp.router = before
+        amqp.flush_routes()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_kits_worker_takes_the_saga_tasks_the_project_routes_elsewhere(routes_elsewhere):
+    """On a queue of its own (the plugin's way), the worker takes every saga task, from this
+    process (`routed()`) and from itself, and none is left where the routes send them."""
+    options = worker_options(1, 2, name="routed", env=routes_elsewhere.env)
+    options["queue"] = f"test-kit-{uuid.uuid4().hex[:8]}"
+    matrix = FailureMatrix("three_steps", timeout=30)
+    with CeleryWorker(**options) as worker:
+        assert worker.queues() == [options["queue"]]
+        with worker.routed():
+            assert celery_app.amqp.router.route({}, "sagas.run_step")["queue"].name == worker.queue
+        for case in ("third fails for good", "every message delivered twice"):
+            matrix.case(case).run(worker).assert_guarantees()
+    assert (
+        celery_app.amqp.router.route({}, "sagas.run_step")["queue"].name == routes_elsewhere.queue
+    )
+    assert queue_length(celery_app, routes_elsewhere.queue) == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_on_the_apps_own_queues_listens_where_the_routes_send_the_saga_tasks(
+    routes_elsewhere,
+):
+    """Without a queue of its own, the worker listens on the app's default queue and on every
+    queue the routes send a saga task to."""
+    default = f"test-default-{uuid.uuid4().hex[:8]}"
+    env = {**routes_elsewhere.env, "CELERY_TASK_DEFAULT_QUEUE": default}
+    options = {**worker_options(1, 2, name="routed-default", env=env), "queue": None}
+    before, celery_app.conf.task_default_queue = celery_app.conf.task_default_queue, default
+    try:
+        with CeleryWorker(**options) as worker:
+            assert worker.queues(celery_app) == [default, routes_elsewhere.queue]
+            case = FailureMatrix("three_steps", timeout=30).case("third fails for good")
+            case.run(worker).assert_guarantees()
+    finally:
+        celery_app.conf.task_default_queue = before

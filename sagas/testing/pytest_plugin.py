@@ -2,7 +2,8 @@
 in your top conftest.py, or `-p sagas.testing.pytest_plugin`).
 
 `saga_worker` is a real worker of your Celery app for the test session, on a queue of its own
-and on the test databases; while it runs, the tasks the tests send go to its queue. Name the
+and on the test databases; while it runs, the tasks the tests send go to its queue, whatever
+your `task_routes` say (and so do those the worker sends itself). Name the
 app in pytest's configuration (`sagas_celery_app = "proj"`, as for `celery -A proj`), or
 override `saga_worker_options` to pass `CeleryWorker` any of its arguments. Tests that start
 sagas need committed data: `@pytest.mark.django_db(transaction=True)`.

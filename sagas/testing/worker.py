@@ -27,6 +27,18 @@ T = TypeVar("T")
 
 BOOT_MODULE = "sagas.testing.boot"
 
+# The framework's tasks: wherever the app's `task_routes` send them, the kit's worker takes them.
+SAGA_TASKS = (
+    "sagas.run_step",
+    "sagas.compensate_step",
+    "sagas.on_step_failure",
+    "sagas.on_compensation_failure",
+    "sagas.chain_failed",
+    "sagas.bulk_action_batch",
+    "sagas.sweep",
+    "sagas.purge",
+)
+
 
 def wait_for(
     condition: Callable[[], T], *, timeout: float = 30, what: str = "condition", interval=0.05
@@ -59,11 +71,17 @@ test_database_env.__test__ = False  # type: ignore[attr-defined]  # not a test, 
 
 
 class CeleryWorker:
-    """Worker nodes of a Celery app, each a `celery -A <app> worker` process, on a queue of
-    their own if `queue` is given (else on the app's default queue).
+    """Worker nodes of a Celery app, each a `celery -A <app> worker` process.
 
         with CeleryWorker("proj", queue="test-orders", concurrency=2, env=...) as worker:
             ...
+
+    With `queue`, the nodes listen on that queue alone, and every task they send goes to it,
+    whatever the app's `task_routes` say; within `routed()`, so does every task this process
+    sends. A test run's messages then stay on a queue of its own, out of reach of any other
+    worker on the same broker (one on the project's routed queues would run them on its own
+    database). Without `queue`, the nodes listen where a worker of the project must: on the
+    app's default queue and on every queue its `task_routes` send a saga task to (`queues()`).
 
     `nodes`: how many nodes, or their names (each runs as `<name>@<host>`); counted nodes
     are named `<name><i>-<queue>`. `env` is added to this process's environment. `log`: a
@@ -210,17 +228,22 @@ class CeleryWorker:
 
     # -- the queue -------------------------------------------------------------------------
 
+    def queues(self, app: Celery | None = None) -> list[str]:
+        """The queues the nodes listen on: `queue`, or else the app's default queue and every
+        queue its `task_routes` send a saga task to (`saga_queues`)."""
+        return [self.queue] if self.queue else saga_queues(app or current_app)
+
     @contextmanager
     def routed(self, app: Celery | None = None) -> Iterator[None]:
-        """Within it, tasks this process sends go to this worker's queue."""
-        app = app or current_app
-        before = app.conf.task_default_queue
-        if self.queue:
-            app.conf.task_default_queue = self.queue
+        """Within it, every task this process sends goes to this worker's queue, whatever the
+        app's `task_routes` say (`send_everything_to`). Without a queue of the worker's own it
+        changes nothing: the tasks follow the app's routes, to queues the worker listens on."""
+        undo = send_everything_to(app or current_app, self.queue) if self.queue else None
         try:
             yield
         finally:
-            app.conf.task_default_queue = before
+            if undo is not None:
+                undo()
 
     def purge(self, app: Celery | None = None) -> None:
         """Drop the messages waiting in this worker's queue."""
@@ -234,11 +257,46 @@ class CeleryWorker:
     ) -> None:
         """Wait until nothing waits in the queue and no node holds a message (running,
         prefetched or scheduled for later) of `saga_id` (of any saga, without one)."""
-        wait_idle(app or current_app, self.queue, self.node_names, saga_id, timeout=timeout)
+        app = app or current_app
+        wait_idle(app, self.queues(app), self.node_names, saga_id, timeout=timeout)
 
 
 def default_queue(app: Celery) -> str:
     return str(app.conf.task_default_queue)
+
+
+def saga_queues(app: Celery) -> list[str]:
+    """The queues a worker of `app` must listen on to run sagas: the app's default queue, then
+    every queue its router (Celery's `task_routes`) sends one of `SAGA_TASKS` to, by the task's
+    name. A route that names no queue (only an exchange and a routing key) adds none."""
+    queues = [default_queue(app)]
+    for task in SAGA_TASKS:
+        queue = app.amqp.router.route({}, task).get("queue")
+        name = str(getattr(queue, "name", queue) or "")
+        if name and name not in queues:
+            queues.append(name)
+    return queues
+
+
+def send_everything_to(app: Celery, queue: str) -> Callable[[], None]:
+    """Send every task `app` sends from this process to `queue`, whatever its `task_routes`
+    say: `queue` becomes the default queue, and a route to it goes first, ahead of the app's.
+    (A queue given when a task is sent still wins, as it does over any route.) Returns what
+    undoes it."""
+
+    def to_queue(name: str, *args: Any, **kwargs: Any) -> dict[str, str]:
+        return {"queue": queue}
+
+    router: Any = app.amqp.router  # (its `routes`, the prepared `task_routes`, are untyped)
+    before = app.conf.task_default_queue
+    app.conf.task_default_queue = queue
+    router.routes = [to_queue, *router.routes]
+
+    def undo() -> None:
+        router.routes = [route for route in router.routes if route is not to_queue]
+        app.conf.task_default_queue = before
+
+    return undo
 
 
 def queue_length(app: Celery, queue: str) -> int:
@@ -250,10 +308,18 @@ def queue_length(app: Celery, queue: str) -> int:
             return 0
 
 
-def is_idle(app: Celery, *, queue: str, nodes: list[str] | None, saga_id: object = None) -> bool:
-    """Nothing in `queue`, then no message of `saga_id` held by a worker, then still nothing in
-    `queue` (a task may have sent one as it finished between the two looks)."""
-    if queue_length(app, queue):
+def is_idle(
+    app: Celery, *, queue: str | Sequence[str], nodes: list[str] | None, saga_id: object = None
+) -> bool:
+    """Nothing in `queue` (or in any of the queues), then no message of `saga_id` held by a
+    worker, then still nothing in them (a task may have sent one as it finished between the
+    two looks)."""
+    queues = [queue] if isinstance(queue, str) else list(queue)
+
+    def waiting() -> int:
+        return sum(queue_length(app, name) for name in queues)
+
+    if waiting():
         return False
     inspect = app.control.inspect(
         destination=nodes, timeout=1.0, limit=len(nodes) if nodes else None
@@ -265,24 +331,25 @@ def is_idle(app: Celery, *, queue: str, nodes: list[str] | None, saga_id: object
         wanted = "" if saga_id is None else str(saga_id)
         if any(tasks and wanted in repr(tasks) for tasks in replies.values()):
             return False
-    return queue_length(app, queue) == 0
+    return waiting() == 0
 
 
 def wait_idle(
     app: Celery,
-    queue: str | None,
+    queue: str | Sequence[str] | None,
     nodes: list[str] | None,
     saga_id: object = None,
     *,
     timeout: float = 30,
 ) -> None:
     """Wait until `is_idle` holds twice in a row (a message in flight between a worker's
-    two processes, or on its way to the broker, is seen by one of the looks)."""
-    queue = queue or default_queue(app)
+    two processes, or on its way to the broker, is seen by one of the looks). Without `queue`,
+    on the queues a worker of the app listens on (`saga_queues`)."""
+    queues = queue or saga_queues(app)
 
     def twice() -> bool:
-        return is_idle(app, queue=queue, nodes=nodes, saga_id=saga_id) and is_idle(
-            app, queue=queue, nodes=nodes, saga_id=saga_id
+        return is_idle(app, queue=queues, nodes=nodes, saga_id=saga_id) and is_idle(
+            app, queue=queues, nodes=nodes, saga_id=saga_id
         )
 
     wait_for(twice, timeout=timeout, what=f"the workers to finish with saga {saga_id}")
