@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -20,6 +21,9 @@ from django.test import RequestFactory
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import escape
+from django.utils.text import Truncator
+from pytest_django.asserts import assertHTMLEqual
 
 from inventory.models import Product, Reservation
 from orders.models import Order
@@ -29,6 +33,7 @@ from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
 from sagas.admin import ReadOnlyAdminMixin
 from sagas.models import EventKind, Saga, SagaEvent, SagaStep
+from sagas.templatetags import saga_admin
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment
 from tests.conftest import ADDRESS, wait_final
@@ -531,3 +536,37 @@ def test_an_action_on_all_of_a_long_list_points_to_the_bulk_action(db, admin_cli
     confirmation = admin_client.post(CHANGELIST, form)
     assert confirmation.status_code == 200
     assert len(confirmation.context["previews"]) == 4
+
+
+def breadcrumbs(response) -> str:
+    """What a page shows in the <nav> Django's admin/base.html puts its breadcrumbs in."""
+    assert response.status_code == 200
+    (crumbs,) = re.findall(
+        r'<nav aria-label="Breadcrumbs">(.*?)</nav>', response.content.decode(), flags=re.S
+    )
+    return crumbs
+
+
+def test_the_action_pages_breadcrumbs_are_marked_up_as_djangos_own(admin_client, monkeypatch):
+    """The confirmation and bulk pages write their breadcrumbs as Django's own change form does
+    on the running Django (its stylesheet styles only that markup), to their own last crumb."""
+    saga = build_paused()
+    djangos = breadcrumbs(admin_client.get(detail_url(saga)))  # Django's admin/change_form.html
+    title = escape(Truncator(str(saga)).words(18))
+    assert djangos.count(title) == 1, djangos
+    confirmation = admin_client.post(CHANGELIST, action_post("retry_sagas", saga))
+    pages = {
+        confirmation.context["operator_action"].verb: confirmation,
+        "Retry or compensate in bulk": admin_client.get(reverse("admin:sagas_saga_bulk")),
+    }
+    for here, page in pages.items():
+        assertHTMLEqual(breadcrumbs(page), djangos.replace(title, escape(here)))
+
+    # On Django 6.1 and later, as its change_form.html writes them: a list, the page last.
+    links = re.findall(r"<a href=[^>]*>[^<]*</a>", djangos)
+    assert len(links) == 3, djangos  # home, the app, the saga list
+    monkeypatch.setattr(saga_admin, "BREADCRUMBS_AS_LIST", True)
+    listed = "".join(f"<li>{link}</li>" for link in links)
+    expected = f'<ol class="breadcrumbs">{listed}<li aria-current="page">Retry</li></ol>'
+    page = admin_client.post(CHANGELIST, action_post("retry_sagas", saga))
+    assertHTMLEqual(breadcrumbs(page), expected)

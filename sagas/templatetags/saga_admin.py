@@ -1,16 +1,30 @@
-"""Template tags of the saga admin: the list's date drill-down, read through an index."""
+"""Template tags of the saga admin: the list's date drill-down, read through an index; the
+breadcrumbs' markup of the running Django."""
 
 from __future__ import annotations
 
 from datetime import datetime, timedelta
 from typing import Any
 
+import django
 from django import template
 from django.contrib.admin.templatetags.admin_list import date_hierarchy, date_hierarchy_tag
 from django.db.models import Max, Min
 from django.utils import timezone
 
 register = template.Library()
+
+
+# Whether the running Django's admin writes its breadcrumbs as a list (`<ol class="breadcrumbs">`
+# of `<li>`, from 6.1, whose stylesheet styles only that) rather than as a `<div
+# class="breadcrumbs">` of links between `&rsaquo;` (up to 6.0).
+BREADCRUMBS_AS_LIST = django.VERSION >= (6, 1)
+
+
+@register.simple_tag
+def breadcrumbs_as_list() -> bool:
+    """`BREADCRUMBS_AS_LIST`, for admin/sagas/saga/breadcrumbs.html."""
+    return BREADCRUMBS_AS_LIST
 
 
 def _next(moment: datetime, kind: str) -> datetime:
