@@ -32,6 +32,7 @@ from orders.services import order_submit
 from payments.gateway import gateway_recover
 from payments.models import GatewayCharge, Payment
 from sagas.admin import ReadOnlyAdminMixin
+from sagas.admin.saga import id_range
 from sagas.models import EventKind, Saga, SagaEvent, SagaStep
 from sagas.templatetags import saga_admin
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
@@ -428,6 +429,23 @@ def test_the_search_looks_in_the_business_data_the_project_names(admin_client, s
     page = admin_client.get(CHANGELIST, {"q": "checkout-4"})
     assert shown_ids(page) == {completed.pk}
     assert "idempotency key" in page.context["cl"].search_help_text
+
+
+def test_a_short_number_searches_the_business_data_not_the_saga_ids(admin_client):
+    """An order number is no saga id's beginning: the ids are searched from the 8 hex digits
+    the list shows (dashes where the id has them), the key whole at any length."""
+    by_id = Saga.objects.create(
+        id=uuid.UUID("14000000-0000-4000-8000-000000000000"), name="other_saga", input={}
+    )
+    by_key = build_completed()
+    Saga.objects.filter(pk=by_key.pk).update(business_key="14")
+
+    assert id_range("14") is None and id_range("1400000") is None  # 2 and 7 digits
+    assert shown_ids(admin_client.get(CHANGELIST, {"q": "14"})) == {by_key.pk}
+    assert shown_ids(admin_client.get(CHANGELIST, {"q": "1400000"})) == set()
+    for beginning in ("14000000", "14000000-00", "14000000-0000-4"):
+        assert shown_ids(admin_client.get(CHANGELIST, {"q": beginning})) == {by_id.pk}
+    assert id_range("1400-0000") is None  # a dash where the id has none
 
 
 def test_rows_that_only_code_writes_are_read_only_in_the_admin(admin_client, admin_user):

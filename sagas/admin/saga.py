@@ -160,12 +160,18 @@ def distinct_names() -> list[str]:
         return [value for (value,) in cursor.fetchall()]
 
 
+# The fewest hex digits of a saga id the search takes for its beginning: as many as the list
+# shows. A shorter number (an order's, say) is business data, not a saga id.
+ID_PREFIX_DIGITS = 8
+
+
 def id_range(term: str) -> tuple[uuid.UUID, uuid.UUID] | None:
-    """The saga ids that begin with `term` (a whole id or its beginning, as the list shows
-    it), as the first and last of a range; None if no id begins so."""
+    """The saga ids that begin with `term` (a whole id or its beginning, of at least
+    `ID_PREFIX_DIGITS` hex digits, as the list shows it, dashes where the id has them), as the
+    first and last of a range; None if `term` is no such beginning."""
     text = term.lower()
     digits = text.replace("-", "")
-    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+    if not (ID_PREFIX_DIGITS <= len(digits) <= 32 and set(digits) <= set("0123456789abcdef")):
         return None
     first, last = uuid.UUID(digits.ljust(32, "0")), uuid.UUID(digits.ljust(32, "f"))
     return (first, last) if str(first).startswith(text) else None
@@ -294,7 +300,8 @@ class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
         self, request: HttpRequest, queryset: QuerySet[Saga], search_term: str
     ) -> tuple[QuerySet[Saga], bool]:
         # Each through an index, on a table of millions: a key whole (saga_business_key_idx),
-        # a saga id or its beginning (a range of the primary key), a part of a name (the
+        # a saga id or its beginning of 8 hex digits or more (a range of the primary key; a
+        # shorter number, such as an order's, matches business data only), a part of a name (the
         # names that hold it, read from saga_name_status_idx). The project's own lookups
         # (SAGAS_ADMIN_SEARCH_FIELDS) are searched as Django searches.
         term = search_term.strip()
