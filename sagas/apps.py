@@ -13,7 +13,12 @@ class SagasConfig(AppConfig):
         # so a worker can run any saga that a web process starts.
         from importlib import import_module
 
-        from . import conf
+        from celery.signals import worker_init
+
+        from . import checks, conf
+
+        # A worker started with a pool that cannot enforce hard time limits says so at start.
+        worker_init.connect(checks.check_worker_pool, weak=False)
 
         for module in conf.modules():
             import_module(module)

@@ -450,7 +450,45 @@ def start_project(venv: Path, env: dict, project: Path, *, database: dict, queue
     run([*manage, "migrate"], cwd=project, env=env)
     # The migrations in the wheel match its models on this Django: nothing left to make.
     run([*manage, "makemigrations", "--check", "--dry-run"], cwd=project, env=env)
+    # The README's settings pass the framework's checks, those that query the database too.
     run([*manage, "check", "--fail-level", "WARNING"], cwd=project, env=env)
+    run(
+        [*manage, "check", "--database", "default", "--fail-level", "WARNING"], cwd=project, env=env
+    )
+    check_a_lax_project(manage, env, project)
+
+
+# A project that forgets the settings the guarantees need, and mistypes a step's path.
+LAX_SETTINGS = """from .settings import *  # noqa: F403
+
+CELERY_TASK_ACKS_LATE = False
+CELERY_WORKER_PREFETCH_MULTIPLIER = 4
+CELERY_ACCEPT_CONTENT = ["json", "pickle"]
+CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 30}
+"""
+LAX_SAGAS = """from sagas.definitions import SagaDefinition, Step, register
+
+register(SagaDefinition(name="typo", steps=[Step("one", "shop.steps.no_such_step")]))
+"""
+
+
+def check_a_lax_project(manage: list, env: dict, project: Path) -> None:
+    """`manage.py check` names each forgotten setting and the path that does not import."""
+    (project / "mysite" / "lax_settings.py").write_text(LAX_SETTINGS)
+    (project / "shop" / "lax_sagas.py").write_text(LAX_SAGAS)
+    lax = {**env, "DJANGO_SETTINGS_MODULE": "mysite.lax_settings"}
+    command = [*manage, "shell", "-c", CHECK_IDS]
+    found = json.loads(run(command, cwd=project, env=lax).strip().splitlines()[-1])
+    assert found == ["sagas.E001", "sagas.W001", "sagas.W003", "sagas.W004", "sagas.W005"]
+
+
+# The framework's checks that `manage.py check` would report, as a JSON list of their ids.
+CHECK_IDS = """import json
+import shop.lax_sagas
+from django.core import checks
+found = sorted({m.id for m in checks.run_checks() if m.id.startswith("sagas.")})
+print(json.dumps(found))
+"""
 
 
 def run_project(venv: Path, env: dict, project: Path, *, queue: str, logs: Path) -> dict:

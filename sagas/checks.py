@@ -1,0 +1,277 @@
+"""Django system checks: what the framework's guarantees need, checked by `manage.py check`.
+
+- `sagas.E001`: a registered definition's callable or exception class does not import.
+- `sagas.E002`: unfinished sagas store an import path that does not import (a check of the
+  `database` tag: `manage.py check --database default`).
+- `sagas.E003`: `SAGAS_RENAMED_CALLABLES` is not a mapping of paths, or it loops.
+- `sagas.W001`: `task_acks_late` is off.
+- `sagas.W002`: `task_reject_on_worker_lost` is off.
+- `sagas.W003`: `worker_prefetch_multiplier` is not 1.
+- `sagas.W004`: Redis's `visibility_timeout` is not longer than a step may take.
+- `sagas.W005`: a serializer other than JSON is accepted or used.
+- `sagas.W006`: the Celery app does not use `sagas.broker:BrokerAMQP` (with Redis).
+- `sagas.W007`: the worker pool cannot stop a step at its hard time limit (also logged by a
+  worker started with such a pool, which the checks cannot see).
+
+The Celery settings are read from the current Celery app: the project's, which its package
+imports (`mysite/__init__.py`), configured from Django's settings (`CELERY_` prefix).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from celery import current_app
+from django.core import checks
+from django.core.exceptions import ImproperlyConfigured
+
+from . import conf
+from .definitions import import_callable, registered, stored_paths
+from .exceptions import CodeMissing, DefinitionError
+
+logger = logging.getLogger("sagas")
+
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html
+CELERY_DOCS = "https://docs.celeryq.dev/en/stable/userguide/configuration.html"
+# kombu's default visibility timeout for Redis, in seconds.
+REDIS_VISIBILITY_TIMEOUT = 3600
+# The pools that kill a process at its hard time limit (billiard's).
+HARD_LIMIT_POOLS = ("prefork",)
+
+
+def _missing(paths: Iterable[str]) -> Iterable[CodeMissing]:
+    for path in sorted(set(paths)):
+        try:
+            import_callable(path)
+        except CodeMissing as missing:
+            yield missing
+
+
+def _renamed_invalid() -> checks.Error | None:
+    try:
+        for path in conf.renamed_callables():
+            import_callable(path)
+    except (ImproperlyConfigured, DefinitionError) as exc:
+        return checks.Error(
+            str(exc),
+            hint="Map each old import path to its new one: {'old.module.name': 'new.module.name'}.",
+            id="sagas.E003",
+        )
+    except CodeMissing:
+        pass  # a new path that does not import: E001 or E002 names it where it is used
+    return None
+
+
+@checks.register("sagas")
+def check_definitions(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Every callable of every registered definition imports (`SagaDefinition.validate`)."""
+    invalid = _renamed_invalid()
+    if invalid is not None:
+        return [invalid]
+    return [
+        checks.Error(
+            f"Saga {name!r}: {missing}.",
+            hint="A saga that reaches it pauses for an operator. Fix the path, or map the old "
+            "one to the new one in SAGAS_RENAMED_CALLABLES.",
+            obj=name,
+            id="sagas.E001",
+        )
+        for name, definition in sorted(registered().items())
+        for missing in _missing(definition.paths())
+    ]
+
+
+@checks.register(checks.Tags.database)
+def check_stored_paths(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Unfinished sagas store import paths (their steps' callables, as they started): each
+    must import, or such a saga pauses when it reaches it. Run it before and after a deploy:
+    `manage.py check --database default`."""
+    if not databases or "default" not in databases or _renamed_invalid() is not None:
+        return []
+    users = _stored_paths_in_use()
+    return [
+        checks.Error(
+            f"'{missing.path}' does not import, and {_sagas(users[missing.path])} store it.",
+            hint="Such a saga pauses when it reaches it. Bring the code back, or map the path "
+            "to its new one in SAGAS_RENAMED_CALLABLES, then retry the paused sagas.",
+            id="sagas.E002",
+        )
+        for missing in _missing(users)
+    ]
+
+
+def _sagas(names: dict[str, int]) -> str:
+    count = sum(names.values())
+    noun = "unfinished saga" if count == 1 else "unfinished sagas"
+    return f"{count} {noun} ({', '.join(sorted(names))})"
+
+
+def _stored_paths_in_use() -> dict[str, dict[str, int]]:
+    """Each import path stored by unfinished sagas: how many sagas of each definition."""
+    from django.db.models import Count
+
+    from .models import FINAL_STATUSES, Saga, SagaStatus, SagaStep
+
+    unfinished = Saga.objects.filter(
+        status__in=[s for s in SagaStatus.values if s not in FINAL_STATUSES]
+    )
+    users: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    versions = unfinished.values("name", "definition_version").annotate(count=Count("id"))
+    for version in versions.order_by():
+        one = unfinished.filter(
+            name=version["name"], definition_version=version["definition_version"]
+        )
+        steps = SagaStep.objects.filter(saga__in=one[:1]).values_list("definition", flat=True)
+        for path in stored_paths(list(steps)):
+            users[path][version["name"]] += version["count"]
+    completions = unfinished.values("name", "options__on_complete").annotate(count=Count("id"))
+    for completion in completions.order_by():
+        if completion["options__on_complete"]:
+            users[completion["options__on_complete"]][completion["name"]] += completion["count"]
+    return users
+
+
+# -- the Celery settings the guarantees rely on ---------------------------------------------
+
+
+def _warning(message: str, hint: str, id: str) -> checks.Warning:
+    return checks.Warning(message, hint=hint, id=id)
+
+
+@checks.register("sagas")
+def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """The Celery settings that `README.md` ("Crash safety") says the guarantees rely on."""
+    app = current_app
+    config = app.conf
+    found: list[checks.CheckMessage] = []
+    if not config.task_acks_late:
+        found.append(
+            _warning(
+                "CELERY_TASK_ACKS_LATE is off: a step's message is acknowledged before it runs, "
+                "and lost with a worker that dies while it runs.",
+                f"Set CELERY_TASK_ACKS_LATE = True ({CELERY_DOCS}#task-acks-late).",
+                "sagas.W001",
+            )
+        )
+    if not config.task_reject_on_worker_lost:
+        found.append(
+            _warning(
+                "CELERY_TASK_REJECT_ON_WORKER_LOST is off: the message of a step whose worker "
+                "process died is acknowledged, not delivered again.",
+                f"Set CELERY_TASK_REJECT_ON_WORKER_LOST = True "
+                f"({CELERY_DOCS}#task-reject-on-worker-lost).",
+                "sagas.W002",
+            )
+        )
+    if config.worker_prefetch_multiplier != 1:
+        found.append(
+            _warning(
+                f"CELERY_WORKER_PREFETCH_MULTIPLIER is {config.worker_prefetch_multiplier}: a "
+                "worker holds more messages than it runs, and a crash strands them all until "
+                "they are delivered again.",
+                "Set CELERY_WORKER_PREFETCH_MULTIPLIER = 1 "
+                f"({CELERY_DOCS}#worker-prefetch-multiplier).",
+                "sagas.W003",
+            )
+        )
+    redis = _is_redis(app)
+    if redis:
+        found += _visibility_timeout(config)
+    found += _serializers(config)
+    if redis and not _has_broker_fix(app):
+        found.append(
+            _warning(
+                "The Celery app does not use the framework's broker connection: a worker whose "
+                "Redis restarts while a step runs can exit with an AttributeError.",
+                'Create it as Celery("mysite", amqp="sagas.broker:BrokerAMQP").',
+                "sagas.W006",
+            )
+        )
+    pool = str(config.worker_pool or "prefork")
+    if pool not in HARD_LIMIT_POOLS:
+        found.append(_pool_warning(pool))
+    return found
+
+
+def _is_redis(app: Any) -> bool:
+    url = str(app.conf.broker_url or "")
+    return url.split(":", 1)[0] in ("redis", "rediss", "sentinel")
+
+
+def _has_broker_fix(app: Any) -> bool:
+    from .broker import BrokerAMQP
+
+    return isinstance(app.amqp, BrokerAMQP)
+
+
+def longest_step() -> int:
+    """Seconds a step's message may stay unacknowledged: its longest attempt (time limit and
+    the hard kill's grace) or its longest retry countdown, over every registered definition."""
+    grace = conf.hard_time_limit_grace()
+    longest = 0
+    for definition in registered().values():
+        for step in definition.steps:
+            limit = max(step.time_limit, step.compensation_time_limit or 0) + grace
+            wait = max(step.retry.longest_wait(), step.compensation_retry.longest_wait())
+            longest = max(longest, int(limit), int(wait))
+    return longest
+
+
+def _visibility_timeout(config: Any) -> list[checks.CheckMessage]:
+    options = config.broker_transport_options or {}
+    timeout = float(options.get("visibility_timeout", REDIS_VISIBILITY_TIMEOUT))
+    needed = longest_step()
+    if timeout > needed:
+        return []
+    return [
+        _warning(
+            f"Redis's visibility_timeout ({timeout:g} s) is not longer than a step may take "
+            f"({needed} s: its time limit and the hard kill's grace, or its retry countdown): "
+            "Redis delivers such a step's message again while it still runs.",
+            'Raise CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"] above it '
+            "(https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/"
+            "redis.html#visibility-timeout).",
+            "sagas.W004",
+        )
+    ]
+
+
+def _serializers(config: Any) -> list[checks.CheckMessage]:
+    accepted = {str(c).rsplit("/", 1)[-1] for c in (config.accept_content or ())}
+    if accepted <= {"json"} and config.task_serializer == "json":
+        return []
+    return [
+        _warning(
+            f"Celery accepts {sorted(accepted)} and sends {config.task_serializer!r}: anything "
+            "but JSON lets whoever can write to the broker run code in the workers, and the "
+            "engine's messages are JSON.",
+            'Set CELERY_ACCEPT_CONTENT = ["json"] and CELERY_TASK_SERIALIZER = "json" '
+            "(https://docs.celeryq.dev/en/stable/userguide/security.html#serializers).",
+            "sagas.W005",
+        )
+    ]
+
+
+def _pool_warning(pool: str) -> checks.Warning:
+    return _warning(
+        f"The worker pool is {pool!r}: only the prefork pool kills a step that ignores its time "
+        "limit, so a hung step would hold its saga and its worker for ever.",
+        "Run workers with the prefork pool (Celery's default): leave CELERY_WORKER_POOL unset, "
+        "and do not pass --pool.",
+        "sagas.W007",
+    )
+
+
+def check_worker_pool(sender: Any = None, **kwargs: Any) -> None:
+    """A worker started with another pool (`--pool threads`) says so in its log: the command
+    line is out of the checks' sight (`celery.signals.worker_init`)."""
+    pool = getattr(sender, "pool_cls", None)
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if name and "prefork" not in name:
+        warning = _pool_warning(name.rsplit(".", 1)[-1])
+        logger.error("%s: %s %s", warning.id, warning.msg, warning.hint)
