@@ -130,3 +130,39 @@ def bulk_batch_size() -> int:
     holds its batch up to 5 s before it is skipped: keep a batch's worst case (100 busy sagas,
     500 s) within the Celery task time limit (the reference project's is 15 min)."""
     return int(getattr(settings, "SAGAS_BULK_BATCH_SIZE", 100))
+
+
+def renamed_callables() -> dict[str, str]:
+    """`SAGAS_RENAMED_CALLABLES`, default none: old import paths of step actions,
+    compensations, `on_complete` functions and transient exception classes, mapped to their new
+    ones (`{"shop.steps.book_hotel": "shop.booking.reserve_hotel"}`). Sagas store the paths
+    they started with: after a deploy that renames or moves one, the engine imports it under
+    its new path, and sagas in flight carry on with no change to their rows."""
+    value = getattr(settings, "SAGAS_RENAMED_CALLABLES", None) or {}
+    if not isinstance(value, dict) or not all(
+        isinstance(old, str) and isinstance(new, str) for old, new in value.items()
+    ):
+        raise ImproperlyConfigured(
+            "SAGAS_RENAMED_CALLABLES must map old import paths (strings) to new ones"
+        )
+    return value
+
+
+def on_unexpected_error() -> str:
+    """`SAGAS_ON_UNEXPECTED_ERROR`, default "pause": what an exception that a step did not
+    declare does, where neither the step nor its definition says (`Step.on_unexpected_error`):
+    "pause" the saga for an operator, "compensate" it, or "retry" the step as transient."""
+    value = getattr(settings, "SAGAS_ON_UNEXPECTED_ERROR", None) or "pause"
+    if value not in ("pause", "compensate", "retry"):
+        raise ImproperlyConfigured(
+            f"SAGAS_ON_UNEXPECTED_ERROR = {value!r}: it must be pause, compensate or retry"
+        )
+    return str(value)
+
+
+def shown_exceptions() -> tuple[str, ...]:
+    """`SAGAS_SHOWN_EXCEPTIONS`, default none: import paths of exception classes whose message
+    is safe to show staff (no secret, no personal data in it). A step's unexpected error of
+    such a class (or a subclass) keeps its message, cut to 500 characters, in the timeline of
+    the admin; any other keeps only its class. API clients never see either."""
+    return tuple(getattr(settings, "SAGAS_SHOWN_EXCEPTIONS", ()))

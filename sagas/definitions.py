@@ -13,9 +13,13 @@ from uuid import UUID
 
 from django.utils.module_loading import import_string
 
-from .exceptions import DefinitionError, SagaKeyError
+from .exceptions import CodeMissing, DefinitionError, SagaKeyError
 
 OnExhausted = Literal["compensate", "pause"]
+# What an exception the step did not declare (a bug: `KeyError`, `TypeError`) does: pause the
+# saga for an operator, compensate it, or retry the step as if the error were transient.
+OnUnexpectedError = Literal["pause", "compensate", "retry"]
+UNEXPECTED_ERROR_POLICIES = ("pause", "compensate", "retry")
 # The longest business key a saga stores (`Saga.business_key`).
 KEY_MAX_LENGTH = 200
 
@@ -109,6 +113,13 @@ class Step:
     compensation (default: the same): past it the attempt gets `SoftTimeLimitExceeded` and
     is retried; one that ignores it is killed `SAGAS_HARD_TIME_LIMIT_GRACE` seconds later, and
     that counts as a failed attempt too.
+
+    `on_unexpected_error` says what an exception the step did not declare does (neither a
+    `StepError` nor listed in `retry.transient`: a bug, such as a `KeyError`): `"pause"` the
+    saga for an operator, who fixes the code, deploys and retries; `"compensate"` it, as a
+    business error would; or `"retry"` the step as if the error were transient (then
+    `on_exhausted` decides). None: the definition's, else `SAGAS_ON_UNEXPECTED_ERROR`, else
+    `"pause"`: a bug never undoes completed work unless you say so.
     """
 
     name: str
@@ -123,10 +134,15 @@ class Step:
     # Seconds a compensation may run (its own soft limit; the hard kill comes
     # SAGAS_HARD_TIME_LIMIT_GRACE later); None: the step's `time_limit`.
     compensation_time_limit: int | None = None
+    on_unexpected_error: OnUnexpectedError | None = None
 
     def __post_init__(self) -> None:
         if self.on_exhausted not in ("compensate", "pause"):
             raise DefinitionError(f"step {self.name!r}: on_exhausted must be compensate or pause")
+        if self.on_unexpected_error not in (None, *UNEXPECTED_ERROR_POLICIES):
+            raise DefinitionError(
+                f"step {self.name!r}: on_unexpected_error must be pause, compensate or retry"
+            )
         if self.time_limit < 1:
             raise DefinitionError(f"step {self.name!r}: time_limit must be at least 1 second")
         if self.compensation_time_limit is not None and self.compensation_time_limit < 1:
@@ -137,8 +153,12 @@ class Step:
         if self.compensation is not None:
             object.__setattr__(self, "compensation", dotted_path(self.compensation))
 
-    def snapshot(self) -> dict[str, Any]:
-        """What a saga copies into its step row when it starts."""
+    def snapshot(self, on_unexpected_error: str | None = None) -> dict[str, Any]:
+        """What a saga copies into its step row when it starts; `on_unexpected_error` is the
+        definition's, for a step that sets none."""
+        policy = self.on_unexpected_error or on_unexpected_error
+        # Stored only when set, so that a row holds no key that says nothing.
+        unexpected = {"on_unexpected_error": policy} if policy else {}
         return {
             "action": self.action,
             "compensation": self.compensation,
@@ -149,6 +169,7 @@ class Step:
             "on_exhausted": self.on_exhausted,
             "pivot": self.pivot,
             "compensate_failed_step": self.compensate_failed_step,
+            **unexpected,
         }
 
 
@@ -168,6 +189,8 @@ class SagaDefinition:
     `one_in_flight_per_key` allows at most one saga of this definition per key that is not
     finished (pending, running, compensating, or failed for an operator): starting another
     raises `SagaKeyInFlight`.
+
+    `on_unexpected_error` is the default of its steps' (`Step.on_unexpected_error`).
     """
 
     name: str
@@ -178,8 +201,13 @@ class SagaDefinition:
     deadline: float | None = None
     key: str | Callable[[dict[str, Any]], Any] | None = None
     one_in_flight_per_key: bool = False
+    on_unexpected_error: OnUnexpectedError | None = None
 
     def __post_init__(self) -> None:
+        if self.on_unexpected_error not in (None, *UNEXPECTED_ERROR_POLICIES):
+            raise DefinitionError(
+                f"saga {self.name!r}: on_unexpected_error must be pause, compensate or retry"
+            )
         if not self.steps:
             raise DefinitionError(f"saga {self.name!r} has no steps")
         names = [step.name for step in self.steps]
@@ -235,25 +263,61 @@ class SagaDefinition:
 
     @cached_property
     def _snapshot(self) -> tuple[list[dict[str, Any]], str]:
-        steps = [step.snapshot() for step in self.steps]
+        steps = [step.snapshot(self.on_unexpected_error) for step in self.steps]
         return steps, snapshot_version(steps)
 
     def validate(self) -> None:
-        """Import every callable now, so a typo fails at start-up rather than mid-saga."""
-        for path in self._paths():
+        """Import every callable now, so a typo fails at start-up rather than mid-saga (the
+        system check `sagas.E001` does this for every registered definition)."""
+        for path in self.paths():
             try:
-                import_string(path)
-            except ImportError as exc:
-                raise DefinitionError(f"saga {self.name!r}: cannot import {path!r}") from exc
+                import_callable(path)
+            except CodeMissing as exc:
+                raise DefinitionError(f"saga {self.name!r}: {exc}") from exc
 
-    def _paths(self) -> list[str]:
-        paths: list[str] = [str(s.action) for s in self.steps]
-        paths += [str(s.compensation) for s in self.steps if s.compensation]
-        paths += [str(p) for s in self.steps for p in s.retry.transient]
-        paths += [str(p) for s in self.steps for p in s.compensation_retry.transient]
-        if self.on_complete:
-            paths.append(str(self.on_complete))
-        return paths
+    def paths(self) -> list[str]:
+        """The import paths a saga of this definition stores: callables and exception classes."""
+        steps, _ = self.snapshot()
+        return sorted(stored_paths(steps, self.on_complete))
+
+
+def stored_paths(steps: Sequence[dict[str, Any]], on_complete: Any = None) -> set[str]:
+    """The import paths in step definitions as stored in step rows, and an `on_complete`."""
+    paths: set[str] = set()
+    for step in steps:
+        paths.add(step["action"])
+        if step.get("compensation"):
+            paths.add(step["compensation"])
+        for policy in ("retry", "compensation_retry"):
+            paths.update(step.get(policy, {}).get("transient", ()))
+    if on_complete:
+        paths.add(str(on_complete))
+    return paths
+
+
+def renamed(path: str) -> str:
+    """The path a callable stored as `path` has now: `SAGAS_RENAMED_CALLABLES` followed from
+    old to new (several renames in a row too), or `path` itself."""
+    from . import conf
+
+    mapping = conf.renamed_callables()
+    seen = {path}
+    while path in mapping:
+        path = mapping[path]
+        if path in seen:
+            raise DefinitionError(f"SAGAS_RENAMED_CALLABLES maps {path!r} back to itself")
+        seen.add(path)
+    return path
+
+
+def import_callable(path: str) -> Any:
+    """The callable (or class) stored as `path`, under its new path if it was renamed; raises
+    `CodeMissing`, naming the path, when it does not import."""
+    target = renamed(path)
+    try:
+        return import_string(target)
+    except ImportError as exc:
+        raise CodeMissing(path, target) from exc
 
 
 def snapshot_version(steps: list[dict[str, Any]]) -> str:

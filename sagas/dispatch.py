@@ -17,6 +17,7 @@ RUN_STEP = "sagas.run_step"
 COMPENSATE_STEP = "sagas.compensate_step"
 ON_STEP_FAILURE = "sagas.on_step_failure"
 ON_COMPENSATION_FAILURE = "sagas.on_compensation_failure"
+CHAIN_FAILED = "sagas.chain_failed"
 BULK_ACTION_BATCH = "sagas.bulk_action_batch"
 
 
@@ -28,7 +29,7 @@ def task_id(saga_id: str, epoch: int, index: int) -> str:
 
 def failed_index(failed_task_id: str, saga_id: str, epoch: int | None) -> int | None:
     """The step whose task failed, from the id an error callback receives (None for a task
-    id of another form, as sent before task ids were given)."""
+    id of another form)."""
     parts = failed_task_id.split(":")
     if len(parts) != 3 or parts[0] != saga_id or parts[1] != str(epoch):
         return None
@@ -58,10 +59,11 @@ def _send(
     countdown: float,
 ) -> None:
     signatures = [_signature(task, saga_id, index, epoch, limit) for index, limit in steps]
-    # The error callback takes the failed task's id first. Being a bound task, Celery sends
-    # it as a message instead of calling it in the process that saw the failure, which for
-    # a hard time limit is the worker's main process.
-    on_error = current_app.signature(errback, args=(saga_id,), kwargs={"epoch": epoch})
+    # Celery calls `chain_failed` where the task failed, with its exception; it sends
+    # `errback` on as a message, with the exception's class (`sagas.tasks.chain_failed`).
+    on_error = current_app.signature(
+        CHAIN_FAILED, kwargs={"saga_id": saga_id, "epoch": epoch, "callback": errback}
+    )
     chained = chain(*signatures).on_error(on_error)
     if countdown:
         chained.apply_async(countdown=countdown)
@@ -79,6 +81,22 @@ def send_compensations(
 ) -> None:
     """Send `compensate_step` for each (index, time limit) in the order given (reverse)."""
     _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, steps, countdown)
+
+
+def send_error_callback(
+    callback: str,
+    task_id: str,
+    saga_id: str,
+    epoch: int | None,
+    cause: str,
+    countdown: float = 0.0,
+) -> None:
+    """Send a chain's error callback (`ON_STEP_FAILURE` or `ON_COMPENSATION_FAILURE`): the
+    failed task's id, and the class of the exception that failed it."""
+    signature = current_app.signature(
+        callback, args=(task_id, saga_id), kwargs={"epoch": epoch, "cause": cause}
+    )
+    signature.apply_async(countdown=countdown) if countdown else signature.apply_async()
 
 
 def send_bulk_batch(bulk_action_id: int) -> None:

@@ -38,6 +38,25 @@ class DefinitionError(SagaError):
     """A saga definition is invalid, or no definition has the given name."""
 
 
+class CodeMissing(SagaError):
+    """An import path stored for a saga (an action, a compensation, an `on_complete`, a
+    transient exception class) does not import: a deploy renamed or removed it. The saga
+    pauses for an operator, never compensates for it; map the old path to the new one with
+    `SAGAS_RENAMED_CALLABLES`, or bring the code back, then retry."""
+
+    code = "code_missing"
+
+    def __init__(self, path: str, target: str | None = None) -> None:
+        self.path, self.target = path, target or path
+        moved = "" if self.target == path else f" (renamed to {self.target!r})"
+        super().__init__(f"{path!r}{moved} does not import")
+        # The safe message stored on the rows: what to look for, not the import error's text.
+        self.message = (
+            f"The code of {path}{moved} is missing: it was renamed or removed by a deploy. "
+            "Bring it back or map its path (SAGAS_RENAMED_CALLABLES), then retry."
+        )[:500]
+
+
 class InvalidTransition(SagaError):
     """An operator action or a transition is not allowed in the saga's current state."""
 

@@ -275,6 +275,11 @@ class SagaStep(models.Model):
         return self.definition.get("compensation")
 
 
+# Keys of an event's detail that only staff see: an unexpected error's class, its message where
+# the project says it is safe, and the reference of the worker's log record.
+STAFF_ONLY_DETAIL = frozenset({"exception", "exception_message", "reference"})
+
+
 class SagaEvent(models.Model):
     # Not indexed on its own: saga_event_saga_idx (saga, id) serves every lookup by saga.
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events", db_index=False)

@@ -11,11 +11,10 @@ from typing import Any
 
 from celery import shared_task
 from celery.exceptions import Ignore
-from django.db import InterfaceError, OperationalError, close_old_connections
+from django.db import InterfaceError, OperationalError, ProgrammingError, close_old_connections
 
 from . import conf, dispatch, engine, hooks, recovery, retention
 from .bulk import batches
-from .exceptions import StepError, TransientError
 from .models import BulkAction, Saga
 
 logger = logging.getLogger("sagas")
@@ -42,6 +41,24 @@ class StepFailed(Exception):
 
 def _database_unavailable(task: Any, saga_id: Any, *, what: str = "saga") -> Exception:
     logger.warning("%s %s: database unavailable, task sent again later", what, saga_id)
+    return _later(task)
+
+
+def _schema_behind(task: Any, saga_id: Any, *, what: str = "saga") -> Exception:
+    """PostgreSQL refused the engine's own statements (an undefined table or column): the
+    tables are not those of this code, as after a deploy that did not run `migrate`. Nothing
+    is recorded, nothing is spent: the task is sent again until they are."""
+    logger.error(
+        "%s %s: the database refused the framework's statements (has `migrate` run for this "
+        "version?); task sent again later",
+        what,
+        saga_id,
+        exc_info=True,
+    )
+    return _later(task)
+
+
+def _later(task: Any) -> Exception:
     close_old_connections()
     countdown = min(30.0, 0.5 * 2 ** min(task.request.retries, 6))
     return task.retry(countdown=countdown)
@@ -60,13 +77,7 @@ def attempt(
         return execute(saga_id, index, epoch=epoch, fault=fault)
     except (Saga.DoesNotExist, *DATABASE_UNAVAILABLE):
         raise
-    except Exception as exc:
-        # Declines and transient errors are expected: one line. Anything else is a bug in the
-        # step's code, and its traceback is for the developer reading the worker log.
-        expected = isinstance(exc, StepError | TransientError)
-        logger.warning(
-            "saga %s step %d failed: %s", saga_id, index, type(exc).__name__, exc_info=not expected
-        )
+    except Exception as exc:  # logged by the engine, with a reference for the timeline
         return record_failure(saga_id, index, exc, epoch=epoch)
 
 
@@ -80,6 +91,8 @@ def _run(task: Any, saga_id: str, index: int, epoch: int | None, forward: bool) 
         raise Ignore() from None
     except DATABASE_UNAVAILABLE:
         raise _database_unavailable(task, saga_id) from None
+    except ProgrammingError:
+        raise _schema_behind(task, saga_id) from None
     if outcome.kind == "retry":
         raise task.retry(countdown=outcome.countdown)
     if outcome.kind == "fail":
@@ -96,49 +109,65 @@ def _run(task: Any, saga_id: str, index: int, epoch: int | None, forward: bool) 
 
 
 @shared_task(bind=True, name="sagas.run_step", max_retries=None, throws=(StepFailed,))
-def run_step(
-    self: Any, saga_id: str, index: int, epoch: int | None = None, attempt: Any = None
-) -> None:
-    """Run step `index` of a saga. Idempotent: a completed step is not run again.
-
-    (`attempt` is accepted from messages of earlier versions and ignored: attempts are
-    counted from the rows.)
-    """
+def run_step(self: Any, saga_id: str, index: int, epoch: int) -> None:
+    """Run step `index` of a saga. Idempotent: a completed step is not run again."""
     _run(self, saga_id, index, epoch, forward=True)
 
 
 @shared_task(bind=True, name="sagas.compensate_step", max_retries=None, throws=(StepFailed,))
-def compensate_step(
-    self: Any, saga_id: str, index: int, epoch: int | None = None, attempt: Any = None
-) -> None:
+def compensate_step(self: Any, saga_id: str, index: int, epoch: int) -> None:
     """Compensate step `index` of a saga. Idempotent: a compensated step is skipped."""
     _run(self, saga_id, index, epoch, forward=False)
 
 
-def _callback(task: Any, failed_task_id: str, saga_id: str, handle: Any, epoch: int | None) -> None:
+# Not bound, and taking the failure's (request, exc, traceback): Celery calls it in the process
+# that saw the failure, which for a hard time limit is the worker's main one. So it only
+# sends the chain's real error callback (`callback`, a bound task, which Celery would send as a
+# message with the failed task's id alone) with the class of the exception that failed the
+# task: the saga's lock is taken by a worker process, never by the main one.
+@shared_task(name="sagas.chain_failed", ignore_result=True)
+def chain_failed(
+    request: Any, exc: BaseException, traceback: Any, *, saga_id: str, epoch: int, callback: str
+) -> None:
+    """Error callback of a saga's chain, run where the task failed: sends `callback` with what
+    failed the task. Safe to lose (the sweeper makes up for it) and to repeat."""
+    cause = engine.class_path(type(exc))
+    dispatch.send_error_callback(callback, request.id, saga_id, epoch, cause)
+
+
+def _callback(
+    task: Any, failed_task_id: str, saga_id: str, handle: Any, epoch: int, cause: str | None
+) -> None:
     try:
-        handle(saga_id, epoch, failed=dispatch.failed_index(failed_task_id, saga_id, epoch))
+        handle(
+            saga_id,
+            epoch,
+            failed=dispatch.failed_index(failed_task_id, saga_id, epoch),
+            cause=cause,
+            task_id=failed_task_id,
+        )
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: error callback ignored", saga_id)
     except DATABASE_UNAVAILABLE:
         raise _database_unavailable(task, saga_id) from None
+    except ProgrammingError:
+        raise _schema_behind(task, saga_id) from None
 
 
-# Bound tasks: Celery sends an error callback that is a bound task as a message (with the
-# failed task's id first), never calling it in the process that saw the failure. For a hard
-# time limit that process is the worker's main one, which must never wait on a saga's lock.
 @shared_task(bind=True, name="sagas.on_step_failure", max_retries=None)
-def on_step_failure(self: Any, task_id: str, saga_id: str, epoch: int | None = None) -> None:
+def on_step_failure(
+    self: Any, task_id: str, saga_id: str, epoch: int, cause: str | None = None
+) -> None:
     """Error callback of a saga's step chain. Idempotent: a repeated call changes nothing."""
-    _callback(self, task_id, saga_id, engine.step_chain_failed, epoch)
+    _callback(self, task_id, saga_id, engine.step_chain_failed, epoch, cause)
 
 
 @shared_task(bind=True, name="sagas.on_compensation_failure", max_retries=None)
 def on_compensation_failure(
-    self: Any, task_id: str, saga_id: str, epoch: int | None = None
+    self: Any, task_id: str, saga_id: str, epoch: int, cause: str | None = None
 ) -> None:
     """Error callback of a saga's compensation chain. Idempotent."""
-    _callback(self, task_id, saga_id, engine.compensation_chain_failed, epoch)
+    _callback(self, task_id, saga_id, engine.compensation_chain_failed, epoch, cause)
 
 
 @shared_task(bind=True, name="sagas.bulk_action_batch", max_retries=None)

@@ -41,6 +41,11 @@ ADDRESS = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    from django.test import TransactionTestCase
+
+    TransactionTestCase._fixture_teardown = _quiet_then_flush(  # type: ignore[method-assign]
+        TransactionTestCase._fixture_teardown
+    )
     settings.CELERY_TASK_DEFAULT_QUEUE = QUEUE
     celery_app.conf.task_default_queue = QUEUE
     settings.SAGAS_HARD_TIME_LIMIT_GRACE = 2  # as in the workers (worker_env)
@@ -121,7 +126,7 @@ def saga_worker_options(django_db_setup, worker_metrics) -> dict:
 
 
 # Whether the session's workers were started: a transactional test then waits for them to go
-# quiet before its database is flushed (`quiet_before_flush`).
+# quiet before its database is flushed (`_quiet_then_flush`).
 _workers_started = False
 
 
@@ -132,24 +137,22 @@ def workers(saga_worker) -> CeleryWorker:
     return saga_worker
 
 
-@pytest.fixture(autouse=True)
-def quiet_before_flush(request):
+def _quiet_then_flush(flush):
     """Before any transactional test's flush, the session's workers finish what they were doing.
 
     A worker still busy with an earlier test's saga (a retry after an outage, the sweeper's
     re-send) writes rows while the flush's TRUNCATE takes its table locks: PostgreSQL then
     cancels one of them as a deadlock, and a flush that failed leaves Django's guards on the
-    connections for every test after it. pytest-django's own autouse fixture sets the database
-    up first, so this one's teardown runs before the flush.
+    connections for every test after it.
     """
-    yield
-    marker = request.node.get_closest_marker("django_db")
-    transactional = marker is not None and (
-        marker.kwargs.get("transaction") or (marker.args and marker.args[0])
-    )
-    if _workers_started and (transactional or "transactional_db" in request.fixturenames):
-        with contextlib.suppress(AssertionError):  # the flush tries anyway
-            wait_for(workers_quiet, timeout=60, what="the workers to go quiet")
+
+    def fixture_teardown(self) -> None:
+        if _workers_started:
+            with contextlib.suppress(AssertionError):  # the flush tries anyway
+                wait_for(workers_quiet, timeout=60, what="the workers to go quiet")
+        flush(self)
+
+    return fixture_teardown
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 
 from sagas import conf
 
@@ -29,6 +30,9 @@ DEFAULTS = [
     ("SAGAS_BULK_MAX_SAGAS", conf.bulk_max_sagas, 10_000),
     ("SAGAS_BULK_BATCH_SIZE", conf.bulk_batch_size, 100),
     ("SAGAS_LIST_COUNT_LIMIT", conf.list_count_limit, 1000),
+    ("SAGAS_ON_UNEXPECTED_ERROR", conf.on_unexpected_error, "pause"),
+    ("SAGAS_RENAMED_CALLABLES", conf.renamed_callables, {}),
+    ("SAGAS_SHOWN_EXCEPTIONS", conf.shown_exceptions, ()),
 ]
 
 
@@ -69,6 +73,21 @@ def test_a_set_setting_is_read_when_used(settings):
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("SAGAS_ON_UNEXPECTED_ERROR", "ignore"),
+        ("SAGAS_RENAMED_CALLABLES", ["shop.steps.old"]),
+        ("SAGAS_RENAMED_CALLABLES", {"shop.steps.old": 3}),
+    ],
+)
+def test_a_bad_value_is_refused_with_a_clear_message(settings, name, value):
+    setattr(settings, name, value)
+    read = {"SAGAS_ON_UNEXPECTED_ERROR": conf.on_unexpected_error}.get(name, conf.renamed_callables)
+    with pytest.raises(ImproperlyConfigured, match=name):
+        read()
 
 
 def test_every_setting_of_conf_is_tested_here():

@@ -26,7 +26,7 @@ def test_definition_rejects_bad_policies():
 
 def test_validate_reports_an_unimportable_action():
     definition = SagaDefinition("typo", steps=[Step("a", "tests.sagadefs.no_such_function")])
-    with pytest.raises(DefinitionError, match="cannot import"):
+    with pytest.raises(DefinitionError, match=r"no_such_function' does not import"):
         definition.validate()
 
 

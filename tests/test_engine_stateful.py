@@ -158,6 +158,12 @@ class Chain:
         return f"<{self.kind} {self.saga_id[:8]}@{self.epoch} {self.indexes}>"
 
 
+# The exceptions that fail a task and so send its chain's error callback (`sagas.chain_failed`).
+STEP_FAILED = "sagas.tasks.StepFailed"
+TIME_LIMIT = "billiard.exceptions.TimeLimitExceeded"
+REFUSED = "kombu.exceptions.OperationalError"
+
+
 @dataclass(frozen=True)
 class Callback:
     """A chain's error callback, travelling as a message of its own."""
@@ -166,6 +172,7 @@ class Callback:
     saga_id: str
     epoch: int
     failed: int | None = None  # the failed task's step, as its task id tells
+    cause: str = STEP_FAILED  # the class of the exception that failed the task
 
 
 @dataclass
@@ -184,9 +191,17 @@ class Broker:
     def pick(self, i: int) -> Chain:
         return self.chains[i % len(self.chains)]
 
-    def end(self, chain: Chain, *, callbacks: int = 0, failed: int | None = None) -> None:
+    def end(
+        self,
+        chain: Chain,
+        *,
+        callbacks: int = 0,
+        failed: int | None = None,
+        cause: str = STEP_FAILED,
+    ) -> None:
         self.chains.remove(chain)
-        self.callbacks += [Callback(chain.kind, chain.saga_id, chain.epoch, failed)] * callbacks
+        callback = Callback(chain.kind, chain.saga_id, chain.epoch, failed, cause)
+        self.callbacks += [callback] * callbacks
 
     def clear(self) -> None:
         self.chains.clear()
@@ -218,19 +233,22 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
     return outcome
 
 
-def call_checking_the_context(path: str, ctx: StepContext) -> Any:
+def resolve_checking_the_context(path: str) -> Any:
     """Every action and compensation sees the outputs of all the steps before it."""
-    if ctx.step:  # not the saga's on_complete
-        earlier = STEP_NAMES[: STEP_NAMES.index(ctx.step)]
-        assert sorted(ctx.outputs) == sorted(earlier), f"{ctx.step} got outputs of {ctx.outputs}"
-    return import_string(path)(ctx)
+    target = import_string(path)
+
+    def checked(ctx: StepContext) -> Any:
+        if ctx.step:  # not the saga's on_complete
+            earlier = STEP_NAMES[: STEP_NAMES.index(ctx.step)]
+            assert sorted(ctx.outputs) == sorted(earlier), f"{ctx.step} got {ctx.outputs}"
+        return target(ctx)
+
+    return checked
 
 
 def run_callback(callback: Callback) -> None:
-    if callback.kind == STEP:
-        engine.step_chain_failed(callback.saga_id, callback.epoch, failed=callback.failed)
-    else:
-        engine.compensation_chain_failed(callback.saga_id, callback.epoch, failed=callback.failed)
+    handle = engine.step_chain_failed if callback.kind == STEP else engine.compensation_chain_failed
+    handle(callback.saga_id, callback.epoch, failed=callback.failed, cause=callback.cause)
     STATS[("callback", callback.kind)] += 1
 
 
@@ -482,14 +500,14 @@ class EngineMachine(RuleBasedStateMachine):
             outcome = deliver(self.broker, chain)
             if outcome.kind in ("done", "duplicate") and chain in self.broker.chains:
                 STATS[fate] += 1
-                self.broker.end(chain, callbacks=1, failed=head)
+                self.broker.end(chain, callbacks=1, failed=head, cause=REFUSED)
             return
         with suppress(WorkerDied):
             deliver(self.broker, chain, fault=Dies(fate))
             return  # it finished (or stopped) before the fault
         STATS["killed" if fate.startswith("killed") else fate] += 1
         if fate == "hard time limit":
-            self.broker.end(chain, callbacks=2, failed=head)
+            self.broker.end(chain, callbacks=2, failed=head, cause=TIME_LIMIT)
         if fate == "killed, then aborted":
             with suppress(InvalidTransition):
                 saga_compensate(saga_id=chain.saga_id, actor="operator")
@@ -863,7 +881,7 @@ def broker(monkeypatch) -> Broker:
     monkeypatch.setattr("sagas.dispatch.send_steps", broker.send_steps)
     monkeypatch.setattr("sagas.dispatch.send_compensations", broker.send_compensations)
     for module in ("forward", "compensation"):
-        monkeypatch.setattr(f"sagas.engine.{module}.call", call_checking_the_context)
+        monkeypatch.setattr(f"sagas.engine.{module}.resolve", resolve_checking_the_context)
     monkeypatch.setattr(EngineMachine, "broker", broker, raising=False)
     return broker
 

@@ -21,10 +21,12 @@ from payments.gateway import gateway_recover
 from payments.models import GatewayAttempt
 from sagaproject.celery import app as celery_app
 from sagas import recovery
+from sagas.definitions import register
 from sagas.exceptions import SagaBusy
 from sagas.models import EventKind, Saga, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
+from tests import sagadefs
 from tests.conftest import attempt_in_process, lose_messages, wait_final, wait_for
 from tests.factories import ProductFactory
 from tests.test_order_saga import charges_for, order_of, step_statuses, submit
@@ -218,6 +220,7 @@ def test_progress_resets_the_recovery_count(saga_db, monkeypatch):
 
 
 def test_an_unimportable_transient_exception_does_not_turn_a_decline_into_a_pause(saga_db):
+    register(sagadefs.stale_transient())
     saga, _ = saga_start(name="stale_transient", input={})
     saga = wait_final(saga.pk)
     assert (saga.status, saga.error_code) == ("compensated", "declined")

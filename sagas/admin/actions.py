@@ -20,7 +20,7 @@ from django.utils.safestring import SafeString
 
 from .. import conf, services
 from ..engine import Plan
-from ..exceptions import InvalidTransition
+from ..exceptions import InvalidTransition, SagaBusy
 from ..models import Saga, StepStatus
 from ..permissions import may_operate
 from .display import status_badge
@@ -205,6 +205,8 @@ class OperatorActionsAdmin(admin.ModelAdmin):
                 plan = self._plan(saga, action)
             except Saga.DoesNotExist:
                 plan = Plan(action, False, "The saga no longer exists.")
+            except SagaBusy as busy:  # a step holds it: confirming would be refused the same
+                plan = Plan(action, False, str(busy))
             previews.append(Preview(saga, plan))
         operator_action = OPERATOR_ACTIONS[action]
         context = {

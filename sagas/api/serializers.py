@@ -14,6 +14,7 @@ from rest_framework.exceptions import ValidationError
 
 from ..bulk import BulkFilter
 from ..models import (
+    STAFF_ONLY_DETAIL,
     BulkAction,
     BulkOperation,
     BulkOutcome,
@@ -141,10 +142,17 @@ class SagaStepSerializer(ModelSerializer):
 
 
 class SagaEventSerializer(ModelSerializer):
+    detail = serializers.SerializerMethodField(help_text="Safe details of the event.")
+
     class Meta:
         model = SagaEvent
         fields = ["kind", "step_index", "step_name", "detail", "created_at"]
         read_only_fields = fields
+
+    @extend_schema_field({"type": "object", "additionalProperties": True})
+    def get_detail(self, event: SagaEvent) -> dict[str, Any]:
+        # An unexpected error's class and log reference are for staff, in the admin.
+        return {k: v for k, v in (event.detail or {}).items() if k not in STAFF_ONLY_DETAIL}
 
 
 class SagaSummarySerializer(ModelSerializer):

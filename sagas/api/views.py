@@ -31,7 +31,7 @@ from rest_framework.throttling import ScopedRateThrottle
 
 from ..bulk import BulkFilter
 from ..engine import Plan
-from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition
+from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition, SagaBusy
 from ..models import BulkAction, BulkOperation, Saga, SagaEvent, SagaStatus, SagaStep
 from ..paginators import BoundedPaginator
 from ..permissions import ACTIONS, may_operate
@@ -249,6 +249,9 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         responses={
             200: PlanSerializer,
             400: OpenApiResponse(OpenApiTypes.OBJECT, description="Bad action or index."),
+            409: OpenApiResponse(
+                DetailSerializer, description="A step is running: try again shortly."
+            ),
             **ERROR_RESPONSES,
         },
     )
@@ -257,11 +260,14 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         saga = self.get_object()
         query = PlanQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
-        preview = saga_plan(
-            saga_id=saga.pk,
-            action=query.validated_data["action"],
-            index=query.validated_data.get("index"),
-        )
+        try:
+            preview = saga_plan(
+                saga_id=saga.pk,
+                action=query.validated_data["action"],
+                index=query.validated_data.get("index"),
+            )
+        except SagaBusy as exc:  # a step holds the saga: its action would answer the same
+            raise Conflict(str(exc)) from exc
         return Response(PlanSerializer(preview).data)
 
 

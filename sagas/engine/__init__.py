@@ -21,7 +21,7 @@ from .operator import (
     retry,
 )
 from .recovery import deadline_passed, recover
-from .unit import Outcome, SafeError, Unit, lock, safe_error
+from .unit import Outcome, SafeError, Unit, class_path, lock, safe_error
 
 __all__ = [
     "Outcome",
@@ -29,6 +29,7 @@ __all__ = [
     "SafeError",
     "Unit",
     "begin_compensation",
+    "class_path",
     "compensate",
     "compensate_step",
     "compensation_attempt_failed",

@@ -8,6 +8,12 @@ attempt itself would have. And it comes when an attempt committed but its task c
 the chain's next message (the broker refused it): the failed task's id names its step
 (`dispatch.task_id`), already done, so the callback sends the rest of the chain again.
 
+The callback is told the class of the failed task's exception (`cause`): a hard time limit
+(`TimeLimitExceeded`), the worker process lost (`WorkerLostError`: only where Celery does not
+deliver its message again), or anything else that made the task fail outside the attempt it
+records itself (a message a deploy made invalid, the engine's own error). Each is recorded as
+what it is, never one as another.
+
 Each callback carries the epoch of its chain. The first one to act sends a new chain and so
 raises the saga's epoch: a repeated or late callback finds a newer epoch and does nothing. A
 lost one is made up for by the sweeper, which finds the saga stalled and sends the same.
@@ -20,15 +26,44 @@ import logging
 from django.db import transaction
 
 from .compensation import finish_if_done, record_compensation_failure
-from .forward import record_attempt_failure
-from .unit import IN_PROGRESS, S, Unit, compensation_time_limit, hard_time_limit_error, lock
+from .forward import record_attempt_failure, record_unexpected_failure
+from .unit import (
+    IN_PROGRESS,
+    S,
+    SafeError,
+    Unit,
+    compensation_time_limit,
+    hard_time_limit_error,
+    lock,
+)
 
 logger = logging.getLogger("sagas")
 
 
-def step_chain_failed(saga_id: str, epoch: int | None, *, failed: int | None = None) -> None:
+def outside_attempt_error(cause: str | None, task_id: str, time_limit: int) -> SafeError:
+    """What a failed task's exception says of an attempt that recorded nothing."""
+    name = (cause or "").rsplit(".", 1)[-1]
+    if name == "TimeLimitExceeded":
+        return hard_time_limit_error(time_limit)
+    if name == "WorkerLostError":
+        return SafeError("worker_lost", "The step's worker process ended during its attempt.")
+    return SafeError(
+        "task_failed",
+        f"The step's task failed outside its attempt ({name or 'no exception named'}); the "
+        f"worker's log has its traceback under task {task_id}.",
+    )
+
+
+def step_chain_failed(
+    saga_id: str,
+    epoch: int | None,
+    *,
+    failed: int | None = None,
+    cause: str | None = None,
+    task_id: str = "",
+) -> None:
     """Error callback of a saga's forward chain; `failed` is the index of the step whose task
-    failed, where its task id tells. Idempotent."""
+    failed, where its task id tells, and `cause` the class of its exception. Idempotent."""
     with transaction.atomic():
         unit = lock(saga_id)
         saga = unit.saga
@@ -45,8 +80,14 @@ def step_chain_failed(saga_id: str, epoch: int | None, *, failed: int | None = N
             elif step.status not in IN_PROGRESS:
                 return
             else:
-                error = hard_time_limit_error(step.definition["time_limit"])
-                outcome = record_attempt_failure(unit, step, error, transient=True)
+                error = outside_attempt_error(cause, task_id, step.definition["time_limit"])
+                if error.code == "task_failed":  # not the step's doing: as a bug is treated
+                    detail = {"exception": cause or "", "reference": task_id}
+                    outcome = record_unexpected_failure(
+                        unit, step, error, detail=detail, reason="task failed"
+                    )
+                else:
+                    outcome = record_attempt_failure(unit, step, error, transient=True)
                 _carry_on(unit, outcome.kind, outcome.countdown, forward_from=step.index)
         else:
             return
@@ -54,9 +95,15 @@ def step_chain_failed(saga_id: str, epoch: int | None, *, failed: int | None = N
 
 
 def compensation_chain_failed(
-    saga_id: str, epoch: int | None, *, failed: int | None = None
+    saga_id: str,
+    epoch: int | None,
+    *,
+    failed: int | None = None,
+    cause: str | None = None,
+    task_id: str = "",
 ) -> None:
-    """Error callback of a saga's compensation chain; `failed` as above. Idempotent."""
+    """Error callback of a saga's compensation chain; `failed` and `cause` as above.
+    Idempotent."""
     with transaction.atomic():
         unit = lock(saga_id)
         if not unit.is_current(epoch) or unit.saga.status != S.COMPENSATING:
@@ -70,9 +117,9 @@ def compensation_chain_failed(
             # message: send the rest again, nothing failed.
             unit.send_compensations()
         else:
-            # The compensation in progress recorded nothing: a hard time limit stopped it.
+            # The compensation in progress recorded nothing: its task failed outside it.
             step = remaining[0]
-            error = hard_time_limit_error(compensation_time_limit(step))
+            error = outside_attempt_error(cause, task_id, compensation_time_limit(step))
             outcome = record_compensation_failure(unit, step, error)
             if unit.saga.status == S.COMPENSATING:
                 unit.send_compensations(countdown=outcome.countdown)

@@ -12,6 +12,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
+from ..exceptions import CodeMissing
 from ..models import EventKind
 from .rows import StepRow
 from .unit import (
@@ -23,11 +24,13 @@ from .unit import (
     SafeError,
     T,
     Unit,
-    call,
     compensation_time_limit,
     lock,
+    log_failure,
     policy_of,
+    resolve,
     safe_error,
+    staff_detail,
 )
 
 
@@ -66,12 +69,13 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
             return DUPLICATE
         if not _its_turn(unit, step):
             return STOP
+        undo = resolve(step.compensation) if step.compensation else None
         ctx = unit.context(step, compensation=True)
         with unit.attempt(step, compensation=True):
             if fault is not None:
                 fault.before_compensation()
-            if step.compensation:
-                call(step.compensation, ctx)
+            if undo is not None:
+                undo(ctx)
         unit.move_step(
             step,
             T.COMPENSATED,
@@ -108,12 +112,14 @@ def finish_if_done(unit: Unit) -> None:
 
 
 def _fail_saga(unit: Unit, step: StepRow) -> None:
+    detail = unit.remember_cause({"step": step.name})
+    unit.halt_compensation()
     unit.set_saga(
         current_step=step.index,
         error_code="compensation_failed",
         error_message=f"The compensation of step {step.name} failed.",
     )
-    unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, {"step": step.name})
+    unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, detail)
 
 
 def compensation_attempt_failed(
@@ -126,17 +132,33 @@ def compensation_attempt_failed(
         if not _its_turn(unit, step):
             return STOP
         error = safe_error(exc, time_limit=compensation_time_limit(step))
-        outcome = record_compensation_failure(unit, step, error)
+        attempt = step.compensation_attempts + 1
+        reference = log_failure(unit, step, attempt, exc, compensation=True)
+        outcome = record_compensation_failure(
+            unit,
+            step,
+            error,
+            give_up=isinstance(exc, CodeMissing),
+            detail=staff_detail(exc, reference),
+        )
         unit.save()
     return outcome
 
 
-def record_compensation_failure(unit: Unit, step: StepRow, error: SafeError) -> Outcome:
+def record_compensation_failure(
+    unit: Unit,
+    step: StepRow,
+    error: SafeError,
+    *,
+    give_up: bool = False,
+    detail: dict[str, Any] | None = None,
+) -> Outcome:
     """Count a failed compensation attempt from the rows; retry it, or give up on it.
 
-    Compensations retry any error. One that exhausts its policy is `compensation_failed`:
-    the saga stops there for an operator or, with `continue_compensation_on_failure`, the
-    chain goes on to the earlier steps ("done") and the saga ends failed after them.
+    Compensations retry any error, but for code that a deploy removed (`give_up`: retrying
+    cannot bring it back). One that exhausts its policy is `compensation_failed`: the saga
+    stops there for an operator or, with `continue_compensation_on_failure`, the chain goes
+    on to the earlier steps ("done") and the saga ends failed after them.
     """
     policy = policy_of(step, "compensation_retry")
     attempt = step.compensation_attempts + 1
@@ -145,16 +167,19 @@ def record_compensation_failure(unit: Unit, step: StepRow, error: SafeError) -> 
         "error_code": error.code,
         "error_message": error.message,
     }
-    if attempt < policy.max_attempts:
+    extra = detail or {}
+    if attempt < policy.max_attempts and not give_up:
         countdown = policy.countdown(attempt)
-        detail = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
-        unit.move_step(step, T.COMPENSATING, EventKind.COMPENSATION_RETRYING, detail, **values)
+        retrying = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
+        unit.move_step(
+            step, T.COMPENSATING, EventKind.COMPENSATION_RETRYING, {**retrying, **extra}, **values
+        )
         return Outcome("retry", countdown=countdown, error=error)
     unit.move_step(
         step,
         T.COMPENSATION_FAILED,
         EventKind.COMPENSATION_FAILED,
-        {**error.as_dict(), "attempt": attempt},
+        {**error.as_dict(), "attempt": attempt, **extra},
         **values,
     )
     if unit.to_compensate() and unit.saga.options.get("continue_compensation_on_failure"):

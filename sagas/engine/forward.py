@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from .. import dispatch, notify
 from ..definitions import SagaDefinition, StepContext, get_definition
-from ..exceptions import SagaKeyInFlight
+from ..exceptions import CodeMissing, SagaKeyInFlight, StepError
 from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
 from .compensation import begin_compensation
 from .rows import EventRow, StepRow, insert_saga
@@ -32,12 +32,15 @@ from .unit import (
     SafeError,
     T,
     Unit,
-    call,
     is_transient,
     lock,
+    log_failure,
     policy_of,
     publish_or_leave_to_sweeper,
+    resolve,
     safe_error,
+    staff_detail,
+    unexpected_error_policy,
 )
 
 
@@ -145,12 +148,18 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
             return STOP  # an earlier step is not done: this message is stale
         if saga.status == S.PENDING:
             unit.move_saga(S.RUNNING, None)  # the start was recorded when the saga was created
+        last = index + 1 == len(unit.steps)
+        # Imported before anything runs: code a deploy removed pauses the saga, and the last
+        # step does not run only for its `on_complete` to be found missing afterwards.
+        action = resolve(step.definition["action"])
+        on_complete_path = saga.options.get("on_complete") if last else None
+        on_complete = resolve(on_complete_path) if on_complete_path else None
         started = step.started_at or timezone.now()
         ctx = unit.context(step)
         with unit.attempt(step):
             if fault is not None:
                 fault.before_action()
-            output = call(step.definition["action"], ctx)
+            output = action(ctx)
             if fault is not None:
                 fault.after_action()
         finished = timezone.now()
@@ -171,11 +180,10 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
             error_message="",
         )
         unit.progressed()
-        if index + 1 == len(unit.steps):
-            on_complete = saga.options.get("on_complete")
-            if on_complete:
+        if last:
+            if on_complete is not None:
                 outputs = unit.outputs_before(len(unit.steps))
-                _ = call(on_complete, StepContext(saga.pk, "", saga.input, outputs, ctx.attempt))
+                _ = on_complete(StepContext(saga.pk, "", saga.input, outputs, ctx.attempt))
             unit.move_saga(S.COMPLETED, EventKind.SAGA_COMPLETED)
         else:
             unit.set_saga(current_step=index + 1)
@@ -192,10 +200,36 @@ def step_attempt_failed(
         step = unit.steps[index]
         if not _attempt_may_fail(unit, step):
             return STOP
+        reference = log_failure(unit, step, step.attempts + 1, exc)
+        try:
+            transient = _transient(step, exc)
+        except CodeMissing as missing:  # a transient class the deploy removed
+            exc, transient = missing, False
         error = safe_error(exc, time_limit=step.definition["time_limit"])
-        outcome = record_attempt_failure(unit, step, error, transient=_transient(step, exc))
+        detail = staff_detail(exc, reference)
+        if isinstance(exc, CodeMissing):
+            outcome = record_attempt_failure(unit, step, error, pause="code missing")
+        elif transient or isinstance(exc, StepError):
+            outcome = record_attempt_failure(unit, step, error, transient=transient, detail=detail)
+        else:
+            outcome = record_unexpected_failure(unit, step, error, detail=detail)
         unit.save()
     return outcome
+
+
+def record_unexpected_failure(
+    unit: Unit,
+    step: StepRow,
+    error: SafeError,
+    *,
+    detail: dict[str, Any],
+    reason: str = "unexpected error",
+) -> Outcome:
+    """An error the step did not declare: what its policy says (`on_unexpected_error`)."""
+    policy = unexpected_error_policy(step)
+    if policy == "pause":
+        return record_attempt_failure(unit, step, error, pause=reason, detail=detail)
+    return record_attempt_failure(unit, step, error, transient=policy == "retry", detail=detail)
 
 
 def _attempt_may_fail(unit: Unit, step: StepRow) -> bool:
@@ -210,13 +244,22 @@ def _transient(step: StepRow, exc: BaseException) -> bool:
 
 
 def record_attempt_failure(
-    unit: Unit, step: StepRow, error: SafeError, *, transient: bool
+    unit: Unit,
+    step: StepRow,
+    error: SafeError,
+    *,
+    transient: bool = False,
+    pause: str = "",
+    detail: dict[str, Any] | None = None,
 ) -> Outcome:
     """Count a failed attempt from the rows; retry it, or fail the step and decide what next.
 
     A business error is never retried. A transient one is, until the step's attempts (the
-    rows' count, whichever message ran them) reach its policy's `max_attempts`.
+    rows' count, whichever message ran them) reach its policy's `max_attempts`. With `pause`
+    (why), the step fails at once and the saga waits for an operator: an error the step did
+    not declare, or code that a deploy removed. `detail` is what staff see of the error.
     """
+    extra = detail or {}
     policy = policy_of(step, "retry")
     attempt = step.attempts + 1
     values: dict[str, Any] = {
@@ -228,23 +271,24 @@ def record_attempt_failure(
     if unit.saga.status == S.PENDING:
         unit.move_saga(S.RUNNING, None)
     unit.set_saga(current_step=step.index)
-    if transient and attempt < policy.max_attempts:
+    if transient and not pause and attempt < policy.max_attempts:
         countdown = policy.countdown(attempt)
-        detail = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
-        unit.move_step(step, T.RUNNING, EventKind.STEP_RETRYING, detail, **values)
+        retrying = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
+        unit.move_step(step, T.RUNNING, EventKind.STEP_RETRYING, {**retrying, **extra}, **values)
         return Outcome("retry", countdown=countdown, error=error)
     unit.move_step(
         step,
         T.FAILED,
         EventKind.STEP_FAILED,
-        {**error.as_dict(), "attempt": attempt, "exhausted": transient},
+        {**error.as_dict(), "attempt": attempt, "exhausted": transient, **extra},
         finished_at=timezone.now(),
         **values,
     )
     unit.set_saga(error_code=error.code, error_message=error.message)
-    pause = transient and step.definition.get("on_exhausted") == "pause"
+    if not pause and transient and step.definition.get("on_exhausted") == "pause":
+        pause = "paused by policy"
     if pause or unit.passed_pivot():
-        reason = "paused by policy" if pause else "failed after the pivot"
+        reason = pause or "failed after the pivot"
         unit.move_saga(S.FAILED, EventKind.SAGA_PAUSED, {"step": step.name, "reason": reason})
     else:
         # The error callback sends the compensations (or the sweeper, if it is lost).

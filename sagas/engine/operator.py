@@ -15,7 +15,7 @@ from django.utils import timezone
 from ..exceptions import InvalidTransition
 from ..models import EventKind
 from .compensation import begin_compensation, finish_if_done
-from .unit import OWED, S, T, Unit, lock, peek
+from .unit import S, T, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
 LOCK_WAIT = 5.0
@@ -36,17 +36,12 @@ def _names(steps: list) -> tuple[str, ...]:
     return tuple(s.name for s in steps)
 
 
-def _owed_in_order(unit: Unit) -> list:
-    return sorted((s for s in unit.steps if s.status in OWED), key=lambda s: -s.index)
-
-
 def plan_retry(unit: Unit) -> Plan:
     saga = unit.saga
     if saga.status != S.FAILED:
         return Plan("retry", False, f"Only a failed saga can be retried (it is {saga.status}).")
     if saga.is_backward:
-        owed = _owed_in_order(unit)
-        return Plan("retry", True, "Resume the compensation.", undo=_names(owed))
+        return Plan("retry", True, "Resume the compensation.", undo=_names(unit.owed_on_resume()))
     step = unit.in_progress()
     assert step is not None, "a failed saga going forward has a step to run"
     return Plan("retry", True, "Resume from the failed step.", run=_names(unit.steps[step.index :]))
@@ -71,14 +66,17 @@ def plan_resolve(unit: Unit, index: int) -> Plan:
     step = unit.steps[index]
     if unit.saga.status != S.FAILED or step.status != T.COMPENSATION_FAILED:
         return Plan("resolve", False, "Only a step whose compensation failed can be resolved.")
-    rest = _names([s for s in _owed_in_order(unit) if s.index != index])
+    rest = _names([s for s in unit.owed_on_resume() if s.index != index])
     return Plan("resolve", True, f"Mark {step.name} as compensated by hand.", undo=rest)
 
 
 def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
-    for step in unit.steps:
+    for step in unit.owed_on_resume():
         if step.status == T.COMPENSATION_FAILED:  # a new budget: the operator's decision
             unit.move_step(step, T.COMPENSATING, None, compensation_attempts=0)
+        elif step.status != T.COMPENSATING:  # never reached before the compensation halted
+            unit.move_step(step, T.COMPENSATING, None)
+    unit.restore_cause()
     unit.move_saga(S.COMPENSATING, kind, detail)
     if unit.to_compensate():
         unit.set_saga(current_step=unit.to_compensate()[0].index)
@@ -115,7 +113,15 @@ def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = 
             detail = {**_by(actor, bulk_action_id), "from": step.name}
             if step.status == T.FAILED:  # a new budget of attempts: the operator's decision
                 detail["attempts_before"] = step.attempts
-                unit.move_step(step, T.PENDING, None, finished_at=None, attempts=0)
+                unit.move_step(
+                    step,
+                    T.PENDING,
+                    None,
+                    finished_at=None,
+                    attempts=0,
+                    error_code="",
+                    error_message="",
+                )
             unit.set_saga(current_step=step.index, error_code="", error_message="")
             unit.move_saga(S.RUNNING, EventKind.OPERATOR_RETRY, detail)
             unit.send_forward(step.index)

@@ -26,8 +26,9 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
     unit.set_saga(recovery_attempts=stalls)
     if stalls > max_recoveries:
         message = f"No progress after {max_recoveries} recoveries in a row; needs an operator."
+        detail = unit.remember_cause({"reason": "recovery_exhausted", "direction": saga.direction})
+        unit.halt_compensation()
         unit.set_saga(error_code="recovery_exhausted", error_message=message)
-        detail = {"reason": "recovery_exhausted", "direction": saga.direction}
         unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, detail)
         unit.save()
         return False

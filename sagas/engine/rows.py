@@ -37,7 +37,7 @@ from psycopg.pq import Format
 
 from ..definitions import RetryPolicy
 from ..exceptions import SagaBusy
-from ..models import Direction, Saga, SagaEvent, SagaStep
+from ..models import Direction, EventKind, Saga, SagaEvent, SagaStep
 
 
 class SagaRow:
@@ -350,6 +350,28 @@ def policy(definition: dict[str, Any], key: str) -> RetryPolicy:
     if key not in definition.policies:
         definition.policies[key] = RetryPolicy.from_dict(definition[key])
     return definition.policies[key]
+
+
+# -- the timeline, read where a halted or resumed compensation needs it (rare) ---------------
+
+
+def completed_steps(saga_id: UUID) -> set[int]:
+    """The indexes of the saga's steps that completed: each completes at most once."""
+    events = SagaEvent.objects.filter(saga_id=saga_id, kind=EventKind.STEP_COMPLETED)
+    return set(events.values_list("step_index", flat=True))  # type: ignore[arg-type]
+
+
+def last_cause(saga_id: UUID) -> dict[str, str] | None:
+    """Why a backward saga compensates, as remembered when it last stopped for an operator
+    (`sagas.engine.unit.Unit.remember_cause`)."""
+    detail = (
+        SagaEvent.objects.filter(saga_id=saga_id, kind=EventKind.SAGA_FAILED)
+        .filter(detail__has_key="cause")
+        .order_by("-id")
+        .values_list("detail", flat=True)
+        .first()
+    )
+    return detail["cause"] if detail else None
 
 
 # -- writing ---------------------------------------------------------------------------------

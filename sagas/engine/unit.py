@@ -17,13 +17,14 @@ from typing import Any
 from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.core.signals import setting_changed
 from django.db import transaction
+from django.dispatch import receiver
 from django.utils import timezone
-from django.utils.module_loading import import_string
 
-from .. import dispatch, notify
-from ..definitions import RetryPolicy, StepContext
-from ..exceptions import InvalidTransition, StepError, TransientError
+from .. import conf, dispatch, notify
+from ..definitions import RetryPolicy, StepContext, import_callable
+from ..exceptions import CodeMissing, InvalidTransition, StepError, TransientError
 from ..models import Direction, SagaStatus, StepStatus
 from . import rows
 from .rows import EventRow, SagaRow, StepRow
@@ -47,11 +48,16 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
     T.RUNNING: {T.RUNNING, T.COMPLETED, T.FAILED, T.COMPENSATING},
     T.COMPLETED: {T.COMPENSATING},
     T.FAILED: {T.PENDING, T.COMPENSATING},
-    T.COMPENSATING: {T.COMPENSATING, T.COMPENSATED, T.COMPENSATION_FAILED},
+    # A compensation that halts gives the steps it never reached back their status
+    # (`Unit.halt_compensation`).
+    T.COMPENSATING: {T.COMPENSATING, T.COMPENSATED, T.COMPENSATION_FAILED, T.COMPLETED, T.FAILED},
     T.COMPENSATION_FAILED: {T.COMPENSATING, T.COMPENSATED},
     T.COMPENSATED: set(),
 }
 
+# The error codes of a backward saga that stopped for an operator: why it stopped, not why it
+# compensates (`Unit.remember_cause`).
+STOP_CODES = frozenset({"compensation_failed", "recovery_exhausted"})
 # Steps whose compensation is owed and not done: `compensating` ones wait for their turn.
 OWED = {T.COMPENSATING, T.COMPENSATION_FAILED}
 IN_PROGRESS = {T.PENDING, T.RUNNING}
@@ -68,7 +74,7 @@ class SafeError:
 
 def safe_error(exc: BaseException, *, time_limit: int | None = None) -> SafeError:
     """A code and message fit to store and show: never a traceback or exception text."""
-    if isinstance(exc, StepError):
+    if isinstance(exc, StepError | CodeMissing):
         return SafeError(exc.code, exc.message[:500])
     if isinstance(exc, SoftTimeLimitExceeded):
         return SafeError("time_limit", f"The step exceeded its time limit of {time_limit} s.")
@@ -82,30 +88,100 @@ def hard_time_limit_error(time_limit: int) -> SafeError:
     )
 
 
+def class_path(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def staff_detail(exc: BaseException, reference: str) -> dict[str, str]:
+    """What staff see of an error besides its safe code and message, in the timeline: the
+    exception's class and the reference under which the worker logged its traceback (for an
+    error the step did not declare), and its message where the project says that is safe
+    (`SAGAS_SHOWN_EXCEPTIONS`). API clients see none of it (`sagas.api`)."""
+    if isinstance(exc, StepError | CodeMissing):
+        return {}
+    detail = {"exception": class_path(type(exc)), "reference": reference}
+    if _shown(exc):
+        detail["exception_message"] = str(exc)[:500]
+    return detail
+
+
+def _shown(exc: BaseException) -> bool:
+    for path in conf.shown_exceptions():
+        try:
+            if isinstance(exc, _import(path)):
+                return True
+        except CodeMissing:
+            continue
+    return False
+
+
 @cache
 def _import(path: str) -> Any:
-    return import_string(path)
+    """The callable at `path` (renamed by `SAGAS_RENAMED_CALLABLES`), imported once per
+    process; `CodeMissing` if it does not import (not remembered: a retry imports again)."""
+    return import_callable(path)
 
 
-@cache
-def _importable(path: str) -> type[BaseException] | None:
-    """The exception class at `path`, or None (logged once) if it no longer imports."""
-    try:
-        return _import(path)  # type: ignore[no-any-return]
-    except ImportError:
-        logger.error("transient exception %s cannot be imported; it matches nothing", path)
-        return None
+@receiver(setting_changed)
+def _forget_imports(*, setting: str, **kwargs: Any) -> None:
+    if setting == "SAGAS_RENAMED_CALLABLES":
+        _import.cache_clear()
 
 
 def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
+    """Whether the policy retries `exc`. Raises `CodeMissing` when one of its transient
+    classes no longer imports and `exc` is not a declared `StepError`: then nobody can tell."""
     if isinstance(exc, TransientError | SoftTimeLimitExceeded):
         return True
-    classes = (_importable(str(path)) for path in policy.transient)
-    return any(cls is not None and isinstance(exc, cls) for cls in classes)
+    missing: CodeMissing | None = None
+    for path in policy.transient:
+        try:
+            cls = _import(str(path))
+        except CodeMissing as error:
+            missing = missing or error
+            continue
+        if isinstance(exc, cls):
+            return True
+    if missing is not None and not isinstance(exc, StepError):
+        raise missing
+    return False
+
+
+def unexpected_error_policy(step: StepRow) -> str:
+    """What an error the step did not declare does: its definition's, or the setting's."""
+    return str(step.definition.get("on_unexpected_error") or conf.on_unexpected_error())
 
 
 def call(path: str, ctx: StepContext) -> Any:
     return _import(path)(ctx)
+
+
+def resolve(path: str) -> Any:
+    """The callable stored as `path`, before an attempt runs anything: `CodeMissing` if a
+    deploy removed it, so that nothing of the attempt runs (`call` imports the same, cached)."""
+    return _import(path)
+
+
+def log_failure(
+    unit: Unit, step: StepRow, attempt: int, exc: BaseException, *, compensation: bool = False
+) -> str:
+    """Log a failed attempt for the developer reading the worker's log: one line for a declared
+    error (a decline, a transient fault), the traceback for anything else (a bug in the step's
+    code). Returns the reference that finds the record, which the timeline shows staff."""
+    what = "compensation-" if compensation else ""
+    reference = f"{unit.saga.pk}/{step.name}/{what}{attempt}"
+    expected = isinstance(exc, StepError | CodeMissing | SoftTimeLimitExceeded)
+    logger.warning(
+        "saga %s step %s %sattempt %d failed: %s [%s]",
+        unit.saga.pk,
+        step.name,
+        "compensation " if compensation else "",
+        attempt,
+        type(exc).__name__,
+        reference,
+        exc_info=None if expected else exc,
+    )
+    return reference
 
 
 def policy_of(step: StepRow, key: str) -> RetryPolicy:
@@ -298,6 +374,51 @@ class Unit:
         if current is not None and current.definition.get("compensate_failed_step"):
             owed.append(current)
         return sorted(owed, key=lambda s: s.index, reverse=True)
+
+    def owed_on_resume(self) -> list[StepRow]:
+        """What resuming a backward saga's compensation would undo, in reverse order: the steps
+        owed or whose compensation failed, and those a halted compensation never reached
+        (completed ones, and a failed step its definition says to compensate)."""
+        owed = [
+            s
+            for s in self.steps
+            if s.status in (T.COMPLETED, *OWED)
+            or (s.status == T.FAILED and s.definition.get("compensate_failed_step"))
+        ]
+        return sorted(owed, key=lambda s: s.index, reverse=True)
+
+    def halt_compensation(self) -> None:
+        """The compensation stops for an operator: the steps it never reached get back the
+        status they had (completed, or failed for a step that never completed), with no
+        error of a compensation attempt, so that the saga shows what was undone and what
+        was not. Resuming it (`owed_on_resume`) marks them owed again."""
+        waiting = [s for s in self.steps if s.status == T.COMPENSATING]
+        if not waiting:
+            return
+        completed = rows.completed_steps(self.saga.pk)
+        for step in waiting:
+            if step.index in completed:
+                self.move_step(step, T.COMPLETED, None, error_code="", error_message="")
+            else:
+                self.move_step(step, T.FAILED, None)
+
+    def remember_cause(self, detail: dict[str, Any]) -> dict[str, Any]:
+        """`detail` of the event by which a backward saga stops, with why it was compensating
+        (its error code and message), which a retry restores (`restore_cause`)."""
+        if self.saga.is_backward and self.saga.error_code not in STOP_CODES:
+            detail = {
+                **detail,
+                "cause": {"code": self.saga.error_code, "message": self.saga.error_message},
+            }
+        return detail
+
+    def restore_cause(self) -> None:
+        """A backward saga resumes its compensation: its error is again why it compensates
+        (the failed step's, `deadline_passed`, or none for an operator's abort), not why it
+        stopped."""
+        cause = rows.last_cause(self.saga.pk)
+        if cause is not None:
+            self.set_saga(error_code=cause["code"], error_message=cause["message"])
 
     def passed_pivot(self) -> bool:
         return any(s.definition.get("pivot") and s.status == T.COMPLETED for s in self.steps)

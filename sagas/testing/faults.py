@@ -70,10 +70,8 @@ class Injector:
         """A crash here loses the chain's error callback; a repeat sends it twice."""
         if self.effects.get(FaultPoint.AFTER_FINAL_FAILURE) == FaultEffect.REPEAT_CALLBACK:
             errback = dispatch.ON_STEP_FAILURE if forward else dispatch.ON_COMPENSATION_FAILURE
-            signature = current_app.signature(
-                errback, args=(task_id, saga_id), kwargs={"epoch": epoch}
-            )
-            signature.apply_async(countdown=1)
+            cause = "sagas.tasks.StepFailed"
+            dispatch.send_error_callback(errback, task_id, saga_id, epoch, cause, countdown=1)
         self.fire(FaultPoint.AFTER_FINAL_FAILURE)
 
 

@@ -251,7 +251,8 @@ class FailureMatrix:
         carry_on = self.definition.continue_compensation_on_failure
         statuses = self._stopped_at(trigger, paused=True, code=BUSINESS, attempts=1).steps
         statuses |= {n: T.COMPENSATED for n in before} | {name: T.COMPENSATION_FAILED}
-        statuses |= {n: T.COMPENSATED if carry_on else T.COMPENSATING for n in after}
+        # A compensation that halts leaves the steps it never reached completed.
+        statuses |= {n: T.COMPENSATED if carry_on else T.COMPLETED for n in after}
         expected = Expected(
             status=S.FAILED,
             error_code="compensation_failed",
