@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck pytest browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
+.PHONY: install run test lint typecheck docs pytest browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -21,8 +21,8 @@ install: $(STAMP)
 run: install
 	$(BIN)/python -m sagaproject.stack
 
-## The whole suite: lint, type check, tests (fresh test database).
-test: lint typecheck pytest
+## The whole suite: lint, type check, the docs, tests (fresh test database).
+test: lint typecheck docs pytest
 
 lint: install
 	$(BIN)/ruff check .
@@ -30,6 +30,10 @@ lint: install
 
 typecheck: install
 	$(BIN)/mypy sagas sagaproject orders payments inventory shipping
+
+## The documentation site (Sphinx, MyST, Furo) in docs/_build/html, warnings as errors.
+docs: install
+	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
 pytest: install browser
 	$(BIN)/pytest --create-db $(PYTEST_ARGS)
@@ -89,4 +93,4 @@ demo: install
 	$(BIN)/python manage.py demo_orders
 
 clean:
-	rm -rf $(VENV) .local test-artifacts .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+	rm -rf $(VENV) .local test-artifacts docs/_build .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

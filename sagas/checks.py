@@ -145,7 +145,7 @@ def _warning(message: str, hint: str, id: str) -> checks.Warning:
 
 @checks.register("sagas")
 def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
-    """The Celery settings that `README.md` ("Crash safety") says the guarantees rely on."""
+    """The Celery settings the guarantees rely on (`docs/explanation/guarantees.md`)."""
     app = current_app
     config = app.conf
     found: list[checks.CheckMessage] = []

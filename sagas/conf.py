@@ -1,7 +1,7 @@
 """The framework's settings: every `SAGAS_*` Django setting is read here, with its default.
 
 Each is read when it is used, not at import, so a changed setting (a test's override) applies.
-The README lists them under "Settings of the framework".
+The docs list them in `docs/reference/settings.md` ("Settings of the framework").
 """
 
 from __future__ import annotations
