@@ -1,9 +1,9 @@
 """Adoption: the wheel, installed alone in a fresh virtual environment, runs sagas in a new project.
 
 For Django 5.2 LTS on Python 3.11 and for the current Django 6 on Python 3.13, it does what the
-README's "Use it in your own project" says, with the README's own files: `pip install` the wheel
+tutorial (`docs/tutorial.md`) says, with the tutorial's own files: `pip install` the wheel
 with its `api` extra (from PyPI for the rest), `django-admin startproject mysite`, the settings,
-Celery app and URLs of the README, an app `shop` with the README's two-step saga, `migrate`
+Celery app and URLs of the tutorial, an app `shop` with the tutorial's two-step saga, `migrate`
 against a PostgreSQL database of the test's own, then a real worker and beat on a Redis queue of
 the test's own. A saga completes, one compensates, one pauses for an operator; then, as a staff
 user through Django's test client, the admin's list and detail pages, the retry action through
@@ -37,7 +37,7 @@ from psycopg import sql
 from sagaproject.celery import app as celery_app
 
 ROOT = Path(__file__).resolve().parent.parent
-README_SECTION = "## Use it in your own project"
+TUTORIAL = ROOT / "docs" / "tutorial.md"
 
 # (Python, the Django series installed beside the wheel): pyproject.toml declares these Django
 # versions and no others, as test_the_wheel_holds_sagas_alone checks.
@@ -59,7 +59,7 @@ NOT_SHIPPED = {
     "whitenoise",
 }
 
-# What the README leaves to the reader's own app: its model and its steps. The charge fails
+# What the tutorial leaves to the reader's own app: its model and its steps. The charge fails
 # for good on a declined card, and transiently while the file named in the input exists (the
 # card gateway is down), so that the saga pauses for an operator until the file is removed.
 SHOP_MODELS = """
@@ -229,25 +229,23 @@ def find_python(version: str) -> str | None:
     return None
 
 
-def readme_section() -> str:
-    text = (ROOT / "README.md").read_text()
-    assert README_SECTION in text, f"README.md has no section {README_SECTION!r}"
-    return text.split(README_SECTION, 1)[1].split("\n## ", 1)[0]
+def tutorial_text() -> str:
+    return TUTORIAL.read_text()
 
 
-def readme_files() -> dict[str, str]:
-    """The files of the README's "Use it in your own project", by the path in their first line."""
+def tutorial_files() -> dict[str, str]:
+    """The files of the tutorial, by the path in their first line."""
     files = {}
-    for block in re.findall(r"```python\n(.*?)```", readme_section(), flags=re.DOTALL):
+    for block in re.findall(r"```python\n(.*?)```", tutorial_text(), flags=re.DOTALL):
         first = block.split("\n", 1)[0]
-        assert first.startswith("# "), f"a Python block of the README names no file: {first!r}"
+        assert first.startswith("# "), f"a Python block of the tutorial names no file: {first!r}"
         files[first[2:].split(":", 1)[0].strip()] = block
     return files
 
 
-def readme_commands() -> list[str]:
-    """The shell commands of the README's "Use it in your own project"."""
-    blocks = re.findall(r"```sh\n(.*?)```", readme_section(), flags=re.DOTALL)
+def tutorial_commands() -> list[str]:
+    """The shell commands of the tutorial."""
+    blocks = re.findall(r"```sh\n(.*?)```", tutorial_text(), flags=re.DOTALL)
     lines = [line.split("  #", 1)[0].strip() for block in blocks for line in block.splitlines()]
     return [line for line in lines if line]
 
@@ -421,8 +419,8 @@ def project_env(venv: Path) -> dict[str, str]:
 
 
 def start_project(venv: Path, env: dict, project: Path, *, database: dict, queue: str) -> None:
-    """`django-admin startproject`, `startapp`, the README's files, migrations."""
-    files = readme_files()
+    """`django-admin startproject`, `startapp`, the tutorial's files, migrations."""
+    files = tutorial_files()
     project.mkdir()
     run([venv / "bin" / "django-admin", "startproject", "mysite", project], env=env)
     manage = [venv / "bin" / "python", "manage.py"]
@@ -450,7 +448,7 @@ def start_project(venv: Path, env: dict, project: Path, *, database: dict, queue
     run([*manage, "migrate"], cwd=project, env=env)
     # The migrations in the wheel match its models on this Django: nothing left to make.
     run([*manage, "makemigrations", "--check", "--dry-run"], cwd=project, env=env)
-    # The README's settings pass the framework's checks, those that query the database too.
+    # The tutorial's settings pass the framework's checks, those that query the database too.
     run([*manage, "check", "--fail-level", "WARNING"], cwd=project, env=env)
     run(
         [*manage, "check", "--database", "default", "--fail-level", "WARNING"], cwd=project, env=env
@@ -492,7 +490,7 @@ print(json.dumps(found))
 
 
 def run_project(venv: Path, env: dict, project: Path, *, queue: str, logs: Path) -> dict:
-    """A worker and beat (the README's commands, the worker named after the queue and without
+    """A worker and beat (the tutorial's commands, the worker named after the queue and without
     the start-up chatter), and the checks of CHECK against them. Returns what CHECK saw."""
     celery = [venv / "bin" / "celery", "-A", "mysite"]
     quiet = ["--without-gossip", "--without-mingle"]
@@ -525,14 +523,14 @@ def test_a_new_project_runs_sagas_from_the_wheel(
     tmp_path: Path,
 ):
     python = interpreter(python_version)
-    commands = readme_commands()
+    commands = tutorial_commands()
     for command in (
         'pip install "django-sagas[api]"',
         "python manage.py migrate",
         "celery -A mysite worker -l info",
         "celery -A mysite beat -l info -s /var/lib/mysite/celerybeat-schedule",
     ):
-        assert command in commands, f"the README no longer says {command!r}"
+        assert command in commands, f"the tutorial no longer says {command!r}"
     started = time.monotonic()
     venv, project = tmp_path / "venv", tmp_path / "mysite"
 

@@ -1,4 +1,4 @@
-"""The framework's settings: each read through `sagas.conf`, with the default the README gives."""
+"""The framework's settings: each read through `sagas.conf`, with the default the docs give."""
 
 from __future__ import annotations
 
@@ -105,8 +105,8 @@ def test_no_module_reads_a_sagas_setting_but_conf():
     assert readers == []
 
 
-def test_every_setting_is_in_the_readme_with_its_default():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Settings of the framework", 1)[1].split("\n#", 1)[0]
+def test_every_setting_is_in_the_docs_settings_table_with_its_default():
+    page = (ROOT / "docs" / "reference" / "settings.md").read_text()
+    section = page.split("## Settings of the framework", 1)[1].split("\n#", 1)[0]
     documented = set(re.findall(r"^\| `(SAGAS_[A-Z_]+)` \| [^|]+ \|", section, re.MULTILINE))
     assert documented == conf_setting_names()
