@@ -13,6 +13,7 @@ import django
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "docs" / "_ext"))
 
 # autodoc imports the framework's modules, which need Django's app registry. The reference
 # project's settings start embedded PostgreSQL and Redis servers where these are unset; the
@@ -34,11 +35,13 @@ extensions = [
     "myst_parser",
     "sphinx.ext.autodoc",
     "sphinx.ext.intersphinx",
+    # The REST API's endpoints, from its OpenAPI schema (docs/_ext/sagas_openapi.py).
+    "sagas_openapi",
 ]
 
 source_suffix = {".md": "markdown"}
 root_doc = "index"
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "_ext"]
 
 # Links to a page's heading (`page.md#heading`), as GitHub renders them.
 myst_heading_anchors = 3
