@@ -1,8 +1,6 @@
 """Django system checks: what the framework's guarantees need, checked by `manage.py check`.
 
 - `sagas.E001`: a registered definition's callable or exception class does not import.
-- `sagas.E002`: unfinished sagas store an import path that does not import (a check of the
-  `database` tag: `manage.py check --database default`).
 - `sagas.E003`: `SAGAS_RENAMED_CALLABLES` is not a mapping of paths, or it loops.
 - `sagas.W001`: `task_acks_late` is off.
 - `sagas.W002`: `task_reject_on_worker_lost` is off.
@@ -12,6 +10,9 @@
 - `sagas.W006`: the Celery app does not use `sagas.broker:BrokerAMQP` (with Redis).
 - `sagas.W007`: the worker pool cannot stop a step at its hard time limit (also logged by a
   worker started with such a pool, which the checks cannot see).
+- `sagas.W008`: unfinished sagas store an import path that does not import (a check of the
+  `database` tag: `manage.py check --database default`; `migrate` runs it too, so it warns
+  rather than stops a migration).
 
 The Celery settings are read from the current Celery app: the project's, which its package
 imports (`mysite/__init__.py`), configured from Django's settings (`CELERY_` prefix).
@@ -27,6 +28,7 @@ from typing import Any
 from celery import current_app
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError
 
 from . import conf
 from .definitions import import_callable, registered, stored_paths
@@ -61,7 +63,7 @@ def _renamed_invalid() -> checks.Error | None:
             id="sagas.E003",
         )
     except CodeMissing:
-        pass  # a new path that does not import: E001 or E002 names it where it is used
+        pass  # a new path that does not import: E001 or W008 names it where it is used
     return None
 
 
@@ -93,16 +95,38 @@ def check_stored_paths(
     `manage.py check --database default`."""
     if not databases or "default" not in databases or _renamed_invalid() is not None:
         return []
-    users = _stored_paths_in_use()
+    try:
+        users = _stored_paths_in_use()
+    except DatabaseError as exc:  # not migrated yet (`migrate` runs this check first), or down
+        if not _tables_exist():
+            return []
+        return [
+            checks.Warning(
+                f"The unfinished sagas' import paths could not be read ({type(exc).__name__}).",
+                hint="Run `manage.py check --database default` again once `migrate` has run.",
+                id="sagas.W008",
+            )
+        ]
     return [
-        checks.Error(
+        checks.Warning(
             f"'{missing.path}' does not import, and {_sagas(users[missing.path])} store it.",
             hint="Such a saga pauses when it reaches it. Bring the code back, or map the path "
             "to its new one in SAGAS_RENAMED_CALLABLES, then retry the paused sagas.",
-            id="sagas.E002",
+            id="sagas.W008",
         )
         for missing in _missing(users)
     ]
+
+
+def _tables_exist() -> bool:
+    from django.db import connection
+
+    from .models import Saga
+
+    try:
+        return Saga._meta.db_table in connection.introspection.table_names()
+    except DatabaseError:
+        return False
 
 
 def _sagas(names: dict[str, int]) -> str:

@@ -18,6 +18,7 @@ import pytest
 from django.conf import settings
 
 from sagaproject.celery import app as celery_app
+from sagas import definitions
 from sagas.testing.worker import CeleryWorker, wait_for
 from tests import sagadefs  # noqa: F401  (registers the test sagas in this process too)
 
@@ -153,6 +154,17 @@ def _quiet_then_flush(flush):
         flush(self)
 
     return fixture_teardown
+
+
+@pytest.fixture(autouse=True)
+def forget_definitions():
+    """Definitions a test registers (some of whose paths do not import, on purpose) are
+    forgotten afterwards: `manage.py` commands run in this process check the registered ones
+    (`sagas.E001`), and a later test must find the definitions it knows."""
+    before = dict(definitions._registry)
+    yield
+    definitions._registry.clear()
+    definitions._registry.update(before)
 
 
 @pytest.fixture

@@ -119,8 +119,8 @@ def test_unfinished_sagas_whose_stored_paths_do_not_import_are_found_with_the_da
     )
     saga, _ = saga_start(name="moved", input={})
     definitions._registry.pop("moved")  # the deploy removed the definition too
-    assert "sagas.E002" not in ids()  # without --database, no query
-    found = [m for m in checks.run_checks(databases=["default"]) if m.id == "sagas.E002"]
+    assert "sagas.W008" not in ids()  # without --database, no query
+    found = [m for m in checks.run_checks(databases=["default"]) if m.id == "sagas.W008"]
     assert sorted(m.msg.split("'")[1] for m in found) == [
         "tests.sagadefs.also_moved",
         "tests.sagadefs.moved_away",
@@ -132,9 +132,9 @@ def test_unfinished_sagas_whose_stored_paths_do_not_import_are_found_with_the_da
             "tests.sagadefs.also_moved": RECORD,
         }
     ):
-        assert "sagas.E002" not in ids(databases=["default"])
+        assert "sagas.W008" not in ids(databases=["default"])
     saga.__class__.objects.filter(pk=saga.pk).update(status="completed")
-    assert "sagas.E002" not in ids(databases=["default"])
+    assert "sagas.W008" not in ids(databases=["default"])
 
 
 def test_a_worker_of_another_pool_says_so_in_its_log(tmp_path):

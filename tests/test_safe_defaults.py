@@ -18,7 +18,6 @@ from django.db import transaction
 from django.urls import reverse
 from rest_framework.test import APIClient
 
-from sagas import definitions
 from sagas.definitions import RetryPolicy, SagaDefinition, Step, register
 from sagas.models import EventKind, Saga, SagaEvent
 from sagas.services import saga_retry, saga_start, saga_step_resolve
@@ -53,16 +52,6 @@ def kinds(saga: Saga) -> list[str]:
 def define(name: str, *steps: Step, **options) -> str:
     register(SagaDefinition(name=name, steps=list(steps), **options))
     return name
-
-
-@pytest.fixture(autouse=True)
-def forget_definitions():
-    """The tests' definitions (some of whose paths do not import, on purpose) are forgotten
-    afterwards: `manage.py` commands run in this process check the registered ones."""
-    before = dict(definitions._registry)
-    yield
-    definitions._registry.clear()
-    definitions._registry.update(before)
 
 
 # -- 1. a deploy that moves code pauses, never compensates -----------------------------------
