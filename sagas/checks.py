@@ -2,6 +2,7 @@
 
 - `sagas.E001`: a registered definition's callable or exception class does not import.
 - `sagas.E003`: `SAGAS_RENAMED_CALLABLES` is not a mapping of paths, or it loops.
+- `sagas.E004`: `SAGAS_ON_UNEXPECTED_ERROR` is not one of pause, compensate, retry.
 - `sagas.W001`: `task_acks_late` is off.
 - `sagas.W002`: `task_reject_on_worker_lost` is off.
 - `sagas.W003`: `worker_prefetch_multiplier` is not 1.
@@ -52,6 +53,12 @@ def _missing(paths: Iterable[str]) -> Iterable[CodeMissing]:
             yield missing
 
 
+def _why(missing: CodeMissing) -> str:
+    """What importing it raised: `ModuleNotFoundError`, or the error of a module that fails as
+    it loads (a `SyntaxError`, a `RuntimeError`)."""
+    return type(missing.__cause__).__name__ if missing.__cause__ is not None else "unknown"
+
+
 def _renamed_invalid() -> checks.Error | None:
     try:
         for path in conf.renamed_callables():
@@ -73,9 +80,10 @@ def check_definitions(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
     invalid = _renamed_invalid()
     if invalid is not None:
         return [invalid]
-    return [
+    policy = _policy_invalid()
+    return policy + [
         checks.Error(
-            f"Saga {name!r}: {missing}.",
+            f"Saga {name!r}: {missing} ({_why(missing)}).",
             hint="A saga that reaches it pauses for an operator. Fix the path, or map the old "
             "one to the new one in SAGAS_RENAMED_CALLABLES.",
             obj=name,
@@ -84,6 +92,20 @@ def check_definitions(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
         for name, definition in sorted(registered().items())
         for missing in _missing(definition.paths())
     ]
+
+
+def _policy_invalid() -> list[checks.CheckMessage]:
+    try:
+        conf.on_unexpected_error()
+    except ImproperlyConfigured as exc:
+        return [
+            checks.Error(
+                str(exc),
+                hint="A worker that meets an unexpected error pauses its saga until it is fixed.",
+                id="sagas.E004",
+            )
+        ]
+    return []
 
 
 @checks.register(checks.Tags.database)
@@ -109,7 +131,8 @@ def check_stored_paths(
         ]
     return [
         checks.Warning(
-            f"'{missing.path}' does not import, and {_sagas(users[missing.path])} store it.",
+            f"'{missing.path}' does not import ({_why(missing)}), and "
+            f"{_sagas(users[missing.path])} store it.",
             hint="Such a saga pauses when it reaches it. Bring the code back, or map the path "
             "to its new one in SAGAS_RENAMED_CALLABLES, then retry the paused sagas.",
             id="sagas.W008",

@@ -11,6 +11,7 @@ from functools import cached_property
 from typing import Any, Literal
 from uuid import UUID
 
+from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
 from .exceptions import CodeMissing, DefinitionError, SagaKeyError
@@ -313,10 +314,13 @@ def renamed(path: str) -> str:
 def import_callable(path: str) -> Any:
     """The callable (or class) stored as `path`, under its new path if it was renamed; raises
     `CodeMissing`, naming the path, when it does not import."""
-    target = renamed(path)
+    try:
+        target = renamed(path)
+    except (DefinitionError, ImproperlyConfigured) as exc:  # a mapping that loops, or no dict
+        raise CodeMissing(path) from exc
     try:
         return import_string(target)
-    except ImportError as exc:
+    except Exception as exc:  # not there, or its module fails as it loads (a broken deploy)
         raise CodeMissing(path, target) from exc
 
 

@@ -40,6 +40,15 @@ from .unit import (
 logger = logging.getLogger("sagas")
 
 
+# Exceptions by which the broker, not the step, failed a task: a message it refused (the
+# retry's, the chain's next one), which Celery's `Task.retry` turns into `Reject`.
+BROKER_MODULES = ("kombu.", "amqp.", "redis.", "celery.exceptions.Reject")
+
+
+def broker_failed(cause: str | None) -> bool:
+    return bool(cause) and str(cause).startswith(BROKER_MODULES)
+
+
 def outside_attempt_error(cause: str | None, task_id: str, time_limit: int) -> SafeError:
     """What a failed task's exception says of an attempt that recorded nothing."""
     name = (cause or "").rsplit(".", 1)[-1]
@@ -73,9 +82,10 @@ def step_chain_failed(
         if saga.status == S.COMPENSATING:
             unit.send_compensations()  # the failed attempt began the compensation
         elif saga.status in (S.PENDING, S.RUNNING) and (step := unit.in_progress()):
-            if failed is not None and failed < step.index:
-                # That step committed; then its task failed to send the chain's next message
-                # (the broker refused it): send the rest again, nothing failed.
+            if (failed is not None and failed < step.index) or broker_failed(cause):
+                # That step committed, or the step's retry was recorded; then its task failed
+                # to send the next message (the broker refused it): send it again, nothing
+                # failed.
                 unit.send_forward(step.index)
             elif step.status not in IN_PROGRESS:
                 return
@@ -112,9 +122,11 @@ def compensation_chain_failed(
         remaining = unit.to_compensate()
         if not remaining:
             finish_if_done(unit)
-        elif failed is not None and failed not in {step.index for step in remaining}:
-            # That compensation committed; then its task failed to send the chain's next
-            # message: send the rest again, nothing failed.
+        elif (failed is not None and failed not in {s.index for s in remaining}) or (
+            broker_failed(cause)
+        ):
+            # That compensation committed (or its retry was recorded); then its task failed to
+            # send the next message: send the rest again, nothing failed.
             unit.send_compensations()
         else:
             # The compensation in progress recorded nothing: its task failed outside it.

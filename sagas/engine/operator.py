@@ -15,7 +15,7 @@ from django.utils import timezone
 from ..exceptions import InvalidTransition
 from ..models import EventKind
 from .compensation import begin_compensation, finish_if_done
-from .unit import S, T, Unit, lock, peek
+from .unit import STOP_CODES, S, T, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
 LOCK_WAIT = 5.0
@@ -44,7 +44,15 @@ def plan_retry(unit: Unit) -> Plan:
         return Plan("retry", True, "Resume the compensation.", undo=_names(unit.owed_on_resume()))
     step = unit.in_progress()
     assert step is not None, "a failed saga going forward has a step to run"
-    return Plan("retry", True, "Resume from the failed step.", run=_names(unit.steps[step.index :]))
+    reason = "Resume from the failed step."
+    if _deadline_passed(unit):
+        reason += " Its deadline passed while it waited: the retry clears it."
+    return Plan("retry", True, reason, run=_names(unit.steps[step.index :]))
+
+
+def _deadline_passed(unit: Unit) -> bool:
+    deadline = unit.saga.deadline_at
+    return deadline is not None and deadline <= timezone.now() and not unit.passed_pivot()
 
 
 def plan_compensate(unit: Unit) -> Plan:
@@ -111,6 +119,11 @@ def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = 
             step = unit.in_progress()
             assert step is not None
             detail = {**_by(actor, bulk_action_id), "from": step.name}
+            if _deadline_passed(unit):
+                # The operator chose to go on: the sweeper would otherwise compensate the
+                # saga as soon as it runs again (`sagas.engine.recovery.deadline_passed`).
+                detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
+                unit.set_saga(deadline_at=None)
             if step.status == T.FAILED:  # a new budget of attempts: the operator's decision
                 detail["attempts_before"] = step.attempts
                 unit.move_step(
@@ -135,6 +148,8 @@ def compensate(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | No
         unit = lock(saga_id, wait=LOCK_WAIT)
         plan = _allowed(plan_compensate(unit))
         unit.set_saga(recovery_attempts=0)
+        if unit.saga.error_code in STOP_CODES:  # why it stopped; it compensates for the abort
+            unit.set_saga(error_code="", error_message="")
         begin_compensation(unit, EventKind.OPERATOR_COMPENSATE, _by(actor, bulk_action_id))
         unit.save()
     return plan

@@ -17,6 +17,7 @@ from typing import Any
 from uuid import UUID
 
 from celery.exceptions import SoftTimeLimitExceeded
+from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.db import transaction
 from django.dispatch import receiver
@@ -24,7 +25,13 @@ from django.utils import timezone
 
 from .. import conf, dispatch, notify
 from ..definitions import RetryPolicy, StepContext, import_callable
-from ..exceptions import CodeMissing, InvalidTransition, StepError, TransientError
+from ..exceptions import (
+    BusinessError,
+    CodeMissing,
+    InvalidTransition,
+    StepError,
+    TransientError,
+)
 from ..models import Direction, SagaStatus, StepStatus
 from . import rows
 from .rows import EventRow, SagaRow, StepRow
@@ -50,7 +57,14 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
     T.FAILED: {T.PENDING, T.COMPENSATING},
     # A compensation that halts gives the steps it never reached back their status
     # (`Unit.halt_compensation`).
-    T.COMPENSATING: {T.COMPENSATING, T.COMPENSATED, T.COMPENSATION_FAILED, T.COMPLETED, T.FAILED},
+    T.COMPENSATING: {
+        T.COMPENSATING,
+        T.COMPENSATED,
+        T.COMPENSATION_FAILED,
+        T.COMPLETED,
+        T.FAILED,
+        T.PENDING,
+    },
     T.COMPENSATION_FAILED: {T.COMPENSATING, T.COMPENSATED},
     T.COMPENSATED: set(),
 }
@@ -130,7 +144,7 @@ def _forget_imports(*, setting: str, **kwargs: Any) -> None:
 
 def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
     """Whether the policy retries `exc`. Raises `CodeMissing` when one of its transient
-    classes no longer imports and `exc` is not a declared `StepError`: then nobody can tell."""
+    classes no longer imports and `exc` is not a `BusinessError` (never retried)."""
     if isinstance(exc, TransientError | SoftTimeLimitExceeded):
         return True
     missing: CodeMissing | None = None
@@ -142,14 +156,22 @@ def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
             continue
         if isinstance(exc, cls):
             return True
-    if missing is not None and not isinstance(exc, StepError):
-        raise missing
+    if missing is not None and not isinstance(exc, BusinessError):
+        raise missing  # a BusinessError is never retried: for the rest, nobody can tell
     return False
 
 
 def unexpected_error_policy(step: StepRow) -> str:
-    """What an error the step did not declare does: its definition's, or the setting's."""
-    return str(step.definition.get("on_unexpected_error") or conf.on_unexpected_error())
+    """What an error the step did not declare does: its definition's, or the setting's (an
+    invalid setting pauses: `sagas.E004` names it)."""
+    policy = step.definition.get("on_unexpected_error")
+    if policy:
+        return str(policy)
+    try:
+        return conf.on_unexpected_error()
+    except ImproperlyConfigured:
+        logger.exception("sagas.E004: an unexpected error pauses its saga")
+        return "pause"
 
 
 def call(path: str, ctx: StepContext) -> Any:
@@ -379,12 +401,17 @@ class Unit:
         """What resuming a backward saga's compensation would undo, in reverse order: the steps
         owed or whose compensation failed, and those a halted compensation never reached
         (completed ones, and a failed step its definition says to compensate)."""
-        owed = [
-            s
-            for s in self.steps
-            if s.status in (T.COMPLETED, *OWED)
-            or (s.status == T.FAILED and s.definition.get("compensate_failed_step"))
-        ]
+        owed = [s for s in self.steps if s.status in (T.COMPLETED, *OWED)]
+        # The step that was in progress when compensation began (the first that never
+        # completed), not undone yet: owed where its definition says it may have half-happened.
+        completed = rows.completed_steps(self.saga.pk)
+        current = next((s for s in self.steps if s.index not in completed), None)
+        if (
+            current is not None
+            and current.status in (T.PENDING, T.RUNNING, T.FAILED)
+            and current.definition.get("compensate_failed_step")
+        ):
+            owed.append(current)
         return sorted(owed, key=lambda s: s.index, reverse=True)
 
     def halt_compensation(self) -> None:
@@ -392,13 +419,18 @@ class Unit:
         status they had (completed, or failed for a step that never completed), with no
         error of a compensation attempt, so that the saga shows what was undone and what
         was not. Resuming it (`owed_on_resume`) marks them owed again."""
-        waiting = [s for s in self.steps if s.status == T.COMPENSATING]
+        # A compensation tried once is under way: it stays owed, with its error.
+        waiting = [
+            s for s in self.steps if s.status == T.COMPENSATING and not s.compensation_attempts
+        ]
         if not waiting:
             return
         completed = rows.completed_steps(self.saga.pk)
         for step in waiting:
             if step.index in completed:
-                self.move_step(step, T.COMPLETED, None, error_code="", error_message="")
+                self.move_step(step, T.COMPLETED, None)
+            elif not step.attempts and step.started_at is None:
+                self.move_step(step, T.PENDING, None)  # aborted before it ever ran
             else:
                 self.move_step(step, T.FAILED, None)
 
