@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck docs pytest browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
+.PHONY: install run test check lint typecheck docs pytest browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -23,6 +23,11 @@ run: install
 
 ## The whole suite: lint, type check, the docs, tests (fresh test database).
 test: lint typecheck docs pytest
+
+## The fast loop: lint, type check and the tests that run no process of their own (no worker,
+## server or browser; `-m "not system"`), on the test database of the last run.
+check: lint typecheck
+	$(BIN)/pytest -m "not system" -q $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

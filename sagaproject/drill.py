@@ -387,8 +387,12 @@ class SagaFaults:
             args.lost_callbacks,
             args.lost_callbacks,
         )
-        # Spread over the run: each saga is a candidate with this chance.
-        self.chance = min(1.0, 4 * (self.hung + 2 * self.lost) / max(args.sagas, 1))
+        # Spread over the run: each saga that may take one is a candidate with a chance that
+        # leaves room for all of them (a fifth of the sagas fail at a known step, half are
+        # clean). The chance is drawn per kind, so that a run almost surely plants every one.
+        sagas = max(args.sagas, 1)
+        self.failing_chance = min(1.0, 3 * (self.lost + self.repeated) / (0.2 * sagas))
+        self.clean_chance = min(1.0, 3 * self.hung / (0.5 * sagas))
 
     def for_saga(self, fails_at: str | None, *, clean: bool) -> list[dict[str, Any]]:
         """The faults of the next saga: `fails_at` is where it fails for good, if it does;
@@ -396,9 +400,9 @@ class SagaFaults:
         from orders.sagas import ORDER_FULFILMENT
         from sagas.testing.models import FaultEffect, FaultPoint
 
-        if self.rng.random() > self.chance:
-            return []
         if fails_at and (self.lost or self.repeated):
+            if self.rng.random() > self.failing_chance:
+                return []
             effect = (
                 FaultEffect.CRASH if self.lost >= self.repeated else FaultEffect.REPEAT_CALLBACK
             )
@@ -409,6 +413,8 @@ class SagaFaults:
             point = FaultPoint.AFTER_FINAL_FAILURE
             return [{"step_name": fails_at, "point": point, "effect": effect, "remaining": 1}]
         if clean and not fails_at and self.hung:
+            if self.rng.random() > self.clean_chance:
+                return []
             self.hung -= 1
             step = self.rng.choice(ORDER_FULFILMENT.steps)
             # Hang once (killed, then retried), or on every attempt (its policy decides).

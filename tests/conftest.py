@@ -41,6 +41,32 @@ ADDRESS = {
 }
 
 
+# The system tier: tests that run worker processes (the session's, or their own), servers,
+# a browser, fresh projects from the wheel, or pytest itself. `make check` runs the others, the
+# fast loop; `make test` runs both.
+SYSTEM_FIXTURES = {"workers", "saga_worker", "saga_db", "pytester"}
+SYSTEM_MODULES = {
+    "test_adoption",
+    "test_api_fuzz",
+    "test_browser",
+    "test_database_outage",
+    "test_drill",
+    "test_embedded",
+    "test_engine_stateful",
+    "test_production",
+    "test_redis_restart",
+    "test_stack",
+    "test_testkit",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+        if module in SYSTEM_MODULES or SYSTEM_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.system)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     from django.test import TransactionTestCase
 

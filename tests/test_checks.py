@@ -137,6 +137,7 @@ def test_unfinished_sagas_whose_stored_paths_do_not_import_are_found_with_the_da
     assert "sagas.W008" not in ids(databases=["default"])
 
 
+@pytest.mark.system
 def test_a_worker_of_another_pool_says_so_in_its_log(tmp_path):
     """The pool is chosen on the worker's command line too, where no check can see it."""
     from tests.conftest import worker_options

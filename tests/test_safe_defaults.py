@@ -85,6 +85,7 @@ def travel_worker(code: Path, queue: str, renamed: dict[str, str] | None = None)
     return CeleryWorker(**{**options, "queue": queue})
 
 
+@pytest.mark.system
 def test_a_step_renamed_by_a_deploy_pauses_its_saga_and_runs_once_mapped(
     transactional_db, tmp_path
 ):

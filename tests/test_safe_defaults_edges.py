@@ -121,6 +121,7 @@ def empty_database():
         )
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     "command",
     [["migrate", "--noinput"], ["check", "--database", "default"]],
@@ -202,6 +203,7 @@ def test_a_declared_transient_steperror_whose_path_a_deploy_moved_pauses(saga_db
 # -- SAGAS_RENAMED_CALLABLES that loops, read inside a worker ---------------------------------
 
 
+@pytest.mark.system
 @pytest.mark.django_db(transaction=True)
 def test_a_renaming_loop_deployed_to_the_workers_never_compensates(transactional_db):
     """A deploy ships SAGAS_RENAMED_CALLABLES with a loop (the workers run no system check).
