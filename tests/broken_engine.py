@@ -12,8 +12,8 @@ from typing import Any
 from django.db import transaction
 
 from sagas import engine
-from sagas.engine.unit import DUPLICATE, T, Unit, call, lock
-from sagas.models import EventKind
+from sagas.engine.unit import DUPLICATE, Unit, call, lock
+from sagas.models import EventKind, StepStatus
 
 
 def broken(unit: Unit, how: str) -> bool:
@@ -37,11 +37,11 @@ def compensate_step_without_its_duplicate_check(
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if broken(unit, "twice") and step.status == T.COMPENSATED:
+        if broken(unit, "twice") and step.status == StepStatus.COMPENSATED:
             ctx = unit.context(step, compensation=True)
             if step.compensation:
                 call(step.compensation, ctx)
-            unit.move_step(step, T.COMPENSATED, EventKind.STEP_COMPENSATED, {"attempt": 1})
+            unit.move_step(step, StepStatus.COMPENSATED, EventKind.STEP_COMPENSATED, {"attempt": 1})
             unit.save()
             return DUPLICATE  # not "done", which would have the message delivered yet again
     return _compensate_step(saga_id, index, epoch=epoch, fault=fault)

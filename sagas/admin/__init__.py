@@ -14,17 +14,17 @@ from django.contrib import admin
 
 from ..models import BulkAction, Saga
 from .actions import OperatorActionsAdmin
-from .bulk import BulkActionAdmin, BulkActionsAdmin
+from .bulk import BulkActionAdmin, SagaBulkActionsMixin
 from .objects import sagas_of_object
 from .readonly import ReadOnlyAdminMixin
 from .saga import SagaAdmin, SagaEventInline, SagaStepInline
 
 __all__ = [
     "BulkActionAdmin",
-    "BulkActionsAdmin",
     "OperatorActionsAdmin",
     "ReadOnlyAdminMixin",
     "SagaAdmin",
+    "SagaBulkActionsMixin",
     "SagaEventInline",
     "SagaStepInline",
     "sagas_of_object",

@@ -122,7 +122,7 @@ class BulkPreviewSection:
     preview: BulkPreview
 
 
-class BulkActionsAdmin(OperatorActionsAdmin):
+class SagaBulkActionsMixin(OperatorActionsAdmin):
     """The saga admin's bulk page, linked from its list, for operators with an action's
     permission (`sagas.retry_saga`, `sagas.compensate_saga`)."""
 

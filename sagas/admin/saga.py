@@ -1,8 +1,8 @@
 """The saga admin: the list of sagas and a saga's page, with its steps and its timeline.
 
 Everything here is read-only: sagas change through the engine only. The operator actions come
-from `actions.OperatorActionsAdmin`, and their bulk page from `bulk.BulkActionsAdmin`; the pieces
-of the page from `display`, `diagram` and `links`.
+from `actions.OperatorActionsAdmin`, and their bulk page from `bulk.SagaBulkActionsMixin`; the
+pieces of the page from `display`, `diagram` and `links`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .. import conf
 from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
 from ..paginators import BoundedPaginator
 from ..permissions import may_operate
-from .bulk import BulkActionsAdmin
+from .bulk import SagaBulkActionsMixin
 from .diagram import step_diagram
 from .display import (
     EMPTY,
@@ -190,7 +190,7 @@ class ProjectFieldsOnly:
         return getattr(self._model_admin, name)
 
 
-class SagaAdmin(ReadOnlyAdminMixin, BulkActionsAdmin):
+class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
         "short_id",

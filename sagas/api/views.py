@@ -114,7 +114,7 @@ class SagaFilter(filters.FilterSet):
         fields = ["status", "name"]
 
 
-OPERATOR_ACTIONS = {*ACTIONS, "plan"}
+OPERATOR_VIEWS = {*ACTIONS, "plan"}  # the views for staff with an action's permission
 
 
 class MayOperate(BasePermission):
@@ -163,7 +163,7 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         return SagaSerializer if self.action == "list" else SagaDetailSerializer
 
     def get_permissions(self) -> list[BasePermission]:
-        if self.action in OPERATOR_ACTIONS:
+        if self.action in OPERATOR_VIEWS:
             return [IsAuthenticated(), IsAdminUser(), MayOperate()]
         return super().get_permissions()
 

@@ -29,8 +29,8 @@ from .compensation import finish_if_done, record_compensation_failure
 from .forward import record_attempt_failure, record_unexpected_failure
 from .unit import (
     IN_PROGRESS,
-    S,
     SafeError,
+    SagaStatus,
     Unit,
     compensation_time_limit,
     hard_time_limit_error,
@@ -79,9 +79,11 @@ def step_chain_failed(
         if not unit.is_current(epoch):
             logger.info("saga %s: error callback of an older chain, ignored", saga_id)
             return
-        if saga.status == S.COMPENSATING:
+        if saga.status == SagaStatus.COMPENSATING:
             unit.send_compensations()  # the failed attempt began the compensation
-        elif saga.status in (S.PENDING, S.RUNNING) and (step := unit.in_progress()):
+        elif saga.status in (SagaStatus.PENDING, SagaStatus.RUNNING) and (
+            step := unit.in_progress()
+        ):
             if (failed is not None and failed < step.index) or broker_failed(cause):
                 # That step committed, or the step's retry was recorded; then its task failed
                 # to send the next message (the broker refused it): send it again, nothing
@@ -116,7 +118,7 @@ def compensation_chain_failed(
     Idempotent."""
     with transaction.atomic():
         unit = lock(saga_id)
-        if not unit.is_current(epoch) or unit.saga.status != S.COMPENSATING:
+        if not unit.is_current(epoch) or unit.saga.status != SagaStatus.COMPENSATING:
             logger.info("saga %s: compensation error callback with nothing to do", saga_id)
             return
         remaining = unit.to_compensate()
@@ -133,7 +135,7 @@ def compensation_chain_failed(
             step = remaining[0]
             error = outside_attempt_error(cause, task_id, compensation_time_limit(step))
             outcome = record_compensation_failure(unit, step, error)
-            if unit.saga.status == S.COMPENSATING:
+            if unit.saga.status == SagaStatus.COMPENSATING:
                 unit.send_compensations(countdown=outcome.countdown)
         unit.save()
 
@@ -142,5 +144,5 @@ def _carry_on(unit: Unit, outcome: str, countdown: float, *, forward_from: int) 
     """What the chain would have done after the attempt: retry it, or compensate."""
     if outcome == "retry":
         unit.send_forward(forward_from, countdown=countdown)
-    elif unit.saga.status == S.COMPENSATING:
+    elif unit.saga.status == SagaStatus.COMPENSATING:
         unit.send_compensations()

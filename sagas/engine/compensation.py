@@ -20,9 +20,9 @@ from .unit import (
     DUPLICATE,
     STOP,
     Outcome,
-    S,
     SafeError,
-    T,
+    SagaStatus,
+    StepStatus,
     Unit,
     compensation_time_limit,
     lock,
@@ -41,15 +41,17 @@ def begin_compensation(
     false (a failing step's attempt leaves that to the chain's error callback)."""
     owed = unit.owed_on_compensation()
     current = unit.in_progress()
-    if current is not None and current.status == T.RUNNING and current not in owed:
+    if current is not None and current.status == StepStatus.RUNNING and current not in owed:
         # Between two attempts, not owed a compensation: it will not run again.
-        unit.move_step(current, T.FAILED, None, finished_at=timezone.now())
+        unit.move_step(current, StepStatus.FAILED, None, finished_at=timezone.now())
     for step in owed:
-        if step.status != T.COMPENSATING:
-            unit.move_step(step, T.COMPENSATING, None)
-    unit.move_saga(S.COMPENSATING, kind, {**(detail or {}), "steps": [s.name for s in owed]})
+        if step.status != StepStatus.COMPENSATING:
+            unit.move_step(step, StepStatus.COMPENSATING, None)
+    unit.move_saga(
+        SagaStatus.COMPENSATING, kind, {**(detail or {}), "steps": [s.name for s in owed]}
+    )
     if not owed:
-        unit.move_saga(S.COMPENSATED, EventKind.SAGA_COMPENSATED)
+        unit.move_saga(SagaStatus.COMPENSATED, EventKind.SAGA_COMPENSATED)
         return
     unit.set_saga(current_step=owed[0].index)
     if send:
@@ -61,7 +63,7 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if step.status == T.COMPENSATED:
+        if step.status == StepStatus.COMPENSATED:
             if not unit.is_current(epoch):
                 return STOP  # a newer chain carries the saga on from here
             unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "compensation"})
@@ -78,7 +80,7 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
                 undo(ctx)
         unit.move_step(
             step,
-            T.COMPENSATED,
+            StepStatus.COMPENSATED,
             EventKind.STEP_COMPENSATED,
             {"attempt": ctx.attempt},
             compensated_at=timezone.now(),
@@ -93,7 +95,7 @@ def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any =
 def _its_turn(unit: Unit, step: StepRow) -> bool:
     """The saga is compensating, this step is owed, and no later step still waits (reverse
     order: a message that arrives early stops, and the later step's chain brings it again)."""
-    if unit.saga.status != S.COMPENSATING or step.status != T.COMPENSATING:
+    if unit.saga.status != SagaStatus.COMPENSATING or step.status != StepStatus.COMPENSATING:
         return False
     return unit.to_compensate()[0] is step
 
@@ -104,11 +106,11 @@ def finish_if_done(unit: Unit) -> None:
     if remaining:
         unit.set_saga(current_step=remaining[0].index)
         return
-    failed = [s for s in unit.steps if s.status == T.COMPENSATION_FAILED]
+    failed = [s for s in unit.steps if s.status == StepStatus.COMPENSATION_FAILED]
     if failed:
         _fail_saga(unit, failed[0])
     else:
-        unit.move_saga(S.COMPENSATED, EventKind.SAGA_COMPENSATED)
+        unit.move_saga(SagaStatus.COMPENSATED, EventKind.SAGA_COMPENSATED)
 
 
 def _fail_saga(unit: Unit, step: StepRow) -> None:
@@ -119,7 +121,7 @@ def _fail_saga(unit: Unit, step: StepRow) -> None:
         error_code="compensation_failed",
         error_message=f"The compensation of step {step.name} failed.",
     )
-    unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, detail)
+    unit.move_saga(SagaStatus.FAILED, EventKind.SAGA_FAILED, detail)
 
 
 def compensation_attempt_failed(
@@ -172,12 +174,16 @@ def record_compensation_failure(
         countdown = policy.countdown(attempt)
         retrying = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
         unit.move_step(
-            step, T.COMPENSATING, EventKind.COMPENSATION_RETRYING, {**retrying, **extra}, **values
+            step,
+            StepStatus.COMPENSATING,
+            EventKind.COMPENSATION_RETRYING,
+            {**retrying, **extra},
+            **values,
         )
         return Outcome("retry", countdown=countdown, error=error)
     unit.move_step(
         step,
-        T.COMPENSATION_FAILED,
+        StepStatus.COMPENSATION_FAILED,
         EventKind.COMPENSATION_FAILED,
         {**error.as_dict(), "attempt": attempt, **extra},
         **values,

@@ -28,9 +28,9 @@ from .unit import (
     IN_PROGRESS,
     STOP,
     Outcome,
-    S,
     SafeError,
-    T,
+    SagaStatus,
+    StepStatus,
     Unit,
     is_transient,
     lock,
@@ -136,18 +136,20 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
     with transaction.atomic():
         unit = lock(saga_id)
         saga, step = unit.saga, unit.steps[index]
-        if step.status == T.COMPLETED:
+        if step.status == StepStatus.COMPLETED:
             if not unit.is_current(epoch):
                 return STOP  # a newer chain carries the saga on from here
             unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "action"})
             unit.save_events()
             return DUPLICATE
-        if saga.status not in (S.PENDING, S.RUNNING) or saga.is_backward:
+        if saga.status not in (SagaStatus.PENDING, SagaStatus.RUNNING) or saga.is_backward:
             return STOP
         if step.status not in IN_PROGRESS or unit.in_progress() is not step:
             return STOP  # an earlier step is not done: this message is stale
-        if saga.status == S.PENDING:
-            unit.move_saga(S.RUNNING, None)  # the start was recorded when the saga was created
+        if saga.status == SagaStatus.PENDING:
+            unit.move_saga(
+                SagaStatus.RUNNING, None
+            )  # the start was recorded when the saga was created
         last = index + 1 == len(unit.steps)
         # Imported before anything runs: code a deploy removed pauses the saga, and the last
         # step does not run only for its `on_complete` to be found missing afterwards.
@@ -165,7 +167,7 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
         finished = timezone.now()
         unit.move_step(
             step,
-            T.COMPLETED,
+            StepStatus.COMPLETED,
             EventKind.STEP_COMPLETED,
             {
                 "attempt": ctx.attempt,
@@ -184,7 +186,7 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
             if on_complete is not None:
                 outputs = unit.outputs_before(len(unit.steps))
                 _ = on_complete(StepContext(saga.pk, "", saga.input, outputs, ctx.attempt))
-            unit.move_saga(S.COMPLETED, EventKind.SAGA_COMPLETED)
+            unit.move_saga(SagaStatus.COMPLETED, EventKind.SAGA_COMPLETED)
         else:
             unit.set_saga(current_step=index + 1)
         unit.save(commit=True)
@@ -235,7 +237,7 @@ def record_unexpected_failure(
 def _attempt_may_fail(unit: Unit, step: StepRow) -> bool:
     # Whichever chain ran it (`epoch`), an attempt that happened is counted.
     saga = unit.saga
-    running = saga.status in (S.PENDING, S.RUNNING) and not saga.is_backward
+    running = saga.status in (SagaStatus.PENDING, SagaStatus.RUNNING) and not saga.is_backward
     return running and unit.in_progress() is step
 
 
@@ -268,17 +270,19 @@ def record_attempt_failure(
         "error_message": error.message,
         "started_at": step.started_at or timezone.now(),
     }
-    if unit.saga.status == S.PENDING:
-        unit.move_saga(S.RUNNING, None)
+    if unit.saga.status == SagaStatus.PENDING:
+        unit.move_saga(SagaStatus.RUNNING, None)
     unit.set_saga(current_step=step.index)
     if transient and not pause and attempt < policy.max_attempts:
         countdown = policy.countdown(attempt)
         retrying = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
-        unit.move_step(step, T.RUNNING, EventKind.STEP_RETRYING, {**retrying, **extra}, **values)
+        unit.move_step(
+            step, StepStatus.RUNNING, EventKind.STEP_RETRYING, {**retrying, **extra}, **values
+        )
         return Outcome("retry", countdown=countdown, error=error)
     unit.move_step(
         step,
-        T.FAILED,
+        StepStatus.FAILED,
         EventKind.STEP_FAILED,
         {**error.as_dict(), "attempt": attempt, "exhausted": transient, **extra},
         finished_at=timezone.now(),
@@ -289,7 +293,9 @@ def record_attempt_failure(
         pause = "paused by policy"
     if pause or unit.passed_pivot():
         reason = pause or "failed after the pivot"
-        unit.move_saga(S.FAILED, EventKind.SAGA_PAUSED, {"step": step.name, "reason": reason})
+        unit.move_saga(
+            SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": step.name, "reason": reason}
+        )
     else:
         # The error callback sends the compensations (or the sweeper, if it is lost).
         begin_compensation(unit, EventKind.COMPENSATION_STARTED, send=False)

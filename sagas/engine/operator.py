@@ -15,7 +15,7 @@ from django.utils import timezone
 from ..exceptions import InvalidTransition
 from ..models import EventKind
 from .compensation import begin_compensation, finish_if_done
-from .unit import STOP_CODES, S, T, Unit, lock, peek
+from .unit import STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
 LOCK_WAIT = 5.0
@@ -38,7 +38,7 @@ def _names(steps: list) -> tuple[str, ...]:
 
 def plan_retry(unit: Unit) -> Plan:
     saga = unit.saga
-    if saga.status != S.FAILED:
+    if saga.status != SagaStatus.FAILED:
         return Plan("retry", False, f"Only a failed saga can be retried (it is {saga.status}).")
     if saga.is_backward:
         return Plan("retry", True, "Resume the compensation.", undo=_names(unit.owed_on_resume()))
@@ -57,8 +57,8 @@ def _deadline_passed(unit: Unit) -> bool:
 
 def plan_compensate(unit: Unit) -> Plan:
     saga = unit.saga
-    if saga.status not in (S.RUNNING, S.PENDING, S.FAILED):
-        if saga.status == S.COMPENSATING:
+    if saga.status not in (SagaStatus.RUNNING, SagaStatus.PENDING, SagaStatus.FAILED):
+        if saga.status == SagaStatus.COMPENSATING:
             return Plan("compensate", False, "The saga is already compensating.")
         return Plan("compensate", False, f"A {saga.status} saga cannot be compensated.")
     if saga.is_backward:
@@ -72,7 +72,7 @@ def plan_resolve(unit: Unit, index: int) -> Plan:
     if not 0 <= index < len(unit.steps):
         return Plan("resolve", False, "No such step.")
     step = unit.steps[index]
-    if unit.saga.status != S.FAILED or step.status != T.COMPENSATION_FAILED:
+    if unit.saga.status != SagaStatus.FAILED or step.status != StepStatus.COMPENSATION_FAILED:
         return Plan("resolve", False, "Only a step whose compensation failed can be resolved.")
     rest = _names([s for s in unit.owed_on_resume() if s.index != index])
     return Plan("resolve", True, f"Mark {step.name} as compensated by hand.", undo=rest)
@@ -80,12 +80,12 @@ def plan_resolve(unit: Unit, index: int) -> Plan:
 
 def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
     for step in unit.owed_on_resume():
-        if step.status == T.COMPENSATION_FAILED:  # a new budget: the operator's decision
-            unit.move_step(step, T.COMPENSATING, None, compensation_attempts=0)
-        elif step.status != T.COMPENSATING:  # never reached before the compensation halted
-            unit.move_step(step, T.COMPENSATING, None)
+        if step.status == StepStatus.COMPENSATION_FAILED:  # a new budget: the operator's decision
+            unit.move_step(step, StepStatus.COMPENSATING, None, compensation_attempts=0)
+        elif step.status != StepStatus.COMPENSATING:  # never reached before the compensation halted
+            unit.move_step(step, StepStatus.COMPENSATING, None)
     unit.restore_cause()
-    unit.move_saga(S.COMPENSATING, kind, detail)
+    unit.move_saga(SagaStatus.COMPENSATING, kind, detail)
     if unit.to_compensate():
         unit.set_saga(current_step=unit.to_compensate()[0].index)
         unit.send_compensations()
@@ -124,11 +124,13 @@ def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = 
                 # saga as soon as it runs again (`sagas.engine.recovery.deadline_passed`).
                 detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
                 unit.set_saga(deadline_at=None)
-            if step.status == T.FAILED:  # a new budget of attempts: the operator's decision
+            if (
+                step.status == StepStatus.FAILED
+            ):  # a new budget of attempts: the operator's decision
                 detail["attempts_before"] = step.attempts
                 unit.move_step(
                     step,
-                    T.PENDING,
+                    StepStatus.PENDING,
                     None,
                     finished_at=None,
                     attempts=0,
@@ -136,7 +138,7 @@ def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = 
                     error_message="",
                 )
             unit.set_saga(current_step=step.index, error_code="", error_message="")
-            unit.move_saga(S.RUNNING, EventKind.OPERATOR_RETRY, detail)
+            unit.move_saga(SagaStatus.RUNNING, EventKind.OPERATOR_RETRY, detail)
             unit.send_forward(step.index)
         unit.save()
     return plan
@@ -162,7 +164,7 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
         plan = _allowed(plan_resolve(unit, index))
         unit.move_step(
             unit.steps[index],
-            T.COMPENSATED,
+            StepStatus.COMPENSATED,
             EventKind.OPERATOR_RESOLVE,
             {"actor": actor},
             compensated_at=timezone.now(),

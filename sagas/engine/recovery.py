@@ -9,7 +9,7 @@ from uuid import UUID
 
 from ..models import IN_FLIGHT, EventKind, SagaEvent
 from .compensation import begin_compensation, finish_if_done
-from .unit import S, lock
+from .unit import SagaStatus, lock
 
 
 def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
@@ -29,10 +29,10 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
         detail = unit.remember_cause({"reason": "recovery_exhausted", "direction": saga.direction})
         unit.halt_compensation()
         unit.set_saga(error_code="recovery_exhausted", error_message=message)
-        unit.move_saga(S.FAILED, EventKind.SAGA_FAILED, detail)
+        unit.move_saga(SagaStatus.FAILED, EventKind.SAGA_FAILED, detail)
         unit.save()
         return False
-    if saga.status == S.COMPENSATING:
+    if saga.status == SagaStatus.COMPENSATING:
         # Also where a failed step's error callback was lost: its attempt began this.
         remaining = unit.to_compensate()
         unit.event(EventKind.RECOVERED, None, {"attempt": stalls, "compensations": len(remaining)})
@@ -56,7 +56,7 @@ def deadline_passed(saga_id: UUID | str) -> bool:
     """
     unit = lock(saga_id)
     saga = unit.saga
-    if saga.status not in (S.PENDING, S.RUNNING) or saga.is_backward:
+    if saga.status not in (SagaStatus.PENDING, SagaStatus.RUNNING) or saga.is_backward:
         return False
     if unit.passed_pivot():
         if not SagaEvent.objects.filter(saga_id=saga.id, kind=EventKind.DEADLINE_PASSED).exists():

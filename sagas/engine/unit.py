@@ -38,43 +38,62 @@ from .rows import EventRow, SagaRow, StepRow
 
 logger = logging.getLogger("sagas")
 
-S, T = SagaStatus, StepStatus
 
 SAGA_TRANSITIONS: dict[str, set[str]] = {
-    S.PENDING: {S.RUNNING, S.COMPENSATING, S.COMPENSATED, S.FAILED},
-    S.RUNNING: {S.COMPLETED, S.COMPENSATING, S.COMPENSATED, S.FAILED},
-    S.COMPENSATING: {S.COMPENSATED, S.FAILED},
-    S.FAILED: {S.RUNNING, S.COMPENSATING, S.COMPENSATED},
-    S.COMPLETED: set(),
-    S.COMPENSATED: set(),
+    SagaStatus.PENDING: {
+        SagaStatus.RUNNING,
+        SagaStatus.COMPENSATING,
+        SagaStatus.COMPENSATED,
+        SagaStatus.FAILED,
+    },
+    SagaStatus.RUNNING: {
+        SagaStatus.COMPLETED,
+        SagaStatus.COMPENSATING,
+        SagaStatus.COMPENSATED,
+        SagaStatus.FAILED,
+    },
+    SagaStatus.COMPENSATING: {SagaStatus.COMPENSATED, SagaStatus.FAILED},
+    SagaStatus.FAILED: {SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.COMPENSATED},
+    SagaStatus.COMPLETED: set(),
+    SagaStatus.COMPENSATED: set(),
 }
 
 STEP_TRANSITIONS: dict[str, set[str]] = {
     # A step in progress may be owed a compensation (`compensate_failed_step`) at any point.
-    T.PENDING: {T.RUNNING, T.COMPLETED, T.FAILED, T.COMPENSATING},
-    T.RUNNING: {T.RUNNING, T.COMPLETED, T.FAILED, T.COMPENSATING},
-    T.COMPLETED: {T.COMPENSATING},
-    T.FAILED: {T.PENDING, T.COMPENSATING},
+    StepStatus.PENDING: {
+        StepStatus.RUNNING,
+        StepStatus.COMPLETED,
+        StepStatus.FAILED,
+        StepStatus.COMPENSATING,
+    },
+    StepStatus.RUNNING: {
+        StepStatus.RUNNING,
+        StepStatus.COMPLETED,
+        StepStatus.FAILED,
+        StepStatus.COMPENSATING,
+    },
+    StepStatus.COMPLETED: {StepStatus.COMPENSATING},
+    StepStatus.FAILED: {StepStatus.PENDING, StepStatus.COMPENSATING},
     # A compensation that halts gives the steps it never reached back their status
     # (`Unit.halt_compensation`).
-    T.COMPENSATING: {
-        T.COMPENSATING,
-        T.COMPENSATED,
-        T.COMPENSATION_FAILED,
-        T.COMPLETED,
-        T.FAILED,
-        T.PENDING,
+    StepStatus.COMPENSATING: {
+        StepStatus.COMPENSATING,
+        StepStatus.COMPENSATED,
+        StepStatus.COMPENSATION_FAILED,
+        StepStatus.COMPLETED,
+        StepStatus.FAILED,
+        StepStatus.PENDING,
     },
-    T.COMPENSATION_FAILED: {T.COMPENSATING, T.COMPENSATED},
-    T.COMPENSATED: set(),
+    StepStatus.COMPENSATION_FAILED: {StepStatus.COMPENSATING, StepStatus.COMPENSATED},
+    StepStatus.COMPENSATED: set(),
 }
 
 # The error codes of a backward saga that stopped for an operator: why it stopped, not why it
 # compensates (`Unit.remember_cause`).
 STOP_CODES = frozenset({"compensation_failed", "recovery_exhausted"})
 # Steps whose compensation is owed and not done: `compensating` ones wait for their turn.
-OWED = {T.COMPENSATING, T.COMPENSATION_FAILED}
-IN_PROGRESS = {T.PENDING, T.RUNNING}
+OWED = {StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED}
+IN_PROGRESS = {StepStatus.PENDING, StepStatus.RUNNING}
 
 
 @dataclass(frozen=True)
@@ -245,11 +264,11 @@ class Unit:
         saga = self.saga
         if to != saga.status and to not in SAGA_TRANSITIONS[saga.status]:
             raise InvalidTransition(f"saga cannot go from {saga.status} to {to}")
-        if to == S.RUNNING and saga.is_backward:
+        if to == SagaStatus.RUNNING and saga.is_backward:
             raise InvalidTransition("a saga that began compensating never runs forward again")
-        if to == S.COMPENSATING:
+        if to == SagaStatus.COMPENSATING:
             self.set_saga(direction=Direction.BACKWARD)
-        final = to in (S.COMPLETED, S.COMPENSATED)
+        final = to in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
         self.set_saga(status=to, finished_at=timezone.now() if final else None)
         if kind:
             self.event(kind, None, detail)
@@ -380,18 +399,18 @@ class Unit:
         """The first step that has not completed, while the saga goes forward."""
         if self.saga.is_backward:
             return None
-        return next((s for s in self.steps if s.status != T.COMPLETED), None)
+        return next((s for s in self.steps if s.status != StepStatus.COMPLETED), None)
 
     def to_compensate(self) -> list[StepRow]:
         """Steps whose compensation is owed and not yet failed, in the order to run them."""
-        owed = [s for s in self.steps if s.status == T.COMPENSATING]
+        owed = [s for s in self.steps if s.status == StepStatus.COMPENSATING]
         return sorted(owed, key=lambda s: s.index, reverse=True)
 
     def owed_on_compensation(self) -> list[StepRow]:
         """What compensating now would undo, in reverse order: every completed step, those
         whose compensation is owed or failed, and the step in progress when its definition
         says `compensate_failed_step` (it may have started, whatever its row says)."""
-        owed = [s for s in self.steps if s.status in (T.COMPLETED, *OWED)]
+        owed = [s for s in self.steps if s.status in (StepStatus.COMPLETED, *OWED)]
         current = self.in_progress()
         if current is not None and current.definition.get("compensate_failed_step"):
             owed.append(current)
@@ -401,14 +420,14 @@ class Unit:
         """What resuming a backward saga's compensation would undo, in reverse order: the steps
         owed or whose compensation failed, and those a halted compensation never reached
         (completed ones, and a failed step its definition says to compensate)."""
-        owed = [s for s in self.steps if s.status in (T.COMPLETED, *OWED)]
+        owed = [s for s in self.steps if s.status in (StepStatus.COMPLETED, *OWED)]
         # The step that was in progress when compensation began (the first that never
         # completed), not undone yet: owed where its definition says it may have half-happened.
         completed = rows.completed_steps(self.saga.pk)
         current = next((s for s in self.steps if s.index not in completed), None)
         if (
             current is not None
-            and current.status in (T.PENDING, T.RUNNING, T.FAILED)
+            and current.status in (StepStatus.PENDING, StepStatus.RUNNING, StepStatus.FAILED)
             and current.definition.get("compensate_failed_step")
         ):
             owed.append(current)
@@ -421,18 +440,20 @@ class Unit:
         was not. Resuming it (`owed_on_resume`) marks them owed again."""
         # A compensation tried once is under way: it stays owed, with its error.
         waiting = [
-            s for s in self.steps if s.status == T.COMPENSATING and not s.compensation_attempts
+            s
+            for s in self.steps
+            if s.status == StepStatus.COMPENSATING and not s.compensation_attempts
         ]
         if not waiting:
             return
         completed = rows.completed_steps(self.saga.pk)
         for step in waiting:
             if step.index in completed:
-                self.move_step(step, T.COMPLETED, None)
+                self.move_step(step, StepStatus.COMPLETED, None)
             elif not step.attempts and step.started_at is None:
-                self.move_step(step, T.PENDING, None)  # aborted before it ever ran
+                self.move_step(step, StepStatus.PENDING, None)  # aborted before it ever ran
             else:
-                self.move_step(step, T.FAILED, None)
+                self.move_step(step, StepStatus.FAILED, None)
 
     def remember_cause(self, detail: dict[str, Any]) -> dict[str, Any]:
         """`detail` of the event by which a backward saga stops, with why it was compensating
@@ -453,7 +474,9 @@ class Unit:
             self.set_saga(error_code=cause["code"], error_message=cause["message"])
 
     def passed_pivot(self) -> bool:
-        return any(s.definition.get("pivot") and s.status == T.COMPLETED for s in self.steps)
+        return any(
+            s.definition.get("pivot") and s.status == StepStatus.COMPLETED for s in self.steps
+        )
 
 
 def publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Callable[[], None]:

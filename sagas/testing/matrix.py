@@ -30,9 +30,8 @@ if TYPE_CHECKING:
     from .guarantees import Result
     from .worker import CeleryWorker
 
-S, T = SagaStatus, StepStatus
 BUSINESS, TRANSIENT = "injected_business_error", "injected_transient_error"
-FINAL = (S.COMPLETED, S.COMPENSATED, S.FAILED)
+FINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
 Invariant = Callable[[Saga], object]
 Start = Callable[[dict[str, Any]], Any]
@@ -250,11 +249,13 @@ class FailureMatrix:
         before, after = owed[: owed.index(name)], owed[owed.index(name) + 1 :]
         carry_on = self.definition.continue_compensation_on_failure
         statuses = self._stopped_at(trigger, paused=True, code=BUSINESS, attempts=1).steps
-        statuses |= {n: T.COMPENSATED for n in before} | {name: T.COMPENSATION_FAILED}
+        statuses |= {n: StepStatus.COMPENSATED for n in before} | {
+            name: StepStatus.COMPENSATION_FAILED
+        }
         # A compensation that halts leaves the steps it never reached completed.
-        statuses |= {n: T.COMPENSATED if carry_on else T.COMPLETED for n in after}
+        statuses |= {n: StepStatus.COMPENSATED if carry_on else StepStatus.COMPLETED for n in after}
         expected = Expected(
-            status=S.FAILED,
+            status=SagaStatus.FAILED,
             error_code="compensation_failed",
             steps=statuses,
             compensated=tuple(before + (after if carry_on else [])),
@@ -275,9 +276,9 @@ class FailureMatrix:
         if trigger is None:
             names = [s.name for s in steps]
             expected = Expected(
-                status=S.COMPLETED,
+                status=SagaStatus.COMPLETED,
                 error_code="",
-                steps=dict.fromkeys(names, T.COMPLETED),
+                steps=dict.fromkeys(names, StepStatus.COMPLETED),
                 duplicates=tuple((n, "action") for n in names),
             )
             return self._case("every message delivered twice", faults, expected)
@@ -300,11 +301,17 @@ class FailureMatrix:
         owed = [] if paused else self.owed(index)
         statuses: dict[str, str] = {}
         for i, name in enumerate(names):
-            statuses[name] = T.COMPLETED if i < index else T.FAILED if i == index else T.PENDING
+            statuses[name] = (
+                StepStatus.COMPLETED
+                if i < index
+                else StepStatus.FAILED
+                if i == index
+                else StepStatus.PENDING
+            )
             if name in owed:
-                statuses[name] = T.COMPENSATED
+                statuses[name] = StepStatus.COMPENSATED
         return Expected(
-            status=S.FAILED if paused else S.COMPENSATED,
+            status=SagaStatus.FAILED if paused else SagaStatus.COMPENSATED,
             error_code=code,
             steps=statuses,
             compensated=tuple(owed),
