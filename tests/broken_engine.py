@@ -12,7 +12,7 @@ from typing import Any
 from django.db import transaction
 
 from sagas import engine
-from sagas.engine.unit import DUPLICATE, Unit, call, lock
+from sagas.engine.unit import DUPLICATE, Unit, lock, resolve
 from sagas.models import EventKind, StepStatus
 
 
@@ -40,7 +40,7 @@ def compensate_step_without_its_duplicate_check(
         if broken(unit, "twice") and step.status == StepStatus.COMPENSATED:
             ctx = unit.context(step, compensation=True)
             if step.compensation:
-                call(step.compensation, ctx)
+                resolve(step.compensation)(ctx)
             unit.move_step(step, StepStatus.COMPENSATED, EventKind.STEP_COMPENSATED, {"attempt": 1})
             unit.save()
             return DUPLICATE  # not "done", which would have the message delivered yet again

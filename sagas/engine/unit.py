@@ -193,13 +193,9 @@ def unexpected_error_policy(step: StepRow) -> str:
         return "pause"
 
 
-def call(path: str, ctx: StepContext) -> Any:
-    return _import(path)(ctx)
-
-
 def resolve(path: str) -> Any:
     """The callable stored as `path`, before an attempt runs anything: `CodeMissing` if a
-    deploy removed it, so that nothing of the attempt runs (`call` imports the same, cached)."""
+    deploy removed it, so that nothing of the attempt runs (imported once per process)."""
     return _import(path)
 
 
