@@ -147,9 +147,8 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
         if step.status not in IN_PROGRESS or unit.in_progress() is not step:
             return STOP  # an earlier step is not done: this message is stale
         if saga.status == SagaStatus.PENDING:
-            unit.move_saga(
-                SagaStatus.RUNNING, None
-            )  # the start was recorded when the saga was created
+            # The start was recorded when the saga was created.
+            unit.move_saga(SagaStatus.RUNNING, None)
         last = index + 1 == len(unit.steps)
         # Imported before anything runs: code a deploy removed pauses the saga, and the last
         # step does not run only for its `on_complete` to be found missing afterwards.
