@@ -1,6 +1,6 @@
 """What signals, metrics and traces add to a step, measured alone: no database, no broker.
 
-A step's `run_step` hands its events to `sagas.notify` (one `step_completed` event for a step
+A step's `run_step` hands its events to `sagas.engine.notify` (one `step_completed` event for a step
 that is not the last), opens its attempt's span around the action when traces are on, and,
 after the commit, has its events counted and its span ended. This times those calls, a
 million times over (`timeit`), in each configuration, and prints microseconds a step:
@@ -36,7 +36,8 @@ def main() -> int:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-    from sagas import notify, signals, tracing
+    from sagas import signals, tracing
+    from sagas.engine import notify
     from sagas.engine.rows import EventRow
     from sagas.metrics import instruments
     from sagas.models import EventKind

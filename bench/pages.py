@@ -65,7 +65,7 @@ def request(client: Any, url: str) -> Callable[[], None]:
 
 
 def sweep() -> None:
-    from sagas.recovery import sweep
+    from sagas.engine.sweeper import sweep
 
     report = sweep()
     if report.recovered or report.dead_lettered or report.deadline_compensated:

@@ -256,7 +256,8 @@ def steps_in_process():
 
     Yields a function that submits one saga of a workload and runs its steps in order.
     """
-    from sagas import dispatch, engine
+    from sagas import engine
+    from sagas.engine import dispatch
 
     def run_one(workload: Any) -> None:
         saga_id = workload.submit()

@@ -259,7 +259,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     # DRF's defaults, but JSON that fails with a 400, never a 500 (deep nesting, 1e400, ...).
     "DEFAULT_PARSER_CLASSES": [
-        "sagas.parsers.BoundedJSONParser",
+        "sagas.api.parsers.BoundedJSONParser",
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],

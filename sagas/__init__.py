@@ -17,14 +17,16 @@ A map of the package:
   these and nothing else.
 - `exceptions`: what step actions raise to tell the engine what went wrong (`BusinessError`,
   `TransientError`), and what the services raise (`SagaBusy`, `SagaKeyInFlight`, ...).
-- `engine/`: every saga and step transition, under the saga's row lock.
-- `tasks`: the Celery tasks of the engine; `dispatch` sends a saga's chains to the broker.
+- `engine/`: every saga and step transition, under the saga's row lock, and its plumbing:
+  `rows` (the SQL it sends), `dispatch` (a saga's chains to the broker, after the commit),
+  `notify` (committed events to signals, metrics and traces), `sweeper` (re-dispatches sagas
+  whose messages were lost), `hooks` (where the test kit injects faults).
+- `tasks`: the Celery tasks of the engine: they pass ids and call `engine`.
 - `models`: sagas, their step rows and the append-only event log, the source of truth.
-- `recovery`: the sweeper that re-dispatches sagas whose messages were lost.
 - `retention`: deletes finished sagas in short batches (`manage.py sagas_purge`).
 - `signals`: Django signals of a saga's life, sent after the commit of each change.
 - `admin/`: the admin: status at a glance, each saga's steps and timeline, operator actions.
-- `api/` and `urls`: the REST API (the `api` extra).
+- `api/` and `urls`: the REST API (the `api` extra), with its bounded JSON parser.
 - `bulk/`: retry or compensate every saga that matches a filter, after a preview.
 - `metrics/`: Prometheus metrics (`SAGAS_METRICS`; the `metrics` extra).
 - `tracing`: OpenTelemetry traces, one per saga (`SAGAS_TRACING`; the `tracing` extra).

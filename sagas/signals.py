@@ -94,7 +94,7 @@ def _arguments(saga: Any, event: Any) -> dict[str, Any]:
 
 
 def announce(saga: Any, events: Sequence[Any]) -> None:
-    """Send the signal of each committed event that has one (`sagas.notify` calls this)."""
+    """Send the signal of each committed event that has one (`sagas.engine.notify` calls this)."""
     for event in events:
         signal = BY_KIND.get(event.kind)
         if signal is None or not signal.receivers:

@@ -13,8 +13,9 @@ from celery import shared_task
 from celery.exceptions import Ignore
 from django.db import InterfaceError, OperationalError, ProgrammingError, close_old_connections
 
-from . import conf, dispatch, engine, hooks, recovery, retention
+from . import conf, engine, retention
 from .bulk import batches
+from .engine import dispatch, hooks, sweeper
 from .models import BulkAction, Saga
 
 logger = logging.getLogger("sagas")
@@ -189,7 +190,7 @@ def bulk_action_batch(self: Any, bulk_action_id: int) -> None:
 def sweep() -> dict[str, int]:
     """Re-dispatch stalled sagas and bulk actions (run by Celery beat). Safe to run on several
     machines."""
-    report = recovery.sweep()
+    report = sweeper.sweep()
     return {
         "recovered": len(report.recovered),
         "dead_lettered": len(report.dead_lettered),

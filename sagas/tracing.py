@@ -40,7 +40,8 @@ try:
 except ImportError:  # pragma: no cover - the extra is missing: install() says so
     trace = None  # type: ignore[assignment]
 
-from . import __version__, notify
+from . import __version__
+from .engine import notify
 from .engine.unit import safe_error
 from .models import EventKind
 
@@ -60,7 +61,7 @@ PENDING_MAX = 10_000
 
 
 class Tracing:
-    """The tracer of `sagas.notify` (spans while they run) and an observer (their ends)."""
+    """The tracer of `sagas.engine.notify` (spans while they run) and an observer (their ends)."""
 
     kinds: frozenset[str] = frozenset({K.SAGA_STARTED, *OUTCOME})
 
@@ -165,7 +166,7 @@ observer: Tracing | None = None
 
 
 def install() -> None:
-    """Trace sagas: `sagas.notify`'s tracer and an observer of its events."""
+    """Trace sagas: `sagas.engine.notify`'s tracer and an observer of its events."""
     global observer
     if trace is None:
         raise ImproperlyConfigured(

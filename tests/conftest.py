@@ -274,8 +274,8 @@ def running_server(env: dict[str, str], log: Path, ready_path: str = "/healthz")
 
 def lose_messages(monkeypatch) -> None:
     """Every chain the engine sends from this process is lost (as in a broker crash)."""
-    monkeypatch.setattr("sagas.dispatch.send_steps", lambda *args, **kwargs: None)
-    monkeypatch.setattr("sagas.dispatch.send_compensations", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sagas.engine.dispatch.send_steps", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sagas.engine.dispatch.send_compensations", lambda *args, **kwargs: None)
 
 
 def attempt_in_process(saga_id, index: int) -> str:

@@ -27,8 +27,8 @@ from orders.api import LimitedJSONParser, RequestTooLarge, sagas_of_order
 from orders.models import Order
 from orders.services import order_submit
 from payments.gateway import gateway_recover
+from sagas.api.parsers import MAX_JSON_DEPTH, BoundedJSONParser
 from sagas.models import Saga, SagaStep
-from sagas.parsers import MAX_JSON_DEPTH, BoundedJSONParser
 from tests.conftest import ADDRESS, wait_final
 from tests.factories import (
     OrderFactory,

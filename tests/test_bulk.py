@@ -145,7 +145,7 @@ def test_a_bulk_retry_does_what_its_preview_showed(saga_db, settings):
 def test_sagas_that_changed_since_the_preview_are_skipped_and_reported(monkeypatch):
     lose_messages(monkeypatch)  # no worker: the batches run here, and the sagas stay put
     sent: list[int] = []
-    monkeypatch.setattr("sagas.dispatch.send_bulk_batch", sent.append)
+    monkeypatch.setattr("sagas.engine.dispatch.send_bulk_batch", sent.append)
     monkeypatch.setattr("sagas.engine.operator.LOCK_WAIT", 0.3)
     compensated, busy, gone, failed_otherwise, *unchanged = [saga_rows() for _ in range(6)]
     bulk_filter = BulkFilter(name="three_steps", error_code="boom")

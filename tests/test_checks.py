@@ -109,7 +109,7 @@ def test_a_renamed_callable_is_found_under_its_new_path(registered):
 def test_unfinished_sagas_whose_stored_paths_do_not_import_are_found_with_the_database(
     registered, monkeypatch
 ):
-    monkeypatch.setattr("sagas.dispatch.send_steps", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sagas.engine.dispatch.send_steps", lambda *args, **kwargs: None)
     registered(
         SagaDefinition(
             name="moved",

@@ -2,7 +2,7 @@
 
 The state machine drives the real engine in-process, against the real PostgreSQL test
 database, with the order fulfilment saga and its real domain services and payment gateway.
-No Celery message is sent: `sagas.dispatch.send_steps` and `send_compensations` are replaced
+No Celery message is sent: `sagas.engine.dispatch.send_steps` and `send_compensations` are replaced
 by functions that append chains to an in-memory list, and that list *is* the model of the
 broker, with the chains' error callbacks as messages of their own.
 
@@ -53,8 +53,9 @@ from orders.sagas import ORDER_FULFILMENT
 from orders.services import order_submit
 from payments.gateway import gateway_outage_begin, gateway_recover
 from payments.models import GatewayAttempt, GatewayCharge, GatewayOutage, Payment
-from sagas import engine, recovery, tasks
+from sagas import engine, tasks
 from sagas.definitions import StepContext, snapshot_version
+from sagas.engine import sweeper
 from sagas.exceptions import InvalidTransition
 from sagas.models import (
     EventKind,
@@ -306,9 +307,9 @@ def age_in_flight_sagas(order: list[str]) -> None:
         )
 
 
-def sweep_stalled(order: list[str]) -> recovery.SweepReport:
+def sweep_stalled(order: list[str]) -> sweeper.SweepReport:
     age_in_flight_sagas(order)
-    return recovery.sweep(stale_after=timedelta(seconds=1), max_recoveries=MAX_RECOVERIES)
+    return sweeper.sweep(stale_after=timedelta(seconds=1), max_recoveries=MAX_RECOVERIES)
 
 
 def fix_by_hand(saga_id: str, index: int) -> None:
@@ -543,7 +544,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, MAX_SAGAS - 1))
     def deadline_passes(self, i: int) -> None:
         Saga.objects.filter(pk=self.saga(i)).update(deadline_at=timezone.now())
-        recovery.sweep(stale_after=timedelta(days=1))
+        sweeper.sweep(stale_after=timedelta(days=1))
 
     # -- rules: the operator -----------------------------------------------------------------
 
@@ -878,8 +879,8 @@ SCRIPTS = {
 @pytest.fixture
 def broker(monkeypatch) -> Broker:
     broker = Broker()
-    monkeypatch.setattr("sagas.dispatch.send_steps", broker.send_steps)
-    monkeypatch.setattr("sagas.dispatch.send_compensations", broker.send_compensations)
+    monkeypatch.setattr("sagas.engine.dispatch.send_steps", broker.send_steps)
+    monkeypatch.setattr("sagas.engine.dispatch.send_compensations", broker.send_compensations)
     for module in ("forward", "compensation"):
         monkeypatch.setattr(f"sagas.engine.{module}.resolve", resolve_checking_the_context)
     monkeypatch.setattr(EngineMachine, "broker", broker, raising=False)

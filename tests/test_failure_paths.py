@@ -20,8 +20,8 @@ from inventory.models import Product
 from payments.gateway import gateway_recover
 from payments.models import GatewayAttempt
 from sagaproject.celery import app as celery_app
-from sagas import recovery
 from sagas.definitions import register
+from sagas.engine import sweeper
 from sagas.exceptions import SagaBusy
 from sagas.models import EventKind, Saga, SagaStep
 from sagas.services import saga_compensate, saga_retry, saga_start
@@ -42,8 +42,8 @@ def stall(saga: Saga) -> None:
     Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(hours=1))
 
 
-def sweep(**kwargs) -> recovery.SweepReport:
-    return recovery.sweep(stale_after=timedelta(minutes=1), **kwargs)
+def sweep(**kwargs) -> sweeper.SweepReport:
+    return sweeper.sweep(stale_after=timedelta(minutes=1), **kwargs)
 
 
 def nodes_answering(workers) -> set[str]:

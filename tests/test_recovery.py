@@ -10,8 +10,8 @@ from django.conf import settings
 from django.utils import timezone
 
 from sagaproject.celery import app as celery_app
-from sagas import recovery
 from sagas.definitions import registered
+from sagas.engine import sweeper
 from sagas.models import EventKind, Saga
 from sagas.services import saga_retry, saga_start
 from tests.conftest import attempt_in_process, finished_sagas, lose_messages, wait_final
@@ -51,9 +51,9 @@ def test_a_saga_whose_first_message_was_lost_is_recovered(saga_db, monkeypatch):
     saga.refresh_from_db()
     assert saga.status == "pending"
 
-    assert recovery.sweep(stale_after=timedelta(seconds=60)).recovered == []  # not stale yet
+    assert sweeper.sweep(stale_after=timedelta(seconds=60)).recovered == []  # not stale yet
     _age(saga, 120)
-    report = recovery.sweep(stale_after=timedelta(seconds=60))
+    report = sweeper.sweep(stale_after=timedelta(seconds=60))
     assert report.recovered == [str(saga.pk)]
     saga = wait_final(saga.pk)
     assert saga.status == "completed"
@@ -66,7 +66,7 @@ def test_a_saga_that_never_progresses_is_dead_lettered(saga_db, monkeypatch):
     saga, _ = saga_start(name="snapshot_demo", input={})
     for _ in range(3):
         _age(saga, 3600)  # past every back-off
-        recovery.sweep(stale_after=timedelta(seconds=60), max_recoveries=2)
+        sweeper.sweep(stale_after=timedelta(seconds=60), max_recoveries=2)
     saga.refresh_from_db()
     assert saga.status == "failed"
     assert saga.error_code == "recovery_exhausted"
@@ -88,16 +88,16 @@ def test_recovery_backs_off_while_a_saga_makes_no_progress(saga_db, monkeypatch)
     saga, _ = saga_start(name="snapshot_demo", input={})
     stale = timedelta(seconds=60)
     _age(saga, 90)
-    assert recovery.sweep(stale_after=stale).recovered == [str(saga.pk)]
+    assert sweeper.sweep(stale_after=stale).recovered == [str(saga.pk)]
     _age(saga, 90)  # stale, but not twice as long
-    assert recovery.sweep(stale_after=stale).recovered == []
+    assert sweeper.sweep(stale_after=stale).recovered == []
     _age(saga, 130)
-    assert recovery.sweep(stale_after=stale).recovered == [str(saga.pk)]
+    assert sweeper.sweep(stale_after=stale).recovered == [str(saga.pk)]
     _age(saga, 230)  # not four times as long
-    assert recovery.sweep(stale_after=stale).recovered == []
+    assert sweeper.sweep(stale_after=stale).recovered == []
     monkeypatch.undo()
     _age(saga, 250)
-    assert recovery.sweep(stale_after=stale).recovered == [str(saga.pk)]
+    assert sweeper.sweep(stale_after=stale).recovered == [str(saga.pk)]
     assert wait_final(saga.pk).status == "completed"
 
 
@@ -107,12 +107,12 @@ def test_concurrent_sweepers_claim_each_saga_once(saga_db, monkeypatch):
     monkeypatch.undo()
     for saga in sagas:
         _age(saga, 120)
-    reports: list[recovery.SweepReport] = []
+    reports: list[sweeper.SweepReport] = []
 
     def run() -> None:
         from django.db import connection
 
-        reports.append(recovery.sweep(stale_after=timedelta(seconds=60)))
+        reports.append(sweeper.sweep(stale_after=timedelta(seconds=60)))
         connection.close()
 
     threads = [threading.Thread(target=run) for _ in range(3)]
@@ -139,7 +139,7 @@ def _hold_second_step(monkeypatch, name: str) -> Saga:
 
 def test_a_saga_past_its_deadline_is_compensated(saga_db, monkeypatch):
     saga = _hold_second_step(monkeypatch, "deadline_demo")
-    report = recovery.sweep(stale_after=timedelta(hours=1))
+    report = sweeper.sweep(stale_after=timedelta(hours=1))
     assert report.deadline_compensated == [str(saga.pk)]
     saga = wait_final(saga.pk)
     assert saga.status == "compensated"
@@ -150,7 +150,7 @@ def test_a_saga_past_its_deadline_is_compensated(saga_db, monkeypatch):
 def test_a_saga_past_its_pivot_is_not_compensated_at_its_deadline(saga_db, monkeypatch):
     saga = _hold_second_step(monkeypatch, "deadline_pivot")
     for _ in range(2):
-        assert recovery.sweep(stale_after=timedelta(hours=1)).deadline_compensated == []
+        assert sweeper.sweep(stale_after=timedelta(hours=1)).deadline_compensated == []
     saga.refresh_from_db()
     assert saga.status == "running"
     assert saga.events.filter(kind=EventKind.DEADLINE_PASSED).count() == 1
@@ -163,7 +163,7 @@ def test_the_sweeper_reads_the_sagas_in_flight_through_their_index():
     from django.db import connection
 
     finished_sagas(3000)
-    sql, params = recovery.stale_sagas(timezone.now(), timedelta(minutes=1)).query.sql_with_params()
+    sql, params = sweeper.stale_sagas(timezone.now(), timedelta(minutes=1)).query.sql_with_params()
     with connection.cursor() as cursor:
         cursor.execute("EXPLAIN " + sql, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())

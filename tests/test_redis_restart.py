@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from sagaproject.celery import app as celery_app
-from sagas import recovery
+from sagas.engine import sweeper
 from sagas.models import Saga
 from sagas.services import saga_start
 from sagas.testing import CeleryWorker
@@ -126,7 +126,7 @@ def test_worker_rides_out_a_redis_restart_over_tcp(own_redis, worker, publishing
     def final() -> Saga | None:
         alive()
         # Whatever the restart lost is sent again from the saga's rows.
-        recovery.sweep(stale_after=timedelta(seconds=5))
+        sweeper.sweep(stale_after=timedelta(seconds=5))
         saga.refresh_from_db()
         return saga if saga.status in FINAL else None
 

@@ -248,7 +248,8 @@ def test_a_task_that_fails_outside_its_attempt_is_recorded_as_such_never_as_a_ti
     saga_db, monkeypatch
 ):
     """A deploy changed a task's arguments: its messages in flight fail before the attempt."""
-    from sagas import dispatch, tasks
+    from sagas import tasks
+    from sagas.engine import dispatch
 
     signature = dispatch._signature
 

@@ -11,7 +11,7 @@ from rest_framework import status
 from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.request import Request
 
-from sagas.parsers import BoundedJSONParser
+from sagas.api.parsers import BoundedJSONParser
 
 MAX_IDEMPOTENCY_KEY_LENGTH = 100
 IDEMPOTENCY_KEY_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")

@@ -2,41 +2,46 @@
 
 A project routes it with `path("api/sagas/", include("sagas.urls"))`. The names below are the
 package's public ones; a domain app's API may reuse them (pagination, throttling, errors).
+
+The names are imported when first used, as at the package root: a project names
+`sagas.api.parsers.BoundedJSONParser` in its DRF settings, which DRF's views read when they
+are imported.
 """
 
-from .serializers import (
-    BULK_ACTION_DETAIL,
-    SAGA_DETAIL,
-    BulkActionDetailSerializer,
-    BulkActionRequestSerializer,
-    BulkActionSerializer,
-    BulkFilterSerializer,
-    BulkPreviewRequestSerializer,
-    BulkPreviewSerializer,
-    DetailSerializer,
-    ErrorSerializer,
-    ModelSerializer,
-    PlanQuerySerializer,
-    PlanSerializer,
-    SagaDetailSerializer,
-    SagaEventSerializer,
-    SagaSerializer,
-    SagaStepSerializer,
-    SagaSummarySerializer,
-    StrictCharField,
-    StrictIntegerField,
-    StrictSerializer,
-)
-from .views import (
-    ERROR_RESPONSES,
-    BulkActionViewSet,
-    Conflict,
-    MayOperate,
-    Pagination,
-    SagaFilter,
-    SagaViewSet,
-    ScopedThrottle,
-)
+from importlib import import_module
+from typing import Any
+
+_WHERE = {
+    "BULK_ACTION_DETAIL": "serializers",
+    "SAGA_DETAIL": "serializers",
+    "BulkActionDetailSerializer": "serializers",
+    "BulkActionRequestSerializer": "serializers",
+    "BulkActionSerializer": "serializers",
+    "BulkFilterSerializer": "serializers",
+    "BulkPreviewRequestSerializer": "serializers",
+    "BulkPreviewSerializer": "serializers",
+    "DetailSerializer": "serializers",
+    "ErrorSerializer": "serializers",
+    "ModelSerializer": "serializers",
+    "PlanQuerySerializer": "serializers",
+    "PlanSerializer": "serializers",
+    "SagaDetailSerializer": "serializers",
+    "SagaEventSerializer": "serializers",
+    "SagaSerializer": "serializers",
+    "SagaStepSerializer": "serializers",
+    "SagaSummarySerializer": "serializers",
+    "StrictCharField": "serializers",
+    "StrictIntegerField": "serializers",
+    "StrictSerializer": "serializers",
+    "ERROR_RESPONSES": "views",
+    "BulkActionViewSet": "views",
+    "Conflict": "views",
+    "MayOperate": "views",
+    "Pagination": "views",
+    "SagaFilter": "views",
+    "SagaViewSet": "views",
+    "ScopedThrottle": "views",
+}
 
 __all__ = [
     "BULK_ACTION_DETAIL",
@@ -69,3 +74,13 @@ __all__ = [
     "StrictIntegerField",
     "StrictSerializer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -9,7 +9,8 @@ from typing import Any
 
 from django.db import transaction
 
-from .. import conf, dispatch
+from .. import conf
+from ..engine import dispatch
 from ..exceptions import BulkActionRefused, BulkPreviewOutdated
 from ..models import BulkAction, BulkActionItem
 from .filters import BulkFilter

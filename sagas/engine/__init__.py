@@ -5,6 +5,11 @@ chains' error callbacks, `recovery` is what the sweeper does to one saga, and `o
 the operator actions. `unit` is the locked saga they all change. Celery tasks
 (`sagas.tasks`) and the services (`sagas.services`) call these functions; nothing else
 changes a status.
+
+The plumbing: `rows` reads and writes the rows in as few round trips as it can, `dispatch`
+sends chains and callbacks after the commit, `notify` hands committed events to signals,
+metrics and traces, `sweeper` finds the sagas whose messages were lost (and calls `recovery`
+for each), and `hooks` is where the test kit injects faults.
 """
 
 from .callbacks import compensation_chain_failed, step_chain_failed

@@ -16,10 +16,10 @@ from uuid import uuid4
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from .. import dispatch, notify
 from ..definitions import SagaDefinition, StepContext, get_definition
 from ..exceptions import CodeMissing, SagaKeyInFlight, StepError
 from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
+from . import dispatch, notify
 from .compensation import begin_compensation
 from .rows import EventRow, StepRow, insert_saga
 from .unit import (

@@ -1,6 +1,6 @@
 """What the sweeper does to one saga: re-send a stalled one, or compensate a late one.
 
-The sweeper (`sagas.recovery`) claims the sagas; these functions run in its transaction.
+The sweeper (`sagas.engine.sweeper`) claims the sagas; these functions run in its transaction.
 """
 
 from __future__ import annotations

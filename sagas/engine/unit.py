@@ -2,8 +2,8 @@
 
 `lock()` locks the saga row and reads its step rows; `Unit` applies transitions, collects the
 events and the messages to send, and writes the changed rows and the events in one statement
-before the transaction commits. The messages go out after the commit (`sagas.dispatch`), and
-so do the events that signals, metrics or traces want (`sagas.notify`).
+before the transaction commits. The messages go out after the commit (`sagas.engine.dispatch`), and
+so do the events that signals, metrics or traces want (`sagas.engine.notify`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from django.db import transaction
 from django.dispatch import receiver
 from django.utils import timezone
 
-from .. import conf, dispatch, notify
+from .. import conf
 from ..definitions import RetryPolicy, StepContext, import_callable
 from ..exceptions import (
     BusinessError,
@@ -33,7 +33,7 @@ from ..exceptions import (
     TransientError,
 )
 from ..models import Direction, SagaStatus, StepStatus
-from . import rows
+from . import dispatch, notify, rows
 from .rows import EventRow, SagaRow, StepRow
 
 logger = logging.getLogger("sagas")

@@ -20,7 +20,7 @@ def install() -> None:
             "SAGAS_METRICS is on, but prometheus-client is not installed: "
             "pip install 'django-sagas[metrics]'"
         ) from None
-    from .. import notify
+    from ..engine import notify
     from . import instruments, worker
 
     notify.add_observer(instruments.observer)

@@ -144,7 +144,7 @@ COUNT: dict[str, Callable[[str, Any], None]] = {
 
 
 class MetricsObserver:
-    """Counts committed events (`sagas.notify`)."""
+    """Counts committed events (`sagas.engine.notify`)."""
 
     kinds = frozenset(COUNT)
 

@@ -10,7 +10,7 @@ class SagasTestingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from sagas import hooks
+        from sagas.engine import hooks
 
         from .faults import take
 

@@ -18,7 +18,7 @@ from django.db import transaction
 from django.db.models import F, Q
 from kombu.exceptions import OperationalError
 
-from sagas import dispatch
+from sagas.engine import dispatch
 from sagas.exceptions import BusinessError, TransientError
 from sagas.models import SagaStep
 

@@ -21,9 +21,11 @@ from django.db.models import DateTimeField, DurationField, ExpressionWrapper, F,
 from django.db.models.functions import Least, Power
 from django.utils import timezone
 
-from . import conf, engine, notify
-from .bulk import batches
-from .models import IN_FLIGHT, Direction, EventKind, Saga
+from .. import conf
+from ..bulk import batches
+from ..models import IN_FLIGHT, Direction, EventKind, Saga
+from . import notify
+from .recovery import deadline_passed, recover
 
 logger = logging.getLogger("sagas")
 
@@ -82,7 +84,7 @@ def sweep(
     with transaction.atomic():
         stale = list(stale_sagas(now, stale_after)[:batch_size])
         for saga_id in stale:
-            if engine.recover(saga_id, max_recoveries=limit):
+            if recover(saga_id, max_recoveries=limit):
                 report.recovered.append(str(saga_id))
             else:
                 report.dead_lettered.append(str(saga_id))
@@ -98,7 +100,7 @@ def sweep(
             .values_list("pk", flat=True)[:batch_size]
         )
         for saga_id in expired:
-            if engine.deadline_passed(saga_id):
+            if deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     if stale:

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 from django.db import transaction
 
-from . import signals
+from .. import signals
 
 logger = logging.getLogger("sagas")
 
@@ -52,7 +52,7 @@ class Observer(Protocol):
         error_message, created_at, ...)."""
 
     def swept(self, seconds: float, recovered: int, dead_lettered: int) -> None:
-        """A sweep of the recovery sweeper ended (`sagas.recovery.sweep`)."""
+        """A sweep of the recovery sweeper ended (`sagas.engine.sweeper.sweep`)."""
 
 
 class Tracer(Protocol):

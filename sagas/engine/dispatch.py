@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from celery import Signature, chain, current_app
 
-from . import conf
+from .. import conf
 
 RUN_STEP = "sagas.run_step"
 COMPENSATE_STEP = "sagas.compensate_step"

@@ -1,0 +1,62 @@
+"""The steps' definitions, copied into their rows when a saga starts, are the same for every saga
+started from the same definition: the saga row names them by a digest (`definition_version`),
+and a process reads and parses each version once."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from django.db import connection
+
+from ...definitions import RetryPolicy
+from ...models import SagaStep
+from .objects import SagaRow
+
+
+class Definition(dict[str, Any]):
+    """A step's definition (the JSON in its row), with its retry policies parsed beside it."""
+
+    __slots__ = ("policies",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self.policies: dict[str, RetryPolicy] = {}
+
+
+_definitions: dict[str, tuple[Definition, ...]] = {}
+
+
+def definitions(saga: SagaRow) -> tuple[Definition, ...]:
+    """The step definitions the saga started with, read from its step rows at most once per
+    definition version and process (a saga made by hand, without a version: every time)."""
+    version = saga.definition_version
+    cached = _definitions.get(version) if version else None
+    if cached is not None:
+        return cached
+    with connection.cursor() as cursor:
+        cursor.execute(_definitions_sql(), [saga.id])
+        field = SagaStep._meta.get_field("definition")
+        loaded = tuple(
+            Definition(field.from_db_value(value, None, connection))  # type: ignore[attr-defined,arg-type]
+            for (value,) in cursor.fetchall()
+        )
+    if version:
+        _definitions[version] = loaded
+    return loaded
+
+
+@cache
+def _definitions_sql() -> str:
+    q = connection.ops.quote_name
+    table = q(SagaStep._meta.db_table)
+    return f"SELECT {q('definition')} FROM {table} WHERE saga_id = %s ORDER BY {q('index')}"
+
+
+def policy(definition: dict[str, Any], key: str) -> RetryPolicy:
+    """A step's retry policy (`retry` or `compensation_retry`), parsed once per definition."""
+    if not isinstance(definition, Definition):
+        return RetryPolicy.from_dict(definition[key])
+    if key not in definition.policies:
+        definition.policies[key] = RetryPolicy.from_dict(definition[key])
+    return definition.policies[key]

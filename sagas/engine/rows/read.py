@@ -1,0 +1,128 @@
+"""Reading a saga: its row locked and its steps in one round trip; its timeline where a halted
+or resumed compensation needs it (rare)."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+from uuid import UUID
+
+from django.db import NotSupportedError, OperationalError, connection
+from django.db.models import Field
+from django.db.transaction import TransactionManagementError
+
+from ...exceptions import SagaBusy
+from ...models import EventKind, Saga, SagaEvent, SagaStep
+from .cursors import column, default_db, read_cursor
+from .definitions import definitions
+from .objects import SagaRow, StepRow
+
+
+def read_locked(
+    saga_id: UUID | str, *, wait: float | None, lock: bool = True
+) -> tuple[SagaRow, list[StepRow]]:
+    """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`. Without `lock`,
+    read them as they are (`sagas.engine.unit.peek`)."""
+    db = default_db()
+    if not db.in_atomic_block:  # as select_for_update() would refuse
+        raise TransactionManagementError("lock() must run inside a transaction")
+    saga_sql, steps_sql = _lock_sql(lock)
+    key = UUID(str(saga_id))
+    try:
+        with read_cursor(db) as cursor, read_cursor(db) as steps_cursor:
+            # Results are read after the pipeline's end, which fetches them all at once.
+            with db.wrap_database_errors, db.connection.pipeline():
+                if wait is not None:
+                    cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
+                cursor.execute(saga_sql, [key])
+                steps_cursor.execute(steps_sql, [key])
+            saga_values = cursor.fetchone()
+            step_values = steps_cursor.fetchall()
+            if wait is not None:
+                cursor.execute("SET LOCAL lock_timeout = 0")
+    except OperationalError as exc:
+        if wait is not None and getattr(exc.__cause__, "sqlstate", None) == "55P03":
+            raise SagaBusy("The saga is busy (a step is running); try again shortly.") from None
+        raise
+    except NotSupportedError as exc:
+        if not _replanned(exc):
+            raise
+        # A migration changed a column these prepared statements read. The transaction's
+        # rollback makes psycopg drop its prepared statements: as for a database restart,
+        # the caller tries again later (a task is sent again; no attempt is spent).
+        raise OperationalError(
+            "The saga's statements were prepared before a change to its tables; "
+            "they are prepared again on the next try."
+        ) from exc
+    if saga_values is None:
+        raise Saga.DoesNotExist(f"no saga {saga_id}")
+    saga = _row(SagaRow, saga_values, db)
+    steps = [_row(StepRow, values, db) for values in step_values]
+    for step, definition in zip(steps, definitions(saga), strict=True):
+        step.definition = definition
+    return saga, steps
+
+
+def _replanned(exc: NotSupportedError) -> bool:
+    """Whether PostgreSQL refused a prepared statement whose result a change of its tables
+    altered ("cached plan must not change result type")."""
+    cause = exc.__cause__
+    return getattr(cause, "sqlstate", None) == "0A000" and "cached plan" in str(cause)
+
+
+def _row(cls: Any, values: tuple[Any, ...], db: Any) -> Any:
+    row = object.__new__(cls)
+    names, converters = _layout(cls)
+    for name, value in zip(names, values, strict=True):
+        object.__setattr__(row, name, value)
+    for name, convert in converters:  # the JSON columns arrive as text
+        object.__setattr__(row, name, convert(getattr(row, name), None, db))
+    return row
+
+
+@cache
+def _layout(cls: Any) -> tuple[list[str], list[tuple[str, Any]]]:
+    """The attributes a row of `cls` is read into, in `_lock_sql`'s order, and the converters
+    of those that need one (as a queryset would apply them)."""
+    fields = _read_fields(cls)
+    converters = [(f.attname, f.from_db_value) for f in fields if hasattr(f, "from_db_value")]
+    return [f.attname for f in fields], converters
+
+
+def _read_fields(cls: Any) -> list[Field[Any, Any]]:
+    # Not the steps' definitions: they come from the cache of the saga's definition version.
+    return [f for f in cls.model._meta.concrete_fields if f.attname != "definition"]
+
+
+@cache
+def _lock_sql(lock: bool = True) -> tuple[str, str]:
+    q = connection.ops.quote_name
+    sagas, steps = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
+    saga_columns = ", ".join(column(f) for f in _read_fields(SagaRow))
+    step_columns = ", ".join(column(f) for f in _read_fields(StepRow))
+    return (
+        f"SELECT {saga_columns} FROM {sagas} WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+        f"SELECT {step_columns} FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
+    )
+
+
+# -- the timeline ----------------------------------------------------------------------------
+
+
+def completed_steps(saga_id: UUID) -> set[int]:
+    """The indexes of the saga's steps that completed: each completes at most once."""
+    events = SagaEvent.objects.filter(saga_id=saga_id, kind=EventKind.STEP_COMPLETED)
+    return set(events.values_list("step_index", flat=True))  # type: ignore[arg-type]
+
+
+def last_cause(saga_id: UUID) -> dict[str, str] | None:
+    """Why a backward saga compensates, as remembered when it last stopped for an operator
+    (`sagas.engine.unit.Unit.remember_cause`)."""
+    detail = (
+        SagaEvent.objects.filter(saga_id=saga_id, kind=EventKind.SAGA_FAILED)
+        .filter(detail__has_key="cause")
+        .order_by("-id")
+        .values_list("detail", flat=True)
+        .first()
+    )
+    return detail["cause"] if detail else None
