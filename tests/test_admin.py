@@ -588,3 +588,58 @@ def test_the_action_pages_breadcrumbs_are_marked_up_as_djangos_own(admin_client,
     expected = f'<ol class="breadcrumbs">{listed}<li aria-current="page">Retry</li></ol>'
     page = admin_client.post(CHANGELIST, action_post("retry_sagas", saga))
     assertHTMLEqual(breadcrumbs(page), expected)
+
+
+def test_step_diagram_lays_out_steps_forward_and_their_compensations_backward():
+    """The diagram's grid from unsaved rows: a step failed after two completed, both undone;
+    names and errors are escaped by the template."""
+    from sagas.admin.diagram import diagram_cells, step_diagram
+
+    now = timezone.now()
+    steps = [
+        SagaStep(
+            index=0,
+            name="reserve <b>",
+            status="compensated",
+            attempts=1,
+            started_at=now,
+            finished_at=now,
+            compensated_at=now,
+        ),
+        SagaStep(
+            index=1,
+            name="charge",
+            status="compensated",
+            attempts=2,
+            started_at=now,
+            finished_at=now,
+            compensated_at=now,
+        ),
+        SagaStep(
+            index=2,
+            name="ship",
+            status="failed",
+            attempts=3,
+            started_at=now,
+            finished_at=now,
+            error_code="<unsupported>",
+            error_message="no route",
+        ),
+        SagaStep(index=3, name="notify", status="pending"),
+    ]
+    cells = {(cell.row, cell.column): cell for cell in diagram_cells(steps)}
+    assert [cells[1, c].node.number for c in (2, 4, 6, 8)] == [1, 2, 3, 4]
+    assert [cells[1, c].arrow for c in (3, 5, 7)] == ["forward"] * 3
+    assert [cells[2, c].node.name for c in (2, 4)] == ["reserve <b>", "charge"]
+    assert cells[2, 3].arrow == cells[2, 5].arrow == "undo"  # from the failed step leftwards
+    assert (2, 6) not in cells and (2, 8) not in cells
+
+    html = step_diagram(steps)
+    assert html.count("saga-node saga-node-compensated") == 2
+    assert html.count("saga-node saga-node-completed") == 2  # drawn done, their undo below
+    assert "reserve &lt;b&gt;" in html and "<b>" not in html
+    assert '<span class="saga-node-error">&lt;unsupported&gt;</span>' in html
+    assert (
+        '<span class="saga-fact">Failed</span> · <span class="saga-fact">3 attempts</span>' in html
+    )
+    assert ">compensation</div>" in html
