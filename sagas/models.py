@@ -309,11 +309,20 @@ class SagaEvent(models.Model):
 # -- bulk actions: an operator action on every saga that matches a filter -----------------------
 
 
-class BulkOperation(models.TextChoices):
-    """The operator actions a bulk action can take (resolve is one step's, never in bulk)."""
+class OperatorAction(models.TextChoices):
+    """The operator actions, each gated by a custom permission of `Saga` (see its Meta):
+    `sagas.retry_saga`, `sagas.compensate_saga`, `sagas.resolve_saga`."""
 
     RETRY = "retry", "Retry"
     COMPENSATE = "compensate", "Compensate"
+    RESOLVE = "resolve", "Resolve"
+
+
+class BulkOperation(models.TextChoices):
+    """The operator actions a bulk action can take (resolve is one step's, never in bulk)."""
+
+    RETRY = OperatorAction.RETRY.value, OperatorAction.RETRY.label
+    COMPENSATE = OperatorAction.COMPENSATE.value, OperatorAction.COMPENSATE.label
 
 
 class BulkActionStatus(models.TextChoices):

@@ -6,13 +6,10 @@ from typing import Any
 
 from django.contrib.auth import get_permission_codename
 
-from .models import Saga
-
-# The operator actions, each gated by a custom permission of `Saga` (see its Meta).
-ACTIONS = ("retry", "compensate", "resolve")
+from .models import OperatorAction, Saga
 
 
-def may_operate(user: Any, action: str) -> bool:
+def may_operate(user: Any, action: OperatorAction | str) -> bool:
     """Whether `user` holds the permission for `action` (`sagas.retry_saga`, ...)."""
     codename = get_permission_codename(action, Saga._meta)
     return bool(user.has_perm(f"{Saga._meta.app_label}.{codename}"))

@@ -66,7 +66,7 @@ def _later(task: Any) -> Exception:
 
 
 def attempt(
-    saga_id: str, index: int, epoch: int | None, *, forward: bool, fault: Any = None
+    saga_id: str, index: int, epoch: int, *, forward: bool, fault: Any = None
 ) -> engine.Outcome:
     """One delivery of a step's (or a compensation's) message: run it, or record its failure.
 
@@ -82,7 +82,7 @@ def attempt(
         return record_failure(saga_id, index, exc, epoch=epoch)
 
 
-def _run(task: Any, saga_id: str, index: int, epoch: int | None, forward: bool) -> None:
+def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool) -> None:
     try:
         hook = hooks.fault_hook
         injector = hook(saga_id, index, forward=forward) if hook is not None else None

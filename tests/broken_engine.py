@@ -32,7 +32,7 @@ _compensate_step = engine.compensate_step
 
 
 def compensate_step_without_its_duplicate_check(
-    saga_id: str, index: int, *, epoch: int | None, fault: Any = None
+    saga_id: str, index: int, *, epoch: int, fault: Any = None
 ) -> engine.Outcome:
     with transaction.atomic():
         unit = lock(saga_id)

@@ -25,10 +25,10 @@ def make_operator(**fields):
     """A staff user with the saga action permissions (retry, compensate, resolve)."""
     from django.contrib.auth.models import Permission
 
-    from sagas.permissions import ACTIONS
+    from sagas.models import OperatorAction
 
     user = UserFactory(is_staff=True, **fields)
-    codenames = [f"{action}_saga" for action in ACTIONS]
+    codenames = [f"{action}_saga" for action in OperatorAction.values]
     user.user_permissions.add(*Permission.objects.filter(codename__in=codenames))
     return user
 

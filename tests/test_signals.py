@@ -79,9 +79,10 @@ def test_a_failed_step_and_the_compensation_are_announced_once(received):
     saga, _ = saga_start(name="declines_second", input={})
     assert run(saga.pk, 0) == "done"
     assert run(saga.pk, 1) == "fail"  # a business error: failed for good, compensating
-    engine.step_chain_failed(str(saga.pk), Saga.objects.get(pk=saga.pk).epoch)
+    epoch = Saga.objects.get(pk=saga.pk).epoch
+    engine.step_chain_failed(str(saga.pk), epoch)
     assert compensate(saga.pk, 0) == "done"
-    engine.step_chain_failed(str(saga.pk), None)  # a repeated error callback: nothing new
+    engine.step_chain_failed(str(saga.pk), epoch)  # a repeated error callback: nothing new
 
     names = [name for name, _ in received]
     assert names == ["saga_started", "step_failed", "saga_compensated"]

@@ -21,14 +21,14 @@ from django.utils.safestring import SafeString
 from .. import conf, services
 from ..engine import Plan
 from ..exceptions import InvalidTransition, SagaBusy
-from ..models import Saga, StepStatus
+from ..models import OperatorAction, Saga, StepStatus
 from ..permissions import may_operate
 from .display import status_badge
 
 
 @dataclass(frozen=True)
-class OperatorAction:
-    """One operator action: its admin action's name and the words for it on the pages."""
+class ActionWords:
+    """One operator action's admin action name and the words for it on the pages."""
 
     name: str
     verb: str
@@ -36,21 +36,21 @@ class OperatorAction:
     explanation: str
 
 
-OPERATOR_ACTIONS: dict[str, OperatorAction] = {
-    "retry": OperatorAction(
+ACTION_WORDS: dict[str, ActionWords] = {
+    OperatorAction.RETRY: ActionWords(
         "retry_sagas",
         "Retry",
         "Retried",
         "Retrying resumes a failed saga where it stopped: steps that completed are not run "
         "again. A saga that failed while compensating resumes its compensation.",
     ),
-    "compensate": OperatorAction(
+    OperatorAction.COMPENSATE: ActionWords(
         "compensate_sagas",
         "Compensate",
         "Compensating",
         "Compensating aborts the saga and undoes its completed steps, in reverse order.",
     ),
-    "resolve": OperatorAction(
+    OperatorAction.RESOLVE: ActionWords(
         "resolve_sagas",
         "Resolve",
         "Resolved",
@@ -78,13 +78,13 @@ class OperatorActionsAdmin(admin.ModelAdmin):
     actions = ("retry_sagas", "compensate_sagas", "resolve_sagas")
 
     def has_retry_permission(self, request: HttpRequest) -> bool:
-        return may_operate(request.user, "retry")
+        return may_operate(request.user, OperatorAction.RETRY)
 
     def has_compensate_permission(self, request: HttpRequest) -> bool:
-        return may_operate(request.user, "compensate")
+        return may_operate(request.user, OperatorAction.COMPENSATE)
 
     def has_resolve_permission(self, request: HttpRequest) -> bool:
-        return may_operate(request.user, "resolve")
+        return may_operate(request.user, OperatorAction.RESOLVE)
 
     # -- the detail page's action buttons ---------------------------------------------------
 
@@ -102,7 +102,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             context["saga_changelist_url"] = reverse("admin:sagas_saga_changelist")
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def _buttons(self, request: HttpRequest, saga: Saga) -> list[OperatorAction]:
+    def _buttons(self, request: HttpRequest, saga: Saga) -> list[ActionWords]:
         """The actions this user may take on a saga that is not finished.
 
         Whether an action applies is for its confirmation page to say (from `saga_plan`): a
@@ -112,29 +112,31 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             return []
         stuck = any(s.status == StepStatus.COMPENSATION_FAILED for s in saga.steps.all())
         return [
-            operator_action
-            for action, operator_action in OPERATOR_ACTIONS.items()
-            if may_operate(request.user, action) and (action != "resolve" or stuck)
+            words
+            for action, words in ACTION_WORDS.items()
+            if may_operate(request.user, action) and (action != OperatorAction.RESOLVE or stuck)
         ]
 
     # -- the operator actions ---------------------------------------------------------------
 
-    @admin.action(description="Retry the selected sagas", permissions=["retry"])
+    @admin.action(description="Retry the selected sagas", permissions=[OperatorAction.RETRY])
     def retry_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
-        return self._operate(request, queryset, "retry")
+        return self._operate(request, queryset, OperatorAction.RETRY)
 
-    @admin.action(description="Compensate (abort) the selected sagas", permissions=["compensate"])
+    @admin.action(
+        description="Compensate (abort) the selected sagas", permissions=[OperatorAction.COMPENSATE]
+    )
     def compensate_sagas(
         self, request: HttpRequest, queryset: QuerySet[Saga]
     ) -> HttpResponse | None:
-        return self._operate(request, queryset, "compensate")
+        return self._operate(request, queryset, OperatorAction.COMPENSATE)
 
     @admin.action(
         description="Resolve the failed compensation of the selected sagas",
-        permissions=["resolve"],
+        permissions=[OperatorAction.RESOLVE],
     )
     def resolve_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
-        return self._operate(request, queryset, "resolve")
+        return self._operate(request, queryset, OperatorAction.RESOLVE)
 
     @staticmethod
     def _resolve_index(saga: Saga) -> int:
@@ -146,13 +148,13 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         return max(failed, default=saga.current_step)
 
     def _plan(self, saga: Saga, action: str) -> Plan:
-        index = self._resolve_index(saga) if action == "resolve" else None
+        index = self._resolve_index(saga) if action == OperatorAction.RESOLVE else None
         return services.saga_plan(saga_id=saga.pk, action=action, index=index)
 
     def _act(self, saga: Saga, action: str, actor: str) -> Plan:
-        if action == "retry":
+        if action == OperatorAction.RETRY:
             return services.saga_retry(saga_id=saga.pk, actor=actor)
-        if action == "compensate":
+        if action == OperatorAction.COMPENSATE:
             return services.saga_compensate(saga_id=saga.pk, actor=actor)
         index = self._resolve_index(saga)
         return services.saga_step_resolve(saga_id=saga.pk, index=index, actor=actor)
@@ -173,7 +175,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         sagas = list(queryset.order_by("-created_at"))
         if request.POST.get("post") != "yes":
             return self._confirmation(request, sagas, action)
-        operator_action = OPERATOR_ACTIONS[action]
+        operator_action = ACTION_WORDS[action]
         actor = request.user.get_username()
         done = 0
         for saga in sagas:
@@ -208,7 +210,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             except SagaBusy as busy:  # a step holds it: confirming would be refused the same
                 plan = Plan(action, False, str(busy))
             previews.append(Preview(saga, plan))
-        operator_action = OPERATOR_ACTIONS[action]
+        operator_action = ACTION_WORDS[action]
         context = {
             **self.admin_site.each_context(request),
             "title": f"{operator_action.verb} sagas: are you sure?",

@@ -28,7 +28,7 @@ from ..bulk import BulkFilter, BulkPreview, sagas_have_business_key
 from ..exceptions import BulkActionRefused
 from ..models import BulkAction, BulkOperation, BulkOutcome, SagaStatus
 from ..permissions import may_operate
-from .actions import OPERATOR_ACTIONS, OperatorAction, OperatorActionsAdmin
+from .actions import ACTION_WORDS, ActionWords, OperatorActionsAdmin
 from .display import EMPTY, status_badge, timestamp
 from .readonly import ReadOnlyAdminMixin
 
@@ -118,7 +118,7 @@ class BulkPreviewSection:
     """One action's part of the bulk page: its words and its preview."""
 
     action: str
-    words: OperatorAction
+    words: ActionWords
     preview: BulkPreview
 
 
@@ -162,7 +162,7 @@ class SagaBulkActionsMixin(OperatorActionsAdmin):
                 previews = [
                     BulkPreviewSection(
                         operation,
-                        OPERATOR_ACTIONS[operation],
+                        ACTION_WORDS[operation],
                         services.bulk_action_preview(
                             action=operation, bulk_filter=form.bulk_filter()
                         ),

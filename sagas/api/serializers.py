@@ -18,6 +18,7 @@ from ..models import (
     BulkAction,
     BulkOperation,
     BulkOutcome,
+    OperatorAction,
     Saga,
     SagaEvent,
     SagaStatus,
@@ -222,7 +223,7 @@ class PlanSerializer(serializers.Serializer):
 
 class PlanQuerySerializer(serializers.Serializer):
     action = serializers.ChoiceField(
-        choices=["retry", "compensate", "resolve"], help_text="The action to preview."
+        choices=OperatorAction.choices, help_text="The action to preview."
     )
     index = serializers.IntegerField(
         required=False,
@@ -232,7 +233,7 @@ class PlanQuerySerializer(serializers.Serializer):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if attrs["action"] == "resolve" and attrs.get("index") is None:
+        if attrs["action"] == OperatorAction.RESOLVE and attrs.get("index") is None:
             raise serializers.ValidationError({"index": "Required with action=resolve."})
         return attrs
 

@@ -32,9 +32,17 @@ from rest_framework.throttling import ScopedRateThrottle
 from ..bulk import BulkFilter
 from ..engine import Plan
 from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition, SagaBusy
-from ..models import BulkAction, BulkOperation, Saga, SagaEvent, SagaStatus, SagaStep
+from ..models import (
+    BulkAction,
+    BulkOperation,
+    OperatorAction,
+    Saga,
+    SagaEvent,
+    SagaStatus,
+    SagaStep,
+)
 from ..paginators import BoundedPaginator
-from ..permissions import ACTIONS, may_operate
+from ..permissions import may_operate
 from ..services import (
     bulk_action_preview,
     bulk_action_start,
@@ -114,7 +122,7 @@ class SagaFilter(filters.FilterSet):
         fields = ["status", "name"]
 
 
-OPERATOR_VIEWS = {*ACTIONS, "plan"}  # the views for staff with an action's permission
+OPERATOR_VIEWS = {*OperatorAction.values, "plan"}  # the views for staff with an action's permission
 
 
 class MayOperate(BasePermission):
@@ -123,7 +131,7 @@ class MayOperate(BasePermission):
     message = "You do not have the permission for this saga action."
 
     def has_permission(self, request: Request, view: Any) -> bool:
-        return view.action not in ACTIONS or may_operate(request.user, view.action)
+        return view.action not in OperatorAction.values or may_operate(request.user, view.action)
 
 
 def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:

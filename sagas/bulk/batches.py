@@ -21,16 +21,16 @@ from django.utils import timezone
 from .. import services
 from ..engine import Plan, safe_error
 from ..exceptions import InvalidTransition
-from ..models import BulkAction, BulkActionItem, BulkActionStatus, BulkOutcome, Saga
+from ..models import BulkAction, BulkActionItem, BulkActionStatus, BulkOperation, BulkOutcome, Saga
 from .create import send_batch_or_leave_to_sweeper
 from .filters import BulkFilter
 
 logger = logging.getLogger("sagas")
 
 # The service each bulk action calls on every saga: the same as the single actions'.
-ACTIONS: dict[str, Callable[..., Plan]] = {
-    "retry": services.saga_retry,
-    "compensate": services.saga_compensate,
+SERVICES: dict[str, Callable[..., Plan]] = {
+    BulkOperation.RETRY: services.saga_retry,
+    BulkOperation.COMPENSATE: services.saga_compensate,
 }
 
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
@@ -87,7 +87,7 @@ def _act(bulk_action: BulkAction, saga_id: UUID, *, matches: bool) -> tuple[str,
         if not Saga.objects.filter(pk=saga_id).exists():
             return BulkOutcome.SKIPPED, "The saga no longer exists."
         return BulkOutcome.SKIPPED, "The saga no longer matches the filter."
-    act = ACTIONS[bulk_action.action]
+    act = SERVICES[bulk_action.action]
     try:
         plan = act(saga_id=saga_id, actor=bulk_action.actor, bulk_action_id=bulk_action.pk)
     except InvalidTransition as exc:  # its plan no longer allows it, or busy (SagaBusy)

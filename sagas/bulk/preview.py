@@ -90,7 +90,7 @@ def preview(*, action: str, bulk_filter: BulkFilter, limit: int) -> BulkPreview:
 
 def _shapes(bulk_filter: BulkFilter, limit: int) -> list[tuple[Any, ...]]:
     """(id, name, status, direction, definition version, step names, step statuses) of each
-    matching saga, newest first. A saga without a definition version (from before versions)
+    matching saga, newest first. A saga without a definition version (one made by hand)
     is a shape of its own: its steps' definitions may differ from another's of its name."""
     rows = list(
         bulk_filter.sagas()

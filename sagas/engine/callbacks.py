@@ -65,7 +65,7 @@ def outside_attempt_error(cause: str | None, task_id: str, time_limit: int) -> S
 
 def step_chain_failed(
     saga_id: str,
-    epoch: int | None,
+    epoch: int,
     *,
     failed: int | None = None,
     cause: str | None = None,
@@ -108,7 +108,7 @@ def step_chain_failed(
 
 def compensation_chain_failed(
     saga_id: str,
-    epoch: int | None,
+    epoch: int,
     *,
     failed: int | None = None,
     cause: str | None = None,

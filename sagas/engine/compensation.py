@@ -58,7 +58,7 @@ def begin_compensation(
         unit.send_compensations()
 
 
-def compensate_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) -> Outcome:
+def compensate_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) -> Outcome:
     """Run one step's compensation and record it in the same transaction."""
     with transaction.atomic():
         unit = lock(saga_id)
@@ -125,7 +125,7 @@ def _fail_saga(unit: Unit, step: StepRow) -> None:
 
 
 def compensation_attempt_failed(
-    saga_id: str, index: int, exc: BaseException, *, epoch: int | None
+    saga_id: str, index: int, exc: BaseException, *, epoch: int
 ) -> Outcome:
     """Record a failed compensation attempt: retry while the policy allows, else fail it."""
     with transaction.atomic():

@@ -27,7 +27,7 @@ def task_id(saga_id: str, epoch: int, index: int) -> str:
     return f"{saga_id}:{epoch}:{index}"
 
 
-def failed_index(failed_task_id: str, saga_id: str, epoch: int | None) -> int | None:
+def failed_index(failed_task_id: str, saga_id: str, epoch: int) -> int | None:
     """The step whose task failed, from the id an error callback receives (None for a task
     id of another form)."""
     parts = failed_task_id.split(":")
@@ -87,7 +87,7 @@ def send_error_callback(
     callback: str,
     task_id: str,
     saga_id: str,
-    epoch: int | None,
+    epoch: int,
     cause: str,
     countdown: float = 0.0,
 ) -> None:

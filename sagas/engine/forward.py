@@ -131,7 +131,7 @@ def _in_flight(definition: SagaDefinition, key: str | None) -> SagaKeyInFlight:
     )
 
 
-def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) -> Outcome:
+def run_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) -> Outcome:
     """Run one attempt of a step and record its completion in the same transaction."""
     with transaction.atomic():
         unit = lock(saga_id)
@@ -192,9 +192,7 @@ def run_step(saga_id: str, index: int, *, epoch: int | None, fault: Any = None) 
     return DONE
 
 
-def step_attempt_failed(
-    saga_id: str, index: int, exc: BaseException, *, epoch: int | None
-) -> Outcome:
+def step_attempt_failed(saga_id: str, index: int, exc: BaseException, *, epoch: int) -> Outcome:
     """Record a failed attempt: retry while the policy allows, or fail the step for good."""
     with transaction.atomic():
         unit = lock(saga_id)

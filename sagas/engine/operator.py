@@ -13,7 +13,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from ..exceptions import InvalidTransition
-from ..models import EventKind
+from ..models import EventKind, OperatorAction
 from .compensation import begin_compensation, finish_if_done
 from .unit import STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
 
@@ -25,7 +25,7 @@ LOCK_WAIT = 5.0
 class Plan:
     """What an operator action will do, shown before it is done."""
 
-    action: str
+    action: OperatorAction | str
     allowed: bool
     reason: str = ""
     run: tuple[str, ...] = ()
@@ -39,15 +39,22 @@ def _names(steps: list) -> tuple[str, ...]:
 def plan_retry(unit: Unit) -> Plan:
     saga = unit.saga
     if saga.status != SagaStatus.FAILED:
-        return Plan("retry", False, f"Only a failed saga can be retried (it is {saga.status}).")
+        return Plan(
+            OperatorAction.RETRY, False, f"Only a failed saga can be retried (it is {saga.status})."
+        )
     if saga.is_backward:
-        return Plan("retry", True, "Resume the compensation.", undo=_names(unit.owed_on_resume()))
+        return Plan(
+            OperatorAction.RETRY,
+            True,
+            "Resume the compensation.",
+            undo=_names(unit.owed_on_resume()),
+        )
     step = unit.in_progress()
     assert step is not None, "a failed saga going forward has a step to run"
     reason = "Resume from the failed step."
     if _deadline_passed(unit):
         reason += " Its deadline passed while it waited: the retry clears it."
-    return Plan("retry", True, reason, run=_names(unit.steps[step.index :]))
+    return Plan(OperatorAction.RETRY, True, reason, run=_names(unit.steps[step.index :]))
 
 
 def _deadline_passed(unit: Unit) -> bool:
@@ -59,23 +66,29 @@ def plan_compensate(unit: Unit) -> Plan:
     saga = unit.saga
     if saga.status not in (SagaStatus.RUNNING, SagaStatus.PENDING, SagaStatus.FAILED):
         if saga.status == SagaStatus.COMPENSATING:
-            return Plan("compensate", False, "The saga is already compensating.")
-        return Plan("compensate", False, f"A {saga.status} saga cannot be compensated.")
+            return Plan(OperatorAction.COMPENSATE, False, "The saga is already compensating.")
+        return Plan(
+            OperatorAction.COMPENSATE, False, f"A {saga.status} saga cannot be compensated."
+        )
     if saga.is_backward:
         why = "The saga failed while compensating: retry resumes its compensation."
-        return Plan("compensate", False, why)
+        return Plan(OperatorAction.COMPENSATE, False, why)
     undo = _names(unit.owed_on_compensation())
-    return Plan("compensate", True, "Abort and undo the completed steps.", undo=undo)
+    return Plan(OperatorAction.COMPENSATE, True, "Abort and undo the completed steps.", undo=undo)
 
 
 def plan_resolve(unit: Unit, index: int) -> Plan:
     if not 0 <= index < len(unit.steps):
-        return Plan("resolve", False, "No such step.")
+        return Plan(OperatorAction.RESOLVE, False, "No such step.")
     step = unit.steps[index]
     if unit.saga.status != SagaStatus.FAILED or step.status != StepStatus.COMPENSATION_FAILED:
-        return Plan("resolve", False, "Only a step whose compensation failed can be resolved.")
+        return Plan(
+            OperatorAction.RESOLVE, False, "Only a step whose compensation failed can be resolved."
+        )
     rest = _names([s for s in unit.owed_on_resume() if s.index != index])
-    return Plan("resolve", True, f"Mark {step.name} as compensated by hand.", undo=rest)
+    return Plan(
+        OperatorAction.RESOLVE, True, f"Mark {step.name} as compensated by hand.", undo=rest
+    )
 
 
 def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
@@ -185,10 +198,10 @@ def plan(
     """
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT) if locked else peek(saga_id)
-        if action == "retry":
+        if action == OperatorAction.RETRY:
             return plan_retry(unit)
-        if action == "compensate":
+        if action == OperatorAction.COMPENSATE:
             return plan_compensate(unit)
-        if action == "resolve" and index is not None:
+        if action == OperatorAction.RESOLVE and index is not None:
             return plan_resolve(unit, index)
     raise InvalidTransition(f"unknown action {action!r}")

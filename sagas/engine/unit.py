@@ -318,17 +318,16 @@ class Unit:
 
     # -- messages ----------------------------------------------------------------------------
 
-    def is_current(self, epoch: int | None) -> bool:
+    def is_current(self, epoch: int) -> bool:
         """Whether a message of `epoch` belongs to the saga's latest chain.
 
         A step's (or a compensation's) message of an older chain still does its work if the
         rows say it is due: the sweeper may have sent a newer chain while the older one was
         only waiting in a long queue, and starving both would stall the saga. It only stops
         where the work is done, leaving the newer chain to carry on. An error callback of an
-        older chain does nothing. Messages sent before epochs existed carry none and are judged
-        by the rows alone.
+        older chain does nothing.
         """
-        return epoch is None or epoch == self.saga.epoch
+        return epoch == self.saga.epoch
 
     def _next_epoch(self) -> int:
         self.set_saga(epoch=self.saga.epoch + 1)

@@ -64,9 +64,7 @@ class Injector:
             refuse_next_message()
         self.fire(FaultPoint.AFTER_COMMIT)
 
-    def after_final_failure(
-        self, task_id: str, saga_id: str, epoch: int | None, forward: bool
-    ) -> None:
+    def after_final_failure(self, task_id: str, saga_id: str, epoch: int, forward: bool) -> None:
         """A crash here loses the chain's error callback; a repeat sends it twice."""
         if self.effects.get(FaultPoint.AFTER_FINAL_FAILURE) == FaultEffect.REPEAT_CALLBACK:
             errback = dispatch.ON_STEP_FAILURE if forward else dispatch.ON_COMPENSATION_FAILURE
