@@ -5,6 +5,7 @@ The REST API, the admin and management commands call these functions and nothing
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -34,19 +35,32 @@ def saga_plan(*, saga_id: UUID | str, action: str, index: int | None = None) -> 
     return engine.plan(saga_id, action, index)
 
 
-def saga_retry(*, saga_id: UUID | str, actor: str = "", bulk_action_id: int | None = None) -> Plan:
+def saga_retry(
+    *,
+    saga_id: UUID | str,
+    actor: str = "",
+    bulk_action_id: int | None = None,
+    matches: Callable[[], bool] | None = None,
+) -> Plan:
     """Resume a failed saga where it stopped, forward or in its compensation.
 
-    The timeline records the actor and, for a saga retried by a bulk action, its id.
+    The timeline records the actor and, for a saga retried by a bulk action, its id. With
+    `matches`, it is asked under the saga's lock, and a saga for which it says False is not
+    changed (`InvalidTransition`: "The saga no longer matches the filter.").
     """
-    return engine.retry(saga_id, actor=actor, bulk_action_id=bulk_action_id)
+    return engine.retry(saga_id, actor=actor, bulk_action_id=bulk_action_id, matches=matches)
 
 
 def saga_compensate(
-    *, saga_id: UUID | str, actor: str = "", bulk_action_id: int | None = None
+    *,
+    saga_id: UUID | str,
+    actor: str = "",
+    bulk_action_id: int | None = None,
+    matches: Callable[[], bool] | None = None,
 ) -> Plan:
-    """Abort a running or failed saga: compensate its completed steps in reverse order."""
-    return engine.compensate(saga_id, actor=actor, bulk_action_id=bulk_action_id)
+    """Abort a running or failed saga: compensate its completed steps in reverse order.
+    `matches` as for `saga_retry`."""
+    return engine.compensate(saga_id, actor=actor, bulk_action_id=bulk_action_id, matches=matches)
 
 
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:

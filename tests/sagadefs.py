@@ -101,6 +101,14 @@ register(
 )
 register(
     SagaDefinition(
+        name="one_per_account",
+        steps=[Step(name, record, undo, retry=FAST) for name in ("first", "second")],
+        key="account.id",
+        one_in_flight_per_key=True,
+    )
+)
+register(
+    SagaDefinition(
         name="six_steps",
         steps=[Step(f"step_{i}", record, undo, retry=FAST) for i in range(6)],
     )

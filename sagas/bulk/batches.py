@@ -88,8 +88,15 @@ def _act(bulk_action: BulkAction, saga_id: UUID, *, matches: bool) -> tuple[str,
             return BulkOutcome.SKIPPED, "The saga no longer exists."
         return BulkOutcome.SKIPPED, "The saga no longer matches the filter."
     act = SERVICES[bulk_action.action]
+    bulk_filter = BulkFilter.from_json(bulk_action.filter)
     try:
-        plan = act(saga_id=saga_id, actor=bulk_action.actor, bulk_action_id=bulk_action.pk)
+        plan = act(
+            saga_id=saga_id,
+            actor=bulk_action.actor,
+            bulk_action_id=bulk_action.pk,
+            # Again under the saga's lock: it may have changed while the action waited for it.
+            matches=lambda: bulk_filter.sagas().filter(pk=saga_id).exists(),
+        )
     except InvalidTransition as exc:  # its plan no longer allows it, or busy (SagaBusy)
         return BulkOutcome.SKIPPED, str(exc)[:500]
     except Saga.DoesNotExist:

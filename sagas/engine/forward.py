@@ -110,6 +110,13 @@ def start(
         constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
         if constraint != ONE_IN_FLIGHT_PER_KEY:
             raise
+        # The same start, repeated at the same moment, may meet the other's business key
+        # before its idempotency key: the other committed (the conflict waited for it), so
+        # this is a repeat, and gets the first saga.
+        if idempotency_key is not None:
+            first = Saga.objects.filter(name=name, idempotency_key=idempotency_key).first()
+            if first is not None:
+                return first, False
         raise _in_flight(definition, saga.business_key) from None
     saga._state.adding = False
     saga._state.db = connection.alias

@@ -6,6 +6,7 @@ so an operator's request never hangs behind a slow or hung step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -114,16 +115,34 @@ def _by(actor: str, bulk_action_id: int | None) -> dict[str, str | int]:
     return detail
 
 
+# Whether the saga still matches what a bulk action selected (its filter), asked under the
+# saga's lock: a saga may change while the action waits for it.
+Matches = Callable[[], bool]
+NO_LONGER_MATCHES = "The saga no longer matches the filter."
+
+
+def _still_matches(matches: Matches | None) -> None:
+    if matches is not None and not matches():
+        raise InvalidTransition(NO_LONGER_MATCHES)
+
+
 def _allowed(plan: Plan) -> Plan:
     if not plan.allowed:
         raise InvalidTransition(plan.reason)
     return plan
 
 
-def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = None) -> Plan:
+def retry(
+    saga_id: UUID | str,
+    *,
+    actor: str = "",
+    bulk_action_id: int | None = None,
+    matches: Matches | None = None,
+) -> Plan:
     """Resume a failed saga where it stopped, in its direction, without redoing done work."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
+        _still_matches(matches)
         plan = _allowed(plan_retry(unit))
         unit.set_saga(recovery_attempts=0)  # an operator took over: recovery starts afresh
         if unit.saga.is_backward:
@@ -157,10 +176,17 @@ def retry(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = 
     return plan
 
 
-def compensate(saga_id: UUID | str, *, actor: str = "", bulk_action_id: int | None = None) -> Plan:
+def compensate(
+    saga_id: UUID | str,
+    *,
+    actor: str = "",
+    bulk_action_id: int | None = None,
+    matches: Matches | None = None,
+) -> Plan:
     """Abort a running or failed saga and compensate its completed steps in reverse order."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
+        _still_matches(matches)
         plan = _allowed(plan_compensate(unit))
         unit.set_saga(recovery_attempts=0)
         if unit.saga.error_code in STOP_CODES:  # why it stopped; it compensates for the abort

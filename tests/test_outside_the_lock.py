@@ -1,0 +1,134 @@
+"""Faults outside the saga's row lock (issue 17), each on real workers and PostgreSQL.
+
+A bulk action re-checks each saga against its filter under the saga's own lock; starts repeated
+at the same moment with one idempotency key return the first saga, whichever unique index
+conflicts first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from django.db import connection, transaction
+
+from sagas import services
+from sagas.bulk import BulkFilter
+from sagas.models import BulkAction, EventKind, Saga, SagaEvent
+from tests.conftest import wait_final, wait_for
+from tests.factories import saga_rows
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def waiting_for_a_lock() -> bool:
+    """Whether another session of this database waits on a row lock (a saga's)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        return bool(cursor.fetchone()[0])
+
+
+@contextmanager
+def holding_the_lock_of(saga: Saga) -> Iterator[threading.Event]:
+    """Another session holds the saga's row lock (as a running step would) until the event it
+    yields is set; the test's own code runs in that session's thread through `then`."""
+    locked, release = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+    then: list = []
+
+    def hold() -> None:
+        try:
+            with transaction.atomic():
+                Saga.objects.select_for_update().get(pk=saga.pk)
+                locked.set()
+                assert release.wait(30)
+                for action in then:
+                    action()
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert locked.wait(10)
+    release.then = then  # type: ignore[attr-defined]
+    try:
+        yield release
+    finally:
+        release.set()
+        holder.join(30)
+    assert not errors, errors
+
+
+def test_a_bulk_compensate_skips_a_saga_an_operator_retried_while_it_waited(saga_db):
+    """Issue 17, case 5: the filter said `failed`; while the bulk action waited for the saga's
+    lock, an operator retried it. Under the lock it no longer matches: skipped and reported,
+    and the retried saga completes (its order is not cancelled)."""
+    retried, other = saga_rows(stopped_at=1), saga_rows(stopped_at=1)
+    with holding_the_lock_of(retried) as release:
+        bulk_action = services.bulk_action_start(
+            action="compensate",
+            bulk_filter=BulkFilter(name="three_steps", status="failed"),
+            actor="alice",
+            expected_count=2,
+        )
+        wait_for(waiting_for_a_lock, timeout=20, what="the bulk action to wait for the saga")
+        # The operator's retry, in the session that holds the lock: it commits first.
+        release.then.append(lambda: services.saga_retry(saga_id=retried.pk, actor="bob"))
+
+    def finished() -> BulkAction | None:
+        action = BulkAction.objects.get(pk=bulk_action.pk)
+        return action if action.status == "completed" else None
+
+    done = wait_for(finished, timeout=30, what="the bulk action to finish")
+    assert (done.total, done.done, done.skipped, done.failed) == (2, 1, 1, 0)
+    item = done.items.get(saga_id=retried.pk)
+    assert (item.outcome, item.reason) == ("skipped", "The saga no longer matches the filter.")
+    assert wait_final(retried.pk).status == "completed"
+    assert wait_final(other.pk).status == "compensated"
+    kinds = set(SagaEvent.objects.filter(saga=retried).values_list("kind", flat=True))
+    assert EventKind.OPERATOR_COMPENSATE not in kinds
+
+
+def test_starts_repeated_at_the_same_moment_return_the_first_saga(saga_db):
+    """Issue 17, case 6: two requests start the same saga with one idempotency key at the same
+    moment; whichever unique index (the key's, or one in flight per business key) conflicts
+    first, the second gets the first saga, never `SagaKeyInFlight`."""
+    rounds = 40
+
+    def start(key: int, barrier: threading.Barrier, out: list) -> None:
+        try:
+            barrier.wait(10)
+            out.append(
+                services.saga_start(
+                    name="one_per_account",
+                    input={"account": {"id": key}},
+                    idempotency_key=f"race-{key}",
+                )
+            )
+        except BaseException as exc:
+            out.append(exc)
+        finally:
+            connection.close()
+
+    outcomes = []
+    for key in range(rounds):
+        barrier, out = threading.Barrier(2), []
+        pair = [threading.Thread(target=start, args=(key, barrier, out)) for _ in range(2)]
+        for thread in pair:
+            thread.start()
+        for thread in pair:
+            thread.join(30)
+        outcomes.append(out)
+    refused = [o for out in outcomes for o in out if isinstance(o, BaseException)]
+    assert refused == []
+    for (first, created_first), (second, created_second) in outcomes:
+        assert first.pk == second.pk
+        assert sorted([created_first, created_second]) == [False, True]
+    assert Saga.objects.filter(name="one_per_account").count() == rounds
