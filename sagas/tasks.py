@@ -76,26 +76,54 @@ def attempt(
     record_failure = engine.step_attempt_failed if forward else engine.compensation_attempt_failed
     try:
         return execute(saga_id, index, epoch=epoch, fault=fault)
-    except (Saga.DoesNotExist, *DATABASE_UNAVAILABLE):
+    except Saga.DoesNotExist:
         raise
+    except DATABASE_UNAVAILABLE as exc:
+        if not engine.statement_failure(exc):
+            raise  # the connection, not the attempt: see `_run`
+        return record_failure(saga_id, index, exc, epoch=epoch)
     except Exception as exc:  # logged by the engine, with a reference for the timeline
         return record_failure(saga_id, index, exc, epoch=epoch)
 
 
-def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool) -> None:
+def _lost(task: Any, lost: str) -> str:
+    """Why this delivery follows an attempt that may have run and recorded nothing, or "":
+    the previous delivery said so (`lost`: its database session ended after the action
+    began), or the message came back from the broker (its worker died before it committed;
+    a warm shutdown restores the messages it held too, counted although they never ran)."""
+    if lost:
+        return lost
+    return "redelivered" if (task.request.delivery_info or {}).get("redelivered") else ""
+
+
+def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool, lost: str) -> None:
+    engine.ACTION_BEGAN.set(False)
+    why = _lost(task, lost)
     try:
-        hook = hooks.fault_hook
-        injector = hook(saga_id, index, forward=forward) if hook is not None else None
-        outcome = attempt(saga_id, index, epoch, forward=forward, fault=injector)
+        counted = engine.attempt_lost(saga_id, index, forward=forward, why=why) if why else None
+        why = ""  # counted, or nothing to count
+        injector = None
+        if counted is not None:
+            outcome = counted  # its retry (a new message), or the step's budget is spent
+        else:
+            hook = hooks.fault_hook
+            injector = hook(saga_id, index, forward=forward) if hook is not None else None
+            outcome = attempt(saga_id, index, epoch, forward=forward, fault=injector)
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: message ignored", saga_id)
         raise Ignore() from None
     except DATABASE_UNAVAILABLE:
-        raise _database_unavailable(task, saga_id) from None
+        if engine.ACTION_BEGAN.get():  # the action may have had effects
+            why = "connection_lost"
+        # Sent again; an attempt that may have run is counted by the next delivery.
+        logger.warning("saga %s: database unavailable, task sent again later", saga_id)
+        close_old_connections()
+        countdown = min(30.0, 0.5 * 2 ** min(task.request.retries, 6))
+        raise task.retry(countdown=countdown, kwargs={"epoch": epoch, "lost": why}) from None
     except ProgrammingError:
         raise _schema_behind(task, saga_id) from None
     if outcome.kind == "retry":
-        raise task.retry(countdown=outcome.countdown)
+        raise task.retry(countdown=outcome.countdown, kwargs={"epoch": epoch})
     if outcome.kind == "fail":
         assert outcome.error is not None
         if injector is not None:
@@ -110,15 +138,17 @@ def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool) -> None
 
 
 @shared_task(bind=True, name="sagas.run_step", max_retries=None, throws=(StepFailed,))
-def run_step(self: Any, saga_id: str, index: int, epoch: int) -> None:
-    """Run step `index` of a saga. Idempotent: a completed step is not run again."""
-    _run(self, saga_id, index, epoch, forward=True)
+def run_step(self: Any, saga_id: str, index: int, epoch: int, lost: str = "") -> None:
+    """Run step `index` of a saga. Idempotent: a completed step is not run again. `lost`:
+    why the previous delivery's attempt may have run and recorded nothing (counted first)."""
+    _run(self, saga_id, index, epoch, forward=True, lost=lost)
 
 
 @shared_task(bind=True, name="sagas.compensate_step", max_retries=None, throws=(StepFailed,))
-def compensate_step(self: Any, saga_id: str, index: int, epoch: int) -> None:
-    """Compensate step `index` of a saga. Idempotent: a compensated step is skipped."""
-    _run(self, saga_id, index, epoch, forward=False)
+def compensate_step(self: Any, saga_id: str, index: int, epoch: int, lost: str = "") -> None:
+    """Compensate step `index` of a saga. Idempotent: a compensated step is skipped. `lost`
+    as for `run_step`."""
+    _run(self, saga_id, index, epoch, forward=False, lost=lost)
 
 
 # Not bound, and taking the failure's (request, exc, traceback): Celery calls it in the process

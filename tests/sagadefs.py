@@ -339,3 +339,53 @@ def fails_to_undo(ctx: StepContext) -> None:
     from sagas.exceptions import TransientError
 
     raise TransientError("The refund service is down.", code="refund_unavailable")
+
+
+# -- attempts that die or whose own statement fails (tests/test_outside_the_lock.py) ---------
+
+
+def crash(ctx: StepContext) -> None:
+    """Note the run, then die as an out-of-memory kill would: nothing commits."""
+    import os
+    import signal
+
+    with Path(ctx.input["runs"]).open("a") as runs:
+        runs.write(f"{ctx.step}\n")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def undo_crash(ctx: StepContext) -> None:
+    with Path(ctx.input["runs"]).open("a") as runs:
+        runs.write(f"undo {ctx.step}\n")
+
+
+def times_out(ctx: StepContext) -> None:
+    """A query of the action's own that outlives its statement timeout (SQLSTATE 57014)."""
+    from django.db import connection
+
+    with Path(ctx.input["runs"]).open("a") as runs:
+        runs.write(f"{ctx.step}\n")
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = '50ms'")
+        cursor.execute("SELECT pg_sleep(1)")
+
+
+THREE = RetryPolicy(max_attempts=3, backoff=0.05, backoff_max=0.1)
+register(
+    SagaDefinition(
+        name="crash_loop",
+        steps=[
+            Step("first", record, undo_crash, retry=FAST),
+            Step("dies", crash, undo_crash, retry=THREE),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        name="own_statement_fails",
+        steps=[
+            Step("first", record, undo_crash, retry=FAST),
+            Step("slow_query", times_out, undo_crash, retry=THREE),
+        ],
+    )
+)

@@ -132,3 +132,27 @@ def test_starts_repeated_at_the_same_moment_return_the_first_saga(saga_db):
         assert first.pk == second.pk
         assert sorted([created_first, created_second]) == [False, True]
     assert Saga.objects.filter(name="one_per_account").count() == rounds
+
+
+@pytest.mark.parametrize(
+    ("name", "step", "error_code"),
+    [
+        ("crash_loop", "dies", "worker_lost"),  # killed before it commits, every time
+        ("own_statement_fails", "slow_query", "statement_timeout"),  # SQLSTATE 57014
+    ],
+)
+def test_attempts_that_die_or_whose_statement_fails_are_counted(
+    saga_db, tmp_path, name, step, error_code
+):
+    """Issue 17, case 2: an attempt whose process dies before it commits is redelivered, and
+    one whose own statement times out raises an OperationalError; each is an attempt of the
+    step, counted: three attempts (the policy's), then the step fails for good and the saga
+    compensates. The action ran three times, no more."""
+    runs = tmp_path / "runs"
+    saga, _ = services.saga_start(name=name, input={"runs": str(runs)})
+    final = wait_final(saga.pk, timeout=60)
+    assert final.status == "compensated", (final.status, final.error_code)
+    failed = final.steps.get(name=step)
+    assert (failed.status, failed.attempts, failed.error_code) == ("failed", 3, error_code)
+    assert runs.read_text().split("\n").count(step) == 3
+    assert "undo first" in runs.read_text()

@@ -12,7 +12,7 @@ metrics and traces, `sweeper` finds the sagas whose messages were lost (and call
 for each), and `hooks` is where the test kit injects faults.
 """
 
-from .callbacks import compensation_chain_failed, step_chain_failed
+from .callbacks import attempt_lost, compensation_chain_failed, step_chain_failed
 from .compensation import begin_compensation, compensate_step, compensation_attempt_failed
 from .forward import run_step, start, step_attempt_failed
 from .operator import (
@@ -26,13 +26,24 @@ from .operator import (
     retry,
 )
 from .recovery import deadline_passed, recover
-from .unit import Outcome, SafeError, Unit, class_path, lock, safe_error
+from .unit import (
+    ACTION_BEGAN,
+    Outcome,
+    SafeError,
+    Unit,
+    class_path,
+    lock,
+    safe_error,
+    statement_failure,
+)
 
 __all__ = [
+    "ACTION_BEGAN",
     "Outcome",
     "Plan",
     "SafeError",
     "Unit",
+    "attempt_lost",
     "begin_compensation",
     "class_path",
     "compensate",
@@ -51,6 +62,7 @@ __all__ = [
     "run_step",
     "safe_error",
     "start",
+    "statement_failure",
     "step_attempt_failed",
     "step_chain_failed",
 ]

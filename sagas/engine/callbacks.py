@@ -25,10 +25,11 @@ import logging
 
 from django.db import transaction
 
-from .compensation import finish_if_done, record_compensation_failure
-from .forward import record_attempt_failure, record_unexpected_failure
+from .compensation import finish_if_done, its_turn, record_compensation_failure
+from .forward import attempt_may_fail, record_attempt_failure, record_unexpected_failure
 from .unit import (
     IN_PROGRESS,
+    Outcome,
     SafeError,
     SagaStatus,
     Unit,
@@ -138,6 +139,50 @@ def compensation_chain_failed(
             if unit.saga.status == SagaStatus.COMPENSATING:
                 unit.send_compensations(countdown=outcome.countdown)
         unit.save()
+
+
+# An attempt that may have run and recorded nothing, by what tells of it.
+LOST = {
+    "redelivered": SafeError(
+        "worker_lost",
+        "The attempt's worker process ended before it recorded an outcome (killed, out of "
+        "memory, or crashed); its message came back.",
+    ),
+    "connection_lost": SafeError(
+        "connection_lost",
+        "The attempt's database session ended while its action ran; it may have had effects.",
+    ),
+}
+
+
+def attempt_lost(saga_id: str, index: int, *, forward: bool, why: str) -> Outcome | None:
+    """Count, in a transaction of its own, an attempt of the step (or of its compensation)
+    that may have run and recorded nothing: its message arrived redelivered (its worker died
+    before it committed), or its database session ended after its action began (`why`, a key
+    of `LOST`). It is a transient failure of the step: retried while its policy allows, else
+    the step fails for good. None when the step is not in progress (nothing to count)."""
+    error = LOST[why]
+    with transaction.atomic():
+        unit = lock(saga_id)
+        step = unit.steps[index]
+        detail = {"delivery": why}
+        if forward:
+            if not attempt_may_fail(unit, step) or step.status not in IN_PROGRESS:
+                return None
+            outcome = record_attempt_failure(unit, step, error, transient=True, detail=detail)
+        else:
+            if not its_turn(unit, step):
+                return None
+            outcome = record_compensation_failure(unit, step, error, detail=detail)
+        unit.save()
+    logger.warning(
+        "saga %s: %s of step %s counted as lost (%s)",
+        saga_id,
+        "an attempt" if forward else "a compensation attempt",
+        step.name,
+        why,
+    )
+    return outcome
 
 
 def _carry_on(unit: Unit, outcome: str, countdown: float, *, forward_from: int) -> None:

@@ -69,7 +69,7 @@ def compensate_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) 
             unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "compensation"})
             unit.save_events()
             return DUPLICATE
-        if not _its_turn(unit, step):
+        if not its_turn(unit, step):
             return STOP
         undo = resolve(step.compensation) if step.compensation else None
         ctx = unit.context(step, compensation=True)
@@ -92,7 +92,7 @@ def compensate_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) 
     return DONE
 
 
-def _its_turn(unit: Unit, step: StepRow) -> bool:
+def its_turn(unit: Unit, step: StepRow) -> bool:
     """The saga is compensating, this step is owed, and no later step still waits (reverse
     order: a message that arrives early stops, and the later step's chain brings it again)."""
     if unit.saga.status != SagaStatus.COMPENSATING or step.status != StepStatus.COMPENSATING:
@@ -131,7 +131,7 @@ def compensation_attempt_failed(
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if not _its_turn(unit, step):
+        if not its_turn(unit, step):
             return STOP
         error = safe_error(exc, time_limit=compensation_time_limit(step))
         attempt = step.compensation_attempts + 1

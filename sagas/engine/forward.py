@@ -204,7 +204,7 @@ def step_attempt_failed(saga_id: str, index: int, exc: BaseException, *, epoch: 
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]
-        if not _attempt_may_fail(unit, step):
+        if not attempt_may_fail(unit, step):
             return STOP
         reference = log_failure(unit, step, step.attempts + 1, exc)
         try:
@@ -238,7 +238,7 @@ def record_unexpected_failure(
     return record_attempt_failure(unit, step, error, transient=policy == "retry", detail=detail)
 
 
-def _attempt_may_fail(unit: Unit, step: StepRow) -> bool:
+def attempt_may_fail(unit: Unit, step: StepRow) -> bool:
     # Whichever chain ran it (`epoch`), an attempt that happened is counted.
     saga = unit.saga
     running = saga.status in (SagaStatus.PENDING, SagaStatus.RUNNING) and not saga.is_backward

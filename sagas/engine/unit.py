@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -19,7 +20,7 @@ from uuid import UUID
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -111,6 +112,8 @@ def safe_error(exc: BaseException, *, time_limit: int | None = None) -> SafeErro
         return SafeError(exc.code, exc.message[:500])
     if isinstance(exc, SoftTimeLimitExceeded):
         return SafeError("time_limit", f"The step exceeded its time limit of {time_limit} s.")
+    if failure := statement_failure(exc):
+        return SafeError(failure, STATEMENT_FAILURES[sqlstate(exc) or ""][1])
     return SafeError("unexpected_error", f"Unexpected error ({type(exc).__name__}).")
 
 
@@ -161,10 +164,39 @@ def _forget_imports(*, setting: str, **kwargs: Any) -> None:
         _import.cache_clear()
 
 
+# A statement's own failure, by SQLSTATE: the attempt ran and failed (counted, and transient
+# by default), unlike a connection lost (class 08, 57P01 to 57P03), which says nothing of the
+# attempt: before its action began it is retried uncounted, after, counted as lost.
+STATEMENT_FAILURES = {
+    "57014": ("statement_timeout", "A statement of the attempt ran past its timeout."),
+    "40P01": ("deadlock", "A statement of the attempt was chosen as a deadlock's victim."),
+    "40001": ("serialization_failure", "The attempt's transaction could not be serialized."),
+    "55P03": ("lock_not_available", "A statement of the attempt waited too long for a lock."),
+}
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error (Django's, wrapping psycopg's), if it has one."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if code := getattr(seen, "sqlstate", None):
+            return str(code)
+        seen = seen.__cause__
+    return None
+
+
+def statement_failure(exc: BaseException) -> str | None:
+    """The error code of a statement's own failure (`STATEMENT_FAILURES`), else None."""
+    if not isinstance(exc, DatabaseError):
+        return None
+    failure = STATEMENT_FAILURES.get(sqlstate(exc) or "")
+    return failure[0] if failure else None
+
+
 def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
     """Whether the policy retries `exc`. Raises `CodeMissing` when one of its transient
     classes no longer imports and `exc` is not a `BusinessError` (never retried)."""
-    if isinstance(exc, TransientError | SoftTimeLimitExceeded):
+    if isinstance(exc, TransientError | SoftTimeLimitExceeded) or statement_failure(exc):
         return True
     missing: CodeMissing | None = None
     for path in policy.transient:
@@ -242,6 +274,10 @@ DONE, DUPLICATE, STOP = Outcome("done"), Outcome("duplicate"), Outcome("stop")
 # What an attempt runs in when nothing traces it.
 UNTRACED: AbstractContextManager[Any] = nullcontext()
 
+# Whether this delivery began a step's action (or compensation): a database connection lost
+# after that may have left the action's effects, and the attempt is counted (`sagas.tasks`).
+ACTION_BEGAN: ContextVar[bool] = ContextVar("sagas_action_began", default=False)
+
 
 @dataclass
 class Unit:
@@ -311,6 +347,7 @@ class Unit:
     def attempt(self, step: StepRow, *, compensation: bool = False) -> AbstractContextManager[Any]:
         """What an attempt of the step's action (or compensation) runs in: its span, when
         traces are on (`sagas.tracing`), which ends once the attempt's outcome commits."""
+        ACTION_BEGAN.set(True)
         tracer = notify.tracer
         if tracer is None:
             return UNTRACED
