@@ -255,6 +255,13 @@ class SagaStep(models.Model):
     compensated_at = models.DateTimeField(
         null=True, blank=True, help_text="When the compensation completed."
     )
+    fenced_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="An attempt of the step's action may still be running until then (on the "
+        "database's clock): its compensation waits. Set when the saga turns back while the "
+        "step is in progress outside an attempt of its own.",
+    )
 
     class Meta:
         verbose_name = "saga step"

@@ -389,3 +389,34 @@ register(
         ],
     )
 )
+
+
+def slow_charge(ctx: StepContext) -> dict:
+    """A card charge whose provider answers late: it lands (the file says so) once the gate
+    opens, whatever became of the attempt's database session meanwhile."""
+    log = Path(ctx.input["runs"])
+    with log.open("a") as runs:
+        runs.write("charge started\n")
+    gate = Path(ctx.input["gate"])
+    deadline = time.monotonic() + 2.5
+    while not gate.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with log.open("a") as runs:
+        runs.write("charged\n")
+    return {"charged": True}
+
+
+def refund(ctx: StepContext) -> None:
+    with Path(ctx.input["runs"]).open("a") as runs:
+        runs.write("refunded\n")
+
+
+register(
+    SagaDefinition(
+        name="late_charge",
+        steps=[
+            Step("first", record, undo, retry=FAST),
+            Step("charge", slow_charge, refund, compensate_failed_step=True, time_limit=3),
+        ],
+    )
+)

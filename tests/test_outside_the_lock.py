@@ -1,8 +1,10 @@
 """Faults outside the saga's row lock (issue 17), each on real workers and PostgreSQL.
 
-A bulk action re-checks each saga against its filter under the saga's own lock; starts repeated
-at the same moment with one idempotency key return the first saga, whichever unique index
-conflicts first.
+A compensation waits for an attempt that may still run after its session ended (case 1);
+attempts that die before they commit, or whose own statement fails, are counted (case 2); a
+bulk action re-checks each saga against its filter under the saga's own lock (case 5); starts
+repeated at the same moment with one idempotency key return the first saga, whichever unique
+index conflicts first (case 6).
 """
 
 from __future__ import annotations
@@ -156,3 +158,47 @@ def test_attempts_that_die_or_whose_statement_fails_are_counted(
     assert (failed.status, failed.attempts, failed.error_code) == ("failed", 3, error_code)
     assert runs.read_text().split("\n").count(step) == 3
     assert "undo first" in runs.read_text()
+
+
+def end_sessions_idle_in_a_transaction() -> int:
+    """End the sessions of this database that wait, inside a transaction, for their client (a
+    step's attempt during its external call), as a PostgreSQL restart or a failover would."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND state = 'idle in transaction'"
+        )
+        return int(cursor.fetchone()[0])
+
+
+def test_a_compensation_never_overlaps_an_attempt_that_may_still_run(saga_db, tmp_path, settings):
+    """Issue 17, case 1: the charge's session ends while its provider call is on its way; the
+    worker goes on. An operator aborts at once: the charge's compensation (it may have
+    half-happened, `compensate_failed_step`) waits until the attempt cannot be running any
+    more (its time limit, the hard kill's grace and a margin), so the refund comes after the
+    charge lands, never before it."""
+    settings.SAGAS_HARD_TIME_LIMIT_GRACE = 2  # as the suite's workers
+    runs, gate = tmp_path / "runs", tmp_path / "gate"
+    saga, _ = services.saga_start(name="late_charge", input={"runs": str(runs), "gate": str(gate)})
+    wait_for(
+        lambda: runs.exists() and "charge started" in runs.read_text(),
+        timeout=20,
+        what="the charge's attempt to begin",
+    )
+    assert end_sessions_idle_in_a_transaction() >= 1
+    plan = services.saga_plan(saga_id=saga.pk, action="compensate")  # the lock is free at once
+    assert "charge may have an attempt running: its compensation waits up to 10 s" in plan.reason
+    services.saga_compensate(saga_id=saga.pk, actor="operator")
+
+    def refunded_or_waiting() -> bool:
+        aborted = SagaEvent.objects.get(saga=saga, kind=EventKind.OPERATOR_COMPENSATE)
+        return "refunded" in runs.read_text() or "waits_for" in aborted.detail
+
+    wait_for(refunded_or_waiting, timeout=20, what="the refund, or the timeline saying it waits")
+    gate.touch()  # the provider answers: the charge lands
+    final = wait_final(saga.pk, timeout=60)
+    assert final.status == "compensated"
+    lines = runs.read_text().split("\n")
+    assert "charged" in lines and "refunded" in lines
+    assert lines.index("charged") < lines.index("refunded"), lines

@@ -7,17 +7,21 @@ the rows, not the messages, say what is left to undo.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
 from django.utils import timezone
 
+from .. import conf
 from ..exceptions import CodeMissing
 from ..models import EventKind
+from . import rows
 from .rows import StepRow
 from .unit import (
     DONE,
     DUPLICATE,
+    IN_PROGRESS,
     STOP,
     Outcome,
     SafeError,
@@ -44,18 +48,39 @@ def begin_compensation(
     if current is not None and current.status == StepStatus.RUNNING and current not in owed:
         # Between two attempts, not owed a compensation: it will not run again.
         unit.move_step(current, StepStatus.FAILED, None, finished_at=timezone.now())
+    detail = {**(detail or {}), "steps": [s.name for s in owed]}
     for step in owed:
-        if step.status != StepStatus.COMPENSATING:
+        if step is current and step.status in IN_PROGRESS:
+            # Turned back from outside an attempt of the step (an operator, a deadline), while
+            # an attempt of it may still run: its session may have ended (a restart, a
+            # failover), releasing the lock, while its worker went on. The compensation waits
+            # until that attempt cannot be running any more.
+            until = fence_of(step)
+            unit.move_step(step, StepStatus.COMPENSATING, None, fenced_until=until)
+            detail["waits_for"] = {"step": step.name, "until": until.isoformat()}
+        elif step.status != StepStatus.COMPENSATING:
             unit.move_step(step, StepStatus.COMPENSATING, None)
-    unit.move_saga(
-        SagaStatus.COMPENSATING, kind, {**(detail or {}), "steps": [s.name for s in owed]}
-    )
+    unit.move_saga(SagaStatus.COMPENSATING, kind, detail)
     if not owed:
         unit.move_saga(SagaStatus.COMPENSATED, EventKind.SAGA_COMPENSATED)
         return
     unit.set_saga(current_step=owed[0].index)
     if send:
         unit.send_compensations()
+
+
+# What a fence adds to an attempt's time limit and the hard kill's grace: the time the
+# worker's main process takes to notice the limit and kill the attempt's process.
+FENCE_MARGIN = 5
+
+
+def fence_of(step: StepRow) -> datetime:
+    """Until when an attempt of the step that began before now may still run: its time
+    limit, then the hard kill (`SAGAS_HARD_TIME_LIMIT_GRACE`) and a margin, on the database's
+    clock. It relies on the hard kill, which Celery's prefork pool does (not its threads or
+    gevent pools, which cannot kill an attempt)."""
+    limit = int(step.definition["time_limit"]) + conf.hard_time_limit_grace() + FENCE_MARGIN
+    return rows.database_now() + timedelta(seconds=limit)
 
 
 def compensate_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) -> Outcome:
@@ -71,6 +96,10 @@ def compensate_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) 
             return DUPLICATE
         if not its_turn(unit, step):
             return STOP
+        if step.fenced_until is not None:
+            wait = (step.fenced_until - rows.database_now()).total_seconds()
+            if wait > 0:  # an attempt of the step may still run: not yet (nothing counted)
+                return Outcome("retry", countdown=wait)
         undo = resolve(step.compensation) if step.compensation else None
         ctx = unit.context(step, compensation=True)
         with unit.attempt(step, compensation=True):

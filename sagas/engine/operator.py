@@ -13,10 +13,11 @@ from uuid import UUID
 from django.db import transaction
 from django.utils import timezone
 
+from .. import conf
 from ..exceptions import InvalidTransition
 from ..models import EventKind, OperatorAction
-from .compensation import begin_compensation, finish_if_done
-from .unit import STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
+from .compensation import FENCE_MARGIN, begin_compensation, finish_if_done
+from .unit import IN_PROGRESS, STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
 LOCK_WAIT = 5.0
@@ -74,8 +75,16 @@ def plan_compensate(unit: Unit) -> Plan:
     if saga.is_backward:
         why = "The saga failed while compensating: retry resumes its compensation."
         return Plan(OperatorAction.COMPENSATE, False, why)
-    undo = _names(unit.owed_on_compensation())
-    return Plan(OperatorAction.COMPENSATE, True, "Abort and undo the completed steps.", undo=undo)
+    owed = unit.owed_on_compensation()
+    reason = "Abort and undo the completed steps."
+    current = unit.in_progress()
+    if current is not None and current in owed and current.status in IN_PROGRESS:
+        wait = int(current.definition["time_limit"]) + conf.hard_time_limit_grace() + FENCE_MARGIN
+        reason += (
+            f" {current.name} may have an attempt running: its compensation waits up to "
+            f"{wait} s, until that attempt cannot be running any more."
+        )
+    return Plan(OperatorAction.COMPENSATE, True, reason, undo=_names(owed))
 
 
 def plan_resolve(unit: Unit, index: int) -> Plan:

@@ -12,7 +12,7 @@ version and process (`definitions`).
 
 from .definitions import Definition, definitions, policy
 from .objects import EventRow, Row, SagaRow, Sql, StepRow
-from .read import completed_steps, last_cause, read_locked
+from .read import completed_steps, database_now, last_cause, read_locked
 from .write import execute_as_one, insert_events_sql, insert_saga, update_sql
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "Sql",
     "StepRow",
     "completed_steps",
+    "database_now",
     "definitions",
     "execute_as_one",
     "insert_events_sql",

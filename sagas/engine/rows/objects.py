@@ -77,6 +77,7 @@ class StepRow:
         "definition",
         "error_code",
         "error_message",
+        "fenced_until",
         "finished_at",
         "id",
         "index",
@@ -102,6 +103,7 @@ class StepRow:
     started_at: Any
     finished_at: Any
     compensated_at: Any
+    fenced_until: Any
 
     @property
     def pk(self) -> int:

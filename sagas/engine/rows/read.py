@@ -3,8 +3,9 @@ or resumed compensation needs it (rare)."""
 
 from __future__ import annotations
 
+import datetime
 from functools import cache
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from django.db import NotSupportedError, OperationalError, connection
@@ -126,3 +127,10 @@ def last_cause(saga_id: UUID) -> dict[str, str] | None:
         .first()
     )
     return detail["cause"] if detail else None
+
+
+def database_now() -> datetime.datetime:
+    """The database's clock: the one every fence is set and read on, whichever host asks."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT statement_timestamp()")
+        return cast(datetime.datetime, cursor.fetchone()[0])
