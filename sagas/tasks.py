@@ -66,16 +66,23 @@ def _later(task: Any) -> Exception:
 
 
 def attempt(
-    saga_id: str, index: int, epoch: int, *, forward: bool, fault: Any = None
+    saga_id: str,
+    index: int,
+    epoch: int,
+    *,
+    forward: bool,
+    fault: Any = None,
+    bound: float | None = None,
 ) -> engine.Outcome:
     """One delivery of a step's (or a compensation's) message: run it, or record its failure.
+    `bound`: the task's hard time limit, which bounds the attempt's database session too.
 
     Lets `Saga.DoesNotExist` and database outages through, for the task to handle.
     """
     execute = engine.run_step if forward else engine.compensate_step
     record_failure = engine.step_attempt_failed if forward else engine.compensation_attempt_failed
     try:
-        return execute(saga_id, index, epoch=epoch, fault=fault)
+        return execute(saga_id, index, epoch=epoch, fault=fault, bound=bound)
     except Saga.DoesNotExist:
         raise
     except DATABASE_UNAVAILABLE as exc:
@@ -108,7 +115,10 @@ def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool, lost: s
         else:
             hook = hooks.fault_hook
             injector = hook(saga_id, index, forward=forward) if hook is not None else None
-            outcome = attempt(saga_id, index, epoch, forward=forward, fault=injector)
+            hard_limit = (task.request.timelimit or (None, None))[0]
+            outcome = attempt(
+                saga_id, index, epoch, forward=forward, fault=injector, bound=hard_limit
+            )
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: message ignored", saga_id)
         raise Ignore() from None

@@ -420,3 +420,30 @@ register(
         ],
     )
 )
+
+
+def stuck_in_a_query(ctx: StepContext) -> None:
+    """A query that outlives the attempt, its soft time limit ignored: the hard kill ends the
+    process while PostgreSQL still runs the query, holding the saga's lock."""
+    from celery.exceptions import SoftTimeLimitExceeded
+    from django.db import connection
+
+    with Path(ctx.input["runs"]).open("a") as runs:
+        runs.write(f"{ctx.step}\n")
+    while True:
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(60)")
+        except SoftTimeLimitExceeded:
+            continue  # as code that swallows every exception would
+
+
+register(
+    SagaDefinition(
+        name="stuck_in_a_query",
+        steps=[
+            Step("first", record, undo_crash, retry=FAST),
+            Step("query", stuck_in_a_query, undo_crash, time_limit=1, retry=RetryPolicy(1)),
+        ],
+    )
+)

@@ -2,7 +2,7 @@
 
 A compensation waits for an attempt that may still run after its session ended (case 1);
 attempts that die before they commit, or whose own statement fails, are counted (case 2); a
-bulk action re-checks each saga against its filter under the saga's own lock (case 5); starts
+killed attempt's session does not keep the saga locked (case 3); a bulk action re-checks each saga against its filter under the saga's own lock (case 5); starts
 repeated at the same moment with one idempotency key return the first saga, whichever unique
 index conflicts first (case 6).
 """
@@ -202,3 +202,20 @@ def test_a_compensation_never_overlaps_an_attempt_that_may_still_run(saga_db, tm
     lines = runs.read_text().split("\n")
     assert "charged" in lines and "refunded" in lines
     assert lines.index("charged") < lines.index("refunded"), lines
+
+
+def test_a_killed_attempts_session_does_not_keep_the_saga_locked(saga_db, tmp_path):
+    """Issue 17, case 3: a step killed at its hard time limit while PostgreSQL runs its query
+    (60 s): the session must not outlive the attempt and shut the error callback out. The step
+    fails for good (one attempt) and the saga compensates within seconds, not after the query.
+    """
+    runs = tmp_path / "runs"
+    saga, _ = services.saga_start(name="stuck_in_a_query", input={"runs": str(runs)})
+    final = wait_final(saga.pk, timeout=25)
+    assert final.status == "compensated", (final.status, final.error_code)
+    query = final.steps.get(name="query")
+    # Killed at its hard limit, or its statement cut at that limit, or its connection broken
+    # by the soft limit's interruption: whichever comes first, one attempt, counted.
+    assert query.error_code in {"time_limit", "statement_timeout", "connection_lost"}
+    assert (query.status, query.attempts) == ("failed", 1)
+    assert "undo first" in runs.read_text()

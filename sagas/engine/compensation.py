@@ -83,10 +83,12 @@ def fence_of(step: StepRow) -> datetime:
     return rows.database_now() + timedelta(seconds=limit)
 
 
-def compensate_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) -> Outcome:
+def compensate_step(
+    saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
+) -> Outcome:
     """Run one step's compensation and record it in the same transaction."""
     with transaction.atomic():
-        unit = lock(saga_id)
+        unit = lock(saga_id, bound=bound)
         step = unit.steps[index]
         if step.status == StepStatus.COMPENSATED:
             if not unit.is_current(epoch):

@@ -138,10 +138,12 @@ def _in_flight(definition: SagaDefinition, key: str | None) -> SagaKeyInFlight:
     )
 
 
-def run_step(saga_id: str, index: int, *, epoch: int, fault: Any = None) -> Outcome:
+def run_step(
+    saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
+) -> Outcome:
     """Run one attempt of a step and record its completion in the same transaction."""
     with transaction.atomic():
-        unit = lock(saga_id)
+        unit = lock(saga_id, bound=bound)
         saga, step = unit.saga, unit.steps[index]
         if step.status == StepStatus.COMPLETED:
             if not unit.is_current(epoch):

@@ -531,7 +531,7 @@ def publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Calla
     return publish
 
 
-def lock(saga_id: UUID | str, *, wait: float | None = None) -> Unit:
+def lock(saga_id: UUID | str, *, wait: float | None = None, bound: float | None = None) -> Unit:
     """Lock the saga row, then read its steps. Call inside a transaction.
 
     Two statements on purpose: a `FOR UPDATE OF saga` joined with the steps would, after
@@ -543,8 +543,12 @@ def lock(saga_id: UUID | str, *, wait: float | None = None) -> Unit:
 
     With `wait` (seconds), give up with `SagaBusy` rather than wait longer for the lock: an
     operator's request must not hang behind a step that is still running.
+
+    With `bound` (seconds: an attempt's hard time limit), bound the rest of the transaction's
+    session in PostgreSQL, so that nothing of the attempt outlives its kill and keeps the saga
+    locked (`rows.read_locked`), in the same round trip.
     """
-    saga, steps = rows.read_locked(saga_id, wait=wait)
+    saga, steps = rows.read_locked(saga_id, wait=wait, bound=bound)
     return Unit(saga=saga, steps=steps)
 
 

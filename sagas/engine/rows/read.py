@@ -18,12 +18,30 @@ from .cursors import column, default_db, read_cursor
 from .definitions import definitions
 from .objects import SagaRow, StepRow
 
+# The bounds of an attempt's session, set after the saga's lock is taken (the engine's own
+# wait for it is not the attempt's), for the rest of the transaction: no statement outlives the
+# attempt's hard time limit, nor a lock wait, nor the session idle in its transaction during
+# the action's external call (and a margin), and a statement running when the attempt's
+# process is killed ends within a second (PostgreSQL checks that the client is still there).
+SESSION_BOUNDS_SQL = (
+    "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
+    "set_config('idle_in_transaction_session_timeout', %s, true), "
+    "set_config('client_connection_check_interval', '1000', true)"
+)
+IDLE_MARGIN = 5  # seconds
+
+
+def session_bounds(bound: float) -> list[str]:
+    limit = int(bound * 1000)
+    return [str(limit), str(limit), str(limit + IDLE_MARGIN * 1000)]
+
 
 def read_locked(
-    saga_id: UUID | str, *, wait: float | None, lock: bool = True
+    saga_id: UUID | str, *, wait: float | None, lock: bool = True, bound: float | None = None
 ) -> tuple[SagaRow, list[StepRow]]:
     """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`. Without `lock`,
-    read them as they are (`sagas.engine.unit.peek`)."""
+    read them as they are (`sagas.engine.unit.peek`). With `bound`, bound the session
+    (`SESSION_BOUNDS_SQL`) in the same round trip."""
     db = default_db()
     if not db.in_atomic_block:  # as select_for_update() would refuse
         raise TransactionManagementError("lock() must run inside a transaction")
@@ -36,6 +54,8 @@ def read_locked(
                 if wait is not None:
                     cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
                 cursor.execute(saga_sql, [key])
+                if bound is not None:
+                    steps_cursor.execute(SESSION_BOUNDS_SQL, session_bounds(bound))
                 steps_cursor.execute(steps_sql, [key])
             saga_values = cursor.fetchone()
             step_values = steps_cursor.fetchall()
