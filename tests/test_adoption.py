@@ -418,8 +418,10 @@ def project_env(venv: Path) -> dict[str, str]:
     return env
 
 
-def start_project(venv: Path, env: dict, project: Path, *, database: dict, queue: str) -> None:
-    """`django-admin startproject`, `startapp`, the tutorial's files, migrations."""
+def write_project(venv: Path, env: dict, project: Path, *, database: dict, queue: str) -> list:
+    """`django-admin startproject`, `startapp` and the tutorial's files, with the reader's model
+    and steps, on the given database and queue. Returns the project's `manage.py` command.
+    (tests/test_docs_run.py makes the projects of the other pages with it too.)"""
     files = tutorial_files()
     project.mkdir()
     run([venv / "bin" / "django-admin", "startproject", "mysite", project], env=env)
@@ -443,6 +445,12 @@ def start_project(venv: Path, env: dict, project: Path, *, database: dict, queue
         (project / path).write_text(files[path])
     (project / "shop" / "models.py").write_text(SHOP_MODELS)
     (project / "shop" / "steps.py").write_text(SHOP_STEPS)
+    return manage
+
+
+def start_project(venv: Path, env: dict, project: Path, *, database: dict, queue: str) -> None:
+    """`django-admin startproject`, `startapp`, the tutorial's files, migrations."""
+    manage = write_project(venv, env, project, database=database, queue=queue)
     (project / "check_adoption.py").write_text(CHECK)
     run([*manage, "makemigrations", "shop"], cwd=project, env=env)
     run([*manage, "migrate"], cwd=project, env=env)
