@@ -3,8 +3,11 @@
 Each fenced block is parsed by its language: Python with `ast`, JSON, TOML, YAML and INI
 (systemd units) with their parsers, shell with `bash -n`; `text` is output, shown as is. A
 block opts out only with a marker on the line right above it that says why:
-`<!-- untested: <reason> -->`. The tutorial's Python and shell blocks are also run, in a new
-project, by tests/test_adoption.py.
+`<!-- untested: <reason> -->`. The blocks are also run: the tutorial's Python and shell
+blocks in a new project from the wheel by tests/test_adoption.py; every other page's Python
+blocks in the tutorial's project, and its shell blocks (make targets, commands, environment
+files), by tests/test_docs_run.py; the requests to a running stack (`curl`) by
+tests/test_stack.py.
 """
 
 from __future__ import annotations
