@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import redis
 from django.conf import settings
 
 from tests.conftest import ADDRESS, ARTIFACTS, ROOT, answers, database_url, free_port, wait_for
+from tests.test_docs_run import run_stack_block, stack_blocks
 
 
 @contextmanager
@@ -97,6 +99,10 @@ def test_the_stack_starts_a_killed_worker_again(transactional_db, tmp_path):
         # A folder that does not exist yet, as `.local/` on a fresh clone: beat keeps its
         # schedule there.
         "SAGAS_DATA_DIR": str(tmp_path / "fresh" / "data"),
+        # For the pages' requests and the spans they look at (tests/test_docs_run.py).
+        "SAGAS_METRICS_WORKER_PORT": str(metrics_port := free_port()),
+        "SAGAS_TRACING": "1",
+        "SAGAS_TRACES_FILE": str(tmp_path / ".local" / "traces.jsonl"),
     }
     log = ARTIFACTS / "stack.log"
     try:
@@ -135,7 +141,28 @@ def test_the_stack_starts_a_killed_worker_again(transactional_db, tmp_path):
                 what="the order saga to complete on the new worker",
             )
             assert program(stack, "beat").pid == beat.pid  # it ran all along
+
+            # The pages' requests to a running stack, as the demo user and as staff.
+            curl = shutil.which("curl")
+            staff = api(base, "/api/auth/token/", {"username": "admin", "password": "admin"})
+            variables = {
+                "T": token["token"],
+                "STAFF": staff["token"],
+                "ORDER_ID": str(order["id"]),
+                "SAGA_ID": order["saga"]["id"],
+            }
+            for block in stack_blocks() if curl else []:
+                worker_metrics = f"127.0.0.1:{metrics_port}"
+                run_stack_block(
+                    block,
+                    base=base,
+                    worker_metrics=worker_metrics,
+                    variables=variables,
+                    cwd=tmp_path,
+                )
             stop(stack, signal.SIGINT)  # Ctrl-C
+            if not curl:
+                pytest.skip("curl is not installed: the pages' requests to the stack did not run")
     finally:
         with contextlib.suppress(redis.RedisError):
             redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).delete(queue)
