@@ -1,7 +1,7 @@
-"""What the engine's calls cost a step, in process: `engine.run_step` of synthetic sagas, timed.
+"""What the engine's calls cost a step, in process: `engine.step_attempt` of synthetic sagas, timed.
 
 Submits sagas of `--steps` steps (each step one UPDATE) and runs their steps by calling the
-engine in this process, as `make profile` does, timing the `engine.run_step` calls alone (not
+engine in this process, as `make profile` does, timing the `engine.step_attempt` calls alone (not
 the submission), in wall time and in this process's CPU time: what the framework's Python
 costs, which is what signals, metrics and traces add to, and which a busy database server
 shared with other work disturbs less than the wall time. The observability settings come
@@ -91,7 +91,7 @@ def main() -> int:
             server_started = sum(cpu_seconds(server).values())
             for index in range(args.steps):
                 started, cpu_started = time.perf_counter(), time.process_time()
-                outcome = engine.run_step(saga_id, index, epoch=1)  # its first chain
+                outcome = engine.step_attempt(saga_id, index, epoch=1)  # its first chain
                 cpu = (time.process_time() - cpu_started) * 1000
                 elapsed = (time.perf_counter() - started) * 1000
                 assert outcome.kind == "done", outcome
@@ -114,7 +114,8 @@ def main() -> int:
         "server_cpu_mean_ms": (round(server_cpu * 1000 / len(per_step), 4) if server else None),
     }
     print(
-        f"engine.run_step: median {result['median_ms']} ms, mean {result['mean_ms']} ms a step; "
+        f"engine.step_attempt: median {result['median_ms']} ms, "
+        f"mean {result['mean_ms']} ms a step; "
         f"CPU {result['cpu_mean_ms']} ms a step (mean); "
         f"the database server's CPU {result['server_cpu_mean_ms']} ms a step (mean)"
     )

@@ -1,9 +1,10 @@
 """What signals, metrics and traces add to a step, measured alone: no database, no broker.
 
-A step's `run_step` hands its events to `sagas.engine.notify` (one `step_completed` event for a step
-that is not the last), opens its attempt's span around the action when traces are on, and,
-after the commit, has its events counted and its span ended. This times those calls, a
-million times over (`timeit`), in each configuration, and prints microseconds a step:
+A step's attempt (`sagas.engine.step_attempt`) hands its events to `sagas.engine.notify` (one
+`step_completed` event for a step that is not the last), opens its attempt's span around the
+action when traces are on, and, after the commit, has its events counted and its span ended.
+This times those calls, a million times over (`timeit`), in each configuration, and prints
+microseconds a step:
 
     .venv/bin/python -m bench.observe_parts
 """

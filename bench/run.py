@@ -262,7 +262,7 @@ def steps_in_process():
     def run_one(workload: Any) -> None:
         saga_id = workload.submit()
         for index in range(workload.steps):
-            outcome = engine.run_step(saga_id, index, epoch=1)  # its first chain
+            outcome = engine.step_attempt(saga_id, index, epoch=1)  # its first chain
             assert outcome.kind == "done", outcome
 
     send_steps = dispatch.send_steps

@@ -79,7 +79,7 @@ def attempt(
 
     Lets `Saga.DoesNotExist` and database outages through, for the task to handle.
     """
-    execute = engine.run_step if forward else engine.compensate_step
+    execute = engine.step_attempt if forward else engine.compensation_attempt
     record_failure = engine.step_attempt_failed if forward else engine.compensation_attempt_failed
     try:
         return execute(saga_id, index, epoch=epoch, fault=fault, bound=bound)

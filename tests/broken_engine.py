@@ -28,11 +28,11 @@ def to_compensate_first_step_first(self: Unit) -> list[Any]:
     return owed[::-1] if broken(self, "wrong_order") else owed
 
 
-_compensate_step = engine.compensate_step
+_compensation_attempt = engine.compensation_attempt
 
 
-def compensate_step_without_its_duplicate_check(
-    saga_id: str, index: int, *, epoch: int, fault: Any = None
+def compensation_attempt_without_its_duplicate_check(
+    saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
 ) -> engine.Outcome:
     with transaction.atomic():
         unit = lock(saga_id)
@@ -44,8 +44,8 @@ def compensate_step_without_its_duplicate_check(
             unit.move_step(step, StepStatus.COMPENSATED, EventKind.STEP_COMPENSATED, {"attempt": 1})
             unit.save()
             return DUPLICATE  # not "done", which would have the message delivered yet again
-    return _compensate_step(saga_id, index, epoch=epoch, fault=fault)
+    return _compensation_attempt(saga_id, index, epoch=epoch, fault=fault, bound=bound)
 
 
 Unit.to_compensate = to_compensate_first_step_first  # type: ignore[method-assign]
-engine.compensate_step = compensate_step_without_its_duplicate_check
+engine.compensation_attempt = compensation_attempt_without_its_duplicate_check

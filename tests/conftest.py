@@ -287,7 +287,7 @@ def attempt_in_process(saga_id, index: int) -> str:
     saga_id = str(saga_id)
     epoch = Saga.objects.values_list("epoch", flat=True).get(pk=saga_id)
     try:
-        return engine.run_step(saga_id, index, epoch=epoch).kind
+        return engine.step_attempt(saga_id, index, epoch=epoch).kind
     except Exception as exc:
         return engine.step_attempt_failed(saga_id, index, exc, epoch=epoch).kind
 

@@ -66,7 +66,7 @@ def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monk
             return execute(sql, params, many, context)
 
         with connection.execute_wrapper(record):
-            assert engine.run_step(str(saga.pk), index, epoch=saga.epoch).kind == "done"
+            assert engine.step_attempt(str(saga.pk), index, epoch=saga.epoch).kind == "done"
         assert len(sent) == 4, sent  # two pipelines of two statements
         assert sent[0].endswith("FOR UPDATE") and sent[1].startswith("SELECT")
         assert sent[2].startswith(("UPDATE", "WITH")) and sent[3] == "COMMIT"
@@ -138,7 +138,7 @@ def test_while_django_logs_queries_the_log_has_each_statement_of_the_engine(
         with CaptureQueriesContext(connection) as queries:
             saga, _ = saga_start(name="snapshot_demo", input={})
             for index in range(2):
-                engine.run_step(str(saga.pk), index, epoch=saga.epoch)
+                engine.step_attempt(str(saga.pk), index, epoch=saga.epoch)
         logged = [query["sql"] for query in queries.captured_queries]
         assert all(isinstance(sql, str) for sql in logged), logged
         assert any(sql.endswith("FOR UPDATE") for sql in logged), logged
@@ -162,11 +162,11 @@ def test_a_migration_that_changes_a_column_the_engine_reads_fails_no_step(
     lose_messages(monkeypatch)
     saga, _ = saga_start(name="snapshot_demo", input={})
     try:
-        assert engine.run_step(str(saga.pk), 0, epoch=saga.epoch).kind == "done"
+        assert engine.step_attempt(str(saga.pk), 0, epoch=saga.epoch).kind == "done"
         alter_table("ALTER COLUMN recovery_attempts TYPE bigint")  # a deploy's migration
         with pytest.raises(OperationalError, match="prepared before a change"):
-            engine.run_step(str(saga.pk), 1, epoch=saga.epoch)
-        assert engine.run_step(str(saga.pk), 1, epoch=saga.epoch).kind == "done"
+            engine.step_attempt(str(saga.pk), 1, epoch=saga.epoch)
+        assert engine.step_attempt(str(saga.pk), 1, epoch=saga.epoch).kind == "done"
     finally:
         alter_table("ALTER COLUMN recovery_attempts TYPE integer")
     saga.refresh_from_db()

@@ -2,9 +2,9 @@
 
 A compensation waits for an attempt that may still run after its session ended (case 1);
 attempts that die before they commit, or whose own statement fails, are counted (case 2); a
-killed attempt's session does not keep the saga locked (case 3); a bulk action re-checks each saga against its filter under the saga's own lock (case 5); starts
-repeated at the same moment with one idempotency key return the first saga, whichever unique
-index conflicts first (case 6).
+killed attempt's session does not keep the saga locked (case 3); a bulk action re-checks each
+saga against its filter under the saga's own lock (case 5); starts repeated at the same moment
+with one idempotency key return the first saga, whichever unique index conflicts first (case 6).
 """
 
 from __future__ import annotations

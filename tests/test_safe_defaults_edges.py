@@ -85,7 +85,7 @@ def compensate_in_process(saga_id, index: int) -> str:
     saga_id = str(saga_id)
     epoch = epoch_of(saga_id)
     try:
-        return engine.compensate_step(saga_id, index, epoch=epoch).kind
+        return engine.compensation_attempt(saga_id, index, epoch=epoch).kind
     except Exception as exc:
         return engine.compensation_attempt_failed(saga_id, index, exc, epoch=epoch).kind
 

@@ -13,8 +13,8 @@ for each), and `hooks` is where the test kit injects faults.
 """
 
 from .callbacks import attempt_lost, compensation_chain_failed, step_chain_failed
-from .compensation import begin_compensation, compensate_step, compensation_attempt_failed
-from .forward import run_step, start, step_attempt_failed
+from .compensation import begin_compensation, compensation_attempt, compensation_attempt_failed
+from .forward import start, step_attempt, step_attempt_failed
 from .operator import (
     Plan,
     compensate,
@@ -47,7 +47,7 @@ __all__ = [
     "begin_compensation",
     "class_path",
     "compensate",
-    "compensate_step",
+    "compensation_attempt",
     "compensation_attempt_failed",
     "compensation_chain_failed",
     "deadline_passed",
@@ -59,10 +59,10 @@ __all__ = [
     "recover",
     "resolve",
     "retry",
-    "run_step",
     "safe_error",
     "start",
     "statement_failure",
+    "step_attempt",
     "step_attempt_failed",
     "step_chain_failed",
 ]

@@ -83,7 +83,7 @@ def fence_of(step: StepRow) -> datetime:
     return rows.database_now() + timedelta(seconds=limit)
 
 
-def compensate_step(
+def compensation_attempt(
     saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
 ) -> Outcome:
     """Run one step's compensation and record it in the same transaction."""

@@ -138,7 +138,7 @@ def _in_flight(definition: SagaDefinition, key: str | None) -> SagaKeyInFlight:
     )
 
 
-def run_step(
+def step_attempt(
     saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
 ) -> Outcome:
     """Run one attempt of a step and record its completion in the same transaction."""
