@@ -5,8 +5,9 @@ What a project needs is importable from here:
     from sagas import RetryPolicy, SagaDefinition, Step, StepContext, register, saga_start
     from sagas import BusinessError, TransientError, SagaBusy, SagaKeyInFlight
 
-These names import lazily (on first use), because this package is imported before Django's
-app registry is ready (by `sagas.apps`, by settings), and the services import the models.
+These names import lazily (on first use, `sagas.lazy`), because this package is imported
+before Django's app registry is ready (by `sagas.apps`, by settings), and the services import
+the models.
 
 A map of the package:
 
@@ -37,8 +38,9 @@ A map of the package:
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import exports
 
 if TYPE_CHECKING:
     from .bulk import BulkFilter
@@ -138,11 +140,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = exports(__name__, _WHERE, __all__)

@@ -7,6 +7,7 @@ and a message of an older epoch than the saga's does nothing.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery import shared_task
@@ -88,9 +89,13 @@ def attempt(
     except DATABASE_UNAVAILABLE as exc:
         if not engine.statement_failure(exc):
             raise  # the connection, not the attempt: see `_run`
-        return record_failure(saga_id, index, exc, epoch=epoch)
+        exception: Exception = exc
     except Exception as exc:  # logged by the engine, with a reference for the timeline
-        return record_failure(saga_id, index, exc, epoch=epoch)
+        exception = exc
+    # The attempt's transaction rolled back, and its failure is recorded next: a connection
+    # lost now loses no attempt (the record commits, or the attempt runs again).
+    engine.ACTION_BEGAN.set(False)
+    return record_failure(saga_id, index, exception, epoch=epoch)
 
 
 def _lost(task: Any, lost: str) -> str:
@@ -103,10 +108,23 @@ def _lost(task: Any, lost: str) -> str:
     return "redelivered" if (task.request.delivery_info or {}).get("redelivered") else ""
 
 
-def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool, lost: str) -> None:
+def _run(
+    task: Any,
+    saga_id: str,
+    index: int,
+    epoch: int,
+    *,
+    forward: bool,
+    lost: str,
+    unsure_since: float,
+) -> None:
     engine.ACTION_BEGAN.set(False)
+    began = time.time()
     why = _lost(task, lost)
+    failed = None
     try:
+        if unsure_since:
+            failed = engine.after_unsure_commit(saga_id, index, forward=forward, since=unsure_since)
         counted = engine.attempt_lost(saga_id, index, forward=forward, why=why) if why else None
         why = ""  # counted, or nothing to count
         injector = None
@@ -129,7 +147,12 @@ def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool, lost: s
         logger.warning("saga %s: database unavailable, task sent again later", saga_id)
         close_old_connections()
         countdown = min(30.0, 0.5 * 2 ** min(task.request.retries, 6))
-        raise task.retry(countdown=countdown, kwargs={"epoch": epoch, "lost": why}) from None
+        # And a transaction of this delivery may have committed unheard: the next one tells
+        # what it committed (`engine.after_unsure_commit`).
+        unsure = {"unsure_since": unsure_since or began}
+        raise task.retry(
+            countdown=countdown, kwargs={"epoch": epoch, "lost": why, **unsure}
+        ) from None
     except ProgrammingError:
         raise _schema_behind(task, saga_id) from None
     if outcome.kind == "retry":
@@ -139,6 +162,10 @@ def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool, lost: s
         if injector is not None:
             injector.after_final_failure(task.request.id, saga_id, epoch, forward)
         raise StepFailed(outcome.error.code, outcome.error.message)
+    if outcome.kind == "stop" and failed is not None:
+        # The previous delivery failed the step for good and never heard so: end the chain
+        # with its error now, so that the chain's error callback is sent.
+        raise StepFailed(failed.code, failed.message)
     if outcome.kind == "stop":
         # The saga is no longer on this path (aborted, paused, or the message is stale):
         # end the chain here without calling its error callback.
@@ -148,17 +175,22 @@ def _run(task: Any, saga_id: str, index: int, epoch: int, forward: bool, lost: s
 
 
 @shared_task(bind=True, name="sagas.run_step", max_retries=None, throws=(StepFailed,))
-def run_step(self: Any, saga_id: str, index: int, epoch: int, lost: str = "") -> None:
+def run_step(
+    self: Any, saga_id: str, index: int, epoch: int, lost: str = "", unsure_since: float = 0.0
+) -> None:
     """Run step `index` of a saga. Idempotent: a completed step is not run again. `lost`:
-    why the previous delivery's attempt may have run and recorded nothing (counted first)."""
-    _run(self, saga_id, index, epoch, forward=True, lost=lost)
+    why the previous delivery's attempt may have run and recorded nothing (counted first);
+    `unsure_since`: when a previous delivery that lost its database connection began."""
+    _run(self, saga_id, index, epoch, forward=True, lost=lost, unsure_since=unsure_since)
 
 
 @shared_task(bind=True, name="sagas.compensate_step", max_retries=None, throws=(StepFailed,))
-def compensate_step(self: Any, saga_id: str, index: int, epoch: int, lost: str = "") -> None:
+def compensate_step(
+    self: Any, saga_id: str, index: int, epoch: int, lost: str = "", unsure_since: float = 0.0
+) -> None:
     """Compensate step `index` of a saga. Idempotent: a compensated step is skipped. `lost`
     as for `run_step`."""
-    _run(self, saga_id, index, epoch, forward=False, lost=lost)
+    _run(self, saga_id, index, epoch, forward=False, lost=lost, unsure_since=unsure_since)
 
 
 # Not bound, and taking the failure's (request, exc, traceback): Celery calls it in the process

@@ -447,3 +447,37 @@ register(
         ],
     )
 )
+
+
+def declined(ctx: StepContext) -> None:
+    from sagas.exceptions import BusinessError
+
+    raise BusinessError("The card was declined.", code="card_declined")
+
+
+def note_step_failed(sender, saga_id, step, error_code, **kwargs) -> None:
+    """A receiver of `step_failed`, in the worker: notes each signal in the saga's file."""
+    from sagas.models import Saga
+
+    path = Saga.objects.filter(pk=saga_id).values_list("input__signals", flat=True).first()
+    if path:
+        with Path(path).open("a") as signals:
+            signals.write(f"step_failed {step} {error_code}\n")
+
+
+def _receive() -> None:
+    from sagas.signals import step_failed
+
+    step_failed.connect(note_step_failed, dispatch_uid="tests.sagadefs.note_step_failed")
+
+
+_receive()
+register(
+    SagaDefinition(
+        name="declined_once",
+        steps=[
+            Step("first", record, undo_crash, retry=FAST),
+            Step("charge", declined, undo_crash, retry=FAST),
+        ],
+    )
+)

@@ -17,3 +17,7 @@ SAGAS_SHOWN_EXCEPTIONS = ["tests.sagadefs.BadGatewayResponse"]
 # Celery's task routes, as a project may set them (tests/test_testkit.py starts workers that
 # route the saga tasks to a queue of their own).
 CELERY_TASK_ROUTES = json.loads(os.environ.get("TEST_CELERY_TASK_ROUTES") or "null")
+# The order saga's steps may take 15 s here, not 60: an operator's abort of a saga whose step
+# is in progress waits that long, plus the hard kill's grace and a margin (the fence), before
+# that step's compensation runs. The suite's steps take milliseconds.
+ORDERS_STEP_TIME_LIMIT = int(os.environ.get("ORDERS_STEP_TIME_LIMIT", "15"))

@@ -230,8 +230,18 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
             broker.end(chain)
     else:
         assert outcome.kind == "retry", outcome
+        if not forward and expire_fence(chain.saga_id, index):
+            STATS["compensation waited for a fence"] += 1
     STATS[(chain.kind, outcome.kind)] += 1
     return outcome
+
+
+def expire_fence(saga_id: Any, index: int) -> bool:
+    """The compensation waits for an attempt of its step that may still run (the step row's
+    `fenced_until`): here no attempt runs behind the model's back, so time passes at once."""
+    passed = timezone.now() - timedelta(seconds=1)
+    fenced = SagaStep.objects.filter(saga_id=saga_id, index=index, fenced_until__gt=passed)
+    return bool(fenced.update(fenced_until=passed))
 
 
 def resolve_checking_the_context(path: str) -> Any:

@@ -59,7 +59,9 @@ def test_a_charge_interrupted_before_its_commit_is_refunded_when_the_saga_is_com
     saga_db,
 ):
     """The worker dies after the gateway charged and before the step committed; the operator
-    then compensates. The step's row was never completed, yet the customer was charged."""
+    then compensates. The step's row was never completed, yet the customer was charged. The
+    refund waits until no attempt of the charge can still be running (its time limit, the hard
+    kill's grace and a margin: tests/settings.py shortens the time limit)."""
     product = ProductFactory(stock_on_hand=10)
     with transaction.atomic():
         saga = submit(product)

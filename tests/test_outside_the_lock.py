@@ -219,3 +219,28 @@ def test_a_killed_attempts_session_does_not_keep_the_saga_locked(saga_db, tmp_pa
     assert query.error_code in {"time_limit", "statement_timeout", "connection_lost"}
     assert (query.status, query.attempts) == ("failed", 1)
     assert "undo first" in runs.read_text()
+
+
+def test_a_commit_whose_answer_is_lost_still_notifies_and_compensates(saga_db, tmp_path):
+    """Issue 17, case 4: the charge is declined; the transaction that records it (the step
+    failed for good, the saga compensating) commits, and its answer is lost, as when
+    PostgreSQL restarts between the two. The `step_failed` signal is sent anyway, from the
+    committed events, and the chain's error callback too: the saga compensates at once, not
+    when the sweeper finds it."""
+    from sagas.testing.models import Fault, FaultEffect, FaultPoint
+
+    runs, signals = tmp_path / "runs", tmp_path / "signals"
+    Fault.objects.create(
+        step_name="charge",
+        point=FaultPoint.BEFORE_ACTION,
+        effect=FaultEffect.LOSE_COMMIT_ANSWER,
+        remaining=1,
+    )
+    saga, _ = services.saga_start(
+        name="declined_once", input={"runs": str(runs), "signals": str(signals)}
+    )
+    final = wait_final(saga.pk, timeout=30)
+    assert final.status == "compensated", (final.status, final.error_code)
+    assert "undo first" in runs.read_text()
+    told = signals.read_text().splitlines()
+    assert told and set(told) == {"step_failed charge card_declined"}, told

@@ -8,8 +8,7 @@ The names are imported when first used, as at the package root: a project names
 are imported.
 """
 
-from importlib import import_module
-from typing import Any
+from ..lazy import exports
 
 _WHERE = {
     "BULK_ACTION_DETAIL": "serializers",
@@ -76,11 +75,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = exports(__name__, _WHERE, __all__)

@@ -12,7 +12,12 @@ metrics and traces, `sweeper` finds the sagas whose messages were lost (and call
 for each), and `hooks` is where the test kit injects faults.
 """
 
-from .callbacks import attempt_lost, compensation_chain_failed, step_chain_failed
+from .callbacks import (
+    after_unsure_commit,
+    attempt_lost,
+    compensation_chain_failed,
+    step_chain_failed,
+)
 from .compensation import begin_compensation, compensation_attempt, compensation_attempt_failed
 from .forward import start, step_attempt, step_attempt_failed
 from .operator import (
@@ -43,6 +48,7 @@ __all__ = [
     "Plan",
     "SafeError",
     "Unit",
+    "after_unsure_commit",
     "attempt_lost",
     "begin_compensation",
     "class_path",

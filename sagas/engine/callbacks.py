@@ -22,9 +22,12 @@ lost one is made up for by the sweeper, which finds the saga stalled and sends t
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 
 from django.db import transaction
 
+from ..models import EventKind, SagaEvent
+from . import notify
 from .compensation import finish_if_done, its_turn, record_compensation_failure
 from .forward import attempt_may_fail, record_attempt_failure, record_unexpected_failure
 from .unit import (
@@ -32,6 +35,7 @@ from .unit import (
     Outcome,
     SafeError,
     SagaStatus,
+    StepStatus,
     Unit,
     compensation_time_limit,
     hard_time_limit_error,
@@ -183,6 +187,35 @@ def attempt_lost(saga_id: str, index: int, *, forward: bool, why: str) -> Outcom
         why,
     )
     return outcome
+
+
+def after_unsure_commit(
+    saga_id: str, index: int, *, forward: bool, since: float
+) -> SafeError | None:
+    """The previous delivery of this message lost its database connection (`since`: when it
+    began, on its worker's clock): a transaction of it may have committed unheard, as when
+    PostgreSQL restarts between a COMMIT and its answer, and then the notifications that
+    commit owed were never sent. Send them now, from the committed events: at least once.
+    Returns the step's error if that commit failed the step for good, so that the task ends
+    the chain with it and its error callback is sent as it would have been."""
+    moment = datetime.fromtimestamp(since, tz=UTC)
+    with transaction.atomic():
+        unit = lock(saga_id)
+        events = list(
+            SagaEvent.objects.filter(saga_id=unit.saga.id, created_at__gte=moment)
+            .exclude(kind=EventKind.DUPLICATE_IGNORED)
+            .order_by("id")
+        )
+        notify.on_commit(unit.saga, events)
+        step = unit.steps[index]
+        failed = StepStatus.FAILED if forward else StepStatus.COMPENSATION_FAILED
+    if events:
+        logger.warning(
+            "saga %s: %d events of a commit whose answer was lost, told again", saga_id, len(events)
+        )
+    if events and step.status == failed:
+        return SafeError(step.error_code, step.error_message)
+    return None
 
 
 def _carry_on(unit: Unit, outcome: str, countdown: float, *, forward_from: int) -> None:

@@ -10,8 +10,9 @@ that injects them). The names below import lazily, so that a worker which only n
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import exports
 
 if TYPE_CHECKING:
     from .guarantees import Result
@@ -30,7 +31,4 @@ _WHERE = {
 __all__ = ["Case", "CeleryWorker", "FailureMatrix", "Result", "test_database_env", "wait_for"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(import_module(f".{_WHERE[name]}", __name__), name)
+__getattr__, __dir__ = exports(__name__, _WHERE, __all__)

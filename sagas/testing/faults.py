@@ -47,6 +47,8 @@ class Injector:
             raise InjectedBusinessError("Injected business fault.")
         if effect == FaultEffect.HANG:
             hang()
+        if effect == FaultEffect.LOSE_COMMIT_ANSWER:
+            lose_next_commit_answer()
 
     def before_action(self) -> None:
         self.fire(FaultPoint.BEFORE_ACTION)
@@ -95,6 +97,36 @@ def refuse_next_message() -> None:
         raise OperationalError("Injected: the broker refused the chain's next message.")
 
     amqp._retry_publish = refuse
+
+
+def lose_next_commit_answer() -> None:
+    """The next COMMIT of this process commits, then its answer is lost, as when PostgreSQL
+    restarts between the two: the worker hears an OperationalError for a change that is done.
+    Both ways a transaction commits: the engine's COMMIT sent with its last write, and
+    Django's own."""
+    from django.db import DEFAULT_DB_ALIAS, connections
+    from django.db import OperationalError as DatabaseOperationalError
+
+    from sagas.engine.rows import cursors, write
+
+    database: Any = connections[DEFAULT_DB_ALIAS]
+    commit, execute = database._commit, write.execute
+
+    def lost() -> DatabaseOperationalError:
+        database._commit, write.execute = commit, execute  # once
+        return DatabaseOperationalError("Injected: the answer to the COMMIT was lost.")
+
+    def django_commit() -> None:
+        commit()
+        raise lost()
+
+    def engine_execute(db: Any, cursor: Any, sql: str, params: list[Any], *, commit: bool) -> None:
+        commits = commit and cursors.outermost_transaction(db)
+        execute(db, cursor, sql, params, commit=commit)
+        if commits:
+            raise lost()
+
+    database._commit, write.execute = django_commit, engine_execute
 
 
 def hang() -> None:

@@ -33,6 +33,10 @@ class FaultEffect(models.TextChoices):
         "refuse_next",
         "The broker refuses the chain's next message (the task fails after its commit)",
     )
+    LOSE_COMMIT_ANSWER = (
+        "lose_commit_answer",
+        "The next COMMIT's answer is lost: it commits, and the worker hears an error",
+    )
 
 
 class Fault(models.Model):

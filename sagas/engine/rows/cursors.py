@@ -72,7 +72,7 @@ def _utc_loader() -> Any:
 def execute(db: Any, cursor: Any, sql: str, params: list[Any], *, commit: bool) -> None:
     """Execute on `cursor`, one of `db`'s; with `commit`, in the outermost transaction, send
     the COMMIT in the same round trip (psycopg's pipeline mode)."""
-    if commit and _outermost_transaction(db):
+    if commit and outermost_transaction(db):
         with (
             db.wrap_database_errors,
             db.connection.pipeline(),
@@ -84,7 +84,7 @@ def execute(db: Any, cursor: Any, sql: str, params: list[Any], *, commit: bool) 
         cursor.execute(sql, params)
 
 
-def _outermost_transaction(db: Any) -> bool:
+def outermost_transaction(db: Any) -> bool:
     """Whether the current `atomic()` block is a transaction of its own, not a savepoint in
     someone else's (whose commit is not the engine's to send)."""
     return (
