@@ -14,6 +14,8 @@
 - `sagas.W008`: unfinished sagas store an import path that does not import (a check of the
   `database` tag: `manage.py check --database default`; `migrate` runs it too, so it warns
   rather than stops a migration).
+- `sagas.W009`: a definition sets `one_in_flight_per_key`, and unfinished sagas that started
+  before it did are outside its unique index (a `database` check too).
 
 The Celery settings are read from the current Celery app: the project's, which its package
 imports (`mysite/__init__.py`), configured from Django's settings (`CELERY_` prefix).
@@ -139,6 +141,37 @@ def check_stored_paths(
         )
         for missing in _missing(users)
     ]
+
+
+@checks.register(checks.Tags.database)
+def check_keys_in_flight(
+    app_configs: Any = None, databases: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Sagas in flight that a definition's one-in-flight index leaves out (`sagas.keys`)."""
+    if not databases or "default" not in databases:
+        return []
+    from .keys import outside_the_index
+
+    found: list[checks.CheckMessage] = []
+    for definition in registered().values():
+        if not definition.one_in_flight_per_key:
+            continue
+        try:
+            count = outside_the_index(definition.name).count()
+        except DatabaseError:  # not migrated yet, or down: check_stored_paths says so
+            return []
+        if count:
+            found.append(
+                checks.Warning(
+                    f"{count} unfinished sagas of {definition.name} started before "
+                    "one_in_flight_per_key was set: its unique index leaves them out, and a "
+                    "second saga for one of their keys could start.",
+                    hint=f"Run `manage.py sagas_one_in_flight {definition.name}`: it brings them "
+                    "under the index and lists the keys that already have two in flight.",
+                    id="sagas.W009",
+                )
+            )
+    return found
 
 
 def _tables_exist() -> bool:

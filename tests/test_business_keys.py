@@ -3,6 +3,7 @@ object's sagas by it; a definition may allow one saga in flight per key."""
 
 from __future__ import annotations
 
+import io
 import uuid
 
 import pytest
@@ -172,3 +173,58 @@ def test_the_api_filters_sagas_by_key(db):
         client = APIClient()
         client.force_authenticate(user)
         assert client.get("/api/sagas/", {"key": order_id}).json()["count"] == count
+
+
+@pytest.mark.django_db(transaction=True)
+def test_turning_one_in_flight_per_key_on_covers_the_sagas_already_in_flight(monkeypatch):
+    """Issue 17, case 6: sagas that started before a deploy set `one_in_flight_per_key` are
+    outside its unique index. `sagas.W009` finds them; `sagas_one_in_flight` brings them under
+    it, but for a key that already has two in flight, which it reports for an operator."""
+    from django.core import checks
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+    from django.db.models.expressions import RawSQL
+
+    lose_messages(monkeypatch)
+    name = "one_per_account"
+
+    def started_before_the_option(account: int) -> Saga:
+        saga, _ = saga_start(name=name, input={"account": {"id": account}})
+        without = RawSQL("options - 'one_in_flight_per_key'", [])
+        Saga.objects.filter(pk=saga.pk).update(options=without)
+        return saga
+
+    first, second = started_before_the_option(1), started_before_the_option(1)
+    alone = started_before_the_option(2)
+
+    def warnings() -> list[str]:
+        found = checks.run_checks(databases=["default"], tags=[checks.Tags.database])
+        return [message.msg for message in found if message.id == "sagas.W009"]
+
+    assert warnings() == [
+        f"3 unfinished sagas of {name} started before one_in_flight_per_key was set: its "
+        "unique index leaves them out, and a second saga for one of their keys could start."
+    ]
+    out = io.StringIO()
+    with pytest.raises(CommandError, match="1 keys have more than one saga in flight"):
+        call_command("sagas_one_in_flight", name, stdout=out)
+    assert out.getvalue().splitlines() == [
+        f"1 unfinished sagas of {name} brought under the index.",
+        f"key '1': 2 sagas in flight: {first.pk}, {second.pk}",
+    ]
+    with pytest.raises(SagaKeyInFlight) as caught:
+        saga_start(name=name, input={"account": {"id": 2}})
+    assert caught.value.saga_id == alone.pk
+
+    Saga.objects.filter(pk=second.pk).update(status="compensated")  # an operator settled it
+    out = io.StringIO()
+    call_command("sagas_one_in_flight", name, stdout=out)
+    assert out.getvalue() == f"1 unfinished sagas of {name} brought under the index.\n"
+    assert warnings() == []
+    with pytest.raises(SagaKeyInFlight):
+        saga_start(name=name, input={"account": {"id": 1}})
+
+    with pytest.raises(CommandError, match="does not set one_in_flight_per_key"):
+        call_command("sagas_one_in_flight", "three_steps")
+    with pytest.raises(CommandError, match="no saga definition named 'nope'"):
+        call_command("sagas_one_in_flight", "nope")
