@@ -7,6 +7,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 
 from .definitions import KEY_MAX_LENGTH
 
@@ -26,6 +27,8 @@ FINAL_STATUSES = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
 IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
 # The unique index of the definitions that allow one saga in flight per key.
 ONE_IN_FLIGHT_PER_KEY = "saga_one_in_flight_per_key"
+# The unique index of an operator request's key (`OperatorRequest`).
+OPERATOR_REQUEST_ONCE = "operator_request_once"
 
 
 class Direction(models.TextChoices):
@@ -459,3 +462,27 @@ class BulkActionItem(models.Model):
 
     def __str__(self) -> str:
         return f"{self.saga_id} ({self.outcome})"
+
+
+class OperatorRequest(models.Model):
+    """An operator's action taken once per key: an API request's `Idempotency-Key`, or the
+    one-time token of an admin confirmation page. Sent again (its answer was lost), it gets
+    the first answer and does nothing more. Written in the action's transaction."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    key = models.CharField(max_length=120, help_text="The Idempotency-Key, or admin:<token>.")
+    path = models.CharField(max_length=300, help_text="The request's path: one key, one action.")
+    status_code = models.PositiveSmallIntegerField(null=True, help_text="The first answer's.")
+    body = models.JSONField(null=True, help_text="The first answer's body (the API's).")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "operator request"
+        constraints = [
+            models.UniqueConstraint(fields=["user", "key"], name=OPERATOR_REQUEST_ONCE),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.path})"

@@ -9,10 +9,12 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
+from django.db import IntegrityError, transaction
+
 from . import bulk, conf, engine
 from .bulk import BulkFilter, BulkPreview
 from .engine import Plan
-from .models import BulkAction, Saga
+from .models import OPERATOR_REQUEST_ONCE, BulkAction, OperatorRequest, Saga
 
 
 def saga_start(
@@ -98,3 +100,32 @@ def bulk_action_start(
         created_by=created_by,
         expected_count=expected_count,
     )
+
+
+class KeyReused(Exception):
+    """An operator request's key was first used for another action."""
+
+
+def operator_request_once(
+    *, user: Any, key: str, path: str, act: Callable[[], tuple[int, Any]]
+) -> tuple[int, Any, bool]:
+    """Run an operator's request once per (user, key): `act` (its answer's status and body)
+    in one transaction with the key's row (`OperatorRequest`). A key already used gets its
+    first answer back, `act` not run, with True (replayed): a request whose answer was lost
+    can be sent again. `KeyReused` if the key was used for another path. A request refused
+    (an exception from `act`) leaves no row: it may be sent again."""
+    try:
+        with transaction.atomic():
+            claim = OperatorRequest.objects.create(user=user, key=key, path=path)
+            status_code, body = act()
+            claim.status_code, claim.body = status_code, body
+            claim.save(update_fields=["status_code", "body"])
+        return status_code, body, False
+    except IntegrityError as exc:
+        constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
+        if constraint != OPERATOR_REQUEST_ONCE:
+            raise
+    first = OperatorRequest.objects.get(user=user, key=key)
+    if first.path != path:
+        raise KeyReused(f"This key was used for another request ({first.path}).")
+    return first.status_code or 0, first.body, True

@@ -388,3 +388,60 @@ def test_the_lists_date_hierarchy_becomes_a_time_range(settings):
         "created_before": "2027-01-01 00:00:00+00:00",
     }
     assert left_out == []
+
+
+# -- operator actions sent again --------------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_action_sent_again_with_its_key_gets_the_first_answer(monkeypatch):
+    """Issue 17, case 6: an operator's POST whose answer was lost (its COMMIT done) is sent
+    again with its Idempotency-Key: the first answer, and nothing done twice."""
+    lose_messages(monkeypatch)
+    saga = saga_rows(stopped_at=1)
+    client = client_for(make_operator())
+    url = f"/api/sagas/{saga.pk}/retry/"
+
+    first = client.post(url, HTTP_IDEMPOTENCY_KEY="retry-1")
+    assert first.status_code == 202, first.content
+    assert not first.has_header("Idempotent-Replayed")
+    again = client.post(url, HTTP_IDEMPOTENCY_KEY="retry-1")
+    assert again.status_code == 202
+    assert again["Idempotent-Replayed"] == "true"
+    assert again.json() == first.json()
+    assert SagaEvent.objects.filter(saga=saga, kind=EventKind.OPERATOR_RETRY).count() == 1
+    assert client.post(url).status_code == 409  # without it: a second retry, refused
+
+    other = client.post(f"/api/sagas/{saga.pk}/compensate/", HTTP_IDEMPOTENCY_KEY="retry-1")
+    assert other.status_code == 422
+    assert "used for another request" in other.json()["detail"]
+    bad = client.post(url, HTTP_IDEMPOTENCY_KEY="a key with spaces")
+    assert bad.status_code == 400 and "Idempotency-Key" in bad.json()
+    # A refused request keeps no key: sent again once it may act, it acts.
+    failed = saga_rows(stopped_at=1)
+    done = saga_rows(status="completed")
+    assert client.post(f"/api/sagas/{done.pk}/retry/", HTTP_IDEMPOTENCY_KEY="k2").status_code == 409
+    retried = client.post(f"/api/sagas/{failed.pk}/retry/", HTTP_IDEMPOTENCY_KEY="k3")
+    assert retried.status_code == 202
+    # Keys are the user's own: another operator's same key is another request.
+    mine = client_for(make_operator()).post(
+        f"/api/sagas/{saga.pk}/compensate/", HTTP_IDEMPOTENCY_KEY="retry-1"
+    )
+    assert mine.status_code == 202
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_admin_confirmation_sent_twice_acts_once(monkeypatch, admin_client):
+    lose_messages(monkeypatch)
+    saga = saga_rows(stopped_at=1)
+    changelist = reverse("admin:sagas_saga_changelist")
+    selected = {"action": "retry_sagas", "_selected_action": [str(saga.pk)]}
+    page = admin_client.post(changelist, {**selected, "index": "0"})
+    once = page.context["once"]
+    assert f'name="_once" value="{once}"' in page.content.decode()
+    confirmed = {**selected, "post": "yes", "_once": once}
+    first = admin_client.post(changelist, confirmed, follow=True)
+    assert "Retried 1 saga." in first.content.decode()
+    again = admin_client.post(changelist, confirmed, follow=True)
+    assert "This confirmation was sent before" in again.content.decode()
+    assert SagaEvent.objects.filter(saga=saga, kind=EventKind.OPERATOR_RETRY).count() == 1

@@ -1,20 +1,17 @@
-"""Limits of an order submission: the body's size, and the Idempotency-Key header."""
+"""Limits of an order submission: the body's size, and the Idempotency-Key header (the
+framework's `sagas.api.parsers.idempotency_key`)."""
 
 from __future__ import annotations
 
 import io
-import re
 from typing import Any
 
 from django.conf import settings
 from rest_framework import status
-from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 
 from sagas.api.parsers import BoundedJSONParser
-
-MAX_IDEMPOTENCY_KEY_LENGTH = 100
-IDEMPOTENCY_KEY_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")
 
 
 class RequestTooLarge(APIException):
@@ -44,19 +41,3 @@ class LimitedJSONParser(BoundedJSONParser):
         if len(body) > limit:
             raise RequestTooLarge()
         return super().parse(io.BytesIO(body), media_type, parser_context)
-
-
-def idempotency_key(request: Request) -> str | None:
-    """The request's Idempotency-Key header, if any; a 400 if it is not a valid key."""
-    key = request.headers.get("Idempotency-Key")
-    if key is None:
-        return None
-    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
-        raise ValidationError(
-            {
-                "Idempotency-Key": [
-                    f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters, no spaces."
-                ]
-            }
-        )
-    return key

@@ -31,9 +31,10 @@ from orders.selectors import (
 )
 from orders.services import OrderInvalid, order_submit
 from sagas.api import DetailSerializer, Pagination, ScopedThrottle
+from sagas.api.parsers import idempotency_key
 from sagas.models import Saga
 
-from .parsers import LimitedJSONParser, check_body_size, idempotency_key
+from .parsers import LimitedJSONParser, check_body_size
 from .serializers import (
     MAX_LINES,
     MAX_QUANTITY,

@@ -7,6 +7,8 @@ A saga's page offers the same actions as buttons, which post to the list's actio
 
 from __future__ import annotations
 
+import re
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,8 @@ from ..exceptions import InvalidTransition, SagaBusy
 from ..models import OperatorAction, Saga, StepStatus
 from ..permissions import may_operate
 from .display import status_badge
+
+ONCE_TOKEN = re.compile(r"[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,14 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         sagas = list(queryset.order_by("-created_at"))
         if request.POST.get("post") != "yes":
             return self._confirmation(request, sagas, action)
+        if self._sent_before(request):
+            self.message_user(
+                request,
+                "This confirmation was sent before, and acted on then: nothing was done again. "
+                "The list shows the sagas as they are now.",
+                messages.WARNING,
+            )
+            return None
         operator_action = ACTION_WORDS[action]
         actor = request.user.get_username()
         done = 0
@@ -194,6 +206,18 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         if request.POST.get("_return_to_detail") and len(sagas) == 1:
             return HttpResponseRedirect(reverse("admin:sagas_saga_change", args=[sagas[0].pk]))
         return None  # back to the list, with its filters
+
+    @staticmethod
+    def _sent_before(request: HttpRequest) -> bool:
+        """Whether this confirmation's one-time token was used (`OperatorRequest`): claimed
+        before the actions, so that a confirmation sent again does nothing more."""
+        token = request.POST.get("_once", "")
+        if not ONCE_TOKEN.fullmatch(token):
+            return False  # a form without the token (a project's own)
+        _, _, replayed = services.operator_request_once(
+            user=request.user, key=f"admin:{token}", path=request.path, act=lambda: (200, None)
+        )
+        return replayed
 
     @staticmethod
     def _too_many(queryset: QuerySet[Saga]) -> bool:
@@ -220,6 +244,8 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             "allowed_count": sum(1 for preview in previews if preview.plan.allowed),
             "action_checkbox_name": ACTION_CHECKBOX_NAME,
             "return_to_detail": bool(request.POST.get("_return_to_detail")),
+            # A one-time token: the confirmation, sent twice (its answer lost), acts once.
+            "once": uuid.uuid4().hex,
             "media": self.media,
         }
         request.current_app = self.admin_site.name

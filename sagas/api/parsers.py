@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from django.conf import settings
-from rest_framework.exceptions import ParseError
+from rest_framework.exceptions import ParseError, ValidationError
 from rest_framework.parsers import JSONParser
 from rest_framework.utils import json
 
@@ -63,3 +63,23 @@ class BoundedJSONParser(JSONParser):
             return json.loads(text, parse_float=_json_finite_float, parse_int=_json_int)
         except (ValueError, LookupError) as exc:  # LookupError: a charset that is not text's
             raise ParseError(f"JSON parse error - {exc}") from exc
+
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 100
+IDEMPOTENCY_KEY_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY_LENGTH}}}")
+
+
+def idempotency_key(request: Any) -> str | None:
+    """The request's Idempotency-Key header, if any; a 400 if it is not a valid key."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY_PATTERN.fullmatch(key):
+        raise ValidationError(
+            {
+                "Idempotency-Key": [
+                    f"1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters, no spaces."
+                ]
+            }
+        )
+    return key

@@ -44,13 +44,16 @@ from ..models import (
 from ..paginators import BoundedPaginator
 from ..permissions import may_operate
 from ..services import (
+    KeyReused,
     bulk_action_preview,
     bulk_action_start,
+    operator_request_once,
     saga_compensate,
     saga_plan,
     saga_retry,
     saga_step_resolve,
 )
+from .parsers import idempotency_key
 from .serializers import (
     BulkActionDetailSerializer,
     BulkActionRequestSerializer,
@@ -103,6 +106,24 @@ ERROR_RESPONSES = {
     404: OpenApiResponse(DetailSerializer, description="No such saga."),
 }
 
+# An operator action's optional Idempotency-Key, and the answers it adds.
+IDEMPOTENCY_KEY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description=(
+        "Optional, 1 to 100 printable ASCII characters. The action is taken once per key (and "
+        "user): sent again, as when its answer was lost, the request gets the first answer "
+        "(with `Idempotent-Replayed: true`) and does nothing more."
+    ),
+)
+KEYED_RESPONSES = {
+    400: OpenApiResponse(OpenApiTypes.OBJECT, description="An invalid Idempotency-Key."),
+    422: OpenApiResponse(
+        DetailSerializer, description="The Idempotency-Key was used for another request."
+    ),
+}
+
 # -- views ----------------------------------------------------------------------------------------
 
 
@@ -144,6 +165,11 @@ def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
     return sagas
 
 
+class UnprocessableKey(APIException):
+    status_code = status.HTTP_422_UNPROCESSABLE_ENTITY
+    default_code = "idempotency_key_reused"
+
+
 @extend_schema_view(
     list=extend_schema(summary="List sagas", description="Staff see every saga, others their own."),
     retrieve=extend_schema(summary="A saga with its steps and timeline"),
@@ -181,12 +207,30 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         return Response(serializer.data, status=status.HTTP_202_ACCEPTED)
 
     def _act(self, request: Request, do: Callable[..., Plan]) -> Response:
+        """Run the action; with an `Idempotency-Key`, once: sent again with the same key
+        (its answer was lost), the request gets the first answer and does nothing more."""
         saga = self.get_object()
+        key = idempotency_key(request)
+
+        def act() -> tuple[int, Any]:
+            try:
+                do(saga_id=saga.pk, actor=request.user.get_username())
+            except InvalidTransition as exc:
+                raise Conflict(str(exc)) from exc
+            response = self._accepted(saga)
+            return response.status_code, response.data
+
+        if key is None:
+            status_code, body = act()
+            return Response(body, status=status_code)
         try:
-            do(saga_id=saga.pk, actor=request.user.get_username())
-        except InvalidTransition as exc:
-            raise Conflict(str(exc)) from exc
-        return self._accepted(saga)
+            status_code, body, replayed = operator_request_once(
+                user=request.user, key=key, path=request.path, act=act
+            )
+        except KeyReused as exc:
+            raise UnprocessableKey(str(exc)) from exc
+        headers = {"Idempotent-Replayed": "true"} if replayed else {}
+        return Response(body, status=status_code, headers=headers)
 
     @extend_schema(
         summary="Retry a failed saga",
@@ -194,10 +238,12 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             "Resume where it stopped: forward, or its compensation. Staff with `sagas.retry_saga`."
         ),
         request=None,
+        parameters=[IDEMPOTENCY_KEY],
         responses={
             202: SagaDetailSerializer,
             409: OpenApiResponse(DetailSerializer, description="Not failed."),
             **ERROR_RESPONSES,
+            **KEYED_RESPONSES,
         },
     )
     @action(detail=True, methods=["post"])
@@ -210,10 +256,12 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             "Compensate the completed steps, in reverse order. Staff with `sagas.compensate_saga`."
         ),
         request=None,
+        parameters=[IDEMPOTENCY_KEY],
         responses={
             202: SagaDetailSerializer,
             409: OpenApiResponse(DetailSerializer, description="Already final or compensating."),
             **ERROR_RESPONSES,
+            **KEYED_RESPONSES,
         },
     )
     @action(detail=True, methods=["post"])
@@ -228,12 +276,13 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         ),
         request=None,
         parameters=[
+            IDEMPOTENCY_KEY,
             OpenApiParameter(
                 "index",
                 {"type": "integer", "minimum": 0, "maximum": 999999999},
                 OpenApiParameter.PATH,
                 description="The step's index (0 is the first step).",
-            )
+            ),
         ],
         responses={
             202: SagaDetailSerializer,
@@ -241,6 +290,7 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
                 DetailSerializer, description="The step's compensation has not failed."
             ),
             **ERROR_RESPONSES,
+            **KEYED_RESPONSES,
         },
     )
     @action(detail=True, methods=["post"], url_path=r"steps/(?P<index>[0-9]{1,9})/resolve")
