@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test check lint typecheck docs pytest browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
+.PHONY: install run test check lint typecheck docs pytest pytest-framework browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -22,7 +22,7 @@ run: install
 	$(BIN)/python -m sagaproject.stack
 
 ## The whole suite: lint, type check, the docs, tests (fresh test database).
-test: lint typecheck docs pytest
+test: lint typecheck docs pytest pytest-framework
 
 ## The fast loop: lint, type check and the tests that run no process of their own (no worker,
 ## server or browser; `-m "not system"`), on the test database of the last run.
@@ -34,7 +34,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy sagas sagaproject orders payments inventory shipping
+	$(BIN)/mypy sagas sagaproject orders payments inventory shipping testapp
 
 ## The documentation site (Sphinx, MyST, Furo) in docs/_build/html, warnings as errors.
 docs: install
@@ -42,6 +42,10 @@ docs: install
 
 pytest: install browser
 	$(BIN)/pytest --create-db $(PYTEST_ARGS)
+
+## The framework's own tests, on the test project of `sagas` alone (testapp/).
+pytest-framework: install
+	$(BIN)/pytest -c testapp/pytest.ini --rootdir=testapp --create-db testapp/tests $(FRAMEWORK_PYTEST_ARGS)
 
 ## Debian's Chromium for the admin browser test (Playwright drives it; no browser download).
 browser:

@@ -282,6 +282,31 @@ def main() -> int:
         help="sagas whose worker dies right after a final failure, before its error callback "
         "(and as many whose error callback is sent twice, a second apart)",
     )
+    parser.add_argument(
+        "--session-kills",
+        type=int,
+        default=1,
+        help="times the database sessions of steps in the middle of their call are terminated "
+        "(pg_terminate_backend), their workers going on",
+    )
+    parser.add_argument(
+        "--poison-steps",
+        type=int,
+        default=1,
+        help="sagas with a step whose process dies on every attempt, before it commits",
+    )
+    parser.add_argument(
+        "--lost-commit-answers",
+        type=int,
+        default=2,
+        help="sagas with a step whose COMMIT's answer is lost (it committed)",
+    )
+    parser.add_argument(
+        "--statement-timeouts",
+        type=int,
+        default=2,
+        help="sagas with a step whose own query outlives its statement timeout, once",
+    )
     parser.add_argument("--concurrency", type=int, default=2, help="processes per worker node")
     parser.add_argument("--rate", type=float, default=25.0, help="submissions per second")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to reach final")
@@ -393,10 +418,46 @@ class SagaFaults:
         sagas = max(args.sagas, 1)
         self.failing_chance = min(1.0, 3 * (self.lost + self.repeated) / (0.2 * sagas))
         self.clean_chance = min(1.0, 3 * self.hung / (0.5 * sagas))
+        # Faults outside the row lock, on any saga's step: (effect, remaining) and how many.
+        self.outside = {
+            "poison": args.poison_steps,
+            "lose_commit_answer": args.lost_commit_answers,
+            "statement_timeout": args.statement_timeouts,
+        }
+        self.outside_chance = min(1.0, 3 * sum(self.outside.values()) / sagas)
 
     def for_saga(self, fails_at: str | None, *, clean: bool) -> list[dict[str, Any]]:
         """The faults of the next saga: `fails_at` is where it fails for good, if it does;
         `clean` says it should run every step (a hung step is planted only there)."""
+        return self._planned(fails_at, clean=clean) or self._outside_the_lock()
+
+    def _outside_the_lock(self) -> list[dict[str, Any]]:
+        """A step that dies before it commits on every attempt (a poison message), or whose
+        COMMIT's answer is lost once, or whose own query times out once."""
+        from orders.sagas import ORDER_FULFILMENT
+        from sagas.testing.models import FaultEffect, FaultPoint
+
+        left = [kind for kind, count in self.outside.items() if count]
+        if not left or self.rng.random() > self.outside_chance:
+            return []
+        kind = self.rng.choice(left)
+        self.outside[kind] -= 1
+        effect, remaining = {
+            "poison": (FaultEffect.CRASH, None),
+            "lose_commit_answer": (FaultEffect.LOSE_COMMIT_ANSWER, 1),
+            "statement_timeout": (FaultEffect.STATEMENT_TIMEOUT, 1),
+        }[kind]
+        step = self.rng.choice(ORDER_FULFILMENT.steps)
+        return [
+            {
+                "step_name": step.name,
+                "point": FaultPoint.BEFORE_ACTION,
+                "effect": effect,
+                "remaining": remaining,
+            }
+        ]
+
+    def _planned(self, fails_at: str | None, *, clean: bool) -> list[dict[str, Any]]:
         from orders.sagas import ORDER_FULFILMENT
         from sagas.testing.models import FaultEffect, FaultPoint
 
@@ -458,6 +519,7 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
         [("worker", rng.uniform(0.1, 0.9) * duration) for _ in range(args.worker_kills)]
         + [("redis", rng.uniform(0.2, 0.8) * duration) for _ in range(args.redis_restarts)]
         + [("postgres", rng.uniform(0.2, 0.8) * duration) for _ in range(args.postgres_restarts)]
+        + [("session", rng.uniform(0.1, 0.9) * duration) for _ in range(args.session_kills)]
     )
     plan.sort(key=lambda item: item[1])
     started = time.monotonic()
@@ -476,6 +538,9 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
                 print(f"  fault: {what}", flush=True)
                 if what.startswith("nothing killed"):
                     continue  # not counted as a kill
+            elif kind == "session":
+                ended = retrying(end_step_sessions, "ending the steps' sessions")
+                print(f"  fault: {ended} step sessions ended mid-call", flush=True)
             elif kind == "redis":
                 servers.restart_redis_empty()
                 print("  fault: Redis killed and started again empty", flush=True)
@@ -523,6 +588,20 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
         time.sleep(max(0.0, (i + 1) / args.rate - (time.monotonic() - started)))
     injector.join()
     return saga_ids
+
+
+def end_step_sessions() -> int:
+    """End the sessions that wait, inside a transaction, for their worker (a step's attempt
+    in the middle of its call), as a failover would; their workers go on."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND state = 'idle in transaction'"
+        )
+        return int(cursor.fetchone()[0])
 
 
 def wait_all_final(saga_ids: list[str], timeout: float) -> float:
@@ -622,6 +701,17 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
         if undone != expected:
             violations.append(f"saga {saga.pk} compensated {undone}, expected {expected}")
 
+    # Counted attempts never exceed the policy's, however the attempts ended.
+    for step in SagaStep.objects.filter(saga_id__in=saga_ids):
+        most = step.definition["retry"]["max_attempts"]
+        most_undo = step.definition["compensation_retry"]["max_attempts"]
+        if step.attempts > most or step.compensation_attempts > most_undo:
+            violations.append(
+                f"saga {step.saga_id} step {step.name}: {step.attempts} attempts (at most "
+                f"{most}), {step.compensation_attempts} compensation attempts (at most "
+                f"{most_undo})"
+            )
+
     of_these = SagaEvent.objects.filter(saga_id__in=saga_ids)
     events = Counter(of_these.values_list("kind", flat=True))
     fired = Counter(
@@ -647,6 +737,14 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
         # Attempts killed at their hard time limit and recorded so by their error callback (a
         # callback that came after the sweeper had sent the saga again does nothing).
         "hung_planted": Fault.objects.filter(effect=FaultEffect.HANG).count(),
+        "poison_planted": Fault.objects.filter(
+            effect=FaultEffect.CRASH, point=FaultPoint.BEFORE_ACTION
+        ).count(),
+        "lost_commit_answers": fired[(FaultPoint.BEFORE_ACTION, FaultEffect.LOSE_COMMIT_ANSWER)],
+        "statement_timeouts": fired[(FaultPoint.BEFORE_ACTION, FaultEffect.STATEMENT_TIMEOUT)],
+        "attempts_lost": of_these.filter(
+            detail__code__in=["worker_lost", "connection_lost"]
+        ).count(),
         "hung_attempts_recorded": of_these.filter(
             detail__code="time_limit", detail__message__icontains="was stopped"
         ).count(),
@@ -668,6 +766,11 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("Redis restarts (empty)", faults["redis"]),
         ("PostgreSQL restarts", faults["postgres"]),
         ("crashes after commit, before ack", report["crash_faults_fired"]),
+        ("step sessions ended mid-call (times)", faults["session"]),
+        ("poison steps planted (die before every commit)", report["poison_planted"]),
+        ("attempts counted as lost (worker or session)", report["attempts_lost"]),
+        ("COMMIT answers lost", report["lost_commit_answers"]),
+        ("own statements timed out", report["statement_timeouts"]),
         ("hung steps planted", report["hung_planted"]),
         ("hung attempts killed at their hard time limit", report["hung_attempts_killed"]),
         ("  recorded as failed attempts by their callback", report["hung_attempts_recorded"]),

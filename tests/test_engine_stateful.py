@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from contextlib import suppress
@@ -33,7 +34,7 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from hypothesis import HealthCheck, Phase, settings
@@ -86,7 +87,15 @@ IN_FLIGHT = {S.PENDING, S.RUNNING, S.COMPENSATING}
 EFFECT_IN_PLACE = {T.COMPLETED, T.COMPENSATING, T.COMPENSATION_FAILED}
 COMPENSATION_STATES = {T.COMPENSATING, T.COMPENSATED, T.COMPENSATION_FAILED}
 # Error codes a step may be retried for; any other failure is a business one.
-TRANSIENT_CODES = {"gateway_unavailable", "injected_transient_error", "time_limit"}
+# (worker_lost, connection_lost: an attempt counted as lost; statement_timeout: its own query.)
+TRANSIENT_CODES = {
+    "gateway_unavailable",
+    "injected_transient_error",
+    "time_limit",
+    "worker_lost",
+    "connection_lost",
+    "statement_timeout",
+}
 # Events by which a saga begins compensating.
 BEGINS_COMPENSATION = {
     EventKind.COMPENSATION_STARTED,
@@ -143,6 +152,34 @@ class Dies:
         raise WorkerDied
 
 
+@dataclass
+class OwnStatementTimesOut:
+    """The action's (or compensation's) own query outlives its statement timeout (57014)."""
+
+    def before_action(self) -> None:
+        pass
+
+    def after_action(self) -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL statement_timeout = '1ms'")
+            cursor.execute("SELECT pg_sleep(0.05)")
+
+    before_compensation = after_action
+
+
+@dataclass
+class CommitAnswerLost:
+    """The attempt's next COMMIT (its own, or its failure's) commits unheard."""
+
+    def before_action(self) -> None:
+        faults.lose_next_commit_answer()
+
+    def after_action(self) -> None:
+        pass
+
+    before_compensation = before_action
+
+
 # -- the broker ------------------------------------------------------------------------------
 
 
@@ -154,6 +191,10 @@ class Chain:
     saga_id: str
     epoch: int
     indexes: list[int]
+    # The head message comes back after its worker died (the broker's redelivered flag), or
+    # after a delivery that lost its database connection (when that one began).
+    redelivered: bool = False
+    unsure_since: float = 0.0
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.saga_id[:8]}@{self.epoch} {self.indexes}>"
@@ -217,9 +258,28 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
     """
     forward = chain.kind == STEP
     index = chain.indexes[0]
-    if fault is None:
-        fault = faults.take(chain.saga_id, index, forward=forward)
-    outcome = tasks.attempt(chain.saga_id, index, chain.epoch, forward=forward, fault=fault)
+    # As `sagas.tasks` does first for such a delivery: tell what a lost answer committed, and
+    # count an attempt that died.
+    failed = None
+    if chain.unsure_since:
+        failed = engine.after_unsure_commit(
+            chain.saga_id, index, forward=forward, since=chain.unsure_since
+        )
+        chain.unsure_since = 0.0
+    counted = None
+    if chain.redelivered:
+        chain.redelivered = False
+        counted = engine.attempt_lost(chain.saga_id, index, forward=forward, why="redelivered")
+        STATS["attempt counted as lost"] += counted is not None
+    if counted is not None:
+        outcome = counted
+    else:
+        if fault is None:
+            fault = faults.take(chain.saga_id, index, forward=forward)
+        outcome = tasks.attempt(chain.saga_id, index, chain.epoch, forward=forward, fault=fault)
+    if outcome.kind == "stop" and failed is not None:
+        outcome = engine.Outcome("fail", error=failed)
+        STATS["failure told again after a lost answer"] += 1
     if outcome.kind == "fail":
         broker.end(chain, callbacks=1, failed=index)
     elif outcome.kind == "stop":
@@ -485,7 +545,15 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(
         i=st.integers(0, 7),
         fate=st.sampled_from(
-            ["killed", "killed, then aborted", "hard time limit", "lost", "next message refused"]
+            [
+                "killed",
+                "killed, then aborted",
+                "hard time limit",
+                "lost",
+                "next message refused",
+                "own statement times out",
+                "commit answer lost",
+            ]
         ),
     )
     def worker_fault(self, i: int, fate: str) -> None:
@@ -497,6 +565,11 @@ class EngineMachine(RuleBasedStateMachine):
         lost: the message (with the rest of its chain) is lost, as in a broker crash.
         next message refused: the attempt commits, then the broker refuses the chain's next
         message; Celery fails the task and sends the chain's error callback.
+        own statement times out: the attempt's own query fails (SQLSTATE 57014): a counted,
+        transient failure.
+        commit answer lost: the attempt's COMMIT (or its failure's) commits, and the worker
+        hears an error: the message is sent again, and its next delivery tells what the lost
+        one committed.
         An operator's abort right after a death matters where the step made an external call:
         that fate picks a chain about to charge, when there is one."""
         chain = self.broker.pick(i)
@@ -507,6 +580,19 @@ class EngineMachine(RuleBasedStateMachine):
             self.broker.chains.remove(chain)
             return
         head = chain.indexes[0]
+        if fate == "own statement times out":
+            deliver(self.broker, chain, fault=OwnStatementTimesOut())
+            STATS[fate] += 1
+            return
+        if fate == "commit answer lost":
+            began = time.time()
+            try:
+                deliver(self.broker, chain, fault=CommitAnswerLost())
+            except OperationalError:
+                STATS[fate] += 1
+                chain.unsure_since = began
+            faults.restore_commit()  # the injected loss, if the attempt never committed
+            return
         if fate == "next message refused":
             outcome = deliver(self.broker, chain)
             if outcome.kind in ("done", "duplicate") and chain in self.broker.chains:
@@ -517,6 +603,7 @@ class EngineMachine(RuleBasedStateMachine):
             deliver(self.broker, chain, fault=Dies(fate))
             return  # it finished (or stopped) before the fault
         STATS["killed" if fate.startswith("killed") else fate] += 1
+        chain.redelivered = fate.startswith("killed")  # `task_reject_on_worker_lost`
         if fate == "hard time limit":
             self.broker.end(chain, callbacks=2, failed=head, cause=TIME_LIMIT)
         if fate == "killed, then aborted":
@@ -856,6 +943,15 @@ def no_step_stopped_at_a_time_limit() -> None:
 
 # Interleavings the random examples may or may not reach in a given run, made sure of.
 SCRIPTS = {
+    "a worker dies before its commit, a query times out, a COMMIT's answer is lost": [
+        lambda m: m.start_saga("tok_ok", "GB", 1),
+        lambda m: m.deliver([0]),
+        lambda m: m.worker_fault(0, "killed"),  # the message comes back: the attempt counts
+        lambda m: m.deliver([0]),
+        lambda m: m.worker_fault(0, "own statement times out"),
+        lambda m: m.worker_fault(0, "commit answer lost"),
+        deliver_all,
+    ],
     "a compensation fails for good; the operator resolves it": [
         lambda m: m.begin(["tok_ok"], "and its compensation fails", 2),
         deliver_all,
@@ -917,6 +1013,9 @@ def test_engine_state_machine(transactional_db, broker):
         "killed",
         "hard time limit",
         "next message refused",
+        "own statement times out",
+        "commit answer lost",
+        "attempt counted as lost",
         "callback lost",
         ("operator", "retry"),
         ("operator", "compensate"),

@@ -49,6 +49,8 @@ class Injector:
             hang()
         if effect == FaultEffect.LOSE_COMMIT_ANSWER:
             lose_next_commit_answer()
+        if effect == FaultEffect.STATEMENT_TIMEOUT:
+            statement_times_out()
 
     def before_action(self) -> None:
         self.fire(FaultPoint.BEFORE_ACTION)
@@ -112,8 +114,12 @@ def lose_next_commit_answer() -> None:
     database: Any = connections[DEFAULT_DB_ALIAS]
     commit, execute = database._commit, write.execute
 
+    def restore() -> None:
+        database._commit, write.execute = commit, execute
+        _armed.clear()
+
     def lost() -> DatabaseOperationalError:
-        database._commit, write.execute = commit, execute  # once
+        restore()  # once
         return DatabaseOperationalError("Injected: the answer to the COMMIT was lost.")
 
     def django_commit() -> None:
@@ -126,7 +132,28 @@ def lose_next_commit_answer() -> None:
         if commits:
             raise lost()
 
+    restore_commit()
     database._commit, write.execute = django_commit, engine_execute
+    _armed.append(restore)
+
+
+def statement_times_out() -> None:
+    """A query of the attempt's own, in its transaction, cut by its statement timeout."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SET LOCAL statement_timeout = '1ms'")
+        cursor.execute("SELECT pg_sleep(0.05)")
+
+
+# How to put the COMMITs back, while the next one's answer is to be lost.
+_armed: list[Any] = []
+
+
+def restore_commit() -> None:
+    """Lose no COMMIT's answer after all (the attempt committed nothing)."""
+    for restore in list(_armed):
+        restore()
 
 
 def hang() -> None:

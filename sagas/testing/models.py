@@ -37,6 +37,10 @@ class FaultEffect(models.TextChoices):
         "lose_commit_answer",
         "The next COMMIT's answer is lost: it commits, and the worker hears an error",
     )
+    STATEMENT_TIMEOUT = (
+        "statement_timeout",
+        "A query of the attempt's own outlives its statement timeout (SQLSTATE 57014)",
+    )
 
 
 class Fault(models.Model):
