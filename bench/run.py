@@ -35,6 +35,11 @@ FINAL = ("completed", "compensated", "failed")
 COMPENSATION_PATH_TASKS = 8
 
 
+# The bound of an attempt's session as a worker sets it: the steps' 60 s time limit and the
+# hard kill's 10 s grace (`sagas.tasks`, `sagas.engine.rows.read.SESSION_BOUNDS_SQL`).
+WORKER_BOUND = 70.0
+
+
 def debug_off() -> None:
     """DEBUG off, as in production (no query log in the workers), with a secret key of this
     run's own: with DEBUG off the project refuses to start on the development key."""
@@ -262,7 +267,8 @@ def steps_in_process():
     def run_one(workload: Any) -> None:
         saga_id = workload.submit()
         for index in range(workload.steps):
-            outcome = engine.step_attempt(saga_id, index, epoch=1)  # its first chain
+            # As a worker calls it: its first chain, its session bounded by the hard time limit.
+            outcome = engine.step_attempt(saga_id, index, epoch=1, bound=WORKER_BOUND)
             assert outcome.kind == "done", outcome
 
     send_steps = dispatch.send_steps
