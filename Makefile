@@ -40,8 +40,11 @@ typecheck: install
 docs: install
 	$(BIN)/sphinx-build -W --keep-going -b html docs docs/_build/html
 
+## In PYTEST_PROCESSES processes (pytest-xdist), a test module each at a time: the modules that
+## start workers or servers wait on them far more than they use a core.
+PYTEST_PROCESSES ?= 2
 pytest: install browser
-	$(BIN)/pytest --create-db $(PYTEST_ARGS)
+	$(BIN)/pytest --create-db -n $(PYTEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 ## The framework's own tests, on the test project of `sagas` alone (testapp/).
 pytest-framework: install
