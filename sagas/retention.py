@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import Count
 from django.utils import timezone
 
-from .models import FINAL_STATUSES, Saga, SagaEvent, SagaStatus, SagaStep
+from .models import FINAL_STATUSES, OperatorRequest, Saga, SagaEvent, SagaStatus, SagaStep
 
 PURGEABLE: tuple[str, ...] = tuple(FINAL_STATUSES)
 BATCH_SIZE = 1000
@@ -110,6 +110,11 @@ def purge(
         else:
             report.finished = False
             break
+    if not dry_run and report.finished:
+        # The keys of operators' requests (`OperatorRequest`): they serve a request sent again
+        # within minutes, and go with the sagas of their age.
+        _, deleted = OperatorRequest.objects.filter(created_at__lt=report.cutoff).delete()
+        report.rows.update(deleted)
     report.seconds = time.monotonic() - started
     return report
 

@@ -179,8 +179,8 @@ def test_the_purge_deletes_old_finished_sagas_in_batches_and_nothing_else():
         sql = query["sql"]
         if sql.startswith("SELECT") and sql.endswith("FOR UPDATE SKIP LOCKED"):
             batches.append([])
-        elif sql.startswith("DELETE FROM"):
-            batches[-1].append((sql.split('"')[1], sql.count("'::uuid")))
+        elif sql.startswith("DELETE FROM") and "sagas_operatorrequest" not in sql:
+            batches[-1].append((sql.split('"')[1], sql.count("'::uuid")))  # (keys: after all)
     deleting = [batch for batch in batches if batch]
     assert len(batches) == 12 and len(deleting) == 10  # and one empty claim per status
     for batch in deleting:
@@ -240,3 +240,22 @@ def test_the_beat_task_purges_only_when_retention_is_set(db, settings):
     settings.SAGAS_RETENTION = "30"
     with pytest.raises(ImproperlyConfigured, match="SAGAS_RETENTION = '30': '30' has no unit"):
         conf.retention()
+
+
+@pytest.mark.django_db
+def test_the_purge_deletes_operator_request_keys_of_the_sagas_age():
+    from django.utils import timezone
+
+    from sagas.models import OperatorRequest
+    from tests.factories import UserFactory
+
+    user = UserFactory()
+    old = OperatorRequest.objects.create(
+        user=user, key="k-old", path="/a", created_at=timezone.now() - timedelta(days=40)
+    )
+    recent = OperatorRequest.objects.create(user=user, key="k-new", path="/a")
+    assert purge(older_than=timedelta(days=30), dry_run=True).rows == {}  # counts sagas only
+    report = purge(older_than=timedelta(days=30))
+    assert report.rows[OperatorRequest._meta.label] == 1
+    assert list(OperatorRequest.objects.values_list("pk", flat=True)) == [recent.pk]
+    assert not OperatorRequest.objects.filter(pk=old.pk).exists()
