@@ -244,3 +244,27 @@ def test_a_commit_whose_answer_is_lost_still_notifies_and_compensates(saga_db, t
     assert "undo first" in runs.read_text()
     told = signals.read_text().splitlines()
     assert told and set(told) == {"step_failed charge card_declined"}, told
+
+
+def test_a_statements_own_failure_is_told_from_a_lost_connection_by_its_sqlstate():
+    """Issue 17, case 2: by SQLSTATE, whether Django wraps the error or an action's own
+    psycopg raised it; a lost connection is not the statement's failure."""
+    import psycopg
+    from django.db import OperationalError
+
+    from sagas.engine import statement_failure
+
+    def wrapped(cause: BaseException) -> OperationalError:
+        error = OperationalError(str(cause))
+        error.__cause__ = cause
+        return error
+
+    assert statement_failure(psycopg.errors.QueryCanceled()) == "statement_timeout"
+    assert statement_failure(wrapped(psycopg.errors.DeadlockDetected())) == "deadlock"
+    assert statement_failure(wrapped(psycopg.errors.SerializationFailure())) == (
+        "serialization_failure"
+    )
+    assert statement_failure(wrapped(psycopg.errors.LockNotAvailable())) == "lock_not_available"
+    assert statement_failure(wrapped(psycopg.errors.AdminShutdown())) is None  # 57P01
+    assert statement_failure(wrapped(psycopg.OperationalError("server closed"))) is None
+    assert statement_failure(ValueError("57014")) is None

@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
@@ -187,7 +188,7 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def statement_failure(exc: BaseException) -> str | None:
     """The error code of a statement's own failure (`STATEMENT_FAILURES`), else None."""
-    if not isinstance(exc, DatabaseError):
+    if not isinstance(exc, DatabaseError | psycopg.Error):  # Django's, or the action's own psycopg
         return None
     failure = STATEMENT_FAILURES.get(sqlstate(exc) or "")
     return failure[0] if failure else None
