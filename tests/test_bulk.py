@@ -431,17 +431,23 @@ def test_an_operator_action_sent_again_with_its_key_gets_the_first_answer(monkey
 
 
 @pytest.mark.django_db(transaction=True)
-def test_an_admin_confirmation_sent_twice_acts_once(monkeypatch, admin_client):
+def test_an_admin_confirmation_sent_twice_acts_once_on_each_saga(monkeypatch, admin_client):
+    """The confirmation's one-time token is written with each saga's action: sent again (its
+    answer lost), it acts on none it acted on, and on one that refused it the first time."""
     lose_messages(monkeypatch)
-    saga = saga_rows(stopped_at=1)
+    monkeypatch.setattr("sagas.engine.operator.LOCK_WAIT", 0.3)
+    first_saga, busy = saga_rows(stopped_at=1), saga_rows(stopped_at=1)
     changelist = reverse("admin:sagas_saga_changelist")
-    selected = {"action": "retry_sagas", "_selected_action": [str(saga.pk)]}
+    selected = {"action": "retry_sagas", "_selected_action": [str(first_saga.pk), str(busy.pk)]}
     page = admin_client.post(changelist, {**selected, "index": "0"})
     once = page.context["once"]
     assert f'name="_once" value="{once}"' in page.content.decode()
     confirmed = {**selected, "post": "yes", "_once": once}
-    first = admin_client.post(changelist, confirmed, follow=True)
-    assert "Retried 1 saga." in first.content.decode()
-    again = admin_client.post(changelist, confirmed, follow=True)
-    assert "This confirmation was sent before" in again.content.decode()
-    assert SagaEvent.objects.filter(saga=saga, kind=EventKind.OPERATOR_RETRY).count() == 1
+    with locked_elsewhere(busy):  # a step holds it: refused, and its key not written
+        first = admin_client.post(changelist, confirmed, follow=True).content.decode()
+    assert "Retried 1 saga." in first and f"Saga {busy.pk} was not changed" in first
+    again = admin_client.post(changelist, confirmed, follow=True).content.decode()
+    assert "Retried 1 saga." in again
+    assert "This confirmation was sent before: 1 of its sagas were acted on then" in again
+    for saga in (first_saga, busy):
+        assert SagaEvent.objects.filter(saga=saga, kind=EventKind.OPERATOR_RETRY).count() == 1

@@ -12,12 +12,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import pytest
 from django.db import connection, transaction
 
-from sagas import services
+from sagas import engine, services
 from sagas.bulk import BulkFilter
+from sagas.engine import sweeper
 from sagas.models import BulkAction, EventKind, Saga, SagaEvent
 from tests.conftest import wait_final, wait_for
 from tests.factories import saga_rows
@@ -196,6 +198,12 @@ def test_a_compensation_never_overlaps_an_attempt_that_may_still_run(saga_db, tm
         return "refunded" in runs.read_text() or "waits_for" in aborted.detail
 
     wait_for(refunded_or_waiting, timeout=20, what="the refund, or the timeline saying it waits")
+    # The sweeper, however eager, does not take a saga waiting for a fence as stalled; a
+    # compensation message back from a restarted worker meanwhile counts no attempt.
+    sweeper.sweep(stale_after=timedelta(microseconds=1))
+    assert not SagaEvent.objects.filter(saga=saga, kind=EventKind.RECOVERED).exists()
+    assert engine.attempt_lost(str(saga.pk), 1, forward=False, why="redelivered") is None
+    assert saga.steps.get(name="charge").compensation_attempts == 0
     gate.touch()  # the provider answers: the charge lands
     final = wait_final(saga.pk, timeout=60)
     assert final.status == "compensated"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import psycopg
@@ -21,6 +22,7 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
+from django.utils import timezone
 from psycopg import sql
 
 from sagas import engine
@@ -352,6 +354,9 @@ def test_a_halt_leaves_a_pending_step_pending(transactional_db, monkeypatch):
     assert statuses(saga) == ["completed", "pending"]
     saga_compensate(saga_id=saga.pk, actor="operator")
     assert statuses(saga) == ["compensating", "compensating"]
+    # Time passes: the fence ends (`second` was in progress: an attempt of it might have run).
+    past = timezone.now() - timedelta(seconds=1)
+    assert saga.steps.filter(fenced_until__isnull=False).update(fenced_until=past) == 1
     stall(saga)
     sweep(max_recoveries=0)
     saga = Saga.objects.get(pk=saga.pk)

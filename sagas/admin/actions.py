@@ -179,45 +179,54 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         sagas = list(queryset.order_by("-created_at"))
         if request.POST.get("post") != "yes":
             return self._confirmation(request, sagas, action)
-        if self._sent_before(request):
-            self.message_user(
-                request,
-                "This confirmation was sent before, and acted on then: nothing was done again. "
-                "The list shows the sagas as they are now.",
-                messages.WARNING,
-            )
-            return None
         operator_action = ACTION_WORDS[action]
         actor = request.user.get_username()
-        done = 0
+        done = repeated = 0
         for saga in sagas:
             try:
-                plan = self._act(saga, action, actor)
+                plan = self._act_once(request, saga, action, actor)
             except (InvalidTransition, Saga.DoesNotExist) as error:
                 self.message_user(
                     request, f"Saga {saga.pk} was not changed: {error}", messages.ERROR
                 )
+                continue
+            if plan is None:
+                repeated += 1
                 continue
             done += 1
             self.log_change(request, saga, f"{operator_action.done} by an operator: {plan.reason}")
         if done:
             noun = "saga" if done == 1 else "sagas"
             self.message_user(request, f"{operator_action.done} {done} {noun}.", messages.SUCCESS)
+        if repeated:
+            self.message_user(
+                request,
+                f"This confirmation was sent before: {repeated} of its sagas were acted on then, "
+                "and nothing was done to them again.",
+                messages.WARNING,
+            )
         if request.POST.get("_return_to_detail") and len(sagas) == 1:
             return HttpResponseRedirect(reverse("admin:sagas_saga_change", args=[sagas[0].pk]))
         return None  # back to the list, with its filters
 
-    @staticmethod
-    def _sent_before(request: HttpRequest) -> bool:
-        """Whether this confirmation's one-time token was used (`OperatorRequest`): claimed
-        before the actions, so that a confirmation sent again does nothing more."""
+    def _act_once(self, request: HttpRequest, saga: Saga, action: str, actor: str) -> Plan | None:
+        """The action on one saga, once per confirmation: its one-time token and the saga are
+        written with the action, in its transaction (`OperatorRequest`), so that a
+        confirmation sent again (its answer lost) acts on none of the sagas it acted on, and on
+        those it did not reach, or that refused it, as if for the first time. None: it acted
+        on this saga before."""
         token = request.POST.get("_once", "")
         if not ONCE_TOKEN.fullmatch(token):
-            return False  # a form without the token (a project's own)
-        _, _, replayed = services.operator_request_once(
-            user=request.user, key=f"admin:{token}", path=request.path, act=lambda: (200, None)
-        )
-        return replayed
+            return self._act(saga, action, actor)  # a form without the token (a project's own)
+        done: list[Plan] = []
+
+        def act() -> tuple[int, None]:
+            done.append(self._act(saga, action, actor))
+            return 200, None
+
+        key = f"admin:{token}:{saga.pk}"
+        services.operator_request_once(user=request.user, key=key, path=request.path, act=act)
+        return done[0] if done else None
 
     @staticmethod
     def _too_many(queryset: QuerySet[Saga]) -> bool:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from django.db import transaction
 
 from ..models import EventKind, SagaEvent
-from . import notify
+from . import notify, rows
 from .compensation import finish_if_done, its_turn, record_compensation_failure
 from .forward import attempt_may_fail, record_attempt_failure, record_unexpected_failure
 from .unit import (
@@ -177,6 +177,8 @@ def attempt_lost(saga_id: str, index: int, *, forward: bool, why: str) -> Outcom
         else:
             if not its_turn(unit, step):
                 return None
+            if step.fenced_until is not None and step.fenced_until > rows.database_now():
+                return None  # waiting for its fence: no attempt of it can have started
             outcome = record_compensation_failure(unit, step, error, detail=detail)
         unit.save()
     logger.warning(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from ..models import IN_FLIGHT, EventKind, SagaEvent
+from . import rows
 from .compensation import begin_compensation, finish_if_done
 from .unit import SagaStatus, lock
 
@@ -22,6 +23,9 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
     saga = unit.saga
     if saga.status not in IN_FLIGHT:
         return False
+    fenced = [s.fenced_until for s in unit.to_compensate()[:1] if s.fenced_until is not None]
+    if fenced and fenced[0] > rows.database_now():
+        return False  # not stalled: its next compensation waits for an attempt that may run
     stalls = saga.recovery_attempts + 1
     unit.set_saga(recovery_attempts=stalls)
     if stalls > max_recoveries:
