@@ -41,9 +41,11 @@ class StepFailed(Exception):
         return f"{self.error.code}: {self.error.message}"
 
 
-def _database_unavailable(task: Any, saga_id: Any, *, what: str = "saga") -> Exception:
+def _database_unavailable(
+    task: Any, saga_id: Any, *, what: str = "saga", kwargs: dict[str, Any] | None = None
+) -> Exception:
     logger.warning("%s %s: database unavailable, task sent again later", what, saga_id)
-    return _later(task)
+    return _later(task, kwargs)
 
 
 def _schema_behind(task: Any, saga_id: Any, *, what: str = "saga") -> Exception:
@@ -60,10 +62,11 @@ def _schema_behind(task: Any, saga_id: Any, *, what: str = "saga") -> Exception:
     return _later(task)
 
 
-def _later(task: Any) -> Exception:
+def _later(task: Any, kwargs: dict[str, Any] | None = None) -> Exception:
+    """Send the task again with backoff (with `kwargs`, instead of its own)."""
     close_old_connections()
     countdown = min(30.0, 0.5 * 2 ** min(task.request.retries, 6))
-    return task.retry(countdown=countdown)
+    return task.retry(countdown=countdown, kwargs=kwargs)
 
 
 def attempt(
@@ -143,16 +146,11 @@ def _run(
     except DATABASE_UNAVAILABLE:
         if engine.ACTION_BEGAN.get():  # the action may have had effects
             why = "connection_lost"
-        # Sent again; an attempt that may have run is counted by the next delivery.
-        logger.warning("saga %s: database unavailable, task sent again later", saga_id)
-        close_old_connections()
-        countdown = min(30.0, 0.5 * 2 ** min(task.request.retries, 6))
-        # And a transaction of this delivery may have committed unheard: the next one tells
-        # what it committed (`engine.after_unsure_commit`).
-        unsure = {"unsure_since": unsure_since or began}
-        raise task.retry(
-            countdown=countdown, kwargs={"epoch": epoch, "lost": why, **unsure}
-        ) from None
+        # Sent again: an attempt that may have run is counted by the next delivery, which
+        # also tells what a transaction of this one may have committed unheard
+        # (`engine.after_unsure_commit`).
+        again = {"epoch": epoch, "lost": why, "unsure_since": unsure_since or began}
+        raise _database_unavailable(task, saga_id, kwargs=again) from None
     except ProgrammingError:
         raise _schema_behind(task, saga_id) from None
     if outcome.kind == "retry":

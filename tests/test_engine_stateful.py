@@ -160,9 +160,7 @@ class OwnStatementTimesOut:
         pass
 
     def after_action(self) -> None:
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL statement_timeout = '1ms'")
-            cursor.execute("SELECT pg_sleep(0.05)")
+        faults.statement_times_out()
 
     before_compensation = after_action
 
