@@ -54,6 +54,8 @@ SCENARIOS = [  # (name, weight, token, country, quantity)
 FAILS_AT = {"tok_declined": "charge_payment", "AQ": "schedule_shipment"}
 # Every step's time limit in the drill, so that a hung attempt is killed within seconds.
 STEP_TIME_LIMIT, HARD_TIME_LIMIT_GRACE = 3, 2
+# Seconds before the relay sends a transition's signals that no process sent.
+RELAY_AFTER = 5
 
 
 class Servers:
@@ -340,6 +342,7 @@ def main() -> int:
         "SAGAS_LOG_LEVEL": "WARNING",
         "ORDERS_STEP_TIME_LIMIT": str(STEP_TIME_LIMIT),
         "SAGAS_HARD_TIME_LIMIT_GRACE": str(HARD_TIME_LIMIT_GRACE),
+        "SAGAS_RELAY_AFTER": str(RELAY_AFTER),
     }
     os.environ.update(env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
@@ -357,7 +360,14 @@ def main() -> int:
         stack.start()
         saga_ids = run_with_faults(args, rng, servers, stack, faults_done)
         finished = wait_all_final(saga_ids, args.timeout)
+        # The relay sends a notice once it is RELAY_AFTER old, at the next sweep.
+        unsent = wait_signals_sent(saga_ids, timeout=RELAY_AFTER + 30)
         report = check_invariants(saga_ids, products)
+        if unsent:
+            report["violations"].append(f"{unsent} transitions' signals never sent")
+        report["relayed"] = sum(
+            log.read_text().count("were never sent: sent now") for log in logs.glob("drill*.log")
+        )
         report["hung_attempts_killed"] = sum(
             log.read_text().count("Hard time limit") for log in logs.glob("drill*.log")
         )
@@ -624,6 +634,22 @@ def wait_all_final(saga_ids: list[str], timeout: float) -> float:
     return time.monotonic() - started
 
 
+def wait_signals_sent(saga_ids: list[str], timeout: float) -> int:
+    """Wait until every signal the sagas' committed transitions owed is sent (their notices
+    deleted: by the process that committed them, a redelivery, or the relay); the number of
+    notices still unsent at the deadline."""
+    from sagas.models import SagaNotice
+
+    deadline = time.monotonic() + timeout
+    while True:
+        unsent = retrying(
+            lambda: SagaNotice.objects.filter(saga_id__in=saga_ids).count(), "waiting"
+        )
+        if unsent == 0 or time.monotonic() > deadline:
+            return unsent
+        time.sleep(0.5)
+
+
 def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict[str, Any]:
     from django.db.models import Sum
 
@@ -776,6 +802,7 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("  recorded as failed attempts by their callback", report["hung_attempts_recorded"]),
         ("error callbacks lost (worker died first)", report["callbacks_lost"]),
         ("error callbacks sent twice", report["callbacks_repeated"]),
+        ("signals' notices sent by a redelivery or the relay", report["relayed"]),
         ("sagas recovered by the sweeper", report["recovered"]),
         ("recoveries (re-dispatches)", report["recoveries"]),
         ("duplicate deliveries suppressed", report["duplicates"]),

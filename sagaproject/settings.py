@@ -229,6 +229,8 @@ if SAGAS_RETENTION:
 # A saga in flight with no progress for this many seconds is re-dispatched by the sweeper.
 SAGAS_RECOVERY_STALE_AFTER = float(os.environ.get("SAGAS_RECOVERY_STALE_AFTER", "120"))
 SAGAS_RECOVERY_MAX_ATTEMPTS = int(os.environ.get("SAGAS_RECOVERY_MAX_ATTEMPTS", "5"))
+# Seconds before the sweeper's relay sends a transition's signals that no process sent.
+SAGAS_RELAY_AFTER = float(os.environ.get("SAGAS_RELAY_AFTER", "30"))
 # Extra modules that register saga definitions (apps may also register in AppConfig.ready).
 SAGAS_MODULES = [m for m in os.environ.get("SAGAS_MODULES", "").split(",") if m]
 # Seconds between a step's soft time limit and the hard kill of its process.

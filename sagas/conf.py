@@ -33,6 +33,13 @@ def recovery_stale_after() -> timedelta:
     return timedelta(seconds=float(getattr(settings, "SAGAS_RECOVERY_STALE_AFTER", 300)))
 
 
+def relay_after() -> timedelta:
+    """`SAGAS_RELAY_AFTER`, default 30 (seconds): a transition's signals still unsent this
+    long after its commit (its process died, or the COMMIT's answer was lost) are sent by the
+    next sweep (`sagas.engine.relay`)."""
+    return timedelta(seconds=float(getattr(settings, "SAGAS_RELAY_AFTER", 30)))
+
+
 def recovery_max_attempts() -> int:
     """`SAGAS_RECOVERY_MAX_ATTEMPTS`, default 5: after this many recoveries in a row without
     progress a saga goes to `failed` for an operator (dead letter)."""

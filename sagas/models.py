@@ -7,6 +7,7 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.db.models.functions import Now
 from django.utils import timezone
 
 from .definitions import KEY_MAX_LENGTH
@@ -314,6 +315,26 @@ class SagaEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.step_name}".strip()
+
+
+class SagaNotice(models.Model):
+    """The signals a committed transition owes (the outbox): written in the transition's
+    transaction when one of its events has a receiver, and deleted once they are sent. One
+    still here after `SAGAS_RELAY_AFTER` was never sent (its process died after the commit, or
+    the COMMIT's answer was lost): the relay sends it (`sagas.engine.relay`)."""
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="+")
+    first_event_id = models.BigIntegerField(help_text="The transition's first event.")
+    last_event_id = models.BigIntegerField(help_text="The transition's last event.")
+    created_at = models.DateTimeField(
+        db_default=Now(), help_text="When it was written, or last claimed by the relay."
+    )
+
+    class Meta:
+        verbose_name = "saga notice"
+
+    def __str__(self) -> str:
+        return f"events {self.first_event_id}-{self.last_event_id} of {self.saga_id}"
 
 
 # -- bulk actions: an operator action on every saga that matches a filter -----------------------

@@ -7,15 +7,23 @@
     def tell_the_customer(sender, saga_id, definition, error_code, **kwargs):
         ...
 
-Each is sent once per change, in the process that committed it (a worker for a step, the web
-process for a start or an operator's action), after the commit: never for a change that rolled
-back, and after the outermost transaction when the engine ran inside one of yours. `sender`
-is the `Saga` model; every signal has `saga_id` (a UUID) and `definition` (the saga's name);
-the others are listed with each signal. Receivers get keyword arguments: take `**kwargs`, so
-that arguments added later do not break them.
+Each is sent after the commit of the change, never for a change that rolled back, and at least
+once: by the process that committed it (a worker for a step, the web process for a start or an
+operator's action), right after the outermost transaction; or, if that process died first or
+never heard its COMMIT's answer, by the relay, in the worker that runs the sweeper's task
+(`sagas.sweep`), `SAGAS_RELAY_AFTER` seconds later at the earliest. So a receiver may be called
+twice for one change: `event_id` (the id of the `SagaEvent` it announces) is the same both
+times, for the receiver to make itself idempotent. The relay reads the saga's row as it is
+then. Connect receivers in every process (in an `AppConfig.ready()`): a change whose process
+has no receiver for its signal writes no notice for the relay.
 
-A receiver's exception is logged (logger `sagas`) and not raised: the change is committed, and
-the engine carries on. A receiver that needs a transaction opens its own.
+`sender` is the `Saga` model; every signal has `saga_id` (a UUID), `definition` (the saga's
+name) and `event_id`; the others are listed with each signal. Receivers get keyword
+arguments: take `**kwargs`, so that arguments added later do not break them.
+
+A receiver's exception is logged (logger `sagas`) and not raised, and the signal is not sent
+again: the change is committed, and the engine carries on. A receiver that needs a
+transaction opens its own; one whose work must be retried sends a Celery task of its own.
 """
 
 from __future__ import annotations
@@ -93,13 +101,16 @@ def _arguments(saga: Any, event: Any) -> dict[str, Any]:
     return found
 
 
-def announce(saga: Any, events: Sequence[Any]) -> None:
-    """Send the signal of each committed event that has one (`sagas.engine.notify` calls this)."""
-    for event in events:
+def announce(saga: Any, events: Sequence[Any], ids: Sequence[int | None] = ()) -> None:
+    """Send the signal of each committed event that has one (`sagas.engine.notify` and the
+    relay call this); `ids`: the events' ids, in order, sent as `event_id`."""
+    for i, event in enumerate(events):
+        event_id = ids[i] if i < len(ids) else None
         signal = BY_KIND.get(event.kind)
         if signal is None or not signal.receivers:
             continue
-        for receiver, result in signal.send_robust(sender=Saga, **_arguments(saga, event)):
+        arguments = _arguments(saga, event)
+        for receiver, result in signal.send_robust(sender=Saga, event_id=event_id, **arguments):
             if isinstance(result, Exception):
                 logger.error(
                     "sagas: receiver %r of %s failed on saga %s",

@@ -126,8 +126,10 @@ def _run(
     why = _lost(task, lost)
     failed = None
     try:
-        if unsure_since:
-            failed = engine.after_unsure_commit(saga_id, index, forward=forward, since=unsure_since)
+        if unsure_since or why == "redelivered":
+            # A previous delivery may have committed unheard, or died right after its commit.
+            since = unsure_since or None
+            failed = engine.after_unsure_commit(saga_id, index, forward=forward, since=since)
         counted = engine.attempt_lost(saga_id, index, forward=forward, why=why) if why else None
         why = ""  # counted, or nothing to count
         injector = None
@@ -161,8 +163,8 @@ def _run(
             injector.after_final_failure(task.request.id, saga_id, epoch, forward)
         raise StepFailed(outcome.error.code, outcome.error.message)
     if outcome.kind == "stop" and failed is not None:
-        # The previous delivery failed the step for good and never heard so: end the chain
-        # with its error now, so that the chain's error callback is sent.
+        # A previous delivery may have failed the step for good and never ended its chain:
+        # end it with the step's error now, so that the chain's error callback is sent.
         raise StepFailed(failed.code, failed.message)
     if outcome.kind == "stop":
         # The saga is no longer on this path (aborted, paused, or the message is stale):
@@ -258,13 +260,14 @@ def bulk_action_batch(self: Any, bulk_action_id: int) -> None:
 
 @shared_task(name="sagas.sweep")
 def sweep() -> dict[str, int]:
-    """Re-dispatch stalled sagas and bulk actions (run by Celery beat). Safe to run on several
-    machines."""
+    """Re-dispatch stalled sagas and bulk actions, and send the signals no process sent (run
+    by Celery beat). Safe to run on several machines."""
     report = sweeper.sweep()
     return {
         "recovered": len(report.recovered),
         "dead_lettered": len(report.dead_lettered),
         "bulk_actions_resumed": len(report.bulk_actions_resumed),
+        "relayed": report.relayed,
     }
 
 

@@ -455,14 +455,22 @@ def declined(ctx: StepContext) -> None:
     raise BusinessError("The card was declined.", code="card_declined")
 
 
-def note_step_failed(sender, saga_id, step, error_code, **kwargs) -> None:
-    """A receiver of `step_failed`, in the worker: notes each signal in the saga's file."""
+def note_step_failed(sender, saga_id, step, error_code, event_id=None, **kwargs) -> None:
+    """A receiver of `step_failed`, in the worker: notes each signal in the saga's file. With
+    `die_in_receiver` (a marker file not there yet), its process dies first, once: after the
+    commit, before the signals are sent."""
+    import os
+
     from sagas.models import Saga
 
-    path = Saga.objects.filter(pk=saga_id).values_list("input__signals", flat=True).first()
-    if path:
-        with Path(path).open("a") as signals:
-            signals.write(f"step_failed {step} {error_code}\n")
+    found = Saga.objects.filter(pk=saga_id).values_list("input", flat=True).first() or {}
+    marker = found.get("die_in_receiver")
+    if marker and not Path(marker).exists():
+        Path(marker).touch()
+        os._exit(137)
+    if found.get("signals"):
+        with Path(found["signals"]).open("a") as signals:
+            signals.write(f"step_failed {step} {error_code} {event_id}\n")
 
 
 def _receive() -> None:

@@ -14,6 +14,8 @@ import os
 SAGAS_RENAMED_CALLABLES = json.loads(os.environ.get("TEST_SAGAS_RENAMED_CALLABLES") or "{}")
 # Exceptions whose messages are safe to show staff (tests/test_safe_defaults.py).
 SAGAS_SHOWN_EXCEPTIONS = ["tests.sagadefs.BadGatewayResponse"]
+# The relay sends a transition's unsent signals one second after its commit.
+SAGAS_RELAY_AFTER = 1
 # Celery's task routes, as a project may set them (tests/test_testkit.py starts workers that
 # route the saga tasks to a queue of their own).
 CELERY_TASK_ROUTES = json.loads(os.environ.get("TEST_CELERY_TASK_ROUTES") or "null")

@@ -18,6 +18,7 @@ DEFAULTS = [
     ("SAGAS_HARD_TIME_LIMIT_GRACE", conf.hard_time_limit_grace, 10),
     ("SAGAS_RECOVERY_STALE_AFTER", conf.recovery_stale_after, timedelta(seconds=300)),
     ("SAGAS_RECOVERY_MAX_ATTEMPTS", conf.recovery_max_attempts, 5),
+    ("SAGAS_RELAY_AFTER", conf.relay_after, timedelta(seconds=30)),
     ("SAGAS_MODULES", conf.modules, ()),
     ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
     ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),
@@ -51,6 +52,7 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_HARD_TIME_LIMIT_GRACE = "3"
     settings.SAGAS_RECOVERY_STALE_AFTER = 7.5
     settings.SAGAS_RECOVERY_MAX_ATTEMPTS = "2"
+    settings.SAGAS_RELAY_AFTER = "4"
     settings.SAGAS_MODULES = ["tests.sagadefs"]
     settings.SAGAS_ADMIN_LINKS = "orders.admin_links.saga_links"
     settings.SAGAS_ADMIN_SEARCH_FIELDS = ["input__order_id"]
@@ -63,6 +65,7 @@ def test_a_set_setting_is_read_when_used(settings):
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
+    assert conf.relay_after() == timedelta(seconds=4)
     assert conf.modules() == ("tests.sagadefs",)
     assert conf.admin_search_fields() == ("input__order_id",)
     assert conf.retention() == timedelta(days=30)

@@ -57,16 +57,19 @@ from payments.models import GatewayAttempt, GatewayCharge, GatewayOutage, Paymen
 from sagas import engine, tasks
 from sagas.definitions import StepContext, snapshot_version
 from sagas.engine import sweeper
+from sagas.engine.relay import relay
 from sagas.exceptions import InvalidTransition
 from sagas.models import (
     EventKind,
     Saga,
     SagaEvent,
+    SagaNotice,
     SagaStatus,
     SagaStep,
     StepStatus,
 )
 from sagas.services import saga_compensate, saga_retry, saga_step_resolve
+from sagas.signals import BY_KIND
 from sagas.testing import faults
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
 from shipping.models import Shipment, ShipmentStatus
@@ -112,6 +115,7 @@ PROGRESS = {
 }
 # The tables one example writes; emptied before each example.
 RESET_MODELS = [
+    SagaNotice,
     SagaEvent,
     SagaStep,
     Fault,
@@ -259,9 +263,9 @@ def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
     # As `sagas.tasks` does first for such a delivery: tell what a lost answer committed, and
     # count an attempt that died.
     failed = None
-    if chain.unsure_since:
+    if chain.unsure_since or chain.redelivered:
         failed = engine.after_unsure_commit(
-            chain.saga_id, index, forward=forward, since=chain.unsure_since
+            chain.saga_id, index, forward=forward, since=chain.unsure_since or None
         )
         chain.unsure_since = 0.0
     counted = None
@@ -410,6 +414,7 @@ class EngineMachine(RuleBasedStateMachine):
         super().__init__()
         self.broker.clear()
         reset_database()
+        HEARD.clear()
         gateway_recover()
         self.product = Product.objects.create(
             sku=SKU, name="Limited print", price=PRICE, stock_on_hand=INITIAL_STOCK
@@ -690,6 +695,7 @@ class EngineMachine(RuleBasedStateMachine):
         try:
             self.drain()
             check_invariants(final=True)
+            check_signals_sent()
         finally:
             self.broker.clear()
 
@@ -718,6 +724,34 @@ class EngineMachine(RuleBasedStateMachine):
             for saga_id in failed:
                 saga_retry(saga_id=saga_id, actor="operator")
         raise AssertionError(f"sagas did not reach a final state: {statuses}")
+
+
+# The ids of the events whose signals were sent (see `check_signals_sent`).
+HEARD: set[int] = set()
+
+
+def _hear(sender: Any, event_id: int, **kwargs: Any) -> None:
+    HEARD.add(event_id)
+
+
+@pytest.fixture
+def hearing() -> Any:
+    """A receiver of every signal while the machine runs."""
+    for signal in BY_KIND.values():
+        signal.connect(_hear, dispatch_uid="tests.test_engine_stateful.hear")
+    yield
+    for signal in BY_KIND.values():
+        signal.disconnect(_hear, dispatch_uid="tests.test_engine_stateful.hear")
+
+
+def check_signals_sent() -> None:
+    """Every committed transition's signals were sent at least once, once the relay has sent
+    what no process did; none of them twice but where a process died or lost its answer."""
+    relay(older_than=timedelta(0))
+    signalled = set(SagaEvent.objects.filter(kind__in=BY_KIND).values_list("pk", flat=True))
+    unheard = signalled - HEARD
+    assert not unheard, f"events never announced: {sorted(unheard)}"
+    assert not SagaNotice.objects.exists()
 
 
 def check_invariants(*, final: bool = False) -> None:
@@ -991,7 +1025,7 @@ def broker(monkeypatch) -> Broker:
     return broker
 
 
-def test_engine_state_machine(transactional_db, broker):
+def test_engine_state_machine(transactional_db, broker, hearing):
     STATS.clear()
     for steps in SCRIPTS.values():
         run_script(steps)

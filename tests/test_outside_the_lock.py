@@ -20,7 +20,7 @@ from django.db import connection, transaction
 from sagas import engine, services
 from sagas.bulk import BulkFilter
 from sagas.engine import sweeper
-from sagas.models import BulkAction, EventKind, Saga, SagaEvent
+from sagas.models import BulkAction, EventKind, Saga, SagaEvent, SagaNotice
 from tests.conftest import wait_final, wait_for
 from tests.factories import saga_rows
 
@@ -250,8 +250,47 @@ def test_a_commit_whose_answer_is_lost_still_notifies_and_compensates(saga_db, t
     final = wait_final(saga.pk, timeout=30)
     assert final.status == "compensated", (final.status, final.error_code)
     assert "undo first" in runs.read_text()
+    failed = SagaEvent.objects.get(saga=saga, kind=EventKind.STEP_FAILED)
     told = signals.read_text().splitlines()
-    assert told and set(told) == {"step_failed charge card_declined"}, told
+    assert told and set(told) == {f"step_failed charge card_declined {failed.pk}"}, told
+    assert not SagaNotice.objects.filter(saga=saga).exists()
+
+
+def test_a_process_that_dies_between_its_commit_and_its_signals_is_made_up_for(saga_db, tmp_path):
+    """Issue 17, case 4: the charge is declined, the transaction that records it commits, and
+    the worker's process dies before it sends the `step_failed` signal (here: in the signal's
+    first receiver) and before it ends the chain. The message comes back redelivered: its
+    delivery sends the signal the transition's notice still owes, with the event's id, and
+    ends the chain with the step's error, so that the saga compensates at once instead of
+    waiting for the sweeper."""
+    runs, signals, marker = (tmp_path / name for name in ("runs", "signals", "died"))
+    saga, _ = services.saga_start(
+        name="declined_once",
+        input={"runs": str(runs), "signals": str(signals), "die_in_receiver": str(marker)},
+    )
+    final = wait_final(saga.pk, timeout=30)
+    assert final.status == "compensated", (final.status, final.error_code)
+    assert marker.exists()  # the process died after the commit
+    failed = SagaEvent.objects.get(saga=saga, kind=EventKind.STEP_FAILED)
+    wait_for(lambda: signals.exists(), timeout=10)
+    assert signals.read_text().splitlines() == [f"step_failed charge card_declined {failed.pk}"]
+    assert not SagaNotice.objects.filter(saga=saga).exists()
+
+
+def test_signals_are_sent_once_and_their_notices_deleted_on_the_happy_path(saga_db, tmp_path):
+    """A failure told at once leaves no notice, so the relay sends nothing more; a change that
+    rolled back wrote none."""
+    from sagas.engine.relay import relay
+
+    signals = tmp_path / "signals"
+    saga, _ = services.saga_start(
+        name="declined_once", input={"runs": str(tmp_path / "runs"), "signals": str(signals)}
+    )
+    assert wait_final(saga.pk, timeout=30).status == "compensated"
+    wait_for(lambda: signals.exists(), timeout=10)
+    assert not SagaNotice.objects.filter(saga=saga).exists()
+    assert relay(older_than=timedelta(0)) == 0
+    assert len(signals.read_text().splitlines()) == 1
 
 
 def test_a_statements_own_failure_is_told_from_a_lost_connection_by_its_sqlstate():

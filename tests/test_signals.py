@@ -7,14 +7,16 @@ is sent in the process that commits the change, and the receivers are connected 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from django.db import connection, transaction
 
 from sagas import engine, signals
+from sagas.engine.relay import relay
 from sagas.exceptions import TransientError
-from sagas.models import Saga
+from sagas.models import Saga, SagaEvent, SagaNotice
 from sagas.services import saga_compensate, saga_start
 from sagas.tasks import attempt
 from tests.conftest import lose_messages
@@ -67,6 +69,10 @@ def test_a_completed_saga_is_announced_once_started_and_once_completed(received)
 
     assert [name for name, _ in received] == ["saga_started", "saga_completed"]
     started, completed = (kwargs for _, kwargs in received)
+    ids = dict(SagaEvent.objects.filter(saga=saga).values_list("kind", "id"))
+    assert started["event_id"] == ids["saga_started"]
+    assert completed["event_id"] == ids["saga_completed"]
+    assert not SagaNotice.objects.exists()  # each deleted once its signals were sent
     assert started["saga_id"] == saga.pk
     assert started["definition"] == "three_steps"
     assert started["input"] == {"n": 1}
@@ -159,6 +165,7 @@ def test_nothing_is_announced_when_an_outer_transaction_rolls_back(received):
 
     saga_compensate(saga_id=saga.pk, actor="operator")
     assert [name for name, _ in received] == ["saga_started", "saga_compensated"]
+    assert not SagaNotice.objects.exists()  # a rolled-back change wrote none
 
 
 def test_a_receiver_that_raises_is_logged_and_the_engine_carries_on(monkeypatch, caplog):
@@ -175,3 +182,41 @@ def test_a_receiver_that_raises_is_logged_and_the_engine_carries_on(monkeypatch,
         signals.saga_completed.disconnect(broken)
     assert Saga.objects.get(pk=saga.pk).status == "completed"
     assert "receiver" in caplog.text and "saga_completed" in caplog.text
+
+
+class Died(BaseException):
+    """The process dies here: nothing after it in the process runs."""
+
+
+def test_signals_a_process_died_before_sending_are_sent_by_the_relay(received):
+    """The start commits, and its process dies before its signals are sent (here: in a
+    receiver, whose exception no `robust` callback catches). The transition's notice stays:
+    the relay sends the signal, with the same `event_id`, once it is older than it waits for,
+    and once only; a notice it claimed is left alone as long by another relay."""
+    calls = []
+
+    def dies_once(sender, event_id, **kwargs):
+        calls.append(event_id)
+        if len(calls) == 1:
+            raise Died
+
+    signals.saga_started.connect(dies_once)
+    try:
+        with pytest.raises(Died):
+            saga_start(name="three_steps", input={})
+        saga = Saga.objects.get()
+        assert [name for name, _ in received] == ["saga_started"]  # before it died
+        assert SagaNotice.objects.filter(saga=saga).count() == 1
+        assert relay(older_than=timedelta(minutes=1)) == 0  # its process may still send it
+        assert relay(older_than=timedelta(0)) == 1
+    finally:
+        signals.saga_started.disconnect(dies_once)
+    started = SagaEvent.objects.get(saga=saga, kind="saga_started")
+    assert calls == [started.pk, started.pk]
+    # At least once: the receivers called before the process died get it again, with the
+    # event's id to tell that they did.
+    assert [(name, kwargs["event_id"]) for name, kwargs in received] == [
+        ("saga_started", started.pk)
+    ] * 2
+    assert not SagaNotice.objects.exists()
+    assert relay(older_than=timedelta(0)) == 0

@@ -27,9 +27,10 @@ from datetime import UTC, datetime
 from django.db import transaction
 
 from ..models import EventKind, SagaEvent
-from . import notify, rows
+from . import rows
 from .compensation import finish_if_done, its_turn, record_compensation_failure
 from .forward import attempt_may_fail, record_attempt_failure, record_unexpected_failure
+from .relay import relay_saga
 from .unit import (
     IN_PROGRESS,
     Outcome,
@@ -192,30 +193,30 @@ def attempt_lost(saga_id: str, index: int, *, forward: bool, why: str) -> Outcom
 
 
 def after_unsure_commit(
-    saga_id: str, index: int, *, forward: bool, since: float
+    saga_id: str, index: int, *, forward: bool, since: float | None
 ) -> SafeError | None:
-    """The previous delivery of this message lost its database connection (`since`: when it
-    began, on its worker's clock): a transaction of it may have committed unheard, as when
-    PostgreSQL restarts between a COMMIT and its answer, and then the notifications that
-    commit owed were never sent. Send them now, from the committed events: at least once.
-    Returns the step's error if that commit failed the step for good, so that the task ends
-    the chain with it and its error callback is sent as it would have been."""
-    moment = datetime.fromtimestamp(since, tz=UTC)
+    """A previous delivery of this message may have committed a transition unheard: it lost
+    its database connection (`since`: when it began, on its worker's clock), as when
+    PostgreSQL restarts between a COMMIT and its answer; or its process died (the message
+    came back redelivered, `since` None), maybe between its COMMIT and the callbacks after
+    it. Then the signals that commit owed were never sent: the relay sends the saga's unsent
+    ones now (at least once). Returns the step's error if it failed for good (since `since`),
+    so that the task ends the chain with it and the chain's error callback, which that
+    delivery never sent, is sent: harmless if it was (the first one to act raises the
+    saga's epoch)."""
     with transaction.atomic():
         unit = lock(saga_id)
-        events = list(
-            SagaEvent.objects.filter(saga_id=unit.saga.id, created_at__gte=moment)
+        since_then = since is None or (
+            SagaEvent.objects.filter(
+                saga_id=unit.saga.id, created_at__gte=datetime.fromtimestamp(since, tz=UTC)
+            )
             .exclude(kind=EventKind.DUPLICATE_IGNORED)
-            .order_by("id")
+            .exists()
         )
-        notify.on_commit(unit.saga, events)
         step = unit.steps[index]
         failed = StepStatus.FAILED if forward else StepStatus.COMPENSATION_FAILED
-    if events:
-        logger.warning(
-            "saga %s: %d events of a commit whose answer was lost, told again", saga_id, len(events)
-        )
-    if events and step.status == failed:
+    relay_saga(saga_id)
+    if since_then and step.status == failed:
         return SafeError(step.error_code, step.error_message)
     return None
 

@@ -96,7 +96,10 @@ def start(
         saga.trace_context = notify.tracer.begin_saga(saga)
     try:
         with transaction.atomic():
-            if not insert_saga(saga, steps, started, commit=True):
+            inserted = insert_saga(
+                saga, steps, started, commit=True, notice=notify.signalled([started])
+            )
+            if inserted is None:
                 # The key was used, maybe by a request that committed a moment ago: its saga.
                 return Saga.objects.get(name=name, idempotency_key=idempotency_key), False
             chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
@@ -105,7 +108,8 @@ def start(
                     saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
                 )
             )
-            notify.on_commit(saga, [started])
+            event_id, notice = inserted
+            notify.on_commit(saga, [started], ids=[event_id], notice=notice)
     except IntegrityError as exc:
         constraint = getattr(getattr(exc.__cause__, "diag", None), "constraint_name", None)
         if constraint != ONE_IN_FLIGHT_PER_KEY:

@@ -9,7 +9,13 @@ Who wants what: the signals of `sagas.signals` want the kinds they announce, whi
 is connected; observers (`sagas.metrics`, `sagas.tracing`, turned on by their settings) want
 the kinds they declare. Traces also need a span while an attempt runs, so that what its action
 does nests in it: that is the `tracer`. A leaf module: the engine imports it, and it imports
-only the signals.
+only the signals and the models.
+
+Signals are sent at least once (the outbox pattern): a transition whose events have a receiver
+writes a `SagaNotice` in its transaction, deleted here once they are sent; what a crash or a
+lost COMMIT answer left unsent, the relay sends (`sagas.engine.relay`). Observers (metrics,
+traces) are told in-process only: a process that dies between a commit and its callbacks
+loses their counts and spans of that transition.
 """
 
 from __future__ import annotations
@@ -20,9 +26,10 @@ from contextlib import AbstractContextManager
 from functools import partial
 from typing import Any, Protocol
 
-from django.db import transaction
+from django.db import DatabaseError, connection, transaction
 
 from .. import signals
+from ..models import SagaNotice
 
 logger = logging.getLogger("sagas")
 
@@ -95,17 +102,33 @@ def wanted(events: Iterable[Event]) -> list[Event]:
     ]
 
 
-def on_commit(saga: Any, events: Iterable[Event]) -> None:
-    """Tell of `events` once the current transaction commits; nothing if no one wants them."""
+def signalled(events: Iterable[Event]) -> bool:
+    """Whether a signal with a receiver announces one of `events`: then their transaction
+    writes a `SagaNotice`, for the relay to send them if this process never does."""
+    announced = signals.BY_KIND
+    return any(e.kind in announced and announced[e.kind].receivers for e in events)
+
+
+def on_commit(
+    saga: Any, events: Sequence[Event], *, ids: Sequence[int] = (), notice: int = 0
+) -> None:
+    """Tell of `events` once the current transaction commits; nothing if no one wants them.
+    `ids`: the events' ids, in order (the `event_id` their signals send); `notice`: the
+    `SagaNotice` written with them, deleted once they are told."""
+    numbered = {id(e): i for e, i in zip(events, ids, strict=False)}
     told = wanted(events)
     if told:
-        transaction.on_commit(partial(committed, saga, told), robust=True)
+        told_ids = [numbered.get(id(e)) for e in told]
+        transaction.on_commit(partial(committed, saga, told, told_ids, notice), robust=True)
 
 
-def committed(saga: Any, events: Sequence[Event]) -> None:
+def committed(
+    saga: Any, events: Sequence[Event], ids: Sequence[int | None] = (), notice: int = 0
+) -> None:
     """The events are committed: send the signals, then tell the observers. A receiver's or an
-    observer's error is logged, never raised: the change is done, and the engine goes on."""
-    signals.announce(saga, events)
+    observer's error is logged, never raised: the change is done, and the engine goes on.
+    Then the notice of the signals is deleted: they are sent."""
+    signals.announce(saga, events, ids)
     for observer in list(observers):
         mine = [e for e in events if e.kind in observer.kinds]
         if not mine:
@@ -114,6 +137,18 @@ def committed(saga: Any, events: Sequence[Event]) -> None:
             observer.committed(saga, mine)
         except Exception:
             logger.exception("sagas: observer %r failed on saga %s", observer, saga.id)
+    if notice:
+        sent(notice)
+
+
+def sent(notice: int) -> None:
+    """Delete a `SagaNotice` whose signals are sent. If that fails, the relay sends them
+    again: at least once."""
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DELETE FROM {SagaNotice._meta.db_table} WHERE id = %s", [notice])
+    except DatabaseError:
+        logger.warning("sagas: notice %s sent, but not deleted: the relay sends it again", notice)
 
 
 def swept(seconds: float, recovered: int, dead_lettered: int) -> None:

@@ -6,6 +6,8 @@ while is claimed with `SELECT ... FOR UPDATE SKIP LOCKED` (a step in progress ho
 and several sweepers never claim the same saga) and its remaining steps, or remaining
 compensations, are sent again. Every task checks its row first, so a duplicate is a no-op.
 A bulk action that made no progress for as long has its next batch sent again, as harmlessly.
+Last, the relay sends the signals that committed transitions owe and no process sent
+(`sagas.engine.relay`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..bulk import batches
 from ..models import IN_FLIGHT, Direction, EventKind, Saga
 from . import notify
 from .recovery import deadline_passed, recover
+from .relay import relay
 
 logger = logging.getLogger("sagas")
 
@@ -36,6 +39,7 @@ class SweepReport:
     dead_lettered: list[str] = field(default_factory=list)
     deadline_compensated: list[str] = field(default_factory=list)
     bulk_actions_resumed: list[int] = field(default_factory=list)
+    relayed: int = 0
 
 
 # After k recoveries in a row without progress, the next waits stale_after * 2**k, at most
@@ -103,6 +107,7 @@ def sweep(
             if deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
+    report.relayed = relay(older_than=conf.relay_after())
     if stale:
         logger.warning(
             "sweeper: recovered %d saga(s), gave up on %d",

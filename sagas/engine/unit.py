@@ -401,13 +401,26 @@ class Unit:
         writes += [rows.update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
         for send in self.after_commit:
             transaction.on_commit(publish_or_leave_to_sweeper(self.saga.pk, send))
-        notify.on_commit(self.saga, self.events)
-        rows.execute_as_one([*writes, rows.insert_events_sql(self.events)], commit=commit)
+        self._write_events(writes, commit=commit)
 
     def save_events(self) -> None:
         """Write only the events (a duplicate delivery changes nothing else)."""
-        notify.on_commit(self.saga, self.events)
-        rows.execute_as_one([rows.insert_events_sql(self.events)], commit=False)
+        self._write_events([], commit=False)
+
+    def _write_events(self, writes: list[rows.Sql], *, commit: bool) -> None:
+        """Run `writes` and insert the events, in one statement, and tell of the events after
+        the commit. If a signal's receiver wants one of them, a notice of them is written too
+        (`sagas.models.SagaNotice`), for the relay to send them if this process never does."""
+        events = self.events
+        notice_for = self.saga.pk if notify.signalled(events) else None
+        written = rows.execute_as_one(
+            [*writes, rows.insert_events_sql(events)], commit=commit, notice_for=notice_for
+        )
+        if written:
+            ids, notices = zip(*written, strict=True)
+            notify.on_commit(self.saga, events, ids=ids, notice=notices[0])
+        else:
+            notify.on_commit(self.saga, events)
 
     # -- reading ---------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Field, Model
 
-from ...models import Saga, SagaEvent, SagaStep
+from ...models import Saga, SagaEvent, SagaNotice, SagaStep
 from .cursors import column, default_db, engine_cursor, execute
 from .objects import EventRow, SagaRow, Sql, StepRow
 
@@ -53,28 +53,52 @@ def event_columns() -> tuple[str, list[Field[Any, Any]]]:
     return ", ".join(column(f) for f in concrete), concrete
 
 
-def execute_as_one(writes: list[Sql | None], *, commit: bool) -> None:
+def execute_as_one(
+    writes: list[Sql | None], *, commit: bool, notice_for: Any = None
+) -> list[tuple[int, int]]:
     """Run several INSERT/UPDATE statements as one, with PostgreSQL's writable CTEs; with
-    `commit`, in the outermost transaction, send the COMMIT with it (one round trip)."""
+    `commit`, in the outermost transaction, send the COMMIT with it (one round trip).
+
+    With `notice_for` (a saga's id), the last statement inserts events, and a `SagaNotice` of
+    them is written too: returns (event id, notice id) for each event, in the order given."""
     statements = [w for w in writes if w is not None]
     *first, last = statements
+    if notice_for is not None:
+        events, notice = f"w{len(first)}", f"w{len(first) + 1}"
+        first += [(f"{last[0]} RETURNING id", last[1]), (_notice_sql(events), [notice_for])]
+        last = (f"SELECT {events}.id, {notice}.id FROM {events}, {notice} ORDER BY 1", [])
     ctes = ", ".join(f"w{i} AS ({sql})" for i, (sql, _) in enumerate(first))
     sql = (f"WITH {ctes} " if ctes else "") + last[0]
     params = [p for _, ps in first for p in ps] + last[1]
     db = default_db()
     with engine_cursor(db) as cursor:
         execute(db, cursor, sql, params, commit=commit)
+        return cursor.fetchall() if notice_for is not None else []
+
+
+@cache
+def _notice_sql(events: str) -> str:
+    """The notice of the events inserted by CTE `events`, and (event id, notice id) pairs."""
+    table = connection.ops.quote_name(SagaNotice._meta.db_table)
+    return (
+        f"INSERT INTO {table} (saga_id, first_event_id, last_event_id, created_at) "
+        f"SELECT %s, min(id), max(id), now() FROM {events} RETURNING id"
+    )
 
 
 # -- starting --------------------------------------------------------------------------------
 
 
-def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: bool) -> bool:
-    """Insert a new saga, its steps and its first event in one statement.
+def insert_saga(
+    saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: bool, notice: bool = False
+) -> tuple[int, int] | None:
+    """Insert a new saga, its steps and its first event in one statement; with `notice`, a
+    `SagaNotice` of that event too.
 
-    Returns False, inserting nothing, if a saga with the same name and idempotency key exists.
-    Any other unique constraint (one saga in flight per key) raises its IntegrityError.
-    With `commit`, in the outermost transaction, the COMMIT goes with it.
+    Returns None, inserting nothing, if a saga with the same name and idempotency key exists;
+    else the event's id and the notice's (0 without one). Any other unique constraint (one
+    saga in flight per key) raises its IntegrityError. With `commit`, in the outermost
+    transaction, the COMMIT goes with it.
     """
     # The statement is built once per number of steps; each start only adapts its values,
     # on this thread's connection looked up once (not through the proxy for each value).
@@ -87,21 +111,28 @@ def insert_saga(saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: b
             for f, value in zip(event_columns()[1], event, strict=True)
         ),
     ]
-    sql = _insert_saga_sql(len(steps))
+    sql = _insert_saga_sql(len(steps), notice=notice)
     with engine_cursor(db) as cursor:
         # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
         execute(db, cursor, sql, params, commit=commit)
-        (count,) = cursor.fetchone()
-    return bool(count == 1)
+        count, event_id, notice_id = cursor.fetchone()
+    return (event_id, notice_id or 0) if count == 1 else None
 
 
 @cache
-def _insert_saga_sql(step_count: int) -> str:
+def _insert_saga_sql(step_count: int, *, notice: bool) -> str:
     saga_columns, saga_row = _insert_columns(Saga)
     step_columns, step_row = _insert_columns(SagaStep)
     columns_of_events, event_fields = event_columns()
     event_row = "(" + ", ".join(f"%s::{f.db_type(connection)}" for f in event_fields) + ")"
     q = connection.ops.quote_name
+    noticed = (
+        f", n AS (INSERT INTO {q(SagaNotice._meta.db_table)} "
+        "(saga_id, first_event_id, last_event_id, created_at) "
+        "SELECT s.id, ev.id, ev.id, now() FROM s, ev RETURNING id) "
+        if notice
+        else " "
+    )
     return (
         f"WITH s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) VALUES {saga_row} "
         "ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL "
@@ -110,8 +141,10 @@ def _insert_saga_sql(step_count: int) -> str:
         f"SELECT * FROM (VALUES {', '.join([step_row] * step_count)}) v "
         "WHERE EXISTS (SELECT FROM s)), "
         f"ev AS (INSERT INTO {q(SagaEvent._meta.db_table)} ({columns_of_events}) "
-        f"SELECT * FROM (VALUES {event_row}) e WHERE EXISTS (SELECT FROM s)) "
-        "SELECT count(*) FROM s"
+        f"SELECT * FROM (VALUES {event_row}) e WHERE EXISTS (SELECT FROM s) RETURNING id)"
+        f"{noticed}"
+        "SELECT (SELECT count(*) FROM s), (SELECT id FROM ev), "
+        + ("(SELECT id FROM n)" if notice else "NULL")
     )
 
 
