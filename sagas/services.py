@@ -32,9 +32,16 @@ def saga_start(
     return engine.start(name, input, idempotency_key=idempotency_key, created_by=created_by)
 
 
-def saga_plan(*, saga_id: UUID | str, action: str, index: int | None = None) -> Plan:
-    """Preview an operator action (`retry`, `compensate`, `resolve`) without doing it."""
-    return engine.plan(saga_id, action, index)
+def saga_plan(
+    *,
+    saga_id: UUID | str,
+    action: str,
+    index: int | None = None,
+    deadline: engine.Deadline = engine.KEEP,
+) -> Plan:
+    """Preview an operator action (`retry`, `compensate`, `resolve`) without doing it;
+    `deadline` as for `saga_retry`."""
+    return engine.plan(saga_id, action, index, deadline=deadline)
 
 
 def saga_retry(
@@ -43,14 +50,27 @@ def saga_retry(
     actor: str = "",
     bulk_action_id: int | None = None,
     matches: Callable[[], bool] | None = None,
+    deadline: engine.Deadline = engine.KEEP,
 ) -> Plan:
     """Resume a failed saga where it stopped, forward or in its compensation.
 
     The timeline records the actor and, for a saga retried by a bulk action, its id. With
     `matches`, it is asked under the saga's lock, and a saga for which it says False is not
     changed (`InvalidTransition`: "The saga no longer matches the filter.").
+
+    `deadline`, for a saga going forward: `KEEP` (`sagas.engine.KEEP`, the default) leaves a
+    deadline still to come and clears one that passed while the saga waited (else the sweeper
+    would compensate it as soon as it runs); None clears it; a datetime (aware, in the
+    future) sets a new one. A saga resuming its compensation has none to change
+    (`InvalidTransition`).
     """
-    return engine.retry(saga_id, actor=actor, bulk_action_id=bulk_action_id, matches=matches)
+    return engine.retry(
+        saga_id,
+        actor=actor,
+        bulk_action_id=bulk_action_id,
+        matches=matches,
+        deadline=deadline,
+    )
 
 
 def saga_compensate(

@@ -518,3 +518,46 @@ def test_several_halts_of_a_compensated_failed_step_keep_the_cause_and_lose_noth
     assert statuses(saga) == ["compensated", "compensated", "pending"]
     assert kinds(saga).count(EventKind.STEP_COMPENSATED) == 2
     assert Saga.objects.get(pk=saga.pk).direction == "backward"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_operator_retrying_with_a_new_deadline_gets_that_deadline(
+    saga_db, monkeypatch, tmp_path
+):
+    """Issue 17, case 6: the operator retries a saga paused by a bug, and gives it a new
+    deadline instead of clearing the passed one. The plan says so; a sweep before the new
+    deadline leaves the saga alone; one after it compensates the saga for its deadline.
+    (The retried chain is held back, so the saga is still going when the sweeps come.)"""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from sagas.models import Saga
+    from sagas.services import saga_plan, saga_retry, saga_start
+    from tests.conftest import lose_messages, wait_final
+    from tests.test_failure_paths import sweep
+
+    fixed = tmp_path / "fixed"
+    name = define(
+        "bug_then_new_deadline",
+        Step("first", RECORD, UNDO, retry=FAST),
+        Step("second", f"{HERE}.buggy_until_fixed", UNDO, retry=FAST),
+        deadline=1,
+    )
+    saga, _ = saga_start(name=name, input={"fixed": str(fixed)})
+    saga = wait_final(saga.pk)
+    assert (saga.status, saga.error_code) == ("failed", "unexpected_error")
+    time.sleep(1.2)  # its deadline passes while it waits
+    fixed.touch()
+    new = timezone.now() + timedelta(seconds=3)
+    plan = saga_plan(saga_id=saga.pk, action="retry", deadline=new)
+    assert f"Its deadline is set to {new.isoformat(timespec='seconds')}." in plan.reason
+    lose_messages(monkeypatch)
+    saga_retry(saga_id=saga.pk, actor="operator", deadline=new)
+    assert sweep().deadline_compensated == []
+    assert Saga.objects.get(pk=saga.pk).deadline_at == new
+    time.sleep(max(0.0, (new - timezone.now()).total_seconds()) + 0.2)
+    monkeypatch.undo()
+    assert sweep().deadline_compensated == [str(saga.pk)]
+    saga = wait_final(saga.pk, timeout=30)
+    assert (saga.status, saga.error_code) == ("compensated", "deadline_passed")

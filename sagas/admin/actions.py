@@ -12,18 +12,21 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.safestring import SafeString
 
 from .. import conf, services
-from ..engine import Plan
+from ..durations import parse_duration
+from ..engine import KEEP, Deadline, Plan
 from ..exceptions import InvalidTransition, SagaBusy
-from ..models import OperatorAction, Saga, StepStatus
+from ..models import Direction, OperatorAction, Saga, StepStatus
 from ..permissions import may_operate
 from .display import status_badge
 
@@ -62,6 +65,45 @@ ACTION_WORDS: dict[str, ActionWords] = {
         "undid its effect yourself); the remaining compensations then run.",
     ),
 }
+
+
+class RetryDeadlineForm(forms.Form):
+    """What a retry does to the deadline of the sagas it resumes forward."""
+
+    deadline = forms.ChoiceField(
+        choices=[
+            ("keep", "Keep it (one that passed while the saga waited is cleared)"),
+            ("clear", "Clear it: the saga has no deadline any more"),
+            ("extend", "Set it to now plus:"),
+        ],
+        initial="keep",
+        widget=forms.RadioSelect,
+        label="Deadline",
+    )
+    extend_by = forms.CharField(
+        required=False,
+        max_length=20,
+        label="Now plus",
+        help_text="A whole number and a unit, s, m, h, d or w (such as 2h or 3d).",
+    )
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if cleaned.get("deadline") == "extend":
+            try:
+                cleaned["duration"] = parse_duration(cleaned.get("extend_by") or "")
+            except ValueError as error:
+                self.add_error("extend_by", str(error))
+        return cleaned
+
+    def chosen(self) -> Deadline:
+        """The deadline to give `saga_retry`: KEEP, None (cleared), or now plus the duration."""
+        choice = self.cleaned_data["deadline"]
+        if choice == "clear":
+            return None
+        if choice == "extend":
+            return timezone.now() + self.cleaned_data["duration"]
+        return KEEP
 
 
 @dataclass(frozen=True)
@@ -155,9 +197,12 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         index = self._resolve_index(saga) if action == OperatorAction.RESOLVE else None
         return services.saga_plan(saga_id=saga.pk, action=action, index=index)
 
-    def _act(self, saga: Saga, action: str, actor: str) -> Plan:
+    def _act(self, saga: Saga, action: str, actor: str, deadline: Deadline = KEEP) -> Plan:
         if action == OperatorAction.RETRY:
-            return services.saga_retry(saga_id=saga.pk, actor=actor)
+            # The deadline is for the sagas the retry resumes forward; one resuming its
+            # compensation has none to change.
+            kept = KEEP if saga.direction == Direction.BACKWARD else deadline
+            return services.saga_retry(saga_id=saga.pk, actor=actor, deadline=kept)
         if action == OperatorAction.COMPENSATE:
             return services.saga_compensate(saga_id=saga.pk, actor=actor)
         index = self._resolve_index(saga)
@@ -179,12 +224,18 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         sagas = list(queryset.order_by("-created_at"))
         if request.POST.get("post") != "yes":
             return self._confirmation(request, sagas, action)
+        deadline: Deadline = KEEP
+        if action == OperatorAction.RETRY and "deadline" in request.POST:
+            form = RetryDeadlineForm(request.POST)
+            if not form.is_valid():  # shown again with its errors: nothing was done
+                return self._confirmation(request, sagas, action, form)
+            deadline = form.chosen()
         operator_action = ACTION_WORDS[action]
         actor = request.user.get_username()
         done = repeated = 0
         for saga in sagas:
             try:
-                plan = self._act_once(request, saga, action, actor)
+                plan = self._act_once(request, saga, action, actor, deadline)
             except (InvalidTransition, Saga.DoesNotExist) as error:
                 self.message_user(
                     request, f"Saga {saga.pk} was not changed: {error}", messages.ERROR
@@ -209,7 +260,9 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:sagas_saga_change", args=[sagas[0].pk]))
         return None  # back to the list, with its filters
 
-    def _act_once(self, request: HttpRequest, saga: Saga, action: str, actor: str) -> Plan | None:
+    def _act_once(
+        self, request: HttpRequest, saga: Saga, action: str, actor: str, deadline: Deadline
+    ) -> Plan | None:
         """The action on one saga, once per confirmation: its one-time token and the saga are
         written with the action, in its transaction (`OperatorRequest`), so that a
         confirmation sent again (its answer lost) acts on none of the sagas it acted on, and on
@@ -217,11 +270,12 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         on this saga before."""
         token = request.POST.get("_once", "")
         if not ONCE_TOKEN.fullmatch(token):
-            return self._act(saga, action, actor)  # a form without the token (a project's own)
+            # A form without the token (a project's own).
+            return self._act(saga, action, actor, deadline)
         done: list[Plan] = []
 
         def act() -> tuple[int, None]:
-            done.append(self._act(saga, action, actor))
+            done.append(self._act(saga, action, actor, deadline))
             return 200, None
 
         key = f"admin:{token}:{saga.pk}"
@@ -233,7 +287,13 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         limit = conf.list_count_limit()
         return queryset.order_by()[: limit + 1].count() > limit
 
-    def _confirmation(self, request: HttpRequest, sagas: list[Saga], action: str) -> HttpResponse:
+    def _confirmation(
+        self,
+        request: HttpRequest,
+        sagas: list[Saga],
+        action: str,
+        deadline_form: RetryDeadlineForm | None = None,
+    ) -> HttpResponse:
         previews = []
         for saga in sagas:
             try:
@@ -244,6 +304,9 @@ class OperatorActionsAdmin(admin.ModelAdmin):
                 plan = Plan(action, False, str(busy))
             previews.append(Preview(saga, plan))
         operator_action = ACTION_WORDS[action]
+        forward = [p for p in previews if p.plan.allowed and p.saga.direction == Direction.FORWARD]
+        if action == OperatorAction.RETRY and forward and deadline_form is None:
+            deadline_form = RetryDeadlineForm()
         context = {
             **self.admin_site.each_context(request),
             "title": f"{operator_action.verb} sagas: are you sure?",
@@ -255,6 +318,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             "return_to_detail": bool(request.POST.get("_return_to_detail")),
             # A one-time token: the confirmation, sent twice (its answer lost), acts once.
             "once": uuid.uuid4().hex,
+            "deadline_form": deadline_form if forward else None,
             "media": self.media,
         }
         request.current_app = self.admin_site.name

@@ -4,9 +4,11 @@ strict input fields that this API and the domain apps' share."""
 from __future__ import annotations
 
 import copy
+import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from django.utils import timezone
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -232,10 +234,48 @@ class PlanQuerySerializer(serializers.Serializer):
         help_text="The step to resolve (required with action=resolve).",
     )
 
+    deadline = serializers.DateTimeField(
+        required=False,
+        allow_null=True,
+        help_text=(
+            "With action=retry: the deadline the retry would set (ISO 8601, in the future); "
+            "empty: it would clear it."
+        ),
+    )
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs["action"] == OperatorAction.RESOLVE and attrs.get("index") is None:
             raise serializers.ValidationError({"index": "Required with action=resolve."})
+        if "deadline" in attrs and attrs["action"] != OperatorAction.RETRY:
+            raise serializers.ValidationError({"deadline": "Only with action=retry."})
         return attrs
+
+    def validate_deadline(self, value: datetime.datetime | None) -> datetime.datetime | None:
+        return _future(value)
+
+
+def _future(value: datetime.datetime | None) -> datetime.datetime | None:
+    if value is not None and value <= timezone.now():
+        raise serializers.ValidationError("Must be in the future.")
+    return value
+
+
+class RetryRequestSerializer(StrictSerializer):
+    """An operator's retry: with no body, the saga's deadline is kept (one that passed while
+    it waited is cleared)."""
+
+    deadline = serializers.DateTimeField(
+        required=False,
+        allow_null=True,
+        help_text=(
+            "A new deadline for the saga (ISO 8601, in the future), or null to clear it; "
+            "absent: kept, and cleared if it passed while the saga waited. Only for a saga "
+            "going forward."
+        ),
+    )
+
+    def validate_deadline(self, value: datetime.datetime | None) -> datetime.datetime | None:
+        return _future(value)
 
 
 # -- bulk actions ---------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
 
 from ..bulk import BulkFilter
-from ..engine import Plan
+from ..engine import KEEP, Plan
 from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition, SagaBusy
 from ..models import (
     BulkAction,
@@ -63,6 +63,7 @@ from .serializers import (
     DetailSerializer,
     PlanQuerySerializer,
     PlanSerializer,
+    RetryRequestSerializer,
     SagaDetailSerializer,
     SagaSerializer,
 )
@@ -206,9 +207,10 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         serializer = SagaDetailSerializer(saga, context=self.get_serializer_context())
         return Response(serializer.data, status=status.HTTP_202_ACCEPTED)
 
-    def _act(self, request: Request, do: Callable[..., Plan]) -> Response:
+    def _act(self, request: Request, do: Callable[..., Plan], choices: str = "") -> Response:
         """Run the action; with an `Idempotency-Key`, once: sent again with the same key
-        (its answer was lost), the request gets the first answer and does nothing more."""
+        (its answer was lost), the request gets the first answer and does nothing more.
+        `choices`: what the request's body chose, which a key's reuse must repeat."""
         saga = self.get_object()
         key = idempotency_key(request)
 
@@ -225,7 +227,7 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             return Response(body, status=status_code)
         try:
             status_code, body, replayed = operator_request_once(
-                user=request.user, key=key, path=request.path, act=act
+                user=request.user, key=key, path=f"{request.path}{choices}"[:300], act=act
             )
         except KeyReused as exc:
             raise UnprocessableKey(str(exc)) from exc
@@ -237,18 +239,30 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         description=(
             "Resume where it stopped: forward, or its compensation. Staff with `sagas.retry_saga`."
         ),
-        request=None,
+        request=RetryRequestSerializer,
         parameters=[IDEMPOTENCY_KEY],
         responses={
             202: SagaDetailSerializer,
-            409: OpenApiResponse(DetailSerializer, description="Not failed."),
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="A bad deadline."),
+            409: OpenApiResponse(
+                DetailSerializer,
+                description="Not failed, or resuming its compensation (no deadline to change).",
+            ),
             **ERROR_RESPONSES,
             **KEYED_RESPONSES,
         },
     )
     @action(detail=True, methods=["post"])
     def retry(self, request: Request, pk: str | None = None) -> Response:
-        return self._act(request, saga_retry)
+        body = RetryRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        deadline = body.validated_data.get("deadline", KEEP)
+
+        def do(*, saga_id: Any, actor: str) -> Plan:
+            return saga_retry(saga_id=saga_id, actor=actor, deadline=deadline)
+
+        chosen = "" if deadline is KEEP else f" deadline={deadline and deadline.isoformat()}"
+        return self._act(request, do, chosen)
 
     @extend_schema(
         summary="Abort a saga",
@@ -323,6 +337,7 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
                 saga_id=saga.pk,
                 action=query.validated_data["action"],
                 index=query.validated_data.get("index"),
+                deadline=query.validated_data.get("deadline", KEEP),
             )
         except SagaBusy as exc:  # a step holds the saga: its action would answer the same
             raise Conflict(str(exc)) from exc

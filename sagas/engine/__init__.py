@@ -21,6 +21,8 @@ from .callbacks import (
 from .compensation import begin_compensation, compensation_attempt, compensation_attempt_failed
 from .forward import start, step_attempt, step_attempt_failed
 from .operator import (
+    KEEP,
+    Deadline,
     Plan,
     compensate,
     plan,
@@ -44,6 +46,8 @@ from .unit import (
 
 __all__ = [
     "ACTION_BEGAN",
+    "KEEP",
+    "Deadline",
     "Outcome",
     "Plan",
     "SafeError",

@@ -6,8 +6,11 @@ so an operator's request never hangs behind a slow or hung step.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 from uuid import UUID
 
 from django.db import transaction
@@ -38,13 +41,31 @@ def _names(steps: list) -> tuple[str, ...]:
     return tuple(s.name for s in steps)
 
 
-def plan_retry(unit: Unit) -> Plan:
+class Keep(enum.Enum):
+    """A retry's deadline left as it is (`retry(deadline=KEEP)`)."""
+
+    KEEP = "keep"
+
+
+KEEP = Keep.KEEP
+#: What a retry does to the saga's deadline: KEEP it (one that passed while the saga waited is
+#: cleared), None to clear it, or a new one.
+Deadline = datetime | None | Keep
+
+
+def plan_retry(unit: Unit, deadline: Deadline = KEEP) -> Plan:
     saga = unit.saga
     if saga.status != SagaStatus.FAILED:
         return Plan(
             OperatorAction.RETRY, False, f"Only a failed saga can be retried (it is {saga.status})."
         )
     if saga.is_backward:
+        if deadline is not KEEP:
+            return Plan(
+                OperatorAction.RETRY,
+                False,
+                "It resumes its compensation: it has no deadline to change.",
+            )
         return Plan(
             OperatorAction.RETRY,
             True,
@@ -53,10 +74,29 @@ def plan_retry(unit: Unit) -> Plan:
         )
     step = unit.in_progress()
     assert step is not None, "a failed saga going forward has a step to run"
-    reason = "Resume from the failed step."
-    if _deadline_passed(unit):
-        reason += " Its deadline passed while it waited: the retry clears it."
+    if isinstance(deadline, datetime) and deadline <= timezone.now():
+        return Plan(OperatorAction.RETRY, False, "The new deadline has already passed.")
+    reason = "Resume from the failed step." + _deadline_words(unit, deadline)
     return Plan(OperatorAction.RETRY, True, reason, run=_names(unit.steps[step.index :]))
+
+
+def _deadline_words(unit: Unit, deadline: Deadline) -> str:
+    """What the retry does to the saga's deadline, in the plan's words."""
+    current = unit.saga.deadline_at
+    if unit.passed_pivot():
+        return ""  # past its pivot, a saga is no longer compensated for its deadline
+    if isinstance(deadline, datetime):
+        return f" Its deadline is set to {deadline.isoformat(timespec='seconds')}."
+    if deadline is None:
+        return " Its deadline is cleared." if current is not None else ""
+    if _deadline_passed(unit):
+        return " Its deadline passed while it waited: the retry clears it."
+    if current is not None:
+        return (
+            f" Its deadline, {current.isoformat(timespec='seconds')}, still holds: past it, "
+            "the saga is compensated."
+        )
+    return ""
 
 
 def _deadline_passed(unit: Unit) -> bool:
@@ -147,20 +187,27 @@ def retry(
     actor: str = "",
     bulk_action_id: int | None = None,
     matches: Matches | None = None,
+    deadline: Deadline = KEEP,
 ) -> Plan:
-    """Resume a failed saga where it stopped, in its direction, without redoing done work."""
+    """Resume a failed saga where it stopped, in its direction, without redoing done work.
+    `deadline`: see `Deadline`; a new one must be in the future."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
         _still_matches(matches)
-        plan = _allowed(plan_retry(unit))
+        plan = _allowed(plan_retry(unit, deadline))
         unit.set_saga(recovery_attempts=0)  # an operator took over: recovery starts afresh
         if unit.saga.is_backward:
             _resume_compensation(unit, EventKind.OPERATOR_RETRY, _by(actor, bulk_action_id))
         else:
             step = unit.in_progress()
             assert step is not None
-            detail = {**_by(actor, bulk_action_id), "from": step.name}
-            if _deadline_passed(unit):
+            detail: dict[str, Any] = {**_by(actor, bulk_action_id), "from": step.name}
+            if deadline is not KEEP:
+                if unit.saga.deadline_at is not None:
+                    detail["deadline_before"] = unit.saga.deadline_at.isoformat()
+                detail["deadline"] = deadline.isoformat() if deadline is not None else None
+                unit.set_saga(deadline_at=deadline)
+            elif _deadline_passed(unit):
                 # The operator chose to go on: the sweeper would otherwise compensate the
                 # saga as soon as it runs again (`sagas.engine.recovery.deadline_passed`).
                 detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
@@ -224,7 +271,12 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
 
 
 def plan(
-    saga_id: UUID | str, action: str, index: int | None = None, *, locked: bool = True
+    saga_id: UUID | str,
+    action: str,
+    index: int | None = None,
+    *,
+    locked: bool = True,
+    deadline: Deadline = KEEP,
 ) -> Plan:
     """Preview an operator action without doing it.
 
@@ -234,7 +286,7 @@ def plan(
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT) if locked else peek(saga_id)
         if action == OperatorAction.RETRY:
-            return plan_retry(unit)
+            return plan_retry(unit, deadline)
         if action == OperatorAction.COMPENSATE:
             return plan_compensate(unit)
         if action == OperatorAction.RESOLVE and index is not None:
