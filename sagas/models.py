@@ -7,7 +7,6 @@ import uuid
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
-from django.db.models.functions import Now
 from django.utils import timezone
 
 from .definitions import KEY_MAX_LENGTH
@@ -326,8 +325,10 @@ class SagaNotice(models.Model):
     saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="+")
     first_event_id = models.BigIntegerField(help_text="The transition's first event.")
     last_event_id = models.BigIntegerField(help_text="The transition's last event.")
+    # Written by the engine's statement with `clock_timestamp()`, next to its COMMIT: the
+    # transaction's own start (`now()`) would make a long one's notice look old at once.
     created_at = models.DateTimeField(
-        db_default=Now(), help_text="When it was written, or last claimed by the relay."
+        help_text="When it was written, or last claimed by the relay."
     )
 
     class Meta:

@@ -13,9 +13,10 @@ operator's action), right after the outermost transaction; or, if that process d
 never heard its COMMIT's answer, by the relay, in the worker that runs the sweeper's task
 (`sagas.sweep`), `SAGAS_RELAY_AFTER` seconds later at the earliest. So a receiver may be called
 twice for one change: `event_id` (the id of the `SagaEvent` it announces) is the same both
-times, for the receiver to make itself idempotent. The relay reads the saga's row as it is
-then. Connect receivers in every process (in an `AppConfig.ready()`): a change whose process
-has no receiver for its signal writes no notice for the relay.
+times, for the receiver to make itself idempotent. The arguments are those the event
+recorded, but `input`, which is the saga's. Connect receivers in every process (in an
+`AppConfig.ready()`): a change whose process has no receiver for its signal writes no notice
+for the relay, and the relay keeps a notice until a process with a receiver sends it.
 
 `sender` is the `Saga` model; every signal has `saga_id` (a UUID), `definition` (the saga's
 name) and `event_id`; the others are listed with each signal. Receivers get keyword
@@ -85,12 +86,13 @@ def _arguments(saga: Any, event: Any) -> dict[str, Any]:
     if kind == EventKind.SAGA_STARTED:
         found["input"] = saga.input
     elif kind == EventKind.SAGA_COMPENSATED:
-        found["error_code"] = saga.error_code
+        found["error_code"] = detail.get("error_code", saga.error_code)
     elif kind in (EventKind.SAGA_FAILED, EventKind.SAGA_PAUSED):
         found["step"] = detail.get("step")
         found["reason"] = detail.get("reason", "compensation_failed")
-        found["error_code"] = saga.error_code
-        found["error_message"] = saga.error_message
+        # As the event recorded it (the saga may have moved on before the relay sends it).
+        found["error_code"] = detail.get("error_code", saga.error_code)
+        found["error_message"] = detail.get("error_message", saga.error_message)
     elif kind == EventKind.STEP_FAILED:
         found["step"] = event.step_name
         found["index"] = event.step_index

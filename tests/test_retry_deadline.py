@@ -170,3 +170,42 @@ def test_the_admin_confirmation_offers_the_deadline_and_sets_it(admin_client):
     )
     assert Saga.objects.get(pk=kept.pk).deadline_at is None
     assert retried_detail(kept)["deadline"] is None
+
+
+def test_a_retry_sent_again_after_its_new_deadline_passed_gets_its_first_answer():
+    """Its first answer was lost; by the time it is sent again with its key, the deadline it
+    chose has passed: the first answer, not a 400."""
+    import time
+
+    client = APIClient()
+    client.force_authenticate(make_operator())
+    saga = saga_rows()
+    url = f"/api/sagas/{saga.pk}/retry/"
+    soon = {"deadline": (timezone.now() + timedelta(seconds=0.5)).isoformat()}
+    first = client.post(url, soon, format="json", HTTP_IDEMPOTENCY_KEY="soon-1")
+    assert first.status_code == 202, first.content
+    time.sleep(0.6)
+    again = client.post(url, soon, format="json", HTTP_IDEMPOTENCY_KEY="soon-1")
+    assert again.status_code == 202 and again["Idempotent-Replayed"] == "true"
+    late = client.post(
+        f"/api/sagas/{saga_rows().pk}/retry/", soon, format="json", HTTP_IDEMPOTENCY_KEY="k-2"
+    )
+    assert late.status_code == 400 and late.json() == {"deadline": ["Must be in the future."]}
+    far = {"deadline": (timezone.now() + timedelta(days=365 * 101)).isoformat()}
+    assert client.post(url, far, format="json").json() == {
+        "deadline": ["At most 100 years from now."]
+    }
+
+
+def test_a_saga_past_its_pivot_gets_no_deadline():
+    from sagas.definitions import snapshot_version
+
+    saga = saga_rows("snapshot_demo", stopped_at=1)
+    steps = list(saga.steps.order_by("index"))
+    steps[0].definition = {**steps[0].definition, "pivot": True}
+    steps[0].save(update_fields=["definition"])
+    version = snapshot_version([s.definition for s in steps])
+    Saga.objects.filter(pk=saga.pk).update(definition_version=version)
+    with pytest.raises(InvalidTransition, match="passed its pivot"):
+        saga_retry(saga_id=saga.pk, actor="op", deadline=None)
+    saga_retry(saga_id=saga.pk, actor="op")  # kept: allowed

@@ -220,3 +220,101 @@ def test_signals_a_process_died_before_sending_are_sent_by_the_relay(received):
     ] * 2
     assert not SagaNotice.objects.exists()
     assert relay(older_than=timedelta(0)) == 0
+
+
+def test_a_long_transactions_notice_is_not_taken_for_unsent_while_its_process_sends_it(
+    received,
+):
+    """A notice's time is its statement's, next to the COMMIT, not its transaction's start:
+    a start at the end of a transaction longer than the relay's wait is not sent twice by a
+    sweep that comes while its own process sends it."""
+    import time
+
+    relayed = []
+
+    def sweep_now(sender, **kwargs):
+        relayed.append(relay(older_than=timedelta(seconds=0.5)))
+
+    signals.saga_started.connect(sweep_now)
+    try:
+        with transaction.atomic():
+            Saga.objects.exists()  # the transaction begins
+            time.sleep(0.7)
+            saga_start(name="three_steps", input={})
+    finally:
+        signals.saga_started.disconnect(sweep_now)
+    assert relayed == [0]
+    assert [name for name, _ in received] == ["saga_started"]
+    assert not SagaNotice.objects.exists()
+
+
+def test_the_relay_keeps_a_notice_no_receiver_here_would_hear(monkeypatch, caplog):
+    """The process that committed had a receiver and died; the relay's has none: the notice
+    is kept, and an error says why, until a process with a receiver sends it."""
+    lose_messages(monkeypatch)
+
+    def dies(sender, **kwargs):
+        raise Died
+
+    signals.saga_started.connect(dies)
+    try:
+        with pytest.raises(Died):
+            saga_start(name="three_steps", input={})
+    finally:
+        signals.saga_started.disconnect(dies)
+    assert relay(older_than=timedelta(0)) == 0
+    assert SagaNotice.objects.count() == 1
+    assert "no receiver in this process" in caplog.text
+    heard = []
+
+    def hears(sender, event_id, **kwargs):
+        heard.append(event_id)
+
+    signals.saga_started.connect(hears)
+    try:
+        assert relay(older_than=timedelta(0)) == 1
+    finally:
+        signals.saga_started.disconnect(hears)
+    assert heard == [SagaEvent.objects.get(kind="saga_started").pk]
+    assert not SagaNotice.objects.exists()
+
+
+def test_a_relayed_pause_tells_the_error_it_paused_with_not_the_sagas_later_one(received):
+    """The operator retried the paused saga before the relay sent its `saga_paused`: the
+    signal still tells why it paused."""
+    from sagas.services import saga_retry
+
+    def dies_once(sender, **kwargs):
+        signals.saga_paused.disconnect(dies_once)
+        raise Died
+
+    saga, _ = saga_start(name="snapshot_demo", input={})
+    assert run(saga.pk, 0) == "done"
+    epoch = Saga.objects.get(pk=saga.pk).epoch
+    engine.step_attempt_failed(str(saga.pk), 1, TransientError("Down."), epoch=epoch)
+    signals.saga_paused.connect(dies_once)
+    with pytest.raises(Died):
+        engine.step_attempt_failed(str(saga.pk), 1, TransientError("Down."), epoch=epoch)
+    saga_retry(saga_id=saga.pk, actor="operator")
+    assert Saga.objects.get(pk=saga.pk).error_code == ""
+    received.clear()
+    assert relay(older_than=timedelta(0)) == 1
+    names = [name for name, _ in received]
+    assert "saga_paused" in names, names
+    paused = dict(received)["saga_paused"]
+    assert paused["error_code"] == "transient_error"
+    assert paused["reason"] == "paused by policy"
+
+
+def test_a_redelivery_ends_the_chain_of_a_failed_step_only_not_of_a_compensation():
+    """A redelivered message of a step that failed for good ends its chain with the step's
+    error (its error callback may never have been sent); one of a compensation that failed
+    does not: that failure halted the saga, or carried on in the same chain."""
+    from tests.factories import saga_rows
+
+    saga = saga_rows(stopped_at=1)
+    saga.steps.filter(index=1).update(error_code="boom", error_message="It failed.")
+    failed = engine.after_unsure_commit(str(saga.pk), 1, forward=True, since=None)
+    assert failed is not None and failed.code == "boom"
+    saga.steps.filter(index=0).update(status="compensation_failed")
+    assert engine.after_unsure_commit(str(saga.pk), 0, forward=False, since=None) is None

@@ -251,18 +251,30 @@ class PlanQuerySerializer(serializers.Serializer):
         return attrs
 
     def validate_deadline(self, value: datetime.datetime | None) -> datetime.datetime | None:
-        return _future(value)
+        return future(value)
 
 
-def _future(value: datetime.datetime | None) -> datetime.datetime | None:
-    if value is not None and value <= timezone.now():
+# The furthest a deadline may be set, as the admin's durations (`sagas.durations.LONGEST`).
+FURTHEST = datetime.timedelta(days=100 * 365)
+
+
+def future(value: datetime.datetime | None) -> datetime.datetime | None:
+    """A deadline an operator gives: in the future, and within 100 years."""
+    if value is None:
+        return value
+    now = timezone.now()
+    if value <= now:
         raise serializers.ValidationError("Must be in the future.")
+    if value - now > FURTHEST:
+        raise serializers.ValidationError("At most 100 years from now.")
     return value
 
 
 class RetryRequestSerializer(StrictSerializer):
     """An operator's retry: with no body, the saga's deadline is kept (one that passed while
-    it waited is cleared)."""
+    it waited is cleared). Whether a new deadline is still to come is checked when the retry
+    acts (`future`), after its Idempotency-Key: a retry sent again once its deadline passed
+    gets its first answer."""
 
     deadline = serializers.DateTimeField(
         required=False,
@@ -273,9 +285,6 @@ class RetryRequestSerializer(StrictSerializer):
             "going forward."
         ),
     )
-
-    def validate_deadline(self, value: datetime.datetime | None) -> datetime.datetime | None:
-        return _future(value)
 
 
 # -- bulk actions ---------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import PageNumberPagination
 from rest_framework.permissions import BasePermission, IsAdminUser, IsAuthenticated
@@ -66,6 +66,7 @@ from .serializers import (
     RetryRequestSerializer,
     SagaDetailSerializer,
     SagaSerializer,
+    future,
 )
 
 # -- shared pieces, also used by the domain apps' APIs ------------------------------------------
@@ -259,6 +260,11 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         deadline = body.validated_data.get("deadline", KEEP)
 
         def do(*, saga_id: Any, actor: str) -> Plan:
+            if deadline is not KEEP:
+                try:
+                    future(deadline)
+                except ValidationError as exc:  # a 400 with the field's error, no key taken
+                    raise ValidationError({"deadline": exc.detail}) from None
             return saga_retry(saga_id=saga_id, actor=actor, deadline=deadline)
 
         chosen = "" if deadline is KEEP else f" deadline={deadline and deadline.isoformat()}"

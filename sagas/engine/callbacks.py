@@ -200,10 +200,10 @@ def after_unsure_commit(
     PostgreSQL restarts between a COMMIT and its answer; or its process died (the message
     came back redelivered, `since` None), maybe between its COMMIT and the callbacks after
     it. Then the signals that commit owed were never sent: the relay sends the saga's unsent
-    ones now (at least once). Returns the step's error if it failed for good (since `since`),
+    ones now (at least once). Returns a step's error if it failed for good (since `since`),
     so that the task ends the chain with it and the chain's error callback, which that
     delivery never sent, is sent: harmless if it was (the first one to act raises the
-    saga's epoch)."""
+    saga's epoch). None for a compensation (see below)."""
     with transaction.atomic():
         unit = lock(saga_id)
         since_then = since is None or (
@@ -214,9 +214,12 @@ def after_unsure_commit(
             .exists()
         )
         step = unit.steps[index]
-        failed = StepStatus.FAILED if forward else StepStatus.COMPENSATION_FAILED
     relay_saga(saga_id)
-    if since_then and step.status == failed:
+    # Only a step's failure ends its chain for its error callback to act: a compensation's
+    # final failure halts the saga itself (its callback then has nothing to do), or, with
+    # `continue_compensation_on_failure`, carries on in the same chain, which a callback
+    # sent now would fork.
+    if forward and since_then and step.status == StepStatus.FAILED:
         return SafeError(step.error_code, step.error_message)
     return None
 

@@ -76,6 +76,12 @@ def plan_retry(unit: Unit, deadline: Deadline = KEEP) -> Plan:
     assert step is not None, "a failed saga going forward has a step to run"
     if isinstance(deadline, datetime) and deadline <= timezone.now():
         return Plan(OperatorAction.RETRY, False, "The new deadline has already passed.")
+    if deadline is not KEEP and unit.passed_pivot():
+        return Plan(
+            OperatorAction.RETRY,
+            False,
+            "It passed its pivot: a deadline no longer applies to it.",
+        )
     reason = "Resume from the failed step." + _deadline_words(unit, deadline)
     return Plan(OperatorAction.RETRY, True, reason, run=_names(unit.steps[step.index :]))
 

@@ -31,7 +31,7 @@ logger = logging.getLogger("sagas")
 
 
 def relay(*, older_than: timedelta, batch_size: int = 100) -> int:
-    """Send the notices written more than `older_than` ago and still unsent; returns how many
+    """Send the notices written more than `older_than` ago and still there; returns how many
     were sent. Safe to run concurrently."""
     return _send(_claim(SagaNotice.objects.filter(created_at__lt=Now() - older_than), batch_size))
 
@@ -52,7 +52,10 @@ def _claim(notices: Any, batch_size: int) -> list[SagaNotice]:
 
 
 def _send(notices: list[SagaNotice]) -> int:
-    kinds = list(signals.BY_KIND)
+    """Send each notice's signals and delete it; returns how many were sent. A notice none of
+    whose signals has a receiver in this process is kept, for a process that has one (and
+    said: receivers belong in every process)."""
+    sent = 0
     for notice in notices:
         saga = Saga.objects.filter(pk=notice.saga_id).first()
         events = list(
@@ -60,9 +63,18 @@ def _send(notices: list[SagaNotice]) -> int:
                 saga_id=notice.saga_id,
                 id__gte=notice.first_event_id,
                 id__lte=notice.last_event_id,
-                kind__in=kinds,
+                kind__in=list(signals.BY_KIND),
             ).order_by("id")
         )
+        if saga is not None and events and not notify.signalled(events):
+            logger.error(
+                "saga %s: signals %s of a committed transition have no receiver in this "
+                "process; connect receivers in every process (AppConfig.ready). Kept for "
+                "the next sweep",
+                saga.pk,
+                ", ".join(sorted({e.kind for e in events})),
+            )
+            continue
         if saga is not None and events:
             logger.warning(
                 "saga %s: %d signal(s) its transition owed were never sent: sent now",
@@ -71,4 +83,5 @@ def _send(notices: list[SagaNotice]) -> int:
             )
             signals.announce(saga, events, [e.pk for e in events])
         notify.sent(notice.pk)
-    return len(notices)
+        sent += 1
+    return sent

@@ -34,7 +34,7 @@ from ..exceptions import (
     StepError,
     TransientError,
 )
-from ..models import Direction, SagaStatus, StepStatus
+from ..models import Direction, EventKind, SagaStatus, StepStatus
 from . import dispatch, notify, rows
 from .rows import EventRow, SagaRow, StepRow
 
@@ -280,6 +280,10 @@ UNTRACED: AbstractContextManager[Any] = nullcontext()
 ACTION_BEGAN: ContextVar[bool] = ContextVar("sagas_action_began", default=False)
 
 
+# Events whose signal tells the saga's error: it is stored with them.
+WITH_ERROR = frozenset({EventKind.SAGA_PAUSED, EventKind.SAGA_FAILED, EventKind.SAGA_COMPENSATED})
+
+
 @dataclass
 class Unit:
     """A locked saga with its steps, and the changes, events and messages to write with it."""
@@ -303,6 +307,11 @@ class Unit:
             self.set_saga(direction=Direction.BACKWARD)
         final = to in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
         self.set_saga(status=to, finished_at=timezone.now() if final else None)
+        if kind in WITH_ERROR:
+            # The saga's error as it is now, for the signal sent later from this event (the
+            # relay's), by when the saga may have moved on.
+            detail = {**(detail or {}), "error_code": saga.error_code}
+            detail["error_message"] = saga.error_message
         if kind:
             self.event(kind, None, detail)
 

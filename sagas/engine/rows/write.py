@@ -82,7 +82,7 @@ def _notice_sql(events: str) -> str:
     table = connection.ops.quote_name(SagaNotice._meta.db_table)
     return (
         f"INSERT INTO {table} (saga_id, first_event_id, last_event_id, created_at) "
-        f"SELECT %s, min(id), max(id), now() FROM {events} RETURNING id"
+        f"SELECT %s, min(id), max(id), clock_timestamp() FROM {events} RETURNING id"
     )
 
 
@@ -129,7 +129,7 @@ def _insert_saga_sql(step_count: int, *, notice: bool) -> str:
     noticed = (
         f", n AS (INSERT INTO {q(SagaNotice._meta.db_table)} "
         "(saga_id, first_event_id, last_event_id, created_at) "
-        "SELECT s.id, ev.id, ev.id, now() FROM s, ev RETURNING id) "
+        "SELECT s.id, ev.id, ev.id, clock_timestamp() FROM s, ev RETURNING id) "
         if notice
         else " "
     )
