@@ -58,9 +58,14 @@ def worker_stop_wait() -> int:
     """Seconds a stopping worker gets to finish its steps in flight: the longest hard time
     limit of a step or a compensation, and a little more."""
     from sagas import conf
-    from sagas.definitions import registered
+    from sagas.definitions import Step, registered
 
-    steps = [step for definition in registered().values() for step in definition.steps]
+    steps = [
+        step
+        for definition in registered().values()
+        for step in definition.steps
+        if isinstance(step, Step)  # a wait holds no worker
+    ]
     limits = [max(s.time_limit, s.compensation_time_limit or 0) for s in steps]
     return max(limits, default=60) + conf.hard_time_limit_grace() + 5
 

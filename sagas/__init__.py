@@ -11,19 +11,22 @@ the models.
 
 A map of the package:
 
-- `definitions`: the declarative definition API (`SagaDefinition`, `Step`, `RetryPolicy`,
-  `StepContext`, `register`) and the registry of definitions.
-- `services`: the public Python API: start a saga, preview and run the operator actions
-  (retry, compensate, resolve a step), bulk actions. The admin, the API and the commands call
-  these and nothing else.
+- `definitions`: the declarative definition API (`SagaDefinition`, `Step`, `Wait`,
+  `RetryPolicy`, `StepContext`, `register`) and the registry of definitions.
+- `services`: the public Python API: start a saga, send it a signal, preview and run the
+  operator actions (retry, compensate, resolve a step), bulk actions. The admin, the API and
+  the commands call these and nothing else.
 - `exceptions`: what step actions raise to tell the engine what went wrong (`BusinessError`,
   `TransientError`), and what the services raise (`SagaBusy`, `SagaKeyInFlight`, ...).
 - `engine/`: every saga and step transition, under the saga's row lock, and its plumbing:
   `rows` (the SQL it sends), `dispatch` (a saga's chains to the broker, after the commit),
-  `notify` (committed events to signals, metrics and traces), `sweeper` (re-dispatches sagas
-  whose messages were lost), `hooks` (where the test kit injects faults).
+  `notify` (committed events to signals, metrics and traces), `relay` (the signals a crash
+  left unsent), `waits` (stages that wait for an event or a time), `sweeper` (re-dispatches
+  sagas whose messages were lost, ends due waits), `hooks` (where the test kit injects
+  faults).
 - `tasks`: the Celery tasks of the engine: they pass ids and call `engine`.
-- `models`: sagas, their step rows and the append-only event log, the source of truth.
+- `models`: sagas, their stage rows, signals and the append-only event log, the source of
+  truth.
 - `retention`: deletes finished sagas in short batches (`manage.py sagas_purge`).
 - `signals`: Django signals of a saga's life, sent after the commit of each change.
 - `admin/`: the admin: status at a glance, each saga's steps and timeline, operator actions.
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
         SagaDefinition,
         Step,
         StepContext,
+        Wait,
         get_definition,
         register,
         registered,
@@ -63,6 +67,7 @@ if TYPE_CHECKING:
         SagaError,
         SagaKeyError,
         SagaKeyInFlight,
+        SignalError,
         StepError,
         TransientError,
     )
@@ -72,6 +77,7 @@ if TYPE_CHECKING:
         saga_compensate,
         saga_plan,
         saga_retry,
+        saga_signal,
         saga_start,
         saga_step_resolve,
     )
@@ -83,6 +89,7 @@ _WHERE = {
     "RetryPolicy": "definitions",
     "SagaDefinition": "definitions",
     "Step": "definitions",
+    "Wait": "definitions",
     "StepContext": "definitions",
     "get_definition": "definitions",
     "register": "definitions",
@@ -93,6 +100,7 @@ _WHERE = {
     "saga_retry": "services",
     "saga_compensate": "services",
     "saga_step_resolve": "services",
+    "saga_signal": "services",
     "bulk_action_preview": "services",
     "bulk_action_start": "services",
     "BulkFilter": "bulk",
@@ -106,6 +114,7 @@ _WHERE = {
     "SagaBusy": "exceptions",
     "SagaKeyError": "exceptions",
     "SagaKeyInFlight": "exceptions",
+    "SignalError": "exceptions",
     "BulkActionRefused": "exceptions",
     "BulkPreviewOutdated": "exceptions",
 }
@@ -123,10 +132,12 @@ __all__ = [
     "SagaError",
     "SagaKeyError",
     "SagaKeyInFlight",
+    "SignalError",
     "Step",
     "StepContext",
     "StepError",
     "TransientError",
+    "Wait",
     "bulk_action_preview",
     "bulk_action_start",
     "get_definition",
@@ -135,6 +146,7 @@ __all__ = [
     "saga_compensate",
     "saga_plan",
     "saga_retry",
+    "saga_signal",
     "saga_start",
     "saga_step_resolve",
 ]

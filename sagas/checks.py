@@ -34,7 +34,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 
 from . import conf
-from .definitions import import_callable, registered, stored_paths
+from .definitions import Wait, import_callable, registered, stored_paths
 from .exceptions import CodeMissing, DefinitionError
 
 logger = logging.getLogger("sagas")
@@ -296,6 +296,8 @@ def longest_step() -> int:
     longest = 0
     for definition in registered().values():
         for step in definition.steps:
+            if isinstance(step, Wait):
+                continue  # a wait holds no message
             limit = max(step.time_limit, step.compensation_time_limit or 0) + grace
             wait = max(step.retry.longest_wait(), step.compensation_retry.longest_wait())
             longest = max(longest, int(limit), int(wait))

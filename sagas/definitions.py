@@ -1,4 +1,5 @@
-"""The declarative definition API: a saga is a name and an ordered list of steps."""
+"""The declarative definition API: a saga is a name and an ordered list of stages: steps, and
+waits for an event or a time."""
 
 from __future__ import annotations
 
@@ -174,6 +175,77 @@ class Step:
         }
 
 
+OnTimeout = Literal["compensate", "pause", "continue"]
+# The largest payload a signal may carry by default (its JSON, in bytes).
+PAYLOAD_MAX_BYTES = 65_536
+
+
+@dataclass(frozen=True)
+class Wait:
+    """A stage that waits for an event from outside, or for a time, holding no worker.
+
+    With `event`, the saga waits until a signal of that name comes (`sagas.services.saga_signal`,
+    or the API), and the signal's payload is the wait's output, which later steps read in
+    `ctx.outputs[name]` (and compensations too). A signal sent before the saga reaches the wait
+    is kept until it does. Without `event`, it is a timer: it waits `timeout` seconds and
+    goes on.
+
+    `timeout` (seconds) bounds the wait; when it passes, `on_timeout` says what the saga does:
+    `"compensate"` (the default for an event: as a business failure of the wait), `"pause"`
+    for an operator (whose retry waits again, with a new timeout), or `"continue"` without the
+    event (the output is None; a timer's only choice). `validate(payload)`, optional, raises
+    Django's `ValidationError` for a payload it refuses: the signal is refused, and the wait
+    goes on waiting. `max_payload_bytes` bounds a payload's JSON.
+    """
+
+    name: str
+    event: str | None = None
+    timeout: float | None = None
+    on_timeout: OnTimeout | None = None
+    validate: str | Callable[..., Any] | None = None
+    max_payload_bytes: int = PAYLOAD_MAX_BYTES
+
+    def __post_init__(self) -> None:
+        if self.event is not None and (not self.event or len(self.event) > 100):
+            raise DefinitionError(f"wait {self.name!r}: event must have 1 to 100 characters")
+        if self.timeout is None and self.event is None:
+            raise DefinitionError(f"wait {self.name!r}: a timer needs a timeout")
+        if self.timeout is not None and not 0 < self.timeout <= 100 * 365 * 86400:
+            raise DefinitionError(f"wait {self.name!r}: timeout must be within (0, 100 years]")
+        on_timeout = self.on_timeout or ("compensate" if self.event else "continue")
+        if on_timeout not in ("compensate", "pause", "continue"):
+            raise DefinitionError(
+                f"wait {self.name!r}: on_timeout must be compensate, pause or continue"
+            )
+        if self.event is None and on_timeout != "continue":
+            raise DefinitionError(f"wait {self.name!r}: a timer can only continue")
+        object.__setattr__(self, "on_timeout", on_timeout)
+        if self.max_payload_bytes < 2:
+            raise DefinitionError(f"wait {self.name!r}: max_payload_bytes must be at least 2")
+        if self.validate is not None:
+            object.__setattr__(self, "validate", dotted_path(self.validate))
+
+    def snapshot(self, on_unexpected_error: str | None = None) -> dict[str, Any]:
+        """What a saga copies into the wait's row when it starts."""
+        return {
+            "kind": "wait",
+            "event": self.event,
+            "timeout": self.timeout,
+            "on_timeout": self.on_timeout,
+            "validate": self.validate,
+            "max_payload_bytes": self.max_payload_bytes,
+            # What the engine reads of every stage: a wait runs no action and undoes nothing.
+            "compensation": None,
+            "time_limit": 1,
+            "pivot": False,
+        }
+
+
+def is_wait(definition: dict[str, Any]) -> bool:
+    """Whether a stage's stored definition is a wait's."""
+    return definition.get("kind") == "wait"
+
+
 @dataclass(frozen=True)
 class SagaDefinition:
     """A named, ordered list of steps.
@@ -195,7 +267,7 @@ class SagaDefinition:
     """
 
     name: str
-    steps: Sequence[Step]
+    steps: Sequence[Step | Wait]
     on_complete: str | Callable[..., Any] | None = None
     continue_compensation_on_failure: bool = False
     # Seconds a saga may run; past it the sweeper compensates it, unless it passed its pivot.
@@ -214,6 +286,11 @@ class SagaDefinition:
         names = [step.name for step in self.steps]
         if len(set(names)) != len(names):
             raise DefinitionError(f"saga {self.name!r} has duplicate step names")
+        events = [s.event for s in self.steps if isinstance(s, Wait) and s.event]
+        if len(set(events)) != len(events):
+            raise DefinitionError(f"saga {self.name!r} waits twice for the same event")
+        if isinstance(self.steps[-1], Wait):
+            raise DefinitionError(f"saga {self.name!r} ends with a wait: its last stage is a step")
         object.__setattr__(self, "steps", tuple(self.steps))
         if self.on_complete is not None:
             object.__setattr__(self, "on_complete", dotted_path(self.on_complete))
@@ -225,6 +302,17 @@ class SagaDefinition:
             raise DefinitionError(f"saga {self.name!r}: key must be a path or a function")
         if self.one_in_flight_per_key and self.key is None:
             raise DefinitionError(f"saga {self.name!r}: one_in_flight_per_key needs a key")
+
+    @property
+    def begins_with_a_wait(self) -> bool:
+        return isinstance(self.steps[0], Wait)
+
+    @property
+    def first_wait(self) -> int:
+        """The index of the first wait (the end of a start's chain), or the number of stages."""
+        return next(
+            (i for i, stage in enumerate(self.steps) if isinstance(stage, Wait)), len(self.steps)
+        )
 
     def key_of(self, input: dict[str, Any]) -> str | None:
         """The business key of a saga started with this input, as stored on its row."""
@@ -286,6 +374,10 @@ def stored_paths(steps: Sequence[dict[str, Any]], on_complete: Any = None) -> se
     """The import paths in step definitions as stored in step rows, and an `on_complete`."""
     paths: set[str] = set()
     for step in steps:
+        if is_wait(step):
+            if step.get("validate"):
+                paths.add(step["validate"])
+            continue
         paths.add(step["action"])
         if step.get("compensation"):
             paths.add(step["compensation"])

@@ -84,3 +84,8 @@ class BulkActionRefused(SagaError):
 
 class BulkPreviewOutdated(BulkActionRefused):
     """A bulk action's filter no longer matches as many sagas as its preview showed."""
+
+
+class SignalError(SagaError):
+    """A signal cannot be sent: no saga is found for it, several are, or none of the saga's
+    waits is for its event (`saga_signal`)."""

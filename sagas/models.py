@@ -15,6 +15,7 @@ from .definitions import KEY_MAX_LENGTH
 class SagaStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running"
+    WAITING = "waiting", "Waiting"
     COMPENSATING = "compensating", "Compensating"
     COMPLETED = "completed", "Completed"
     COMPENSATED = "compensated", "Compensated"
@@ -25,6 +26,8 @@ class SagaStatus(models.TextChoices):
 FINAL_STATUSES = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
 # A saga in one of these waits for a worker (`failed` waits for an operator instead).
 IN_FLIGHT = (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+# ... or, `waiting`, for a signal or a timeout: the sagas the sweeper looks at.
+ACTIVE = (*IN_FLIGHT, SagaStatus.WAITING)
 # The unique index of the definitions that allow one saga in flight per key.
 ONE_IN_FLIGHT_PER_KEY = "saga_one_in_flight_per_key"
 # The unique index of an operator request's key (`OperatorRequest`).
@@ -41,6 +44,7 @@ class Direction(models.TextChoices):
 class StepStatus(models.TextChoices):
     PENDING = "pending", "Pending"
     RUNNING = "running", "Running (retrying)"
+    WAITING = "waiting", "Waiting"
     COMPLETED = "completed", "Completed"
     FAILED = "failed", "Failed"
     COMPENSATING = "compensating", "To compensate"
@@ -67,6 +71,13 @@ class EventKind(models.TextChoices):
     DUPLICATE_IGNORED = "duplicate_ignored", "Duplicate delivery ignored"
     RECOVERED = "recovered", "Recovered by the sweeper"
     DEADLINE_PASSED = "deadline_passed", "Deadline passed"
+    WAIT_STARTED = "wait_started", "Wait started"
+    WAIT_COMPLETED = "wait_completed", "Wait completed"
+    WAIT_FAILED = "wait_failed", "Wait failed"
+    WAIT_TIMED_OUT = "wait_timed_out", "Wait timed out"
+    SIGNAL_KEPT = "signal_kept", "Signal kept for a wait to come"
+    SIGNAL_REFUSED = "signal_refused", "Signal refused"
+    SIGNAL_DISCARDED = "signal_discarded", "Kept signal discarded"
 
 
 def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
@@ -186,7 +197,7 @@ class Saga(models.Model):
             # column can be a HOT update (no index touched). The sweeper sorts the few it finds.
             models.Index(
                 fields=["status"],
-                condition=Q(status__in=[*IN_FLIGHT]),
+                condition=Q(status__in=[*ACTIVE]),
                 name="saga_in_flight_idx",
             ),
             # The list of a status (the admin's filter, `GET /api/sagas/?status=`), newest first.
@@ -210,6 +221,7 @@ class Saga(models.Model):
             ("retry_saga", "Can retry a failed saga"),
             ("compensate_saga", "Can compensate (abort) a saga"),
             ("resolve_saga", "Can resolve a step whose compensation failed"),
+            ("signal_saga", "Can send a signal to a saga"),
         ]
 
     def __str__(self) -> str:
@@ -258,6 +270,11 @@ class SagaStep(models.Model):
     compensated_at = models.DateTimeField(
         null=True, blank=True, help_text="When the compensation completed."
     )
+    due_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="A wait's timeout: when it ends if no signal came (set while it waits).",
+    )
     fenced_until = models.DateTimeField(
         null=True,
         blank=True,
@@ -274,8 +291,17 @@ class SagaStep(models.Model):
             _status_check("saga_step_status_valid", StepStatus),
             models.UniqueConstraint(fields=["saga", "index"], name="saga_step_unique_index"),
         ]
-        # No index on `status`: nothing looks steps up by it, and every step's write changes
-        # it; without one, such a write can be a HOT update.
+        indexes = [
+            # The sweeper's: the waits whose timeout is due, a few among millions of steps.
+            models.Index(
+                fields=["due_at"],
+                condition=Q(status=StepStatus.WAITING),
+                name="saga_step_due_idx",
+            ),
+        ]
+        # No index on `status` alone: nothing looks steps up by it, and every step's write
+        # changes it; a step's write then can be a HOT update. (A partial index on it changes
+        # that for the statuses it covers only: `waiting`, which steps never take.)
 
     def __str__(self) -> str:
         return f"{self.index}:{self.name} ({self.status})"
@@ -314,6 +340,55 @@ class SagaEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.step_name}".strip()
+
+
+class SignalStatus(models.TextChoices):
+    KEPT = "kept", "Kept for a wait to come"
+    CONSUMED = "consumed", "Consumed by its wait"
+    REFUSED = "refused", "Refused"
+    DISCARDED = "discarded", "Discarded (no wait consumed it)"
+
+
+class SagaSignal(models.Model):
+    """An event sent to a saga (`sagas.services.saga_signal`): a stored fact, kept until its
+    wait consumes it, refused when its wait is over, discarded when the saga ends without it.
+    Its idempotency key makes a repeated signal get the first answer and do nothing more."""
+
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="signals")
+    event = models.CharField(max_length=100, help_text="The event's name, as its wait names it.")
+    payload = models.JSONField(null=True, blank=True, help_text="What the event carries.")
+    fail = models.JSONField(
+        null=True, blank=True, help_text="The error of a signal that fails its wait."
+    )
+    idempotency_key = models.CharField(max_length=200, null=True, blank=True)  # noqa: DJ001
+    status = models.CharField(max_length=20, choices=SignalStatus.choices)
+    stage = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="The wait that consumed it."
+    )
+    reason = models.CharField(max_length=300, blank=True, help_text="Why it was refused.")
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name = "saga signal"
+        constraints = [
+            _status_check("saga_signal_status_valid", SignalStatus),
+            models.UniqueConstraint(
+                fields=["saga", "idempotency_key"],
+                condition=Q(idempotency_key__isnull=False),
+                name="saga_signal_once",
+            ),
+        ]
+        indexes = [
+            # A wait's kept signals, looked up when the saga reaches it.
+            models.Index(
+                fields=["saga", "event"],
+                condition=Q(status=SignalStatus.KEPT),
+                name="saga_signal_kept_idx",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event} ({self.status})"
 
 
 class SagaNotice(models.Model):

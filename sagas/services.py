@@ -13,8 +13,16 @@ from django.db import IntegrityError, transaction
 
 from . import bulk, conf, engine
 from .bulk import BulkFilter, BulkPreview
-from .engine import Plan
-from .models import OPERATOR_REQUEST_ONCE, BulkAction, OperatorRequest, Saga
+from .engine import Plan, waits
+from .engine.waits import SignalOutcome
+from .exceptions import SignalError
+from .models import (
+    FINAL_STATUSES,
+    OPERATOR_REQUEST_ONCE,
+    BulkAction,
+    OperatorRequest,
+    Saga,
+)
 
 
 def saga_start(
@@ -83,6 +91,52 @@ def saga_compensate(
     """Abort a running or failed saga: compensate its completed steps in reverse order.
     `matches` as for `saga_retry`."""
     return engine.compensate(saga_id, actor=actor, bulk_action_id=bulk_action_id, matches=matches)
+
+
+def saga_signal(
+    *,
+    event: str,
+    saga_id: UUID | str | None = None,
+    name: str | None = None,
+    key: str | None = None,
+    payload: Any = None,
+    idempotency_key: str | None = None,
+    fail: dict[str, str] | None = None,
+) -> SignalOutcome:
+    """Send `event` to a saga: by `saga_id`, or by its definition's `name` and business `key`
+    (the one saga of them not finished).
+
+    Its wait consumes it if the saga waits for it (`status` "consumed": the payload is the
+    wait's output, and the saga goes on); it is kept if the wait is still to come ("kept"),
+    and refused if the wait is over ("refused", with the `reason`; on the saga's timeline
+    too). With an `idempotency_key` used before for this saga, the first signal's outcome
+    (`repeated`), and nothing more is done. `fail` (`{"code", "message"}`) fails the wait
+    instead, as a business failure: the saga compensates (or pauses past its pivot).
+
+    Raises Django's `ValidationError` (by field) for a payload its wait refuses, `SignalError`
+    when no wait of the saga is for `event`, or when no saga, or several, match `name` and
+    `key`, and `Saga.DoesNotExist` for an unknown `saga_id`.
+    """
+    if saga_id is None:
+        saga_id = _unfinished(name, key)
+    waits.check_payload(saga_id, event, payload, fail=fail is not None)
+    return waits.signal(saga_id, event, payload=payload, idempotency_key=idempotency_key, fail=fail)
+
+
+def _unfinished(name: str | None, key: str | None) -> UUID:
+    if not name or key is None:
+        raise SignalError("Give the saga's id, or its definition's name and business key.")
+    found = list(
+        Saga.objects.filter(name=name, business_key=str(key))
+        .exclude(status__in=FINAL_STATUSES)
+        .values_list("pk", flat=True)[:10]
+    )
+    if not found:
+        raise SignalError(f"No {name} saga with the key {key!r} is in flight.")
+    if len(found) > 1:
+        listed = ", ".join(str(pk) for pk in found)
+        raise SignalError(f"Several {name} sagas with the key {key!r} are in flight: {listed}.")
+    return found[0]
 
 
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:

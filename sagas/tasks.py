@@ -268,6 +268,8 @@ def sweep() -> dict[str, int]:
         "dead_lettered": len(report.dead_lettered),
         "bulk_actions_resumed": len(report.bulk_actions_resumed),
         "relayed": report.relayed,
+        "waits_timed_out": len(report.waits_timed_out),
+        "signals_applied": report.signals_applied,
     }
 
 

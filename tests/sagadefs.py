@@ -489,3 +489,66 @@ register(
         ],
     )
 )
+
+
+# -- waits (tests/test_waits.py) ---------------------------------------------------------------
+
+
+def sees_the_payment(ctx: StepContext) -> dict:
+    """After the wait: what its event carried, as later steps see it."""
+    return {"confirmed": ctx.outputs["confirmation"]}
+
+
+def undo_reservation(ctx: StepContext) -> None:
+    if ctx.input.get("runs"):
+        with Path(ctx.input["runs"]).open("a") as runs:
+            runs.write(f"undo {ctx.step}\n")
+
+
+def has_a_reference(payload) -> None:
+    from django.core.exceptions import ValidationError
+
+    if not isinstance(payload, dict) or not payload.get("reference"):
+        raise ValidationError("A confirmation has a reference.")
+
+
+def waits_for(name: str, *, timeout: float = 30, on_timeout: str | None = None) -> None:
+    from sagas.definitions import Wait
+
+    register(
+        SagaDefinition(
+            name=name,
+            key="order",
+            steps=[
+                Step("reserve", record, undo_reservation, retry=FAST),
+                Wait(
+                    "confirmation",
+                    event="payment_confirmed",
+                    timeout=timeout,
+                    on_timeout=on_timeout,
+                    validate=has_a_reference,
+                    max_payload_bytes=1000,
+                ),
+                Step("ship", sees_the_payment, undo, retry=FAST),
+            ],
+        )
+    )
+
+
+waits_for("waits_for_payment")
+waits_for("waits_briefly", timeout=1)
+waits_for("waits_briefly_then_pauses", timeout=1, on_timeout="pause")
+
+
+def _timer() -> None:
+    from sagas.definitions import Wait
+
+    register(
+        SagaDefinition(
+            name="cools_off",
+            steps=[Wait("cooling_off", timeout=1), Step("charge", record, undo, retry=FAST)],
+        )
+    )
+
+
+_timer()

@@ -256,9 +256,10 @@ def test_saga_detail_shape(world):
         "schedule_shipment",
     ]
     assert set(body["steps"][0]) == {
-        "index", "name", "status", "attempts", "error", "started_at", "finished_at",
-        "compensated_at",
+        "index", "name", "kind", "status", "attempts", "error", "event", "started_at", "due_at",
+        "finished_at", "compensated_at",
     }  # fmt: skip
+    assert (body["steps"][0]["kind"], body["steps"][0]["event"]) == ("step", None)
     assert [e["kind"] for e in body["events"]] == ["saga_started"]
     assert "input" not in body  # it carries the payment token
 

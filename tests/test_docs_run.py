@@ -62,8 +62,9 @@ FILE_HEADER = re.compile(r"^# ((?:[\w.-]+/)*[\w.-]+\.(?:py|toml))\b")
 APPENDED = ("/settings.py", "/urls.py")
 # Pages whose prose goes on from another page's project: they get its files first.
 GOES_ON_FROM = {
-    "docs/howto/operate.md": "docs/howto/define-a-saga.md",
-    "docs/howto/testing.md": "docs/howto/define-a-saga.md",
+    "docs/howto/operate.md": ["docs/howto/define-a-saga.md"],
+    "docs/howto/testing.md": ["docs/howto/define-a-saga.md"],
+    "docs/howto/waits.md": ["docs/howto/define-a-saga.md", "docs/howto/testing.md"],
 }
 # Python's own, relative to the repository (the pages name the virtualenv's).
 VENV_PYTHON = ".venv/bin/python"
@@ -258,8 +259,9 @@ def page_project(page: Path, tutorial: Project, where: Path) -> tuple[Path, Page
     on from), on a copy of its database; migrated again where the page changed models."""
     project = where / "mysite"
     shutil.copytree(tutorial.path, project, symlinks=True)
-    earlier = GOES_ON_FROM.get(name_of(page))
-    written = apply_files(PageCode.of(ROOT / earlier), project) if earlier else []
+    written = []
+    for earlier in GOES_ON_FROM.get(name_of(page), []):
+        written += apply_files(PageCode.of(ROOT / earlier), project)
     code = PageCode.of(page)
     written += apply_files(code, project)
     slug = re.sub(r"\W+", "_", page.stem.lower())

@@ -64,6 +64,7 @@ from sagas.models import (
     Saga,
     SagaEvent,
     SagaNotice,
+    SagaSignal,
     SagaStatus,
     SagaStep,
     StepStatus,
@@ -116,6 +117,7 @@ PROGRESS = {
 # The tables one example writes; emptied before each example.
 RESET_MODELS = [
     SagaNotice,
+    SagaSignal,
     SagaEvent,
     SagaStep,
     Fault,

@@ -186,7 +186,12 @@ def test_the_purge_deletes_old_finished_sagas_in_batches_and_nothing_else():
     for batch in deleting:
         tables = [table for table, _ in batch]
         assert tables[:2] == ["sagas_sagastep", "sagas_sagaevent"], tables
-        assert set(tables[2:]) <= {"sagas_saga", "sagas_saganotice", "sagas_testing_fault"}, tables
+        assert set(tables[2:]) <= {
+            "sagas_saga",
+            "sagas_saganotice",
+            "sagas_sagasignal",
+            "sagas_testing_fault",
+        }, tables
         assert tables[-1] == "sagas_saga"
         assert all(ids <= 1000 for _, ids in batch)
         assert sum(ids for table, ids in batch if table == "sagas_saga") in (999, 1000)

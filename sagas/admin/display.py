@@ -23,6 +23,7 @@ EMPTY = "—"
 STATUS_COLOURS: dict[str, str] = {
     SagaStatus.PENDING: "#6b7280",
     SagaStatus.RUNNING: "#1d6fd8",
+    SagaStatus.WAITING: "#0e7490",
     SagaStatus.COMPENSATING: "#c26a00",
     SagaStatus.COMPLETED: "#1f7a3a",
     SagaStatus.COMPENSATED: "#6f42c1",
@@ -48,6 +49,10 @@ EVENT_TONES: dict[str, str] = {
     "operator_retry": "operator",
     "operator_compensate": "operator",
     "operator_resolve": "operator",
+    "wait_completed": "good",
+    "wait_failed": "bad",
+    "wait_timed_out": "warn",
+    "signal_refused": "warn",
 }
 
 

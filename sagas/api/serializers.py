@@ -15,6 +15,7 @@ from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
 from ..bulk import BulkFilter
+from ..definitions import is_wait
 from ..models import (
     STAFF_ONLY_DETAIL,
     BulkAction,
@@ -123,21 +124,32 @@ def _error(obj: Saga | SagaStep) -> dict[str, str] | None:
 
 
 class SagaStepSerializer(ModelSerializer):
+    kind = serializers.SerializerMethodField(help_text="step, or wait (for an event or a time).")
     error = serializers.SerializerMethodField(help_text="Why the step failed, if it did.")
+    event = serializers.SerializerMethodField(help_text="The event a wait waits for, if any.")
 
     class Meta:
         model = SagaStep
         fields = [
             "index",
             "name",
+            "kind",
             "status",
             "attempts",
             "error",
+            "event",
             "started_at",
+            "due_at",
             "finished_at",
             "compensated_at",
         ]
         read_only_fields = fields
+
+    def get_kind(self, step: SagaStep) -> str:
+        return "wait" if is_wait(step.definition) else "step"
+
+    def get_event(self, step: SagaStep) -> str | None:
+        return step.definition.get("event") if is_wait(step.definition) else None
 
     @extend_schema_field(ErrorSerializer(allow_null=True))
     def get_error(self, step: SagaStep) -> dict[str, str] | None:
@@ -285,6 +297,45 @@ class RetryRequestSerializer(StrictSerializer):
             "going forward."
         ),
     )
+
+
+class SignalFailureSerializer(StrictSerializer):
+    code = serializers.RegexField(
+        r"^[a-z0-9_]{1,100}$", help_text="A code for the failure, such as 3ds_failed."
+    )
+    message = serializers.CharField(max_length=500, help_text="What failed, for people.")
+
+
+class SignalRequestSerializer(StrictSerializer):
+    """A signal to a saga (`sagas.services.saga_signal`)."""
+
+    event = serializers.CharField(
+        max_length=100, help_text="The event a wait of the saga waits for."
+    )
+    payload = serializers.JSONField(
+        required=False, allow_null=True, help_text="What the event carries: the wait's output."
+    )
+    idempotency_key = serializers.RegexField(
+        r"^[\x21-\x7e]{1,200}$",
+        required=False,
+        help_text="Sent again with the same key, the signal gets its first answer.",
+    )
+    fail = SignalFailureSerializer(
+        required=False, help_text="Fail the wait instead: a business failure of the saga."
+    )
+
+
+class SignalSerializer(serializers.Serializer):
+    """What became of a signal."""
+
+    status = serializers.ChoiceField(
+        choices=["consumed", "kept", "refused", "discarded"],
+        help_text="consumed by its wait, kept for a wait to come, or refused (the wait is over).",
+    )
+    signal = serializers.IntegerField(source="signal_id", help_text="The signal's id.")
+    stage = serializers.CharField(help_text="The wait it is for (when known).")
+    reason = serializers.CharField(help_text="Why it was refused.")
+    repeated = serializers.BooleanField(help_text="Its key was used before: the first answer.")
 
 
 # -- bulk actions ---------------------------------------------------------------------------------

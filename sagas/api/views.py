@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Prefetch, QuerySet
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
@@ -31,7 +32,13 @@ from rest_framework.throttling import ScopedRateThrottle
 
 from ..bulk import BulkFilter
 from ..engine import KEEP, Plan
-from ..exceptions import BulkActionRefused, BulkPreviewOutdated, InvalidTransition, SagaBusy
+from ..exceptions import (
+    BulkActionRefused,
+    BulkPreviewOutdated,
+    InvalidTransition,
+    SagaBusy,
+    SignalError,
+)
 from ..models import (
     BulkAction,
     BulkOperation,
@@ -40,6 +47,7 @@ from ..models import (
     SagaEvent,
     SagaStatus,
     SagaStep,
+    SignalStatus,
 )
 from ..paginators import BoundedPaginator
 from ..permissions import may_operate
@@ -51,6 +59,7 @@ from ..services import (
     saga_compensate,
     saga_plan,
     saga_retry,
+    saga_signal,
     saga_step_resolve,
 )
 from .parsers import idempotency_key
@@ -66,6 +75,8 @@ from .serializers import (
     RetryRequestSerializer,
     SagaDetailSerializer,
     SagaSerializer,
+    SignalRequestSerializer,
+    SignalSerializer,
     future,
 )
 
@@ -145,7 +156,15 @@ class SagaFilter(filters.FilterSet):
         fields = ["status", "name"]
 
 
-OPERATOR_VIEWS = {*OperatorAction.values, "plan"}  # the views for staff with an action's permission
+# The views for staff with an action's permission.
+OPERATOR_VIEWS = {*OperatorAction.values, "plan", "signals"}
+# A signal's answer: consumed by its wait, kept for later, or refused (its wait is over).
+SIGNAL_STATUS_CODES: dict[str, int] = {
+    SignalStatus.CONSUMED: status.HTTP_200_OK,
+    SignalStatus.KEPT: status.HTTP_202_ACCEPTED,
+    SignalStatus.REFUSED: status.HTTP_409_CONFLICT,
+    SignalStatus.DISCARDED: status.HTTP_409_CONFLICT,
+}
 
 
 class MayOperate(BasePermission):
@@ -154,6 +173,8 @@ class MayOperate(BasePermission):
     message = "You do not have the permission for this saga action."
 
     def has_permission(self, request: Request, view: Any) -> bool:
+        if view.action == "signals":
+            return may_operate(request.user, "signal")
         return view.action not in OperatorAction.values or may_operate(request.user, view.action)
 
 
@@ -319,6 +340,45 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             return saga_step_resolve(saga_id=saga_id, index=int(index), actor=actor)
 
         return self._act(request, do)
+
+    @extend_schema(
+        summary="Send a signal to a saga",
+        description=(
+            "The event a wait of the saga waits for: consumed at once if the saga waits for it "
+            "(200), kept if the wait is still to come or the saga is busy (202), refused if the "
+            "wait is over (409, recorded on the saga's timeline). An `idempotency_key` used "
+            "before for this saga gets the first signal's answer, and nothing more is done. "
+            "Staff with `sagas.signal_saga`."
+        ),
+        request=SignalRequestSerializer,
+        responses={
+            200: SignalSerializer,
+            202: SignalSerializer,
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="Bad event or payload."),
+            409: SignalSerializer,
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def signals(self, request: Request, pk: str | None = None) -> Response:
+        saga = self.get_object()
+        body = SignalRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            outcome = saga_signal(
+                saga_id=saga.pk,
+                event=data["event"],
+                payload=data.get("payload"),
+                idempotency_key=data.get("idempotency_key"),
+                fail=data.get("fail"),
+            )
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
+        except SignalError as exc:
+            raise ValidationError({"event": [str(exc)]}) from None
+        code = SIGNAL_STATUS_CODES[outcome.status]
+        return Response(SignalSerializer(outcome).data, status=code)
 
     @extend_schema(
         summary="Preview an operator action",

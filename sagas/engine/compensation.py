@@ -45,6 +45,9 @@ def begin_compensation(
     false (a failing step's attempt leaves that to the chain's error callback)."""
     owed = unit.owed_on_compensation()
     current = unit.in_progress()
+    if current is not None and current.status == StepStatus.WAITING:
+        # A wait ends, never completed: nothing to undo, no attempt to fence.
+        unit.move_step(current, StepStatus.PENDING, None, due_at=None)
     if current is not None and current.status == StepStatus.RUNNING and current not in owed:
         # Between two attempts, not owed a compensation: it will not run again.
         unit.move_step(current, StepStatus.FAILED, None, finished_at=timezone.now())

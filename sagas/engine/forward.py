@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from datetime import timedelta
+from functools import partial
 from typing import Any
 from uuid import uuid4
 
@@ -19,7 +20,7 @@ from django.utils import timezone
 from ..definitions import SagaDefinition, StepContext, get_definition
 from ..exceptions import CodeMissing, SagaKeyInFlight, StepError
 from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
-from . import dispatch, notify
+from . import dispatch, notify, waits
 from .compensation import begin_compensation
 from .rows import EventRow, StepRow, insert_saga
 from .unit import (
@@ -102,12 +103,18 @@ def start(
             if inserted is None:
                 # The key was used, maybe by a request that committed a moment ago: its saga.
                 return Saga.objects.get(name=name, idempotency_key=idempotency_key), False
-            chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
-            transaction.on_commit(
-                publish_or_leave_to_sweeper(
-                    saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
+            if definition.begins_with_a_wait:
+                # In a transaction of its own once the start commits (the sweeper does it if
+                # this process dies first).
+                transaction.on_commit(partial(waits.begin, saga.id), robust=True)
+            else:
+                chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
+                chain = chain[: definition.first_wait]
+                transaction.on_commit(
+                    publish_or_leave_to_sweeper(
+                        saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
+                    )
                 )
-            )
             event_id, notice = inserted
             notify.on_commit(saga, [started], ids=[event_id], notice=notice)
     except IntegrityError as exc:
@@ -194,7 +201,9 @@ def step_attempt(
             error_message="",
         )
         unit.progressed()
-        if last:
+        if not last and unit.waits_at(index + 1):
+            waits.enter_wait(unit, unit.steps[index + 1])
+        elif last:
             if on_complete is not None:
                 outputs = unit.outputs_before(len(unit.steps))
                 _ = on_complete(StepContext(saga.pk, "", saga.input, outputs, ctx.attempt))

@@ -19,6 +19,7 @@ from django.utils import timezone
 from .. import conf
 from ..exceptions import InvalidTransition
 from ..models import EventKind, OperatorAction
+from . import waits
 from .compensation import FENCE_MARGIN, begin_compensation, finish_if_done
 from .unit import IN_PROGRESS, STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
 
@@ -112,7 +113,12 @@ def _deadline_passed(unit: Unit) -> bool:
 
 def plan_compensate(unit: Unit) -> Plan:
     saga = unit.saga
-    if saga.status not in (SagaStatus.RUNNING, SagaStatus.PENDING, SagaStatus.FAILED):
+    if saga.status not in (
+        SagaStatus.RUNNING,
+        SagaStatus.PENDING,
+        SagaStatus.WAITING,
+        SagaStatus.FAILED,
+    ):
         if saga.status == SagaStatus.COMPENSATING:
             return Plan(OperatorAction.COMPENSATE, False, "The saga is already compensating.")
         return Plan(
@@ -233,7 +239,7 @@ def retry(
                 )
             unit.set_saga(current_step=step.index, error_code="", error_message="")
             unit.move_saga(SagaStatus.RUNNING, EventKind.OPERATOR_RETRY, detail)
-            unit.send_forward(step.index)
+            waits.go_on(unit, step.index)
         unit.save()
     return plan
 

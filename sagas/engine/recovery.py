@@ -8,7 +8,7 @@ from __future__ import annotations
 from uuid import UUID
 
 from ..models import IN_FLIGHT, EventKind, SagaEvent
-from . import rows
+from . import rows, waits
 from .compensation import begin_compensation, finish_if_done
 from .unit import SagaStatus, lock
 
@@ -48,7 +48,7 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
         step = unit.in_progress()
         assert step is not None, "a saga going forward has a step to run"
         unit.event(EventKind.RECOVERED, None, {"attempt": stalls, "from_step": step.index})
-        unit.send_forward(step.index)
+        waits.go_on(unit, step.index)
     unit.save()
     return True
 
@@ -60,7 +60,9 @@ def deadline_passed(saga_id: UUID | str) -> bool:
     """
     unit = lock(saga_id)
     saga = unit.saga
-    if saga.status not in (SagaStatus.PENDING, SagaStatus.RUNNING) or saga.is_backward:
+    if saga.status not in (SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.WAITING):
+        return False
+    if saga.is_backward:
         return False
     if unit.passed_pivot():
         if not SagaEvent.objects.filter(saga_id=saga.id, kind=EventKind.DEADLINE_PASSED).exists():

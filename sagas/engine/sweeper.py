@@ -25,8 +25,8 @@ from django.utils import timezone
 
 from .. import conf
 from ..bulk import batches
-from ..models import IN_FLIGHT, Direction, EventKind, Saga
-from . import notify
+from ..models import IN_FLIGHT, Direction, EventKind, Saga, SagaStatus
+from . import notify, waits
 from .recovery import deadline_passed, recover
 from .relay import relay
 
@@ -40,6 +40,8 @@ class SweepReport:
     deadline_compensated: list[str] = field(default_factory=list)
     bulk_actions_resumed: list[int] = field(default_factory=list)
     relayed: int = 0
+    waits_timed_out: list[str] = field(default_factory=list)
+    signals_applied: int = 0
 
 
 # After k recoveries in a row without progress, the next waits stale_after * 2**k, at most
@@ -96,7 +98,7 @@ def sweep(
         expired = list(
             Saga.objects.select_for_update(skip_locked=True)
             .filter(
-                status__in=IN_FLIGHT[:2],
+                status__in=[*IN_FLIGHT[:2], SagaStatus.WAITING],
                 direction=Direction.FORWARD,
                 deadline_at__lt=timezone.now(),
             )
@@ -106,6 +108,8 @@ def sweep(
         for saga_id in expired:
             if deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
+    report.waits_timed_out = waits.time_out_due(batch_size=batch_size)
+    report.signals_applied = waits.apply_kept(batch_size=batch_size)
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     report.relayed = relay(older_than=conf.relay_after())
     if stale:

@@ -26,7 +26,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from .. import conf
-from ..definitions import RetryPolicy, StepContext, import_callable
+from ..definitions import RetryPolicy, StepContext, import_callable, is_wait
 from ..exceptions import (
     BusinessError,
     CodeMissing,
@@ -34,7 +34,7 @@ from ..exceptions import (
     StepError,
     TransientError,
 )
-from ..models import Direction, EventKind, SagaStatus, StepStatus
+from ..models import Direction, EventKind, SagaSignal, SagaStatus, SignalStatus, StepStatus
 from . import dispatch, notify, rows
 from .rows import EventRow, SagaRow, StepRow
 
@@ -44,11 +44,20 @@ logger = logging.getLogger("sagas")
 SAGA_TRANSITIONS: dict[str, set[str]] = {
     SagaStatus.PENDING: {
         SagaStatus.RUNNING,
+        SagaStatus.WAITING,
         SagaStatus.COMPENSATING,
         SagaStatus.COMPENSATED,
         SagaStatus.FAILED,
     },
     SagaStatus.RUNNING: {
+        SagaStatus.WAITING,
+        SagaStatus.COMPLETED,
+        SagaStatus.COMPENSATING,
+        SagaStatus.COMPENSATED,
+        SagaStatus.FAILED,
+    },
+    SagaStatus.WAITING: {
+        SagaStatus.RUNNING,
         SagaStatus.COMPLETED,
         SagaStatus.COMPENSATING,
         SagaStatus.COMPENSATED,
@@ -64,10 +73,13 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
     # A step in progress may be owed a compensation (`compensate_failed_step`) at any point.
     StepStatus.PENDING: {
         StepStatus.RUNNING,
+        StepStatus.WAITING,
         StepStatus.COMPLETED,
         StepStatus.FAILED,
         StepStatus.COMPENSATING,
     },
+    # A wait ends with its event or its timeout, or, the saga turned back, before either.
+    StepStatus.WAITING: {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.PENDING},
     StepStatus.RUNNING: {
         StepStatus.RUNNING,
         StepStatus.COMPLETED,
@@ -307,6 +319,8 @@ class Unit:
             self.set_saga(direction=Direction.BACKWARD)
         final = to in (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
         self.set_saga(status=to, finished_at=timezone.now() if final else None)
+        if final and any(is_wait(s.definition) for s in self.steps):
+            self._discard_kept_signals()
         if kind in WITH_ERROR:
             # The saga's error as it is now, for the signal sent later from this event (the
             # relay's), by when the saga may have moved on.
@@ -314,6 +328,22 @@ class Unit:
             detail["error_message"] = saga.error_message
         if kind:
             self.event(kind, None, detail)
+
+    def _discard_kept_signals(self) -> None:
+        """The saga is finished: the signals kept for waits it never reached are discarded,
+        on its timeline."""
+        kept = list(
+            SagaSignal.objects.filter(saga_id=self.saga.pk, status=SignalStatus.KEPT).values_list(
+                "pk", "event"
+            )
+        )
+        if not kept:
+            return
+        SagaSignal.objects.filter(pk__in=[pk for pk, _ in kept]).update(
+            status=SignalStatus.DISCARDED
+        )
+        for pk, event in kept:
+            self.event(EventKind.SIGNAL_DISCARDED, None, {"signal": pk, "event": event})
 
     def move_step(
         self,
@@ -381,9 +411,11 @@ class Unit:
         return self.saga.epoch
 
     def send_forward(self, start: int, *, countdown: float = 0.0) -> None:
-        """Send the steps from `start` on as a new chain, after the commit."""
+        """Send the steps from step `start` on, up to the next wait, as a new chain after the
+        commit (to go on from a stage that may be a wait: `sagas.engine.waits.go_on`)."""
+        assert not is_wait(self.steps[start].definition), "a chain begins with a step"
         saga_id, epoch = str(self.saga.pk), self._next_epoch()
-        steps = [(s.index, int(s.definition["time_limit"])) for s in self.steps[start:]]
+        steps = chain_of(self.steps, start)
         self.after_commit.append(lambda: dispatch.send_steps(saga_id, epoch, steps, countdown))
 
     def send_compensations(self, *, countdown: float = 0.0) -> None:
@@ -456,6 +488,10 @@ class Unit:
             return None
         return next((s for s in self.steps if s.status != StepStatus.COMPLETED), None)
 
+    def waits_at(self, index: int) -> bool:
+        """Whether stage `index` is a wait."""
+        return is_wait(self.steps[index].definition)
+
     def to_compensate(self) -> list[StepRow]:
         """Steps whose compensation is owed and not yet failed, in the order to run them."""
         owed = [s for s in self.steps if s.status == StepStatus.COMPENSATING]
@@ -465,7 +501,7 @@ class Unit:
         """What compensating now would undo, in reverse order: every completed step, those
         whose compensation is owed or failed, and the step in progress when its definition
         says `compensate_failed_step` (it may have started, whatever its row says)."""
-        owed = [s for s in self.steps if s.status in (StepStatus.COMPLETED, *OWED)]
+        owed = [s for s in self._undoable() if s.status in (StepStatus.COMPLETED, *OWED)]
         current = self.in_progress()
         if current is not None and current.definition.get("compensate_failed_step"):
             owed.append(current)
@@ -475,7 +511,7 @@ class Unit:
         """What resuming a backward saga's compensation would undo, in reverse order: the steps
         owed or whose compensation failed, and those a halted compensation never reached
         (completed ones, and a failed step its definition says to compensate)."""
-        owed = [s for s in self.steps if s.status in (StepStatus.COMPLETED, *OWED)]
+        owed = [s for s in self._undoable() if s.status in (StepStatus.COMPLETED, *OWED)]
         # The step that was in progress when compensation began (the first that never
         # completed), not undone yet: owed where its definition says it may have half-happened.
         completed = rows.completed_steps(self.saga.pk)
@@ -487,6 +523,10 @@ class Unit:
         ):
             owed.append(current)
         return sorted(owed, key=lambda s: s.index, reverse=True)
+
+    def _undoable(self) -> list[StepRow]:
+        """The stages that have something to undo: steps (a wait has nothing)."""
+        return [s for s in self.steps if not is_wait(s.definition)]
 
     def halt_compensation(self) -> None:
         """The compensation stops for an operator: the steps it never reached get back the
@@ -532,6 +572,16 @@ class Unit:
         return any(
             s.definition.get("pivot") and s.status == StepStatus.COMPLETED for s in self.steps
         )
+
+
+def chain_of(steps: list[StepRow], start: int) -> list[tuple[int, int]]:
+    """The (index, time limit) of the steps a chain from `start` runs: up to the next wait."""
+    chain = []
+    for step in steps[start:]:
+        if is_wait(step.definition):
+            break
+        chain.append((step.index, int(step.definition["time_limit"])))
+    return chain
 
 
 def publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Callable[[], None]:

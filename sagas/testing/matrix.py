@@ -19,7 +19,15 @@ from django.apps import apps
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 
-from sagas.definitions import SagaDefinition, get_definition, register, registered, snapshot_version
+from sagas.definitions import (
+    SagaDefinition,
+    Step,
+    Wait,
+    get_definition,
+    register,
+    registered,
+    snapshot_version,
+)
 from sagas.models import Saga, SagaStatus, SagaStep, StepStatus
 from sagas.services import saga_start
 
@@ -164,11 +172,17 @@ class FailureMatrix:
             definition = get_definition(definition)
         elif definition.name not in registered():
             register(definition)
+        if any(isinstance(stage, Wait) for stage in definition.steps):
+            raise ImproperlyConfigured(
+                f"saga {definition.name!r} has waits: the failure matrix covers sagas of "
+                "steps only, so far"
+            )
+        self.steps: tuple[Step, ...] = tuple(s for s in definition.steps if isinstance(s, Step))
         self.definition, self.make_input, self.start = definition, make_input, start
         self.invariant, self.timeout, self.retry_wait = invariant, timeout, retry_wait
 
     def cases(self) -> list[Case]:
-        steps = self.definition.steps
+        steps = self.steps
         trigger = self.last_compensable()
         cases = [self._fails_for_good(i) for i in range(len(steps))]
         cases += [self._retries_exhausted(i) for i in range(len(steps))]
@@ -206,27 +220,27 @@ class FailureMatrix:
     # -- reading the definition ----------------------------------------------------------------
 
     def index(self, name: str) -> int:
-        return [s.name for s in self.definition.steps].index(name)
+        return [s.name for s in self.steps].index(name)
 
     def after_pivot(self, index: int) -> bool:
         """Whether a pivot step comes before `index`: its failure pauses the saga."""
-        return any(step.pivot for step in self.definition.steps[:index])
+        return any(step.pivot for step in self.steps[:index])
 
     def last_compensable(self) -> int:
         """The last step whose failure still compensates: the last one, or the first pivot."""
-        pivots = [i for i, step in enumerate(self.definition.steps) if step.pivot]
-        return min([len(self.definition.steps) - 1, *pivots])
+        pivots = [i for i, step in enumerate(self.steps) if step.pivot]
+        return min([len(self.steps) - 1, *pivots])
 
     def owed(self, index: int) -> list[str]:
         """The compensations that step `index` failing for good runs, in their order."""
-        steps = self.definition.steps
+        steps = self.steps
         failed = [steps[index].name] if steps[index].compensate_failed_step else []
         return failed + [step.name for step in reversed(steps[:index])]
 
     # -- the cases -----------------------------------------------------------------------------
 
     def _fails_for_good(self, index: int) -> Case:
-        step = self.definition.steps[index]
+        step = self.steps[index]
         paused = self.after_pivot(index)
         expected = self._stopped_at(index, paused=paused, code=BUSINESS, attempts=1)
         expected = replace(expected, business_failure=step.name)
@@ -234,7 +248,7 @@ class FailureMatrix:
         return self._case(name, [(step.name, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT)], expected)
 
     def _retries_exhausted(self, index: int) -> Case:
-        step = self.definition.steps[index]
+        step = self.steps[index]
         after_pivot = self.after_pivot(index) and step.on_exhausted == "compensate"
         paused = step.on_exhausted == "pause" or after_pivot
         attempts = step.retry.max_attempts
@@ -244,7 +258,7 @@ class FailureMatrix:
         return self._case(f"{step.name} retries exhausted ({how})", [fault], expected)
 
     def _compensation_fails(self, trigger: int, name: str) -> Case:
-        step = self.definition.steps[self.index(name)]
+        step = self.steps[self.index(name)]
         owed = self.owed(trigger)
         before, after = owed[: owed.index(name)], owed[owed.index(name) + 1 :]
         carry_on = self.definition.continue_compensation_on_failure
@@ -262,7 +276,7 @@ class FailureMatrix:
             compensation_attempts={name: step.compensation_retry.max_attempts},
         )
         faults = [
-            (self.definition.steps[trigger].name, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT),
+            (self.steps[trigger].name, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT),
             (name, FaultPoint.BEFORE_COMPENSATION, FaultEffect.TRANSIENT_ERROR),
         ]
         function = str(step.compensation).rsplit(".", 1)[-1]
@@ -271,7 +285,7 @@ class FailureMatrix:
     def _delivered_twice(self, trigger: int | None) -> Case:
         """Every step's message, and every compensation's, delivered again after its commit;
         with a failure, the chain's error callback sent twice too."""
-        steps = self.definition.steps
+        steps = self.steps
         faults = [(s.name, FaultPoint.AFTER_COMMIT, FaultEffect.REDELIVER) for s in steps]
         if trigger is None:
             names = [s.name for s in steps]
@@ -297,7 +311,7 @@ class FailureMatrix:
 
     def _stopped_at(self, index: int, *, paused: bool, code: str, attempts: int) -> Expected:
         """Step `index` failed for good: the saga pauses there, or compensates what it owes."""
-        names = [step.name for step in self.definition.steps]
+        names = [step.name for step in self.steps]
         owed = [] if paused else self.owed(index)
         statuses: dict[str, str] = {}
         for i, name in enumerate(names):

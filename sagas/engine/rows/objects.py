@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from ...models import Direction, Saga, SagaStep
+from ...models import FINAL_STATUSES, Direction, Saga, SagaStep
 
 
 class SagaRow:
@@ -65,6 +65,10 @@ class SagaRow:
     def is_backward(self) -> bool:
         return self.direction == Direction.BACKWARD
 
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
 
 class StepRow:
     """A step's row (`sagas.models.SagaStep`'s columns); `definition` comes from the cache of
@@ -75,6 +79,7 @@ class StepRow:
         "compensated_at",
         "compensation_attempts",
         "definition",
+        "due_at",
         "error_code",
         "error_message",
         "fenced_until",
@@ -104,6 +109,7 @@ class StepRow:
     finished_at: Any
     compensated_at: Any
     fenced_until: Any
+    due_at: Any
 
     @property
     def pk(self) -> int:

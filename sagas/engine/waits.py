@@ -1,0 +1,440 @@
+"""Waits: stages that wait for an event (a signal) or a time, holding no worker and no message.
+
+A chain of steps ends at a wait (`unit.chain_of`). The transaction that completes the step
+before it begins the wait (`enter_wait`): the wait's row becomes `waiting` with its due time,
+the saga `waiting`; a signal kept for it (sent early) is consumed at once. Then either a signal
+comes (`signal`), or the sweeper finds the wait due (`due_waits`, `timed_out`), or the saga
+turns back (an operator's abort, its deadline), each under the saga's lock: exactly one of
+them ends the wait, and the others find it over. What comes after the wait is sent as a new
+chain under a new epoch (`go_on`).
+
+Signals are rows (`SagaSignal`): one that comes before its wait is kept; one whose saga is
+busy (a step holds its lock) is kept too, and the wait consumes it when the saga reaches it,
+or the next sweep does (`apply_kept`) if the saga was already waiting; one for a wait that is
+over is refused, and recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from django.core.exceptions import ValidationError
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from ..definitions import PAYLOAD_MAX_BYTES, import_callable, is_wait
+from ..exceptions import SagaBusy, SignalError
+from ..models import (
+    EventKind,
+    Saga,
+    SagaSignal,
+    SagaStatus,
+    SagaStep,
+    SignalStatus,
+    StepStatus,
+)
+from .compensation import begin_compensation
+from .rows import StepRow
+from .unit import SafeError, Unit, lock
+
+logger = logging.getLogger("sagas")
+
+# Seconds a signal waits for a saga whose step holds its lock, before it is kept instead.
+LOCK_WAIT = 2.0
+# The error of a wait whose timeout passed (`on_timeout` "compensate" or "pause").
+TIMED_OUT = SafeError("wait_timed_out", "The wait's timeout passed before its event came.")
+
+
+@dataclass(frozen=True)
+class SignalOutcome:
+    """What became of a signal: `consumed` by its wait, `kept` for a wait to come (or for a
+    saga that was busy), or `refused` (its wait is over; `reason` says why). `repeated`: the
+    idempotency key was used before, and this is the first signal's outcome."""
+
+    status: str
+    signal_id: int
+    stage: str = ""
+    reason: str = ""
+    repeated: bool = False
+
+
+class NoSuchWait(SignalError):
+    """The saga has no wait for this event."""
+
+
+def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool = False) -> None:
+    """Refuse a payload its wait would not take (Django's `ValidationError`, by field): larger
+    than the wait's `max_payload_bytes` as JSON, or refused by its `validate` (unless the
+    signal `fail`s the wait). `NoSuchWait` if
+    no wait of the saga is for `event`. Run before the saga is locked: `validate` is yours."""
+    definitions = SagaStep.objects.filter(saga_id=saga_id).values_list("definition", flat=True)
+    found = [d for d in definitions if is_wait(d) and d.get("event") == event]
+    if not found:
+        if not Saga.objects.filter(pk=saga_id).exists():
+            raise Saga.DoesNotExist(f"no saga {saga_id}")
+        raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
+    wait = found[0]
+    size = len(json.dumps(payload, separators=(",", ":"), cls=DjangoJSONEncoder).encode())
+    if size > int(wait.get("max_payload_bytes") or PAYLOAD_MAX_BYTES):
+        raise ValidationError(
+            {"payload": f"At most {wait['max_payload_bytes']} bytes of JSON (this is {size})."}
+        )
+    if wait.get("validate") and not fail:  # a signal that fails the wait carries no output
+        try:
+            import_callable(wait["validate"])(payload)
+        except ValidationError as error:
+            raise ValidationError({"payload": error.messages}) from None
+
+
+# -- entering a wait --------------------------------------------------------------------------
+
+
+def enter_wait(unit: Unit, step: StepRow) -> None:
+    """Begin the wait `step` (its row pending): the saga waits for its event or its timeout.
+    A signal kept for it is consumed at once."""
+    definition = step.definition
+    now = timezone.now()
+    timeout = definition.get("timeout")
+    due = now + timedelta(seconds=float(timeout)) if timeout else None
+    unit.set_saga(current_step=step.index)
+    unit.move_step(
+        step,
+        StepStatus.WAITING,
+        EventKind.WAIT_STARTED,
+        {"event": definition.get("event"), "until": due.isoformat() if due else None},
+        started_at=now,
+        finished_at=None,
+        due_at=due,
+        error_code="",
+        error_message="",
+    )
+    if unit.saga.status != SagaStatus.WAITING:
+        unit.move_saga(SagaStatus.WAITING, None)
+    event = definition.get("event")
+    if event:
+        kept = (
+            SagaSignal.objects.filter(saga_id=unit.saga.pk, event=event, status=SignalStatus.KEPT)
+            .order_by("id")
+            .first()
+        )
+        if kept is not None:
+            consume(unit, step, kept)
+
+
+def go_on(unit: Unit, index: int) -> None:
+    """Go on from stage `index`: begin the wait, or send the steps from it as a new chain."""
+    if unit.waits_at(index):
+        enter_wait(unit, unit.steps[index])
+    else:
+        unit.send_forward(index)
+
+
+def begin(saga_id: UUID | str) -> None:
+    """A saga whose first stage is a wait begins waiting (right after its start commits; the
+    sweeper does it if this never ran)."""
+    with transaction.atomic():
+        unit = lock(saga_id)
+        if unit.saga.status != SagaStatus.PENDING or unit.steps[0].status != StepStatus.PENDING:
+            return
+        go_on(unit, 0)
+        unit.save()
+
+
+# -- ending a wait ---------------------------------------------------------------------------
+
+
+def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
+    """The waiting `step` ends with `signal`: completed with its payload as the output, or
+    failed if the signal fails it (a business failure of the wait)."""
+    now = timezone.now()
+    SagaSignal.objects.filter(pk=signal.pk).update(status=SignalStatus.CONSUMED, stage=step.index)
+    signal.status, signal.stage = SignalStatus.CONSUMED, step.index
+    if signal.fail:
+        error = SafeError(
+            str(signal.fail.get("code") or "wait_failed"),
+            str(signal.fail.get("message") or "The event failed the wait."),
+        )
+        unit.move_step(
+            step,
+            StepStatus.FAILED,
+            EventKind.WAIT_FAILED,
+            {**error.as_dict(), "signal": signal.pk},
+            finished_at=now,
+            due_at=None,
+            error_code=error.code,
+            error_message=error.message,
+        )
+        _failed(unit, step, error, reason="failed by its event")
+        return
+    unit.move_step(
+        step,
+        StepStatus.COMPLETED,
+        EventKind.WAIT_COMPLETED,
+        {"signal": signal.pk, "event": signal.event},
+        output=signal.payload,
+        finished_at=now,
+        due_at=None,
+    )
+    _go_on(unit, step)
+
+
+def timed_out(unit: Unit, index: int) -> bool:
+    """The sweeper found the wait `index` due: end it as its `on_timeout` says. False if it
+    is over already (a signal, an abort came first)."""
+    step = unit.steps[index]
+    due = step.due_at
+    if unit.saga.status != SagaStatus.WAITING or step.status != StepStatus.WAITING:
+        return False
+    if due is None or due > timezone.now():
+        return False
+    policy = step.definition.get("on_timeout") or "compensate"
+    detail = {"action": policy, "due": due.isoformat()}
+    if policy == "continue":
+        unit.move_step(
+            step,
+            StepStatus.COMPLETED,
+            EventKind.WAIT_TIMED_OUT,
+            detail,
+            output=None,
+            finished_at=timezone.now(),
+            due_at=None,
+        )
+        _go_on(unit, step)
+        return True
+    unit.move_step(
+        step,
+        StepStatus.FAILED,
+        EventKind.WAIT_TIMED_OUT,
+        {**detail, **TIMED_OUT.as_dict()},
+        finished_at=timezone.now(),
+        due_at=None,
+        error_code=TIMED_OUT.code,
+        error_message=TIMED_OUT.message,
+    )
+    _failed(unit, step, TIMED_OUT, reason="wait timed out", pause=policy == "pause")
+    return True
+
+
+def _go_on(unit: Unit, step: StepRow) -> None:
+    """After a wait completed: the stages after it (a wait is never the last stage)."""
+    unit.progressed()
+    unit.move_saga(SagaStatus.RUNNING, None)
+    go_on(unit, step.index + 1)
+
+
+def _failed(
+    unit: Unit, step: StepRow, error: SafeError, *, reason: str, pause: bool = False
+) -> None:
+    """A wait failed for good: compensate the saga, or pause it for an operator (its policy
+    says so, or the saga passed its pivot)."""
+    unit.set_saga(error_code=error.code, error_message=error.message)
+    if pause or unit.passed_pivot():
+        why = reason if pause else "failed after the pivot"
+        unit.move_saga(SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": step.name, "reason": why})
+        return
+    begin_compensation(unit, EventKind.COMPENSATION_STARTED, {"step": step.name, "reason": reason})
+
+
+def end_for_compensation(unit: Unit) -> None:
+    """The saga turns back while a wait waits (an operator's abort, its deadline): the wait
+    ends, never completed (pending again, its due time gone)."""
+    for step in unit.steps:
+        if step.status == StepStatus.WAITING:
+            unit.move_step(step, StepStatus.PENDING, None, due_at=None)
+
+
+# -- signals ---------------------------------------------------------------------------------
+
+
+def signal(
+    saga_id: UUID | str,
+    event: str,
+    *,
+    payload: Any = None,
+    idempotency_key: str | None = None,
+    fail: dict[str, str] | None = None,
+) -> SignalOutcome:
+    """Send `event` to the saga: consumed by its wait if the saga waits for it, kept if the
+    wait is still to come (or the saga is busy for more than `LOCK_WAIT` seconds), refused if
+    the wait is over. With an `idempotency_key` used before for this saga, the first signal's
+    outcome, and nothing done. `NoSuchWait` if no wait of the saga is for this event;
+    `Saga.DoesNotExist` if there is no such saga."""
+    try:
+        with transaction.atomic():
+            unit = lock(saga_id, wait=LOCK_WAIT)
+            first = _first(unit.saga.pk, idempotency_key)
+            if first is not None:
+                return first
+            wait = _wait_for(unit, event)
+            row = _store(unit.saga.pk, event, payload, idempotency_key, fail)
+            outcome = _apply(unit, wait, row)
+            unit.save()
+        return outcome
+    except SagaBusy:
+        # A step holds the saga: keep the signal. The wait consumes it when the saga gets
+        # there; if the saga was already waiting, the next sweep applies it (`apply_kept`).
+        saga = Saga.objects.get(pk=saga_id)
+        return _kept_while_busy(saga, event, payload, idempotency_key, fail)
+
+
+def _first(saga_id: Any, key: str | None) -> SignalOutcome | None:
+    if key is None:
+        return None
+    row = SagaSignal.objects.filter(saga_id=saga_id, idempotency_key=key).first()
+    if row is None:
+        return None
+    return SignalOutcome(row.status, row.pk, _stage_name(row), row.reason, repeated=True)
+
+
+def _stage_name(row: SagaSignal) -> str:
+    if row.stage is None:
+        return ""
+    name = SagaStep.objects.filter(saga_id=row.saga_id, index=row.stage).values_list(
+        "name", flat=True
+    )
+    return next(iter(name), "")
+
+
+def _wait_for(unit: Unit, event: str) -> StepRow:
+    for step in unit.steps:
+        if is_wait(step.definition) and step.definition.get("event") == event:
+            return step
+    raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
+
+
+def _store(
+    saga_id: Any, event: str, payload: Any, key: str | None, fail: dict[str, str] | None
+) -> SagaSignal:
+    return SagaSignal.objects.create(
+        saga_id=saga_id,
+        event=event,
+        payload=payload,
+        fail=fail,
+        idempotency_key=key,
+        status=SignalStatus.KEPT,
+    )
+
+
+def _apply(unit: Unit, wait: StepRow, row: SagaSignal) -> SignalOutcome:
+    saga = unit.saga
+    if saga.status == SagaStatus.WAITING and wait.status == StepStatus.WAITING:
+        consume(unit, wait, row)
+        return SignalOutcome(SignalStatus.CONSUMED, row.pk, wait.name)
+    ahead = wait.status == StepStatus.PENDING and not saga.is_backward and not saga.is_final
+    if ahead:
+        unit.event(EventKind.SIGNAL_KEPT, wait, {"signal": row.pk, "event": row.event})
+        return SignalOutcome(SignalStatus.KEPT, row.pk, wait.name)
+    reason = _over(unit, wait)
+    SagaSignal.objects.filter(pk=row.pk).update(status=SignalStatus.REFUSED, reason=reason)
+    unit.event(
+        EventKind.SIGNAL_REFUSED, wait, {"signal": row.pk, "event": row.event, "reason": reason}
+    )
+    return SignalOutcome(SignalStatus.REFUSED, row.pk, wait.name, reason)
+
+
+def _over(unit: Unit, wait: StepRow) -> str:
+    if unit.saga.is_final:
+        return f"The saga is {unit.saga.status}."
+    if unit.saga.is_backward:
+        return "The saga is compensating."
+    if wait.status == StepStatus.COMPLETED:
+        return "Its wait is over."
+    return f"Its wait is over ({wait.error_code or wait.status})."
+
+
+def _kept_while_busy(
+    saga: Saga, event: str, payload: Any, key: str | None, fail: dict[str, str] | None
+) -> SignalOutcome:
+    definitions = SagaStep.objects.filter(saga=saga).values_list("name", "definition")
+    if not any(is_wait(d) and d.get("event") == event for _, d in definitions):
+        raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
+    if saga.is_final or saga.direction == "backward":
+        # Read without the lock: a saga that is over stays over.
+        refused = SignalOutcome(SignalStatus.REFUSED, 0, reason=f"The saga is {saga.status}.")
+        return refused
+    try:
+        with transaction.atomic():
+            row = _store(saga.pk, event, payload, key, fail)
+    except IntegrityError:  # the key, at the same moment
+        first = _first(saga.pk, key)
+        if first is None:
+            raise
+        return first
+    return SignalOutcome(SignalStatus.KEPT, row.pk)
+
+
+def apply_kept(*, batch_size: int = 200) -> int:
+    """Consume the signals kept for a wait the saga had already reached when they came (it
+    was busy); returns how many. Run by the sweeper."""
+    waiting = (
+        SagaSignal.objects.filter(status=SignalStatus.KEPT, saga__status=SagaStatus.WAITING)
+        .values_list("saga_id", flat=True)
+        .distinct()[:batch_size]
+    )
+    applied = 0
+    for saga_id in list(waiting):
+        with transaction.atomic():
+            try:
+                unit = lock(saga_id, wait=0.1)
+            except SagaBusy:
+                continue
+            step = unit.steps[unit.saga.current_step]
+            event = step.definition.get("event")
+            if unit.saga.status != SagaStatus.WAITING or step.status != StepStatus.WAITING:
+                continue
+            kept = (
+                SagaSignal.objects.filter(saga_id=saga_id, event=event, status=SignalStatus.KEPT)
+                .order_by("id")
+                .first()
+            )
+            if kept is None:
+                continue
+            consume(unit, step, kept)
+            unit.save()
+            applied += 1
+    return applied
+
+
+def due_waits(now: datetime, batch_size: int = 200) -> list[tuple[Any, int]]:
+    """The (saga id, stage index) of the waits whose timeout is due, the earliest first."""
+    return list(
+        SagaStep.objects.filter(status=StepStatus.WAITING, due_at__lte=now)
+        .order_by("due_at")
+        .values_list("saga_id", "index")[:batch_size]
+    )
+
+
+def time_out_due(*, batch_size: int = 200) -> list[str]:
+    """End the waits whose timeout is due, each under its saga's lock (a saga a step or a
+    signal holds is left for the next sweep); returns the sagas'."""
+    ended = []
+    for saga_id, index in due_waits(timezone.now(), batch_size):
+        with transaction.atomic():
+            locked = (
+                Saga.objects.select_for_update(skip_locked=True)
+                .filter(pk=saga_id)
+                .values_list("pk", flat=True)
+            )
+            if not list(locked):
+                continue
+            unit = lock(saga_id)
+            if timed_out(unit, index):
+                unit.save()
+                ended.append(str(saga_id))
+    return ended
+
+
+def kwargs_of(outcome: SignalOutcome) -> dict[str, Any]:
+    """An outcome as the API shows it."""
+    return {
+        "status": outcome.status,
+        "signal": outcome.signal_id,
+        "stage": outcome.stage,
+        "reason": outcome.reason,
+    }
