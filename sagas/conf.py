@@ -40,6 +40,18 @@ def relay_after() -> timedelta:
     return timedelta(seconds=float(getattr(settings, "SAGAS_RELAY_AFTER", 30)))
 
 
+def signal_url_max_age() -> int:
+    """`SAGAS_SIGNAL_URL_MAX_AGE`, default 2,592,000 (30 days): seconds a signed signal URL
+    (`ctx.signal_url(...)`) is taken after it was made."""
+    return int(getattr(settings, "SAGAS_SIGNAL_URL_MAX_AGE", 30 * 86400))
+
+
+def base_url() -> str:
+    """`SAGAS_BASE_URL`, default "" (none): the site's base URL, such as
+    "https://shop.example.com", for the absolute signal URLs a step makes."""
+    return str(getattr(settings, "SAGAS_BASE_URL", "") or "")
+
+
 def recovery_max_attempts() -> int:
     """`SAGAS_RECOVERY_MAX_ATTEMPTS`, default 5: after this many recoveries in a row without
     progress a saga goes to `failed` for an operator (dead letter)."""

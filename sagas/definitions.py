@@ -44,6 +44,14 @@ class StepContext:
         """Pass this to any external system, so a repeated call is recognised as such."""
         return f"{self.saga_id}:{self.step}"
 
+    def signal_url(self, event: str) -> str:
+        """The signed URL at which an external system sends `event` to this saga's wait
+        (a POST of the payload as JSON), on `SAGAS_BASE_URL`: make it before the wait begins
+        and hand it over (a payment provider's webhook URL). See `sagas.signing`."""
+        from .signing import signal_url
+
+        return signal_url(self.saga_id, event)
+
 
 def dotted_path(target: str | Callable[..., Any] | type) -> str:
     """The import path of a callable or class, so it can be stored in a step row."""

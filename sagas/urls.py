@@ -1,14 +1,17 @@
 """The saga endpoints, for a project's URLconf: `path("api/sagas/", include("sagas.urls"))`.
 
-List and detail, the preview (`plan`) and the operator actions (`retry`, `compensate`,
-`steps/<index>/resolve`), and bulk actions (`bulk/preview/`, `bulk/`, `bulk/<id>/`), named in
-the `sagas` namespace: `reverse("sagas:saga-detail", ...)`, `"sagas:bulk-action-detail"`.
+List and detail, the preview (`plan`), the operator actions (`retry`, `compensate`,
+`steps/<index>/resolve`) and signals (`<id>/signals/`), bulk actions (`bulk/preview/`,
+`bulk/`, `bulk/<id>/`), and the signed signal URLs of external systems (`signals/<token>/`),
+named in the `sagas` namespace: `reverse("sagas:saga-detail", ...)`,
+`"sagas:bulk-action-detail"`, `"sagas:signal-url"`.
 Needs the `api` extra (Django REST framework, django-filter, drf-spectacular).
 """
 
+from django.urls import path
 from rest_framework.routers import SimpleRouter
 
-from .api import BulkActionViewSet, SagaViewSet
+from .api import BulkActionViewSet, SagaViewSet, SignalURLView
 
 app_name = "sagas"
 
@@ -16,4 +19,8 @@ router = SimpleRouter()
 router.register("bulk", BulkActionViewSet, basename="bulk-action")
 router.register("", SagaViewSet, basename="saga")
 
-urlpatterns = router.urls
+urlpatterns = [
+    # A wait's signed URL, for external systems (`sagas.signing`): the token is the credential.
+    path("signals/<str:token>/", SignalURLView.as_view(), name="signal-url"),
+    *router.urls,
+]

@@ -552,3 +552,26 @@ def _timer() -> None:
 
 
 _timer()
+
+
+def hands_over_the_url(ctx: StepContext) -> dict:
+    """As a step that gives a payment provider the URL of its webhook, before the wait."""
+    return {"webhook": ctx.signal_url("payment_confirmed")}
+
+
+def _webhook() -> None:
+    from sagas.definitions import Wait
+
+    register(
+        SagaDefinition(
+            name="pays_by_webhook",
+            steps=[
+                Step("charge", hands_over_the_url, undo_reservation, retry=FAST),
+                Wait("confirmation", event="payment_confirmed", timeout=60),
+                Step("ship", sees_the_payment, undo, retry=FAST),
+            ],
+        )
+    )
+
+
+_webhook()

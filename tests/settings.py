@@ -16,6 +16,8 @@ SAGAS_RENAMED_CALLABLES = json.loads(os.environ.get("TEST_SAGAS_RENAMED_CALLABLE
 SAGAS_SHOWN_EXCEPTIONS = ["tests.sagadefs.BadGatewayResponse"]
 # The relay sends a transition's unsent signals one second after its commit.
 SAGAS_RELAY_AFTER = 1
+# The site's base URL, for the signed signal URLs a step makes.
+SAGAS_BASE_URL = "https://shop.example.com"
 # Celery's task routes, as a project may set them (tests/test_testkit.py starts workers that
 # route the saga tasks to a queue of their own).
 CELERY_TASK_ROUTES = json.loads(os.environ.get("TEST_CELERY_TASK_ROUTES") or "null")

@@ -19,6 +19,8 @@ DEFAULTS = [
     ("SAGAS_RECOVERY_STALE_AFTER", conf.recovery_stale_after, timedelta(seconds=300)),
     ("SAGAS_RECOVERY_MAX_ATTEMPTS", conf.recovery_max_attempts, 5),
     ("SAGAS_RELAY_AFTER", conf.relay_after, timedelta(seconds=30)),
+    ("SAGAS_BASE_URL", conf.base_url, ""),
+    ("SAGAS_SIGNAL_URL_MAX_AGE", conf.signal_url_max_age, 30 * 86400),
     ("SAGAS_MODULES", conf.modules, ()),
     ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
     ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),

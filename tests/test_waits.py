@@ -310,3 +310,48 @@ def test_the_api_sends_signals_with_answers_by_outcome_and_refuses_bad_ones(saga
         "/api/sagas/00000000-0000-0000-0000-000000000000/signals/", body, format="json"
     )
     assert missing.status_code == 404
+
+
+# -- signed URLs ----------------------------------------------------------------------------------
+
+
+def test_a_providers_webhook_posts_to_the_signed_url_a_step_made(saga_db):
+    """The step hands the provider the URL before the wait; the provider posts its payload
+    there, without credentials; sent again (its answer lost) it gets the first answer; another
+    payload after the wait is over is refused; a tampered token changes nothing."""
+    from rest_framework.test import APIClient
+
+    provider = APIClient()
+    saga, _ = services.saga_start(name="pays_by_webhook", input={})
+    wait_for(lambda: waiting(saga), timeout=20, what="the saga to wait")
+    url = SagaStep.objects.get(saga=saga, name="charge").output["webhook"]
+    assert url.startswith("https://shop.example.com/api/sagas/signals/")
+    path = url.removeprefix("https://shop.example.com")
+
+    tampered = path.replace("/signals/", "/signals/x")
+    assert provider.post(tampered, CONFIRMED, format="json").status_code == 404
+    first = provider.post(path, CONFIRMED, format="json")
+    assert first.status_code == 200 and first.json()["status"] == "consumed", first.content
+    again = provider.post(path, CONFIRMED, format="json")
+    assert again.status_code == 200 and again.json()["repeated"] is True
+    assert wait_final(saga.pk, timeout=20).status == "completed"
+    other = provider.post(path, {"reference": "another"}, format="json")
+    assert other.status_code == 409 and other.json()["status"] == "refused"
+    assert SagaStep.objects.get(saga=saga, name="ship").output == {"confirmed": CONFIRMED}
+
+
+def test_a_url_made_before_a_sweepers_resend_still_reaches_the_wait(saga_db, monkeypatch):
+    from rest_framework.test import APIClient
+
+    from sagas.signing import signal_path
+
+    lose_messages(monkeypatch)
+    saga, _ = services.saga_start(name="pays_by_webhook", input={})
+    path = signal_path(saga.pk, "payment_confirmed")  # before the saga ran anything
+    monkeypatch.undo()
+    Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+    assert sweep().recovered == [str(saga.pk)]  # a new chain, a new epoch
+    wait_for(lambda: waiting(saga), timeout=20, what="the saga to wait")
+    answer = APIClient().post(path, CONFIRMED, format="json")
+    assert answer.status_code == 200, answer.content
+    assert wait_final(saga.pk, timeout=20).status == "completed"

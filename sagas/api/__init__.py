@@ -38,6 +38,7 @@ _WHERE = {
     "MayOperate": "views",
     "Pagination": "views",
     "SagaFilter": "views",
+    "SignalURLView": "views",
     "SagaViewSet": "views",
     "ScopedThrottle": "views",
 }
@@ -69,6 +70,7 @@ __all__ = [
     "SagaSummarySerializer",
     "SagaViewSet",
     "ScopedThrottle",
+    "SignalURLView",
     "StrictCharField",
     "StrictIntegerField",
     "StrictSerializer",

@@ -1,16 +1,20 @@
-"""The saga API's views: sagas with their steps and timeline, the operator actions, and bulk
-actions (an operator action on every saga that matches a filter).
+"""The saga API's views: sagas with their steps and timeline, the operator actions, signals,
+bulk actions (an operator action on every saga that matches a filter), and the signed signal
+URLs of external systems.
 
 Reusable: it knows nothing of the domain apps. `sagas.urls` routes `SagaViewSet`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db.models import Prefetch, QuerySet
+from django.http import QueryDict
 from django_filters import rest_framework as filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -21,14 +25,15 @@ from drf_spectacular.utils import (
 )
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException, ValidationError
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.filters import OrderingFilter
 from rest_framework.pagination import PageNumberPagination
-from rest_framework.permissions import BasePermission, IsAdminUser, IsAuthenticated
+from rest_framework.permissions import AllowAny, BasePermission, IsAdminUser, IsAuthenticated
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
 
 from ..bulk import BulkFilter
 from ..engine import KEEP, Plan
@@ -62,6 +67,7 @@ from ..services import (
     saga_signal,
     saga_step_resolve,
 )
+from ..signing import BadSignalToken, read_signal_token
 from .parsers import idempotency_key
 from .serializers import (
     BulkActionDetailSerializer,
@@ -516,3 +522,77 @@ class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
             raise serializers.ValidationError({"filter": [str(exc)]}) from exc
         serializer = BulkActionDetailSerializer(bulk_action, context=self.get_serializer_context())
         return Response(serializer.data, status=status.HTTP_202_ACCEPTED)
+
+
+# -- signed signal URLs ---------------------------------------------------------------------------
+
+
+class Gone(APIException):
+    status_code = status.HTTP_410_GONE
+    default_code = "gone"
+
+
+class SignalURLView(APIView):
+    """`POST /api/sagas/signals/<token>/`: an external system (a payment provider's webhook)
+    sends the event of one wait of one saga, its payload the request's JSON body. The signed
+    token is the credential (`sagas.signing`): no session, no API token, no CSRF.
+
+    The same payload posted again to the same URL (a webhook sent again after its answer was
+    lost) gets the first answer and does nothing more; a URL completes its wait once. A
+    forged or tampered token, or one for a saga that no longer exists, is a 404; an expired
+    one a 410; nothing changes.
+
+    A project that also checks its provider's own signature subclasses this view, overrides
+    `verify` (raise `PermissionDenied`), and routes the subclass at the same path before
+    `include("sagas.urls")`.
+    """
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+
+    def verify(self, request: Request) -> None:
+        """Check the request before anything is done; raise `PermissionDenied` to refuse it.
+        The framework's checks nothing but the token."""
+
+    @extend_schema(
+        operation_id="api_sagas_signal_url_create",
+        summary="Send a signal through a signed URL",
+        description=(
+            "For external systems: the body is the event's payload (JSON). 200 consumed, "
+            "202 kept, 409 refused (its wait is over); 404 for a bad token or a saga that no "
+            "longer exists, 410 for an expired one."
+        ),
+        request=OpenApiTypes.OBJECT,
+        responses={
+            200: SignalSerializer,
+            202: SignalSerializer,
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="A payload its wait refuses."),
+            404: OpenApiResponse(DetailSerializer, description="Not a valid signal URL."),
+            409: SignalSerializer,
+            410: OpenApiResponse(DetailSerializer, description="An expired signal URL."),
+        },
+    )
+    def post(self, request: Request, token: str) -> Response:
+        try:
+            saga_id, event = read_signal_token(token)
+        except BadSignalToken as exc:
+            if exc.expired:
+                raise Gone(str(exc)) from None
+            raise NotFound(str(exc)) from None
+        self.verify(request)
+        data = request.data
+        payload = data.dict() or None if isinstance(data, QueryDict) else data
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+        key = "url:" + hashlib.sha256(f"{token}\n{canonical}".encode()).hexdigest()
+        try:
+            outcome = saga_signal(
+                saga_id=saga_id, event=event, payload=payload, idempotency_key=key
+            )
+        except Saga.DoesNotExist:
+            raise NotFound("This signal URL is not valid.") from None
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
+        except SignalError:
+            raise NotFound("This signal URL is not valid.") from None
+        code = SIGNAL_STATUS_CODES[outcome.status]
+        return Response(SignalSerializer(outcome).data, status=code)
