@@ -575,3 +575,32 @@ def _webhook() -> None:
 
 
 _webhook()
+
+
+def _more_waits() -> None:
+    from sagas.definitions import Wait
+
+    register(
+        SagaDefinition(
+            name="two_waits",
+            steps=[
+                Wait("first_wait", event="first", timeout=3600),
+                Step("a", record, undo, retry=FAST),
+                Wait("second_wait", event="second", timeout=3600),
+                Step("b", record, undo, retry=FAST),
+            ],
+        )
+    )
+    register(
+        SagaDefinition(
+            name="half_step_after_a_wait",
+            steps=[
+                Step("a", record, undo, retry=FAST),
+                Wait("w", event="go", timeout=3600),
+                Step("b", decline, undo, retry=FAST, compensate_failed_step=True),
+            ],
+        )
+    )
+
+
+_more_waits()

@@ -355,3 +355,129 @@ def test_a_url_made_before_a_sweepers_resend_still_reaches_the_wait(saga_db, mon
     answer = APIClient().post(path, CONFIRMED, format="json")
     assert answer.status_code == 200, answer.content
     assert wait_final(saga.pk, timeout=20).status == "completed"
+
+
+# -- found by review: each failed before its fix ------------------------------------------------
+
+
+def test_a_signal_kept_while_busy_before_the_timeout_wins_over_it(saga_db, monkeypatch):
+    """Kept (202) while a step held the saga, then the wait falls due before the next sweep:
+    the signal came in time, and is consumed, not discarded by the timeout."""
+    from tests.conftest import attempt_in_process
+
+    lose_messages(monkeypatch)
+    saga = start(order="o-in-time")
+    assert attempt_in_process(saga.pk, 0) == "done"
+    with locked_elsewhere(saga):
+        kept = services.saga_signal(saga_id=saga.pk, event="payment_confirmed", payload=CONFIRMED)
+    assert kept.status == "kept"
+    row = SagaSignal.objects.get(pk=kept.signal_id)
+    SagaStep.objects.filter(saga=saga, name="confirmation").update(
+        due_at=row.created_at + timedelta(milliseconds=1)
+    )
+    monkeypatch.undo()
+    sweep()
+    assert wait_final(saga.pk, timeout=20).status == "completed"
+    assert SagaSignal.objects.get(pk=row.pk).status == "consumed"
+
+
+def test_the_sweep_applies_a_busy_signal_behind_signals_kept_for_later_waits(monkeypatch):
+    """Sagas with signals kept early for their second wait do not hide, batch after batch, a
+    saga whose signal for its current wait came while it was busy."""
+    from sagas.engine import waits
+
+    lose_messages(monkeypatch)
+    victim, _ = services.saga_start(name="two_waits", input={})
+    wait_for(lambda: waiting(victim), timeout=5)
+    with locked_elsewhere(victim):
+        assert services.saga_signal(saga_id=victim.pk, event="first").status == "kept"
+    for _ in range(4):
+        other, _ = services.saga_start(name="two_waits", input={})
+        assert services.saga_signal(saga_id=other.pk, event="second").status == "kept"
+    assert waits.apply_kept(batch_size=2) == 1
+    assert SagaStep.objects.get(saga=victim, name="first_wait").status == "completed"
+
+
+def test_a_resumed_compensation_undoes_a_half_step_after_a_wait(saga_db, monkeypatch):
+    """`compensate_failed_step` after a completed wait: halted, then resumed, the compensation
+    still undoes it (a completed wait is not the step that was in progress)."""
+    from tests.conftest import attempt_in_process
+
+    lose_messages(monkeypatch)
+    saga, _ = services.saga_start(name="half_step_after_a_wait", input={})
+    assert attempt_in_process(saga.pk, 0) == "done"
+    assert services.saga_signal(saga_id=saga.pk, event="go").status == "consumed"
+    assert attempt_in_process(saga.pk, 2) == "fail"
+    Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(hours=2))
+    assert sweeper.sweep(stale_after=timedelta(minutes=1), max_recoveries=0).dead_lettered
+    plan = services.saga_plan(saga_id=saga.pk, action="retry")
+    assert plan.undo == ("b", "a"), plan
+
+
+def test_a_signal_while_busy_for_a_wait_that_is_over_is_refused_and_never_applied(
+    saga_db, monkeypatch
+):
+    """The wait paused at its timeout; a signal while something holds the saga is refused
+    (and stored so), as without contention, and a retry's new wait does not consume it."""
+    from sagas.engine import waits
+    from tests.conftest import attempt_in_process
+
+    lose_messages(monkeypatch)
+    saga = start("waits_briefly_then_pauses", order="o-over")
+    assert attempt_in_process(saga.pk, 0) == "done"
+    SagaStep.objects.filter(saga=saga, name="confirmation").update(due_at=timezone.now())
+    waits.time_out_due()
+    assert status(saga) == "failed"
+    with locked_elsewhere(saga):
+        busy = services.saga_signal(
+            saga_id=saga.pk, event="payment_confirmed", payload={"reference": "late"}
+        )
+    assert busy.status == "refused" and "over" in busy.reason
+    assert SagaSignal.objects.get(pk=busy.signal_id).status == "refused"
+    services.saga_retry(saga_id=saga.pk, actor="operator")
+    assert SagaStep.objects.get(saga=saga, name="confirmation").status == "waiting"
+
+
+def test_a_repeated_key_while_a_compensation_holds_the_saga_gets_the_first_answer(
+    saga_db, monkeypatch
+):
+    from tests.conftest import attempt_in_process
+
+    lose_messages(monkeypatch)
+    saga = start(order="o-repeat-busy")
+    assert attempt_in_process(saga.pk, 0) == "done"
+    failure = {"code": "declined", "message": "3-D Secure failed."}
+    first = services.saga_signal(
+        saga_id=saga.pk, event="payment_confirmed", idempotency_key="evt-1", fail=failure
+    )
+    assert first.status == "consumed" and status(saga) == "compensating"
+    with locked_elsewhere(saga):
+        again = services.saga_signal(
+            saga_id=saga.pk, event="payment_confirmed", idempotency_key="evt-1", fail=failure
+        )
+    assert again.repeated and (again.status, again.signal_id) == (first.status, first.signal_id)
+
+
+def test_text_postgresql_cannot_store_is_a_400_not_a_500(saga_db):
+    from django.contrib.auth.models import Permission
+    from rest_framework.test import APIClient
+
+    from tests.factories import make_operator
+
+    operator = make_operator()
+    operator.user_permissions.add(Permission.objects.get(codename="signal_saga"))
+    client = APIClient()
+    client.force_authenticate(type(operator).objects.get(pk=operator.pk))
+    saga = start(order="o-nul")
+    wait_for(lambda: waiting(saga), timeout=20, what="the saga to wait")
+    url = f"/api/sagas/{saga.pk}/signals/"
+    for body in (
+        '{"event": "payment_confirmed", "payload": {"reference": "a\\u0000b"}}',
+        '{"event": "payment_confirmed", "payload": {"reference": "x", "k\\u0000": 1}}',
+        '{"event": "payment_confirmed", "payload": {"reference": "\\ud800"}}',
+        '{"event": 5}',
+        '{"event": "payment_confirmed", "idempotency_key": 5}',
+    ):
+        answer = client.post(url, body, content_type="application/json")
+        assert answer.status_code == 400, (body, answer.status_code, answer.content)
+    assert not SagaSignal.objects.exists() and waiting(saga)

@@ -8,6 +8,7 @@ import datetime
 from collections.abc import Mapping
 from typing import Any
 
+from django.core.validators import RegexValidator
 from django.utils import timezone
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
@@ -309,15 +310,14 @@ class SignalFailureSerializer(StrictSerializer):
 class SignalRequestSerializer(StrictSerializer):
     """A signal to a saga (`sagas.services.saga_signal`)."""
 
-    event = serializers.CharField(
-        max_length=100, help_text="The event a wait of the saga waits for."
-    )
+    event = StrictCharField(max_length=100, help_text="The event a wait of the saga waits for.")
     payload = serializers.JSONField(
         required=False, allow_null=True, help_text="What the event carries: the wait's output."
     )
-    idempotency_key = serializers.RegexField(
-        r"^[\x21-\x7e]{1,200}$",
+    idempotency_key = StrictCharField(
+        max_length=200,
         required=False,
+        validators=[RegexValidator(r"^[\x21-\x7e]{1,200}\Z", "Printable ASCII, no spaces.")],
         help_text="Sent again with the same key, the signal gets its first answer.",
     )
     fail = SignalFailureSerializer(

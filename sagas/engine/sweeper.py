@@ -108,8 +108,10 @@ def sweep(
         for saga_id in expired:
             if deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
-    report.waits_timed_out = waits.time_out_due(batch_size=batch_size)
+    # Signals kept while their saga was busy first: one that came before its wait's timeout
+    # wins over it.
     report.signals_applied = waits.apply_kept(batch_size=batch_size)
+    report.waits_timed_out = waits.time_out_due(batch_size=batch_size)
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     report.relayed = relay(older_than=conf.relay_after())
     if stale:

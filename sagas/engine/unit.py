@@ -515,7 +515,16 @@ class Unit:
         # The step that was in progress when compensation began (the first that never
         # completed), not undone yet: owed where its definition says it may have half-happened.
         completed = rows.completed_steps(self.saga.pk)
-        current = next((s for s in self.steps if s.index not in completed), None)
+        current = next(
+            (
+                s
+                for s in self.steps
+                if s.index not in completed
+                # A wait that completed: its events are not a step's (`WAIT_COMPLETED`).
+                and not (is_wait(s.definition) and s.status == StepStatus.COMPLETED)
+            ),
+            None,
+        )
         if (
             current is not None
             and current.status in (StepStatus.PENDING, StepStatus.RUNNING, StepStatus.FAILED)

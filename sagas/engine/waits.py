@@ -26,6 +26,8 @@ from uuid import UUID
 from django.core.exceptions import ValidationError
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import IntegrityError, transaction
+from django.db.models import F, OuterRef, Subquery
+from django.db.models.fields.json import KT
 from django.utils import timezone
 
 from ..definitions import PAYLOAD_MAX_BYTES, import_callable, is_wait
@@ -33,6 +35,7 @@ from ..exceptions import SagaBusy, SignalError
 from ..models import (
     EventKind,
     Saga,
+    SagaEvent,
     SagaSignal,
     SagaStatus,
     SagaStep,
@@ -68,6 +71,23 @@ class NoSuchWait(SignalError):
     """The saga has no wait for this event."""
 
 
+def _storable(value: Any) -> bool:
+    """Whether PostgreSQL's jsonb takes the value: no NUL in its text, no lone surrogate."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return False
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_storable(k) and _storable(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return all(_storable(v) for v in value)
+    return True
+
+
 def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool = False) -> None:
     """Refuse a payload its wait would not take (Django's `ValidationError`, by field): larger
     than the wait's `max_payload_bytes` as JSON, or refused by its `validate` (unless the
@@ -80,6 +100,10 @@ def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool =
             raise Saga.DoesNotExist(f"no saga {saga_id}")
         raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
     wait = found[0]
+    if not _storable(payload):
+        raise ValidationError(
+            {"payload": "Text with a NUL character or a lone surrogate cannot be stored."}
+        )
     size = len(json.dumps(payload, separators=(",", ":"), cls=DjangoJSONEncoder).encode())
     if size > int(wait.get("max_payload_bytes") or PAYLOAD_MAX_BYTES):
         raise ValidationError(
@@ -118,13 +142,29 @@ def enter_wait(unit: Unit, step: StepRow) -> None:
         unit.move_saga(SagaStatus.WAITING, None)
     event = definition.get("event")
     if event:
-        kept = (
-            SagaSignal.objects.filter(saga_id=unit.saga.pk, event=event, status=SignalStatus.KEPT)
-            .order_by("id")
-            .first()
+        kept = list(
+            SagaSignal.objects.filter(
+                saga_id=unit.saga.pk, event=event, status=SignalStatus.KEPT
+            ).order_by("id")
         )
-        if kept is not None:
-            consume(unit, step, kept)
+        if kept:
+            # Waiting again (an operator's retry after it timed out or failed): what came
+            # after its previous end came too late for it, and is never applied later.
+            ended = (
+                SagaEvent.objects.filter(
+                    saga_id=unit.saga.pk,
+                    step_index=step.index,
+                    kind__in=[EventKind.WAIT_TIMED_OUT, EventKind.WAIT_FAILED],
+                )
+                .order_by("-id")
+                .values_list("created_at", flat=True)
+                .first()
+            )
+            for late in [s for s in kept if ended is not None and s.created_at <= ended]:
+                _refuse(unit, step, late, "It came after its wait was over.")
+                kept.remove(late)
+        if kept:
+            consume(unit, step, kept[0])
 
 
 def go_on(unit: Unit, index: int) -> None:
@@ -193,6 +233,20 @@ def timed_out(unit: Unit, index: int) -> bool:
         return False
     if due is None or due > timezone.now():
         return False
+    event = step.definition.get("event")
+    if event:
+        kept = list(
+            SagaSignal.objects.filter(
+                saga_id=unit.saga.pk, event=event, status=SignalStatus.KEPT
+            ).order_by("id")
+        )
+        # One kept while the saga was busy, before the timeout: it came in time.
+        in_time = [s for s in kept if s.created_at <= due]
+        if in_time:
+            consume(unit, step, in_time[0])
+            return True
+        for late in kept:
+            _refuse(unit, step, late, "It came after its wait's timeout.")
     policy = step.definition.get("on_timeout") or "compensate"
     detail = {"action": policy, "due": due.isoformat()}
     if policy == "continue":
@@ -331,11 +385,16 @@ def _apply(unit: Unit, wait: StepRow, row: SagaSignal) -> SignalOutcome:
         unit.event(EventKind.SIGNAL_KEPT, wait, {"signal": row.pk, "event": row.event})
         return SignalOutcome(SignalStatus.KEPT, row.pk, wait.name)
     reason = _over(unit, wait)
+    _refuse(unit, wait, row, reason)
+    return SignalOutcome(SignalStatus.REFUSED, row.pk, wait.name, reason)
+
+
+def _refuse(unit: Unit, wait: StepRow, row: SagaSignal, reason: str) -> None:
     SagaSignal.objects.filter(pk=row.pk).update(status=SignalStatus.REFUSED, reason=reason)
+    row.status, row.reason = SignalStatus.REFUSED, reason
     unit.event(
         EventKind.SIGNAL_REFUSED, wait, {"signal": row.pk, "event": row.event, "reason": reason}
     )
-    return SignalOutcome(SignalStatus.REFUSED, row.pk, wait.name, reason)
 
 
 def _over(unit: Unit, wait: StepRow) -> str:
@@ -351,49 +410,66 @@ def _over(unit: Unit, wait: StepRow) -> str:
 def _kept_while_busy(
     saga: Saga, event: str, payload: Any, key: str | None, fail: dict[str, str] | None
 ) -> SignalOutcome:
-    definitions = SagaStep.objects.filter(saga=saga).values_list("name", "definition")
-    if not any(is_wait(d) and d.get("event") == event for _, d in definitions):
+    """The signal of a saga a step (or an operator) holds, decided without its lock from what
+    is committed: kept if its wait is still to come or waiting, else refused; either way
+    stored, and once per key. A wait that ends meanwhile refuses a signal kept after its end
+    (`timed_out`, `enter_wait`)."""
+    first = _first(saga.pk, key)
+    if first is not None:
+        return first
+    waits = SagaStep.objects.filter(saga=saga).values_list("name", "definition", "status")
+    found = [(n, st) for n, d, st in waits if is_wait(d) and d.get("event") == event]
+    if not found:
         raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
-    if saga.is_final or saga.direction == "backward":
-        # Read without the lock: a saga that is over stays over.
-        refused = SignalOutcome(SignalStatus.REFUSED, 0, reason=f"The saga is {saga.status}.")
-        return refused
+    name, wait_status = found[0]
+    reason = ""
+    if saga.is_final:
+        reason = f"The saga is {saga.status}."
+    elif saga.direction == "backward":
+        reason = "The saga is compensating."
+    elif wait_status not in (StepStatus.PENDING, StepStatus.WAITING):
+        reason = f"Its wait is over ({wait_status})."
     try:
         with transaction.atomic():
             row = _store(saga.pk, event, payload, key, fail)
+            if reason:
+                row.status, row.reason = SignalStatus.REFUSED, reason
+                row.save(update_fields=["status", "reason"])
     except IntegrityError:  # the key, at the same moment
         first = _first(saga.pk, key)
         if first is None:
             raise
         return first
-    return SignalOutcome(SignalStatus.KEPT, row.pk)
+    if reason:
+        return SignalOutcome(SignalStatus.REFUSED, row.pk, name, reason)
+    return SignalOutcome(SignalStatus.KEPT, row.pk, name)
 
 
 def apply_kept(*, batch_size: int = 200) -> int:
     """Consume the signals kept for a wait the saga had already reached when they came (it
-    was busy); returns how many. Run by the sweeper."""
-    waiting = (
+    was busy), oldest first; returns how many. Run by the sweeper."""
+    current_event = SagaStep.objects.filter(
+        saga_id=OuterRef("saga_id"), status=StepStatus.WAITING
+    ).values(event=KT("definition__event"))[:1]
+    due = (
         SagaSignal.objects.filter(status=SignalStatus.KEPT, saga__status=SagaStatus.WAITING)
-        .values_list("saga_id", flat=True)
-        .distinct()[:batch_size]
+        .annotate(waited_for=Subquery(current_event))
+        .filter(waited_for=F("event"))
+        .order_by("id")
+        .values_list("pk", "saga_id")[:batch_size]
     )
     applied = 0
-    for saga_id in list(waiting):
+    for signal_id, saga_id in list(due):
         with transaction.atomic():
             try:
                 unit = lock(saga_id, wait=0.1)
             except SagaBusy:
                 continue
             step = unit.steps[unit.saga.current_step]
-            event = step.definition.get("event")
             if unit.saga.status != SagaStatus.WAITING or step.status != StepStatus.WAITING:
                 continue
-            kept = (
-                SagaSignal.objects.filter(saga_id=saga_id, event=event, status=SignalStatus.KEPT)
-                .order_by("id")
-                .first()
-            )
-            if kept is None:
+            kept = SagaSignal.objects.filter(pk=signal_id, status=SignalStatus.KEPT).first()
+            if kept is None or kept.event != step.definition.get("event"):
                 continue
             consume(unit, step, kept)
             unit.save()
