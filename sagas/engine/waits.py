@@ -17,7 +17,6 @@ over is refused, and recorded.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,8 +44,6 @@ from ..models import (
 from .compensation import begin_compensation
 from .rows import StepRow
 from .unit import SafeError, Unit, lock
-
-logger = logging.getLogger("sagas")
 
 # Seconds a signal waits for a saga whose step holds its lock, before it is kept instead.
 LOCK_WAIT = 2.0
@@ -504,13 +501,3 @@ def time_out_due(*, batch_size: int = 200) -> list[str]:
                 unit.save()
                 ended.append(str(saga_id))
     return ended
-
-
-def kwargs_of(outcome: SignalOutcome) -> dict[str, Any]:
-    """An outcome as the API shows it."""
-    return {
-        "status": outcome.status,
-        "signal": outcome.signal_id,
-        "stage": outcome.stage,
-        "reason": outcome.reason,
-    }
