@@ -72,7 +72,7 @@ def locked_elsewhere(saga: Saga) -> Iterator[None]:
     def hold() -> None:
         try:
             with transaction.atomic():
-                Saga.objects.select_for_update().get(pk=saga.pk)
+                Saga.objects.select_for_update(no_key=True).get(pk=saga.pk)  # as the engine
                 locked.set()
                 release.wait(10)
         finally:

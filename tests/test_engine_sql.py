@@ -68,7 +68,7 @@ def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monk
         with connection.execute_wrapper(record):
             assert engine.step_attempt(str(saga.pk), index, epoch=saga.epoch).kind == "done"
         assert len(sent) == 4, sent  # two pipelines of two statements
-        assert sent[0].endswith("FOR UPDATE") and sent[1].startswith("SELECT")
+        assert sent[0].endswith("FOR NO KEY UPDATE") and sent[1].startswith("SELECT")
         assert sent[2].startswith(("UPDATE", "WITH")) and sent[3] == "COMMIT"
     saga.refresh_from_db()
     assert saga.status == "completed"
@@ -77,7 +77,7 @@ def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monk
         with connection.cursor() as cursor:
             cursor.execute("SELECT statement FROM pg_prepared_statements")
             prepared = {statement for (statement,) in cursor.fetchall()}
-        assert any(statement.endswith("FOR UPDATE") for statement in prepared), prepared
+        assert any(statement.endswith("FOR NO KEY UPDATE") for statement in prepared), prepared
         assert "COMMIT" in prepared and any(s.startswith("WITH s AS (INSERT") for s in prepared)
 
 
@@ -141,7 +141,7 @@ def test_while_django_logs_queries_the_log_has_each_statement_of_the_engine(
                 engine.step_attempt(str(saga.pk), index, epoch=saga.epoch)
         logged = [query["sql"] for query in queries.captured_queries]
         assert all(isinstance(sql, str) for sql in logged), logged
-        assert any(sql.endswith("FOR UPDATE") for sql in logged), logged
+        assert any(sql.endswith("FOR NO KEY UPDATE") for sql in logged), logged
 
 
 def alter_table(change: str) -> None:

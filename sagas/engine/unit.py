@@ -616,6 +616,9 @@ def publish_or_leave_to_sweeper(saga_id: Any, send: Callable[[], None]) -> Calla
 def lock(saga_id: UUID | str, *, wait: float | None = None, bound: float | None = None) -> Unit:
     """Lock the saga row, then read its steps. Call inside a transaction.
 
+    The lock is `FOR NO KEY UPDATE`: it excludes every other locker of the saga, but not an
+    insert of a row that references it (a signal kept while a step runs).
+
     Two statements on purpose: a `FOR UPDATE OF saga` joined with the steps would, after
     waiting for the lock, re-check only the saga row and return the step rows as they were
     before the wait. Read after the lock, in a statement of its own (READ COMMITTED takes a new

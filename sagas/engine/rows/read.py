@@ -121,8 +121,12 @@ def _lock_sql(lock: bool = True) -> tuple[str, str]:
     sagas, steps = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
     saga_columns = ", ".join(column(f) for f in _read_fields(SagaRow))
     step_columns = ", ".join(column(f) for f in _read_fields(StepRow))
+    # FOR NO KEY UPDATE: exclusive among the engine's lockers (and the sweeper's and purge's FOR
+    # UPDATE), but an insert that only references the saga (a signal kept while a step runs, a
+    # bulk action's item) checks its foreign key without waiting for the step to end.
     return (
-        f"SELECT {saga_columns} FROM {sagas} WHERE id = %s" + (" FOR UPDATE" if lock else ""),
+        f"SELECT {saga_columns} FROM {sagas} WHERE id = %s"
+        + (" FOR NO KEY UPDATE" if lock else ""),
         f"SELECT {step_columns} FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
     )
 
