@@ -315,13 +315,6 @@ class SagaDefinition:
     def begins_with_a_wait(self) -> bool:
         return isinstance(self.steps[0], Wait)
 
-    @property
-    def first_wait(self) -> int:
-        """The index of the first wait (the end of a start's chain), or the number of stages."""
-        return next(
-            (i for i, stage in enumerate(self.steps) if isinstance(stage, Wait)), len(self.steps)
-        )
-
     def key_of(self, input: dict[str, Any]) -> str | None:
         """The business key of a saga started with this input, as stored on its row."""
         if self.key is None:

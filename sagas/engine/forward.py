@@ -33,6 +33,7 @@ from .unit import (
     SagaStatus,
     StepStatus,
     Unit,
+    chain_of,
     is_transient,
     lock,
     log_failure,
@@ -108,8 +109,7 @@ def start(
                 # this process dies first).
                 transaction.on_commit(partial(waits.begin, saga.id), robust=True)
             else:
-                chain = [(step.index, int(step.definition["time_limit"])) for step in steps]
-                chain = chain[: definition.first_wait]
+                chain = chain_of(steps, 0)  # up to the first wait
                 transaction.on_commit(
                     publish_or_leave_to_sweeper(
                         saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)

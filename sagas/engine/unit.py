@@ -9,7 +9,7 @@ so do the events that signals, metrics or traces want (`sagas.engine.notify`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,7 +34,15 @@ from ..exceptions import (
     StepError,
     TransientError,
 )
-from ..models import Direction, EventKind, SagaSignal, SagaStatus, SignalStatus, StepStatus
+from ..models import (
+    Direction,
+    EventKind,
+    SagaSignal,
+    SagaStatus,
+    SagaStep,
+    SignalStatus,
+    StepStatus,
+)
 from . import dispatch, notify, rows
 from .rows import EventRow, SagaRow, StepRow
 
@@ -583,8 +591,9 @@ class Unit:
         )
 
 
-def chain_of(steps: list[StepRow], start: int) -> list[tuple[int, int]]:
-    """The (index, time limit) of the steps a chain from `start` runs: up to the next wait."""
+def chain_of(steps: Sequence[StepRow | SagaStep], start: int) -> list[tuple[int, int]]:
+    """The (index, time limit) of the steps a chain from `start` runs: up to the next wait.
+    `steps`: the rows as read (`StepRow`) or as a start makes them (`SagaStep`)."""
     chain = []
     for step in steps[start:]:
         if is_wait(step.definition):

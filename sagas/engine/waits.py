@@ -139,11 +139,7 @@ def enter_wait(unit: Unit, step: StepRow) -> None:
         unit.move_saga(SagaStatus.WAITING, None)
     event = definition.get("event")
     if event:
-        kept = list(
-            SagaSignal.objects.filter(
-                saga_id=unit.saga.pk, event=event, status=SignalStatus.KEPT
-            ).order_by("id")
-        )
+        kept = kept_for(unit.saga.pk, event)
         if kept:
             # Waiting again (an operator's retry after it timed out or failed): what came
             # after its previous end came too late for it, and is never applied later.
@@ -162,6 +158,12 @@ def enter_wait(unit: Unit, step: StepRow) -> None:
                 kept.remove(late)
         if kept:
             consume(unit, step, kept[0])
+
+
+def kept_for(saga_id: Any, event: str) -> list[SagaSignal]:
+    """The saga's signals of `event` kept for a wait, oldest first."""
+    kept = SagaSignal.objects.filter(saga_id=saga_id, event=event, status=SignalStatus.KEPT)
+    return list(kept.order_by("id"))
 
 
 def go_on(unit: Unit, index: int) -> None:
@@ -232,11 +234,7 @@ def timed_out(unit: Unit, index: int) -> bool:
         return False
     event = step.definition.get("event")
     if event:
-        kept = list(
-            SagaSignal.objects.filter(
-                saga_id=unit.saga.pk, event=event, status=SignalStatus.KEPT
-            ).order_by("id")
-        )
+        kept = kept_for(unit.saga.pk, event)
         # One kept while the saga was busy, before the timeout: it came in time.
         in_time = [s for s in kept if s.created_at <= due]
         if in_time:
