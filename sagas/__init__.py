@@ -12,10 +12,10 @@ the models.
 A map of the package:
 
 - `definitions`: the declarative definition API (`SagaDefinition`, `Step`, `Wait`,
-  `RetryPolicy`, `StepContext`, `register`) and the registry of definitions.
-- `services`: the public Python API: start a saga, send it a signal, preview and run the
-  operator actions (retry, compensate, resolve a step), bulk actions. The admin, the API and
-  the commands call these and nothing else.
+  `Approval`, `RetryPolicy`, `StepContext`, `register`) and the registry of definitions.
+- `services`: the public Python API: start a saga, send it a signal, approve or reject
+  it, preview and run the operator actions (retry, compensate, resolve a step), bulk
+  actions. The admin, the API and the commands call these and nothing else.
 - `exceptions`: what step actions raise to tell the engine what went wrong (`BusinessError`,
   `TransientError`), and what the services raise (`SagaBusy`, `SagaKeyInFlight`, ...).
 - `engine/`: every saga and step transition, under the saga's row lock, and its plumbing:
@@ -48,6 +48,7 @@ from .lazy import exports
 if TYPE_CHECKING:
     from .bulk import BulkFilter
     from .definitions import (
+        Approval,
         RetryPolicy,
         SagaDefinition,
         Step,
@@ -74,8 +75,10 @@ if TYPE_CHECKING:
     from .services import (
         bulk_action_preview,
         bulk_action_start,
+        saga_approve,
         saga_compensate,
         saga_plan,
+        saga_reject,
         saga_retry,
         saga_signal,
         saga_start,
@@ -86,6 +89,7 @@ __version__ = "0.1.0"
 
 _WHERE = {
     # Defining sagas.
+    "Approval": "definitions",
     "RetryPolicy": "definitions",
     "SagaDefinition": "definitions",
     "Step": "definitions",
@@ -101,6 +105,8 @@ _WHERE = {
     "saga_compensate": "services",
     "saga_step_resolve": "services",
     "saga_signal": "services",
+    "saga_approve": "services",
+    "saga_reject": "services",
     "bulk_action_preview": "services",
     "bulk_action_start": "services",
     "BulkFilter": "bulk",
@@ -120,6 +126,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "Approval",
     "BulkActionRefused",
     "BulkFilter",
     "BulkPreviewOutdated",
@@ -143,8 +150,10 @@ __all__ = [
     "get_definition",
     "register",
     "registered",
+    "saga_approve",
     "saga_compensate",
     "saga_plan",
+    "saga_reject",
     "saga_retry",
     "saga_signal",
     "saga_start",

@@ -204,6 +204,13 @@ class Wait:
     event (the output is None; a timer's only choice). `validate(payload)`, optional, raises
     Django's `ValidationError` for a payload it refuses: the signal is refused, and the wait
     goes on waiting. `max_payload_bytes` bounds a payload's JSON.
+
+    `until(ctx)`, instead of `timeout`, computes the due time from the saga's context (its
+    input and the outputs so far): an aware `datetime`, or None for no timeout (a timer
+    needs one). `condition(ctx)`, optional, decides whether the saga waits at all: when it
+    returns false the wait is skipped (completed with no output) and the saga goes on. Both
+    run in the transaction that ends the stage before, under the saga's lock: keep them
+    quick, and give them as importable functions (their paths are stored).
     """
 
     name: str
@@ -212,12 +219,18 @@ class Wait:
     on_timeout: OnTimeout | None = None
     validate: str | Callable[..., Any] | None = None
     max_payload_bytes: int = PAYLOAD_MAX_BYTES
+    until: str | Callable[..., Any] | None = None
+    condition: str | Callable[..., Any] | None = None
+    # An approval (`Approval`): a person's decision, taken only through approve and reject.
+    approval: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if self.event is not None and (not self.event or len(self.event) > 100):
             raise DefinitionError(f"wait {self.name!r}: event must have 1 to 100 characters")
-        if self.timeout is None and self.event is None:
-            raise DefinitionError(f"wait {self.name!r}: a timer needs a timeout")
+        if self.timeout is not None and self.until is not None:
+            raise DefinitionError(f"wait {self.name!r}: give a timeout or until, not both")
+        if self.timeout is None and self.until is None and self.event is None:
+            raise DefinitionError(f"wait {self.name!r}: a timer needs a timeout or until")
         if self.timeout is not None and not 0 < self.timeout <= 100 * 365 * 86400:
             raise DefinitionError(f"wait {self.name!r}: timeout must be within (0, 100 years]")
         on_timeout = self.on_timeout or ("compensate" if self.event else "continue")
@@ -230,12 +243,19 @@ class Wait:
         object.__setattr__(self, "on_timeout", on_timeout)
         if self.max_payload_bytes < 2:
             raise DefinitionError(f"wait {self.name!r}: max_payload_bytes must be at least 2")
-        if self.validate is not None:
-            object.__setattr__(self, "validate", dotted_path(self.validate))
+        for attribute in ("validate", "until", "condition"):
+            value = getattr(self, attribute)
+            if value is not None:
+                path = dotted_path(value)
+                if "<" in path:  # a lambda or a nested function: no path to import it by
+                    raise DefinitionError(
+                        f"wait {self.name!r}: {attribute} must be a module-level function"
+                    )
+                object.__setattr__(self, attribute, path)
 
     def snapshot(self, on_unexpected_error: str | None = None) -> dict[str, Any]:
         """What a saga copies into the wait's row when it starts."""
-        return {
+        snapshot: dict[str, Any] = {
             "kind": "wait",
             "event": self.event,
             "timeout": self.timeout,
@@ -247,6 +267,35 @@ class Wait:
             "time_limit": 1,
             "pivot": False,
         }
+        # Only when set, so that the waits of earlier versions keep their digest.
+        for attribute in ("until", "condition", "approval"):
+            if getattr(self, attribute):
+                snapshot[attribute] = getattr(self, attribute)
+        return snapshot
+
+
+@dataclass(frozen=True)
+class Approval(Wait):
+    """A wait for a person's decision: approved, the saga goes on (the wait's output is
+    `{"decision": "approved", "by": ..., "note": ...}`); rejected, the wait fails as a business
+    failure, and the saga compensates. Decided from the admin, the API (`approve`, `reject`)
+    or an approver's signed link (`sagas.signing.approval_url`), by a user with
+    `sagas.approve_saga`; never by a plain signal. Its event is its name, unless given.
+    `timeout` or `until` bound it (`on_timeout`: compensate, the default, or pause).
+    """
+
+    def __post_init__(self) -> None:
+        if self.event is None:
+            object.__setattr__(self, "event", self.name)
+        if self.validate is not None:
+            raise DefinitionError(f"approval {self.name!r}: its payload is the decision")
+        object.__setattr__(self, "approval", True)
+        super().__post_init__()
+        if self.on_timeout == "continue":
+            raise DefinitionError(
+                f"approval {self.name!r}: on_timeout must be compensate or pause (an approval "
+                "that times out never lets the saga go on)"
+            )
 
 
 def is_wait(definition: dict[str, Any]) -> bool:
@@ -376,8 +425,7 @@ def stored_paths(steps: Sequence[dict[str, Any]], on_complete: Any = None) -> se
     paths: set[str] = set()
     for step in steps:
         if is_wait(step):
-            if step.get("validate"):
-                paths.add(step["validate"])
+            paths.update(step[k] for k in ("validate", "until", "condition") if step.get(k))
             continue
         paths.add(step["action"])
         if step.get("compensation"):

@@ -75,6 +75,7 @@ class EventKind(models.TextChoices):
     WAIT_COMPLETED = "wait_completed", "Wait completed"
     WAIT_FAILED = "wait_failed", "Wait failed"
     WAIT_TIMED_OUT = "wait_timed_out", "Wait timed out"
+    WAIT_SKIPPED = "wait_skipped", "Wait skipped (its condition was false)"
     SIGNAL_KEPT = "signal_kept", "Signal kept for a wait to come"
     SIGNAL_REFUSED = "signal_refused", "Signal refused"
     SIGNAL_DISCARDED = "signal_discarded", "Kept signal discarded"
@@ -222,6 +223,7 @@ class Saga(models.Model):
             ("compensate_saga", "Can compensate (abort) a saga"),
             ("resolve_saga", "Can resolve a step whose compensation failed"),
             ("signal_saga", "Can send a signal to a saga"),
+            ("approve_saga", "Can approve or reject a saga's approval"),
         ]
 
     def __str__(self) -> str:

@@ -123,6 +123,28 @@ def saga_signal(
     return waits.signal(saga_id, event, payload=payload, idempotency_key=idempotency_key, fail=fail)
 
 
+def saga_approve(
+    *, saga_id: UUID | str, actor: str, note: str = "", stage: str | None = None
+) -> SignalOutcome:
+    """Approve the saga's approval (`Approval`): the one it waits at, or `stage`. The saga goes
+    on; `actor` (who approved) and `note` are on its timeline and in the wait's output.
+
+    The same decision again gets the first one's outcome (`repeated`). Raises `SignalError`:
+    `NotWaiting` while the saga has not reached the approval, and when it has none (or several
+    waiting, and no `stage`); a decision after the approval is over is refused (`status`
+    "refused", on the timeline). Check the user's `sagas.approve_saga` before calling this.
+    """
+    return waits.decide(saga_id, approve=True, actor=actor, note=note, stage=stage)
+
+
+def saga_reject(
+    *, saga_id: UUID | str, actor: str, note: str = "", stage: str | None = None
+) -> SignalOutcome:
+    """Reject the saga's approval: its wait fails (`approval_rejected`), a business failure,
+    and the saga compensates (or pauses, past its pivot). As `saga_approve` otherwise."""
+    return waits.decide(saga_id, approve=False, actor=actor, note=note, stage=stage)
+
+
 def _unfinished(name: str | None, key: str | None) -> UUID:
     if not name or key is None:
         raise SignalError("Give the saga's id, or its definition's name and business key.")

@@ -604,3 +604,72 @@ def _more_waits() -> None:
 
 
 _more_waits()
+
+
+def is_a_big_order(ctx: StepContext) -> bool:
+    return float(ctx.input.get("total", 0)) > 100
+
+
+def a_broken_condition(ctx: StepContext) -> bool:
+    raise KeyError("no such field")
+
+
+def when_the_reservation_says(ctx: StepContext):
+    from datetime import datetime
+
+    return datetime.fromisoformat(ctx.outputs["reserve"]["until"])
+
+
+def reserves_until(ctx: StepContext) -> dict:
+    """A reservation that says until when the saga waits (an ISO time in the input)."""
+    return {"until": ctx.input["until"]}
+
+
+def _approvals() -> None:
+    from sagas.definitions import Approval, Wait
+
+    register(
+        SagaDefinition(
+            name="needs_approval",
+            key="order",
+            steps=[
+                Step("reserve", record, undo_reservation, retry=FAST),
+                Approval("review", timeout=3600),
+                Step("ship", record, undo, retry=FAST),
+            ],
+        )
+    )
+    register(
+        SagaDefinition(
+            name="reviews_big_orders",
+            key="order",
+            steps=[
+                Step("reserve", record, undo_reservation, retry=FAST),
+                Approval("review", condition=is_a_big_order),
+                Step("ship", record, undo, retry=FAST),
+            ],
+        )
+    )
+    register(
+        SagaDefinition(
+            name="waits_until_told",
+            steps=[
+                Step("reserve", reserves_until, undo_reservation, retry=FAST),
+                Wait("hold", until=when_the_reservation_says),
+                Step("charge", record, undo, retry=FAST),
+            ],
+        )
+    )
+    register(
+        SagaDefinition(
+            name="broken_condition",
+            steps=[
+                Step("reserve", record, undo_reservation, retry=FAST),
+                Wait("w", event="go", condition=a_broken_condition),
+                Step("ship", record, undo, retry=FAST),
+            ],
+        )
+    )
+
+
+_approvals()

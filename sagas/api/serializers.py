@@ -325,6 +325,23 @@ class SignalRequestSerializer(StrictSerializer):
     )
 
 
+class DecisionRequestSerializer(StrictSerializer):
+    """An approval's decision (`sagas.services.saga_approve`, `saga_reject`)."""
+
+    note = StrictCharField(
+        max_length=1000,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Why, for the timeline.",
+    )
+    stage = StrictCharField(
+        max_length=100,
+        required=False,
+        help_text="The approval's name; by default the one the saga waits at.",
+    )
+
+
 class SignalSerializer(serializers.Serializer):
     """What became of a signal."""
 

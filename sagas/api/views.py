@@ -37,6 +37,7 @@ from rest_framework.views import APIView
 
 from ..bulk import BulkFilter
 from ..engine import KEEP, Plan
+from ..engine.waits import NotWaiting
 from ..exceptions import (
     BulkActionRefused,
     BulkPreviewOutdated,
@@ -61,8 +62,10 @@ from ..services import (
     bulk_action_preview,
     bulk_action_start,
     operator_request_once,
+    saga_approve,
     saga_compensate,
     saga_plan,
+    saga_reject,
     saga_retry,
     saga_signal,
     saga_step_resolve,
@@ -75,6 +78,7 @@ from .serializers import (
     BulkActionSerializer,
     BulkPreviewRequestSerializer,
     BulkPreviewSerializer,
+    DecisionRequestSerializer,
     DetailSerializer,
     PlanQuerySerializer,
     PlanSerializer,
@@ -164,6 +168,8 @@ class SagaFilter(filters.FilterSet):
 
 # The views for staff with an action's permission.
 OPERATOR_VIEWS = {*OperatorAction.values, "plan", "signals"}
+# An approver needs `sagas.approve_saga`, not staff status, and sees every saga to decide it.
+DECISIONS = {"approve", "reject"}
 # A signal's answer: consumed by its wait, kept for later, or refused (its wait is over).
 SIGNAL_STATUS_CODES: dict[str, int] = {
     SignalStatus.CONSUMED: status.HTTP_200_OK,
@@ -181,6 +187,8 @@ class MayOperate(BasePermission):
     def has_permission(self, request: Request, view: Any) -> bool:
         if view.action == "signals":
             return may_operate(request.user, "signal")
+        if view.action in DECISIONS:
+            return may_operate(request.user, "approve")
         return view.action not in OperatorAction.values or may_operate(request.user, view.action)
 
 
@@ -217,7 +225,8 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
 
     def get_queryset(self) -> QuerySet[Saga]:
         user = self.request.user
-        sagas = Saga.objects.all() if user.is_staff else Saga.objects.filter(created_by_id=user.pk)
+        every = user.is_staff or (self.action in DECISIONS and may_operate(user, "approve"))
+        sagas = Saga.objects.all() if every else Saga.objects.filter(created_by_id=user.pk)
         if self.action in ("list", "retrieve"):
             sagas = _with_steps(sagas, events=self.action == "retrieve")
         return sagas
@@ -228,6 +237,8 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
     def get_permissions(self) -> list[BasePermission]:
         if self.action in OPERATOR_VIEWS:
             return [IsAuthenticated(), IsAdminUser(), MayOperate()]
+        if self.action in DECISIONS:
+            return [IsAuthenticated(), MayOperate()]
         return super().get_permissions()
 
     def _accepted(self, saga: Saga) -> Response:
@@ -385,6 +396,67 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             raise ValidationError({"event": [str(exc)]}) from None
         code = SIGNAL_STATUS_CODES[outcome.status]
         return Response(SignalSerializer(outcome).data, status=code)
+
+    def _decide(self, request: Request, *, approve: bool) -> Response:
+        saga = self.get_object()
+        body = DecisionRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        decide = saga_approve if approve else saga_reject
+        try:
+            outcome = decide(
+                saga_id=saga.pk,
+                actor=request.user.get_username(),
+                note=body.validated_data["note"],
+                stage=body.validated_data.get("stage"),
+            )
+        except NotWaiting as exc:
+            raise Conflict(str(exc)) from exc
+        except SignalError as exc:
+            raise ValidationError({"stage": [str(exc)]}) from None
+        code = SIGNAL_STATUS_CODES[outcome.status]
+        return Response(SignalSerializer(outcome).data, status=code)
+
+    @extend_schema(
+        summary="Approve a saga's approval",
+        description=(
+            "The saga goes on past its approval (the one it waits at, or `stage`); who approved "
+            "and the note are on its timeline. 200 decided (or the same decision again: "
+            "`repeated`), 202 kept while a step holds the saga (applied within seconds), 409 "
+            "if the saga is not at its approval yet or the approval is over (decided, timed "
+            "out, the saga compensating or finished). Users with `sagas.approve_saga`."
+        ),
+        request=DecisionRequestSerializer,
+        responses={
+            200: SignalSerializer,
+            202: SignalSerializer,
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="Bad note or stage."),
+            409: SignalSerializer,
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def approve(self, request: Request, pk: str | None = None) -> Response:
+        return self._decide(request, approve=True)
+
+    @extend_schema(
+        summary="Reject a saga's approval",
+        description=(
+            "The approval fails (`approval_rejected`), a business failure: the saga compensates "
+            "(or pauses for an operator, past its pivot). Answers as approve. Users with "
+            "`sagas.approve_saga`."
+        ),
+        request=DecisionRequestSerializer,
+        responses={
+            200: SignalSerializer,
+            202: SignalSerializer,
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="Bad note or stage."),
+            409: SignalSerializer,
+            **ERROR_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def reject(self, request: Request, pk: str | None = None) -> Response:
+        return self._decide(request, approve=False)
 
     @extend_schema(
         summary="Preview an operator action",

@@ -17,6 +17,7 @@ over is refused, and recorded.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,6 +46,8 @@ from .compensation import begin_compensation
 from .rows import StepRow
 from .unit import SafeError, Unit, lock
 
+logger = logging.getLogger("sagas")
+
 # Seconds a signal waits for a saga whose step holds its lock, before it is kept instead.
 LOCK_WAIT = 2.0
 # The error of a wait whose timeout passed (`on_timeout` "compensate" or "pause").
@@ -66,6 +69,20 @@ class SignalOutcome:
 
 class NoSuchWait(SignalError):
     """The saga has no wait for this event."""
+
+
+class NotASignal(SignalError):
+    """The wait is an approval: a person decides it (approve, reject), not a signal."""
+
+    def __init__(self, event: str) -> None:
+        super().__init__(
+            f"The wait for {event!r} is an approval: approve or reject it "
+            "(with the permission sagas.approve_saga)."
+        )
+
+
+class NotWaiting(SignalError):
+    """The saga is not waiting for this approval (yet): nothing to decide now."""
 
 
 def _storable(value: Any) -> bool:
@@ -97,6 +114,8 @@ def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool =
             raise Saga.DoesNotExist(f"no saga {saga_id}")
         raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
     wait = found[0]
+    if wait.get("approval"):
+        raise NotASignal(event)
     if not _storable(payload):
         raise ValidationError(
             {"payload": "Text with a NUL character or a lone surrogate cannot be stored."}
@@ -118,12 +137,26 @@ def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool =
 
 def enter_wait(unit: Unit, step: StepRow) -> None:
     """Begin the wait `step` (its row pending): the saga waits for its event or its timeout.
-    A signal kept for it is consumed at once."""
+    A signal kept for it is consumed at once. A wait whose `condition` is false is skipped;
+    one whose `condition` or `until` raises (or whose `until` gives no aware time) fails, and
+    the saga pauses for an operator (whose retry asks them again)."""
     definition = step.definition
     now = timezone.now()
-    timeout = definition.get("timeout")
-    due = now + timedelta(seconds=float(timeout)) if timeout else None
     unit.set_saga(current_step=step.index)
+    try:
+        if not _condition_holds(unit, step):
+            _skip(unit, step)
+            return
+        due = _due(unit, step, now)
+    except Exception as exc:  # the project's code: a bug of its own, never the engine's
+        logger.warning(
+            "The wait %s of saga %s could not begin: %s",
+            step.name,
+            unit.saga.pk,
+            type(exc).__name__,
+        )
+        _broken(unit, step, exc)
+        return
     unit.move_step(
         step,
         StepStatus.WAITING,
@@ -158,6 +191,77 @@ def enter_wait(unit: Unit, step: StepRow) -> None:
                 kept.remove(late)
         if kept:
             consume(unit, step, kept[0])
+            return
+    if due is not None and due <= now:  # `until` passed already: it times out at once
+        timed_out(unit, step.index)
+
+
+def _condition_holds(unit: Unit, step: StepRow) -> bool:
+    condition = step.definition.get("condition")
+    return not condition or bool(import_callable(condition)(unit.context(step)))
+
+
+def _due(unit: Unit, step: StepRow, now: datetime) -> datetime | None:
+    """When the wait times out: `timeout` seconds from now, or what its `until` says."""
+    definition = step.definition
+    if definition.get("timeout"):
+        return now + timedelta(seconds=float(definition["timeout"]))
+    if not definition.get("until"):
+        return None
+    due = import_callable(definition["until"])(unit.context(step))
+    if due is None and definition.get("event"):
+        return None
+    if not isinstance(due, datetime) or timezone.is_naive(due):
+        raise TypeError("until must give an aware datetime")
+    return due
+
+
+def _skip(unit: Unit, step: StepRow) -> None:
+    """The wait's condition is false: it completes with no output, and what was kept for it
+    is discarded, as no wait will ever consume it."""
+    unit.move_step(
+        step,
+        StepStatus.COMPLETED,
+        EventKind.WAIT_SKIPPED,
+        {"reason": "its condition was false"},
+        output=None,
+        started_at=timezone.now(),
+        finished_at=timezone.now(),
+        due_at=None,
+    )
+    event = step.definition.get("event")
+    if event:
+        for kept in kept_for(unit.saga.pk, event):
+            reason = "Its wait was skipped (its condition was false)."
+            SagaSignal.objects.filter(pk=kept.pk).update(
+                status=SignalStatus.DISCARDED, reason=reason
+            )
+            unit.event(EventKind.SIGNAL_DISCARDED, step, {"signal": kept.pk, "event": event})
+    unit.progressed()
+    if unit.saga.status != SagaStatus.RUNNING:
+        unit.move_saga(SagaStatus.RUNNING, None)
+    go_on(unit, step.index + 1)
+
+
+def _broken(unit: Unit, step: StepRow, exc: Exception) -> None:
+    error = SafeError(
+        "wait_not_begun",
+        f"The wait's condition or until raised {type(exc).__name__}; fix it and retry.",
+    )
+    unit.move_step(
+        step,
+        StepStatus.FAILED,
+        EventKind.WAIT_FAILED,
+        error.as_dict(),
+        finished_at=timezone.now(),
+        due_at=None,
+        error_code=error.code,
+        error_message=error.message,
+    )
+    unit.set_saga(error_code=error.code, error_message=error.message)
+    unit.move_saga(
+        SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": step.name, "reason": error.code}
+    )
 
 
 def kept_for(saga_id: Any, event: str) -> list[SagaSignal]:
@@ -194,6 +298,9 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
     now = timezone.now()
     SagaSignal.objects.filter(pk=signal.pk).update(status=SignalStatus.CONSUMED, stage=step.index)
     signal.status, signal.stage = SignalStatus.CONSUMED, step.index
+    # An approval's decision, who took it and their note, on the timeline.
+    decided = signal.payload if step.definition.get("approval") else None
+    decided = decided if isinstance(decided, dict) else {}
     if signal.fail:
         error = SafeError(
             str(signal.fail.get("code") or "wait_failed"),
@@ -203,7 +310,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
             step,
             StepStatus.FAILED,
             EventKind.WAIT_FAILED,
-            {**error.as_dict(), "signal": signal.pk},
+            {**error.as_dict(), "signal": signal.pk, **decided},
             finished_at=now,
             due_at=None,
             error_code=error.code,
@@ -215,7 +322,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
         step,
         StepStatus.COMPLETED,
         EventKind.WAIT_COMPLETED,
-        {"signal": signal.pk, "event": signal.event},
+        {"signal": signal.pk, "event": signal.event, **decided},
         output=signal.payload,
         finished_at=now,
         due_at=None,
@@ -308,6 +415,7 @@ def signal(
     payload: Any = None,
     idempotency_key: str | None = None,
     fail: dict[str, str] | None = None,
+    decision: bool = False,
 ) -> SignalOutcome:
     """Send `event` to the saga: consumed by its wait if the saga waits for it, kept if the
     wait is still to come (or the saga is busy for more than `LOCK_WAIT` seconds), refused if
@@ -320,7 +428,7 @@ def signal(
             first = _first(unit.saga.pk, idempotency_key)
             if first is not None:
                 return first
-            wait = _wait_for(unit, event)
+            wait = _wait_for(unit, event, decision=decision)
             row = _store(unit.saga.pk, event, payload, idempotency_key, fail)
             outcome = _apply(unit, wait, row)
             unit.save()
@@ -329,7 +437,64 @@ def signal(
         # A step holds the saga: keep the signal. The wait consumes it when the saga gets
         # there; if the saga was already waiting, the next sweep applies it (`apply_kept`).
         saga = Saga.objects.get(pk=saga_id)
-        return _kept_while_busy(saga, event, payload, idempotency_key, fail)
+        return _kept_while_busy(saga, event, payload, idempotency_key, fail, decision)
+
+
+# -- approvals ---------------------------------------------------------------------------------
+
+# The error of a rejected approval: a business failure of the wait.
+REJECTED = SafeError("approval_rejected", "The approval was rejected.")
+
+
+def decide(
+    saga_id: UUID | str, *, approve: bool, actor: str, note: str = "", stage: str | None = None
+) -> SignalOutcome:
+    """Approve or reject the saga's approval `stage` (by default the one it waits at, or its
+    only one). `NotWaiting` if the saga has not reached it; the same decision again, once
+    taken, gets the first one's outcome (a double click, a resent form); the other decision
+    then, or any after the wait is over, is refused and recorded. `actor` is who decides."""
+    approvals = [
+        (name, d, status)
+        for name, d, status in SagaStep.objects.filter(saga_id=saga_id)
+        .order_by("index")
+        .values_list("name", "definition", "status")
+        if is_wait(d) and d.get("approval")
+    ]
+    if not approvals:
+        if not Saga.objects.filter(pk=saga_id).exists():
+            raise Saga.DoesNotExist(f"no saga {saga_id}")
+        raise NoSuchWait("The saga has no approval.")
+    if stage is not None:
+        chosen = [a for a in approvals if a[0] == stage]
+        if not chosen:
+            raise NoSuchWait(f"The saga has no approval named {stage!r}.")
+    else:
+        chosen = [a for a in approvals if a[2] == StepStatus.WAITING] or approvals
+        if len(chosen) > 1:
+            names = ", ".join(a[0] for a in chosen)
+            raise SignalError(f"The saga has several approvals ({names}): name the stage.")
+    name, definition, status = chosen[0]
+    decision = "approved" if approve else "rejected"
+    if status == StepStatus.PENDING:
+        raise NotWaiting(f"The saga is not waiting for the approval {name!r} yet.")
+    if status != StepStatus.WAITING:
+        last = (
+            SagaSignal.objects.filter(
+                saga_id=saga_id, event=definition["event"], status=SignalStatus.CONSUMED
+            )
+            .order_by("-id")
+            .first()
+        )
+        if last is not None and (last.payload or {}).get("decision") == decision:
+            return SignalOutcome(last.status, last.pk, name, repeated=True)
+    payload = {"decision": decision, "by": actor, "note": note}
+    return signal(
+        saga_id,
+        definition["event"],
+        payload=payload,
+        fail=None if approve else REJECTED.as_dict(),
+        decision=True,
+    )
 
 
 def _first(saga_id: Any, key: str | None) -> SignalOutcome | None:
@@ -350,9 +515,11 @@ def _stage_name(row: SagaSignal) -> str:
     return next(iter(name), "")
 
 
-def _wait_for(unit: Unit, event: str) -> StepRow:
+def _wait_for(unit: Unit, event: str, *, decision: bool = False) -> StepRow:
     for step in unit.steps:
         if is_wait(step.definition) and step.definition.get("event") == event:
+            if bool(step.definition.get("approval")) != decision:
+                raise NotASignal(event) if not decision else NoSuchWait(event)
             return step
     raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
 
@@ -403,7 +570,12 @@ def _over(unit: Unit, wait: StepRow) -> str:
 
 
 def _kept_while_busy(
-    saga: Saga, event: str, payload: Any, key: str | None, fail: dict[str, str] | None
+    saga: Saga,
+    event: str,
+    payload: Any,
+    key: str | None,
+    fail: dict[str, str] | None,
+    decision: bool = False,
 ) -> SignalOutcome:
     """The signal of a saga a step (or an operator) holds, decided without its lock from what
     is committed: kept if its wait is still to come or waiting, else refused; either way
@@ -413,10 +585,12 @@ def _kept_while_busy(
     if first is not None:
         return first
     waits = SagaStep.objects.filter(saga=saga).values_list("name", "definition", "status")
-    found = [(n, st) for n, d, st in waits if is_wait(d) and d.get("event") == event]
+    found = [(n, st, d) for n, d, st in waits if is_wait(d) and d.get("event") == event]
     if not found:
         raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
-    name, wait_status = found[0]
+    name, wait_status, definition = found[0]
+    if bool(definition.get("approval")) != decision:
+        raise NotASignal(event) if not decision else NoSuchWait(event)
     reason = ""
     if saga.is_final:
         reason = f"The saga is {saga.status}."
