@@ -46,6 +46,19 @@ def signal_url_max_age() -> int:
     return int(getattr(settings, "SAGAS_SIGNAL_URL_MAX_AGE", 30 * 86400))
 
 
+def approval_link_max_age() -> int:
+    """`SAGAS_APPROVAL_LINK_MAX_AGE`, default 604,800 (7 days): seconds an approver's signed
+    link (`ctx.approval_url(...)`) is taken after it was made."""
+    return int(getattr(settings, "SAGAS_APPROVAL_LINK_MAX_AGE", 7 * 86400))
+
+
+def approval_link_sign_in() -> bool:
+    """`SAGAS_APPROVAL_LINK_SIGN_IN`, default True: whoever opens an approver's link must sign
+    in, as a user with `sagas.approve_saga`, to decide. False: the link alone is the
+    credential (whoever holds it decides, recorded as the approver it was made for)."""
+    return bool(getattr(settings, "SAGAS_APPROVAL_LINK_SIGN_IN", True))
+
+
 def base_url() -> str:
     """`SAGAS_BASE_URL`, default "" (none): the site's base URL, such as
     "https://shop.example.com", for the absolute signal URLs a step makes."""

@@ -52,6 +52,14 @@ class StepContext:
 
         return signal_url(self.saga_id, event)
 
+    def approval_url(self, approval: str, approver: str = "") -> str:
+        """The signed link to the approver's page of this saga's `approval` (the stage's
+        name), on `SAGAS_BASE_URL`, expiring after `SAGAS_APPROVAL_LINK_MAX_AGE`: send it to
+        `approver` (whom the timeline names when the link alone is the credential)."""
+        from .signing import approval_url
+
+        return approval_url(self.saga_id, approval, approver)
+
 
 def dotted_path(target: str | Callable[..., Any] | type) -> str:
     """The import path of a callable or class, so it can be stored in a step row."""

@@ -1,5 +1,7 @@
 """Signed URLs that reach one wait of one saga: what a step hands to an external system (a
-payment provider's webhook), which posts the event to it without credentials of ours.
+payment provider's webhook), which posts the event to it without credentials of ours; and an
+approver's link to one approval of one saga (`approval_url`), which opens a page where they
+approve or reject it.
 
 A token is `django.core.signing`'s, with a salt of its own and a timestamp: it names the saga
 and the wait's event, not the saga's epoch (a sweeper's re-send or an operator's retry does
@@ -20,6 +22,7 @@ from django.urls import reverse
 from . import conf
 
 SALT = "sagas.signal-url"
+APPROVAL_SALT = "sagas.approval-link"
 
 
 class BadSignalToken(Exception):
@@ -60,10 +63,45 @@ def signal_path(saga_id: UUID | str, event: str) -> str:
 def signal_url(saga_id: UUID | str, event: str) -> str:
     """The absolute signal URL, on `SAGAS_BASE_URL` (a worker has no request to take it
     from)."""
+    return _absolute(signal_path(saga_id, event))
+
+
+def _absolute(path: str) -> str:
     base = conf.base_url()
     if not base:
         raise ImproperlyConfigured(
-            "SAGAS_BASE_URL is not set: an absolute signal URL needs the site's base URL, "
+            "SAGAS_BASE_URL is not set: an absolute signed URL needs the site's base URL, "
             'such as "https://shop.example.com"'
         )
-    return base.rstrip("/") + signal_path(saga_id, event)
+    return base.rstrip("/") + path
+
+
+def approval_token(saga_id: UUID | str, stage: str, approver: str = "") -> str:
+    """A token for the approval `stage` of the saga, made for `approver` (a name or an
+    address, recorded as who decided when the link alone is the credential)."""
+    value = {"s": str(saga_id), "a": stage, "u": approver}
+    return signing.dumps(value, salt=APPROVAL_SALT, compress=True)
+
+
+def read_approval_token(token: str) -> tuple[str, str, str]:
+    """The (saga id, approval, approver) a link's token names; `BadSignalToken` if it is not
+    one of ours, or older than `SAGAS_APPROVAL_LINK_MAX_AGE`."""
+    try:
+        value: Any = signing.loads(token, salt=APPROVAL_SALT, max_age=conf.approval_link_max_age())
+    except signing.SignatureExpired as exc:
+        raise BadSignalToken("This approval link has expired.", expired=True) from exc
+    except signing.BadSignature as exc:
+        raise BadSignalToken("This approval link is not valid.") from exc
+    if not isinstance(value, dict) or not all(isinstance(value.get(k), str) for k in "sau"):
+        raise BadSignalToken("This approval link is not valid.")
+    return value["s"], value["a"], value["u"]
+
+
+def approval_url(saga_id: UUID | str, stage: str, approver: str = "") -> str:
+    """The absolute link to the approver's page of the approval `stage`, on `SAGAS_BASE_URL`:
+    opening it (GET) shows the saga and the decision's consequences and changes nothing; only
+    the page's form (a POST, with its CSRF token) approves or rejects."""
+    path = reverse(
+        "sagas:approval-link", kwargs={"token": approval_token(saga_id, stage, approver)}
+    )
+    return _absolute(path)
