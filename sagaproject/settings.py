@@ -208,12 +208,22 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 CELERY_DB_REUSE_MAX = int(os.environ.get("CELERY_DB_REUSE_MAX", "1000"))
 CELERY_TASK_TIME_LIMIT = 15 * 60
 
-# The recovery sweeper, run by Celery beat:
+# The recovery sweeper, and the wake, which ends the waits whose timeout is due within seconds
+# of their time; both run by Celery beat:
 # https://docs.celeryq.dev/en/stable/userguide/periodic-tasks.html
+wake_interval = float(os.environ.get("SAGAS_WAKE_INTERVAL", "2"))
 CELERY_BEAT_SCHEDULE = {
     "sagas-sweep": {
         "task": "sagas.sweep",
         "schedule": float(os.environ.get("SAGAS_SWEEP_INTERVAL", "30")),
+    },
+    "sagas-wake": {
+        "task": "sagas.wake",
+        "schedule": wake_interval,
+        # A wake still queued after five intervals (the workers were away) is dropped: the
+        # next one does its work, and copies never pile up behind the steps.
+        # https://docs.celeryq.dev/en/stable/userguide/calling.html#expiration
+        "options": {"expires": 5 * wake_interval},
     },
 }
 # Retention, off unless SAGAS_RETENTION is set (such as 30d): finished sagas older than that

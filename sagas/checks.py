@@ -16,6 +16,8 @@
   rather than stops a migration).
 - `sagas.W009`: a definition sets `one_in_flight_per_key`, and unfinished sagas that started
   before it did are outside its unique index (a `database` check too).
+- `sagas.W010`: a definition has a wait, and beat's schedule (`CELERY_BEAT_SCHEDULE`) does not
+  send `sagas.wake`, which ends the waits whose timeout is due within seconds.
 
 The Celery settings are read from the current Celery app: the project's, which its package
 imports (`mysite/__init__.py`), configured from Django's settings (`CELERY_` prefix).
@@ -276,6 +278,38 @@ def check_celery(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMes
     if pool not in HARD_LIMIT_POOLS:
         found.append(_pool_warning(pool))
     return found
+
+
+# Beat's own schedulers, which read `beat_schedule`; another (django-celery-beat's, from the
+# database) has a schedule the checks cannot see.
+SETTINGS_SCHEDULERS = ("celery.beat:PersistentScheduler", "celery.beat.PersistentScheduler")
+
+
+@checks.register("sagas")
+def check_wake_scheduled(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """A project whose sagas wait has beat send `sagas.wake` (`docs/howto/waits.md`)."""
+    waiting = sorted(
+        name
+        for name, definition in registered().items()
+        if any(isinstance(step, Wait) for step in definition.steps)
+    )
+    config = current_app.conf
+    if not waiting or str(config.beat_scheduler) not in SETTINGS_SCHEDULERS:
+        return []
+    tasks = {entry.get("task") for entry in (config.beat_schedule or {}).values()}
+    if "sagas.wake" in tasks:
+        return []
+    names = ", ".join(waiting[:3]) + (f" and {len(waiting) - 3} more" if len(waiting) > 3 else "")
+    return [
+        _warning(
+            f"Sagas wait ({names}), and CELERY_BEAT_SCHEDULE does not send sagas.wake: a wait's "
+            "timeout ends only at the next sweep, and so does a signal kept while its saga "
+            "was busy.",
+            'Add "sagas-wake": {"task": "sagas.wake", "schedule": 2.0, "options": {"expires": '
+            "10}} to CELERY_BEAT_SCHEDULE.",
+            "sagas.W010",
+        )
+    ]
 
 
 def _is_redis(app: Any) -> bool:

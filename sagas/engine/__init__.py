@@ -9,7 +9,8 @@ changes a status.
 The plumbing: `rows` reads and writes the rows in as few round trips as it can, `dispatch`
 sends chains and callbacks after the commit, `notify` hands committed events to signals,
 metrics and traces, `sweeper` finds the sagas whose messages were lost (and calls `recovery`
-for each), and `hooks` is where the test kit injects faults.
+for each), `waker` ends the waits whose timeout is due (`waits` is the stage itself), and
+`hooks` is where the test kit injects faults.
 """
 
 from .callbacks import (

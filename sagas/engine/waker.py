@@ -1,0 +1,87 @@
+"""The wake: end the waits whose timeout is due, and apply the signals kept while their saga was
+busy, within seconds of their time (the `sagas.wake` task, which beat sends every few seconds).
+
+The sweep does the same, at its own pace, as a safety net (`sagas.engine.sweeper`). A wake with
+nothing to do costs one query, on the partial indexes of the waiting stages and of the kept
+signals (`due`). Otherwise it works in batches (`waits.apply_kept`, `waits.time_out_due`: each
+saga under its lock, a saga that another transaction holds skipped and left for the next wake),
+and goes on while a batch was full, for `max_seconds` at most: a wake never holds a worker
+process for long, and the next one goes on where it stopped. Several wakes at once are safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db import connection
+from django.utils import timezone
+
+from ..models import SagaSignal, SagaStatus, SagaStep, SignalStatus, StepStatus
+from . import waits
+
+logger = logging.getLogger("sagas")
+
+# Sagas a batch takes: one saga's timeout is a transaction of a few milliseconds.
+BATCH_SIZE = 200
+# A wake takes no new batch after this many seconds: thousands of waits falling due at once
+# are ended by several wakes in a row, each of them short.
+MAX_SECONDS = 5.0
+
+
+@dataclass
+class WakeReport:
+    waits_timed_out: list[str] = field(default_factory=list)
+    signals_applied: int = 0
+    batches: int = 0
+
+
+def due(now: datetime) -> tuple[bool, bool]:
+    """Whether some signal may be applied (kept for a saga that is waiting) and whether some
+    wait's timeout is due: one query, each half on a partial index (`saga_signal_kept_idx`,
+    `saga_step_due_idx`), so a wake with nothing to do reads next to nothing.
+
+    The first half is wider than what `waits.apply_kept` applies (a signal kept for a later
+    wait of a waiting saga counts too), never narrower: it only saves a query."""
+    kept = SagaSignal.objects.filter(status=SignalStatus.KEPT, saga__status=SagaStatus.WAITING)
+    timed = SagaStep.objects.filter(status=StepStatus.WAITING, due_at__lte=now)
+    kept_sql, kept_params = kept.values("pk").query.sql_with_params()
+    timed_sql, timed_params = timed.values("pk").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT EXISTS ({kept_sql}), EXISTS ({timed_sql})", [*kept_params, *timed_params]
+        )
+        signals, timeouts = cursor.fetchone()
+    return bool(signals), bool(timeouts)
+
+
+def wake(*, batch_size: int = BATCH_SIZE, max_seconds: float = MAX_SECONDS) -> WakeReport:
+    """Apply the kept signals a waiting saga can take (first: one that came before its wait's
+    timeout wins over it), then end the waits whose timeout is due; again while a batch was
+    full, for `max_seconds` at most. Safe to run concurrently."""
+    started = time.monotonic()
+    report = WakeReport()
+    while True:
+        signals, timeouts = due(timezone.now())
+        if not (signals or timeouts):
+            break
+        applied = waits.apply_kept(batch_size=batch_size) if signals else 0
+        ended = waits.time_out_due(batch_size=batch_size) if timeouts else []
+        report.signals_applied += applied
+        report.waits_timed_out += ended
+        report.batches += 1
+        # A batch that was not full took all there was, but for the sagas another transaction
+        # held (skipped): the next wake tries them again.
+        full = applied == batch_size or len(ended) == batch_size
+        if not full or time.monotonic() - started >= max_seconds:
+            break
+    if report.waits_timed_out or report.signals_applied:
+        logger.info(
+            "wake: %d wait(s) timed out, %d kept signal(s) applied, in %.3f s",
+            len(report.waits_timed_out),
+            report.signals_applied,
+            time.monotonic() - started,
+        )
+    return report
