@@ -66,7 +66,7 @@ def test_opening_the_link_changes_nothing_and_only_the_pages_form_decides(saga_d
 
     page = client.get(url)
     assert page.status_code == 200 and b"Approve" in page.content and b"ship" in page.content
-    assert page["Referrer-Policy"] == "no-referrer"
+    assert page["Referrer-Policy"] == "no-referrer" and "no-store" in page["Cache-Control"]
     assert b"reserve" in page.content  # what rejecting undoes
     assert Saga.objects.get(pk=saga.pk).status == "waiting" and not SagaSignal.objects.exists()
 

@@ -21,6 +21,8 @@ DEFAULTS = [
     ("SAGAS_RELAY_AFTER", conf.relay_after, timedelta(seconds=30)),
     ("SAGAS_BASE_URL", conf.base_url, ""),
     ("SAGAS_SIGNAL_URL_MAX_AGE", conf.signal_url_max_age, 30 * 86400),
+    ("SAGAS_APPROVAL_LINK_MAX_AGE", conf.approval_link_max_age, 7 * 86400),
+    ("SAGAS_APPROVAL_LINK_SIGN_IN", conf.approval_link_sign_in, True),
     ("SAGAS_MODULES", conf.modules, ()),
     ("SAGAS_ADMIN_LINKS", conf.admin_links_hook, None),
     ("SAGAS_ADMIN_SEARCH_FIELDS", conf.admin_search_fields, ()),
