@@ -84,6 +84,9 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "sagaproject.urls"
+# Where an approver's signed link sends whoever must sign in first (SAGAS_APPROVAL_LINK_SIGN_IN):
+# the admin's sign-in page, for the reference project's approvers are its staff.
+LOGIN_URL = "admin:login"
 WSGI_APPLICATION = "sagaproject.wsgi.application"
 
 TEMPLATES = [
@@ -314,6 +317,21 @@ SPECTACULAR_SETTINGS = {
 ORDERS_STEP_TIME_LIMIT = int(os.environ.get("ORDERS_STEP_TIME_LIMIT", "60"))
 # The largest order submission accepted (orders.api); a larger body gets 413.
 ORDERS_MAX_BODY_BYTES = int(os.environ.get("ORDERS_MAX_BODY_BYTES", str(64 * 1024)))
+# Seconds an order paid with a 3-D Secure token (tok_3ds*) waits for the customer's
+# confirmation before it is cancelled and refunded (orders.sagas; read where orders are
+# submitted: the saga keeps the timeout it started with).
+ORDERS_CONFIRM_TIMEOUT = float(os.environ.get("ORDERS_CONFIRM_TIMEOUT", "900"))
+# Orders whose total is above this amount wait for an operator's approval before shipping
+# (orders.sagas); unset or empty: none does. Read where orders are submitted.
+ORDERS_REVIEW_ABOVE = os.environ.get("ORDERS_REVIEW_ABOVE", "").strip() or None
+# Seconds before the simulated gateway posts a 3-D Secure confirmation (tok_3ds) to the saga's
+# signed URL (payments.gateway).
+GATEWAY_CONFIRM_DELAY = float(os.environ.get("GATEWAY_CONFIRM_DELAY", "2"))
+# The site's base URL, on which the signed URLs that steps hand to external systems are made
+# (the simulated gateway's 3-D Secure webhook). Locally (DEBUG on), `make run`'s own server.
+SAGAS_BASE_URL = os.environ.get("SAGAS_BASE_URL") or (
+    f"http://127.0.0.1:{os.environ.get('PORT') or '8000'}" if DEBUG else ""
+)
 # The API load benchmark's ceiling endpoint under /bench/ (bench.endpoints): only for
 # `make bench-api`'s own server, never in a deployment.
 BENCH_ENDPOINTS = env_bool("SAGAPROJECT_BENCH_ENDPOINTS", False)
