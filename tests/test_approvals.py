@@ -190,6 +190,15 @@ def test_the_api_decides_for_users_with_the_permission_only(saga_db, monkeypatch
     for hostile in (["a list"], "a string", 7):
         assert client.post(url, hostile, format="json").status_code == 400
     assert status(saga) == "waiting" and not SagaSignal.objects.exists()
+    detail = client.get(f"/api/sagas/{saga.pk}/")  # an approver is not staff: not theirs
+    assert detail.status_code == 404
+    approver.is_staff = True
+    approver.save()
+    detail = client.get(f"/api/sagas/{saga.pk}/").json()
+    shown = detail["waiting"]
+    assert (shown["stage"], shown["kind"], shown["event"]) == ("review", "approval", "review")
+    assert shown["since"] and shown["until"]
+    assert [s["kind"] for s in detail["steps"]] == ["step", "approval", "step"]
 
     approved = client.post(url, {"note": "ok"}, format="json")
     assert approved.status_code == 200, approved.content
@@ -201,6 +210,7 @@ def test_the_api_decides_for_users_with_the_permission_only(saga_db, monkeypatch
     assert wait_final(saga.pk, timeout=20).status == "completed"
     [done] = events(saga, EventKind.WAIT_COMPLETED)
     assert done["by"] == "approver"
+    assert client.get(f"/api/sagas/{saga.pk}/").json()["waiting"] is None
 
     lose_messages(monkeypatch)  # a saga not at its approval yet: 409, nothing stored
     early = start(order="o-early")

@@ -124,8 +124,26 @@ def _error(obj: Saga | SagaStep) -> dict[str, str] | None:
     return {"code": obj.error_code, "message": obj.error_message}
 
 
+def stage_kind(step: SagaStep) -> str:
+    if not is_wait(step.definition):
+        return "step"
+    return "approval" if step.definition.get("approval") else "wait"
+
+
+class WaitingSerializer(serializers.Serializer):
+    """What a waiting saga waits for."""
+
+    stage = serializers.CharField(help_text="The wait's name.")
+    kind = serializers.CharField(help_text="wait, or approval.")
+    event = serializers.CharField(allow_null=True, help_text="Its event; none for a timer.")
+    since = serializers.DateTimeField(help_text="When it began waiting.")
+    until = serializers.DateTimeField(allow_null=True, help_text="Its timeout; none: no end.")
+
+
 class SagaStepSerializer(ModelSerializer):
-    kind = serializers.SerializerMethodField(help_text="step, or wait (for an event or a time).")
+    kind = serializers.SerializerMethodField(
+        help_text="step, wait (for an event or a time), or approval (a person's decision)."
+    )
     error = serializers.SerializerMethodField(help_text="Why the step failed, if it did.")
     event = serializers.SerializerMethodField(help_text="The event a wait waits for, if any.")
 
@@ -147,7 +165,7 @@ class SagaStepSerializer(ModelSerializer):
         read_only_fields = fields
 
     def get_kind(self, step: SagaStep) -> str:
-        return "wait" if is_wait(step.definition) else "step"
+        return stage_kind(step)
 
     def get_event(self, step: SagaStep) -> str | None:
         return step.definition.get("event") if is_wait(step.definition) else None
@@ -191,6 +209,9 @@ class SagaSerializer(ModelSerializer):
         help_text="The business object the saga is about (its definition's `key`), if any.",
     )
     error = serializers.SerializerMethodField(help_text="Why the saga failed, if it did.")
+    waiting = serializers.SerializerMethodField(
+        help_text="While the saga waits: for what, since when and until when."
+    )
     steps = SagaStepSerializer(many=True, read_only=True)
 
     class Meta:
@@ -203,6 +224,7 @@ class SagaSerializer(ModelSerializer):
             "status",
             "current_step",
             "error",
+            "waiting",
             "recovery_attempts",
             "created_at",
             "updated_at",
@@ -214,6 +236,23 @@ class SagaSerializer(ModelSerializer):
     @extend_schema_field(ErrorSerializer(allow_null=True))
     def get_error(self, saga: Saga) -> dict[str, str] | None:
         return _error(saga)
+
+    @extend_schema_field(WaitingSerializer(allow_null=True))
+    def get_waiting(self, saga: Saga) -> dict[str, Any] | None:
+        if saga.status != "waiting":
+            return None
+        # The steps are prefetched (`_with_steps`): no query per saga.
+        step = next((s for s in saga.steps.all() if s.status == "waiting"), None)
+        if step is None:
+            return None
+        waiting = {
+            "stage": step.name,
+            "kind": stage_kind(step),
+            "event": step.definition.get("event"),
+            "since": step.started_at,
+            "until": step.due_at,
+        }
+        return WaitingSerializer(waiting).data
 
 
 class SagaDetailSerializer(SagaSerializer):
