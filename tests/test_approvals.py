@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.test import override_settings
 from django.utils import timezone
 
 from sagas import services
@@ -142,6 +143,13 @@ def test_a_condition_that_raises_pauses_the_saga_with_a_safe_error(saga_db):
     assert final.error_code == "wait_not_begun"
     assert "KeyError" in final.error_message and "no such field" not in final.error_message
     assert SagaStep.objects.get(saga=saga, name="reserve").status == "completed"
+    services.saga_retry(saga_id=saga.pk, actor="op")  # not fixed yet: paused again
+    assert Saga.objects.get(pk=saga.pk).error_code == "wait_not_begun"
+    fixed = {"tests.sagadefs.a_broken_condition": "tests.sagadefs.is_a_big_order"}
+    with override_settings(SAGAS_RENAMED_CALLABLES=fixed):  # the fix, deployed
+        services.saga_retry(saga_id=saga.pk, actor="op")  # the retry asks the condition again
+    assert wait_final(saga.pk, timeout=20).status == "completed"
+    assert events(saga, EventKind.WAIT_SKIPPED)
 
 
 def test_a_timer_until_a_time_the_saga_computes(saga_db):
