@@ -131,10 +131,16 @@ def test_an_approval_whose_condition_is_false_is_skipped(saga_db):
     big = start("reviews_big_orders", order="big", total=500)
     assert wait_final(small.pk, timeout=20).status == "completed"
     assert events(small, EventKind.WAIT_SKIPPED) == [{"reason": "its condition was false"}]
+    # The start's chain went on past the skipped wait: no second chain was sent.
+    assert Saga.objects.get(pk=small.pk).epoch == 1
     waiting(big)
     services.saga_approve(saga_id=big.pk, actor="alice")
     assert wait_final(big.pk, timeout=20).status == "completed"
     assert not events(big, EventKind.WAIT_SKIPPED)
+    # The start's chain went on past the approval, and its next message found the saga
+    # waiting: it ran nothing; the approval's chain ran the shipping, once.
+    shipped = SagaEvent.objects.filter(saga=big, kind=EventKind.STEP_COMPLETED, step_name="ship")
+    assert shipped.count() == 1
 
 
 def test_a_condition_that_raises_pauses_the_saga_with_a_safe_error(saga_db):

@@ -1,6 +1,7 @@
 """Waits: stages that wait for an event (a signal) or a time, holding no worker and no message.
 
-A chain of steps ends at a wait (`unit.chain_of`). The transaction that completes the step
+A chain of steps ends at a wait (`unit.chain_of`; or goes on past one with a `condition`,
+which a saga may skip). The transaction that completes the step
 before it begins the wait (`enter_wait`): the wait's row becomes `waiting` with its due time,
 the saga `waiting`; a signal kept for it (sent early) is consumed at once. Then either a signal
 comes (`signal`), or the sweeper finds the wait due (`due_waits`, `timed_out`), or the saga
@@ -135,17 +136,20 @@ def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool =
 # -- entering a wait --------------------------------------------------------------------------
 
 
-def enter_wait(unit: Unit, step: StepRow) -> None:
+def enter_wait(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
     """Begin the wait `step` (its row pending): the saga waits for its event or its timeout.
     A signal kept for it is consumed at once. A wait whose `condition` is false is skipped;
     one whose `condition` or `until` raises (or whose `until` gives no aware time) fails, and
-    the saga pauses for an operator (whose retry asks them again)."""
+    the saga pauses for an operator (whose retry asks them again).
+
+    `chained`: the step before it completed in a chain that goes on past it (`chain_of`): a
+    skipped wait sends nothing, the chain's next message runs what comes after."""
     definition = step.definition
     now = timezone.now()
     unit.set_saga(current_step=step.index)
     try:
         if not _condition_holds(unit, step):
-            _skip(unit, step)
+            _skip(unit, step, chained=chained)
             return
         due = _due(unit, step, now)
     except Exception as exc:  # the project's code: a bug of its own, never the engine's
@@ -216,7 +220,7 @@ def _due(unit: Unit, step: StepRow, now: datetime) -> datetime | None:
     return due
 
 
-def _skip(unit: Unit, step: StepRow) -> None:
+def _skip(unit: Unit, step: StepRow, *, chained: bool) -> None:
     """The wait's condition is false: it completes with no output, and what was kept for it
     is discarded, as no wait will ever consume it."""
     unit.move_step(
@@ -240,7 +244,13 @@ def _skip(unit: Unit, step: StepRow) -> None:
     unit.progressed()
     if unit.saga.status != SagaStatus.RUNNING:
         unit.move_saga(SagaStatus.RUNNING, None)
-    go_on(unit, step.index + 1)
+    following = step.index + 1
+    if not chained:
+        go_on(unit, following)
+    elif unit.waits_at(following):
+        enter_wait(unit, unit.steps[following], chained=True)
+    else:  # the running chain's next message is this step's
+        unit.set_saga(current_step=following)
 
 
 def _broken(unit: Unit, step: StepRow, exc: Exception) -> None:
