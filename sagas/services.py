@@ -132,7 +132,8 @@ def saga_approve(
     The same decision again gets the first one's outcome (`repeated`). Raises `SignalError`:
     `NotWaiting` while the saga has not reached the approval, and when it has none (or several
     waiting, and no `stage`); a decision after the approval is over is refused (`status`
-    "refused", on the timeline). Check the user's `sagas.approve_saga` before calling this.
+    "refused", on the timeline); Django's `ValidationError` for a note PostgreSQL cannot store
+    (a NUL character). Check the user's `sagas.approve_saga` before calling this.
     """
     return waits.decide(saga_id, approve=True, actor=actor, note=note, stage=stage)
 

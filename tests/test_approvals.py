@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.test import override_settings
 from django.utils import timezone
 
@@ -110,6 +111,8 @@ def test_a_plain_signal_cannot_decide_an_approval(saga_db):
     waiting(saga)
     with pytest.raises(SignalError, match="approval"):
         services.saga_signal(saga_id=saga.pk, event="review", payload={"decision": "approved"})
+    with pytest.raises(ValidationError):
+        services.saga_approve(saga_id=saga.pk, actor="alice", note="nul \x00 here")
     assert status(saga) == "waiting"
     assert not SagaSignal.objects.filter(saga=saga).exists()
 
@@ -195,6 +198,7 @@ def test_the_api_decides_for_users_with_the_permission_only(saga_db, monkeypatch
     for bad, field in [
         ({"note": 7}, "note"),
         ({"note": "x" * 1001}, "note"),
+        ({"note": "nul \x00 here"}, "note"),
         ({"stage": "nope"}, "stage"),
         ({"colour": "blue"}, "colour"),
     ]:
@@ -203,6 +207,9 @@ def test_the_api_decides_for_users_with_the_permission_only(saga_db, monkeypatch
         assert field in answer.json(), (bad, answer.json())
     for hostile in (["a list"], "a string", 7):
         assert client.post(url, hostile, format="json").status_code == 400
+    surrogate = '{"note": "lone \\ud800 surrogate"}'  # JSON may spell what UTF-8 cannot
+    answer = client.post(url, surrogate, content_type="application/json")
+    assert answer.status_code == 400 and "note" in answer.json()
     assert status(saga) == "waiting" and not SagaSignal.objects.exists()
     detail = client.get(f"/api/sagas/{saga.pk}/")  # an approver is not staff: not theirs
     assert detail.status_code == 404

@@ -413,6 +413,8 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             raise Conflict(str(exc)) from exc
         except SignalError as exc:
             raise ValidationError({"stage": [str(exc)]}) from None
+        except DjangoValidationError as exc:
+            raise ValidationError(exc.message_dict) from None
         code = SIGNAL_STATUS_CODES[outcome.status]
         return Response(SignalSerializer(outcome).data, status=code)
 

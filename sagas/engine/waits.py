@@ -498,6 +498,10 @@ def decide(
         if last is not None and (last.payload or {}).get("decision") == decision:
             return SignalOutcome(last.status, last.pk, name, repeated=True)
     payload = {"decision": decision, "by": actor, "note": note}
+    if not _storable(payload):
+        raise ValidationError(
+            {"note": "Text with a NUL character or a lone surrogate cannot be stored."}
+        )
     return signal(
         saga_id,
         definition["event"],
