@@ -210,6 +210,14 @@ class Saga(models.Model):
                 condition=Q(business_key__isnull=False),
                 name="saga_business_key_idx",
             ),
+            # The sweeper's: the sagas whose deadline passed, among those it may compensate
+            # (a few, where millions wait or are finished; `sagas.engine.sweeper`).
+            models.Index(
+                fields=["deadline_at"],
+                condition=Q(deadline_at__isnull=False)
+                & Q(status__in=[SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.WAITING]),
+                name="saga_deadline_idx",
+            ),
             # Retention (sagas.retention): the oldest finished sagas of a status, first.
             models.Index(
                 fields=["status", "finished_at"],

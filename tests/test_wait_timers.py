@@ -23,7 +23,15 @@ from sagas import services
 from sagas.definitions import SagaDefinition, Step, Wait
 from sagas.engine import waker
 from sagas.models import EventKind, Saga, SagaEvent, SagaSignal, SagaStep
-from tests.conftest import ARTIFACTS, ROOT, lose_messages, wait_final, wait_for, worker_env
+from tests.conftest import (
+    ARTIFACTS,
+    ROOT,
+    attempt_in_process,
+    lose_messages,
+    wait_final,
+    wait_for,
+    worker_env,
+)
 from tests.test_bulk import locked_elsewhere
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -117,6 +125,26 @@ def test_a_wake_with_nothing_due_is_one_query(transactional_db, django_assert_nu
         report = waker.wake()
     assert (report.waits_timed_out, report.signals_applied, report.batches) == ([], 0, 0)
     assert status(saga) == "waiting"
+
+
+def test_the_wakes_check_counts_a_kept_signal_only_at_its_wait(transactional_db, monkeypatch):
+    lose_messages(monkeypatch)  # the steps run here, when the test says
+    confirmed = {"reference": "3ds-k"}
+    early, _ = services.saga_start(name="waits_for_payment", input={"order": "o-early"})
+    sent = services.saga_signal(saga_id=early.pk, event="payment_confirmed", payload=confirmed)
+    assert sent.status == "kept"  # for a wait still to come: the wait consumes it
+    assert waker.due(timezone.now()) == (False, False)
+
+    busy, _ = services.saga_start(name="waits_for_payment", input={"order": "o-busy"})
+    assert attempt_in_process(busy.pk, 0) == "done"
+    assert status(busy) == "waiting"
+    with locked_elsewhere(busy):  # a step holds the saga: kept, for the wait it waits at
+        sent = services.saga_signal(saga_id=busy.pk, event="payment_confirmed", payload=confirmed)
+    assert sent.status == "kept"
+    assert waker.due(timezone.now()) == (True, False)
+    assert waker.wake().signals_applied == 1
+    assert SagaSignal.objects.get(pk=sent.signal_id).status == "consumed"
+    assert waker.due(timezone.now()) == (False, False)
 
 
 def due_timers(count: int) -> list[Saga]:

@@ -7,7 +7,8 @@ and several sweepers never claim the same saga) and its remaining steps, or rema
 compensations, are sent again. Every task checks its row first, so a duplicate is a no-op.
 A bulk action that made no progress for as long has its next batch sent again, as harmlessly.
 Last, the relay sends the signals that committed transitions owe and no process sent
-(`sagas.engine.relay`).
+(`sagas.engine.relay`). It also does what the wake does (`sagas.engine.waker`), should no wake
+run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from django.utils import timezone
 from .. import conf
 from ..bulk import batches
 from ..models import IN_FLIGHT, Direction, EventKind, Saga, SagaStatus
-from . import notify, waits
+from . import notify, waker
 from .recovery import deadline_passed, recover
 from .relay import relay
 
@@ -108,10 +109,11 @@ def sweep(
         for saga_id in expired:
             if deadline_passed(saga_id):
                 report.deadline_compensated.append(str(saga_id))
-    # Signals kept while their saga was busy first: one that came before its wait's timeout
-    # wins over it.
-    report.signals_applied = waits.apply_kept(batch_size=batch_size)
-    report.waits_timed_out = waits.time_out_due(batch_size=batch_size)
+    # What the wake (`sagas.wake`, every few seconds) does, should it not run: signals kept
+    # while their saga was busy, then the waits whose timeout is due.
+    woken = waker.wake(batch_size=batch_size)
+    report.signals_applied = woken.signals_applied
+    report.waits_timed_out = woken.waits_timed_out
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     report.relayed = relay(older_than=conf.relay_after())
     if stale:

@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.db import connection
+from django.db.models import Exists, OuterRef
+from django.db.models.fields.json import KT
 from django.utils import timezone
 
-from ..models import SagaSignal, SagaStatus, SagaStep, SignalStatus, StepStatus
+from ..models import SagaSignal, SagaStep, SignalStatus, StepStatus
 from . import waits
 
 logger = logging.getLogger("sagas")
@@ -39,13 +41,17 @@ class WakeReport:
 
 
 def due(now: datetime) -> tuple[bool, bool]:
-    """Whether some signal may be applied (kept for a saga that is waiting) and whether some
-    wait's timeout is due: one query, each half on a partial index (`saga_signal_kept_idx`,
-    `saga_step_due_idx`), so a wake with nothing to do reads next to nothing.
-
-    The first half is wider than what `waits.apply_kept` applies (a signal kept for a later
-    wait of a waiting saga counts too), never narrower: it only saves a query."""
-    kept = SagaSignal.objects.filter(status=SignalStatus.KEPT, saga__status=SagaStatus.WAITING)
+    """Whether some kept signal is for the wait its saga waits at (`waits.apply_kept` applies
+    it), and whether some wait's timeout is due: one query, each half from a partial index
+    (`saga_signal_kept_idx`, then each such signal's stage rows; `saga_step_due_idx`), so a
+    wake with nothing to do reads next to nothing. A signal kept for a wait still to come (sent
+    early) is not counted: the wait consumes it when it begins."""
+    waiting_for_it = (
+        SagaStep.objects.filter(saga_id=OuterRef("saga_id"), status=StepStatus.WAITING)
+        .annotate(waited_for=KT("definition__event"))
+        .filter(waited_for=OuterRef("event"))
+    )
+    kept = SagaSignal.objects.filter(Exists(waiting_for_it), status=SignalStatus.KEPT)
     timed = SagaStep.objects.filter(status=StepStatus.WAITING, due_at__lte=now)
     kept_sql, kept_params = kept.values("pk").query.sql_with_params()
     timed_sql, timed_params = timed.values("pk").query.sql_with_params()
