@@ -673,3 +673,34 @@ def _approvals() -> None:
 
 
 _approvals()
+
+
+def _admin_waits() -> None:
+    """For tests/test_admin_waits.py: an approval with no timeout, and one past a pivot."""
+    from sagas.definitions import Approval
+
+    register(
+        SagaDefinition(
+            name="approval_without_timeout",
+            key="order",
+            steps=[
+                Step("reserve", record, undo_reservation, retry=FAST),
+                Approval("review"),
+                Step("ship", record, undo, retry=FAST),
+            ],
+        )
+    )
+    register(
+        SagaDefinition(
+            name="approval_after_pivot",
+            key="order",
+            steps=[
+                Step("charge", record, undo, retry=FAST, pivot=True),
+                Approval("review", timeout=3600),
+                Step("ship", record, undo, retry=FAST),
+            ],
+        )
+    )
+
+
+_admin_waits()

@@ -1,8 +1,11 @@
-"""The operator actions of the saga admin: retry, compensate and resolve, each confirmed first.
+"""The operator actions of the saga admin: retry, compensate and resolve, and approve and reject
+an approval, each confirmed first.
 
-Each action shows what it will do to every selected saga (from `services.saga_plan`) on a
-confirmation page, then calls the matching service: the admin holds no saga logic of its own.
-A saga's page offers the same actions as buttons, which post to the list's action.
+Each action shows what it will do to every selected saga (from `services.saga_plan`, or for a
+decision `waits.decision_plan`) on a confirmation page, then calls the matching service: the
+admin holds no saga logic of its own. A saga's page offers the same actions as buttons, which
+post to the list's action; approve and reject have a page of their own for one saga, whose
+confirmation acts through the same code.
 """
 
 from __future__ import annotations
@@ -15,20 +18,24 @@ from typing import Any
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
+from django.contrib.admin.utils import unquote
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 from django.utils import timezone
 from django.utils.safestring import SafeString
 
 from .. import conf, services
 from ..durations import parse_duration
 from ..engine import KEEP, Deadline, Plan
-from ..exceptions import InvalidTransition, SagaBusy
-from ..models import Direction, OperatorAction, Saga, StepStatus
+from ..engine.waits import SignalOutcome
+from ..exceptions import InvalidTransition, SagaBusy, SignalError
+from ..models import Direction, OperatorAction, Saga, SignalStatus, StepStatus
 from ..permissions import may_operate
 from .display import status_badge
+from .waits import APPROVE, DECISIONS, REJECT, decision_plan, waits_at_an_approval
 
 ONCE_TOKEN = re.compile(r"[0-9a-f]{32}")
 
@@ -63,6 +70,21 @@ ACTION_WORDS: dict[str, ActionWords] = {
         "Resolved",
         "Resolving marks the step whose compensation failed as compensated by hand (you "
         "undid its effect yourself); the remaining compensations then run.",
+    ),
+    APPROVE: ActionWords(
+        "approve_sagas",
+        "Approve",
+        "Approved",
+        "Approving decides the approval the saga waits at: the saga goes on with the stages "
+        "after it. Who approved, and the note, are on its timeline.",
+    ),
+    REJECT: ActionWords(
+        "reject_sagas",
+        "Reject",
+        "Rejected",
+        "Rejecting fails the approval the saga waits at (approval_rejected): the saga undoes "
+        "its completed steps, in reverse order, or pauses for an operator if it passed its "
+        "pivot. Who rejected, and the note, are on its timeline.",
     ),
 }
 
@@ -106,6 +128,25 @@ class RetryDeadlineForm(forms.Form):
         return KEEP
 
 
+class DecisionForm(forms.Form):
+    """The note of an approval's decision, for the saga's timeline."""
+
+    note = forms.CharField(
+        required=False,
+        max_length=1000,
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "class": "vLargeTextField"}),
+        help_text="Why, for the saga's timeline (with your name).",
+    )
+
+
+@dataclass(frozen=True)
+class Choices:
+    """What the operator chose on a confirmation page: a retry's deadline, a decision's note."""
+
+    deadline: Deadline = KEEP
+    note: str = ""
+
+
 @dataclass(frozen=True)
 class Preview:
     """What an action will do to one saga, for the confirmation page."""
@@ -121,7 +162,7 @@ class Preview:
 class OperatorActionsAdmin(admin.ModelAdmin):
     """The operator actions of a saga ModelAdmin, each gated by its own permission."""
 
-    actions = ("retry_sagas", "compensate_sagas", "resolve_sagas")
+    actions = ("retry_sagas", "compensate_sagas", "resolve_sagas", "approve_sagas", "reject_sagas")
 
     def has_retry_permission(self, request: HttpRequest) -> bool:
         return may_operate(request.user, OperatorAction.RETRY)
@@ -131,6 +172,21 @@ class OperatorActionsAdmin(admin.ModelAdmin):
 
     def has_resolve_permission(self, request: HttpRequest) -> bool:
         return may_operate(request.user, OperatorAction.RESOLVE)
+
+    def has_approve_permission(self, request: HttpRequest) -> bool:
+        return may_operate(request.user, APPROVE)
+
+    def get_urls(self) -> list[URLPattern]:
+        decisions = [
+            path(
+                f"<path:object_id>/{action}/",
+                self.admin_site.admin_view(self.decision_view),
+                {"action": action},
+                name=f"sagas_saga_{action}",
+            )
+            for action in DECISIONS
+        ]
+        return [*decisions, *super().get_urls()]
 
     # -- the detail page's action buttons ---------------------------------------------------
 
@@ -145,6 +201,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
     ) -> HttpResponse:
         if obj is not None:
             context["saga_operator_actions"] = self._buttons(request, obj)
+            context["saga_decisions"] = self._decision_buttons(request, obj)
             context["saga_changelist_url"] = reverse("admin:sagas_saga_changelist")
         return super().render_change_form(request, context, add, change, form_url, obj)
 
@@ -160,8 +217,38 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         return [
             words
             for action, words in ACTION_WORDS.items()
-            if may_operate(request.user, action) and (action != OperatorAction.RESOLVE or stuck)
+            if action not in DECISIONS
+            and may_operate(request.user, action)
+            and (action != OperatorAction.RESOLVE or stuck)
         ]
+
+    def _decision_buttons(self, request: HttpRequest, saga: Saga) -> list[tuple[ActionWords, str]]:
+        """Approve and reject, with their pages' URLs, for a saga that waits at an approval."""
+        if not (self.has_approve_permission(request) and waits_at_an_approval(saga)):
+            return []
+        return [
+            (ACTION_WORDS[action], reverse(f"admin:sagas_saga_{action}", args=[saga.pk]))
+            for action in DECISIONS
+        ]
+
+    def decision_view(self, request: HttpRequest, object_id: str, action: str) -> HttpResponse:
+        """Approve or reject one saga's approval: its confirmation page (GET), and the decision
+        (POST, confirmed), then back to the saga's page."""
+        if not self.has_approve_permission(request):
+            raise PermissionDenied
+        saga = self.get_object(request, unquote(object_id))
+        if saga is None:
+            raise Http404("No such saga.")
+        if not self.has_view_or_change_permission(request, saga):
+            raise PermissionDenied
+        if request.method == "POST" and request.POST.get("post") == "yes":
+            queryset = self.get_queryset(request).filter(pk=saga.pk)
+            # The confirmation again (a note too long), or back to the saga's page.
+            answer = self._operate(request, queryset, action)
+            return answer or HttpResponseRedirect(
+                reverse("admin:sagas_saga_change", args=[saga.pk])
+            )
+        return self._confirmation(request, [saga], action, return_to_detail=True)
 
     # -- the operator actions ---------------------------------------------------------------
 
@@ -184,6 +271,14 @@ class OperatorActionsAdmin(admin.ModelAdmin):
     def resolve_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
         return self._operate(request, queryset, OperatorAction.RESOLVE)
 
+    @admin.action(description="Approve the approval of the selected sagas", permissions=[APPROVE])
+    def approve_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        return self._operate(request, queryset, APPROVE)
+
+    @admin.action(description="Reject the approval of the selected sagas", permissions=[APPROVE])
+    def reject_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        return self._operate(request, queryset, REJECT)
+
     @staticmethod
     def _resolve_index(saga: Saga) -> int:
         """The step to resolve: the first whose compensation failed, in compensation order.
@@ -194,14 +289,22 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         return max(failed, default=saga.current_step)
 
     def _plan(self, saga: Saga, action: str) -> Plan:
+        if action in DECISIONS:
+            return decision_plan(saga, action)
         index = self._resolve_index(saga) if action == OperatorAction.RESOLVE else None
         return services.saga_plan(saga_id=saga.pk, action=action, index=index)
 
-    def _act(self, saga: Saga, action: str, actor: str, deadline: Deadline = KEEP) -> Plan:
+    def _act(
+        self, saga: Saga, action: str, actor: str, choices: Choices = Choices()
+    ) -> Plan | SignalOutcome:
+        if action == APPROVE:
+            return services.saga_approve(saga_id=saga.pk, actor=actor, note=choices.note)
+        if action == REJECT:
+            return services.saga_reject(saga_id=saga.pk, actor=actor, note=choices.note)
         if action == OperatorAction.RETRY:
             # The deadline is for the sagas the retry resumes forward; one resuming its
             # compensation has none to change.
-            kept = KEEP if saga.direction == Direction.BACKWARD else deadline
+            kept = KEEP if saga.direction == Direction.BACKWARD else choices.deadline
             return services.saga_retry(saga_id=saga.pk, actor=actor, deadline=kept)
         if action == OperatorAction.COMPENSATE:
             return services.saga_compensate(saga_id=saga.pk, actor=actor)
@@ -224,28 +327,39 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         sagas = list(queryset.order_by("-created_at"))
         if request.POST.get("post") != "yes":
             return self._confirmation(request, sagas, action)
-        deadline: Deadline = KEEP
+        choices = Choices()
         if action == OperatorAction.RETRY and "deadline" in request.POST:
             form = RetryDeadlineForm(request.POST)
             if not form.is_valid():  # shown again with its errors: nothing was done
                 return self._confirmation(request, sagas, action, form)
-            deadline = form.chosen()
+            choices = Choices(deadline=form.chosen())
+        if action in DECISIONS:
+            note = DecisionForm(request.POST)
+            if not note.is_valid():
+                return self._confirmation(request, sagas, action, decision_form=note)
+            choices = Choices(note=note.cleaned_data["note"])
         operator_action = ACTION_WORDS[action]
         actor = request.user.get_username()
         done = repeated = 0
         for saga in sagas:
             try:
-                plan = self._act_once(request, saga, action, actor, deadline)
-            except (InvalidTransition, Saga.DoesNotExist) as error:
+                result = self._act_once(request, saga, action, actor, choices)
+            except (InvalidTransition, SignalError, Saga.DoesNotExist) as error:
                 self.message_user(
                     request, f"Saga {saga.pk} was not changed: {error}", messages.ERROR
                 )
                 continue
-            if plan is None:
+            if result is None:
                 repeated += 1
                 continue
+            if isinstance(result, SignalOutcome):
+                if not self._decided(request, saga, result):
+                    continue
+                reason = f"the approval {result.stage}"
+            else:
+                reason = result.reason
             done += 1
-            self.log_change(request, saga, f"{operator_action.done} by an operator: {plan.reason}")
+            self.log_change(request, saga, f"{operator_action.done} by an operator: {reason}")
         if done:
             noun = "saga" if done == 1 else "sagas"
             self.message_user(request, f"{operator_action.done} {done} {noun}.", messages.SUCCESS)
@@ -260,9 +374,33 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:sagas_saga_change", args=[sagas[0].pk]))
         return None  # back to the list, with its filters
 
+    def _decided(self, request: HttpRequest, saga: Saga, outcome: SignalOutcome) -> bool:
+        """Say what became of a decision other than a plain success; whether it decided."""
+        if outcome.repeated:
+            self.message_user(
+                request,
+                f"Saga {saga.pk}: this decision was taken before; nothing more was done.",
+                messages.INFO,
+            )
+            return False
+        if outcome.status == SignalStatus.REFUSED:
+            self.message_user(
+                request,
+                f"Saga {saga.pk} was not changed: the decision was refused. {outcome.reason}",
+                messages.ERROR,
+            )
+            return False
+        if outcome.status == SignalStatus.KEPT:
+            self.message_user(
+                request,
+                f"Saga {saga.pk} was busy: the decision is kept, and applied within seconds.",
+                messages.INFO,
+            )
+        return True
+
     def _act_once(
-        self, request: HttpRequest, saga: Saga, action: str, actor: str, deadline: Deadline
-    ) -> Plan | None:
+        self, request: HttpRequest, saga: Saga, action: str, actor: str, choices: Choices
+    ) -> Plan | SignalOutcome | None:
         """The action on one saga, once per confirmation: its one-time token and the saga are
         written with the action, in its transaction (`OperatorRequest`), so that a
         confirmation sent again (its answer lost) acts on none of the sagas it acted on, and on
@@ -271,11 +409,11 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         token = request.POST.get("_once", "")
         if not ONCE_TOKEN.fullmatch(token):
             # A form without the token (a project's own).
-            return self._act(saga, action, actor, deadline)
-        done: list[Plan] = []
+            return self._act(saga, action, actor, choices)
+        done: list[Plan | SignalOutcome] = []
 
         def act() -> tuple[int, None]:
-            done.append(self._act(saga, action, actor, deadline))
+            done.append(self._act(saga, action, actor, choices))
             return 200, None
 
         key = f"admin:{token}:{saga.pk}"
@@ -293,6 +431,9 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         sagas: list[Saga],
         action: str,
         deadline_form: RetryDeadlineForm | None = None,
+        *,
+        decision_form: DecisionForm | None = None,
+        return_to_detail: bool = False,
     ) -> HttpResponse:
         previews = []
         for saga in sagas:
@@ -315,10 +456,11 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             "previews": previews,
             "allowed_count": sum(1 for preview in previews if preview.plan.allowed),
             "action_checkbox_name": ACTION_CHECKBOX_NAME,
-            "return_to_detail": bool(request.POST.get("_return_to_detail")),
+            "return_to_detail": return_to_detail or bool(request.POST.get("_return_to_detail")),
             # A one-time token: the confirmation, sent twice (its answer lost), acts once.
             "once": uuid.uuid4().hex,
             "deadline_form": deadline_form if forward else None,
+            "decision_form": (decision_form or DecisionForm()) if action in DECISIONS else None,
             "media": self.media,
         }
         request.current_app = self.admin_site.name

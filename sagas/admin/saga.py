@@ -1,8 +1,9 @@
 """The saga admin: the list of sagas and a saga's page, with its steps and its timeline.
 
 Everything here is read-only: sagas change through the engine only. The operator actions come
-from `actions.OperatorActionsAdmin`, and their bulk page from `bulk.SagaBulkActionsMixin`; the
-pieces of the page from `display`, `diagram` and `links`.
+from `actions.OperatorActionsAdmin`, and their bulk page from `bulk.SagaBulkActionsMixin`; what
+a waiting saga waits for, and the page that sends it a signal, from `waits`; the pieces of the
+page from `display`, `diagram` and `links`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .display import (
 )
 from .links import admin_links, link_list
 from .readonly import ReadOnlyAdminMixin
+from .waits import SagaSignalAdmin, steps_for_pages, waiting_column, waiting_section
 
 
 class SagaRowsInline(ReadOnlyAdminMixin, admin.TabularInline):
@@ -190,7 +192,7 @@ class ProjectFieldsOnly:
         return getattr(self._model_admin, name)
 
 
-class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
+class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaBulkActionsMixin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
         "short_id",
@@ -200,6 +202,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
         "progress",
         "current_step_name",
         "attempts",
+        "waiting_for",
         "created",
         "duration",
     )
@@ -229,6 +232,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
                 ),
             },
         ),
+        ("Waiting", {"classes": ("saga-waiting",), "fields": ("waiting_details",)}),
         ("Steps, forward and compensation", {"classes": ("saga-flow",), "fields": ("diagram",)}),
         ("Related objects", {"classes": ("saga-related",), "fields": ("related_objects",)}),
         (
@@ -260,6 +264,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
         "finished",
         "duration",
         "updated_at",
+        "waiting_details",
         "diagram",
         "related_objects",
         "input_json",
@@ -274,9 +279,9 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
         css = {"all": ("sagas/admin.css",)}
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Saga]:
-        # One query for the steps of every saga on the page: the list costs the same number
-        # of queries for one saga or a hundred.
-        steps = SagaStep.objects.order_by("index").defer("definition", "output")
+        # One query for the steps of every saga on the page, with what a wait waits for: the
+        # list costs the same number of queries for one saga or a hundred.
+        steps = steps_for_pages()
         return super().get_queryset(request).prefetch_related(Prefetch("steps", queryset=steps))
 
     def get_paginator(
@@ -398,6 +403,14 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
             return f"{step.compensation_attempts} (undo)"
         return str(step.attempts)
 
+    @admin.display(description="waiting for / until")
+    def waiting_for(self, saga: Saga) -> SafeString | str:
+        return waiting_column(saga)
+
+    @admin.display(description="wait")
+    def waiting_details(self, saga: Saga) -> SafeString | str:
+        return waiting_section(saga)
+
     @admin.display(description="created", ordering="created_at")
     def created(self, saga: Saga) -> str:
         return timestamp(saga.created_at)
@@ -438,6 +451,9 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaBulkActionsMixin):
 
     def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
         fieldsets = super().get_fieldsets(request, obj)
-        if conf.admin_links_hook() is not None:
-            return fieldsets
-        return [fieldset for fieldset in fieldsets if fieldset[0] != "Related objects"]
+        left_out: set[str] = set()
+        if conf.admin_links_hook() is None:
+            left_out.add("Related objects")
+        if obj is None or obj.status != SagaStatus.WAITING:
+            left_out.add("Waiting")
+        return [fieldset for fieldset in fieldsets if fieldset[0] not in left_out]
