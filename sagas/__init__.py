@@ -81,6 +81,7 @@ if TYPE_CHECKING:
         saga_reject,
         saga_retry,
         saga_signal,
+        saga_skip,
         saga_start,
         saga_step_resolve,
     )
@@ -104,6 +105,7 @@ _WHERE = {
     "saga_retry": "services",
     "saga_compensate": "services",
     "saga_step_resolve": "services",
+    "saga_skip": "services",
     "saga_signal": "services",
     "saga_approve": "services",
     "saga_reject": "services",
@@ -156,6 +158,7 @@ __all__ = [
     "saga_reject",
     "saga_retry",
     "saga_signal",
+    "saga_skip",
     "saga_start",
     "saga_step_resolve",
 ]

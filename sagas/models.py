@@ -68,6 +68,7 @@ class EventKind(models.TextChoices):
     OPERATOR_RETRY = "operator_retry", "Operator retried"
     OPERATOR_COMPENSATE = "operator_compensate", "Operator aborted (compensate)"
     OPERATOR_RESOLVE = "operator_resolve", "Operator resolved a step by hand"
+    OPERATOR_SKIP = "operator_skip", "Operator marked a stage as done by hand"
     DUPLICATE_IGNORED = "duplicate_ignored", "Duplicate delivery ignored"
     RECOVERED = "recovered", "Recovered by the sweeper"
     DEADLINE_PASSED = "deadline_passed", "Deadline passed"
@@ -232,6 +233,7 @@ class Saga(models.Model):
             ("resolve_saga", "Can resolve a step whose compensation failed"),
             ("signal_saga", "Can send a signal to a saga"),
             ("approve_saga", "Can approve or reject a saga's approval"),
+            ("skip_saga", "Can mark a failed or waiting stage as done by hand"),
         ]
 
     def __str__(self) -> str:
@@ -433,6 +435,7 @@ class OperatorAction(models.TextChoices):
     RETRY = "retry", "Retry"
     COMPENSATE = "compensate", "Compensate"
     RESOLVE = "resolve", "Resolve"
+    SKIP = "skip", "Skip"
 
 
 class BulkOperation(models.TextChoices):

@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from . import bulk, conf, engine
 from .bulk import BulkFilter, BulkPreview
 from .engine import Plan, waits
+from .engine.operator import check_output
 from .engine.waits import SignalOutcome
 from .exceptions import SignalError
 from .models import (
@@ -160,6 +161,23 @@ def _unfinished(name: str | None, key: str | None) -> UUID:
         listed = ", ".join(str(pk) for pk in found)
         raise SignalError(f"Several {name} sagas with the key {key!r} are in flight: {listed}.")
     return found[0]
+
+
+def saga_skip(
+    *, saga_id: UUID | str, index: int, output: Any = None, actor: str = "", note: str = ""
+) -> Plan:
+    """Mark stage `index` as done by hand, with `output` (what later stages read as its
+    output), and go on from there: a wait that waits (its event is then refused as late), or
+    the stage a paused saga stopped at going forward (a step that failed for good, a wait
+    that timed out). Not an approval (approve it). `note` and `actor` go on the timeline.
+
+    Raises Django's `ValidationError` (on `output`) for an output the stage would not take,
+    `InvalidTransition` when the saga's state does not allow it (`saga_plan(action="skip",
+    index=...)` says why beforehand), `SagaBusy` while a step holds the saga. Check the user's
+    `sagas.skip_saga` before calling this.
+    """
+    check_output(saga_id, index, output)
+    return engine.skip(saga_id, index, output=output, actor=actor, note=note)
 
 
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:

@@ -22,7 +22,7 @@ class UserFactory(factory.django.DjangoModelFactory):
 
 
 def make_operator(**fields):
-    """A staff user with the saga action permissions (retry, compensate, resolve)."""
+    """A staff user with the saga action permissions (retry, compensate, resolve, skip)."""
     from django.contrib.auth.models import Permission
 
     from sagas.models import OperatorAction

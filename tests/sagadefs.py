@@ -704,3 +704,16 @@ def _admin_waits() -> None:
 
 
 _admin_waits()
+
+
+def breaks(ctx: StepContext) -> dict:
+    """A bug: an exception the step did not declare pauses its saga (the default)."""
+    raise KeyError("a bug")
+
+
+register(
+    SagaDefinition(
+        name="breaks_at_the_end",
+        steps=[Step("first", record, undo, retry=FAST), Step("last", breaks, undo, retry=FAST)],
+    )
+)

@@ -283,7 +283,7 @@ class PlanQuerySerializer(serializers.Serializer):
         required=False,
         min_value=0,
         max_value=32767,
-        help_text="The step to resolve (required with action=resolve).",
+        help_text="The step to resolve or skip (required with action=resolve or skip).",
     )
 
     deadline = serializers.DateTimeField(
@@ -296,8 +296,9 @@ class PlanQuerySerializer(serializers.Serializer):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        if attrs["action"] == OperatorAction.RESOLVE and attrs.get("index") is None:
-            raise serializers.ValidationError({"index": "Required with action=resolve."})
+        needs_index = (OperatorAction.RESOLVE, OperatorAction.SKIP)
+        if attrs["action"] in needs_index and attrs.get("index") is None:
+            raise serializers.ValidationError({"index": f"Required with action={attrs['action']}."})
         if "deadline" in attrs and attrs["action"] != OperatorAction.RETRY:
             raise serializers.ValidationError({"deadline": "Only with action=retry."})
         return attrs
@@ -336,6 +337,24 @@ class RetryRequestSerializer(StrictSerializer):
             "absent: kept, and cleared if it passed while the saga waited. Only for a saga "
             "going forward."
         ),
+    )
+
+
+class SkipRequestSerializer(StrictSerializer):
+    """An operator marking a stage as done by hand (`sagas.services.saga_skip`)."""
+
+    output = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="The stage's output, which later stages read (a wait's validator checks it).",
+    )
+    note = StrictCharField(
+        max_length=1000,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Why, for the timeline.",
     )
 
 

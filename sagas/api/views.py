@@ -68,6 +68,7 @@ from ..services import (
     saga_reject,
     saga_retry,
     saga_signal,
+    saga_skip,
     saga_step_resolve,
 )
 from ..signing import BadSignalToken, read_signal_token
@@ -87,6 +88,7 @@ from .serializers import (
     SagaSerializer,
     SignalRequestSerializer,
     SignalSerializer,
+    SkipRequestSerializer,
     future,
 )
 
@@ -357,6 +359,52 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
             return saga_step_resolve(saga_id=saga_id, index=int(index), actor=actor)
 
         return self._act(request, do)
+
+    @extend_schema(
+        summary="Mark a stage as done by hand",
+        description=(
+            "A waiting stage, or the failed stage a paused saga stopped at going forward, is "
+            "marked as done with the output given (which later stages read), and the saga goes "
+            "on from there; the note goes on the timeline. Not an approval: approve it. Staff "
+            "with `sagas.skip_saga`."
+        ),
+        request=SkipRequestSerializer,
+        parameters=[
+            IDEMPOTENCY_KEY,
+            OpenApiParameter(
+                "index",
+                {"type": "integer", "minimum": 0, "maximum": 999999999},
+                OpenApiParameter.PATH,
+                description="The stage's index (0 is the first stage).",
+            ),
+        ],
+        responses={
+            202: SagaDetailSerializer,
+            400: OpenApiResponse(OpenApiTypes.OBJECT, description="An output the stage refuses."),
+            409: OpenApiResponse(
+                DetailSerializer, description="The stage neither waits nor stopped the saga."
+            ),
+            **ERROR_RESPONSES,
+            **KEYED_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"], url_path=r"steps/(?P<index>[0-9]{1,9})/skip")
+    def skip(self, request: Request, pk: str | None = None, index: str = "0") -> Response:
+        body = SkipRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        output, note = body.validated_data["output"], body.validated_data["note"]
+
+        def do(*, saga_id: Any, actor: str) -> Plan:
+            try:
+                return saga_skip(
+                    saga_id=saga_id, index=int(index), output=output, actor=actor, note=note
+                )
+            except DjangoValidationError as exc:  # a 400 with the field's error, no key taken
+                raise ValidationError(exc.message_dict) from None
+
+        canonical = json.dumps([output, note], sort_keys=True, default=str)
+        chosen = " " + hashlib.sha256(canonical.encode()).hexdigest()
+        return self._act(request, do, chosen)
 
     @extend_schema(
         summary="Send a signal to a saga",

@@ -30,8 +30,10 @@ from .operator import (
     plan_compensate,
     plan_resolve,
     plan_retry,
+    plan_skip,
     resolve,
     retry,
+    skip,
 )
 from .recovery import deadline_passed, recover
 from .unit import (
@@ -67,10 +69,12 @@ __all__ = [
     "plan_compensate",
     "plan_resolve",
     "plan_retry",
+    "plan_skip",
     "recover",
     "resolve",
     "retry",
     "safe_error",
+    "skip",
     "start",
     "statement_failure",
     "step_attempt",

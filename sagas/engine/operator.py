@@ -1,4 +1,5 @@
-"""Operator actions: retry, compensate, resolve; each with a plan shown before it is done.
+"""Operator actions: retry, compensate, resolve, skip; each with a plan shown before it is
+done.
 
 They wait a few seconds at most for a saga whose step is running (`SagaBusy` after that),
 so an operator's request never hangs behind a slow or hung step.
@@ -7,18 +8,22 @@ so an operator's request never hangs behind a slow or hung step.
 from __future__ import annotations
 
 import enum
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from django.core.exceptions import ValidationError
+from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone
 
 from .. import conf
+from ..definitions import PAYLOAD_MAX_BYTES, StepContext, import_callable, is_wait
 from ..exceptions import InvalidTransition
-from ..models import EventKind, OperatorAction
+from ..models import EventKind, OperatorAction, SagaStep
 from . import waits
 from .compensation import FENCE_MARGIN, begin_compensation, finish_if_done
 from .unit import IN_PROGRESS, STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
@@ -153,6 +158,29 @@ def plan_resolve(unit: Unit, index: int) -> Plan:
     )
 
 
+def plan_skip(unit: Unit, index: int) -> Plan:
+    """Marking stage `index` as done by hand: a wait that waits, or the stage a saga paused
+    at going forward (a step that failed for good, a wait that timed out or failed)."""
+    if not 0 <= index < len(unit.steps):
+        return Plan(OperatorAction.SKIP, False, "No such stage.")
+    saga, stage = unit.saga, unit.steps[index]
+    if stage.definition.get("approval"):
+        why = "An approval is decided, not skipped: approve or reject it."
+        return Plan(OperatorAction.SKIP, False, why)
+    waiting = saga.status == SagaStatus.WAITING and stage.status == StepStatus.WAITING
+    paused = (
+        saga.status == SagaStatus.FAILED
+        and not saga.is_backward
+        and stage.status == StepStatus.FAILED
+        and unit.in_progress() is stage
+    )
+    if not (waiting or paused):
+        why = "Only a waiting stage, or the failed stage a paused saga stopped at, can be skipped."
+        return Plan(OperatorAction.SKIP, False, why)
+    reason = f"Mark {stage.name} as done with the output given; the saga goes on from there."
+    return Plan(OperatorAction.SKIP, True, reason, run=_names(unit.steps[index + 1 :]))
+
+
 def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
     for step in unit.owed_on_resume():
         if step.status == StepStatus.COMPENSATION_FAILED:  # a new budget: the operator's decision
@@ -282,6 +310,82 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
     return plan
 
 
+def check_output(saga_id: UUID | str, index: int, output: Any) -> None:
+    """Refuse an output stage `index` would not take (Django's `ValidationError`, on
+    `output`): text PostgreSQL cannot store, larger than the stage's payload limit, or refused
+    by a wait's `validate`. Run before the saga is locked: `validate` is the project's."""
+    definition = (
+        SagaStep.objects.filter(saga_id=saga_id, index=index)
+        .values_list("definition", flat=True)
+        .first()
+    )
+    if definition is None:
+        return  # no such stage: the plan says so
+    if not waits._storable(output):
+        raise ValidationError(
+            {"output": "Text with a NUL character or a lone surrogate cannot be stored."}
+        )
+    limit = int(definition.get("max_payload_bytes") or PAYLOAD_MAX_BYTES)
+    size = len(json.dumps(output, separators=(",", ":"), cls=DjangoJSONEncoder).encode())
+    if size > limit:
+        raise ValidationError({"output": f"At most {limit} bytes of JSON (this is {size})."})
+    if is_wait(definition) and definition.get("validate"):
+        try:
+            import_callable(definition["validate"])(output)
+        except ValidationError as error:
+            raise ValidationError({"output": error.messages}) from None
+
+
+def skip(
+    saga_id: UUID | str, index: int, *, output: Any = None, actor: str = "", note: str = ""
+) -> Plan:
+    """Mark stage `index` as done by hand with `output` (which later stages read as its
+    output), and go on from there. Check the output first (`waits.check_output`)."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        plan = _allowed(plan_skip(unit, index))
+        stage = unit.steps[index]
+        detail: dict[str, Any] = {"actor": actor, "note": note}
+        if _deadline_passed(unit):  # the operator chose to go on, as a retry does
+            detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
+            unit.set_saga(deadline_at=None)
+        unit.move_step(
+            stage,
+            StepStatus.COMPLETED,
+            EventKind.OPERATOR_SKIP,
+            detail,
+            output=output,
+            finished_at=timezone.now(),
+            due_at=None,
+            error_code="",
+            error_message="",
+        )
+        unit.set_saga(recovery_attempts=0, error_code="", error_message="")
+        unit.progressed()
+        if index + 1 == len(unit.steps):
+            _complete(unit)
+        else:
+            unit.move_saga(SagaStatus.RUNNING, None)
+            waits.go_on(unit, index + 1)
+        unit.save()
+    return plan
+
+
+def _complete(unit: Unit) -> None:
+    """The last stage was marked as done: the saga completes, with its `on_complete`."""
+    path = unit.saga.options.get("on_complete")
+    if path:
+        outputs = unit.outputs_before(len(unit.steps))
+        try:
+            on_complete = import_callable(path)
+            on_complete(StepContext(unit.saga.pk, "", unit.saga.input, outputs, 1))
+        except Exception as exc:  # the project's code: the skip is not done
+            raise InvalidTransition(
+                f"The saga's on_complete raised {type(exc).__name__}: nothing was changed."
+            ) from None
+    unit.move_saga(SagaStatus.COMPLETED, EventKind.SAGA_COMPLETED)
+
+
 def plan(
     saga_id: UUID | str,
     action: str,
@@ -303,4 +407,6 @@ def plan(
             return plan_compensate(unit)
         if action == OperatorAction.RESOLVE and index is not None:
             return plan_resolve(unit, index)
+        if action == OperatorAction.SKIP and index is not None:
+            return plan_skip(unit, index)
     raise InvalidTransition(f"unknown action {action!r}")

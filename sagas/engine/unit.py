@@ -72,7 +72,13 @@ SAGA_TRANSITIONS: dict[str, set[str]] = {
         SagaStatus.FAILED,
     },
     SagaStatus.COMPENSATING: {SagaStatus.COMPENSATED, SagaStatus.FAILED},
-    SagaStatus.FAILED: {SagaStatus.RUNNING, SagaStatus.COMPENSATING, SagaStatus.COMPENSATED},
+    # An operator marking the last stage as done completes a paused saga (`operator.skip`).
+    SagaStatus.FAILED: {
+        SagaStatus.RUNNING,
+        SagaStatus.COMPLETED,
+        SagaStatus.COMPENSATING,
+        SagaStatus.COMPENSATED,
+    },
     SagaStatus.COMPLETED: set(),
     SagaStatus.COMPENSATED: set(),
 }
@@ -95,7 +101,8 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
         StepStatus.COMPENSATING,
     },
     StepStatus.COMPLETED: {StepStatus.COMPENSATING},
-    StepStatus.FAILED: {StepStatus.PENDING, StepStatus.COMPENSATING},
+    # Retried, compensated, or marked as done by an operator (`operator.skip`).
+    StepStatus.FAILED: {StepStatus.PENDING, StepStatus.COMPENSATING, StepStatus.COMPLETED},
     # A compensation that halts gives the steps it never reached back their status
     # (`Unit.halt_compensation`).
     StepStatus.COMPENSATING: {

@@ -1,5 +1,7 @@
-# Approvals and skipped waits: the permission to approve or reject (`approve_saga`), and the
-# event of a wait skipped because its condition was false (`wait_skipped`).
+# Approvals, skipped waits and stages done by hand: the permissions to approve or reject
+# (`approve_saga`) and to mark a stage as done (`skip_saga`), and their events: a wait skipped
+# because its condition was false (`wait_skipped`), a stage an operator marked as done
+# (`operator_skip`).
 #
 # The widened check constraint of the event log (a table of millions of rows) is added NOT
 # VALID and validated after, which takes no lock that stops writes. Hence not atomic.
@@ -26,6 +28,7 @@ class Migration(migrations.Migration):
                     ("resolve_saga", "Can resolve a step whose compensation failed"),
                     ("signal_saga", "Can send a signal to a saga"),
                     ("approve_saga", "Can approve or reject a saga's approval"),
+                    ("skip_saga", "Can mark a failed or waiting stage as done by hand"),
                 ]
             },
         ),
@@ -49,6 +52,7 @@ class Migration(migrations.Migration):
                     ("operator_retry", "Operator retried"),
                     ("operator_compensate", "Operator aborted (compensate)"),
                     ("operator_resolve", "Operator resolved a step by hand"),
+                    ("operator_skip", "Operator marked a stage as done by hand"),
                     ("duplicate_ignored", "Duplicate delivery ignored"),
                     ("recovered", "Recovered by the sweeper"),
                     ("deadline_passed", "Deadline passed"),
@@ -88,6 +92,7 @@ class Migration(migrations.Migration):
                             "operator_retry",
                             "operator_compensate",
                             "operator_resolve",
+                            "operator_skip",
                             "duplicate_ignored",
                             "recovered",
                             "deadline_passed",
