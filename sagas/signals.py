@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from django.dispatch import Signal
+from django.utils.dateparse import parse_datetime
 
 from .models import EventKind, Saga
 
@@ -44,7 +45,9 @@ __all__ = [
     "saga_completed",
     "saga_failed",
     "saga_paused",
+    "saga_resumed",
     "saga_started",
+    "saga_waiting",
     "step_failed",
 ]
 
@@ -68,6 +71,20 @@ saga_paused = Signal()
 #: `error_message` (the safe code and message stored on its row). What the saga does next
 #: follows as `saga_paused`, or as `saga_compensated` once its compensations ran.
 step_failed = Signal()
+#: The saga began waiting at a wait, holding no worker: for its event, its timeout, or both.
+#: Also: `stage` (the wait's name), `index`, `event` (the signal it waits for, or None for a
+#: timer) and `until` (when it times out, an aware datetime, or None: it waits for its event
+#: however long). A wait that begins again (an operator's retry) is announced again.
+saga_waiting = Signal()
+#: A wait the saga waited at ended. Also: `stage`, `index`, `how` (`"signal"`: its event came;
+#: `"timeout"`: its time passed; `"failed"`: a signal failed it; an approval's `"approved"` or
+#: `"rejected"`), `goes_on` (True when the saga goes on past the wait: its event came, or its
+#: timeout says `continue`; False when it turns back or pauses, which follows as
+#: `saga_paused`, or as `saga_compensated` once compensated), `waited` (seconds, or None if it
+#: never began waiting), `signal_id` (the `SagaSignal` that ended it, or None) and
+#: `error_code` ("" when the saga goes on). A wait ended by the saga turning back from outside
+#: (an operator's abort, its deadline) is not announced here: its `saga_compensated` is.
+saga_resumed = Signal()
 
 BY_KIND: dict[str, Signal] = {
     EventKind.SAGA_STARTED: saga_started,
@@ -76,7 +93,24 @@ BY_KIND: dict[str, Signal] = {
     EventKind.SAGA_FAILED: saga_failed,
     EventKind.SAGA_PAUSED: saga_paused,
     EventKind.STEP_FAILED: step_failed,
+    EventKind.WAIT_STARTED: saga_waiting,
+    EventKind.WAIT_COMPLETED: saga_resumed,
+    EventKind.WAIT_TIMED_OUT: saga_resumed,
+    EventKind.WAIT_FAILED: saga_resumed,
 }
+# How a wait ended, by the kind of the event that ended it (`saga_resumed`).
+RESUMED_HOW: dict[str, str] = {
+    EventKind.WAIT_COMPLETED: "signal",
+    EventKind.WAIT_TIMED_OUT: "timeout",
+    EventKind.WAIT_FAILED: "failed",
+}
+
+
+def resumed_how(kind: str, detail: dict[str, Any]) -> str:
+    """How a wait ended, from the event that ended it: its kind's (`RESUMED_HOW`), or an
+    approval's decision."""
+    decision = detail.get("decision")
+    return decision if decision in ("approved", "rejected") else RESUMED_HOW[kind]
 
 
 def _arguments(saga: Any, event: Any) -> dict[str, Any]:
@@ -100,6 +134,18 @@ def _arguments(saga: Any, event: Any) -> dict[str, Any]:
         found["exhausted"] = bool(detail.get("exhausted"))
         found["error_code"] = detail.get("code", "")
         found["error_message"] = detail.get("message", "")
+    elif kind == EventKind.WAIT_STARTED:
+        found.update(stage=event.step_name, index=event.step_index, event=detail.get("event"))
+        until = detail.get("until")
+        found["until"] = parse_datetime(until) if until else None
+    elif kind in RESUMED_HOW:
+        found.update(stage=event.step_name, index=event.step_index)
+        found["how"] = resumed_how(kind, detail)
+        found["error_code"] = detail.get("code", "")
+        found["goes_on"] = not found["error_code"]
+        waited = detail.get("duration_ms")
+        found["waited"] = waited / 1000 if waited is not None else None
+        found["signal_id"] = detail.get("signal")
     return found
 
 

@@ -20,6 +20,13 @@ in another process than the one that began it, so the saga's span covers its sta
 covers the saga's whole life. Errors are recorded as the safe code stored on the rows, never
 as exception text or a traceback.
 
+A wait is a span too, `wait <name>`, a child of the saga's from the time the saga began waiting
+to the time its signal, its timeout or a failing signal ended it. It is made when the wait ends,
+with the start the wait's end recorded (`duration_ms`), since it begins in one process and
+ends in another, maybe weeks later; it links to the span current where it ended (the request
+that sent the signal, say). A wait ended by the saga turning back (an abort, a deadline) has no
+span.
+
 The API only (`opentelemetry-api`): the project configures the SDK and its exporter; without
 them the spans cost next to nothing and go nowhere.
 """
@@ -44,6 +51,7 @@ from . import __version__
 from .engine import notify
 from .engine.unit import safe_error
 from .models import EventKind
+from .signals import RESUMED_HOW, resumed_how
 
 K = EventKind
 OUTCOME: dict[str, str] = {
@@ -55,6 +63,8 @@ OUTCOME: dict[str, str] = {
     K.COMPENSATION_FAILED: "compensation_failed",
 }
 COMPENSATION_KINDS: set[str] = {K.STEP_COMPENSATED, K.COMPENSATION_RETRYING, K.COMPENSATION_FAILED}
+# The events that end a wait (its span's outcome: `sagas.signals.resumed_how`).
+WAIT_ENDS = RESUMED_HOW
 # Spans begun whose outcome is not committed yet. A start or an attempt that rolls back leaves
 # its span here, never ended (never exported): the oldest go past this many.
 PENDING_MAX = 10_000
@@ -63,7 +73,7 @@ PENDING_MAX = 10_000
 class Tracing:
     """The tracer of `sagas.engine.notify` (spans while they run) and an observer (their ends)."""
 
-    kinds: frozenset[str] = frozenset({K.SAGA_STARTED, *OUTCOME})
+    kinds: frozenset[str] = frozenset({K.SAGA_STARTED, *OUTCOME, *WAIT_ENDS})
 
     def __init__(self) -> None:
         self.tracer = trace.get_tracer("sagas", __version__)
@@ -100,6 +110,9 @@ class Tracing:
                 if span is not None:
                     span.end()
                 continue
+            if event.kind in WAIT_ENDS:
+                self.wait(saga, event)
+                continue
             key = (str(saga.id), event.step_index, event.kind in COMPENSATION_KINDS)
             span = self.pending.pop(key, None)
             if span is None:  # an attempt of another process, or killed at its time limit
@@ -112,7 +125,51 @@ class Tracing:
                 span.set_attribute("sagas.error.code", code)
             span.end()
 
+    def wait(self, saga: Any, event: notify.Event) -> None:
+        """The span of a wait that ended, from the time it began (`duration_ms` before)."""
+        waited = event.detail.get("duration_ms")
+        if waited is None:  # it never began waiting
+            return
+        end = int(event.created_at.timestamp() * 1e9)
+        parent, links = self.placed(saga)
+        span = self.tracer.start_span(
+            f"wait {event.step_name}",
+            context=parent,
+            links=links,
+            start_time=end - int(waited) * 1_000_000,
+            attributes={
+                "sagas.saga.id": str(saga.id),
+                "sagas.saga.definition": saga.name,
+                "sagas.step.name": event.step_name,
+                "sagas.step.index": event.step_index if event.step_index is not None else -1,
+                "sagas.outcome": resumed_how(event.kind, event.detail),
+                "sagas.saga.status": saga.status,
+            },
+        )
+        if (signal := event.detail.get("signal")) is not None:
+            span.set_attribute("sagas.signal.id", signal)
+        if action := event.detail.get("action"):
+            span.set_attribute("sagas.wait.on_timeout", action)
+        if code := event.detail.get("code"):
+            span.set_status(Status(StatusCode.ERROR, code))
+            span.set_attribute("sagas.error.code", code)
+        span.end(end_time=end)
+
+    def placed(self, saga: Any) -> tuple[Any, list[Link] | None]:
+        """Where a span of the saga goes: the context stored on its row (None: the current
+        one), and a link to the current span where that is another trace's."""
+        current = trace.get_current_span().get_span_context()
+        parent = None
+        if saga.trace_context:
+            parent = self.propagator.extract({"traceparent": saga.trace_context})
+        stored = trace.get_current_span(parent).get_span_context() if parent else None
+        linked = current.is_valid and stored is not None and current.trace_id != stored.trace_id
+        return parent, [Link(current)] if linked else None
+
     def swept(self, seconds: float, recovered: int, dead_lettered: int) -> None:
+        return None
+
+    def signal_received(self, saga: Any, *, refused: bool) -> None:
         return None
 
     def __repr__(self) -> str:
@@ -130,16 +187,11 @@ class Attempt:
     def __enter__(self) -> Span:
         saga, step = self.saga, self.step
         attempts = step.compensation_attempts if self.compensation else step.attempts
-        current = trace.get_current_span().get_span_context()
-        parent = None
-        if saga.trace_context:
-            parent = self.tracing.propagator.extract({"traceparent": saga.trace_context})
-        stored = trace.get_current_span(parent).get_span_context() if parent else None
-        linked = current.is_valid and stored is not None and current.trace_id != stored.trace_id
+        parent, links = self.tracing.placed(saga)
         self.span = self.tracing.tracer.start_span(
             f"{'compensate' if self.compensation else 'step'} {step.name}",
             context=parent,
-            links=[Link(current)] if linked else None,
+            links=links,
             attributes={
                 "sagas.saga.id": str(saga.id),
                 "sagas.saga.definition": saga.name,

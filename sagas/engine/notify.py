@@ -61,6 +61,11 @@ class Observer(Protocol):
     def swept(self, seconds: float, recovered: int, dead_lettered: int) -> None:
         """A sweep of the recovery sweeper ended (`sagas.engine.sweeper.sweep`)."""
 
+    def signal_received(self, saga: Any, *, refused: bool) -> None:
+        """A signal for `saga` was stored (`sagas.engine.waits.signal`; not a repeat of an
+        idempotency key). `refused`: refused as it came without the saga's lock (a step held
+        it), so that no `signal_refused` event tells of it."""
+
 
 class Tracer(Protocol):
     """Spans of a saga and of its attempts while they run (`sagas.tracing`)."""
@@ -149,6 +154,21 @@ def sent(notice: int) -> None:
             cursor.execute(f"DELETE FROM {SagaNotice._meta.db_table} WHERE id = %s", [notice])
     except DatabaseError:
         logger.warning("sagas: notice %s sent, but not deleted: the relay sends it again", notice)
+
+
+def signal_received(saga: Any, *, refused: bool = False) -> None:
+    """Tell the observers of a signal stored for `saga` once the current transaction commits
+    (`Observer.signal_received`)."""
+    if observers:
+        transaction.on_commit(partial(_received, saga, refused), robust=True)
+
+
+def _received(saga: Any, refused: bool) -> None:
+    for observer in list(observers):
+        try:
+            observer.signal_received(saga, refused=refused)
+        except Exception:
+            logger.exception("sagas: observer %r failed on a signal of saga %s", observer, saga.pk)
 
 
 def swept(seconds: float, recovered: int, dead_lettered: int) -> None:

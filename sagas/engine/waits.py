@@ -43,6 +43,7 @@ from ..models import (
     SignalStatus,
     StepStatus,
 )
+from . import notify
 from .compensation import begin_compensation
 from .rows import StepRow
 from .unit import SafeError, Unit, lock
@@ -311,6 +312,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
     # An approval's decision, who took it and their note, on the timeline.
     decided = signal.payload if step.definition.get("approval") else None
     decided = decided if isinstance(decided, dict) else {}
+    waited = _waited(step, now)
     if signal.fail:
         error = SafeError(
             str(signal.fail.get("code") or "wait_failed"),
@@ -320,7 +322,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
             step,
             StepStatus.FAILED,
             EventKind.WAIT_FAILED,
-            {**error.as_dict(), "signal": signal.pk, **decided},
+            {**error.as_dict(), "signal": signal.pk, **decided, **waited},
             finished_at=now,
             due_at=None,
             error_code=error.code,
@@ -332,12 +334,21 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
         step,
         StepStatus.COMPLETED,
         EventKind.WAIT_COMPLETED,
-        {"signal": signal.pk, "event": signal.event, **decided},
+        {"signal": signal.pk, "event": signal.event, **decided, **waited},
         output=signal.payload,
         finished_at=now,
         due_at=None,
     )
     _go_on(unit, step)
+
+
+def _waited(step: StepRow, now: datetime) -> dict[str, int]:
+    """How long the wait `step` waited until `now`, for the event that ends it: the timeline,
+    metrics, traces and `saga_resumed` read it there (its start may be weeks and processes
+    away)."""
+    if step.started_at is None:
+        return {}
+    return {"duration_ms": max(int((now - step.started_at).total_seconds() * 1000), 0)}
 
 
 def timed_out(unit: Unit, index: int) -> bool:
@@ -360,7 +371,7 @@ def timed_out(unit: Unit, index: int) -> bool:
         for late in kept:
             _refuse(unit, step, late, "It came after its wait's timeout.")
     policy = step.definition.get("on_timeout") or "compensate"
-    detail = {"action": policy, "due": due.isoformat()}
+    detail = {"action": policy, "due": due.isoformat(), **_waited(step, timezone.now())}
     if policy == "continue":
         unit.move_step(
             step,
@@ -440,6 +451,7 @@ def signal(
                 return first
             wait = _wait_for(unit, event, decision=decision)
             row = _store(unit.saga.pk, event, payload, idempotency_key, fail)
+            notify.signal_received(unit.saga)
             outcome = _apply(unit, wait, row)
             unit.save()
         return outcome
@@ -618,6 +630,7 @@ def _kept_while_busy(
             if reason:
                 row.status, row.reason = SignalStatus.REFUSED, reason
                 row.save(update_fields=["status", "reason"])
+            notify.signal_received(saga, refused=bool(reason))
     except IntegrityError:  # the key, at the same moment
         first = _first(saga.pk, key)
         if first is None:

