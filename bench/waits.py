@@ -352,6 +352,14 @@ def burst(count: int) -> tuple[list[float], float]:
     return lateness(ids), time.monotonic() - started
 
 
+def settle() -> None:
+    """Wait for the sagas in flight to finish their steps."""
+    from sagas.models import IN_FLIGHT, Saga
+
+    in_flight = Saga.objects.filter(status__in=IN_FLIGHT)
+    wait(lambda: not in_flight.exists(), 600, "the sagas in flight to settle", interval=0.2)
+
+
 def wake_worker(queue: str, wake_queue: str) -> CeleryWorker:
     """One worker process that takes the wakes from a queue of their own (`-Q`), and sends
     the steps they start to the run's queue, which the other workers take."""
@@ -385,6 +393,7 @@ def with_workers(args: argparse.Namespace, queue: str) -> dict[str, Any]:
     results: dict[str, Any] = {}
     concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
     with workers(queue, concurrency):
+        settle()  # what a previous run left in flight, sent again (`main`)
         with beat(queue):
             signal_to_resume(5)  # warm-up
             resume = signal_to_resume(args.signals)
@@ -406,11 +415,7 @@ def with_workers(args: argparse.Namespace, queue: str) -> dict[str, Any]:
         with wake_worker(queue, wake_queue), beat(wake_queue):
             figures = burst_figures(args.burst)
             results[f"{args.burst:,} due at once, the wake on its own queue"] = figures
-        # The steps the timeouts started run before the workers stop.
-        from sagas.models import IN_FLIGHT, Saga
-
-        in_flight = Saga.objects.filter(status__in=IN_FLIGHT)
-        wait(lambda: not in_flight.exists(), 300, "the sagas in flight to settle", interval=0.2)
+        settle()  # the steps the timeouts started run before the workers stop
     return results
 
 
@@ -437,9 +442,9 @@ def main() -> int:
     # this run's queue, which its workers empty: the timed sweeps find nothing stale.
     from sagas.engine.sweeper import sweep
 
-    left = sweep(stale_after=timedelta(seconds=1)).recovered
+    left = len(sweep(stale_after=timedelta(seconds=1), batch_size=args.sagas).recovered)
     if left:
-        print(f"bench-waits: {len(left)} sagas a previous run left in flight, sent again")
+        print(f"bench-waits: {left} sagas a previous run left in flight, sent again")
     results: dict[str, Any] = {"waiting_sagas": waiting, "added": added}
     results["load_average_before"] = round(os.getloadavg()[0], 1)  # a shared machine's noise
     results.update(in_process(args))

@@ -157,11 +157,23 @@ def due_timers(count: int) -> list[Saga]:
 
 def test_a_wake_takes_batch_after_batch_while_they_are_full(transactional_db, monkeypatch):
     lose_messages(monkeypatch)  # the steps after the timers are not this test's
+    monkeypatch.setattr(waker, "PER_TRANSACTION", 3)  # a batch's two commit together
     sagas = due_timers(5)
     report = waker.wake(batch_size=2)
     assert sorted(report.waits_timed_out) == sorted(str(s.pk) for s in sagas)
     assert report.batches == 3  # 2, 2, then 1: not full, the last
     assert waker.due(timezone.now()) == (False, False)
+
+
+def test_timeouts_that_commit_together_are_each_ended_once(transactional_db, monkeypatch):
+    lose_messages(monkeypatch)
+    monkeypatch.setattr(waker, "PER_TRANSACTION", 2)
+    sagas = due_timers(3)
+    assert sorted(waker.time_out_due()) == sorted(str(s.pk) for s in sagas)
+    for saga in sagas:  # each committed, its timeout on its timeline once
+        assert SagaEvent.objects.filter(saga=saga, kind=EventKind.WAIT_TIMED_OUT).count() == 1
+        assert status(saga) == "running"  # its next step sent (here: lost)
+    assert waker.time_out_due() == []
 
 
 def test_a_wake_takes_no_batch_past_its_time(transactional_db, monkeypatch):

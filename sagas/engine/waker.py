@@ -3,8 +3,8 @@ busy, within seconds of their time (the `sagas.wake` task, which beat sends ever
 
 The sweep does the same, at its own pace, as a safety net (`sagas.engine.sweeper`). A wake with
 nothing to do costs one query, on the partial indexes of the waiting stages and of the kept
-signals (`due`). Otherwise it works in batches (`waits.apply_kept`, `waits.time_out_due`: each
-saga under its lock, a saga that another transaction holds skipped and left for the next wake),
+signals (`due`). Otherwise it works in batches (`waits.apply_kept`, `time_out_due`: each saga
+under its lock, a saga that another transaction holds skipped and left for the next wake),
 and goes on while a batch was full, for `max_seconds` at most: a wake never holds a worker
 process for long, and the next one goes on where it stopped. Several wakes at once are safe.
 """
@@ -16,18 +16,23 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from django.db import connection
+from django.db import connection, transaction
 from django.db.models import Exists, OuterRef
 from django.db.models.fields.json import KT
 from django.utils import timezone
 
-from ..models import SagaSignal, SagaStep, SignalStatus, StepStatus
+from ..models import Saga, SagaSignal, SagaStep, SignalStatus, StepStatus
 from . import waits
+from .unit import lock
 
 logger = logging.getLogger("sagas")
 
-# Sagas a batch takes: one saga's timeout is a transaction of a few milliseconds.
+# Sagas a batch takes: one saga's timeout is a few milliseconds.
 BATCH_SIZE = 200
+# Timeouts one transaction ends, each in a savepoint of its own: one commit (one flush of the
+# write-ahead log, half of a timeout's time) for them all. Their sagas stay locked until it
+# commits, some 0.1 s: a signal meanwhile waits for it.
+PER_TRANSACTION = 25
 # A wake takes no new batch after this many seconds: thousands of waits falling due at once
 # are ended by several wakes in a row, each of them short.
 MAX_SECONDS = 5.0
@@ -63,6 +68,28 @@ def due(now: datetime) -> tuple[bool, bool]:
     return bool(signals), bool(timeouts)
 
 
+def time_out_due(*, batch_size: int = BATCH_SIZE) -> list[str]:
+    """End the waits whose timeout is due (`waits.timed_out`), the earliest first, each under
+    its saga's lock; a saga that another transaction holds is skipped, for the next wake.
+    `PER_TRANSACTION` of them commit together. Returns the sagas'."""
+    due = waits.due_waits(timezone.now(), batch_size)
+    ended = []
+    for first in range(0, len(due), PER_TRANSACTION):
+        with transaction.atomic():
+            for saga_id, index in due[first : first + PER_TRANSACTION]:
+                # A savepoint: the engine commits its own transaction with its write, and
+                # leaves one it is nested in to its owner.
+                with transaction.atomic():
+                    claimed = Saga.objects.select_for_update(skip_locked=True).filter(pk=saga_id)
+                    if not claimed.values_list("pk", flat=True):
+                        continue
+                    unit = lock(saga_id)
+                    if waits.timed_out(unit, index):
+                        unit.save()
+                        ended.append(str(saga_id))
+    return ended
+
+
 def wake(*, batch_size: int = BATCH_SIZE, max_seconds: float = MAX_SECONDS) -> WakeReport:
     """Apply the kept signals a waiting saga can take (first: one that came before its wait's
     timeout wins over it), then end the waits whose timeout is due; again while a batch was
@@ -74,7 +101,7 @@ def wake(*, batch_size: int = BATCH_SIZE, max_seconds: float = MAX_SECONDS) -> W
         if not (signals or timeouts):
             break
         applied = waits.apply_kept(batch_size=batch_size) if signals else 0
-        ended = waits.time_out_due(batch_size=batch_size) if timeouts else []
+        ended = time_out_due(batch_size=batch_size) if timeouts else []
         report.signals_applied += applied
         report.waits_timed_out += ended
         report.batches += 1
