@@ -1,6 +1,9 @@
-"""The test project's sagas: a transfer between two accounts, with nothing but its outputs."""
+"""The test project's sagas, with nothing but their outputs: a transfer between two accounts,
+and a card payment that waits for its confirmation."""
 
-from sagas import RetryPolicy, SagaDefinition, Step, StepContext, register
+from django.core.exceptions import ValidationError
+
+from sagas import RetryPolicy, SagaDefinition, Step, StepContext, Wait, register
 
 FAST = RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1)
 
@@ -34,5 +37,45 @@ register(
             Step("notify", notify, retry=FAST),
         ],
         key="transfer_id",
+    )
+)
+
+
+# -- a payment that waits for its confirmation, then cools off (the test kit's waits) -------------
+
+
+def hold(ctx: StepContext) -> dict:
+    return {"held": ctx.input["amount"]}
+
+
+def release(ctx: StepContext) -> None:
+    return None
+
+
+def has_a_reference(payload: object) -> None:
+    if not isinstance(payload, dict) or not payload.get("reference"):
+        raise ValidationError("A confirmation has a reference.")
+
+
+def capture(ctx: StepContext) -> dict:
+    return {"captured": ctx.outputs["confirmed"]["reference"]}
+
+
+register(
+    SagaDefinition(
+        name="card_payment",
+        steps=[
+            Step("hold", hold, release, retry=FAST),
+            Wait(
+                "confirmed",
+                event="payment_confirmed",
+                timeout=3600,
+                validate=has_a_reference,
+                max_payload_bytes=1000,
+            ),
+            Wait("cooling_off", timeout=24 * 3600),
+            Step("capture", capture, retry=FAST),
+        ],
+        key="payment_id",
     )
 )

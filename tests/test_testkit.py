@@ -1,5 +1,6 @@
 """The test kit itself (`sagas.testing`): its cases follow from a definition, it passes a sound
-saga, and it fails, for the right reason, when a saga or the engine breaks a guarantee."""
+saga, and it fails, for the right reason, when a saga or the engine breaks a guarantee; the
+same for sagas that wait."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import pytest
 
 from inventory.models import Product
 from orders.sagas import ORDER_FULFILMENT
+from sagas.definitions import Approval, OnTimeout, SagaDefinition, Step, Wait
 from sagas.models import Saga
 from sagas.testing import CeleryWorker, FailureMatrix
 from sagas.testing.worker import SAGA_TASKS, queue_length
+from tests import sagadefs
 from tests.conftest import celery_app, worker_options
 from tests.factories import ProductFactory
 
@@ -23,7 +26,8 @@ from tests.factories import ProductFactory
 
 
 def test_the_order_sagas_cases():
-    assert [case.id for case in FailureMatrix(ORDER_FULFILMENT).cases()] == [
+    cases = FailureMatrix(ORDER_FULFILMENT).cases()
+    assert [case.id for case in cases if case.scenario is None] == [  # its waits' come after
         "create_order fails for good",
         "charge_payment fails for good",
         "reserve_inventory fails for good",
@@ -257,3 +261,171 @@ def test_a_worker_on_the_apps_own_queues_listens_where_the_routes_send_the_saga_
             case.run(worker).assert_guarantees()
     finally:
         celery_app.conf.task_default_queue = before
+
+
+# -- sagas with waits ------------------------------------------------------------------------------
+
+CONFIRMED = {"reference": "3ds-1"}
+
+
+def waits_then(name: str, *, on_timeout: OnTimeout, pivot: bool = False) -> SagaDefinition:
+    """Reserve, wait for the payment's confirmation (a timeout that does `on_timeout`), ship;
+    the reservation a pivot if `pivot`."""
+    return SagaDefinition(
+        name=name,
+        steps=[
+            Step("reserve", sagadefs.record, sagadefs.undo, retry=sagadefs.FAST, pivot=pivot),
+            Wait(
+                "confirmation",
+                event="payment_confirmed",
+                timeout=3600,
+                on_timeout=on_timeout,
+                validate=sagadefs.has_a_reference,
+                max_payload_bytes=1000,
+            ),
+            Step("ship", sagadefs.sees_the_payment, sagadefs.undo, retry=sagadefs.FAST),
+        ],
+    )
+
+
+PAUSES = FailureMatrix(
+    waits_then("waits_then_pauses", on_timeout="pause"),
+    payloads={"payment_confirmed": CONFIRMED},
+    invalid_payloads={"payment_confirmed": [{"reference": ""}, lambda saga: [saga.pk.hex]]},
+    timeout=30,
+)
+
+
+def test_the_cases_of_a_wait_follow_its_definition():
+    wait_cases = [case.id for case in PAUSES.cases() if case.scenario is not None]
+    assert wait_cases == [
+        "payment_confirmed sent early",
+        "payment_confirmed sent on time",
+        "payment_confirmed sent twice",
+        "payment_confirmed sent with an invalid payload",
+        "payment_confirmed never sent (timeout: pause)",
+        "payment_confirmed sent after the timeout",
+        "payment_confirmed sent as the timeout fires",
+        "aborted while waiting for payment_confirmed",
+    ]
+    # A step failing after the wait: the wait completed before it, and stays so.
+    ship = PAUSES.case("ship fails for good").expected
+    assert ship.steps == {"reserve": "compensated", "confirmation": "completed", "ship": "failed"}
+    paused = PAUSES.case("payment_confirmed never sent (timeout: pause)").expected
+    assert (paused.status, paused.error_code, paused.compensated) == (
+        "failed",
+        "wait_timed_out",
+        (),
+    )
+    assert paused.steps == {"reserve": "completed", "confirmation": "failed", "ship": "pending"}
+
+    # Past a pivot, a timeout that compensates pauses; an operator's abort still undoes it all.
+    pivot = FailureMatrix(waits_then("waits_past_a_pivot", on_timeout="compensate", pivot=True))
+    never = pivot.case("payment_confirmed never sent (timeout: pause, after the pivot)").expected
+    assert (never.status, never.compensated) == ("failed", ())
+    aborted = pivot.case("aborted while waiting for payment_confirmed").expected
+    assert (aborted.status, aborted.compensated) == ("compensated", ("reserve",))
+    assert aborted.steps == {"reserve": "compensated", "confirmation": "pending", "ship": "pending"}
+
+    # A timer's time passes; a wait without a timeout is never late.
+    timer = FailureMatrix("cools_off")
+    assert [c.id for c in timer.cases() if c.scenario] == ["cooling_off times out"]
+    forever = SagaDefinition(
+        name="waits_forever",
+        steps=[Wait("w", event="go"), Step("after", sagadefs.record, retry=sagadefs.FAST)],
+    )
+    assert [c.id for c in FailureMatrix(forever).cases() if c.scenario] == [
+        "go sent early",
+        "go sent on time",
+        "go sent twice",
+        "go sent with an invalid payload",
+        "aborted while waiting for go",
+    ]
+
+
+def test_payloads_are_for_the_events_the_saga_waits_for_and_approvals_are_not_covered_yet():
+    from django.core.exceptions import ImproperlyConfigured
+
+    with pytest.raises(ImproperlyConfigured, match=re.escape("payloads for ['payment_confirmd']")):
+        FailureMatrix("waits_for_payment", payloads={"payment_confirmd": CONFIRMED})
+    with pytest.raises(ImproperlyConfigured, match=re.escape("invalid_payloads for ['nope']")):
+        FailureMatrix("waits_for_payment", invalid_payloads={"nope": [{}]})
+    reviewed = SagaDefinition(
+        name="reviewed",
+        steps=[Approval("review", timeout=60), Step("go", sagadefs.record, retry=sagadefs.FAST)],
+    )
+    with pytest.raises(ImproperlyConfigured, match=re.escape("has approvals (review)")):
+        FailureMatrix(reviewed)
+
+
+@pytest.mark.parametrize("case", [c for c in PAUSES.cases() if c.scenario is not None], ids=str)
+def test_a_saga_that_waits_passes_its_matrix(saga_db, case):
+    result = case.run(saga_db)
+    result.assert_guarantees()
+    if result.saga.status == "completed":  # the payload, as the step after the wait saw it
+        ship = next(step for step in result.steps if step.name == "ship")
+        assert ship.output == {"confirmed": CONFIRMED}
+
+
+def test_a_wait_that_takes_a_payload_it_should_refuse_fails_the_kits_guarantees(saga_db):
+    """The wait checks no payload (no `validate`): the one the user says is invalid ends it."""
+    lax = SagaDefinition(
+        name="waits_laxly",
+        steps=[
+            Wait("confirmation", event="payment_confirmed", timeout=3600),
+            Step("ship", sagadefs.sees_the_payment, retry=sagadefs.FAST),
+        ],
+    )
+    matrix = FailureMatrix(
+        lax,
+        payloads={"payment_confirmed": CONFIRMED},
+        invalid_payloads={"payment_confirmed": [{"reference": ""}]},
+        timeout=30,
+    )
+    problems = broken(matrix.case("payment_confirmed sent with an invalid payload").run(saga_db))
+    assert problems[:2] == [
+        "the payment_confirmed sent invalid was consumed, not invalid",
+        "after the invalid payloads, confirmation no longer waited",
+    ]
+    assert "2 signals of payment_confirmed stored, expected 1" in problems
+    assert any(p.startswith("the payment_confirmed sent on time was refused") for p in problems)
+
+
+def test_an_engine_that_loses_a_signal_sent_early_fails_the_kits_guarantees(saga_db, monkeypatch):
+    """The saga's first stage is a wait, which this process begins as the start commits: with
+    the signals kept for it out of its sight, the wait does not consume the one sent early."""
+    monkeypatch.setattr("sagas.engine.waits.kept_for", lambda saga_id, event: [])
+    matrix = FailureMatrix("two_waits", timeout=30)
+    problems = broken(matrix.case("first sent early").run(saga_db))
+    assert problems == [
+        "the saga waited at first_wait though its event came before the wait began (and was kept)",
+        "the first sent early ended discarded, not consumed",
+    ]
+
+
+def test_a_wait_its_condition_skips_fails_its_cases_saying_so(saga_db):
+    """The wait waits only for big orders: a small one's cases of the wait say it was skipped;
+    a big one's pass."""
+
+    def matrix(total: int) -> FailureMatrix:
+        definition = SagaDefinition(
+            name="waits_for_big_orders",
+            steps=[
+                Step("reserve", sagadefs.record, sagadefs.undo, retry=sagadefs.FAST),
+                Wait(
+                    "confirmation",
+                    event="payment_confirmed",
+                    timeout=3600,
+                    condition=sagadefs.is_a_big_order,
+                ),
+                Step("ship", sagadefs.record, retry=sagadefs.FAST),
+            ],
+        )
+        return FailureMatrix(definition, make_input=lambda: {"total": total}, timeout=30)
+
+    small = broken(matrix(5).case("payment_confirmed sent on time").run(saga_db))
+    assert (
+        "the wait confirmation was skipped (its condition was false for this input): give the "
+        "matrix an input for which the saga waits there"
+    ) in small
+    matrix(500).case("payment_confirmed sent on time").run(saga_db).assert_guarantees()

@@ -3,6 +3,9 @@ framework's guarantees and your own invariant on any saga definition.
 
     from sagas.testing import CeleryWorker, FailureMatrix, test_database_env
 
+`send_signal` and `expire_wait` drive a saga's waits in your own tests: an event sent as your
+code would send it, a timeout that fires now instead of in a week.
+
 Add "sagas.testing" to INSTALLED_APPS in your test settings (its `Fault` model and the hook
 that injects them). The names below import lazily, so that a worker which only needs
 `sagas.testing.boot` does not need the app installed.
@@ -17,6 +20,7 @@ from ..lazy import exports
 if TYPE_CHECKING:
     from .guarantees import Result
     from .matrix import Case, FailureMatrix
+    from .waits import expire_wait, send_signal
     from .worker import CeleryWorker, test_database_env, wait_for
 
 _WHERE = {
@@ -26,9 +30,20 @@ _WHERE = {
     "CeleryWorker": "worker",
     "test_database_env": "worker",
     "wait_for": "worker",
+    "expire_wait": "waits",
+    "send_signal": "waits",
 }
 
-__all__ = ["Case", "CeleryWorker", "FailureMatrix", "Result", "test_database_env", "wait_for"]
+__all__ = [
+    "Case",
+    "CeleryWorker",
+    "FailureMatrix",
+    "Result",
+    "expire_wait",
+    "send_signal",
+    "test_database_env",
+    "wait_for",
+]
 
 
 __getattr__, __dir__ = exports(__name__, _WHERE, __all__)

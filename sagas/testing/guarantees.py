@@ -9,20 +9,29 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from sagas.definitions import RetryPolicy
-from sagas.models import EventKind, Saga, SagaEvent, SagaStep
+from sagas.definitions import RetryPolicy, is_wait
+from sagas.models import EventKind, Saga, SagaEvent, SagaSignal, SagaStep, SignalStatus
 
+from . import waits
 from .models import Fault
+from .waits import Played
 
 if TYPE_CHECKING:
-    from .matrix import Case
+    from .matrix import Case, Expected
 
 # Events after which a saga goes backward, whoever turned it.
 TURNS_BACKWARD = (EventKind.COMPENSATION_STARTED, EventKind.OPERATOR_COMPENSATE)
+# Events that end a wait: its event, its timeout, a signal that fails it, its condition.
+ENDS_A_WAIT = (
+    EventKind.WAIT_COMPLETED,
+    EventKind.WAIT_TIMED_OUT,
+    EventKind.WAIT_FAILED,
+    "wait_skipped",
+)
 
 
 @dataclass
@@ -34,13 +43,36 @@ class Result:
     steps: list[SagaStep]
     events: list[SagaEvent]
     unfinished: list[str]  # what did not happen in time
+    played: Played = field(default_factory=Played)  # what the kit did at the waits
+    signals: list[SagaSignal] = field(default_factory=list)
 
     @classmethod
-    def read(cls, case: Case, saga_id: UUID, unfinished: list[str]) -> Result:
+    def read(
+        cls, case: Case, saga_id: UUID, unfinished: list[str], played: Played | None = None
+    ) -> Result:
         saga = Saga.objects.get(pk=saga_id)
         steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
         events = list(SagaEvent.objects.filter(saga=saga).order_by("id"))
-        return cls(case=case, saga=saga, steps=steps, events=events, unfinished=unfinished)
+        signals = list(SagaSignal.objects.filter(saga=saga).order_by("id"))
+        return cls(
+            case=case,
+            saga=saga,
+            steps=steps,
+            events=events,
+            unfinished=unfinished,
+            played=played or Played(),
+            signals=signals,
+        )
+
+    @property
+    def expected(self) -> Expected:
+        """Where the case must have ended: for an event racing the timeout, as the winner
+        says."""
+        case = self.case
+        won = case.scenario is not None and self.played.timed_out.get(case.scenario.wait)
+        if case.if_timed_out is not None and won:
+            return case.if_timed_out
+        return case.expected
 
     @property
     def compensated(self) -> list[str]:
@@ -52,7 +84,7 @@ class Result:
 
     def problems(self) -> list[str]:
         """Every broken guarantee, as a sentence; empty when the case held."""
-        problems = list(self.unfinished)
+        problems = list(self.unfinished) + self.played.problems
         for check in CHECKS:
             problems += check(self)
         return problems + self.invariant_problems()
@@ -90,7 +122,7 @@ class Result:
 
 
 def final_state(result: Result) -> list[str]:
-    saga, expected = result.saga, result.case.expected
+    saga, expected = result.saga, result.expected
     problems = []
     if saga.status != expected.status:
         problems.append(f"the saga ended {saga.status}, expected {expected.status}")
@@ -100,7 +132,7 @@ def final_state(result: Result) -> list[str]:
 
 
 def step_statuses(result: Result) -> list[str]:
-    expected = result.case.expected.steps
+    expected = result.expected.steps
     return [
         f"step {step.name} ended {step.status}, expected {expected[step.name]}"
         for step in result.steps
@@ -132,7 +164,7 @@ def compensated_what_completed(result: Result) -> list[str]:
         for name in dict.fromkeys(result.compensated)
         if name not in completed | flagged
     ]
-    expected = set(result.case.expected.compensated)
+    expected = set(result.expected.compensated)
     if set(result.compensated) != expected:
         problems.append(
             f"the steps compensated are {sorted(set(result.compensated))}, "
@@ -159,6 +191,8 @@ def nothing_forward_after_compensation_began(result: Result) -> list[str]:
 def attempts_within_policy(result: Result) -> list[str]:
     problems = []
     for step in result.steps:
+        if is_wait(step.definition):
+            continue
         for used, key in (
             (step.attempts, "retry"),
             (step.compensation_attempts, "compensation_retry"),
@@ -170,7 +204,7 @@ def attempts_within_policy(result: Result) -> list[str]:
 
 
 def attempts_as_expected(result: Result) -> list[str]:
-    expected, problems = result.case.expected, []
+    expected, problems = result.expected, []
     for step in result.steps:
         for used, wanted, what in (
             (step.attempts, expected.attempts.get(step.name), "attempts"),
@@ -186,13 +220,13 @@ def attempts_as_expected(result: Result) -> list[str]:
 
 
 def business_failure_not_retried(result: Result) -> list[str]:
-    name = result.case.expected.business_failure
+    name = result.expected.business_failure
     retried = result.named(EventKind.STEP_RETRYING).count(name) if name else 0
     return [f"the business failure of {name} was retried {retried} times"] if retried else []
 
 
 def duplicates_delivered(result: Result) -> list[str]:
-    missing = duplicates_missing(result.saga.pk, result.case.expected.duplicates)
+    missing = duplicates_missing(result.saga.pk, result.expected.duplicates)
     return [f"no duplicate of {name}'s {kind} message arrived" for name, kind in missing]
 
 
@@ -215,6 +249,122 @@ def duplicates_missing(saga_id: UUID, wanted: tuple[tuple[str, str], ...]) -> li
     return [pair for pair in wanted if pair not in ignored | acted]
 
 
+# -- waits and signals ----------------------------------------------------------------------------
+
+
+def waits_ended_once(result: Result) -> list[str]:
+    ended = Counter(e.step_name for e in result.events if e.kind in ENDS_A_WAIT)
+    return [f"the wait {name} ended {n} times" for name, n in ended.items() if n > 1]
+
+
+def signals_applied_once(result: Result) -> list[str]:
+    """A wait that an event completed holds the payload of the one signal it consumed; a
+    signal refused, invalid or repeated changed nothing; none is left kept once the saga
+    ended (it is discarded)."""
+    problems = []
+    by_id = {signal.pk: signal for signal in result.signals}
+    names = {step.index: step.name for step in result.steps}
+    consumed = Counter(
+        names.get(s.stage, str(s.stage))
+        for s in result.signals
+        if s.status == SignalStatus.CONSUMED and s.stage is not None
+    )
+    problems += [
+        f"{n} signals were consumed by the wait {name}" for name, n in consumed.items() if n > 1
+    ]
+    outputs = {step.name: step.output for step in result.steps}
+    for event in result.events:
+        if event.kind != EventKind.WAIT_COMPLETED:
+            continue
+        signal = by_id.get(event.detail.get("signal"))
+        if signal is None or signal.status != SignalStatus.CONSUMED:
+            problems.append(f"the wait {event.step_name} completed by a signal not consumed")
+        elif outputs.get(event.step_name) != signal.payload:
+            problems.append(
+                f"the output of the wait {event.step_name} is {outputs.get(event.step_name)!r}, "
+                f"not the payload of the signal it consumed ({signal.payload!r})"
+            )
+    kept = [s.pk for s in result.signals if s.status == SignalStatus.KEPT]
+    if kept and result.saga.is_final:
+        problems.append(f"signals {kept} were still kept after the saga ended")
+    return problems
+
+
+def the_scenario_played_out(result: Result) -> list[str]:
+    """What the case did at its wait had the outcome the framework promises."""
+    scenario, played = result.case.scenario, result.played
+    if scenario is None:
+        return []
+    skipped = any(e.kind == "wait_skipped" and e.step_name == scenario.wait for e in result.events)
+    if skipped:
+        return [
+            f"the wait {scenario.wait} was skipped (its condition was false for this input): "
+            "give the matrix an input for which the saga waits there"
+        ]
+    if scenario.kind != waits.EARLY and scenario.wait not in played.reached:
+        return [f"the saga never waited at {scenario.wait}"]
+    rows = {signal.pk: signal for signal in result.signals}
+    problems = []
+
+    def outcome(why: str, status: str, *, stored_as: str | None = None) -> None:
+        for sent in played.of(why):
+            if sent.status != status:
+                reason = f" ({sent.reason})" if sent.reason else ""
+                problems.append(
+                    f"the {scenario.event} sent {why} was {sent.status}{reason}, not {status}"
+                )
+            row = rows.get(sent.signal_id) if sent.signal_id else None
+            if stored_as and (row is None or row.status != stored_as):
+                problems.append(
+                    f"the {scenario.event} sent {why} ended {row.status if row else 'unstored'}, "
+                    f"not {stored_as}"
+                )
+
+    timed_out = played.timed_out.get(scenario.wait)
+    kind = scenario.kind
+    if kind == waits.EARLY:
+        outcome("early", SignalStatus.KEPT, stored_as=SignalStatus.CONSUMED)
+    elif kind == waits.ON_TIME:
+        outcome("on time", SignalStatus.CONSUMED)
+    elif kind == waits.TWICE:
+        outcome("first", SignalStatus.CONSUMED)
+        outcome("again", SignalStatus.CONSUMED)
+        first, again = played.of("first"), played.of("again")
+        if first and again and not (again[0].repeated and again[0].signal_id == first[0].signal_id):
+            problems.append(f"the {scenario.event} sent again was not the first one repeated")
+    elif kind == waits.INVALID:
+        outcome("invalid", "invalid")
+        if played.still_waiting is False:
+            problems.append(f"after the invalid payloads, {scenario.wait} no longer waited")
+        stored = [s for s in result.signals if s.event == scenario.event]
+        if len(stored) != 1:
+            problems.append(f"{len(stored)} signals of {scenario.event} stored, expected 1")
+        outcome("on time", SignalStatus.CONSUMED)
+    elif kind == waits.NEVER:
+        if not timed_out:
+            problems.append(f"the timeout did not end {scenario.wait}")
+    elif kind == waits.LATE:
+        if not timed_out:
+            problems.append(f"the timeout did not end {scenario.wait}")
+        outcome("late", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+    elif kind == waits.RACE:
+        sent = next(iter(played.of("racing")), None)
+        won = sent is not None and sent.status == SignalStatus.CONSUMED
+        if won == bool(timed_out):
+            problems.append(
+                f"racing the timeout, the signal was {sent.status if sent else 'not sent'} and "
+                f"the timeout {'ended' if timed_out else 'did not end'} the wait: "
+                "exactly one of them must"
+            )
+        elif timed_out:
+            outcome("racing", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+    elif kind == waits.ABORT:
+        if not played.aborted:
+            problems.append(f"the saga was not aborted at {scenario.wait}")
+        outcome("after the abort", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+    return problems
+
+
 CHECKS: list[Callable[[Result], list[str]]] = [
     final_state,
     step_statuses,
@@ -227,4 +377,7 @@ CHECKS: list[Callable[[Result], list[str]]] = [
     attempts_as_expected,
     business_failure_not_retried,
     duplicates_delivered,
+    waits_ended_once,
+    signals_applied_once,
+    the_scenario_played_out,
 ]

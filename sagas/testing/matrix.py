@@ -4,14 +4,21 @@ A case plants `Fault` rows on one saga as it starts (in the transaction that cre
 worker sees them from its first message), lets a real worker run the saga to its end, and
 returns a `Result` whose `assert_guarantees()` checks the framework's promises and the user's
 invariant. What a case expects follows from the definition alone: its steps' order, their
-compensations, retry policies, `on_exhausted`, `pivot` and `compensate_failed_step`.
+compensations, retry policies, `on_exhausted`, `pivot` and `compensate_failed_step`, and its
+waits' events and `on_timeout`.
+
+At each wait the kit acts when the saga waits there (`sagas.testing.waits.Player`): a case about
+that wait plays its scenario (the event early, on time, twice, invalid, never, late, racing the
+timeout, or an abort); any other case sends the event's valid payload, or lets a timer's time
+pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from celery import current_app
@@ -24,6 +31,7 @@ from sagas.definitions import (
     Step,
     Wait,
     get_definition,
+    is_wait,
     register,
     registered,
     snapshot_version,
@@ -31,7 +39,9 @@ from sagas.definitions import (
 from sagas.models import Saga, SagaStatus, SagaStep, StepStatus
 from sagas.services import saga_start
 
+from . import waits
 from .models import Fault, FaultEffect, FaultPoint
+from .waits import Player, Scenario
 from .worker import wait_for, wait_idle
 
 if TYPE_CHECKING:
@@ -43,6 +53,8 @@ FINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
 Invariant = Callable[[Saga], object]
 Start = Callable[[dict[str, Any]], Any]
+# A signal's payload: the value itself, or a function of the case's saga that returns it.
+Payload = Any
 
 
 @dataclass(frozen=True)
@@ -71,12 +83,18 @@ class Expected:
 
 @dataclass(frozen=True, eq=False)
 class Case:
-    """One case of the matrix. `str(case)` is its id, e.g. "charge_payment fails for good"."""
+    """One case of the matrix. `str(case)` is its id, e.g. "charge_payment fails for good".
+
+    `scenario`: what the case does at one of the saga's waits, if it is about a wait.
+    `if_timed_out`: where a case whose event races the timeout must end if the timeout won
+    (`expected` if the event did)."""
 
     id: str
     faults: tuple[PlannedFault, ...]
     expected: Expected
     matrix: FailureMatrix = field(repr=False)
+    scenario: Scenario | None = None
+    if_timed_out: Expected | None = None
 
     def __str__(self) -> str:
         return self.id
@@ -96,13 +114,14 @@ class Case:
                 "pytest's django_db(transaction=True), or Django's TransactionTestCase"
             )
         timeout = self.matrix.timeout if timeout is None else timeout
-        saga = self._start(worker)
-        unfinished = self._wait(saga, worker, timeout)
-        return Result.read(self, saga.pk, unfinished)
-
-    def _start(self, worker: CeleryWorker | None) -> Saga:
         routed = worker.routed() if worker is not None else nullcontext()
-        with routed, transaction.atomic():  # the chain is sent as this commits
+        with routed:  # what the kit's signals and timeouts send goes to the worker's queue
+            saga, player = self._start()
+            unfinished = self._wait(saga, worker, timeout, player)
+        return Result.read(self, saga.pk, unfinished, player.played)
+
+    def _start(self) -> tuple[Saga, Player]:
+        with transaction.atomic():  # the chain is sent as this commits
             saga = self.matrix.start_saga()
             Fault.objects.bulk_create(
                 Fault(saga=saga, step_name=f.step, point=f.point, effect=f.effect)
@@ -110,13 +129,35 @@ class Case:
             )
             if self.matrix.retry_wait is not None:
                 shorten_retry_waits(saga, self.matrix.retry_wait)
-        return saga
+            player = Player(self, saga, may_act=partial(self._may_answer, saga))
+            player.at_start()  # an event sent early: before the saga has run anything
+        return saga, player
 
-    def _wait(self, saga: Saga, worker: CeleryWorker | None, timeout: float) -> list[str]:
-        """Wait for the end, for the planted duplicates, then for the workers to let go of
-        the saga; say what did not happen in time."""
+    def _may_answer(self, saga: Saga, index: int) -> bool:
+        """Whether the kit may answer the wait `index`: not before the planted duplicates of
+        the steps before it came, since a message of the chain before the wait that comes
+        once the saga went on from it (a new epoch) stops without a trace."""
+        from .guarantees import duplicates_missing
+
+        wanted = tuple(
+            (name, kind)
+            for name, kind in self.expected.duplicates
+            if kind == "action" and self.matrix.position(name) < index
+        )
+        return not wanted or not duplicates_missing(saga.pk, wanted)
+
+    def _wait(
+        self, saga: Saga, worker: CeleryWorker | None, timeout: float, player: Player
+    ) -> list[str]:
+        """Wait for the end (acting at each wait), for the planted duplicates, then for the
+        workers to let go of the saga; say what did not happen in time."""
+
+        def ended() -> bool:
+            player.act()
+            return player.stopped or _status(saga) in FINAL
+
         waits: list[tuple[str, Callable[[], bool]]] = [
-            ("the saga to reach a final state", lambda: _status(saga) in FINAL),
+            ("the saga to reach a final state", ended),
             ("every planted duplicate to be delivered", lambda: _duplicates_seen(saga, self)),
         ]
         for what, condition in waits:
@@ -124,6 +165,8 @@ class Case:
                 wait_for(condition, timeout=timeout, what=what)
             except AssertionError:
                 return [f"timed out after {timeout}s waiting for {what}"]
+            if player.stopped:
+                return []  # the player said why
         nodes = worker.node_names if worker is not None else None
         queue = worker.queue if worker is not None else None
         try:
@@ -151,6 +194,12 @@ class FailureMatrix:
     `timeout`: seconds a case may take. `retry_wait`: the longest wait between two attempts,
     in seconds (the waits of the saga's copy of its policy are cut to it; the number of
     attempts and what happens when they run out stay the definition's); None keeps them.
+
+    A saga with waits: `payloads` gives, by event, the payload the kit sends when a case
+    signals that event (a valid one; None for an event not given), or a function of the
+    case's saga that returns it. `invalid_payloads` gives, by event, payloads its wait must
+    refuse (its `validate`), each a value or such a function; the kit adds one larger than
+    the wait's `max_payload_bytes`.
     """
 
     def __init__(
@@ -162,6 +211,8 @@ class FailureMatrix:
         invariant: Invariant | None = None,
         timeout: float = 60.0,
         retry_wait: float | None = 0.1,
+        payloads: Mapping[str, Payload] | None = None,
+        invalid_payloads: Mapping[str, Sequence[Payload]] | None = None,
     ) -> None:
         if not apps.is_installed("sagas.testing"):
             raise ImproperlyConfigured(
@@ -172,14 +223,32 @@ class FailureMatrix:
             definition = get_definition(definition)
         elif definition.name not in registered():
             register(definition)
-        if any(isinstance(stage, Wait) for stage in definition.steps):
-            raise ImproperlyConfigured(
-                f"saga {definition.name!r} has waits: the failure matrix covers sagas of "
-                "steps only, so far"
-            )
-        self.steps: tuple[Step, ...] = tuple(s for s in definition.steps if isinstance(s, Step))
+        self.stages: tuple[Step | Wait, ...] = tuple(definition.steps)
+        self.steps: tuple[Step, ...] = tuple(s for s in self.stages if isinstance(s, Step))
+        self.waits: tuple[Wait, ...] = tuple(s for s in self.stages if isinstance(s, Wait))
         self.definition, self.make_input, self.start = definition, make_input, start
         self.invariant, self.timeout, self.retry_wait = invariant, timeout, retry_wait
+        self.payloads = dict(payloads or {})
+        self.invalid_payloads = {e: list(p) for e, p in (invalid_payloads or {}).items()}
+        self._check_waits()
+
+    def _check_waits(self) -> None:
+        name = self.definition.name
+        approvals = [w.name for w in self.waits if getattr(w, "approval", False)]
+        if approvals:
+            raise ImproperlyConfigured(
+                f"saga {name!r} has approvals ({', '.join(approvals)}): the failure matrix "
+                "covers waits for events and timers, not approvals yet"
+            )
+        events = {w.event for w in self.waits if w.event}
+        given = {"payloads": self.payloads, "invalid_payloads": self.invalid_payloads}
+        for what, by_event in given.items():
+            unknown = sorted(set(by_event) - events)
+            if unknown:
+                raise ImproperlyConfigured(
+                    f"{what} for {unknown}: no wait of saga {name!r} waits for "
+                    f"{'it' if len(unknown) == 1 else 'them'} (its events: {sorted(events)})"
+                )
 
     def cases(self) -> list[Case]:
         steps = self.steps
@@ -192,6 +261,9 @@ class FailureMatrix:
             if steps[self.index(name)].compensation
         ]
         cases += [self._delivered_twice(None), self._delivered_twice(trigger)]
+        for position, stage in enumerate(self.stages):
+            if isinstance(stage, Wait):
+                cases += self._wait_cases(position, stage)
         return cases
 
     def case(self, id: str) -> Case:
@@ -217,10 +289,33 @@ class FailureMatrix:
             raise TypeError(f"start() returned {started!r}, not a saga or (saga, ...)")
         return saga
 
+    # -- the payloads a case sends --------------------------------------------------------------
+
+    def payload_for(self, event: str, saga: Saga) -> Any:
+        """The valid payload of `event` for the case's saga (`payloads`)."""
+        return _given(self.payloads.get(event), saga)
+
+    def invalid_payloads_for(self, wait: dict[str, Any], saga: Saga) -> list[Any]:
+        """The payloads the wait (its stored definition) must refuse: the user's, then one
+        larger than its `max_payload_bytes` as JSON."""
+        given = [_given(p, saga) for p in self.invalid_payloads.get(wait["event"], [])]
+        return [*given, {"padding": "x" * int(wait["max_payload_bytes"])}]
+
     # -- reading the definition ----------------------------------------------------------------
 
     def index(self, name: str) -> int:
         return [s.name for s in self.steps].index(name)
+
+    def position(self, name: str) -> int:
+        """The stage index of a step or a wait."""
+        return [s.name for s in self.stages].index(name)
+
+    def steps_before(self, position: int) -> list[str]:
+        """The steps before stage `position`, in reverse: what an abort there undoes."""
+        return [s.name for s in reversed(self.stages[:position]) if isinstance(s, Step)]
+
+    def pivot_before(self, position: int) -> bool:
+        return any(isinstance(s, Step) and s.pivot for s in self.stages[:position])
 
     def after_pivot(self, index: int) -> bool:
         """Whether a pivot step comes before `index`: its failure pauses the saga."""
@@ -289,12 +384,7 @@ class FailureMatrix:
         faults = [(s.name, FaultPoint.AFTER_COMMIT, FaultEffect.REDELIVER) for s in steps]
         if trigger is None:
             names = [s.name for s in steps]
-            expected = Expected(
-                status=SagaStatus.COMPLETED,
-                error_code="",
-                steps=dict.fromkeys(names, StepStatus.COMPLETED),
-                duplicates=tuple((n, "action") for n in names),
-            )
+            expected = replace(self._completed(), duplicates=tuple((n, "action") for n in names))
             return self._case("every message delivered twice", faults, expected)
         name = steps[trigger].name
         faults += [
@@ -311,25 +401,114 @@ class FailureMatrix:
 
     def _stopped_at(self, index: int, *, paused: bool, code: str, attempts: int) -> Expected:
         """Step `index` failed for good: the saga pauses there, or compensates what it owes."""
-        names = [step.name for step in self.steps]
+        name = self.steps[index].name
         owed = [] if paused else self.owed(index)
-        statuses: dict[str, str] = {}
-        for i, name in enumerate(names):
-            statuses[name] = (
-                StepStatus.COMPLETED
-                if i < index
-                else StepStatus.FAILED
-                if i == index
-                else StepStatus.PENDING
-            )
-            if name in owed:
-                statuses[name] = StepStatus.COMPENSATED
+        statuses = self._statuses(self.position(name), StepStatus.FAILED)
+        statuses |= dict.fromkeys(owed, StepStatus.COMPENSATED)
         return Expected(
             status=SagaStatus.FAILED if paused else SagaStatus.COMPENSATED,
             error_code=code,
             steps=statuses,
             compensated=tuple(owed),
-            attempts={names[index]: attempts},
+            attempts={name: attempts},
+        )
+
+    def _statuses(self, position: int, status: str) -> dict[str, str]:
+        """Every stage's status when the saga stopped at stage `position` with `status`: the
+        stages before it completed (waits included), those after it pending."""
+        return {
+            stage.name: StepStatus.COMPLETED
+            if i < position
+            else status
+            if i == position
+            else StepStatus.PENDING
+            for i, stage in enumerate(self.stages)
+        }
+
+    # -- the cases of a wait -------------------------------------------------------------------
+
+    def _wait_cases(self, position: int, wait: Wait) -> list[Case]:
+        """A timer's time passes. An event's wait: the event early, on time, twice, invalid;
+        never, late and racing the timeout (if it has one); an abort while it waits."""
+        if wait.event is None:
+            return [self._wait_case(waits.NEVER, position, f"{wait.name} times out")]
+        event = wait.event
+        completed = self._completed()
+        cases = [
+            self._wait_case(waits.EARLY, position, f"{event} sent early", completed),
+            self._wait_case(waits.ON_TIME, position, f"{event} sent on time", completed),
+            self._wait_case(waits.TWICE, position, f"{event} sent twice", completed),
+            self._wait_case(
+                waits.INVALID, position, f"{event} sent with an invalid payload", completed
+            ),
+        ]
+        if wait.timeout is not None or getattr(wait, "until", None) is not None:
+            how = str(wait.on_timeout)
+            if how == "compensate" and self.pivot_before(position):
+                how = "pause, after the pivot"
+            cases += [
+                self._wait_case(waits.NEVER, position, f"{event} never sent (timeout: {how})"),
+                self._wait_case(waits.LATE, position, f"{event} sent after the timeout"),
+                replace(
+                    self._wait_case(
+                        waits.RACE, position, f"{event} sent as the timeout fires", completed
+                    ),
+                    if_timed_out=self._wait_timed_out(position),
+                ),
+            ]
+        cases.append(
+            self._wait_case(
+                waits.ABORT,
+                position,
+                f"aborted while waiting for {event}",
+                self._wait_aborted(position),
+            )
+        )
+        return cases
+
+    def _wait_case(
+        self, kind: str, position: int, id: str, expected: Expected | None = None
+    ) -> Case:
+        wait = self.stages[position]
+        scenario = Scenario(kind, wait.name, position, getattr(wait, "event", None))
+        if expected is None:  # the timeout ends the wait
+            expected = self._wait_timed_out(position)
+        return Case(id=id, faults=(), expected=expected, matrix=self, scenario=scenario)
+
+    def _completed(self) -> Expected:
+        names = [stage.name for stage in self.stages]
+        return Expected(
+            status=SagaStatus.COMPLETED,
+            error_code="",
+            steps=dict.fromkeys(names, StepStatus.COMPLETED),
+        )
+
+    def _wait_timed_out(self, position: int) -> Expected:
+        """The wait at `position` timed out: the saga goes on, pauses, or compensates the steps
+        before it, as its `on_timeout` says (a compensation past a pivot pauses)."""
+        wait = self.stages[position]
+        assert isinstance(wait, Wait)
+        if wait.on_timeout == "continue":
+            return self._completed()
+        paused = wait.on_timeout == "pause" or self.pivot_before(position)
+        owed = [] if paused else self.steps_before(position)
+        statuses = self._statuses(position, StepStatus.FAILED)
+        statuses |= dict.fromkeys(owed, StepStatus.COMPENSATED)
+        return Expected(
+            status=SagaStatus.FAILED if paused else SagaStatus.COMPENSATED,
+            error_code="wait_timed_out",
+            steps=statuses,
+            compensated=tuple(owed),
+        )
+
+    def _wait_aborted(self, position: int) -> Expected:
+        """An operator aborted the saga at the wait: it ends (pending again), and every step
+        before it is compensated, in reverse order, past a pivot too."""
+        owed = self.steps_before(position)
+        statuses = self._statuses(position, StepStatus.PENDING)
+        statuses |= dict.fromkeys(owed, StepStatus.COMPENSATED)
+        return Expected(
+            status=SagaStatus.COMPENSATED, error_code="", steps=statuses, compensated=tuple(owed)
         )
 
     def _case(self, id: str, faults: Sequence[tuple[str, str, str]], expected: Expected) -> Case:
@@ -345,6 +524,8 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
     definition version of its own: workers cache definitions by version)."""
     steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
     for step in steps:
+        if is_wait(step.definition):
+            continue  # no attempts, no retries
         for key in ("retry", "compensation_retry"):
             policy = step.definition[key]
             policy["backoff"] = min(policy["backoff"], longest)
@@ -352,6 +533,10 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
         step.save(update_fields=["definition"])
     version = snapshot_version([step.definition for step in steps])
     Saga.objects.filter(pk=saga.pk).update(definition_version=version)
+
+
+def _given(payload: Payload, saga: Saga) -> Any:
+    return payload(saga) if callable(payload) else payload
 
 
 def _status(saga: Saga) -> str:

@@ -1,7 +1,9 @@
 """The framework on a project of `sagas` alone: no domain app, no reference settings.
 
 A saga's failure matrix on the test kit's worker (every step failing in every way, each case
-checked against the framework's guarantees), then the admin and the API over the sagas it left.
+checked against the framework's guarantees), then the admin and the API over the sagas it left;
+a saga with waits through its matrix (each wait's event early, on time, twice, invalid, never,
+late, racing its timeout, an abort while it waits), and the kit's helpers for a project's tests.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.urls import reverse
 
-from sagas import registered
-from sagas.models import Saga
-from sagas.testing import FailureMatrix
+from sagas import registered, saga_start
+from sagas.models import Saga, SagaSignal, SagaStep
+from sagas.testing import FailureMatrix, expire_wait, send_signal, wait_for
 
 MATRIX = FailureMatrix(
     "transfer", make_input=lambda: {"transfer_id": uuid.uuid4().hex, "amount": 10}
@@ -23,13 +25,121 @@ MATRIX = FailureMatrix(
 pytestmark = [pytest.mark.system, pytest.mark.django_db(transaction=True)]
 
 
+def confirmation(saga: Saga) -> dict:
+    """The provider's confirmation of this payment."""
+    return {"reference": f"3ds-{saga.input['payment_id']}"}
+
+
+def captured_what_was_confirmed(saga: Saga) -> None:
+    """A payment is captured only with its confirmation's reference, and only once confirmed
+    and cooled off; one that did not complete captured nothing."""
+    steps = {step.name: step for step in saga.steps.all()}
+    if saga.status == "completed":
+        assert steps["confirmed"].output == confirmation(saga), steps["confirmed"].output
+        assert steps["cooling_off"].output is None  # a timer's time passed
+        assert steps["capture"].output == {"captured": confirmation(saga)["reference"]}
+    else:
+        assert steps["capture"].status in ("pending", "failed"), steps["capture"].status
+
+
+PAYMENT = FailureMatrix(
+    "card_payment",
+    make_input=lambda: {"payment_id": uuid.uuid4().hex, "amount": 10},
+    invariant=captured_what_was_confirmed,
+    payloads={"payment_confirmed": confirmation},
+    invalid_payloads={"payment_confirmed": [{}, {"reference": ""}, "3ds-ok"]},
+)
+
+
 @MATRIX.parametrize()
 def test_transfer(saga_worker, case):
     case.run(saga_worker).assert_guarantees()
 
 
+def test_the_cases_of_a_saga_with_waits_follow_its_definition():
+    assert [case.id for case in PAYMENT.cases()] == [
+        "hold fails for good",
+        "capture fails for good",
+        "hold retries exhausted (compensate)",
+        "capture retries exhausted (compensate)",
+        "release fails for good (compensation of hold)",
+        "every message delivered twice",
+        "every message delivered twice, capture fails for good",
+        "payment_confirmed sent early",
+        "payment_confirmed sent on time",
+        "payment_confirmed sent twice",
+        "payment_confirmed sent with an invalid payload",
+        "payment_confirmed never sent (timeout: compensate)",
+        "payment_confirmed sent after the timeout",
+        "payment_confirmed sent as the timeout fires",
+        "aborted while waiting for payment_confirmed",
+        "cooling_off times out",
+    ]
+    never = PAYMENT.case("payment_confirmed never sent (timeout: compensate)").expected
+    assert (never.status, never.error_code, never.compensated) == (
+        "compensated",
+        "wait_timed_out",
+        ("hold",),
+    )
+    assert never.steps == {
+        "hold": "compensated",
+        "confirmed": "failed",
+        "cooling_off": "pending",
+        "capture": "pending",
+    }
+    aborted = PAYMENT.case("aborted while waiting for payment_confirmed").expected
+    assert (aborted.status, aborted.error_code, aborted.steps["confirmed"]) == (
+        "compensated",
+        "",
+        "pending",
+    )
+    race = PAYMENT.case("payment_confirmed sent as the timeout fires")
+    assert (race.expected.status, race.if_timed_out and race.if_timed_out.status) == (
+        "completed",
+        "compensated",
+    )
+
+
+@PAYMENT.parametrize()
+def test_card_payment(saga_worker, case):
+    case.run(saga_worker).assert_guarantees()
+
+
+def test_the_kits_helpers_send_a_signal_and_expire_a_wait(saga_worker):
+    """In a project's own test: the event once the saga waits for it, then the timer's time
+    passes at once; another payment's confirmation never comes, and its timeout compensates
+    it."""
+    saga, _ = saga_start(name="card_payment", input={"payment_id": "p-1", "amount": 10})
+    outcome = send_signal(
+        saga, "payment_confirmed", {"reference": "3ds-p-1"}, when_waiting=True, timeout=20
+    )
+    assert (outcome.status, outcome.stage) == ("consumed", "confirmed")
+    assert expire_wait(saga, "cooling_off", timeout=20) is True
+    assert final(saga) == "completed"
+    assert SagaStep.objects.get(saga=saga, name="capture").output == {"captured": "3ds-p-1"}
+    with pytest.raises(AssertionError, match="it ended completed first"):
+        expire_wait(saga, timeout=5)
+
+    unconfirmed, _ = saga_start(name="card_payment", input={"payment_id": "p-2", "amount": 10})
+    assert expire_wait(unconfirmed.pk, timeout=20) is True  # its first wait: the confirmation
+    assert final(unconfirmed) == "compensated"
+    late = send_signal(unconfirmed, "payment_confirmed", {"reference": "3ds-p-2"})
+    assert late.status == "refused"
+    assert SagaSignal.objects.get(pk=late.signal_id).status == "refused"
+
+
+def final(saga: Saga) -> str:
+    """The saga's status once it ended."""
+
+    def status() -> str:
+        return Saga.objects.values_list("status", flat=True).get(pk=saga.pk)
+
+    wait_for(lambda: status() in ("completed", "compensated", "failed"), timeout=20)
+    return status()
+
+
 def test_the_admin_and_the_api_on_a_project_of_sagas_alone(saga_worker):
-    assert set(registered()) == {"transfer"}
+    assert set(registered()) == {"transfer", "card_payment"}
     case = next(c for c in MATRIX.cases() if "fails for good" in str(c))
     case.run(saga_worker).assert_guarantees()
     saga = Saga.objects.get()
