@@ -100,9 +100,12 @@ profile-api: install
 drill: install
 	$(BIN)/python -m sagaproject.drill $(DRILL_ARGS)
 
-## Submit a batch of demo orders to a running stack and print the outcomes.
+## Submit a batch of demo orders to a running stack and print the outcomes, with orders that wait:
+## for a 3-D Secure confirmation (the gateway's webhook; an abandoned one times out after
+## ORDERS_CONFIRM_TIMEOUT, 5 s here) and for an operator's review above ORDERS_REVIEW_ABOVE (500
+## here), which the demo approves and rejects. Both are read by the demo, which submits the orders.
 demo: install
-	$(BIN)/python manage.py demo_orders
+	ORDERS_REVIEW_ABOVE=500 ORDERS_CONFIRM_TIMEOUT=5 $(BIN)/python manage.py demo_orders
 
 clean:
 	rm -rf $(VENV) .local test-artifacts docs/_build .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -1,15 +1,22 @@
-"""The order fulfilment saga: create the order, charge it, reserve its stock, ship it."""
+"""The order fulfilment saga: create the order, charge it, reserve its stock, wait for a 3-D
+Secure card's confirmation and for an operator's review where either is due, ship it."""
 
 from __future__ import annotations
 
 from django.conf import settings
 
 from inventory.steps import release_inventory, reserve_inventory
-from orders.services import ORDER_FULFILMENT_SAGA
-from orders.steps import cancel_order, confirm_order, create_order
+from orders.services import ORDER_FULFILMENT_SAGA, order_review_threshold
+from orders.steps import cancel_order, confirm_order, create_order, order_needs_review
 from payments.gateway import GatewayUnavailable
-from payments.steps import charge_payment, refund_payment
-from sagas.definitions import RetryPolicy, SagaDefinition, Step, register
+from payments.steps import (
+    PAYMENT_CONFIRMED,
+    charge_payment,
+    confirmation_is_valid,
+    payment_needs_confirmation,
+    refund_payment,
+)
+from sagas.definitions import Approval, RetryPolicy, SagaDefinition, Step, Wait, register
 from shipping.steps import cancel_shipment, schedule_shipment
 
 # Compensations retry longer than steps (6 attempts against 4), with short waits: the
@@ -17,9 +24,20 @@ from shipping.steps import cancel_shipment, schedule_shipment
 COMPENSATION_RETRY = RetryPolicy(max_attempts=6, backoff=0.25, backoff_max=4.0)
 # Seconds an attempt of any of its steps may take (the drill shortens it to kill hung steps).
 TIME_LIMIT = int(getattr(settings, "ORDERS_STEP_TIME_LIMIT", 60))
+# An order no one reviewed in three days is cancelled and refunded.
+REVIEW_TIMEOUT = 3 * 86400
 
-ORDER_FULFILMENT = register(
-    SagaDefinition(
+
+def order_fulfilment() -> SagaDefinition:
+    """The definition, as this process's settings make it: `ORDERS_CONFIRM_TIMEOUT`, and the
+    review only where `ORDERS_REVIEW_ABOVE` is set. A saga keeps the definition it started
+    with (its rows hold it), so these are read where orders are submitted."""
+    review: list[Step | Wait] = []
+    if order_review_threshold() is not None:
+        # Only orders above the threshold wait for it (the condition reads the saga's total);
+        # rejected, the order is cancelled, its stock released and its payment refunded.
+        review = [Approval("review", timeout=REVIEW_TIMEOUT, condition=order_needs_review)]
+    return SagaDefinition(
         name=ORDER_FULFILMENT_SAGA,
         steps=[
             Step(
@@ -55,6 +73,19 @@ ORDER_FULFILMENT = register(
                 compensation_retry=COMPENSATION_RETRY,
                 time_limit=TIME_LIMIT,
             ),
+            # A 3-D Secure card (tok_3ds*): the stock is held while the customer confirms, and
+            # the gateway's webhook, at the signed URL the charge handed it, ends the wait. No
+            # confirmation in time: the order is cancelled, refunded, its stock released.
+            # Every other card skips it.
+            Wait(
+                "payment_confirmation",
+                event=PAYMENT_CONFIRMED,
+                timeout=float(getattr(settings, "ORDERS_CONFIRM_TIMEOUT", 900)),
+                validate=confirmation_is_valid,
+                condition=payment_needs_confirmation,
+                max_payload_bytes=4096,
+            ),
+            *review,
             Step(
                 "schedule_shipment",
                 schedule_shipment,
@@ -69,4 +100,6 @@ ORDER_FULFILMENT = register(
         key="order_id",
         one_in_flight_per_key=True,
     )
-)
+
+
+ORDER_FULFILMENT = register(order_fulfilment())

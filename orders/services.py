@@ -9,8 +9,10 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
+from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.contrib.auth.models import AnonymousUser
+from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 
 from inventory.selectors import product_prices
@@ -73,6 +75,23 @@ def order_price(*, items: Iterable[Mapping[str, Any]]) -> OrderPrice:
             )
         )
     return OrderPrice(lines=lines, total=sum((line.line_total for line in lines), Decimal("0.00")))
+
+
+def order_review_threshold() -> Decimal | None:
+    """`ORDERS_REVIEW_ABOVE`: orders with a larger total wait for an operator's approval before
+    shipping; None (unset) for no review."""
+    value = getattr(settings, "ORDERS_REVIEW_ABOVE", None)
+    if value is None or value == "":
+        return None
+    try:
+        threshold = Decimal(str(value))
+    except ArithmeticError:
+        threshold = Decimal("NaN")
+    if not threshold.is_finite() or threshold < 0:
+        raise ImproperlyConfigured(
+            f"ORDERS_REVIEW_ABOVE must be an amount, such as 500.00, or unset: {value!r}"
+        )
+    return threshold
 
 
 # Steps call this inside their own transaction: a savepoint would add two round trips
@@ -146,7 +165,9 @@ def order_submit(
 
     Raises `OrderInvalid` for input that cannot make an order. The order row itself is created
     by the saga's first step. A customer's idempotency key is scoped to that customer, so two
-    customers cannot collide on the same key.
+    customers cannot collide on the same key. With `ORDERS_REVIEW_ABOVE` set, the saga's input
+    carries it (`review_above`): an order above it waits for an operator's approval before
+    shipping.
     """
     if customer is not None and not customer.is_authenticated:
         customer = None
@@ -177,6 +198,11 @@ def order_submit(
         "payment_token": payment_token.strip(),
         "total": str(total),
     }
+    threshold = order_review_threshold()
+    if threshold is not None:
+        # The threshold in force when the order was submitted, which the saga's review reads
+        # (orders.steps.order_needs_review), whatever the worker's settings say.
+        saga_input["review_above"] = str(threshold)
     scoped_key = (
         f"{customer.pk}:{idempotency_key}" if idempotency_key and customer else idempotency_key
     )

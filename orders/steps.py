@@ -1,6 +1,9 @@
-"""The order steps of the order fulfilment saga: create the order, cancel it, confirm it."""
+"""The order stages of the order fulfilment saga: create the order, cancel it, confirm it; and
+whether it waits for an operator's review."""
 
 from __future__ import annotations
+
+from decimal import Decimal
 
 from orders.services import order_cancel, order_confirm, order_create
 from sagas.definitions import StepContext
@@ -25,3 +28,10 @@ def cancel_order(ctx: StepContext) -> None:
 def confirm_order(ctx: StepContext) -> None:
     """The saga's completion hook: every step succeeded."""
     order_confirm(order_id=ctx.input["order_id"])
+
+
+def order_needs_review(ctx: StepContext) -> bool:
+    """The condition of the review: the order's total is above the threshold it was submitted
+    under (`ORDERS_REVIEW_ABOVE`, in the saga's input; none: no review)."""
+    threshold = ctx.input.get("review_above")
+    return threshold is not None and Decimal(ctx.input["total"]) > Decimal(threshold)

@@ -16,7 +16,15 @@ Test tokens:
                             `gateway_outage_begin()` starts it again.
     tok_lost_response       the first attempt for a key records the charge, then fails as if the
                             response had been lost on the network; the retry returns that charge.
+    tok_3ds                 charged, pending the customer's 3-D Secure confirmation: the gateway
+                            posts it (a webhook) to the charge's `confirmation_url`
+                            `GATEWAY_CONFIRM_DELAY` seconds (default 2) after the charge.
+    tok_3ds_abandoned       charged, pending a confirmation that never comes: the customer
+                            abandoned the 3-D Secure page.
     any other token         declined, code "invalid_token".
+
+A 3-D Secure token (`tok_3ds*`) needs a `confirmation_url`: without one the request is
+rejected ("confirmation_url_required").
 
 Whatever the token, an amount over 10000.00 is declined with code "amount_over_limit" (and an
 amount that is not positive with "invalid_amount").
@@ -36,6 +44,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
+from django.conf import settings
 from django.db import connections, transaction
 from django.utils import timezone
 
@@ -48,6 +57,7 @@ from payments.models import (
     GatewayOutcome,
 )
 from payments.routers import GATEWAY_DB
+from payments.tasks import gateway_post_webhook
 from sagas.exceptions import BusinessError, StepError, TransientError
 
 AMOUNT_LIMIT = Decimal("10000.00")
@@ -74,7 +84,17 @@ TOKEN_DECLINES: dict[str, DeclineCode] = {
     "tok_declined": DeclineCode.CARD_DECLINED,
     "tok_insufficient_funds": DeclineCode.INSUFFICIENT_FUNDS,
 }
-CHARGEABLE_TOKENS = frozenset({"tok_ok", "tok_transient_2", "tok_timeout", "tok_lost_response"})
+CONFIRMATION_TOKENS = frozenset({"tok_3ds", "tok_3ds_abandoned"})
+CHARGEABLE_TOKENS = frozenset(
+    {"tok_ok", "tok_transient_2", "tok_timeout", "tok_lost_response", *CONFIRMATION_TOKENS}
+)
+# The webhook the gateway posts once the customer confirmed a 3-D Secure charge.
+CONFIRMED_EVENT_TYPE = "payment.confirmed"
+
+
+def needs_confirmation(token: str) -> bool:
+    """Whether a charge with this token waits for the customer's 3-D Secure confirmation."""
+    return token.startswith("tok_3ds")
 
 
 class PaymentDeclined(BusinessError):
@@ -147,14 +167,42 @@ def gateway_outage_begin() -> None:
 
 
 def gateway_charge(
-    *, idempotency_key: str, token: str, amount: Decimal, currency: str
+    *,
+    idempotency_key: str,
+    token: str,
+    amount: Decimal,
+    currency: str,
+    confirmation_url: str | None = None,
 ) -> GatewayCharge:
-    """Charge `amount` to the payment method `token`, once per idempotency key."""
+    """Charge `amount` to the payment method `token`, once per idempotency key.
+
+    A 3-D Secure token needs `confirmation_url`: the gateway posts the customer's confirmation
+    there (`CONFIRMED_EVENT_TYPE`, with the charge's id), once, after the charge is made.
+    """
+    if needs_confirmation(token) and not confirmation_url:
+        raise GatewayRequestRejected(
+            "A 3-D Secure charge needs a confirmation URL.", code="confirmation_url_required"
+        )
     with transaction.atomic(using=GATEWAY_DB):
         _one_request_at_a_time(idempotency_key)
         result = _charge(idempotency_key, token, amount, currency)
         _record(idempotency_key, GatewayOperation.CHARGE, token, result)
+        if token == "tok_3ds" and result.outcome == GatewayOutcome.CHARGED:
+            assert result.charge is not None and confirmation_url
+            _confirm_later(result.charge, confirmation_url)
     return _answer(result)
+
+
+def _confirm_later(charge: GatewayCharge, url: str) -> None:
+    """The customer confirms at once, and the gateway posts the webhook a little later (a task
+    with a countdown: the simulated outside world keeps its own time), once its ledger
+    committed the charge."""
+    payload = {"type": CONFIRMED_EVENT_TYPE, "charge_id": charge.charge_id}
+    delay = float(getattr(settings, "GATEWAY_CONFIRM_DELAY", 2))
+    transaction.on_commit(
+        lambda: gateway_post_webhook.apply_async((url, payload), countdown=delay),
+        using=GATEWAY_DB,
+    )
 
 
 def _charge(idempotency_key: str, token: str, amount: Decimal, currency: str) -> _Result:

@@ -24,18 +24,21 @@ def payment_charge(
     currency: str,
     token: str,
     idempotency_key: str,
+    confirmation_url: str | None = None,
 ) -> Payment:
     """Charge through the gateway, then record the payment in the caller's transaction.
 
     The gateway commits its charge on its own. Should the caller's transaction roll back, a
     call with the same idempotency key finds that charge instead of making a second one, and
-    records it here.
+    records it here. A 3-D Secure charge (`needs_confirmation`) is confirmed by the gateway's
+    webhook to `confirmation_url`, later.
     """
     charge = gateway_charge(
         idempotency_key=idempotency_key,
         token=token,
         amount=amount.quantize(CENT),
         currency=currency,
+        confirmation_url=confirmation_url,
     )
     payment, _ = Payment.objects.get_or_create(
         gateway_charge_id=charge.charge_id,

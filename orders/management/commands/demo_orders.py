@@ -8,7 +8,8 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal
+from typing import Any, Literal
 from uuid import UUID
 
 from django.conf import settings
@@ -19,9 +20,12 @@ from rich.table import Table
 
 from inventory.selectors import product_prices, product_stock
 from inventory.services import catalog_seed
-from orders.services import order_submit
+from orders.services import order_review_threshold, order_submit
 from payments.gateway import AMOUNT_LIMIT, gateway_outage_begin
-from sagas.models import Saga
+from sagas import conf
+from sagas.exceptions import SignalError
+from sagas.models import Saga, SagaStatus
+from sagas.services import saga_approve, saga_reject
 
 FINAL = frozenset({"completed", "compensated", "failed"})
 EVERYDAY_SKUS = ("TEE-BLUE", "MUG-CLASSIC", "HOODIE-GREY", "CAP-BLACK")
@@ -38,6 +42,8 @@ class Scenario:
     token: str
     items: Callable[[int], list[dict[str, Any]]]  # the n-th order of the scenario's items
     country: Callable[[int], str] = lambda n: COUNTRIES[n % len(COUNTRIES)]
+    # What the demo decides, as an operator, when the order waits for its review.
+    decision: Literal["", "approve", "reject"] = ""
 
     @property
     def expected(self) -> str:
@@ -54,11 +60,23 @@ def _over_the_limit(n: int) -> list[dict[str, Any]]:
     return [{"sku": EXPENSIVE_SKU, "quantity": int(AMOUNT_LIMIT // price) + 1}]
 
 
+def _above_the_review_threshold(n: int) -> list[dict[str, Any]]:
+    """Bikes for more than ORDERS_REVIEW_ABOVE (and within the payment limit)."""
+    threshold = order_review_threshold() or Decimal(0)
+    price = product_prices(skus=[EXPENSIVE_SKU])[EXPENSIVE_SKU]
+    return [{"sku": EXPENSIVE_SKU, "quantity": int(threshold // price) + 1}]
+
+
 def _more_than_in_stock(n: int) -> list[dict[str, Any]]:
     # Nothing else in the demo orders this product, so its stock cannot grow meanwhile.
     return [{"sku": SCARCE_SKU, "quantity": (product_stock(sku=SCARCE_SKU) or 0) + 5}]
 
 
+# Submitted once each, after the rotation, as far as the settings allow: orders that wait, for
+# the customer's 3-D Secure confirmation (the simulated gateway's webhook, or its timeout) or
+# for an operator's review.
+CONFIRMED, ABANDONED = "3-D Secure, confirmed", "3-D Secure, abandoned"
+REVIEWED = ("review, approved", "review, rejected")
 SUCCEEDS = Scenario("succeeds", "completed", "", "tok_ok", _everyday_items)
 SCENARIOS = {
     scenario.name: scenario
@@ -95,6 +113,30 @@ SCENARIOS = {
             "tok_timeout",
             _everyday_items,
         ),
+        Scenario(CONFIRMED, "completed", "", "tok_3ds", _everyday_items),
+        Scenario(
+            ABANDONED,
+            "compensated",
+            "wait_timed_out",
+            "tok_3ds_abandoned",
+            _everyday_items,
+        ),
+        Scenario(
+            REVIEWED[0],
+            "completed",
+            "",
+            "tok_ok",
+            _above_the_review_threshold,
+            decision="approve",
+        ),
+        Scenario(
+            REVIEWED[1],
+            "compensated",
+            "approval_rejected",
+            "tok_ok",
+            _above_the_review_threshold,
+            decision="reject",
+        ),
     )
 }
 # The order in which scenarios are dealt out: half of the orders succeed, every outcome shows.
@@ -112,6 +154,9 @@ ROTATION = (
     "succeeds",
     "gateway outage, paused",
 )
+# Seconds the sweeper may take to end a wait past its timeout: the wake's interval (2 s), or,
+# where beat sends no wake, the sweep's (30 s), and a margin.
+TIMEOUT_LAG = 40
 
 
 class Command(BaseCommand):
@@ -119,13 +164,19 @@ class Command(BaseCommand):
         "Seed the demo catalog, submit a batch of orders covering every outcome (success, "
         "declined card, amount over the limit, insufficient stock, unsupported destination, a "
         "transient gateway failure that is retried, a gateway outage that pauses the saga), "
-        "wait for their sagas and report the outcomes. Needs a running Celery worker on the "
-        "sagas queue (`make run`, or `celery -A sagaproject worker -Q sagas`). Note: it resets "
-        "the demo products' stock and (re)starts the simulated gateway outage."
+        "then orders that wait: a 3-D Secure card the simulated gateway confirms by webhook, "
+        "one never confirmed (compensated when its wait times out, if ORDERS_CONFIRM_TIMEOUT "
+        "is short enough), and, with ORDERS_REVIEW_ABOVE set, orders above it that the demo "
+        "approves and rejects as an operator; wait for their sagas and report the outcomes. "
+        "Needs a running Celery worker on the sagas queue and beat (`make run`; `make demo` "
+        "sets the two settings). Note: it resets the demo products' stock and (re)starts the "
+        "simulated gateway outage."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--count", type=int, default=24, help="Orders to submit (24).")
+        parser.add_argument(
+            "--count", type=int, default=24, help="Orders to submit, besides those that wait (24)."
+        )
         parser.add_argument(
             "--timeout", type=float, default=120, help="Seconds to wait for the sagas (120)."
         )
@@ -136,12 +187,21 @@ class Command(BaseCommand):
         console = Console(file=options.get("stdout") or sys.stdout, highlight=False)
         catalog_seed()
         gateway_outage_begin()  # so that tok_timeout pauses, whatever an earlier run left
-        submitted = self._submit(count)
+        waiting = self._waiting_scenarios(console, timeout)
+        submitted = self._submit(count, waiting)
         console.print(
-            f"Submitted {count} orders. Waiting up to {timeout:g} s for the sagas, run by the "
-            f"Celery workers on queue [bold]{settings.CELERY_TASK_DEFAULT_QUEUE}[/bold]..."
+            f"Submitted {count} orders and {len(waiting)} that wait. Waiting up to {timeout:g} s "
+            f"for the sagas, run by the Celery workers on queue "
+            f"[bold]{settings.CELERY_TASK_DEFAULT_QUEUE}[/bold]..."
         )
-        sagas = self._wait(console, [saga_id for _, saga_id in submitted], timeout)
+        if ABANDONED in waiting:
+            confirm_timeout = float(settings.ORDERS_CONFIRM_TIMEOUT)
+            console.print(
+                f"The abandoned 3-D Secure order ends when its wait times out, "
+                f"{confirm_timeout:g} s after its charge: beat's wake ends it within seconds "
+                f"(or, without the wake, the sweep, every 30 s): up to {TIMEOUT_LAG} s more."
+            )
+        sagas = self._wait(console, submitted, timeout)
         missed = self._report(console, submitted, sagas)
         if all(saga.status == "pending" for saga in sagas.values()):
             raise CommandError(
@@ -150,12 +210,36 @@ class Command(BaseCommand):
                 f"`celery -A sagaproject worker -Q {settings.CELERY_TASK_DEFAULT_QUEUE}`."
             )
         if missed:
-            raise CommandError(f"{missed} of {count} sagas did not reach their expected outcome.")
+            raise CommandError(
+                f"{missed} of {len(submitted)} sagas did not reach their expected outcome."
+            )
         console.print("[green]Every saga reached its expected outcome.[/green]")
 
-    def _submit(self, count: int) -> list[tuple[Scenario, UUID]]:
+    def _waiting_scenarios(self, console: Console, timeout: float) -> list[str]:
+        """The orders that wait which this run can show, as its settings allow."""
+        names = [CONFIRMED]
+        confirm_timeout = float(settings.ORDERS_CONFIRM_TIMEOUT)
+        if confirm_timeout + TIMEOUT_LAG <= timeout:
+            names.append(ABANDONED)
+        else:
+            console.print(
+                f"[dim]Not shown: a 3-D Secure order never confirmed (ORDERS_CONFIRM_TIMEOUT is "
+                f"{confirm_timeout:g} s, longer than this run waits; `make demo` sets 5).[/dim]"
+            )
+        threshold = order_review_threshold()
+        price = product_prices(skus=[EXPENSIVE_SKU])[EXPENSIVE_SKU]
+        if threshold is not None and (threshold // price + 1) * price <= AMOUNT_LIMIT:
+            names += REVIEWED
+        else:
+            console.print(
+                "[dim]Not shown: orders waiting for an operator's review (ORDERS_REVIEW_ABOVE "
+                "is not set, or above the payment limit; `make demo` sets 500).[/dim]"
+            )
+        return names
+
+    def _submit(self, count: int, waiting: list[str]) -> list[tuple[Scenario, UUID]]:
         submitted = []
-        dealt = itertools.islice(itertools.cycle(ROTATION), count)
+        dealt = [*itertools.islice(itertools.cycle(ROTATION), count), *waiting]
         for n, name in enumerate(dealt):
             scenario = SCENARIOS[name]
             saga, _ = order_submit(
@@ -173,8 +257,13 @@ class Command(BaseCommand):
             submitted.append((scenario, saga.pk))
         return submitted
 
-    def _wait(self, console: Console, saga_ids: list[UUID], timeout: float) -> dict[UUID, Saga]:
-        """Poll the saga rows until every saga is final or the time is up."""
+    def _wait(
+        self, console: Console, submitted: list[tuple[Scenario, UUID]], timeout: float
+    ) -> dict[UUID, Saga]:
+        """Poll the saga rows until every saga is final or the time is up, deciding the
+        reviews as an operator would once their orders wait for them."""
+        saga_ids = [saga_id for _, saga_id in submitted]
+        to_decide = {saga_id: s.decision for s, saga_id in submitted if s.decision}
         deadline = time.monotonic() + timeout
         columns = (
             TextColumn("{task.description}"),
@@ -186,6 +275,10 @@ class Command(BaseCommand):
             bar = progress.add_task("Sagas finished", total=len(saga_ids))
             while True:
                 sagas = Saga.objects.in_bulk(saga_ids)
+                for saga_id, decision in list(to_decide.items()):
+                    if sagas[saga_id].status == SagaStatus.WAITING:
+                        self._decide(progress.console, saga_id, decision)
+                        del to_decide[saga_id]
                 statuses = Counter(saga.status for saga in sagas.values())
                 finished = sum(statuses[status] for status in FINAL)
                 in_flight = ", ".join(
@@ -202,6 +295,19 @@ class Command(BaseCommand):
                     return sagas
                 time.sleep(0.25)
 
+    def _decide(self, console: Console, saga_id: UUID, decision: str) -> None:
+        """Approve or reject the order's review, as an operator with `sagas.approve_saga`
+        would in the admin or the API (`POST /api/sagas/<id>/approve/`)."""
+        act, done = (
+            (saga_approve, "approved") if decision == "approve" else (saga_reject, "rejected")
+        )
+        try:
+            act(saga_id=saga_id, actor="make demo", note=f"{done} by the demo")
+        except SignalError as error:
+            console.print(f"[red]Could not {decision} the review of {saga_id}[/red]: {error}")
+            return
+        console.print(f"[dim]The demo {done} the review of order saga {saga_id}.[/dim]")
+
     def _report(
         self, console: Console, submitted: list[tuple[Scenario, UUID]], sagas: dict[UUID, Saga]
     ) -> int:
@@ -211,6 +317,7 @@ class Command(BaseCommand):
             table.add_column(column, overflow="fold")
         missed = 0
         misses: list[str] = []
+        unconfirmed = False  # a 3-D Secure order the gateway's webhook never reached
         for scenario in SCENARIOS.values():
             ids = [saga_id for s, saga_id in submitted if s is scenario]
             if not ids:
@@ -223,6 +330,7 @@ class Command(BaseCommand):
                 if outcome != scenario.expected:
                     missed += 1
                     misses.append(f"{saga_id}: {scenario.name}, {outcome}")
+                    unconfirmed |= scenario.token == "tok_3ds"
             ok = set(observed) == {scenario.expected}
             table.add_row(
                 scenario.name,
@@ -234,4 +342,10 @@ class Command(BaseCommand):
         console.print(table)
         for line in misses[:10]:
             console.print(f"[red]missed[/red] {line}")
+        if unconfirmed:
+            console.print(
+                "The gateway's confirmation never reached its saga: a worker posts it to the "
+                f"signed URL on SAGAS_BASE_URL (here {conf.base_url() or 'unset'}). Is "
+                "the web server of `make run` serving there?"
+            )
         return missed
