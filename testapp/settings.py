@@ -65,6 +65,11 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# What beat sends, as in the tutorial (`manage.py check` warns of waits without the wake).
+CELERY_BEAT_SCHEDULE = {
+    "sagas-sweep": {"task": "sagas.sweep", "schedule": 30.0},
+    "sagas-wake": {"task": "sagas.wake", "schedule": 2.0, "options": {"expires": 10}},
+}
 
 SAGAS_MODULES = ["testapp.sagas"]
 SAGAS_HARD_TIME_LIMIT_GRACE = 2
