@@ -72,11 +72,11 @@ def time_out_due(*, batch_size: int = BATCH_SIZE) -> list[str]:
     """End the waits whose timeout is due (`waits.timed_out`), the earliest first, each under
     its saga's lock; a saga that another transaction holds is skipped, for the next wake.
     `PER_TRANSACTION` of them commit together. Returns the sagas'."""
-    due = waits.due_waits(timezone.now(), batch_size)
+    batch = waits.due_waits(timezone.now(), batch_size)
     ended = []
-    for first in range(0, len(due), PER_TRANSACTION):
+    for first in range(0, len(batch), PER_TRANSACTION):
         with transaction.atomic():
-            for saga_id, index in due[first : first + PER_TRANSACTION]:
+            for saga_id, index in batch[first : first + PER_TRANSACTION]:
                 # A savepoint: the engine commits its own transaction with its write, and
                 # leaves one it is nested in to its owner.
                 with transaction.atomic():
