@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test check lint typecheck docs pytest pytest-framework browser wrk bench bench-api bench-pages fill profile profile-system profile-api drill demo clean
+.PHONY: install run test check lint typecheck docs pytest pytest-framework browser wrk bench bench-api bench-pages bench-waits fill profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -70,6 +70,10 @@ fill: install
 ## Admin pages, API lists and a sweep, timed on that database (PAGES_ARGS="--database NAME").
 bench-pages: install
 	$(BIN)/python -m bench.pages $(PAGES_ARGS)
+
+## Waits at scale: 100,000 waiting sagas (added by SQL), the due waits, a wake and a sweep, the lists of waiting sagas, signal to resume and timeouts' lateness with workers and beat (WAITS_ARGS="--sagas 100000 --database NAME").
+bench-waits: install
+	$(BIN)/python -m bench.waits $(WAITS_ARGS)
 
 ## Where a step's time goes: the engine driven in-process under pyinstrument (PROFILE_ARGS="--steps 16").
 profile: install
