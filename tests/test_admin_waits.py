@@ -18,7 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from sagas import services
-from sagas.engine import waits
+from sagas.engine import waker
 from sagas.models import BulkAction, EventKind, Saga, SagaEvent, SagaSignal, SagaStep
 from tests.conftest import lose_messages, wait_final, wait_for
 from tests.factories import UserFactory
@@ -456,7 +456,7 @@ def test_a_retry_of_a_saga_paused_at_its_timeout_waits_again_with_a_new_due_time
     first_due = SagaStep.objects.get(saga=saga, name="confirmation").due_at
 
     def paused() -> bool:
-        waits.time_out_due()  # as the wake does
+        waker.time_out_due()  # as the wake does
         return status(saga) == "failed"
 
     wait_for(paused, timeout=30, what="the wait to time out")

@@ -12,7 +12,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from sagas import services
-from sagas.engine import waits
+from sagas.engine import waits, waker
 from sagas.exceptions import SignalError
 from sagas.models import EventKind, Saga, SagaEvent, SagaSignal, SagaStep
 from tests.conftest import wait_final, wait_for
@@ -168,7 +168,7 @@ def test_a_timer_until_a_time_the_saga_computes(saga_db):
     hold = SagaStep.objects.get(saga=saga, name="hold")
     assert abs((hold.due_at - soon).total_seconds()) < 0.01
     wait_for(lambda: timezone.now() > soon, timeout=5, what="the due time")
-    waits.time_out_due()
+    waker.time_out_due()
     assert wait_final(saga.pk, timeout=20).status == "completed"
 
 

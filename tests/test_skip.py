@@ -59,9 +59,9 @@ def test_a_wait_that_timed_out_and_paused_is_marked_as_done(saga_db):
     saga = start("waits_briefly_then_pauses")
     reach(saga, "waiting")
     SagaStep.objects.filter(saga=saga, name="confirmation").update(due_at="2000-01-01T00:00Z")
-    from sagas.engine import waits
+    from sagas.engine import waker
 
-    waits.time_out_due()
+    waker.time_out_due()
     reach(saga, "failed")
     services.saga_skip(saga_id=saga.pk, index=1, output=CONFIRMED, actor="op")
     final = wait_final(saga.pk, timeout=20)

@@ -419,14 +419,14 @@ def test_a_signal_while_busy_for_a_wait_that_is_over_is_refused_and_never_applie
 ):
     """The wait paused at its timeout; a signal while something holds the saga is refused
     (and stored so), as without contention, and a retry's new wait does not consume it."""
-    from sagas.engine import waits
+    from sagas.engine import waker
     from tests.conftest import attempt_in_process
 
     lose_messages(monkeypatch)
     saga = start("waits_briefly_then_pauses", order="o-over")
     assert attempt_in_process(saga.pk, 0) == "done"
     SagaStep.objects.filter(saga=saga, name="confirmation").update(due_at=timezone.now())
-    waits.time_out_due()
+    waker.time_out_due()
     assert status(saga) == "failed"
     with locked_elsewhere(saga):
         busy = services.saga_signal(

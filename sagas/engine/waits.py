@@ -644,9 +644,12 @@ def _kept_while_busy(
 def apply_kept(*, batch_size: int = 200) -> int:
     """Consume the signals kept for a wait the saga had already reached when they came (it
     was busy), oldest first; returns how many. Run by the sweeper."""
-    current_event = SagaStep.objects.filter(
-        saga_id=OuterRef("saga_id"), status=StepStatus.WAITING
-    ).values(event=KT("definition__event"))[:1]
+    # Ordered by index alone: the model's ordering would join the saga table to sort.
+    current_event = (
+        SagaStep.objects.filter(saga_id=OuterRef("saga_id"), status=StepStatus.WAITING)
+        .order_by("index")
+        .values(event=KT("definition__event"))[:1]
+    )
     due = (
         SagaSignal.objects.filter(status=SignalStatus.KEPT, saga__status=SagaStatus.WAITING)
         .annotate(waited_for=Subquery(current_event))
@@ -680,23 +683,3 @@ def due_waits(now: datetime, batch_size: int = 200) -> list[tuple[Any, int]]:
         .order_by("due_at")
         .values_list("saga_id", "index")[:batch_size]
     )
-
-
-def time_out_due(*, batch_size: int = 200) -> list[str]:
-    """End the waits whose timeout is due, each under its saga's lock (a saga a step or a
-    signal holds is left for the next sweep); returns the sagas'."""
-    ended = []
-    for saga_id, index in due_waits(timezone.now(), batch_size):
-        with transaction.atomic():
-            locked = (
-                Saga.objects.select_for_update(skip_locked=True)
-                .filter(pk=saga_id)
-                .values_list("pk", flat=True)
-            )
-            if not list(locked):
-                continue
-            unit = lock(saga_id)
-            if timed_out(unit, index):
-                unit.save()
-                ended.append(str(saga_id))
-    return ended
