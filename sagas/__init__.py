@@ -14,15 +14,16 @@ A map of the package:
 - `definitions`: the declarative definition API (`SagaDefinition`, `Step`, `Wait`,
   `Approval`, `RetryPolicy`, `StepContext`, `register`) and the registry of definitions.
 - `services`: the public Python API: start a saga, send it a signal, approve or reject
-  it, preview and run the operator actions (retry, compensate, resolve a step), bulk
-  actions. The admin, the API and the commands call these and nothing else.
+  it, preview and run the operator actions (retry, compensate, resolve or skip a step),
+  bulk actions. The admin, the API and the commands call these and nothing else.
 - `exceptions`: what step actions raise to tell the engine what went wrong (`BusinessError`,
   `TransientError`), and what the services raise (`SagaBusy`, `SagaKeyInFlight`, ...).
 - `engine/`: every saga and step transition, under the saga's row lock, and its plumbing:
   `rows` (the SQL it sends), `dispatch` (a saga's chains to the broker, after the commit),
   `notify` (committed events to signals, metrics and traces), `relay` (the signals a crash
-  left unsent), `waits` (stages that wait for an event or a time), `sweeper` (re-dispatches
-  sagas whose messages were lost, ends due waits), `hooks` (where the test kit injects
+  left unsent), `waits` (stages that wait for an event or a time), `waker` (ends due waits
+  within seconds: `sagas.wake`), `sweeper` (re-dispatches sagas whose messages were lost, and
+  ends due waits too), `hooks` (where the test kit injects
   faults).
 - `tasks`: the Celery tasks of the engine: they pass ids and call `engine`.
 - `models`: sagas, their stage rows, signals and the append-only event log, the source of
