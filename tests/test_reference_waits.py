@@ -83,11 +83,13 @@ def worker(shop) -> Iterator[CeleryWorker]:
         worker.wait_idle(timeout=60)
 
 
-def submit(product: Product, *, quantity: int = 1, token: str = "tok_ok") -> Saga:
+def submit(
+    product: Product, *, quantity: int = 1, token: str = "tok_ok", country: str = "GB"
+) -> Saga:
     saga, _ = order_submit(
         customer=None,
         items=[{"sku": product.sku, "quantity": quantity}],
-        shipping_address=ADDRESS,
+        shipping_address={**ADDRESS, "country": country},
         payment_token=token,
     )
     return saga
@@ -187,6 +189,14 @@ def test_an_abandoned_3ds_card_is_compensated_once_its_wait_times_out(worker, se
     assert stage(final, "charge_payment").status == "compensated"
     assert stage(final, "reserve_inventory").status == "compensated"
     assert not SagaSignal.objects.filter(saga=final).exists()  # the customer never confirmed
+    the_books_balance(final)
+
+
+def test_a_confirmed_3ds_order_that_cannot_ship_is_refunded_and_its_stock_released(worker):
+    product = ProductFactory(stock_on_hand=INITIAL_STOCK)
+    final = wait_final(submit(product, quantity=2, token="tok_3ds", country="AQ").pk, timeout=60)
+    assert (final.status, final.error_code) == ("compensated", "unsupported_destination")
+    assert stage(final, "payment_confirmation").status == "completed"  # confirmed, then undone
     the_books_balance(final)
 
 
