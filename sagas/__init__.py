@@ -32,7 +32,8 @@ A map of the package:
 - `signals`: Django signals of a saga's life, sent after the commit of each change.
 - `admin/`: the admin: status at a glance, each saga's steps and timeline, operator actions.
 - `api/` and `urls`: the REST API (the `api` extra), with its bounded JSON parser.
-- `bulk/`: retry or compensate every saga that matches a filter, after a preview.
+- `bulk/`: retry or compensate every saga that matches a filter, or mark a stage of each as
+  done, after a preview.
 - `metrics/`: Prometheus metrics (`SAGAS_METRICS`; the `metrics` extra).
 - `tracing`: OpenTelemetry traces, one per saga (`SAGAS_TRACING`; the `tracing` extra).
 - `checks`: Django system checks of what the framework's guarantees need.
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING
 from .lazy import exports
 
 if TYPE_CHECKING:
-    from .bulk import BulkFilter
+    from .bulk import BulkFilter, BulkSkip
     from .definitions import (
         Approval,
         RetryPolicy,
@@ -113,6 +114,7 @@ _WHERE = {
     "bulk_action_preview": "services",
     "bulk_action_start": "services",
     "BulkFilter": "bulk",
+    "BulkSkip": "bulk",
     # Raised by step actions, or by the services.
     "SagaError": "exceptions",
     "StepError": "exceptions",
@@ -133,6 +135,7 @@ __all__ = [
     "BulkActionRefused",
     "BulkFilter",
     "BulkPreviewOutdated",
+    "BulkSkip",
     "BusinessError",
     "DefinitionError",
     "InvalidTransition",

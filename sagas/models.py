@@ -443,6 +443,8 @@ class BulkOperation(models.TextChoices):
 
     RETRY = OperatorAction.RETRY.value, OperatorAction.RETRY.label
     COMPENSATE = OperatorAction.COMPENSATE.value, OperatorAction.COMPENSATE.label
+    #: Mark the stage of one name as done in every saga, with one output (`BulkAction.stage`).
+    SKIP = OperatorAction.SKIP.value, OperatorAction.SKIP.label
 
 
 class BulkActionStatus(models.TextChoices):
@@ -459,7 +461,8 @@ class BulkOutcome(models.TextChoices):
 
 
 class BulkAction(models.Model):
-    """Retry or compensate every saga that matched a filter, worked through in batches."""
+    """Retry or compensate every saga that matched a filter, or mark a stage of each as done,
+    worked through in batches."""
 
     action = models.CharField(
         max_length=20, choices=BulkOperation.choices, help_text="The action taken on each saga."
@@ -470,6 +473,25 @@ class BulkAction(models.Model):
     )
     actor = models.CharField(
         max_length=150, help_text="The operator's username, recorded in each saga's timeline."
+    )
+    # A skip's only: which stage, with what output, and why. NULL, not "", for the other
+    # actions: the check constraint says that a skip, and only a skip, names its stage.
+    stage = models.CharField(  # noqa: DJ001
+        max_length=100,
+        null=True,
+        blank=True,
+        help_text="A skip's: the name of the stage marked as done in each saga.",
+    )
+    output = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="A skip's: the output each saga's stage is given (the same for every saga).",
+    )
+    note = models.CharField(  # noqa: DJ001
+        max_length=1000,
+        null=True,
+        blank=True,
+        help_text="A skip's: why, on each saga's timeline.",
     )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL,
@@ -519,6 +541,12 @@ class BulkAction(models.Model):
             _status_check("bulk_action_status_valid", BulkActionStatus),
             models.CheckConstraint(
                 condition=Q(action__in=BulkOperation.values), name="bulk_action_action_valid"
+            ),
+            # A skip names its stage; the other actions have none.
+            models.CheckConstraint(
+                condition=(Q(action=BulkOperation.SKIP) & Q(stage__isnull=False))
+                | (~Q(action=BulkOperation.SKIP) & Q(stage__isnull=True)),
+                name="bulk_action_skip_stage",
             ),
         ]
         indexes = [

@@ -12,7 +12,7 @@ from uuid import UUID
 from django.db import IntegrityError, transaction
 
 from . import bulk, conf, engine
-from .bulk import BulkFilter, BulkPreview
+from .bulk import BulkFilter, BulkPreview, BulkSkip
 from .engine import Plan, waits
 from .engine.operator import check_output
 from .engine.waits import SignalOutcome
@@ -47,10 +47,12 @@ def saga_plan(
     action: str,
     index: int | None = None,
     deadline: engine.Deadline = engine.KEEP,
+    locked: bool = True,
 ) -> Plan:
-    """Preview an operator action (`retry`, `compensate`, `resolve`) without doing it;
-    `deadline` as for `saga_retry`."""
-    return engine.plan(saga_id, action, index, deadline=deadline)
+    """Preview an operator action (`retry`, `compensate`, `resolve`, `skip`) without doing
+    it; `deadline` as for `saga_retry`. Not `locked`: from the rows as they are, never waiting
+    for a running step (a page that offers the action); the action's own plan decides."""
+    return engine.plan(saga_id, action, index, locked=locked, deadline=deadline)
 
 
 def saga_retry(
@@ -164,7 +166,14 @@ def _unfinished(name: str | None, key: str | None) -> UUID:
 
 
 def saga_skip(
-    *, saga_id: UUID | str, index: int, output: Any = None, actor: str = "", note: str = ""
+    *,
+    saga_id: UUID | str,
+    index: int,
+    output: Any = None,
+    actor: str = "",
+    note: str = "",
+    bulk_action_id: int | None = None,
+    matches: Callable[[], bool] | None = None,
 ) -> Plan:
     """Mark stage `index` as done by hand, with `output` (what later stages read as its
     output), and go on from there: a wait that waits (its event is then refused as late), or
@@ -174,10 +183,18 @@ def saga_skip(
     Raises Django's `ValidationError` (on `output`) for an output the stage would not take,
     `InvalidTransition` when the saga's state does not allow it (`saga_plan(action="skip",
     index=...)` says why beforehand), `SagaBusy` while a step holds the saga. Check the user's
-    `sagas.skip_saga` before calling this.
+    `sagas.skip_saga` before calling this. `bulk_action_id` and `matches` as for `saga_retry`.
     """
     check_output(saga_id, index, output)
-    return engine.skip(saga_id, index, output=output, actor=actor, note=note)
+    return engine.skip(
+        saga_id,
+        index,
+        output=output,
+        actor=actor,
+        note=note,
+        bulk_action_id=bulk_action_id,
+        matches=matches,
+    )
 
 
 def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
@@ -185,11 +202,17 @@ def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Pl
     return engine.resolve(saga_id, index, actor=actor)
 
 
-def bulk_action_preview(*, action: str, bulk_filter: BulkFilter) -> BulkPreview:
-    """What retrying or compensating every saga the filter matches would do: how many match,
-    and their plans (`saga_plan`), in groups. `BulkActionRefused` beyond
-    `SAGAS_BULK_MAX_SAGAS`."""
-    return bulk.preview(action=action, bulk_filter=bulk_filter, limit=conf.bulk_max_sagas())
+def bulk_action_preview(
+    *, action: str, bulk_filter: BulkFilter, skip: BulkSkip | None = None
+) -> BulkPreview:
+    """What retrying or compensating every saga the filter matches would do, or marking the
+    stage `skip` names as done (`action` "skip"): how many match, and their plans
+    (`saga_plan`, a skip's output checked by each stage), in groups. `BulkActionRefused`
+    beyond `SAGAS_BULK_MAX_SAGAS`, and for a skip without its stage (or a `skip` of another
+    action)."""
+    return bulk.preview(
+        action=action, bulk_filter=bulk_filter, limit=conf.bulk_max_sagas(), skip=skip
+    )
 
 
 def bulk_action_start(
@@ -199,14 +222,18 @@ def bulk_action_start(
     actor: str,
     created_by: Any = None,
     expected_count: int | None = None,
+    skip: BulkSkip | None = None,
 ) -> BulkAction:
-    """Retry or compensate every saga the filter matches, in the background, in batches.
+    """Retry or compensate every saga the filter matches, or mark the stage `skip` names as
+    done in each (`action` "skip", with `skip`'s output and note), in the background, in
+    batches.
 
     The matching sagas are recorded now; each is acted on when its batch reaches it, through
-    `saga_retry` or `saga_compensate`, its timeline naming the actor and the bulk action, or
-    skipped (and reported) if it changed since. `BulkActionRefused` when the filter matches
-    no saga, or more than `SAGAS_BULK_MAX_SAGAS`; `BulkPreviewOutdated` when it no longer
-    matches `expected_count` sagas (the preview's count).
+    `saga_retry`, `saga_compensate` or `saga_skip`, its timeline naming the actor and the bulk
+    action, or skipped (and reported) if it changed since, or (a skip) has no such stage or
+    its stage refuses the output. `BulkActionRefused` when the filter matches no saga, or more
+    than `SAGAS_BULK_MAX_SAGAS`, and as `bulk_action_preview`; `BulkPreviewOutdated` when it
+    no longer matches `expected_count` sagas (the preview's count).
     """
     return bulk.create(
         action=action,
@@ -214,6 +241,7 @@ def bulk_action_start(
         actor=actor,
         created_by=created_by,
         expected_count=expected_count,
+        skip=skip,
     )
 
 

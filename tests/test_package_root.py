@@ -15,7 +15,13 @@ import sagas
 
 ROOT = Path(__file__).resolve().parent.parent
 # The modules a public name may live in: the ones users imported before the root exported them.
-HOMES = {"sagas.definitions", "sagas.services", "sagas.exceptions", "sagas.bulk.filters"}
+HOMES = {
+    "sagas.definitions",
+    "sagas.services",
+    "sagas.exceptions",
+    "sagas.bulk.filters",
+    "sagas.bulk.skip",
+}
 TUTORIAL = {
     "SagaDefinition",
     "Step",

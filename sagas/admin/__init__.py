@@ -2,7 +2,8 @@
 
 One module a job: `saga` (the list and a saga's page, with its inlines), `display` (how facts
 are shown), `diagram` (the step diagram), `actions` (retry, compensate and resolve, confirmed
-first), `bulk` (retry or compensate every saga a filter matches, and the bulk actions' pages),
+first), `skip` (mark a stage as done by hand, after a preview), `bulk` (retry or compensate
+every saga a filter matches, or mark a stage of each as done, and the bulk actions' pages),
 `links` (links to the domain objects of a saga, from the `SAGAS_ADMIN_LINKS` setting, so this
 app never imports a domain app), `objects` (the other way: the sagas of an object, found by
 their business key, for a project's own admins) and `readonly` (`ReadOnlyAdminMixin`, for the

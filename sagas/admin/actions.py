@@ -5,7 +5,7 @@ Each action shows what it will do to every selected saga (from `services.saga_pl
 decision `waits.decision_plan`) on a confirmation page, then calls the matching service: the
 admin holds no saga logic of its own. A saga's page offers the same actions as buttons, which
 post to the list's action; approve and reject have a page of their own for one saga, whose
-confirmation acts through the same code.
+confirmation acts through the same code, as does marking a stage as done (`skip`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,18 @@ ACTION_WORDS: dict[str, ActionWords] = {
         "its completed steps, in reverse order, or pauses for an operator if it passed its "
         "pivot. Who rejected, and the note, are on its timeline.",
     ),
+    OperatorAction.SKIP: ActionWords(
+        "",  # one stage's, on a page of its own (`skip.SagaSkipAdmin`): no list action
+        "Mark as done",
+        "Marked as done",
+        "Marking a stage as done ends it by hand with the output you give, which the stages "
+        "after it read: a wait that waits (its event is then refused as late), or the failed "
+        "stage a paused saga stopped at. The saga goes on from there. Never an approval. Who "
+        "did it, and the note, are on its timeline.",
+    ),
 }
+# The actions with a page of their own for one saga, not a list action.
+OWN_PAGES = (*DECISIONS, OperatorAction.SKIP)
 
 
 class RetryDeadlineForm(forms.Form):
@@ -141,10 +152,13 @@ class DecisionForm(forms.Form):
 
 @dataclass(frozen=True)
 class Choices:
-    """What the operator chose on a confirmation page: a retry's deadline, a decision's note."""
+    """What the operator chose on a confirmation page: a retry's deadline, a decision's note,
+    the stage marked as done and its output."""
 
     deadline: Deadline = KEEP
     note: str = ""
+    index: int = 0
+    output: Any = None
 
 
 @dataclass(frozen=True)
@@ -200,10 +214,17 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         obj: Any = None,
     ) -> HttpResponse:
         if obj is not None:
-            context["saga_operator_actions"] = self._buttons(request, obj)
-            context["saga_decisions"] = self._decision_buttons(request, obj)
-            context["saga_changelist_url"] = reverse("admin:sagas_saga_changelist")
+            context.update(self.saga_tools(request, obj))
         return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def saga_tools(self, request: HttpRequest, saga: Saga) -> dict[str, Any]:
+        """The saga page's buttons of the operator actions, as its template's context; an
+        action with a page of its own (`skip.SagaSkipAdmin`) adds its own."""
+        return {
+            "saga_operator_actions": self._buttons(request, saga),
+            "saga_decisions": self._decision_buttons(request, saga),
+            "saga_changelist_url": reverse("admin:sagas_saga_changelist"),
+        }
 
     def _buttons(self, request: HttpRequest, saga: Saga) -> list[ActionWords]:
         """The actions this user may take on a saga that is not finished.
@@ -217,7 +238,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         return [
             words
             for action, words in ACTION_WORDS.items()
-            if action not in DECISIONS
+            if action not in OWN_PAGES
             and may_operate(request.user, action)
             and (action != OperatorAction.RESOLVE or stuck)
         ]
@@ -231,16 +252,22 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             for action in DECISIONS
         ]
 
-    def decision_view(self, request: HttpRequest, object_id: str, action: str) -> HttpResponse:
-        """Approve or reject one saga's approval: its confirmation page (GET), and the decision
-        (POST, confirmed), then back to the saga's page."""
-        if not self.has_approve_permission(request):
+    def one_saga(self, request: HttpRequest, object_id: str, *, permitted: bool) -> Saga:
+        """The saga of a page of its own, for a user with the action's permission
+        (`permitted`) who may view it: 403 otherwise, 404 for no such saga."""
+        if not permitted:
             raise PermissionDenied
         saga = self.get_object(request, unquote(object_id))
         if saga is None:
             raise Http404("No such saga.")
         if not self.has_view_or_change_permission(request, saga):
             raise PermissionDenied
+        return saga
+
+    def decision_view(self, request: HttpRequest, object_id: str, action: str) -> HttpResponse:
+        """Approve or reject one saga's approval: its confirmation page (GET), and the decision
+        (POST, confirmed), then back to the saga's page."""
+        saga = self.one_saga(request, object_id, permitted=self.has_approve_permission(request))
         if request.method == "POST" and request.POST.get("post") == "yes":
             queryset = self.get_queryset(request).filter(pk=saga.pk)
             # The confirmation again (a note too long), or back to the saga's page.
@@ -308,6 +335,14 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             return services.saga_retry(saga_id=saga.pk, actor=actor, deadline=kept)
         if action == OperatorAction.COMPENSATE:
             return services.saga_compensate(saga_id=saga.pk, actor=actor)
+        if action == OperatorAction.SKIP:
+            return services.saga_skip(
+                saga_id=saga.pk,
+                index=choices.index,
+                output=choices.output,
+                actor=actor,
+                note=choices.note,
+            )
         index = self._resolve_index(saga)
         return services.saga_step_resolve(saga_id=saga.pk, index=index, actor=actor)
 

@@ -1,9 +1,11 @@
-"""Bulk actions in the admin: retry or compensate every saga that matches the list's filters.
+"""Bulk actions in the admin: retry or compensate every saga that matches the list's filters,
+or mark a stage of each as done.
 
 The saga list links to a page that starts from the list's current filters, previews what each
 action the operator may take would do (how many sagas match; their plans, in groups, from
-`services.bulk_action_preview`) and starts one on confirmation (`services.bulk_action_start`).
-A bulk action's own page then shows its progress, and the sagas it skipped and why.
+`services.bulk_action_preview`; a skip's once its stage is named) and starts one on
+confirmation (`services.bulk_action_start`). A bulk action's own page then shows its progress,
+and the sagas it skipped and why.
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from django.utils.http import urlencode
 from django.utils.safestring import SafeString
 
 from .. import services
-from ..bulk import BulkFilter, BulkPreview, sagas_have_business_key
+from ..bulk import BulkFilter, BulkPreview, BulkSkip, sagas_have_business_key
 from ..exceptions import BulkActionRefused
 from ..models import BulkAction, BulkOperation, BulkOutcome, SagaStatus
 from ..permissions import may_operate
 from .actions import ACTION_WORDS, ActionWords, OperatorActionsAdmin
-from .display import EMPTY, status_badge, timestamp
+from .display import EMPTY, pretty_json, status_badge, timestamp
 from .readonly import ReadOnlyAdminMixin
+from .skip import SkipForm
 
 # The saga list's filters that are a bulk filter's fields; the list's order and page are not
 # filters. Anything else it has (its search) is not a bulk filter, and the page says so.
@@ -45,6 +48,8 @@ LIST_ONLY = {"o", "p", "all", "e"}
 
 # Skipped or failed sagas listed on a bulk action's page (the API lists them all).
 LISTED = 500
+# The section of a bulk skip's page: the stage it marks as done, the output, the note.
+MARKED_AS_DONE = "Stage marked as done"
 
 
 class BulkFilterForm(forms.Form):
@@ -79,6 +84,31 @@ class BulkFilterForm(forms.Form):
 
     def bulk_filter(self) -> BulkFilter:
         return BulkFilter(**self.cleaned_data)
+
+
+class BulkSkipForm(SkipForm):
+    """What a bulk skip marks as done: the stage of this name in each saga, with one output
+    (the page's fields `skip-stage`, `skip-output`, `skip-note`)."""
+
+    prefix = "skip"
+    stage = forms.CharField(
+        max_length=100,
+        required=False,
+        help_text="To mark a stage as done in every matching saga: its name (such as "
+        "payment_confirmation).",
+    )
+    field_order = ("stage", "output", "note")
+
+    def clean(self) -> dict[str, Any]:
+        cleaned = super().clean() or {}
+        if not self.errors and cleaned.get("stage"):
+            for field, text in self.bulk_skip().problems().items():
+                self.add_error(field if field in self.fields else None, text)
+        return cleaned
+
+    def bulk_skip(self) -> BulkSkip:
+        data = self.cleaned_data
+        return BulkSkip(data["stage"], data["output"], data["note"])
 
 
 def changelist_filter_data(params: QueryDict) -> tuple[dict[str, str], list[str]]:
@@ -120,6 +150,16 @@ class BulkPreviewSection:
     action: str
     words: ActionWords
     preview: BulkPreview
+    stage: str = ""  # a skip's
+
+    @property
+    def button(self) -> str:
+        """`Retry 3 sagas`, `Mark payment as done in 3 sagas`."""
+        count = self.preview.allowed
+        sagas = f"{count} saga{'' if count == 1 else 's'}"
+        if self.action == BulkOperation.SKIP:
+            return f"Mark {self.stage} as done in {sagas}"
+        return f"{self.words.verb} {sagas}"
 
 
 class SagaBulkActionsMixin(OperatorActionsAdmin):
@@ -150,8 +190,11 @@ class SagaBulkActionsMixin(OperatorActionsAdmin):
         if request.method == "POST":
             return self._bulk_start(request, operations)
         left_out: list[str] = []
+        skip_form = None
         if "_preview" in request.GET:
             form = BulkFilterForm(request.GET)
+            if BulkOperation.SKIP in operations:
+                skip_form = BulkSkipForm(request.GET)
         else:
             data, left_out = changelist_filter_data(request.GET)
             form = BulkFilterForm(data)
@@ -160,22 +203,20 @@ class SagaBulkActionsMixin(OperatorActionsAdmin):
         if form.is_valid():
             try:
                 previews = [
-                    BulkPreviewSection(
-                        operation,
-                        ACTION_WORDS[operation],
-                        services.bulk_action_preview(
-                            action=operation, bulk_filter=form.bulk_filter()
-                        ),
-                    )
+                    section
                     for operation in operations
+                    if (section := self._section(operation, form.bulk_filter(), skip_form))
                 ]
             except BulkActionRefused as exc:
                 refused = str(exc)
+        if skip_form is None and BulkOperation.SKIP in operations:
+            skip_form = BulkSkipForm()
         context = {
             **self.admin_site.each_context(request),
             "title": "Retry or compensate every matching saga",
             "opts": self.model._meta,
             "form": form,
+            "skip_form": skip_form,
             "previews": previews,
             "refused": refused,
             "left_out": left_out,
@@ -184,20 +225,40 @@ class SagaBulkActionsMixin(OperatorActionsAdmin):
         request.current_app = self.admin_site.name
         return TemplateResponse(request, "admin/sagas/saga/bulk_action.html", context)
 
+    @staticmethod
+    def _section(
+        operation: str, bulk_filter: BulkFilter, skip_form: BulkSkipForm | None
+    ) -> BulkPreviewSection | None:
+        """One action's preview; a skip's only once its stage is named (and its form valid)."""
+        skip = None
+        if operation == BulkOperation.SKIP:
+            if skip_form is None or not skip_form.is_valid() or not skip_form.cleaned_data["stage"]:
+                return None
+            skip = skip_form.bulk_skip()
+        preview = services.bulk_action_preview(action=operation, bulk_filter=bulk_filter, skip=skip)
+        stage = skip.stage if skip is not None else ""
+        return BulkPreviewSection(operation, ACTION_WORDS[operation], preview, stage)
+
     def _bulk_start(self, request: HttpRequest, operations: list[str]) -> HttpResponse:
         operation = request.POST.get("action", "")
         if operation not in operations:
             raise PermissionDenied
         form = BulkFilterForm(request.POST)
+        skip_form = BulkSkipForm(request.POST)
+        fields = [*form.fields, *(skip_form.add_prefix(name) for name in skip_form.fields)]
         again = (
             reverse("admin:sagas_saga_bulk")
             + "?"
-            + urlencode(
-                {**{key: request.POST.get(key, "") for key in form.fields}, "_preview": "1"}
-            )
+            + urlencode({**{key: request.POST.get(key, "") for key in fields}, "_preview": "1"})
         )
+        skipping = operation == BulkOperation.SKIP
         if not form.is_valid():
             self.message_user(request, "The filter is not valid: preview it again.", messages.ERROR)
+            return HttpResponseRedirect(again)
+        if skipping and not skip_form.is_valid():
+            self.message_user(
+                request, "The stage or its output is not valid: preview it again.", messages.ERROR
+            )
             return HttpResponseRedirect(again)
         try:
             bulk_action = services.bulk_action_start(
@@ -206,6 +267,7 @@ class SagaBulkActionsMixin(OperatorActionsAdmin):
                 actor=request.user.get_username(),
                 created_by=request.user,
                 expected_count=_int_or_none(request.POST.get("expected_count")),
+                skip=skip_form.bulk_skip() if skipping else None,
             )
         except BulkActionRefused as exc:  # or BulkPreviewOutdated
             self.message_user(request, str(exc), messages.ERROR)
@@ -246,6 +308,7 @@ class BulkActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
                 )
             },
         ),
+        (MARKED_AS_DONE, {"fields": ("stage", "output_json", "note")}),
         ("Skipped sagas", {"fields": ("skipped_sagas",)}),
         ("Failed sagas", {"fields": ("failed_sagas",)}),
     )
@@ -258,9 +321,18 @@ class BulkActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
         "created",
         "started",
         "finished",
+        "stage",
+        "output_json",
+        "note",
         "skipped_sagas",
         "failed_sagas",
     )
+
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        fieldsets = super().get_fieldsets(request, obj)
+        if obj is not None and obj.action == BulkOperation.SKIP:
+            return fieldsets
+        return [fieldset for fieldset in fieldsets if fieldset[0] != MARKED_AS_DONE]
 
     class Media:
         css = {"all": ("sagas/admin.css",)}
@@ -288,6 +360,10 @@ class BulkActionAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
             bulk_action.skipped,
             bulk_action.failed,
         )
+
+    @admin.display(description="output")
+    def output_json(self, bulk_action: BulkAction) -> SafeString:
+        return pretty_json(bulk_action.output)
 
     @admin.display(description="filter")
     def filter_text(self, bulk_action: BulkAction) -> str:

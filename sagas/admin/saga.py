@@ -2,8 +2,8 @@
 
 Everything here is read-only: sagas change through the engine only. The operator actions come
 from `actions.OperatorActionsAdmin`, and their bulk page from `bulk.SagaBulkActionsMixin`; what
-a waiting saga waits for, and the page that sends it a signal, from `waits`; the pieces of the
-page from `display`, `diagram` and `links`.
+a waiting saga waits for, and the page that sends it a signal, from `waits`; the page that marks
+a stage as done from `skip`; the pieces of the page from `display`, `diagram` and `links`.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from .display import (
 )
 from .links import admin_links, link_list
 from .readonly import ReadOnlyAdminMixin
+from .skip import SagaSkipAdmin
 from .waits import SagaSignalAdmin, steps_for_pages, waiting_column, waiting_section
 
 
@@ -192,7 +193,7 @@ class ProjectFieldsOnly:
         return getattr(self._model_admin, name)
 
 
-class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaBulkActionsMixin):
+class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActionsMixin):
     change_form_template = "admin/sagas/saga/change_form.html"
     list_display = (
         "short_id",

@@ -44,6 +44,9 @@ DECISIONS = (APPROVE, REJECT)
 # The permission of sending a signal: `sagas.signal_saga`.
 SIGNAL = "signal"
 
+# The text area of a form's JSON (a signal's payload, the output of a stage marked as done).
+JSON_TEXTAREA = {"rows": 8, "cols": 60, "class": "vLargeTextField"}
+
 # The keys of a stage's definition that the pages show, read in PostgreSQL as `wait_<key>`.
 WAIT_KEYS = ("kind", "event", "approval", "on_timeout")
 
@@ -303,7 +306,7 @@ class SignalForm(forms.Form):
     event = forms.ChoiceField(help_text="The event a wait of the saga waits for.")
     payload = forms.JSONField(
         required=False,
-        widget=forms.Textarea(attrs={"rows": 8, "cols": 60, "class": "vLargeTextField"}),
+        widget=forms.Textarea(attrs=JSON_TEXTAREA),
         help_text="JSON: what the event carries, the wait's output. Empty for null.",
     )
     idempotency_key = forms.RegexField(

@@ -15,7 +15,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
-from ..bulk import BulkFilter
+from ..bulk import BulkFilter, BulkSkip
 from ..definitions import is_wait
 from ..models import (
     STAFF_ONLY_DETAIL,
@@ -465,6 +465,42 @@ class BulkPreviewRequestSerializer(StrictSerializer):
         choices=BulkOperation.choices, help_text="The action to take on every matching saga."
     )
     filter = BulkFilterSerializer(help_text="Which sagas.")
+    stage = StrictCharField(
+        max_length=100,
+        required=False,
+        help_text="With action=skip (required): the name of the stage to mark as done in each "
+        "saga.",
+    )
+    output = serializers.JSONField(
+        required=False,
+        allow_null=True,
+        help_text="With action=skip: the output each saga's stage is given (null if left out).",
+    )
+    note = StrictCharField(
+        max_length=1000,
+        required=False,
+        allow_blank=True,
+        help_text="With action=skip: why, on each saga's timeline.",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        skip = self.skip(attrs)
+        if skip is None:
+            given = [field for field in ("stage", "output", "note") if field in attrs]
+            if given:
+                raise ValidationError({field: ["Only with action=skip."] for field in given})
+            return attrs
+        problems = skip.problems()
+        if problems:
+            raise ValidationError({field: [text] for field, text in problems.items()})
+        return attrs
+
+    @staticmethod
+    def skip(attrs: dict[str, Any]) -> BulkSkip | None:
+        """A skip's stage, output and note; None for another action."""
+        if attrs["action"] != BulkOperation.SKIP:
+            return None
+        return BulkSkip(attrs.get("stage", ""), attrs.get("output"), attrs.get("note", ""))
 
 
 class BulkActionRequestSerializer(BulkPreviewRequestSerializer):
@@ -527,6 +563,9 @@ class BulkActionSerializer(ModelSerializer):
             "action",
             "filter",
             "actor",
+            "stage",
+            "output",
+            "note",
             "status",
             "total",
             "done",

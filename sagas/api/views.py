@@ -561,7 +561,8 @@ class MayStartBulkAction(BasePermission):
     ),
 )
 class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
-    """Retry or compensate every saga that matches a filter, after a preview: staff only."""
+    """Retry or compensate every saga that matches a filter, or mark a stage of each as done,
+    after a preview: staff only."""
 
     permission_classes = [IsAuthenticated, IsAdminUser, MayStartBulkAction]
     pagination_class = Pagination
@@ -579,7 +580,8 @@ class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
         summary="Preview a bulk action",
         description=(
             "How many sagas the filter matches and, in groups of sagas with the same plan, "
-            "what the action will run and undo. Changes nothing. Staff only."
+            "what the action will run and undo; for a skip, the stage's output checked by "
+            "each group's stage. Changes nothing. Staff only."
         ),
         request=BulkPreviewRequestSerializer,
         responses={
@@ -597,7 +599,9 @@ class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
         body.is_valid(raise_exception=True)
         try:
             preview = bulk_action_preview(
-                action=body.validated_data["action"], bulk_filter=self._filter(body)
+                action=body.validated_data["action"],
+                bulk_filter=self._filter(body),
+                skip=body.skip(body.validated_data),
             )
         except BulkActionRefused as exc:
             raise serializers.ValidationError({"filter": [str(exc)]}) from exc
@@ -606,10 +610,12 @@ class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
     @extend_schema(
         summary="Start a bulk action",
         description=(
-            "Retry or compensate every saga the filter matches, in the background, in batches. "
-            "A saga that changed since (no longer matching, no longer allowed by its plan, "
-            "busy) is skipped and reported. Staff with the action's permission "
-            "(`sagas.retry_saga`, `sagas.compensate_saga`)."
+            "Retry or compensate every saga the filter matches, or mark its stage `stage` as "
+            "done with `output` (action=skip), in the background, in batches. A saga that "
+            "changed since (no longer matching, no longer allowed by its plan, busy), or whose "
+            "stage cannot be skipped or refuses the output, is skipped and reported. Staff "
+            "with the action's permission (`sagas.retry_saga`, `sagas.compensate_saga`, "
+            "`sagas.skip_saga`)."
         ),
         request=BulkActionRequestSerializer,
         responses={
@@ -637,6 +643,7 @@ class BulkActionViewSet(viewsets.ReadOnlyModelViewSet):
                 actor=request.user.get_username(),
                 created_by=request.user,
                 expected_count=body.validated_data.get("expected_count"),
+                skip=body.skip(body.validated_data),
             )
         except BulkPreviewOutdated as exc:
             raise Conflict(str(exc)) from exc

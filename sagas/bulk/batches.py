@@ -4,7 +4,8 @@ Each saga is acted on in a transaction of its own, which also records its outcom
 it: a batch delivered twice (a worker died before its acknowledgement, or the sweeper sent it
 again) finds the sagas it already did with their outcome and passes over them. A saga that
 changed since the bulk action started is skipped, with the reason: it no longer matches the
-filter, its plan no longer allows the action, it is busy (a step is running), or it is gone.
+filter, its plan no longer allows the action, it is busy (a step is running), or it is gone; a
+skip's saga also when it has no stage of that name, or that stage refuses the output.
 """
 
 from __future__ import annotations
@@ -12,8 +13,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import timedelta
+from functools import partial
+from typing import Any
 from uuid import UUID
 
+from django.core.exceptions import ValidationError
 from django.db import InterfaceError, OperationalError, transaction
 from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
@@ -21,9 +25,18 @@ from django.utils import timezone
 from .. import services
 from ..engine import Plan, safe_error
 from ..exceptions import InvalidTransition
-from ..models import BulkAction, BulkActionItem, BulkActionStatus, BulkOperation, BulkOutcome, Saga
+from ..models import (
+    BulkAction,
+    BulkActionItem,
+    BulkActionStatus,
+    BulkOperation,
+    BulkOutcome,
+    Saga,
+    SagaStep,
+)
 from .create import send_batch_or_leave_to_sweeper
 from .filters import BulkFilter
+from .skip import BulkSkip, no_such_stage, refused_output
 
 logger = logging.getLogger("sagas")
 
@@ -34,6 +47,27 @@ SERVICES: dict[str, Callable[..., Plan]] = {
 }
 
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+
+
+def _service(bulk_action: BulkAction) -> Callable[..., Plan]:
+    if bulk_action.action == BulkOperation.SKIP:
+        return partial(_skip, BulkSkip.of(bulk_action))
+    return SERVICES[bulk_action.action]
+
+
+def _skip(skip: BulkSkip, *, saga_id: UUID, **by: Any) -> Plan:
+    """`saga_skip` of the stage of the skip's name, with its output and note; `by` are the
+    actor, the bulk action and `matches`, as for a retry."""
+    stage = SagaStep.objects.filter(saga_id=saga_id, name=skip.stage)
+    index = stage.values_list("index", flat=True).first()
+    if index is None:
+        raise InvalidTransition(no_such_stage(skip.stage))
+    try:
+        return services.saga_skip(
+            saga_id=saga_id, index=index, output=skip.output, note=skip.note, **by
+        )
+    except ValidationError as error:  # its stage's limit, or a wait's validator
+        raise InvalidTransition(refused_output(error)) from None
 
 
 def run_batch(bulk_action_id: int) -> bool:
@@ -87,7 +121,7 @@ def _act(bulk_action: BulkAction, saga_id: UUID, *, matches: bool) -> tuple[str,
         if not Saga.objects.filter(pk=saga_id).exists():
             return BulkOutcome.SKIPPED, "The saga no longer exists."
         return BulkOutcome.SKIPPED, "The saga no longer matches the filter."
-    act = SERVICES[bulk_action.action]
+    act = _service(bulk_action)
     bulk_filter = BulkFilter.from_json(bulk_action.filter)
     try:
         plan = act(

@@ -14,7 +14,8 @@ from ..engine import dispatch
 from ..exceptions import BulkActionRefused, BulkPreviewOutdated
 from ..models import BulkAction, BulkActionItem
 from .filters import BulkFilter
-from .preview import matching_ids
+from .preview import checked_skip, matching_ids
+from .skip import BulkSkip
 
 logger = logging.getLogger("sagas")
 
@@ -26,12 +27,15 @@ def create(
     actor: str,
     created_by: Any = None,
     expected_count: int | None = None,
+    skip: BulkSkip | None = None,
 ) -> BulkAction:
     """Record a bulk action with the sagas its filter matches now; send its first batch after
     the commit. With `expected_count` (the preview's count), refuse if as many no longer match.
+    A skip (`action` "skip") records its stage, output and note.
     """
     if problems := bulk_filter.problems():
         raise BulkActionRefused(" ".join(f"{field}: {text}" for field, text in problems.items()))
+    skip = checked_skip(action, skip)
     with transaction.atomic():
         ids = matching_ids(bulk_filter, conf.bulk_max_sagas())
         if not ids:
@@ -48,6 +52,11 @@ def create(
             created_by=created_by,
             batch_size=conf.bulk_batch_size(),
             total=len(ids),
+            **(
+                {"stage": skip.stage, "output": skip.output, "note": skip.note}
+                if skip is not None
+                else {}
+            ),
         )
         items = (BulkActionItem(bulk_action=bulk_action, saga_id=saga_id) for saga_id in ids)
         BulkActionItem.objects.bulk_create(items, batch_size=1000)

@@ -12,8 +12,9 @@ from django.contrib.postgres.aggregates import ArrayAgg
 from .. import engine
 from ..engine import Plan
 from ..exceptions import BulkActionRefused
-from ..models import Saga
+from ..models import BulkOperation, Saga
 from .filters import BulkFilter
+from .skip import BulkSkip
 
 # Saga ids shown with each group, for an operator to look at.
 SAMPLE = 5
@@ -58,21 +59,28 @@ def matching_ids(bulk_filter: BulkFilter, limit: int) -> list[UUID]:
     return ids
 
 
-def preview(*, action: str, bulk_filter: BulkFilter, limit: int) -> BulkPreview:
-    """What `action` would do to each saga the filter matches, from `saga_plan`, in groups.
+def preview(
+    *, action: str, bulk_filter: BulkFilter, limit: int, skip: BulkSkip | None = None
+) -> BulkPreview:
+    """What `action` would do to each saga the filter matches, from `saga_plan`, in groups;
+    a skip (`action` "skip") marks the stage `skip` names, its output checked by each group.
 
     A plan depends only on the saga's status and direction and its steps' names, statuses and
     definitions: sagas alike in these (read in one query) share one, made for the first of
     them. Plans are made without the saga's lock, so a preview never waits for a running
     step; when the batch reaches a saga, the action's own plan, under the lock, decides.
     """
+    skip = checked_skip(action, skip)
     shapes: dict[tuple[Any, ...], list[UUID]] = {}
     for saga_id, name, *shape in _shapes(bulk_filter, limit):
         shapes.setdefault((name, *shape), []).append(saga_id)
     groups: dict[tuple[str, Plan], list[UUID]] = {}
-    for (name, *_), ids in shapes.items():
+    for (name, *shape), ids in shapes.items():
         try:
-            plan = engine.plan(ids[0], action, locked=False)
+            if skip is not None:
+                plan = skip.plan(ids[0], shape[STEP_NAMES])
+            else:
+                plan = engine.plan(ids[0], action, locked=False)
         except Saga.DoesNotExist:  # deleted since: its batch will skip it
             plan = Plan(action, False, "The saga no longer exists.")
         groups.setdefault((name, plan), []).extend(ids)
@@ -86,6 +94,24 @@ def preview(*, action: str, bulk_filter: BulkFilter, limit: int) -> BulkPreview:
             for (name, plan), ids in ordered
         ),
     )
+
+
+def checked_skip(action: str, skip: BulkSkip | None) -> BulkSkip | None:
+    """A skip's stage and output, required with the action "skip" and refused with another
+    (`BulkActionRefused`)."""
+    if action != BulkOperation.SKIP:
+        if skip is not None:
+            raise BulkActionRefused(f"A stage and an output are a skip's, not a {action}'s.")
+        return None
+    if skip is None:
+        raise BulkActionRefused("Name the stage to mark as done.")
+    if problems := skip.problems():
+        raise BulkActionRefused(" ".join(f"{field}: {text}" for field, text in problems.items()))
+    return skip
+
+
+# Where a shape (`_shapes`, after the saga's id and name) has its stages' names.
+STEP_NAMES = 3
 
 
 def _shapes(bulk_filter: BulkFilter, limit: int) -> list[tuple[Any, ...]]:

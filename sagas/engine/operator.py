@@ -337,15 +337,23 @@ def check_output(saga_id: UUID | str, index: int, output: Any) -> None:
 
 
 def skip(
-    saga_id: UUID | str, index: int, *, output: Any = None, actor: str = "", note: str = ""
+    saga_id: UUID | str,
+    index: int,
+    *,
+    output: Any = None,
+    actor: str = "",
+    note: str = "",
+    bulk_action_id: int | None = None,
+    matches: Matches | None = None,
 ) -> Plan:
     """Mark stage `index` as done by hand with `output` (which later stages read as its
-    output), and go on from there. Check the output first (`waits.check_output`)."""
+    output), and go on from there. Check the output first (`check_output`)."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
+        _still_matches(matches)
         plan = _allowed(plan_skip(unit, index))
         stage = unit.steps[index]
-        detail: dict[str, Any] = {"actor": actor, "note": note}
+        detail: dict[str, Any] = {**_by(actor, bulk_action_id), "note": note}
         if _deadline_passed(unit):  # the operator chose to go on, as a retry does
             detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
             unit.set_saga(deadline_at=None)
