@@ -717,3 +717,25 @@ register(
         steps=[Step("first", record, undo, retry=FAST), Step("last", breaks, undo, retry=FAST)],
     )
 )
+
+
+def always(ctx: StepContext) -> bool:
+    return True
+
+
+def _conditional_waits() -> None:
+    from sagas.definitions import Wait
+
+    register(
+        SagaDefinition(
+            name="waits_if_told_then_declines",
+            steps=[
+                Step("a", record, undo, retry=FAST),
+                Wait("w", event="go", condition=always),
+                Step("b", decline, undo, retry=FAST),
+            ],
+        )
+    )
+
+
+_conditional_waits()

@@ -238,3 +238,26 @@ def test_the_api_decides_for_users_with_the_permission_only(saga_db, monkeypatch
     answer = client.post(f"/api/sagas/{early.pk}/reject/", {}, format="json")
     assert answer.status_code == 409, answer.content
     assert not SagaSignal.objects.filter(saga=early).exists()
+
+
+def test_a_conditional_wait_ended_at_once_by_a_kept_signal_sends_no_second_chain(
+    saga_db, monkeypatch
+):
+    """The start's chain goes on past a conditional wait. A signal kept before the saga got
+    there ends the wait as it begins: the same chain carries the saga on (no second chain
+    whose step could race it, and whose failure's error callback would be an older chain's)."""
+    from tests.conftest import lose_messages
+
+    lose_messages(monkeypatch)  # the start's chain is held back: the signal comes first
+    saga = start("waits_if_told_then_declines")
+    assert services.saga_signal(saga_id=saga.pk, event="go", payload={}).status == "kept"
+    monkeypatch.undo()
+    Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+    from sagas.engine import sweeper
+
+    assert sweeper.sweep(stale_after=timedelta(minutes=1)).recovered == [str(saga.pk)]
+    epoch = Saga.objects.get(pk=saga.pk).epoch
+    final = wait_final(saga.pk, timeout=20)
+    assert (final.status, final.error_code) == ("compensated", "declined")
+    assert final.epoch == epoch + 1  # the compensation's chain only
+    assert SagaStep.objects.get(saga=saga, name="w").status == "completed"

@@ -148,9 +148,12 @@ def enter_wait(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
     definition = step.definition
     now = timezone.now()
     unit.set_saga(current_step=step.index)
+    # Whether the running chain goes on past this wait (`chain_of`): then a wait that ends at
+    # once (skipped, a kept signal, a time already past) leaves what follows to that chain.
+    goes_on = chained and bool(definition.get("condition"))
     try:
         if not _condition_holds(unit, step):
-            _skip(unit, step, chained=chained)
+            _skip(unit, step, chained=goes_on)
             return
         due = _due(unit, step, now)
     except Exception as exc:  # the project's code: a bug of its own, never the engine's
@@ -195,10 +198,10 @@ def enter_wait(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
                 _refuse(unit, step, late, "It came after its wait was over.")
                 kept.remove(late)
         if kept:
-            consume(unit, step, kept[0])
+            consume(unit, step, kept[0], chained=goes_on)
             return
     if due is not None and due <= now:  # `until` passed already: it times out at once
-        timed_out(unit, step.index)
+        timed_out(unit, step.index, chained=goes_on)
 
 
 def _condition_holds(unit: Unit, step: StepRow) -> bool:
@@ -242,16 +245,7 @@ def _skip(unit: Unit, step: StepRow, *, chained: bool) -> None:
                 status=SignalStatus.DISCARDED, reason=reason
             )
             unit.event(EventKind.SIGNAL_DISCARDED, step, {"signal": kept.pk, "event": event})
-    unit.progressed()
-    if unit.saga.status != SagaStatus.RUNNING:
-        unit.move_saga(SagaStatus.RUNNING, None)
-    following = step.index + 1
-    if not chained:
-        go_on(unit, following)
-    elif unit.waits_at(following):
-        enter_wait(unit, unit.steps[following], chained=True)
-    else:  # the running chain's next message is this step's
-        unit.set_saga(current_step=following)
+    _go_on(unit, step, chained=chained)
 
 
 def _broken(unit: Unit, step: StepRow, exc: Exception) -> None:
@@ -303,7 +297,7 @@ def begin(saga_id: UUID | str) -> None:
 # -- ending a wait ---------------------------------------------------------------------------
 
 
-def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
+def consume(unit: Unit, step: StepRow, signal: SagaSignal, *, chained: bool = False) -> None:
     """The waiting `step` ends with `signal`: completed with its payload as the output, or
     failed if the signal fails it (a business failure of the wait)."""
     now = timezone.now()
@@ -339,7 +333,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
         finished_at=now,
         due_at=None,
     )
-    _go_on(unit, step)
+    _go_on(unit, step, chained=chained)
 
 
 def _waited(step: StepRow, now: datetime) -> dict[str, int]:
@@ -351,9 +345,9 @@ def _waited(step: StepRow, now: datetime) -> dict[str, int]:
     return {"duration_ms": max(int((now - step.started_at).total_seconds() * 1000), 0)}
 
 
-def timed_out(unit: Unit, index: int) -> bool:
+def timed_out(unit: Unit, index: int, *, chained: bool = False) -> bool:
     """The sweeper found the wait `index` due: end it as its `on_timeout` says. False if it
-    is over already (a signal, an abort came first)."""
+    is over already (a signal, an abort came first). `chained`: as for `enter_wait`."""
     step = unit.steps[index]
     due = step.due_at
     if unit.saga.status != SagaStatus.WAITING or step.status != StepStatus.WAITING:
@@ -366,7 +360,7 @@ def timed_out(unit: Unit, index: int) -> bool:
         # One kept while the saga was busy, before the timeout: it came in time.
         in_time = [s for s in kept if s.created_at <= due]
         if in_time:
-            consume(unit, step, in_time[0])
+            consume(unit, step, in_time[0], chained=chained)
             return True
         for late in kept:
             _refuse(unit, step, late, "It came after its wait's timeout.")
@@ -382,7 +376,7 @@ def timed_out(unit: Unit, index: int) -> bool:
             finished_at=timezone.now(),
             due_at=None,
         )
-        _go_on(unit, step)
+        _go_on(unit, step, chained=chained)
         return True
     unit.move_step(
         step,
@@ -398,11 +392,18 @@ def timed_out(unit: Unit, index: int) -> bool:
     return True
 
 
-def _go_on(unit: Unit, step: StepRow) -> None:
-    """After a wait completed: the stages after it (a wait is never the last stage)."""
+def _go_on(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
+    """After a wait completed: the stages after it (a wait is never the last stage). With
+    `chained`, the running chain goes on past the wait and carries them: nothing is sent."""
     unit.progressed()
     unit.move_saga(SagaStatus.RUNNING, None)
-    go_on(unit, step.index + 1)
+    following = step.index + 1
+    if not chained:
+        go_on(unit, following)
+    elif unit.waits_at(following):
+        enter_wait(unit, unit.steps[following], chained=True)
+    else:  # the running chain's next message is this step's
+        unit.set_saga(current_step=following)
 
 
 def _failed(
