@@ -129,6 +129,20 @@ def test_a_decision_before_the_saga_reaches_its_approval_is_refused_and_changes_
     assert not SagaSignal.objects.filter(saga=saga).exists()
 
 
+def test_a_decision_after_an_abort_is_refused_and_recorded_not_early(saga_db):
+    """An abort ends the approval as pending again: a decision then is late (the saga never
+    goes forward again), refused and on the timeline, not `NotWaiting`."""
+    saga = start(order="o-aborted")
+    waiting(saga)
+    services.saga_compensate(saga_id=saga.pk, actor="operator")
+    assert wait_final(saga.pk, timeout=20).status == "compensated"
+    outcome = services.saga_approve(saga_id=saga.pk, actor="alice")
+    assert (outcome.status, outcome.reason) == ("refused", "The saga is compensated.")
+    assert SagaSignal.objects.get(pk=outcome.signal_id).status == "refused"
+    [refused] = events(saga, EventKind.SIGNAL_REFUSED)
+    assert refused["signal"] == outcome.signal_id
+
+
 def test_an_approval_whose_condition_is_false_is_skipped(saga_db):
     small = start("reviews_big_orders", order="small", total=20)
     big = start("reviews_big_orders", order="big", total=500)

@@ -34,6 +34,8 @@ from django.utils import timezone
 from ..definitions import PAYLOAD_MAX_BYTES, import_callable, is_wait
 from ..exceptions import SagaBusy, SignalError
 from ..models import (
+    FINAL_STATUSES,
+    Direction,
     EventKind,
     Saga,
     SagaEvent,
@@ -473,9 +475,10 @@ def decide(
     saga_id: UUID | str, *, approve: bool, actor: str, note: str = "", stage: str | None = None
 ) -> SignalOutcome:
     """Approve or reject the saga's approval `stage` (by default the one it waits at, or its
-    only one). `NotWaiting` if the saga has not reached it; the same decision again, once
-    taken, gets the first one's outcome (a double click, a resent form); the other decision
-    then, or any after the wait is over, is refused and recorded. `actor` is who decides."""
+    only one). `NotWaiting` if the saga has not reached it (and still may); the same decision
+    again, once taken, gets the first one's outcome (a double click, a resent form); the other
+    decision then, or any after the wait is over (also one the saga never reached, as it
+    turned back or finished), is refused and recorded. `actor` is who decides."""
     approvals = [
         (name, d, status)
         for name, d, status in SagaStep.objects.filter(saga_id=saga_id)
@@ -498,7 +501,7 @@ def decide(
             raise SignalError(f"The saga has several approvals ({names}): name the stage.")
     name, definition, status = chosen[0]
     decision = "approved" if approve else "rejected"
-    if status == StepStatus.PENDING:
+    if status == StepStatus.PENDING and not _turned_back(saga_id):
         raise NotWaiting(f"The saga is not waiting for the approval {name!r} yet.")
     if status != StepStatus.WAITING:
         last = (
@@ -521,6 +524,16 @@ def decide(
         payload=payload,
         fail=None if approve else REJECTED.as_dict(),
         decision=True,
+    )
+
+
+def _turned_back(saga_id: UUID | str) -> bool:
+    """Whether the saga is compensating or finished: a stage still pending then is never
+    reached (an operator's abort ends a wait as pending again), and the saga never goes
+    forward again, so a decision on it is late, not early."""
+    saga = Saga.objects.filter(pk=saga_id).values("status", "direction").first()
+    return saga is not None and (
+        saga["direction"] == Direction.BACKWARD or saga["status"] in FINAL_STATUSES
     )
 
 
