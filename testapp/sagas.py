@@ -1,9 +1,10 @@
 """The test project's sagas, with nothing but their outputs: a transfer between two accounts,
-and a card payment that waits for its confirmation."""
+a card payment that waits for its confirmation, and a large order that waits for a manager's
+approval."""
 
 from django.core.exceptions import ValidationError
 
-from sagas import RetryPolicy, SagaDefinition, Step, StepContext, Wait, register
+from sagas import Approval, RetryPolicy, SagaDefinition, Step, StepContext, Wait, register
 
 FAST = RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1)
 
@@ -77,5 +78,43 @@ register(
             Step("capture", capture, retry=FAST),
         ],
         key="payment_id",
+    )
+)
+
+
+# -- an order that waits for a manager's approval before it ships (the test kit's approvals) ------
+
+
+def reserve(ctx: StepContext) -> dict:
+    return {"reserved": ctx.input["order_id"]}
+
+
+def unreserve(ctx: StepContext) -> None:
+    return None
+
+
+def authorize(ctx: StepContext) -> dict:
+    return {"authorized": ctx.input["amount"]}
+
+
+def void(ctx: StepContext) -> None:
+    return None
+
+
+def ship(ctx: StepContext) -> dict:
+    decision = ctx.outputs["manager_review"]  # {"decision": "approved", "by": ..., "note": ...}
+    return {"shipped": ctx.input["order_id"], "approved_by": decision["by"]}
+
+
+register(
+    SagaDefinition(
+        name="large_order",
+        steps=[
+            Step("reserve", reserve, unreserve, retry=FAST),
+            Step("authorize", authorize, void, retry=FAST),
+            Approval("manager_review", timeout=3 * 86400),
+            Step("ship", ship, retry=FAST),
+        ],
+        key="order_id",
     )
 )

@@ -1,6 +1,6 @@
 """The test kit itself (`sagas.testing`): its cases follow from a definition, it passes a sound
 saga, and it fails, for the right reason, when a saga or the engine breaks a guarantee; the
-same for sagas that wait."""
+same for sagas that wait, and for approvals."""
 
 from __future__ import annotations
 
@@ -303,6 +303,7 @@ def test_the_cases_of_a_wait_follow_its_definition():
         "payment_confirmed sent on time",
         "payment_confirmed sent twice",
         "payment_confirmed sent with an invalid payload",
+        "payment_confirmed fails the wait",
         "payment_confirmed never sent (timeout: pause)",
         "payment_confirmed sent after the timeout",
         "payment_confirmed sent as the timeout fires",
@@ -318,11 +319,21 @@ def test_the_cases_of_a_wait_follow_its_definition():
         (),
     )
     assert paused.steps == {"reserve": "completed", "confirmation": "failed", "ship": "pending"}
+    # A signal that fails the wait compensates, whatever the timeout would do.
+    failed = PAUSES.case("payment_confirmed fails the wait").expected
+    assert (failed.status, failed.error_code, failed.compensated) == (
+        "compensated",
+        "kit_failed",
+        ("reserve",),
+    )
+    assert failed.steps == {"reserve": "compensated", "confirmation": "failed", "ship": "pending"}
 
     # Past a pivot, a timeout that compensates pauses; an operator's abort still undoes it all.
     pivot = FailureMatrix(waits_then("waits_past_a_pivot", on_timeout="compensate", pivot=True))
     never = pivot.case("payment_confirmed never sent (timeout: pause, after the pivot)").expected
     assert (never.status, never.compensated) == ("failed", ())
+    failed = pivot.case("payment_confirmed fails the wait after the pivot").expected
+    assert (failed.status, failed.error_code, failed.compensated) == ("failed", "kit_failed", ())
     aborted = pivot.case("aborted while waiting for payment_confirmed").expected
     assert (aborted.status, aborted.compensated) == ("compensated", ("reserve",))
     assert aborted.steps == {"reserve": "compensated", "confirmation": "pending", "ship": "pending"}
@@ -339,11 +350,12 @@ def test_the_cases_of_a_wait_follow_its_definition():
         "go sent on time",
         "go sent twice",
         "go sent with an invalid payload",
+        "go fails the wait",
         "aborted while waiting for go",
     ]
 
 
-def test_payloads_are_for_the_events_the_saga_waits_for_and_approvals_are_not_covered_yet():
+def test_payloads_are_for_the_events_the_saga_waits_for_not_its_approvals():
     from django.core.exceptions import ImproperlyConfigured
 
     with pytest.raises(ImproperlyConfigured, match=re.escape("payloads for ['payment_confirmd']")):
@@ -354,8 +366,10 @@ def test_payloads_are_for_the_events_the_saga_waits_for_and_approvals_are_not_co
         name="reviewed",
         steps=[Approval("review", timeout=60), Step("go", sagadefs.record, retry=sagadefs.FAST)],
     )
-    with pytest.raises(ImproperlyConfigured, match=re.escape("has approvals (review)")):
-        FailureMatrix(reviewed)
+    assert "review approved" in [case.id for case in FailureMatrix(reviewed).cases()]
+    decision = {"decision": "approved"}
+    with pytest.raises(ImproperlyConfigured, match=re.escape("an approval's payload is its")):
+        FailureMatrix(reviewed, payloads={"review": decision})
 
 
 @pytest.mark.parametrize("case", [c for c in PAUSES.cases() if c.scenario is not None], ids=str)
@@ -429,3 +443,145 @@ def test_a_wait_its_condition_skips_fails_its_cases_saying_so(saga_db):
         "matrix an input for which the saga waits there"
     ) in small
     matrix(500).case("payment_confirmed sent on time").run(saga_db).assert_guarantees()
+
+
+def test_a_failing_signal_past_a_pivot_pauses_the_saga(saga_db):
+    matrix = FailureMatrix(
+        waits_then("fails_past_a_pivot", on_timeout="compensate", pivot=True), timeout=30
+    )
+    result = matrix.case("payment_confirmed fails the wait after the pivot").run(saga_db)
+    result.assert_guarantees()
+    assert (result.saga.status, result.saga.error_code) == ("failed", "kit_failed")
+
+
+def test_an_engine_that_ignores_a_failing_signal_fails_the_kits_guarantees(saga_db, monkeypatch):
+    """The engine drops the signal's `fail`: the wait completes as if confirmed."""
+    from sagas.engine import waits
+
+    signal = waits.signal
+
+    def ignores_fail(saga_id, event, **options):
+        return signal(saga_id, event, **{**options, "fail": None})
+
+    monkeypatch.setattr("sagas.engine.waits.signal", ignores_fail)
+    problems = broken(PAUSES.case("payment_confirmed fails the wait").run(saga_db))
+    assert problems[:2] == [
+        "the saga ended completed, expected compensated",
+        "its error code is '', expected 'kit_failed'",
+    ]
+    assert "the failed confirmation has the error '', not 'kit_failed'" in problems
+
+
+# -- approvals -------------------------------------------------------------------------------------
+
+
+def order_input() -> dict:
+    return {"order": uuid.uuid4().hex}
+
+
+REVIEWED = FailureMatrix("needs_approval", make_input=order_input, timeout=30)
+
+
+def test_the_cases_of_an_approval_follow_its_definition():
+    assert [case.id for case in REVIEWED.cases() if case.scenario is not None] == [
+        "review approved",
+        "review rejected",
+        "review approved twice",
+        "review approved, then rejected",
+        "review decided before the saga waits for it",
+        "review never decided (timeout: compensate)",
+        "review decided as the timeout fires",
+        "aborted while waiting for review",
+    ]
+    rejected = REVIEWED.case("review rejected").expected
+    assert (rejected.status, rejected.error_code, rejected.compensated) == (
+        "compensated",
+        "approval_rejected",
+        ("reserve",),
+    )
+    assert rejected.steps == {"reserve": "compensated", "review": "failed", "ship": "pending"}
+    race = REVIEWED.case("review decided as the timeout fires")
+    assert (race.expected.status, race.if_timed_out and race.if_timed_out.error_code) == (
+        "completed",
+        "wait_timed_out",
+    )
+
+    # Past a pivot, a rejection pauses the saga, as the timeout does; nothing is undone.
+    pivot = FailureMatrix("approval_after_pivot")
+    paused = pivot.case("review rejected after the pivot").expected
+    assert (paused.status, paused.error_code, paused.compensated) == (
+        "failed",
+        "approval_rejected",
+        (),
+    )
+    assert paused.steps == {"charge": "completed", "review": "failed", "ship": "pending"}
+    assert "review never decided (timeout: pause, after the pivot)" in [
+        case.id for case in pivot.cases()
+    ]
+    # Without a timeout, an approval is never late.
+    forever = [c.id for c in FailureMatrix("approval_without_timeout").cases() if c.scenario]
+    assert forever == [
+        "review approved",
+        "review rejected",
+        "review approved twice",
+        "review approved, then rejected",
+        "review decided before the saga waits for it",
+        "aborted while waiting for review",
+    ]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        *(c for c in REVIEWED.cases() if c.scenario is not None),
+        # Step cases go past the approval: the kit approves it.
+        REVIEWED.case("ship fails for good"),
+        REVIEWED.case("every message delivered twice"),
+    ],
+    ids=str,
+)
+def test_a_saga_with_an_approval_passes_its_matrix(saga_db, case):
+    result = case.run(saga_db)
+    result.assert_guarantees()
+    review = next(step for step in result.steps if step.name == "review")
+    if review.status == "completed":  # approved by the kit, as the timeline says
+        assert review.output["decision"] == "approved"
+        assert review.output["by"] == "test-kit"
+        decided = [e.detail for e in result.events if e.kind == "wait_completed"]
+        assert [(d["decision"], d["by"]) for d in decided] == [("approved", "test-kit")]
+
+
+def test_a_rejection_past_a_pivot_pauses_the_saga(saga_db):
+    matrix = FailureMatrix("approval_after_pivot", make_input=order_input, timeout=30)
+    result = matrix.case("review rejected after the pivot").run(saga_db)
+    result.assert_guarantees()
+    assert (result.saga.status, result.saga.error_code) == ("failed", "approval_rejected")
+
+
+def test_an_engine_that_takes_any_decision_fails_the_kits_guarantees(saga_db, monkeypatch):
+    """The engine takes a decision as a plain signal: one before the saga waits is kept (and
+    decides the approval as the saga reaches it), and the same one again is refused, not the
+    first one's outcome."""
+    from sagas.engine import waits
+
+    def any_decision(saga_id, *, approve, actor, note="", stage=None):
+        payload = {"decision": "approved" if approve else "rejected", "by": actor, "note": note}
+        fail = None if approve else waits.REJECTED.as_dict()
+        return waits.signal(saga_id, "review", payload=payload, fail=fail, decision=True)
+
+    monkeypatch.setattr("sagas.engine.waits.decide", any_decision)
+    early = broken(REVIEWED.case("review decided before the saga waits for it").run(saga_db))
+    for problem in [
+        "the saga never waited at review: a decision taken before was applied",
+        "the decision on review (early) was kept, not NotWaiting",
+        "2 decisions on review stored, expected 1 (the one taken once the saga waited)",
+    ]:
+        assert problem in early
+    twice = broken(REVIEWED.case("review approved twice").run(saga_db))
+    # (Refused as its wait is over, or as the saga completed: whichever it finds first.)
+    assert twice[0].startswith("the decision on review (again) was refused ("), twice
+    assert twice[0].endswith("), not consumed")
+    assert twice[1:] == [
+        "the decision on review sent again was not the first one repeated",
+        "2 decisions on review stored, expected 1",
+    ]

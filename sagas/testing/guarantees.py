@@ -290,6 +290,37 @@ def signals_applied_once(result: Result) -> list[str]:
     return problems
 
 
+def decisions_recorded(result: Result) -> list[str]:
+    """An approval ended by a decision names it on the timeline (the decision, who took it,
+    their note), as the signal that carried it: approved, it completed with the decision as
+    its output; rejected, it failed (`approval_rejected`)."""
+    approvals = {step.name: step for step in result.steps if step.definition.get("approval")}
+    by_id = {signal.pk: signal for signal in result.signals}
+    problems = []
+    for event in result.events:
+        step = approvals.get(event.step_name)
+        if step is None or event.kind not in (EventKind.WAIT_COMPLETED, EventKind.WAIT_FAILED):
+            continue
+        signal = by_id.get(event.detail.get("signal"))
+        if signal is None:
+            continue  # not ended by a decision (a condition or an until that raised)
+        decision = signal.payload if isinstance(signal.payload, dict) else {}
+        recorded = {key: event.detail.get(key) for key in ("decision", "by", "note")}
+        if recorded != {key: decision.get(key) for key in recorded}:
+            problems.append(
+                f"the end of the approval {step.name} records {recorded}, not the decision "
+                f"that ended it ({signal.payload!r})"
+            )
+        approved = decision.get("decision") == "approved"
+        if event.kind != (EventKind.WAIT_COMPLETED if approved else EventKind.WAIT_FAILED):
+            problems.append(
+                f"the approval {step.name}, {decision.get('decision')}, ended by {event.kind}"
+            )
+        elif not approved and (signal.fail or {}).get("code") != "approval_rejected":
+            problems.append(f"the rejection of {step.name} failed it with {signal.fail!r}")
+    return problems
+
+
 def the_scenario_played_out(result: Result) -> list[str]:
     """What the case did at its wait had the outcome the framework promises."""
     scenario, played = result.case.scenario, result.played
@@ -301,25 +332,133 @@ def the_scenario_played_out(result: Result) -> list[str]:
             f"the wait {scenario.wait} was skipped (its condition was false for this input): "
             "give the matrix an input for which the saga waits there"
         ]
-    if scenario.kind != waits.EARLY and scenario.wait not in played.reached:
+    early = scenario.kind in (waits.EARLY, waits.DECIDED_EARLY)
+    if not early and scenario.wait not in played.reached:
         return [f"the saga never waited at {scenario.wait}"]
+    if scenario.approval:
+        return _the_decisions_played_out(result)
+    return _the_events_played_out(result)
+
+
+def _outcomes(result: Result, problems: list[str]) -> Callable[..., None]:
+    """`outcome(why, status, stored_as=...)`: each signal (or decision) the kit sent for `why`
+    had that outcome, and its row ended `stored_as`; else a problem."""
+    scenario, played = result.case.scenario, result.played
+    assert scenario is not None
     rows = {signal.pk: signal for signal in result.signals}
-    problems = []
+
+    def said(why: str) -> str:
+        if scenario.approval:
+            return f"the decision on {scenario.wait} ({why})"
+        return f"the {scenario.event} sent {why}"
 
     def outcome(why: str, status: str, *, stored_as: str | None = None) -> None:
         for sent in played.of(why):
             if sent.status != status:
                 reason = f" ({sent.reason})" if sent.reason else ""
-                problems.append(
-                    f"the {scenario.event} sent {why} was {sent.status}{reason}, not {status}"
-                )
+                problems.append(f"{said(why)} was {sent.status}{reason}, not {status}")
             row = rows.get(sent.signal_id) if sent.signal_id else None
             if stored_as and (row is None or row.status != stored_as):
                 problems.append(
-                    f"the {scenario.event} sent {why} ended {row.status if row else 'unstored'}, "
-                    f"not {stored_as}"
+                    f"{said(why)} ended {row.status if row else 'unstored'}, not {stored_as}"
                 )
 
+    return outcome
+
+
+def _repeated(result: Result, problems: list[str]) -> None:
+    """The second of two sends (or decisions) with one key is the first one's outcome."""
+    scenario, played = result.case.scenario, result.played
+    assert scenario is not None
+    first, again = played.of("first"), played.of("again")
+    if first and again and not (again[0].repeated and again[0].signal_id == first[0].signal_id):
+        what = f"decision on {scenario.wait}" if scenario.approval else str(scenario.event)
+        problems.append(f"the {what} sent again was not the first one repeated")
+
+
+def _the_race(result: Result, problems: list[str]) -> None:
+    """Racing the timeout, exactly one of the signal (or decision) and the timeout ended the
+    wait; the one that lost the race was refused."""
+    scenario, played = result.case.scenario, result.played
+    assert scenario is not None
+    timed_out = played.timed_out.get(scenario.wait)
+    sent = next(iter(played.of("racing")), None)
+    won = sent is not None and sent.status == SignalStatus.CONSUMED
+    if won == bool(timed_out):
+        what = "decision" if scenario.approval else "signal"
+        problems.append(
+            f"racing the timeout, the {what} was {sent.status if sent else 'not sent'} and "
+            f"the timeout {'ended' if timed_out else 'did not end'} the wait: "
+            "exactly one of them must"
+        )
+    elif timed_out:
+        _outcomes(result, problems)("racing", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+
+
+def _the_decisions_played_out(result: Result) -> list[str]:
+    """An approval's case: each decision had the outcome promised, and stored what it must."""
+    scenario, played = result.case.scenario, result.played
+    assert scenario is not None
+    problems: list[str] = []
+    outcome = _outcomes(result, problems)
+    stored = [s for s in result.signals if s.event == scenario.event]
+    outputs = {step.name: step.output for step in result.steps}
+    kind = scenario.kind
+    if kind == waits.APPROVED:
+        outcome("approved", SignalStatus.CONSUMED)
+        sent = next(iter(played.of("approved")), None)
+        if sent is not None and outputs.get(scenario.wait) != sent.payload:
+            problems.append(
+                f"the output of {scenario.wait} is {outputs.get(scenario.wait)!r}, not the "
+                f"decision {sent.payload!r}"
+            )
+    elif kind == waits.REJECTED:
+        outcome("rejected", SignalStatus.CONSUMED, stored_as=SignalStatus.CONSUMED)
+        step = next((s for s in result.steps if s.name == scenario.wait), None)
+        if step is not None and step.error_code != "approval_rejected":
+            problems.append(
+                f"the rejected {scenario.wait} failed with {step.error_code!r}, "
+                "not 'approval_rejected'"
+            )
+    elif kind == waits.APPROVED_TWICE:
+        outcome("first", SignalStatus.CONSUMED)
+        outcome("again", SignalStatus.CONSUMED)
+        _repeated(result, problems)
+        if len(stored) != 1:
+            problems.append(f"{len(stored)} decisions on {scenario.wait} stored, expected 1")
+    elif kind == waits.OVERRULED:
+        outcome("approved", SignalStatus.CONSUMED)
+        outcome("then rejected", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+    elif kind == waits.DECIDED_EARLY:
+        if scenario.wait not in played.reached:
+            problems.append(
+                f"the saga never waited at {scenario.wait}: a decision taken before was applied"
+            )
+        outcome("early", waits.NOT_WAITING)
+        if len(stored) != 1:
+            problems.append(
+                f"{len(stored)} decisions on {scenario.wait} stored, expected 1 (the one "
+                "taken once the saga waited)"
+            )
+        outcome("on time", SignalStatus.CONSUMED)
+    elif kind == waits.NEVER:
+        if not played.timed_out.get(scenario.wait):
+            problems.append(f"the timeout did not end {scenario.wait}")
+    elif kind == waits.RACE:
+        _the_race(result, problems)
+    elif kind == waits.ABORT:
+        if not played.aborted:
+            problems.append(f"the saga was not aborted at {scenario.wait}")
+        outcome("after the abort", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+    return problems
+
+
+def _the_events_played_out(result: Result) -> list[str]:
+    """A case of a wait for an event (or a timer)."""
+    scenario, played = result.case.scenario, result.played
+    assert scenario is not None
+    problems: list[str] = []
+    outcome = _outcomes(result, problems)
     timed_out = played.timed_out.get(scenario.wait)
     kind = scenario.kind
     if kind == waits.EARLY:
@@ -329,9 +468,7 @@ def the_scenario_played_out(result: Result) -> list[str]:
     elif kind == waits.TWICE:
         outcome("first", SignalStatus.CONSUMED)
         outcome("again", SignalStatus.CONSUMED)
-        first, again = played.of("first"), played.of("again")
-        if first and again and not (again[0].repeated and again[0].signal_id == first[0].signal_id):
-            problems.append(f"the {scenario.event} sent again was not the first one repeated")
+        _repeated(result, problems)
     elif kind == waits.INVALID:
         outcome("invalid", "invalid")
         if played.still_waiting is False:
@@ -340,6 +477,14 @@ def the_scenario_played_out(result: Result) -> list[str]:
         if len(stored) != 1:
             problems.append(f"{len(stored)} signals of {scenario.event} stored, expected 1")
         outcome("on time", SignalStatus.CONSUMED)
+    elif kind == waits.FAILS:
+        outcome("failing", SignalStatus.CONSUMED, stored_as=SignalStatus.CONSUMED)
+        code = waits.FAILURE["code"]
+        step = next((s for s in result.steps if s.name == scenario.wait), None)
+        if step is not None and step.error_code != code:
+            problems.append(
+                f"the failed {scenario.wait} has the error {step.error_code!r}, not {code!r}"
+            )
     elif kind == waits.NEVER:
         if not timed_out:
             problems.append(f"the timeout did not end {scenario.wait}")
@@ -348,16 +493,7 @@ def the_scenario_played_out(result: Result) -> list[str]:
             problems.append(f"the timeout did not end {scenario.wait}")
         outcome("late", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
     elif kind == waits.RACE:
-        sent = next(iter(played.of("racing")), None)
-        won = sent is not None and sent.status == SignalStatus.CONSUMED
-        if won == bool(timed_out):
-            problems.append(
-                f"racing the timeout, the signal was {sent.status if sent else 'not sent'} and "
-                f"the timeout {'ended' if timed_out else 'did not end'} the wait: "
-                "exactly one of them must"
-            )
-        elif timed_out:
-            outcome("racing", SignalStatus.REFUSED, stored_as=SignalStatus.REFUSED)
+        _the_race(result, problems)
     elif kind == waits.ABORT:
         if not played.aborted:
             problems.append(f"the saga was not aborted at {scenario.wait}")
@@ -379,5 +515,6 @@ CHECKS: list[Callable[[Result], list[str]]] = [
     duplicates_delivered,
     waits_ended_once,
     signals_applied_once,
+    decisions_recorded,
     the_scenario_played_out,
 ]

@@ -8,9 +8,11 @@ compensations, retry policies, `on_exhausted`, `pivot` and `compensate_failed_st
 waits' events and `on_timeout`.
 
 At each wait the kit acts when the saga waits there (`sagas.testing.waits.Player`): a case about
-that wait plays its scenario (the event early, on time, twice, invalid, never, late, racing the
-timeout, or an abort); any other case sends the event's valid payload, or lets a timer's time
-pass.
+that wait plays its scenario (the event early, on time, twice, invalid, failing the wait, never,
+late, racing the timeout, or an abort; an approval approved, rejected, approved twice, approved
+then rejected, decided before the saga waits, never decided, decided as the timeout fires, or an
+abort); any other case sends the event's valid payload, approves the approval, or lets a
+timer's time pass.
 """
 
 from __future__ import annotations
@@ -199,7 +201,9 @@ class FailureMatrix:
     signals that event (a valid one; None for an event not given), or a function of the
     case's saga that returns it. `invalid_payloads` gives, by event, payloads its wait must
     refuse (its `validate`), each a value or such a function; the kit adds one larger than
-    the wait's `max_payload_bytes`.
+    the wait's `max_payload_bytes`. An approval takes neither: the kit decides it
+    (`sagas.services.saga_approve`, `saga_reject`) as "test-kit", and its output is the
+    decision.
     """
 
     def __init__(
@@ -234,15 +238,16 @@ class FailureMatrix:
 
     def _check_waits(self) -> None:
         name = self.definition.name
-        approvals = [w.name for w in self.waits if getattr(w, "approval", False)]
-        if approvals:
-            raise ImproperlyConfigured(
-                f"saga {name!r} has approvals ({', '.join(approvals)}): the failure matrix "
-                "covers waits for events and timers, not approvals yet"
-            )
-        events = {w.event for w in self.waits if w.event}
+        approvals = {w.event for w in self.waits if is_approval(w)}
+        events = {w.event for w in self.waits if w.event and not is_approval(w)}
         given = {"payloads": self.payloads, "invalid_payloads": self.invalid_payloads}
         for what, by_event in given.items():
+            decided = sorted(set(by_event) & approvals)
+            if decided:
+                raise ImproperlyConfigured(
+                    f"{what} for {decided}: an approval's payload is its decision, which the "
+                    "kit takes (approve, reject); give payloads for events only"
+                )
             unknown = sorted(set(by_event) - events)
             if unknown:
                 raise ImproperlyConfigured(
@@ -309,6 +314,9 @@ class FailureMatrix:
     def position(self, name: str) -> int:
         """The stage index of a step or a wait."""
         return [s.name for s in self.stages].index(name)
+
+    def stage(self, name: str) -> Step | Wait:
+        return self.stages[self.position(name)]
 
     def steps_before(self, position: int) -> list[str]:
         """The steps before stage `position`, in reverse: what an abort there undoes."""
@@ -428,12 +436,16 @@ class FailureMatrix:
     # -- the cases of a wait -------------------------------------------------------------------
 
     def _wait_cases(self, position: int, wait: Wait) -> list[Case]:
-        """A timer's time passes. An event's wait: the event early, on time, twice, invalid;
-        never, late and racing the timeout (if it has one); an abort while it waits."""
+        """A timer's time passes. An event's wait: the event early, on time, twice, invalid,
+        failing the wait; never, late and racing the timeout (if it has one); an abort while
+        it waits. An approval: `_approval_cases`."""
         if wait.event is None:
             return [self._wait_case(waits.NEVER, position, f"{wait.name} times out")]
+        if is_approval(wait):
+            return self._approval_cases(position, wait)
         event = wait.event
         completed = self._completed()
+        paused = self.pivot_before(position)
         cases = [
             self._wait_case(waits.EARLY, position, f"{event} sent early", completed),
             self._wait_case(waits.ON_TIME, position, f"{event} sent on time", completed),
@@ -441,13 +453,18 @@ class FailureMatrix:
             self._wait_case(
                 waits.INVALID, position, f"{event} sent with an invalid payload", completed
             ),
+            self._wait_case(
+                waits.FAILS,
+                position,
+                f"{event} fails the wait" + (" after the pivot" if paused else ""),
+                self._wait_failed(position, str(waits.FAILURE["code"]), pause=False),
+            ),
         ]
-        if wait.timeout is not None or getattr(wait, "until", None) is not None:
-            how = str(wait.on_timeout)
-            if how == "compensate" and self.pivot_before(position):
-                how = "pause, after the pivot"
+        if has_timeout(wait):
             cases += [
-                self._wait_case(waits.NEVER, position, f"{event} never sent (timeout: {how})"),
+                self._wait_case(
+                    waits.NEVER, position, f"{event} never sent (timeout: {self._how(position)})"
+                ),
                 self._wait_case(waits.LATE, position, f"{event} sent after the timeout"),
                 replace(
                     self._wait_case(
@@ -466,11 +483,69 @@ class FailureMatrix:
         )
         return cases
 
+    def _approval_cases(self, position: int, approval: Wait) -> list[Case]:
+        """An approval: approved, rejected, approved twice, approved then rejected, decided
+        before the saga waits; never decided and decided as the timeout fires (if it has a
+        timeout); an abort while it waits. Each decided as a person would, never by a signal."""
+        name, completed = approval.name, self._completed()
+        paused = self.pivot_before(position)
+        cases = [
+            self._wait_case(waits.APPROVED, position, f"{name} approved", completed),
+            self._wait_case(
+                waits.REJECTED,
+                position,
+                f"{name} rejected" + (" after the pivot" if paused else ""),
+                self._wait_failed(position, "approval_rejected", pause=False),
+            ),
+            self._wait_case(waits.APPROVED_TWICE, position, f"{name} approved twice", completed),
+            self._wait_case(
+                waits.OVERRULED, position, f"{name} approved, then rejected", completed
+            ),
+            self._wait_case(
+                waits.DECIDED_EARLY,
+                position,
+                f"{name} decided before the saga waits for it",
+                completed,
+            ),
+        ]
+        if has_timeout(approval):
+            cases += [
+                self._wait_case(
+                    waits.NEVER, position, f"{name} never decided (timeout: {self._how(position)})"
+                ),
+                replace(
+                    self._wait_case(
+                        waits.RACE, position, f"{name} decided as the timeout fires", completed
+                    ),
+                    if_timed_out=self._wait_timed_out(position),
+                ),
+            ]
+        cases.append(
+            self._wait_case(
+                waits.ABORT,
+                position,
+                f"aborted while waiting for {name}",
+                self._wait_aborted(position),
+            )
+        )
+        return cases
+
+    def _how(self, position: int) -> str:
+        """What the timeout of the wait at `position` does, as a case's id says it."""
+        wait = self.stages[position]
+        assert isinstance(wait, Wait)
+        how = str(wait.on_timeout)
+        if how == "compensate" and self.pivot_before(position):
+            how = "pause, after the pivot"
+        return how
+
     def _wait_case(
         self, kind: str, position: int, id: str, expected: Expected | None = None
     ) -> Case:
         wait = self.stages[position]
-        scenario = Scenario(kind, wait.name, position, getattr(wait, "event", None))
+        scenario = Scenario(
+            kind, wait.name, position, getattr(wait, "event", None), approval=is_approval(wait)
+        )
         if expected is None:  # the timeout ends the wait
             expected = self._wait_timed_out(position)
         return Case(id=id, faults=(), expected=expected, matrix=self, scenario=scenario)
@@ -490,13 +565,19 @@ class FailureMatrix:
         assert isinstance(wait, Wait)
         if wait.on_timeout == "continue":
             return self._completed()
-        paused = wait.on_timeout == "pause" or self.pivot_before(position)
+        return self._wait_failed(position, "wait_timed_out", pause=wait.on_timeout == "pause")
+
+    def _wait_failed(self, position: int, code: str, *, pause: bool) -> Expected:
+        """The wait at `position` failed with `code` (its timeout, a signal that fails it, a
+        rejection): the saga compensates the steps before it, or pauses if `pause` or past a
+        pivot."""
+        paused = pause or self.pivot_before(position)
         owed = [] if paused else self.steps_before(position)
         statuses = self._statuses(position, StepStatus.FAILED)
         statuses |= dict.fromkeys(owed, StepStatus.COMPENSATED)
         return Expected(
             status=SagaStatus.FAILED if paused else SagaStatus.COMPENSATED,
-            error_code="wait_timed_out",
+            error_code=code,
             steps=statuses,
             compensated=tuple(owed),
         )
@@ -533,6 +614,14 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
         step.save(update_fields=["definition"])
     version = snapshot_version([step.definition for step in steps])
     Saga.objects.filter(pk=saga.pk).update(definition_version=version)
+
+
+def is_approval(stage: Step | Wait) -> bool:
+    return bool(getattr(stage, "approval", False))
+
+
+def has_timeout(wait: Wait) -> bool:
+    return wait.timeout is not None or wait.until is not None
 
 
 def _given(payload: Payload, saga: Saga) -> Any:

@@ -1,10 +1,10 @@
-"""Waits in tests: send a signal, end a wait as its timeout would, and what the failure matrix
-does at each wait of a case.
+"""Waits in tests: send a signal, decide an approval, end a wait as its timeout would, and what
+the failure matrix does at each wait of a case.
 
-`send_signal` and `expire_wait` are for a project's own tests. `Player` is the matrix's: it
-watches a case's saga and, each time it waits, sends the wait's event, lets its time pass, or
-aborts the saga, as the case's scenario says (`Scenario`), and records what came of it
-(`Played`), which `sagas.testing.guarantees` checks.
+`send_signal`, `decide` and `expire_wait` are for a project's own tests. `Player` is the
+matrix's: it watches a case's saga and, each time it waits, sends the wait's event, approves or
+rejects an approval, lets its time pass, or aborts the saga, as the case's scenario says
+(`Scenario`), and records what came of it (`Played`), which `sagas.testing.guarantees` checks.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from sagas.engine.unit import lock
-from sagas.engine.waits import SignalOutcome, timed_out
+from sagas.engine.waits import NotWaiting, SignalOutcome, timed_out
 from sagas.exceptions import SagaBusy
 from sagas.models import Saga, SagaStatus, SagaStep, StepStatus
-from sagas.services import saga_compensate, saga_signal
+from sagas.services import saga_approve, saga_compensate, saga_reject, saga_signal
 
 from .worker import wait_for
 
@@ -40,8 +40,20 @@ NEVER = "never"  # never sent: the wait's timeout ends it (a timer's only case)
 LATE = "late"  # sent after the timeout ended the wait
 RACE = "race"  # sent as the timeout fires, at the same moment
 ABORT = "abort"  # an operator aborts the saga while it waits, then the event comes
+FAILS = "fails"  # the event fails the wait (`fail`): a business failure of the wait
+# ... at an approval (NEVER, RACE and ABORT too, with a decision for the event):
+APPROVED = "approved"  # approved once the saga waits
+REJECTED = "rejected"  # rejected once the saga waits
+APPROVED_TWICE = "approved twice"  # the same decision again: the first one's outcome
+OVERRULED = "overruled"  # approved, then rejected: the second refused
+DECIDED_EARLY = "decided early"  # approved and rejected before the saga waits (NotWaiting)
 
-ACTOR = "sagas.testing"
+# A decision refused as the saga did not wait at the approval yet (`Sent.status`).
+NOT_WAITING = "NotWaiting"
+# Who the kit is when it acts as an operator or an approver (the timeline names it).
+ACTOR = "test-kit"
+# The failure a signal of the FAILS case carries.
+FAILURE = {"code": "kit_failed", "message": "The test kit failed the wait."}
 FINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.FAILED)
 
 
@@ -74,6 +86,33 @@ def send_signal(
     )
 
 
+def decide(
+    saga: Saga | UUID | str,
+    *,
+    approve: bool,
+    stage: str | None = None,
+    actor: str = ACTOR,
+    note: str = "",
+    when_waiting: bool = False,
+    timeout: float = 30.0,
+) -> SignalOutcome:
+    """Approve (`approve=True`) or reject the saga's approval as a person would
+    (`sagas.services.saga_approve`, `saga_reject`), as `actor`, with `note`, and return the
+    outcome (`status`: "consumed", "kept" while a step holds the saga, or "refused";
+    `repeated`). `stage`: the approval's name, for a saga with several; by default the one it
+    waits at.
+
+    With `when_waiting`, first wait (at most `timeout` seconds) until the saga waits at the
+    approval: a decision before that is a `NotWaiting` error, and stores nothing. An
+    AssertionError if the saga ends, or stops at another wait, first. Call it outside a
+    transaction, as `send_signal`."""
+    saga_id = _id(saga)
+    if when_waiting:
+        wait_until_waiting(saga_id, name=stage, approval=True, timeout=timeout)
+    decision = saga_approve if approve else saga_reject
+    return decision(saga_id=saga_id, actor=actor, note=note, stage=stage)
+
+
 def expire_wait(saga: Saga | UUID | str, wait: str | None = None, *, timeout: float = 30.0) -> bool:
     """End the saga's wait now as its timeout would, without waiting for it: its due time
     becomes now, and the wait ends as the sweeper ends a due wait, under the saga's lock, as
@@ -93,12 +132,14 @@ def wait_until_waiting(
     *,
     name: str | None = None,
     event: str | None = None,
+    approval: bool = False,
     timeout: float = 30.0,
 ) -> int:
-    """Wait until the saga waits at a wait (the one of that name, or for that event), and
-    return its stage's index."""
+    """Wait until the saga waits at a wait (the one of that name, or for that event, or an
+    approval), and return its stage's index."""
     what = f"saga {saga_id} to wait" + (f" at {name}" if name else "")
     what += f" for {event}" if event else ""
+    what += " at an approval" if approval and not name else ""
 
     def waiting() -> tuple[int] | None:
         saga = Saga.objects.values("status", "current_step").get(pk=saga_id)
@@ -111,6 +152,8 @@ def wait_until_waiting(
             return None
         if (name and row.name != name) or (event and row.definition.get("event") != event):
             raise AssertionError(f"{what}: it waits at {row.name} instead")
+        if approval and not row.definition.get("approval"):
+            raise AssertionError(f"{what}: it waits at {row.name} instead, not an approval")
         return (row.index,)  # (a stage's index may be 0)
 
     found = wait_for(waiting, timeout=timeout, what=what)
@@ -177,18 +220,22 @@ def _id(saga: Saga | UUID | str) -> UUID | str:
 @dataclass(frozen=True)
 class Scenario:
     """What a case does at one wait of its saga: `kind` (EARLY, ON_TIME, ...), at the wait
-    named `wait` (stage `index`), whose event is `event` (None for a timer)."""
+    named `wait` (stage `index`), whose event is `event` (None for a timer); `approval` if
+    the wait is an approval (its "signals" are decisions)."""
 
     kind: str
     wait: str
     index: int
     event: str | None
+    approval: bool = False
 
 
 @dataclass
 class Sent:
-    """A signal the kit sent, and what became of it: the outcome's `status`, or "invalid"
-    when it was refused as invalid (a ValidationError: nothing stored)."""
+    """A signal the kit sent (or a decision it took on an approval: its payload is the
+    decision), and what became of it: the outcome's `status`, "invalid" when it was refused as
+    invalid (a ValidationError: nothing stored), or "NotWaiting" for a decision refused as
+    the saga did not wait at the approval yet (nothing stored)."""
 
     event: str
     payload: Any
@@ -232,6 +279,9 @@ class Player:
         scenario = self.scenario
         if scenario is not None and scenario.kind == EARLY and scenario.event:
             self._send(scenario.event, "early")
+        if scenario is not None and scenario.kind == DECIDED_EARLY:
+            self._decide(scenario.wait, approve=True, why="early")
+            self._decide(scenario.wait, approve=False, why="early")
 
     def act(self) -> None:
         """Act if the saga waits at a wait not acted on yet."""
@@ -260,12 +310,12 @@ class Player:
         scenario = self.scenario
         event = row.definition.get("event")
         if scenario is None or scenario.index != row.index:
-            if event:
-                self._send(event, "on time")
-            else:
-                self._expire(row, now=True)
+            self._answer(row, "on time")
             return
         kind = scenario.kind
+        if scenario.approval:
+            self._at_approval(row, kind)
+            return
         if kind == EARLY:
             self.played.problems.append(
                 f"the saga waited at {row.name} though its event came before the wait began "
@@ -288,14 +338,52 @@ class Player:
         elif kind == LATE:
             self._expire(row, now=True)
             self._send(event, "late")
+        elif kind == FAILS:
+            self._send(event, "failing", fail=FAILURE)
         elif kind == RACE:
-            self._race(row, event)
+            self._race(row)
         elif kind == ABORT:
-            saga_compensate(saga_id=self.saga.pk, actor=ACTOR)
-            self.played.aborted = True
-            self._send(event, "after the abort")
+            self._abort(row)
 
-    def _race(self, row: SagaStep, event: str) -> None:
+    def _at_approval(self, row: SagaStep, kind: str) -> None:
+        """A case about an approval: decided as a person would (never by a plain signal)."""
+        if kind == APPROVED:
+            self._decide(row.name, approve=True, why="approved")
+        elif kind == REJECTED:
+            self._decide(row.name, approve=False, why="rejected")
+        elif kind == APPROVED_TWICE:
+            self._decide(row.name, approve=True, why="first")
+            self._decide(row.name, approve=True, why="again")
+        elif kind == OVERRULED:
+            self._decide(row.name, approve=True, why="approved")
+            self._decide(row.name, approve=False, why="then rejected")
+        elif kind == DECIDED_EARLY:
+            self._answer(row, "on time")
+        elif kind == NEVER:
+            self._expire(row, now=True)
+        elif kind == RACE:
+            self._race(row)
+        elif kind == ABORT:
+            self._abort(row)
+
+    def _answer(self, row: SagaStep, why: str) -> None:
+        """What the outside world does when all goes well: the wait's event with its valid
+        payload, an approval approved, a timer's time passing."""
+        definition = row.definition
+        if definition.get("approval"):
+            self._decide(row.name, approve=True, why=why)
+        elif definition.get("event"):
+            self._send(definition["event"], why)
+        else:
+            self._expire(row, now=True)
+
+    def _abort(self, row: SagaStep) -> None:
+        """An operator's abort while the saga waits, then the wait's answer, which comes late."""
+        saga_compensate(saga_id=self.saga.pk, actor=ACTOR)
+        self.played.aborted = True
+        self._answer(row, "after the abort")
+
+    def _race(self, row: SagaStep) -> None:
         """The event and the timeout at the same moment, each in a thread of its own with its
         own connection: the wait is due, then both go at once."""
         if not make_due(self.saga.pk, row.index):
@@ -318,7 +406,7 @@ class Player:
                 connection.close()
 
         threads = [
-            threading.Thread(target=run, args=(lambda: self._send(event, "racing"),)),
+            threading.Thread(target=run, args=(lambda: self._answer(row, "racing"),)),
             threading.Thread(target=run, args=(lambda: self._expire(row, now=False),)),
         ]
         for thread in threads:
@@ -328,27 +416,42 @@ class Player:
         if failures:
             raise failures[0]
 
-    def _send(self, event: str, why: str, *, payload: Any = None, key: str | None = None) -> Sent:
-        if why != "invalid":
+    def _send(
+        self,
+        event: str,
+        why: str,
+        *,
+        payload: Any = None,
+        key: str | None = None,
+        fail: dict[str, str] | None = None,
+    ) -> Sent:
+        if why != "invalid" and fail is None:  # a signal that fails the wait carries nothing
             payload = self.case.matrix.payload_for(event, self.saga)
         key = key or self._key(event, why)
         try:
             outcome = saga_signal(
-                saga_id=self.saga.pk, event=event, payload=payload, idempotency_key=key
+                saga_id=self.saga.pk, event=event, payload=payload, idempotency_key=key, fail=fail
             )
         except ValidationError as error:
             sent = Sent(event, payload, key, "invalid", reason="; ".join(error.messages), why=why)
         else:
-            sent = Sent(
-                event,
-                payload,
-                key,
-                outcome.status,
-                outcome.signal_id,
-                outcome.repeated,
-                outcome.reason,
-                why=why,
-            )
+            sent = _sent(event, payload, key, outcome, why)
+        self.played.sent.append(sent)
+        return sent
+
+    def _decide(self, stage: str, *, approve: bool, why: str) -> Sent:
+        """Approve or reject the approval `stage` as a person would, as `ACTOR`; recorded as a
+        `Sent` of the approval's event whose payload is the decision."""
+        event = getattr(self.case.matrix.stage(stage), "event", None) or stage
+        note = f"{why}, by the test kit"
+        payload = {"decision": "approved" if approve else "rejected", "by": ACTOR, "note": note}
+        decision = saga_approve if approve else saga_reject
+        try:
+            outcome = decision(saga_id=self.saga.pk, actor=ACTOR, note=note, stage=stage)
+        except NotWaiting as error:
+            sent = Sent(event, payload, None, NOT_WAITING, reason=str(error), why=why)
+        else:
+            sent = _sent(event, payload, None, outcome, why)
         self.played.sent.append(sent)
         return sent
 
@@ -359,6 +462,19 @@ class Player:
 
     def _key(self, event: str, why: str) -> str | None:
         return None if why == "invalid" else f"{ACTOR}:{event}:{why.replace(' ', '-')}"
+
+
+def _sent(event: str, payload: Any, key: str | None, outcome: SignalOutcome, why: str) -> Sent:
+    return Sent(
+        event,
+        payload,
+        key,
+        outcome.status,
+        outcome.signal_id,
+        outcome.repeated,
+        outcome.reason,
+        why=why,
+    )
 
 
 def _waiting(saga_id: UUID | str, index: int) -> bool:

@@ -2,8 +2,10 @@
 
 A saga's failure matrix on the test kit's worker (every step failing in every way, each case
 checked against the framework's guarantees), then the admin and the API over the sagas it left;
-a saga with waits through its matrix (each wait's event early, on time, twice, invalid, never,
-late, racing its timeout, an abort while it waits), and the kit's helpers for a project's tests.
+a saga with waits through its matrix (each wait's event early, on time, twice, invalid, failing
+the wait, never, late, racing its timeout, an abort while it waits), one with an approval
+(approved, rejected, twice, approved then rejected, before the saga waits, never, racing its
+timeout, an abort), and the kit's helpers for a project's tests.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import uuid
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.db import transaction
 from django.test import Client
 from django.urls import reverse
 
-from sagas import registered, saga_start
+from sagas import SignalError, registered, saga_start
 from sagas.models import Saga, SagaSignal, SagaStep
-from sagas.testing import FailureMatrix, expire_wait, send_signal, wait_for
+from sagas.testing import FailureMatrix, decide, expire_wait, send_signal, wait_for
 
 MATRIX = FailureMatrix(
     "transfer", make_input=lambda: {"transfer_id": uuid.uuid4().hex, "amount": 10}
@@ -69,6 +72,7 @@ def test_the_cases_of_a_saga_with_waits_follow_its_definition():
         "payment_confirmed sent on time",
         "payment_confirmed sent twice",
         "payment_confirmed sent with an invalid payload",
+        "payment_confirmed fails the wait",
         "payment_confirmed never sent (timeout: compensate)",
         "payment_confirmed sent after the timeout",
         "payment_confirmed sent as the timeout fires",
@@ -98,11 +102,101 @@ def test_the_cases_of_a_saga_with_waits_follow_its_definition():
         "completed",
         "compensated",
     )
+    failed = PAYMENT.case("payment_confirmed fails the wait").expected
+    assert (failed.status, failed.error_code, failed.compensated) == (
+        "compensated",
+        "kit_failed",
+        ("hold",),
+    )
 
 
 @PAYMENT.parametrize()
 def test_card_payment(saga_worker, case):
     case.run(saga_worker).assert_guarantees()
+
+
+def shipped_only_once_approved(saga: Saga) -> None:
+    """An order ships only once approved, by the approver the decision names; one that did
+    not complete shipped nothing."""
+    steps = {step.name: step for step in saga.steps.all()}
+    if saga.status == "completed":
+        decision = steps["manager_review"].output or {}
+        assert decision.get("decision") == "approved" and decision.get("by") == "test-kit"
+        assert steps["ship"].output == {
+            "shipped": saga.input["order_id"],
+            "approved_by": "test-kit",
+        }
+    else:
+        assert steps["ship"].status in ("pending", "failed"), steps["ship"].status
+
+
+LARGE_ORDER = FailureMatrix(
+    "large_order",
+    make_input=lambda: {"order_id": uuid.uuid4().hex, "amount": 2000},
+    invariant=shipped_only_once_approved,
+)
+
+
+def test_the_cases_of_a_saga_with_an_approval_follow_its_definition():
+    assert [case.id for case in LARGE_ORDER.cases() if case.scenario is not None] == [
+        "manager_review approved",
+        "manager_review rejected",
+        "manager_review approved twice",
+        "manager_review approved, then rejected",
+        "manager_review decided before the saga waits for it",
+        "manager_review never decided (timeout: compensate)",
+        "manager_review decided as the timeout fires",
+        "aborted while waiting for manager_review",
+    ]
+    rejected = LARGE_ORDER.case("manager_review rejected").expected
+    assert (rejected.status, rejected.error_code, rejected.compensated) == (
+        "compensated",
+        "approval_rejected",
+        ("authorize", "reserve"),
+    )
+    assert rejected.steps == {
+        "reserve": "compensated",
+        "authorize": "compensated",
+        "manager_review": "failed",
+        "ship": "pending",
+    }
+
+
+@LARGE_ORDER.parametrize()
+def test_large_order(saga_worker, case):
+    case.run(saga_worker).assert_guarantees()
+
+
+def test_the_kits_helpers_decide_an_approval(saga_worker):
+    """In a project's own test: an order approved once it waits for its review, another one
+    rejected; a decision after the approval is over is refused, the same one again repeated."""
+    order, _ = saga_start(name="large_order", input={"order_id": "o-1", "amount": 2000})
+    outcome = decide(order, approve=True, note="Known customer", when_waiting=True, timeout=20)
+    assert (outcome.status, outcome.stage) == ("consumed", "manager_review")
+    assert final(order) == "completed"
+    review = SagaStep.objects.get(saga=order, name="manager_review")
+    assert review.output == {"decision": "approved", "by": "test-kit", "note": "Known customer"}
+    shipped = SagaStep.objects.get(saga=order, name="ship").output
+    assert shipped == {"shipped": "o-1", "approved_by": "test-kit"}
+    assert decide(order, approve=True, note="Known customer").repeated
+
+    refused, _ = saga_start(name="large_order", input={"order_id": "o-2", "amount": 2000})
+    outcome = decide(refused, approve=False, actor="alice", when_waiting=True, timeout=20)
+    assert outcome.status == "consumed"
+    assert final(refused) == "compensated"
+    assert Saga.objects.get(pk=refused.pk).error_code == "approval_rejected"
+    assert decide(refused.pk, approve=True, actor="bob").status == "refused"
+
+    # Before the saga waits at its approval (here: before its start commits), a decision is
+    # refused, and stores nothing; at a wait that is no approval, the kit says where it waits.
+    with transaction.atomic():
+        early, _ = saga_start(name="large_order", input={"order_id": "o-3", "amount": 2000})
+        with pytest.raises(SignalError, match="not waiting for the approval"):
+            decide(early, approve=True)
+    assert not SagaSignal.objects.filter(saga=early).exists()
+    payment, _ = saga_start(name="card_payment", input={"payment_id": "p-4", "amount": 10})
+    with pytest.raises(AssertionError, match="it waits at confirmed instead, not an approval"):
+        decide(payment, approve=True, when_waiting=True, timeout=20)
 
 
 def test_the_kits_helpers_send_a_signal_and_expire_a_wait(saga_worker):
@@ -139,7 +233,7 @@ def final(saga: Saga) -> str:
 
 
 def test_the_admin_and_the_api_on_a_project_of_sagas_alone(saga_worker):
-    assert set(registered()) == {"transfer", "card_payment"}
+    assert set(registered()) == {"transfer", "card_payment", "large_order"}
     case = next(c for c in MATRIX.cases() if "fails for good" in str(c))
     case.run(saga_worker).assert_guarantees()
     saga = Saga.objects.get()
