@@ -109,7 +109,7 @@ def start(
                 # this process dies first).
                 transaction.on_commit(partial(waits.begin, saga.id), robust=True)
             else:
-                chain = chain_of(steps, 0)  # up to the first wait that always waits
+                chain = chain_of(steps, 0)  # up to the first wait
                 transaction.on_commit(
                     publish_or_leave_to_sweeper(
                         saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
@@ -202,7 +202,7 @@ def step_attempt(
         )
         unit.progressed()
         if not last and unit.waits_at(index + 1):
-            waits.enter_wait(unit, unit.steps[index + 1], chained=True)
+            waits.enter_wait(unit, unit.steps[index + 1])
         elif last:
             if on_complete is not None:
                 outputs = unit.outputs_before(len(unit.steps))

@@ -600,17 +600,13 @@ class Unit:
 
 def chain_of(steps: Sequence[StepRow | SagaStep], start: int) -> list[tuple[int, int]]:
     """The (index, time limit) of the steps a chain from `start` runs: up to the next wait
-    that always waits. A chain goes on past a wait with a `condition`, which most sagas may
-    skip: skipped, the chain carries the saga on with no new message; waited at, the chain's
-    next message finds the saga waiting and ends the chain (`forward.step_attempt`), and the
-    wait's end sends the rest as a new one. `steps`: the rows as read (`StepRow`) or as a
-    start makes them (`SagaStep`)."""
+    (whatever its condition says: a wait skipped sends the rest as a new chain, as many broker
+    messages as a longer chain, and no message of an older chain is left to race it).
+    `steps`: the rows as read (`StepRow`) or as a start makes them (`SagaStep`)."""
     chain = []
     for step in steps[start:]:
         if is_wait(step.definition):
-            if not step.definition.get("condition"):
-                break
-            continue
+            break
         chain.append((step.index, int(step.definition["time_limit"])))
     return chain
 

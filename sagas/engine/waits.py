@@ -1,7 +1,6 @@
 """Waits: stages that wait for an event (a signal) or a time, holding no worker and no message.
 
-A chain of steps ends at a wait (`unit.chain_of`; or goes on past one with a `condition`,
-which a saga may skip). The transaction that completes the step
+A chain of steps ends at a wait (`unit.chain_of`). The transaction that completes the step
 before it begins the wait (`enter_wait`): the wait's row becomes `waiting` with its due time,
 the saga `waiting`; a signal kept for it (sent early) is consumed at once. Then either a signal
 comes (`signal`), or the sweeper finds the wait due (`due_waits`, `timed_out`), or the saga
@@ -139,23 +138,17 @@ def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool =
 # -- entering a wait --------------------------------------------------------------------------
 
 
-def enter_wait(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
+def enter_wait(unit: Unit, step: StepRow) -> None:
     """Begin the wait `step` (its row pending): the saga waits for its event or its timeout.
     A signal kept for it is consumed at once. A wait whose `condition` is false is skipped;
     one whose `condition` or `until` raises (or whose `until` gives no aware time) fails, and
-    the saga pauses for an operator (whose retry asks them again).
-
-    `chained`: the step before it completed in a chain that goes on past it (`chain_of`): a
-    skipped wait sends nothing, the chain's next message runs what comes after."""
+    the saga pauses for an operator (whose retry asks them again)."""
     definition = step.definition
     now = timezone.now()
     unit.set_saga(current_step=step.index)
-    # Whether the running chain goes on past this wait (`chain_of`): then a wait that ends at
-    # once (skipped, a kept signal, a time already past) leaves what follows to that chain.
-    goes_on = chained and bool(definition.get("condition"))
     try:
         if not _condition_holds(unit, step):
-            _skip(unit, step, chained=goes_on)
+            _skip(unit, step)
             return
         due = _due(unit, step, now)
     except Exception as exc:  # the project's code: a bug of its own, never the engine's
@@ -200,10 +193,10 @@ def enter_wait(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
                 _refuse(unit, step, late, "It came after its wait was over.")
                 kept.remove(late)
         if kept:
-            consume(unit, step, kept[0], chained=goes_on)
+            consume(unit, step, kept[0])
             return
     if due is not None and due <= now:  # `until` passed already: it times out at once
-        timed_out(unit, step.index, chained=goes_on)
+        timed_out(unit, step.index)
 
 
 def _condition_holds(unit: Unit, step: StepRow) -> bool:
@@ -226,7 +219,7 @@ def _due(unit: Unit, step: StepRow, now: datetime) -> datetime | None:
     return due
 
 
-def _skip(unit: Unit, step: StepRow, *, chained: bool) -> None:
+def _skip(unit: Unit, step: StepRow) -> None:
     """The wait's condition is false: it completes with no output, and what was kept for it
     is discarded, as no wait will ever consume it."""
     unit.move_step(
@@ -247,7 +240,7 @@ def _skip(unit: Unit, step: StepRow, *, chained: bool) -> None:
                 status=SignalStatus.DISCARDED, reason=reason
             )
             unit.event(EventKind.SIGNAL_DISCARDED, step, {"signal": kept.pk, "event": event})
-    _go_on(unit, step, chained=chained)
+    _go_on(unit, step)
 
 
 def _broken(unit: Unit, step: StepRow, exc: Exception) -> None:
@@ -299,7 +292,7 @@ def begin(saga_id: UUID | str) -> None:
 # -- ending a wait ---------------------------------------------------------------------------
 
 
-def consume(unit: Unit, step: StepRow, signal: SagaSignal, *, chained: bool = False) -> None:
+def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
     """The waiting `step` ends with `signal`: completed with its payload as the output, or
     failed if the signal fails it (a business failure of the wait)."""
     now = timezone.now()
@@ -335,7 +328,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal, *, chained: bool = Fa
         finished_at=now,
         due_at=None,
     )
-    _go_on(unit, step, chained=chained)
+    _go_on(unit, step)
 
 
 def _waited(step: StepRow, now: datetime) -> dict[str, int]:
@@ -347,9 +340,9 @@ def _waited(step: StepRow, now: datetime) -> dict[str, int]:
     return {"duration_ms": max(int((now - step.started_at).total_seconds() * 1000), 0)}
 
 
-def timed_out(unit: Unit, index: int, *, chained: bool = False) -> bool:
+def timed_out(unit: Unit, index: int) -> bool:
     """The sweeper found the wait `index` due: end it as its `on_timeout` says. False if it
-    is over already (a signal, an abort came first). `chained`: as for `enter_wait`."""
+    is over already (a signal, an abort came first)."""
     step = unit.steps[index]
     due = step.due_at
     if unit.saga.status != SagaStatus.WAITING or step.status != StepStatus.WAITING:
@@ -362,7 +355,7 @@ def timed_out(unit: Unit, index: int, *, chained: bool = False) -> bool:
         # One kept while the saga was busy, before the timeout: it came in time.
         in_time = [s for s in kept if s.created_at <= due]
         if in_time:
-            consume(unit, step, in_time[0], chained=chained)
+            consume(unit, step, in_time[0])
             return True
         for late in kept:
             _refuse(unit, step, late, "It came after its wait's timeout.")
@@ -378,7 +371,7 @@ def timed_out(unit: Unit, index: int, *, chained: bool = False) -> bool:
             finished_at=timezone.now(),
             due_at=None,
         )
-        _go_on(unit, step, chained=chained)
+        _go_on(unit, step)
         return True
     unit.move_step(
         step,
@@ -394,18 +387,12 @@ def timed_out(unit: Unit, index: int, *, chained: bool = False) -> bool:
     return True
 
 
-def _go_on(unit: Unit, step: StepRow, *, chained: bool = False) -> None:
-    """After a wait completed: the stages after it (a wait is never the last stage). With
-    `chained`, the running chain goes on past the wait and carries them: nothing is sent."""
+def _go_on(unit: Unit, step: StepRow) -> None:
+    """After a wait completed (or was skipped): the stages after it (a wait is never the
+    last stage)."""
     unit.progressed()
     unit.move_saga(SagaStatus.RUNNING, None)
-    following = step.index + 1
-    if not chained:
-        go_on(unit, following)
-    elif unit.waits_at(following):
-        enter_wait(unit, unit.steps[following], chained=True)
-    else:  # the running chain's next message is this step's
-        unit.set_saga(current_step=following)
+    go_on(unit, step.index + 1)
 
 
 def _failed(
