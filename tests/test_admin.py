@@ -45,6 +45,7 @@ pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gate
 CHANGELIST = reverse("admin:sagas_saga_changelist")
 CONFIRMATION = "admin/sagas/saga/action_confirmation.html"
 STEP_NAMES = [step.name for step in ORDER_FULFILMENT.steps]
+STAGES = len(STEP_NAMES)  # the steps, and the wait for a 3-D Secure confirmation
 
 
 def detail_url(saga: Saga) -> str:
@@ -92,11 +93,11 @@ def build_saga(status: str, step_statuses: list[str]) -> Saga:
 
 
 def build_paused() -> Saga:
-    return build_saga("failed", ["completed", "failed", "pending", "pending"])
+    return build_saga("failed", ["completed", "failed", *["pending"] * (STAGES - 2)])
 
 
 def build_completed() -> Saga:
-    return build_saga("completed", ["completed"] * 4)
+    return build_saga("completed", ["completed"] * STAGES)
 
 
 def action_post(action: str, *sagas: Saga, confirm: bool = False, **extra: str) -> dict:
@@ -133,8 +134,8 @@ def test_list_and_detail_pages_for_each_outcome(saga_db, admin_client):
     content = response.content.decode()
     for status in ("completed", "compensated", "failed"):
         assert f"saga-status-{status}" in content
-    assert "4 of 4" in content  # the completed saga's progress
-    assert "1 of 4" in content  # the paused one: create_order done, charge_payment failed
+    assert f"{STAGES} of {STAGES}" in content  # the completed saga's progress
+    assert f"1 of {STAGES}" in content  # the paused one: create_order done, charge_payment failed
 
     failed_only = admin_client.get(CHANGELIST, {"status__exact": "failed"})
     assert shown_ids(failed_only) == {paused.pk}
@@ -228,7 +229,12 @@ def test_retry_confirms_first_then_the_paused_saga_completes(saga_db, admin_clie
     assert CONFIRMATION in [t.name for t in page.templates]
     plans = {preview.saga.pk: preview.plan for preview in page.context["previews"]}
     assert plans[paused.pk].allowed
-    assert plans[paused.pk].run == ("charge_payment", "reserve_inventory", "schedule_shipment")
+    assert plans[paused.pk].run == (
+        "charge_payment",
+        "reserve_inventory",
+        "payment_confirmation",
+        "schedule_shipment",
+    )
     assert not plans[completed.pk].allowed
     html = page.content.decode()
     assert "Skipped:" in html and "Yes, retry" in html

@@ -129,7 +129,7 @@ def test_operator_retries_a_paused_saga_in_the_browser(web_server):
         plan = page.locator("table.saga-plan")
         expect(plan).to_contain_text("Resume from the failed step.")
         expect(plan.locator(".saga-plan-run li")).to_have_text(
-            ["charge_payment", "reserve_inventory", "schedule_shipment"]
+            ["charge_payment", "reserve_inventory", "payment_confirmation", "schedule_shipment"]
         )
         expect(plan).to_contain_text("Failed")
         page.click('input[type=submit][value="Yes, retry"]')

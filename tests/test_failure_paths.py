@@ -304,7 +304,8 @@ def test_a_next_message_refused_after_a_commit_sends_the_rest_again_and_fails_no
     saga = wait_final(saga.pk)
     assert saga.status == "completed"
     assert not SagaStep.objects.filter(saga=saga).exclude(error_code="").exists()
-    assert set(SagaStep.objects.filter(saga=saga).values_list("attempts", flat=True)) == {1}
+    steps = SagaStep.objects.filter(saga=saga).exclude(name="payment_confirmation")  # skipped
+    assert set(steps.values_list("attempts", flat=True)) == {1}
     assert not saga.events.filter(kind=EventKind.STEP_RETRYING).exists()
     assert "Injected: the broker refused" in worker_logs(saga_db)  # the fault did fire
 
