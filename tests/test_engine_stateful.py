@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
+from urllib.parse import urlsplit
 from uuid import UUID
 
 import pytest
 from django.db import OperationalError, connection
+from django.test import Client
 from django.utils import timezone
 from django.utils.module_loading import import_string
 from hypothesis import HealthCheck, Phase, settings
@@ -55,8 +57,8 @@ from orders.services import order_submit
 from payments.gateway import gateway_outage_begin, gateway_recover
 from payments.models import GatewayAttempt, GatewayCharge, GatewayOutage, Payment
 from sagas import engine, tasks
-from sagas.definitions import StepContext, snapshot_version
-from sagas.engine import sweeper
+from sagas.definitions import StepContext, Wait, is_wait, snapshot_version
+from sagas.engine import sweeper, waker
 from sagas.engine.relay import relay
 from sagas.exceptions import InvalidTransition
 from sagas.models import (
@@ -69,7 +71,7 @@ from sagas.models import (
     SagaStep,
     StepStatus,
 )
-from sagas.services import saga_compensate, saga_retry, saga_step_resolve
+from sagas.services import saga_compensate, saga_retry, saga_signal, saga_step_resolve
 from sagas.signals import BY_KIND
 from sagas.testing import faults
 from sagas.testing.models import Fault, FaultEffect, FaultPoint
@@ -79,14 +81,28 @@ from tests.conftest import ADDRESS
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "gateway"])
 
 S, T = SagaStatus, StepStatus
-STEP_NAMES = [step.name for step in ORDER_FULFILMENT.steps]
-TOKENS = ["tok_ok", "tok_declined", "tok_transient_2", "tok_timeout", "tok_lost_response"]
+# Every stage of the order saga, by index (its rows'), and its steps (what faults hit).
+STAGE_NAMES = [stage.name for stage in ORDER_FULFILMENT.steps]
+STEP_NAMES = [stage.name for stage in ORDER_FULFILMENT.steps if not isinstance(stage, Wait)]
+INDEX = {name: index for index, name in enumerate(STAGE_NAMES)}
+# The wait for a 3-D Secure card's confirmation (tok_3ds*; other cards skip it).
+CONFIRMATION = INDEX["payment_confirmation"]
+A_CONFIRMATION = {"type": "payment.confirmed", "charge_id": "ch_by_hand"}
+TOKENS = [
+    "tok_ok",
+    "tok_declined",
+    "tok_transient_2",
+    "tok_timeout",
+    "tok_lost_response",
+    "tok_3ds",
+    "tok_3ds_abandoned",
+]
 COUNTRIES = ["GB", "AQ"]
 SKU, PRICE, INITIAL_STOCK = "STATEFUL-LTD", Decimal("10.00"), 3
 MAX_SAGAS = 4
 MAX_RECOVERIES = 3
 FINAL = {S.COMPLETED, S.COMPENSATED}
-IN_FLIGHT = {S.PENDING, S.RUNNING, S.COMPENSATING}
+IN_FLIGHT = {S.PENDING, S.RUNNING, S.WAITING, S.COMPENSATING}
 # Step statuses whose domain effect is in place, for a step that completed.
 EFFECT_IN_PLACE = {T.COMPLETED, T.COMPENSATING, T.COMPENSATION_FAILED}
 COMPENSATION_STATES = {T.COMPENSATING, T.COMPENSATED, T.COMPENSATION_FAILED}
@@ -110,6 +126,8 @@ BEGINS_COMPENSATION = {
 PROGRESS = {
     EventKind.STEP_COMPLETED,
     EventKind.STEP_COMPENSATED,
+    EventKind.WAIT_COMPLETED,
+    EventKind.WAIT_SKIPPED,
     EventKind.OPERATOR_RETRY,
     EventKind.OPERATOR_COMPENSATE,
     EventKind.OPERATOR_RESOLVE,
@@ -134,7 +152,7 @@ RESET_MODELS = [
 ]
 
 STEP, COMPENSATION = "step", "compensation"
-CHARGE = STEP_NAMES.index("charge_payment")  # the step whose action calls outside (the gateway)
+CHARGE = INDEX["charge_payment"]  # the step whose action calls outside (the gateway)
 STATS: Counter[Any] = Counter()
 
 
@@ -227,6 +245,11 @@ class Broker:
 
     chains: list[Chain] = field(default_factory=list)
     callbacks: list[Callback] = field(default_factory=list)
+    # The simulated gateway's confirmation webhooks (tok_3ds), not yet posted: (url, payload).
+    webhooks: list[tuple[str, dict]] = field(default_factory=list)
+
+    def post_later(self, args: tuple[str, dict], countdown: float = 0.0) -> None:
+        self.webhooks.append(args)
 
     def send_steps(self, saga_id: str, epoch: int, steps: list, countdown: float) -> None:
         self.chains.append(Chain(STEP, saga_id, epoch, [index for index, _ in steps]))
@@ -252,6 +275,7 @@ class Broker:
     def clear(self) -> None:
         self.chains.clear()
         self.callbacks.clear()
+        self.webhooks.clear()
 
 
 def deliver(broker: Broker, chain: Chain, fault: Any = None) -> engine.Outcome:
@@ -314,11 +338,27 @@ def resolve_checking_the_context(path: str) -> Any:
 
     def checked(ctx: StepContext) -> Any:
         if ctx.step:  # not the saga's on_complete
-            earlier = STEP_NAMES[: STEP_NAMES.index(ctx.step)]
+            earlier = STAGE_NAMES[: INDEX[ctx.step]]
             assert sorted(ctx.outputs) == sorted(earlier), f"{ctx.step} got {ctx.outputs}"
         return target(ctx)
 
     return checked
+
+
+def post_webhook(url: str, payload: dict) -> int:
+    """POST a confirmation to a signed URL, as the gateway does; its answer's status."""
+    answer = Client().post(urlsplit(url).path, payload, content_type="application/json")
+    assert answer.status_code in (200, 202, 409), (answer.status_code, answer.content)
+    return answer.status_code
+
+
+def expire_waits(saga_ids: list[str]) -> list[str]:
+    """The waiting sagas' timeouts pass now, and the wake ends them."""
+    passed = timezone.now() - timedelta(seconds=1)
+    waiting = SagaStep.objects.filter(saga_id__in=saga_ids, status=T.WAITING)
+    if not waiting.update(due_at=passed):
+        return []
+    return waker.time_out_due()
 
 
 def run_callback(callback: Callback) -> None:
@@ -382,7 +422,11 @@ def age_in_flight_sagas(order: list[str]) -> None:
 
 
 def sweep_stalled(order: list[str]) -> sweeper.SweepReport:
+    """The time the sweeper waits for passes: the sagas in flight look stalled, and a
+    compensation's fence (an attempt of its step that may still run) has expired."""
     age_in_flight_sagas(order)
+    passed = timezone.now() - timedelta(seconds=1)
+    SagaStep.objects.filter(saga_id__in=order, fenced_until__gt=passed).update(fenced_until=passed)
     return sweeper.sweep(stale_after=timedelta(seconds=1), max_recoveries=MAX_RECOVERIES)
 
 
@@ -466,6 +510,8 @@ class EngineMachine(RuleBasedStateMachine):
         # definition of its own, under a version of its own (workers cache them by version).
         steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
         for step in steps:
+            if is_wait(step.definition):
+                continue
             step.definition["compensation_retry"]["max_attempts"] = 2
             step.save(update_fields=["definition"])
         version = snapshot_version([step.definition for step in steps])
@@ -493,11 +539,11 @@ class EngineMachine(RuleBasedStateMachine):
             if target is None or not index:
                 return
             for point, effect, name in (
-                (FaultPoint.BEFORE_ACTION, FaultEffect.BUSINESS_ERROR, STEP_NAMES[index]),
+                (FaultPoint.BEFORE_ACTION, FaultEffect.BUSINESS_ERROR, STAGE_NAMES[index]),
                 (
                     FaultPoint.BEFORE_COMPENSATION,
                     FaultEffect.TRANSIENT_ERROR,
-                    STEP_NAMES[index - 1],
+                    STAGE_NAMES[index - 1],
                 ),
             ):
                 Fault.objects.create(saga_id=target, step_name=name, point=point, effect=effect)
@@ -648,13 +694,49 @@ class EngineMachine(RuleBasedStateMachine):
         Saga.objects.filter(pk=self.saga(i)).update(deadline_at=timezone.now())
         sweeper.sweep(stale_after=timedelta(days=1))
 
+    # -- rules: waits and signals -----------------------------------------------------------
+
+    @precondition(lambda self: self.broker.webhooks)
+    @rule(i=st.integers(0, 7), fate=st.sampled_from(["posted", "posted twice", "lost"]))
+    def webhook(self, i: int, fate: str) -> None:
+        """The gateway posts a 3-D Secure confirmation to the saga's signed URL (through the
+        view, as a provider does): once, twice (its answer was lost), or never."""
+        url, payload = self.broker.webhooks.pop(i % len(self.broker.webhooks))
+        if fate == "lost":
+            STATS["webhook lost"] += 1
+            return
+        for _ in range(2 if fate == "posted twice" else 1):
+            STATS[("webhook", post_webhook(url, payload))] += 1
+
+    @precondition(lambda self: self.sagas)
+    @rule(i=st.integers(0, MAX_SAGAS - 1), key=st.sampled_from(["a", "b", None]))
+    def confirmation(self, i: int, key: str | None) -> None:
+        """A confirmation sent at any moment (a provider's console, a retried call): kept
+        before the saga reaches its wait, consumed while it waits, refused once it is over
+        (answered, timed out, skipped, the saga compensating or finished); with a key used
+        before, the first answer."""
+        saga_id = self.saga(i)
+        outcome = saga_signal(
+            saga_id=saga_id,
+            event="payment_confirmed",
+            payload=A_CONFIRMATION,
+            idempotency_key=f"{saga_id}:{key}" if key else None,
+        )
+        STATS[("confirmation", str(outcome.status))] += 1
+
+    @precondition(lambda self: self.sagas)
+    @rule(i=st.integers(0, MAX_SAGAS - 1))
+    def confirmation_times_out(self, i: int) -> None:
+        """The wait's due time passes, and the wake ends it (the saga compensates)."""
+        STATS["wait timed out"] += len(expire_waits([self.saga(i)]))
+
     # -- rules: the operator -----------------------------------------------------------------
 
     @precondition(lambda self: self.sagas)
     @rule(
         i=st.integers(0, MAX_SAGAS - 1),
         action=st.sampled_from(["retry", "compensate", "resolve"]),
-        index=st.integers(0, len(STEP_NAMES) - 1),
+        index=st.integers(0, len(STAGE_NAMES) - 1),
     )
     def operator(self, i: int, action: str, index: int) -> None:
         """An operator retries or resolves a failed saga (as one does, from the failed list),
@@ -707,6 +789,8 @@ class EngineMachine(RuleBasedStateMachine):
         gateway_recover()
         statuses: dict[Any, str] = {}
         for _round in range(20):
+            while self.broker.webhooks:
+                post_webhook(*self.broker.webhooks.pop(0))
             deliveries = 0
             while self.broker.chains or self.broker.callbacks:
                 if self.broker.chains:
@@ -718,6 +802,7 @@ class EngineMachine(RuleBasedStateMachine):
             check_invariants()
             statuses = dict(Saga.objects.values_list("pk", "status"))
             if any(status in IN_FLIGHT for status in statuses.values()):
+                expire_waits(self.sagas)  # no confirmation comes any more: they time out
                 sweep_stalled(self.sagas)
                 continue
             failed = [i for i in self.sagas if statuses[UUID(i)] == S.FAILED]
@@ -835,20 +920,24 @@ def check_saga(saga_id: str, saga: dict, steps: list[dict], events: list, *, fin
     by_index = {s["index"]: s["status"] for s in steps}
     statuses = list(by_index.values())
     where = f"saga {saga_id} ({status}, {saga['direction']}, steps {statuses})"
-    assert len(statuses) == len(STEP_NAMES), where
+    assert len(statuses) == len(STAGE_NAMES), where
     if final:
         assert status in FINAL, f"{where}: not final once the faults stopped"
 
     # Saga and step statuses agree.
     if status == S.COMPLETED:
         assert all(s == T.COMPLETED for s in statuses), where
-    if status == S.COMPENSATED:
-        assert all(s in (T.PENDING, T.FAILED, T.COMPENSATED) for s in statuses), where
+    waits = {s["index"] for s in steps if is_wait(s["definition"])}
+    if status == S.COMPENSATED:  # a wait has nothing to undo: completed or not, it stays
+        undone = (T.PENDING, T.FAILED, T.COMPENSATED)
+        assert all(st in undone for i, st in by_index.items() if i not in waits), where
+    if status != S.WAITING:
+        assert T.WAITING not in statuses, f"{where}: a stage waits, the saga does not"
     if status == S.FAILED:
         assert saga["error_code"], f"{where}: failed without a reason"
     if status == S.COMPENSATING:
         assert backward, where
-    if status in (S.PENDING, S.RUNNING, S.COMPLETED):
+    if status in (S.PENDING, S.RUNNING, S.WAITING, S.COMPLETED):
         assert not backward, where
         assert not any(s in COMPENSATION_STATES for s in statuses), where
     if status == S.PENDING:
@@ -857,6 +946,8 @@ def check_saga(saga_id: str, saga: dict, steps: list[dict], events: list, *, fin
     # Attempts never exceed the policy: counted from the rows, whoever ran them.
     for step in steps:
         definition = step["definition"]
+        if is_wait(definition):
+            continue
         assert step["attempts"] <= definition["retry"]["max_attempts"], (where, step)
         assert step["compensation_attempts"] <= definition["compensation_retry"]["max_attempts"], (
             where,
@@ -887,6 +978,47 @@ def check_saga(saga_id: str, saga: dict, steps: list[dict], events: list, *, fin
             assert detail["code"] in TRANSIENT_CODES, f"{where}: retried {detail}"
         elif kind == EventKind.STEP_FAILED and detail["code"] not in TRANSIENT_CODES:
             failed_for_good.add(i)
+    check_waits(where, waits, events)
+
+
+# The events that end a wait, and those that it began (a retry may begin it again).
+WAIT_ENDS = {
+    EventKind.WAIT_COMPLETED,
+    EventKind.WAIT_FAILED,
+    EventKind.WAIT_TIMED_OUT,
+    EventKind.WAIT_SKIPPED,
+    EventKind.OPERATOR_SKIP,
+}
+
+
+def check_waits(where: str, waits: set[int], events: list) -> None:
+    """Each wait ends at most once each time it begins, by one signal at most; no stage after
+    a wait runs before the wait ended (by its event, its timeout, or its condition); a signal
+    consumed is consumed once."""
+    consumed = Counter(
+        detail.get("signal")
+        for kind, _, detail in events
+        if kind in (EventKind.WAIT_COMPLETED, EventKind.WAIT_FAILED) and detail.get("signal")
+    )
+    assert all(n == 1 for n in consumed.values()), f"{where}: a signal applied twice {consumed}"
+    for wait in waits:
+        state = "pending"  # pending, waiting, ended (went on), over (failed or timed out)
+        for kind, i, detail in events:
+            if i == wait and kind == EventKind.WAIT_STARTED:
+                assert state in ("pending", "over"), f"{where}: wait {wait} began while {state}"
+                state = "waiting"
+            elif i == wait and kind in WAIT_ENDS:
+                if kind in (EventKind.WAIT_SKIPPED, EventKind.OPERATOR_SKIP):
+                    assert state in ("pending", "waiting", "over"), f"{where}: {kind} {state}"
+                else:
+                    assert state == "waiting", f"{where}: wait {wait} ended ({kind}) {state}"
+                went_on = kind in (EventKind.WAIT_COMPLETED, EventKind.WAIT_SKIPPED) or (
+                    kind == EventKind.OPERATOR_SKIP
+                    or (kind == EventKind.WAIT_TIMED_OUT and detail.get("action") == "continue")
+                )
+                state = "ended" if went_on else "over"
+            elif kind == EventKind.STEP_COMPLETED and i is not None and i > wait:
+                assert state == "ended", f"{where}: step {i} ran before wait {wait} ended"
 
 
 def check_effects(
@@ -920,14 +1052,14 @@ def check_effects(
             else "pending"
         )
         assert order[0] == expected, f"{where}: order is {order[0]}"
-    assert paid == in_place[1], f"{where}: payments {paid}"
-    assert reserved == in_place[2], f"{where}: reservations {reserved}"
-    assert shipped == in_place[3], f"{where}: shipments {shipped}"
+    assert paid == in_place[CHARGE], f"{where}: payments {paid}"
+    assert reserved == in_place[INDEX["reserve_inventory"]], f"{where}: reservations {reserved}"
+    assert shipped == in_place[INDEX["schedule_shipment"]], f"{where}: shipments {shipped}"
 
     assert len(charged) <= 1, f"{where}: charged {charged}"
-    if in_place[1]:
+    if in_place[CHARGE]:
         assert order is not None and charged == [order[1]], f"{where}: charged {charged}"
-    if by_index[1] == T.COMPENSATED or status == S.COMPENSATED:
+    if by_index[CHARGE] == T.COMPENSATED or status == S.COMPENSATED:
         assert not charged, f"{where}: compensated, yet charged {charged}"
     if order is not None and order[0] == "cancelled":
         assert not charged, f"{where}: cancelled, yet charged {charged}"
@@ -1006,6 +1138,24 @@ SCRIPTS = {
         deliver_all,
         lambda m: no_step_stopped_at_a_time_limit(),
     ],
+    "3-D Secure: confirmations early, twice, on time and late; webhooks; a timeout": [
+        lambda m: m.start_saga("tok_3ds", "GB", 1),
+        lambda m: m.start_saga("tok_3ds", "GB", 1),
+        lambda m: m.start_saga("tok_3ds_abandoned", "GB", 1),
+        lambda m: m.confirmation(0, "a"),  # before the saga reaches its wait: kept
+        lambda m: m.confirmation(0, "a"),  # the same key: the first answer
+        deliver_all,  # the first saga's wait consumes it as it begins; the others wait
+        lambda m: m.webhook(0, "posted twice"),  # the first's: its wait is over (409)
+        lambda m: m.webhook(0, "posted"),  # the second's, while it waits: 200
+        lambda m: m.confirmation(1, "b"),  # after its wait: refused
+        lambda m: m.confirmation_times_out(2),  # the abandoned one: compensated
+        lambda m: m.confirmation(2, None),  # after the timeout: refused
+        deliver_all,  # its stock released
+        lambda m: m.start_saga("tok_3ds_abandoned", "GB", 1),
+        deliver_all,
+        lambda m: m.confirmation(3, None),  # it waits: consumed
+        deliver_all,
+    ],
     "the gateway stays down; the saga pauses; the operator retries once it is back": [
         lambda m: m.begin(["tok_timeout"], "none", 1),
         lambda m: m.gateway(True),
@@ -1023,6 +1173,7 @@ def broker(monkeypatch) -> Broker:
     monkeypatch.setattr("sagas.engine.dispatch.send_compensations", broker.send_compensations)
     for module in ("forward", "compensation"):
         monkeypatch.setattr(f"sagas.engine.{module}.resolve", resolve_checking_the_context)
+    monkeypatch.setattr("payments.gateway.gateway_post_webhook.apply_async", broker.post_later)
     monkeypatch.setattr(EngineMachine, "broker", broker, raising=False)
     return broker
 
@@ -1054,5 +1205,11 @@ def test_engine_state_machine(transactional_db, broker, hearing):
         ("operator", "retry"),
         ("operator", "compensate"),
         ("operator", "resolve"),
+        ("confirmation", "kept"),
+        ("confirmation", "consumed"),
+        ("confirmation", "refused"),
+        ("webhook", 200),
+        ("webhook", 409),
+        "wait timed out",
     ]:
         assert STATS[seen], f"no {seen} in {dict(STATS)}"
