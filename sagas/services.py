@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
 from . import bulk, conf, engine
@@ -186,6 +187,10 @@ def saga_skip(
     `sagas.skip_saga` before calling this. `bulk_action_id` and `matches` as for `saga_retry`.
     """
     check_output(saga_id, index, output)
+    try:
+        waits.storable_text(note)
+    except ValidationError as error:
+        raise ValidationError({"note": error.messages}) from None
     return engine.skip(
         saga_id,
         index,

@@ -23,6 +23,7 @@ from django.views.decorators.csrf import csrf_protect
 
 from . import conf
 from .definitions import is_wait
+from .engine.waits import storable_text
 from .exceptions import SignalError
 from .models import Saga, SagaStep, StepStatus
 from .permissions import may_operate
@@ -39,7 +40,9 @@ ANSWERS = {
 
 class DecisionForm(forms.Form):
     decision = forms.ChoiceField(choices=[("approve", "Approve"), ("reject", "Reject")])
-    note = forms.CharField(max_length=1000, required=False, widget=forms.Textarea)
+    note = forms.CharField(
+        max_length=1000, required=False, widget=forms.Textarea, validators=[storable_text]
+    )
 
 
 @method_decorator([never_cache, csrf_protect], name="dispatch")
@@ -90,6 +93,8 @@ class ApprovalLinkView(View):
             )
         except SignalError as exc:
             return self._page(request, {**context, "error": str(exc)}, 409)
+        except ValidationError as exc:  # the form checks first: the service's last word
+            return self._page(request, {**context, "error": "; ".join(exc.messages)}, 400)
         if outcome.repeated:
             context["done"] = "This decision was taken already."
         elif outcome.status in ("consumed", "kept"):

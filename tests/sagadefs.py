@@ -739,3 +739,45 @@ def _conditional_waits() -> None:
 
 
 _conditional_waits()
+
+
+def cannot_undo(ctx: StepContext) -> None:
+    from sagas.exceptions import TransientError
+
+    raise TransientError("The provider refuses the refund.", code="refund_refused")
+
+
+def fixed_if_told(ctx: StepContext) -> bool:
+    """A condition with a bug until its fix is deployed (a file the test makes)."""
+    if not Path(ctx.input["fixed"]).exists():
+        raise KeyError("a bug")
+    return True
+
+
+def _review_fixes() -> None:
+    from sagas.definitions import Wait
+
+    register(
+        SagaDefinition(
+            name="skipped_then_halted",
+            steps=[
+                Step("a", record, undo_reservation, retry=FAST),
+                Step("b", breaks, undo_reservation, retry=FAST),
+                Step("c", record, cannot_undo, retry=FAST, compensation_retry=FAST),
+                Step("d", decline, undo, retry=FAST),
+            ],
+        )
+    )
+    register(
+        SagaDefinition(
+            name="condition_fixed_later",
+            steps=[
+                Step("a", record, undo, retry=FAST),
+                Wait("w", event="go", condition=fixed_if_told),
+                Step("b", record, undo, retry=FAST),
+            ],
+        )
+    )
+
+
+_review_fixes()

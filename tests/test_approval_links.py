@@ -125,3 +125,15 @@ def test_forged_tampered_expired_and_foreign_links_are_refused_and_change_nothin
         assert client.get(link(saga)).status_code == 410
         assert client.post(link(saga), {"decision": "approve"}).status_code == 410
     assert Saga.objects.get(pk=saga.pk).status == "waiting" and not SagaSignal.objects.exists()
+
+
+def test_the_decision_forms_refuse_a_note_postgresql_cannot_store():
+    """A lone surrogate reaches a form where the request spells its text in another charset
+    (UTF-7 in a multipart part): the form refuses it, rather than the database."""
+    from sagas.admin.actions import DecisionForm as AdminDecisionForm
+    from sagas.views import DecisionForm
+
+    for note in ("lone \ud800 surrogate", "nul \x00 here"):
+        assert not DecisionForm({"decision": "approve", "note": note}).is_valid()
+        assert not AdminDecisionForm({"note": note}).is_valid()
+    assert DecisionForm({"decision": "approve", "note": "fine"}).is_valid()

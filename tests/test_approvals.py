@@ -272,3 +272,67 @@ def test_a_conditional_wait_ended_at_once_by_a_kept_signal_then_a_failing_step(
     failed = SagaEvent.objects.filter(saga=saga, kind=EventKind.STEP_FAILED, step_name="b")
     assert failed.count() == 1
     assert SagaStep.objects.get(saga=saga, name="w").status == "completed"
+
+
+def test_a_kept_signal_survives_a_condition_that_raised_until_its_fix(saga_db, tmp_path):
+    """A signal sent before the saga reached its wait is never lost: not when the wait's
+    condition raised (the wait never began) and the retry after the fix begins it."""
+    from sagas.models import SagaSignal
+    from tests.conftest import lose_messages
+
+    fixed = tmp_path / "fixed"
+    with pytest.MonkeyPatch.context() as held:
+        lose_messages(held)  # the start's chain held back: the signal comes first
+        saga = start("condition_fixed_later", fixed=str(fixed))
+        kept = services.saga_signal(saga_id=saga.pk, event="go", payload={"n": 1})
+    assert kept.status == "kept"
+    from sagas.engine import sweeper
+
+    Saga.objects.filter(pk=saga.pk).update(updated_at=timezone.now() - timedelta(hours=1))
+    sweeper.sweep(stale_after=timedelta(minutes=1))
+    wait_for(lambda: status(saga) == "failed", timeout=20, what="the condition to raise")
+    fixed.touch()  # the fix, deployed
+    services.saga_retry(saga_id=saga.pk, actor="op")
+    assert wait_final(saga.pk, timeout=20).status == "completed"
+    assert SagaSignal.objects.get(pk=kept.signal_id).status == "consumed"
+
+
+def test_the_same_decision_twice_at_the_same_moment_gets_the_first_answer(saga_db):
+    from tests.test_bulk import locked_elsewhere
+
+    saga = start(order="o-double")
+    waiting(saga)
+    outcomes: list = []
+
+    def approve() -> None:
+        from django.db import connection
+
+        try:
+            outcomes.append(services.saga_approve(saga_id=saga.pk, actor="alice"))
+        finally:
+            connection.close()
+
+    with locked_elsewhere(saga):  # both wait for the saga's lock, then go one after the other
+        threads = [threading.Thread(target=approve) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: _waiting_for_the_lock() >= 2, timeout=10, what="both at the lock")
+    for thread in threads:
+        thread.join()
+    assert sorted((o.status, o.repeated) for o in outcomes) == [
+        ("consumed", False),
+        ("consumed", True),
+    ]
+    assert not events(saga, EventKind.SIGNAL_REFUSED)
+    assert wait_final(saga.pk, timeout=20).status == "completed"
+
+
+def _waiting_for_the_lock() -> int:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()"
+        )
+        return int(cursor.fetchone()[0])

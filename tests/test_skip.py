@@ -132,3 +132,45 @@ def test_the_api_skips_for_staff_with_the_permission(saga_db):
     assert wait_final(saga.pk, timeout=20).status == "completed"
     assert client.post(url, body, format="json").status_code == 409
     assert len(skips(saga)) == 1
+
+
+def test_a_stage_marked_as_done_is_compensated_after_a_halted_compensation(saga_db, tmp_path):
+    """The operator said the step happened: a compensation that halts (one step's undo
+    fails for good) and is resumed still undoes it."""
+    runs = tmp_path / "runs"
+    saga, _ = services.saga_start(name="skipped_then_halted", input={"runs": str(runs)})
+    reach(saga, "failed")  # b broke
+    services.saga_skip(saga_id=saga.pk, index=1, output={"done": "by hand"}, actor="op")
+    reach(saga, "failed")  # d declined, then c's compensation failed for good: halted
+    assert SagaStep.objects.get(saga=saga, name="c").status == "compensation_failed"
+    assert SagaStep.objects.get(saga=saga, name="b").status == "completed"
+    services.saga_step_resolve(saga_id=saga.pk, index=2, actor="op")
+    assert wait_final(saga.pk, timeout=20).status == "compensated"
+    statuses = dict(SagaStep.objects.filter(saga=saga).values_list("name", "status"))
+    assert statuses["b"] == "compensated" and statuses["a"] == "compensated", statuses
+    assert runs.read_text().splitlines() == ["undo b", "undo a"]
+
+
+def test_a_signal_kept_while_busy_is_refused_when_its_wait_is_marked_as_done(saga_db):
+    from tests.test_bulk import locked_elsewhere
+
+    saga = start("waits_for_payment", order="o-busy")
+    reach(saga, "waiting")
+    with locked_elsewhere(saga):
+        kept = services.saga_signal(saga_id=saga.pk, event="payment_confirmed", payload=CONFIRMED)
+    assert kept.status == "kept"
+    services.saga_skip(saga_id=saga.pk, index=1, output=CONFIRMED, actor="op")
+    from sagas.models import SagaSignal
+
+    row = SagaSignal.objects.get(pk=kept.signal_id)
+    assert (row.status, row.reason) == ("refused", "Its wait was marked as done by hand.")
+    assert wait_final(saga.pk, timeout=20).status == "completed"
+
+
+def test_a_note_postgresql_cannot_store_is_refused_before_anything_changes(saga_db):
+    saga = start("waits_for_payment", order="o-note")
+    reach(saga, "waiting")
+    with pytest.raises(ValidationError) as refused:
+        services.saga_skip(saga_id=saga.pk, index=1, output=CONFIRMED, note="a \ud800 b")
+    assert "note" in refused.value.message_dict
+    assert status(saga) == "waiting" and not skips(saga)

@@ -481,3 +481,51 @@ def test_text_postgresql_cannot_store_is_a_400_not_a_500(saga_db):
         answer = client.post(url, body, content_type="application/json")
         assert answer.status_code == 400, (body, answer.status_code, answer.content)
     assert not SagaSignal.objects.exists() and waiting(saga)
+
+
+def test_signals_racing_a_bulk_compensation_each_saga_ends_one_way(saga_db):
+    """A bulk compensation of waiting sagas while their confirmations arrive: under each
+    saga's lock exactly one wins. A saga the signal reached first completes and the bulk
+    action skips it; one the bulk action reached first is compensated and its signal refused
+    (or, kept while the bulk action held it, discarded): never both, nothing applied twice."""
+    from sagas.bulk import BulkFilter
+    from sagas.models import BulkAction
+
+    sagas = [start(order=f"o-race-{i}") for i in range(6)]
+    for saga in sagas:
+        wait_for(lambda saga=saga: waiting(saga), timeout=20, what="the sagas to wait")
+    outcomes: dict = {}
+
+    def confirm_all() -> None:
+        try:
+            for saga in reversed(sagas):  # meeting the bulk action's batch halfway
+                outcomes[saga.pk] = services.saga_signal(
+                    saga_id=saga.pk, event="payment_confirmed", payload=CONFIRMED
+                )
+        finally:
+            connection.close()
+
+    sender = threading.Thread(target=confirm_all)
+    sender.start()
+    services.bulk_action_start(
+        action="compensate",
+        bulk_filter=BulkFilter(status="waiting", name="waits_for_payment"),
+        actor="operator",
+    )
+    sender.join()
+    finals = {saga.pk: wait_final(saga.pk, timeout=30) for saga in sagas}
+    wait_for(
+        lambda: BulkAction.objects.get().status == "completed", timeout=30, what="the bulk action"
+    )
+    for pk, final in finals.items():
+        consumed = SagaSignal.objects.filter(saga_id=pk, status="consumed").count()
+        if final.status == "completed":
+            assert consumed == 1 and outcomes[pk].status == "consumed", pk
+        else:
+            assert final.status == "compensated", (pk, final.status)
+            assert consumed == 0, pk
+            assert outcomes[pk].status in ("refused", "kept"), (pk, outcomes[pk])
+            assert not SagaSignal.objects.filter(saga_id=pk, status="kept").exists()
+    bulk = BulkAction.objects.get()
+    compensated = sum(final.status == "compensated" for final in finals.values())
+    assert (bulk.done, bulk.skipped) == (compensated, len(sagas) - compensated)

@@ -19,7 +19,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.contrib.admin.utils import unquote
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
@@ -30,7 +30,7 @@ from django.utils.safestring import SafeString
 from .. import conf, services
 from ..durations import parse_duration
 from ..engine import KEEP, Deadline, Plan
-from ..engine.waits import SignalOutcome
+from ..engine.waits import SignalOutcome, storable_text
 from ..exceptions import InvalidTransition, SagaBusy, SignalError
 from ..models import Direction, OperatorAction, Saga, SignalStatus, StepStatus
 from ..permissions import may_operate
@@ -147,6 +147,7 @@ class DecisionForm(forms.Form):
         max_length=1000,
         widget=forms.Textarea(attrs={"rows": 3, "cols": 60, "class": "vLargeTextField"}),
         help_text="Why, for the saga's timeline (with your name).",
+        validators=[storable_text],
     )
 
 
@@ -382,6 +383,12 @@ class OperatorActionsAdmin(admin.ModelAdmin):
             except (InvalidTransition, SignalError, Saga.DoesNotExist) as error:
                 self.message_user(
                     request, f"Saga {saga.pk} was not changed: {error}", messages.ERROR
+                )
+                continue
+            except ValidationError as error:  # the form checks first: a service's last word
+                words = "; ".join(error.messages)
+                self.message_user(
+                    request, f"Saga {saga.pk} was not changed: {words}", messages.ERROR
                 )
                 continue
             if result is None:

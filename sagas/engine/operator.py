@@ -357,6 +357,7 @@ def skip(
         if _deadline_passed(unit):  # the operator chose to go on, as a retry does
             detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
             unit.set_saga(deadline_at=None)
+        waits.refuse_kept(unit, stage, "Its wait was marked as done by hand.")
         unit.move_step(
             stage,
             StepStatus.COMPLETED,

@@ -105,6 +105,13 @@ def _storable(value: Any) -> bool:
     return True
 
 
+def storable_text(value: str) -> None:
+    """Refuse text that PostgreSQL's jsonb cannot store (a NUL, a lone surrogate): a form's
+    or a service's note, before it reaches the timeline."""
+    if not _storable(value):
+        raise ValidationError("Text with a NUL character or a lone surrogate cannot be stored.")
+
+
 def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool = False) -> None:
     """Refuse a payload its wait would not take (Django's `ValidationError`, by field): larger
     than the wait's `max_payload_bytes` as JSON, or refused by its `validate` (unless the
@@ -185,6 +192,8 @@ def enter_wait(unit: Unit, step: StepRow) -> None:
                     step_index=step.index,
                     kind__in=[EventKind.WAIT_TIMED_OUT, EventKind.WAIT_FAILED],
                 )
+                # A wait that never began (its condition or until raised) ended no waiting.
+                .exclude(detail__code="wait_not_begun")
                 .order_by("-id")
                 .values_list("created_at", flat=True)
                 .first()
@@ -298,6 +307,7 @@ def consume(unit: Unit, step: StepRow, signal: SagaSignal) -> None:
     now = timezone.now()
     SagaSignal.objects.filter(pk=signal.pk).update(status=SignalStatus.CONSUMED, stage=step.index)
     signal.status, signal.stage = SignalStatus.CONSUMED, step.index
+    refuse_kept(unit, step, "Its wait is over.")  # kept while the saga was busy, too late
     # An approval's decision, who took it and their note, on the timeline.
     decided = signal.payload if step.definition.get("approval") else None
     decided = decided if isinstance(decided, dict) else {}
@@ -440,6 +450,11 @@ def signal(
             if first is not None:
                 return first
             wait = _wait_for(unit, event, decision=decision)
+            same = decision and _same_decision(
+                unit.saga.pk, wait.name, wait.status, wait.definition, payload
+            )
+            if same:
+                return same
             row = _store(unit.saga.pk, event, payload, idempotency_key, fail)
             notify.signal_received(unit.saga)
             outcome = _apply(unit, wait, row)
@@ -490,16 +505,6 @@ def decide(
     decision = "approved" if approve else "rejected"
     if status == StepStatus.PENDING and not _turned_back(saga_id):
         raise NotWaiting(f"The saga is not waiting for the approval {name!r} yet.")
-    if status != StepStatus.WAITING:
-        last = (
-            SagaSignal.objects.filter(
-                saga_id=saga_id, event=definition["event"], status=SignalStatus.CONSUMED
-            )
-            .order_by("-id")
-            .first()
-        )
-        if last is not None and (last.payload or {}).get("decision") == decision:
-            return SignalOutcome(last.status, last.pk, name, repeated=True)
     payload = {"decision": decision, "by": actor, "note": note}
     if not _storable(payload):
         raise ValidationError(
@@ -512,6 +517,25 @@ def decide(
         fail=None if approve else REJECTED.as_dict(),
         decision=True,
     )
+
+
+def _same_decision(
+    saga_id: Any, name: str, status: str, definition: dict[str, Any], payload: Any
+) -> SignalOutcome | None:
+    """The approval `name` is over, decided the way `payload` decides it: that decision's
+    outcome, again (a double click, a form sent twice)."""
+    if status == StepStatus.WAITING or not isinstance(payload, dict):
+        return None
+    last = (
+        SagaSignal.objects.filter(
+            saga_id=saga_id, event=definition["event"], status=SignalStatus.CONSUMED
+        )
+        .order_by("-id")
+        .first()
+    )
+    if last is None or (last.payload or {}).get("decision") != payload.get("decision"):
+        return None
+    return SignalOutcome(last.status, last.pk, name, repeated=True)
 
 
 def _turned_back(saga_id: UUID | str) -> bool:
@@ -578,6 +602,15 @@ def _apply(unit: Unit, wait: StepRow, row: SagaSignal) -> SignalOutcome:
     return SignalOutcome(SignalStatus.REFUSED, row.pk, wait.name, reason)
 
 
+def refuse_kept(unit: Unit, wait: StepRow, reason: str) -> None:
+    """The wait is over (consumed, marked as done): the signals still kept for its event,
+    which a saga busy at the time kept, are refused now, never applied later."""
+    event = wait.definition.get("event")
+    if event:
+        for row in kept_for(unit.saga.pk, event):
+            _refuse(unit, wait, row, reason)
+
+
 def _refuse(unit: Unit, wait: StepRow, row: SagaSignal, reason: str) -> None:
     SagaSignal.objects.filter(pk=row.pk).update(status=SignalStatus.REFUSED, reason=reason)
     row.status, row.reason = SignalStatus.REFUSED, reason
@@ -618,6 +651,8 @@ def _kept_while_busy(
     name, wait_status, definition = found[0]
     if bool(definition.get("approval")) != decision:
         raise NotASignal(event) if not decision else NoSuchWait(event)
+    if decision and (same := _same_decision(saga.pk, name, wait_status, definition, payload)):
+        return same
     reason = ""
     if saga.is_final:
         reason = f"The saga is {saga.status}."

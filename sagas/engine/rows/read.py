@@ -135,8 +135,10 @@ def _lock_sql(lock: bool = True) -> tuple[str, str]:
 
 
 def completed_steps(saga_id: UUID) -> set[int]:
-    """The indexes of the saga's steps that completed: each completes at most once."""
-    events = SagaEvent.objects.filter(saga_id=saga_id, kind=EventKind.STEP_COMPLETED)
+    """The indexes of the saga's steps that completed, by their action or by an operator's
+    hand (`operator_skip`): each completes at most once."""
+    done = [EventKind.STEP_COMPLETED, EventKind.OPERATOR_SKIP]
+    events = SagaEvent.objects.filter(saga_id=saga_id, kind__in=done)
     return set(events.values_list("step_index", flat=True))  # type: ignore[arg-type]
 
 
