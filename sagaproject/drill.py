@@ -13,18 +13,36 @@ lost messages), and submits order sagas with a mix of outcomes while it
 4. makes a step's process die right after its transaction committed, before the message
    was acknowledged (injected `crash` faults).
 
+Some orders wait: a 3-D Secure card (`tok_3ds`) for the customer's confirmation, which the
+simulated gateway posts to the saga's signed URL on the drill's own web server (`runserver`,
+`SAGAS_BASE_URL`), and which the drill itself also sends (`saga_signal`) at random times:
+before the saga reaches the wait, while it waits, after it is over, again with the same
+idempotency key and with another; an abandoned one (`tok_3ds_abandoned`) times out after
+`CONFIRM_TIMEOUT`; an order above `REVIEW_ABOVE` waits for a review, which the drill approves
+or rejects at random times (`saga_approve`, `saga_reject`), also before and after it waits.
+All of it among the kills and restarts, database errors ridden out.
+
 Then it waits for every saga to reach a final state and checks the invariants: every saga is
 final; a confirmed order was charged its total exactly once and nothing refunded; a cancelled
 order's charges minus refunds are zero; stock on hand plus active reservations equals the
 initial stock of every product, and never went negative; every compensated saga compensated
-exactly its completed steps, in reverse order, each once. It prints a report and exits 1 if
-any invariant fails.
+exactly its completed steps, in reverse order, each once. And for the waits: no signal lost (no
+wait timed out with a signal that came in time, none refused in time unless its wait consumed
+another, none left kept in a finished saga, one sent with the order's submission kept, every
+answer the drill got has its row, which says the same); none applied twice (each wait begun
+and ended at most once, at most one signal consumed by it); no stage after a wait began
+before the wait ended (the timeline's order, the rows' times). It prints a report and exits 1
+if any invariant fails.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import dataclasses
+import itertools
+import json
 import os
 import random
 import shutil
@@ -48,7 +66,10 @@ SCENARIOS = [  # (name, weight, token, country, quantity)
     ("unsupported destination", 10, "tok_ok", "AQ", 1),
     ("transient payment failure", 10, "tok_transient_2", "NO", 1),
     ("lost gateway response", 5, "tok_lost_response", "NO", 1),
-    ("large order (stock runs out)", 15, "tok_ok", "NO", 3),
+    ("large order (stock runs out; reviewed)", 15, "tok_ok", "NO", 3),
+    ("3-D Secure, confirmed", 12, "tok_3ds", "NO", 1),
+    ("3-D Secure, abandoned", 5, "tok_3ds_abandoned", "NO", 1),
+    ("3-D Secure, large (confirmed, then reviewed)", 3, "tok_3ds", "NO", 3),
 ]
 # The step where a scenario fails for good, if it does: where a lost error callback matters.
 FAILS_AT = {"tok_declined": "charge_payment", "AQ": "schedule_shipment"}
@@ -56,6 +77,13 @@ FAILS_AT = {"tok_declined": "charge_payment", "AQ": "schedule_shipment"}
 STEP_TIME_LIMIT, HARD_TIME_LIMIT_GRACE = 3, 2
 # Seconds before the relay sends a transition's signals that no process sent.
 RELAY_AFTER = 5
+# The waits: seconds a 3-D Secure order waits for its confirmation (ORDERS_CONFIRM_TIMEOUT;
+# an abandoned one is compensated then), seconds before the gateway posts it
+# (GATEWAY_CONFIRM_DELAY), and the total above which an order waits for a review
+# (ORDERS_REVIEW_ABOVE: orders of 3 units, 59.70; not those of 1, 19.90).
+CONFIRM_TIMEOUT, GATEWAY_CONFIRM_DELAY, REVIEW_ABOVE = 5, 2, "50"
+CONFIRMATION, REVIEW = "payment_confirmation", "review"
+PRICE = Decimal("19.90")  # of every product
 
 
 class Servers:
@@ -131,8 +159,9 @@ class TcpServers(Servers):
 
 
 class Stack:
-    """Two worker nodes and beat. Supervised, as in production: a node that exits, killed by
-    the drill or on its own, is started again (`supervise`)."""
+    """Two worker nodes, beat, and a web server (`runserver`, where the gateway's webhooks
+    post). Supervised, as in production: a node or a web server that exits, killed by the
+    drill or on its own, is started again (`supervise`)."""
 
     def __init__(self, env: dict[str, str], concurrency: int, logs: Path) -> None:
         from sagas.testing.worker import CeleryWorker
@@ -150,6 +179,7 @@ class Stack:
             stop_timeout=30,
         )
         self.beat: subprocess.Popen | None = None
+        self.web: subprocess.Popen | None = None
         self.exits: list[str] = []  # nodes that exited on their own, with why
         self.stopping = threading.Event()
         self.lock = threading.Lock()  # one of supervise() and kill_random_process() at a time
@@ -166,9 +196,40 @@ class Stack:
                     critical = [line for line in log.splitlines() if "CRITICAL" in line]
                     self.exits.append(f"worker node {name} exited: {(critical or ['?'])[-1]}")
                     self.workers.start_node(name)
+                if self.web and self.web.poll() is not None and not self.stopping.is_set():
+                    self.exits.append(f"web server exited ({self.web.returncode})")
+                    self.start_web()
+
+    def start_web(self) -> None:
+        """`runserver` at SAGAS_BASE_URL: the signed URLs the charge step hands the gateway."""
+        address = self.env["SAGAS_BASE_URL"].removeprefix("http://")
+        log = (self.logs / "web.log").open("a")
+        self.web = subprocess.Popen(
+            [sys.executable, "manage.py", "runserver", address, "--noreload"],
+            cwd=ROOT,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
+
+    def wait_web(self, timeout: float = 60) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.web and self.web.poll() is None, f"runserver exited: {self.logs}/web.log"
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.env["SAGAS_BASE_URL"] + "/healthz", timeout=2),
+            ):
+                return
+            time.sleep(0.3)
+        raise RuntimeError(f"the web server did not answer: {self.logs}/web.log")
 
     def start(self) -> None:
+        self.start_web()
         self.workers.start()  # waits until both nodes take messages
+        self.wait_web()
         threading.Thread(target=self.supervise, daemon=True).start()
         log = (self.logs / "beat.log").open("a")
         self.beat = subprocess.Popen(
@@ -244,22 +305,32 @@ class Stack:
         with self.lock:  # not while the supervisor starts a node again
             if self.beat:
                 self.beat.terminate()
+            if self.web:
+                self.web.terminate()
             self.workers.stop()
             if self.beat:
                 try:
                     self.beat.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     self.beat.kill()
+            if self.web:
+                try:
+                    self.web.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.web.kill()
 
 
-def retrying(action, what: str, attempts: int = 60):
-    """Run a database action from the drill itself, riding out a PostgreSQL restart."""
+def retrying(action, what: str, attempts: int = 60, errors: Counter[str] | None = None):
+    """Run a database action from the drill itself, riding out a PostgreSQL restart (counted
+    in `errors`, by `what`)."""
     from django.db import InterfaceError, OperationalError, close_old_connections, connections
 
     for _ in range(attempts):
         try:
             return action()
         except (OperationalError, InterfaceError):
+            if errors is not None:
+                errors[what] += 1
             for conn in connections.all():
                 conn.close_if_unusable_or_obsolete()
             close_old_connections()
@@ -328,6 +399,15 @@ def main() -> int:
     folder = Path(tempfile.mkdtemp(prefix="saga-drill-"))
     logs = folder / "logs"
     logs.mkdir()
+    # Removed on a pass, at exit: after the embedded servers' own exit handlers (registered
+    # later, so run earlier), which make their data folder again.
+    remove = threading.Event()
+
+    @atexit.register
+    def remove_folder() -> None:
+        if remove.is_set():
+            shutil.rmtree(folder, ignore_errors=True)
+
     print(f"drill: seed {seed}, servers and logs in {folder}", flush=True)
     servers = (TcpServers if args.redis_tcp else Servers)(folder / "data")
     env = {
@@ -343,6 +423,12 @@ def main() -> int:
         "ORDERS_STEP_TIME_LIMIT": str(STEP_TIME_LIMIT),
         "SAGAS_HARD_TIME_LIMIT_GRACE": str(HARD_TIME_LIMIT_GRACE),
         "SAGAS_RELAY_AFTER": str(RELAY_AFTER),
+        "ORDERS_CONFIRM_TIMEOUT": str(CONFIRM_TIMEOUT),
+        "ORDERS_REVIEW_ABOVE": REVIEW_ABOVE,
+        "GATEWAY_CONFIRM_DELAY": str(GATEWAY_CONFIRM_DELAY),
+        # The drill's web server, where the gateway posts its webhooks; never a port 8000 that
+        # another stack may be listening on.
+        "SAGAS_BASE_URL": f"http://127.0.0.1:{free_port()}",
     }
     os.environ.update(env)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sagaproject.settings")
@@ -353,18 +439,30 @@ def main() -> int:
 
     call_command("migrate", verbosity=0, interactive=False)
     stack = Stack(env, args.concurrency, logs)
+    outside = Outside(rng)
     faults_done: Counter[str] = Counter()
     try:
         products = setup_catalog(args.sagas)
         plant_crash_faults(args.crash_faults)
         stack.start()
-        saga_ids = run_with_faults(args, rng, servers, stack, faults_done)
+        outside.start()
+        saga_ids = run_with_faults(args, rng, servers, stack, faults_done, outside)
         finished = wait_all_final(saga_ids, args.timeout)
+        # The sends once a wait is over, each at most 1.5 s after its saga ended.
+        unmade = outside.finish(timeout=30)
         # The relay sends a notice once it is RELAY_AFTER old, at the next sweep.
         unsent = wait_signals_sent(saga_ids, timeout=RELAY_AFTER + 30)
         report = check_invariants(saga_ids, products)
+        report.update(check_waits(saga_ids, outside.done))
+        report["violations"] += report.pop("wait_violations")
         if unsent:
             report["violations"].append(f"{unsent} transitions' signals never sent")
+        if outside.crashed or unmade:
+            why = outside.crashed or "its sagas never got there"
+            report["violations"].append(f"{unmade} of the drill's sends never made ({why})")
+        report["outside_errors"] = sum(outside.errors.values())
+        sends = [dataclasses.asdict(send) for send in outside.done]
+        (logs / "sends.json").write_text(json.dumps(sends, indent=1))
         report["relayed"] = sum(
             log.read_text().count("were never sent: sent now") for log in logs.glob("drill*.log")
         )
@@ -381,7 +479,7 @@ def main() -> int:
         print(f"drill: FAILED (logs kept in {logs})")
         return 1
     if not args.keep:
-        shutil.rmtree(folder, ignore_errors=True)
+        remove.set()
     print("drill: passed")
     return 0
 
@@ -392,16 +490,24 @@ def setup_catalog(count: int) -> dict[str, int]:
 
     stock = {f"DRILL-{i}": max(5, count // 4) for i in range(4)}
     for sku, units in stock.items():
-        product_create(sku=sku, name=sku.title(), price=Decimal("19.90"), stock_on_hand=units)
+        product_create(sku=sku, name=sku.title(), price=PRICE, stock_on_hand=units)
     return stock
+
+
+def order_steps() -> list[Any]:
+    """The order saga's steps, where faults are planted: not its waits and approvals, which run
+    no action (a fault planted on one would never fire)."""
+    from orders.sagas import ORDER_FULFILMENT
+    from sagas.definitions import Wait
+
+    return [stage for stage in ORDER_FULFILMENT.steps if not isinstance(stage, Wait)]
 
 
 def plant_crash_faults(count: int) -> None:
     """Crash a step's process right after its commit, before the acknowledgement."""
-    from orders.sagas import ORDER_FULFILMENT
     from sagas.testing.models import Fault, FaultEffect, FaultPoint
 
-    names = [step.name for step in ORDER_FULFILMENT.steps]
+    names = [step.name for step in order_steps()]
     for i in range(count):
         Fault.objects.create(
             step_name=names[i % len(names)],
@@ -444,7 +550,6 @@ class SagaFaults:
     def _outside_the_lock(self) -> list[dict[str, Any]]:
         """A step that dies before it commits on every attempt (a poison message), or whose
         COMMIT's answer is lost once, or whose own query times out once."""
-        from orders.sagas import ORDER_FULFILMENT
         from sagas.testing.models import FaultEffect, FaultPoint
 
         left = [kind for kind, count in self.outside.items() if count]
@@ -457,7 +562,7 @@ class SagaFaults:
             "lose_commit_answer": (FaultEffect.LOSE_COMMIT_ANSWER, 1),
             "statement_timeout": (FaultEffect.STATEMENT_TIMEOUT, 1),
         }[kind]
-        step = self.rng.choice(ORDER_FULFILMENT.steps)
+        step = self.rng.choice(order_steps())
         return [
             {
                 "step_name": step.name,
@@ -468,7 +573,6 @@ class SagaFaults:
         ]
 
     def _planned(self, fails_at: str | None, *, clean: bool) -> list[dict[str, Any]]:
-        from orders.sagas import ORDER_FULFILMENT
         from sagas.testing.models import FaultEffect, FaultPoint
 
         if fails_at and (self.lost or self.repeated):
@@ -487,7 +591,7 @@ class SagaFaults:
             if self.rng.random() > self.clean_chance:
                 return []
             self.hung -= 1
-            step = self.rng.choice(ORDER_FULFILMENT.steps)
+            step = self.rng.choice(order_steps())
             # Hang once (killed, then retried), or on every attempt (its policy decides).
             times = self.rng.choice([1, 1, None])
             return [
@@ -499,6 +603,215 @@ class SagaFaults:
                 }
             ]
         return []
+
+
+# What the outside world does to a waiting saga, in order, each when its wait is in a given
+# state: "submit" (in the transaction that submits the order: surely before the saga reaches
+# the wait, as a webhook that overtakes it), "early" (right after: before the wait, or not),
+# "waiting" (once it waits; at once if it is over already), "over" (once it is over, or the
+# saga turned back or ended). A confirmation names its idempotency key: "new", or "same" as
+# the previous one; a review's decision is "approve" or "reject". Dealt out in turn, so that a
+# run of a few sagas of each kind does them all; when they happen is random.
+CONFIRMED_PLANS: list[list[tuple[str, str]]] = [
+    [("submit", "new")],  # kept, then consumed as the wait begins
+    # Consumed, unless the gateway's webhook came first; the second refused.
+    [("waiting", "new"), ("over", "new")],
+    [("waiting", "new"), ("waiting", "same")],  # sent again: the first answer
+    # Two before the wait, or the second after it began: one consumed, never both.
+    [("submit", "new"), ("early", "new")],
+    [("waiting", "new")],
+    [],  # the gateway's webhook alone
+    [("over", "new")],  # refused
+]
+ABANDONED_PLANS: list[list[tuple[str, str]]] = [[("over", "new")], []]  # refused; times out
+REVIEW_PLANS: list[list[tuple[str, str]]] = [
+    [("waiting", "approve")],
+    [("waiting", "reject")],
+    [("early", "approve"), ("waiting", "approve")],  # not waiting yet, then approved
+    [("waiting", "approve"), ("over", "approve"), ("over", "reject")],  # repeated; refused
+    [("waiting", "reject"), ("over", "reject")],  # repeated
+]
+
+
+@dataclasses.dataclass
+class Send:
+    """One confirmation (`stage` CONFIRMATION) or decision (REVIEW) the drill sends a saga, and
+    what it got."""
+
+    saga_id: str
+    stage: str
+    when: str  # "submit", "early", "waiting" or "over"
+    key: str = ""  # a confirmation's idempotency key
+    decision: str = ""  # a review's: "approve" or "reject"
+    due: float | None = None  # monotonic time to send, once `when` held
+    outcome: str = ""  # consumed, kept, refused, repeated (the first answer), not waiting
+    signal_id: int | None = None
+
+
+class Outside:
+    """The outside world of the waiting sagas, a thread: the customer's confirmations (beside
+    the gateway's own webhooks) and the reviewers' decisions, at random times, among the
+    faults. Each saga's sends go in order; database errors are ridden out (`retrying`), the
+    same idempotency key sent again after an error whose answer was lost."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = random.Random(rng.randrange(2**32))  # its own: it runs beside the injector
+        self.queues: dict[str, list[Send]] = {}
+        self.done: list[Send] = []
+        self.errors: Counter[str] = Counter()
+        self.dealt: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.submitting = True
+        self.crashed = ""
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def plan(self, i: int, token: str, quantity: int) -> list[Send]:
+        """What happens to the `i`-th saga, whose order is about to be submitted."""
+        sends: list[Send] = []
+        if token.startswith("tok_3ds"):
+            plans = CONFIRMED_PLANS if token == "tok_3ds" else ABANDONED_PLANS
+            plan = plans[self.dealt[token] % len(plans)]
+            self.dealt[token] += 1
+            for n, (when, key) in enumerate(plan):
+                same = key == "same" and sends
+                key = sends[-1].key if same else f"drill-{i}-{n}"
+                sends.append(Send("", CONFIRMATION, when, key=key))
+        if quantity * PRICE > Decimal(REVIEW_ABOVE):
+            plan = REVIEW_PLANS[self.dealt[REVIEW] % len(REVIEW_PLANS)]
+            self.dealt[REVIEW] += 1
+            sends += [Send("", REVIEW, when, decision=what) for when, what in plan]
+        return sends
+
+    def submitted(self, saga_id: str, sends: list[Send]) -> None:
+        """In the transaction that submits the saga: make its first sends if they are "submit"
+        ones (again, if the transaction is tried again: their key then gets its first answer)."""
+        for send in sends:
+            send.saga_id = saga_id
+        for send in itertools.takewhile(lambda send: send.when == "submit", sends):
+            self.send(send, retry=False)  # the caller's transaction is tried again instead
+
+    def queue(self, sends: list[Send]) -> None:
+        """Once the saga's submission committed: the thread makes the rest of its sends."""
+        made = [send for send in sends if send.outcome]
+        with self.lock:
+            self.done += made
+            if len(sends) > len(made):
+                self.queues[sends[0].saga_id] = sends[len(made) :]
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finish(self, timeout: float) -> int:
+        """After every saga ended: send what is left (the sends once a wait is over); the
+        number of sends never made."""
+        self.submitting = False
+        self.thread.join(timeout)
+        with self.lock:
+            return sum(len(sends) for sends in self.queues.values())
+
+    def run(self) -> None:
+        from django.db import connection
+
+        try:
+            while self.submitting or self.queues:
+                self.step()
+                time.sleep(0.2)
+        except Exception as error:  # reported: the sagas it did not decide would never end
+            self.crashed = f"{type(error).__name__}: {error}"
+            raise
+        finally:
+            connection.close()
+
+    def step(self) -> None:
+        with self.lock:
+            heads = {saga_id: sends[0] for saga_id, sends in self.queues.items()}
+        if not heads:
+            return
+        states = retrying(lambda: wait_states(list(heads)), "reading the waits", errors=self.errors)
+        now = time.monotonic()
+        for saga_id, send in heads.items():
+            if send.due is None and self.holds(send, states.get(saga_id, {})):
+                # A random moment: right after it held, or up to 1.5 s later (the gateway's
+                # webhook comes about as long after the charge, so either may come first).
+                send.due = now + self.rng.uniform(0, 0.2 if send.when == "early" else 1.5)
+        for saga_id, send in sorted(heads.items(), key=lambda item: item[1].due or now + 1):
+            if send.due is not None and send.due <= time.monotonic():
+                self.send(send)
+                with self.lock:
+                    self.queues[saga_id].pop(0)
+                    if not self.queues[saga_id]:
+                        del self.queues[saga_id]
+                    self.done.append(send)
+
+    @staticmethod
+    def holds(send: Send, state: dict[str, Any]) -> bool:
+        over = state.get("over") or state.get(send.stage) in ("completed", "failed")
+        if send.when == "early":
+            return True
+        if send.when == "waiting":
+            return over or state.get(send.stage) == "waiting"
+        return bool(over)
+
+    def send(self, send: Send, *, retry: bool = True) -> None:
+        from payments.gateway import CONFIRMED_EVENT_TYPE
+        from payments.steps import PAYMENT_CONFIRMED
+        from sagas.exceptions import SignalError
+        from sagas.services import saga_approve, saga_reject, saga_signal
+
+        def confirm() -> Any:
+            return saga_signal(
+                saga_id=send.saga_id,
+                event=PAYMENT_CONFIRMED,
+                payload={"type": CONFIRMED_EVENT_TYPE, "charge_id": charge_id(send.saga_id)},
+                idempotency_key=send.key,
+            )
+
+        def decide() -> Any:
+            decide = saga_approve if send.decision == "approve" else saga_reject
+            try:
+                return decide(saga_id=send.saga_id, actor="drill", stage=REVIEW)
+            except SignalError as error:  # NotWaiting: the saga has not reached it yet
+                return error
+
+        action = confirm if send.stage == CONFIRMATION else decide
+        what = f"sending a {send.stage} signal"
+        answer = retrying(action, what, errors=self.errors) if retry else action()
+        if isinstance(answer, SignalError):
+            send.outcome = "not waiting"
+            return
+        send.signal_id = answer.signal_id
+        send.outcome = "repeated" if answer.repeated else answer.status
+
+
+def wait_states(saga_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Each saga's waits' statuses (by name), and whether it is over (ended, paused, or
+    compensating): the waits it has not reached it never will."""
+    from sagas.models import Saga, SagaStep
+
+    states: dict[str, dict[str, Any]] = {saga_id: {} for saga_id in saga_ids}
+    rows = SagaStep.objects.filter(saga_id__in=saga_ids, name__in=[CONFIRMATION, REVIEW])
+    for saga_id, name, status in rows.values_list("saga_id", "name", "status"):
+        states[str(saga_id)][name] = status
+    sagas = Saga.objects.filter(pk__in=saga_ids).values_list("pk", "status", "direction")
+    for saga_id, status, direction in sagas:
+        over = status in ("completed", "compensated", "failed") or direction == "backward"
+        states[str(saga_id)]["over"] = over
+    return states
+
+
+def charge_id(saga_id: str) -> str:
+    """The gateway's id of the saga's charge, as a confirmation names it; a made-up one before
+    the charge is made (the wait checks only that there is one)."""
+    from payments.gateway import gateway_find_charge
+
+    charge = gateway_find_charge(idempotency_key=f"{saga_id}:charge_payment")
+    return charge.charge_id if charge else f"ch_drill_{saga_id[:8]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def alive(process: Any) -> bool:
@@ -521,7 +834,9 @@ def hung_processes() -> set[int]:
     return {pid for pid in takers if pid is not None}
 
 
-def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) -> list[str]:
+def run_with_faults(
+    args, rng, servers: Servers, stack: Stack, done: Counter, outside: Outside
+) -> list[str]:
     from orders.services import order_submit
 
     duration = args.sagas / args.rate
@@ -565,13 +880,25 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
     saga_ids: list[str] = []
     step_faults = SagaFaults(args, rng)
     for i in range(args.sagas):
-        _, _, token, country, quantity = rng.choices(SCENARIOS, weights)[0]
+        # Each scenario once, then a random mix: a short run has every kind of saga.
+        scenario = SCENARIOS[i] if i < len(SCENARIOS) else rng.choices(SCENARIOS, weights)[0]
+        _, _, token, country, quantity = scenario
         sku = f"DRILL-{i % 4}"
         faults = step_faults.for_saga(
             FAILS_AT.get(token) or FAILS_AT.get(country), clean=token == "tok_ok" and quantity == 1
         )
 
-        def submit(token=token, country=country, quantity=quantity, sku=sku, i=i, faults=faults):
+        sends = outside.plan(i, token, quantity)
+
+        def submit(
+            token=token,
+            country=country,
+            quantity=quantity,
+            sku=sku,
+            i=i,
+            faults=faults,
+            sends=sends,
+        ):
             from django.db import transaction
 
             from sagas.testing.models import Fault
@@ -591,10 +918,12 @@ def run_with_faults(args, rng, servers: Servers, stack: Stack, done: Counter) ->
                     idempotency_key=f"drill-{i}",
                 )[0]
                 Fault.objects.bulk_create(Fault(saga=saga, **fault) for fault in faults)
+                outside.submitted(str(saga.pk), sends)
             return saga
 
         # The idempotency key makes a resubmission after a lost connection safe.
         saga_ids.append(str(retrying(submit, "submitting").pk))
+        outside.queue(sends)
         time.sleep(max(0.0, (i + 1) / args.rate - (time.monotonic() - started)))
     injector.join()
     return saga_ids
@@ -656,6 +985,7 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     from inventory.models import Product, Reservation
     from orders.models import Order
     from payments.models import GatewayCharge
+    from sagas.definitions import is_wait
     from sagas.models import EventKind, Saga, SagaEvent, SagaStep
     from sagas.testing.models import Fault, FaultEffect, FaultPoint
 
@@ -729,6 +1059,8 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
 
     # Counted attempts never exceed the policy's, however the attempts ended.
     for step in SagaStep.objects.filter(saga_id__in=saga_ids):
+        if is_wait(step.definition):  # a wait makes no attempts
+            continue
         most = step.definition["retry"]["max_attempts"]
         most_undo = step.definition["compensation_retry"]["max_attempts"]
         if step.attempts > most or step.compensation_attempts > most_undo:
@@ -777,6 +1109,145 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     }
 
 
+# The events that say a stage began or ran: none of a stage after a wait may come before the
+# wait ended (by its signal, or skipped).
+STAGE_RAN = (
+    "step_completed",
+    "step_retrying",
+    "step_failed",
+    "wait_started",
+    "wait_skipped",
+    "wait_completed",
+    "wait_timed_out",
+    "wait_failed",
+)
+WAIT_ENDS = ("wait_completed", "wait_skipped", "wait_timed_out", "wait_failed")
+
+
+def check_waits(saga_ids: list[str], sends: list[Send]) -> dict[str, Any]:
+    """The waits' invariants, from the rows and the timeline: no signal lost, none applied
+    twice, no stage after a wait begun before the wait ended; and what the drill's sends got."""
+    from datetime import datetime
+
+    from sagas.definitions import is_wait
+    from sagas.models import EventKind, Saga, SagaEvent, SagaSignal, SagaStep
+
+    sagas = {str(s.pk): s for s in Saga.objects.filter(pk__in=saga_ids)}
+    steps: dict[str, list[SagaStep]] = {}
+    for step in SagaStep.objects.filter(saga_id__in=saga_ids).order_by("index"):
+        steps.setdefault(str(step.saga_id), []).append(step)
+    events: dict[str, list[SagaEvent]] = {}
+    for event in SagaEvent.objects.filter(saga_id__in=saga_ids).order_by("id"):
+        events.setdefault(str(event.saga_id), []).append(event)
+    signals: dict[str, list[SagaSignal]] = {}
+    for signal_row in SagaSignal.objects.filter(saga_id__in=saga_ids).order_by("id"):
+        signals.setdefault(str(signal_row.saga_id), []).append(signal_row)
+
+    lost: list[str] = []
+    twice: list[str] = []
+    early: list[str] = []
+    other: list[str] = []
+    ends: Counter[str] = Counter()
+    rows: Counter[tuple[str, str]] = Counter()  # (sender, final status) of the confirmations
+    for saga_id, saga in sagas.items():
+        timeline = events.get(saga_id, [])
+        turned = [
+            e.created_at
+            for e in timeline
+            if e.kind in (EventKind.COMPENSATION_STARTED, EventKind.SAGA_PAUSED)
+        ]
+        for wait in [s for s in steps.get(saga_id, []) if is_wait(s.definition)]:
+            mine = [e for e in timeline if e.step_index == wait.index]
+            begun = [e for e in mine if e.kind == EventKind.WAIT_STARTED]
+            ended = [e for e in mine if e.kind in WAIT_ENDS]
+            event = wait.definition["event"]
+            received = [r for r in signals.get(saga_id, []) if r.event == event]
+            consumed = [r for r in received if r.status == "consumed"]
+            where = f"saga {saga_id} {wait.name}"
+            if len(begun) > 1 or len(ended) > 1 or len(consumed) > 1:
+                twice.append(
+                    f"{where}: begun {len(begun)} times, ended {len(ended)} times, "
+                    f"{len(consumed)} signals consumed"
+                )
+            by_signal = {e.detail.get("signal") for e in ended if e.detail.get("signal")}
+            if {r.pk for r in consumed} != by_signal:
+                twice.append(f"{where}: consumed {[r.pk for r in consumed]}, ended by {by_signal}")
+            end = ended[0] if ended else None
+            if end is not None and end.kind != EventKind.WAIT_SKIPPED:
+                ends[f"{wait.name}: {end.kind}"] += 1
+            # When a signal stopped being in time: the wait's end (a timeout's due time, if
+            # earlier), or the saga turning back.
+            over: list[datetime] = [*turned[:1]]
+            if end is not None:
+                over.append(end.created_at)
+                if end.kind == EventKind.WAIT_TIMED_OUT:
+                    over.append(datetime.fromisoformat(end.detail["due"]))
+            over_at = min(over, default=None)
+            in_time = [r for r in received if over_at is None or r.created_at <= over_at]
+            for row in received:
+                sender = "gateway" if (row.idempotency_key or "").startswith("url:") else "drill"
+                if wait.name == CONFIRMATION:
+                    rows[(sender, row.status)] += 1
+                # Kept in a paused saga is right: an operator's retry may still reach the wait.
+                if row.status == "kept" and saga.status != "failed":
+                    lost.append(f"{where}: signal {row.pk} still kept, its saga {saga.status}")
+                elif row.status == "refused" and row in in_time and not by_signal:
+                    # (Refused in time is right only beside the signal its wait consumed.)
+                    lost.append(f"{where}: signal {row.pk} refused in time: {row.reason}")
+            if end is not None and end.kind == EventKind.WAIT_TIMED_OUT and in_time:
+                lost.append(f"{where}: timed out, with signals {[r.pk for r in in_time]} in time")
+            # No stage after the wait began before it ended; none at all if it never did.
+            went_on = end is not None and end.kind in (
+                EventKind.WAIT_COMPLETED,
+                EventKind.WAIT_SKIPPED,
+            )
+            ran = [
+                e
+                for e in timeline
+                if e.step_index is not None and e.step_index > wait.index and e.kind in STAGE_RAN
+            ]
+            if ran and (not went_on or end is None or ran[0].pk < end.pk):
+                early.append(f"{where}: {ran[0].kind} of stage {ran[0].step_index} too soon")
+            for later in [s for s in steps[saga_id] if s.index > wait.index]:
+                started = later.started_at
+                if started and (not went_on or not wait.finished_at or started < wait.finished_at):
+                    early.append(f"{where}: {later.name} started at {started}, too soon")
+
+    # Every answer the drill got has its row, which says the same.
+    by_key = {(str(r.saga_id), r.idempotency_key): r for rs in signals.values() for r in rs}
+    for send in sends:
+        if send.stage != CONFIRMATION:
+            continue
+        if send.when == "submit" and send.outcome not in ("kept", "repeated"):
+            # Sent before the saga's first step could run: its wait was still to come.
+            lost.append(f"saga {send.saga_id}: {send.key}, sent first, {send.outcome}")
+        # A key sent again (planned, or after an error) has the first one's row.
+        stored = by_key.get((send.saga_id, send.key))
+        if stored is None or stored.pk != send.signal_id:
+            lost.append(f"saga {send.saga_id}: the drill's {send.key} ({send.outcome}) has no row")
+            continue
+        settled = {"consumed": ("consumed",), "refused": ("refused",)}
+        expected = settled.get(send.outcome, ("consumed", "discarded", "refused", "kept"))
+        if stored.status not in expected:
+            other.append(
+                f"saga {send.saga_id}: {send.key} answered {send.outcome}, {stored.status}"
+            )
+    decided = Counter(
+        f"{s.decision}: {s.outcome}" for s in sends if s.stage == REVIEW and s.outcome
+    )
+    answered = Counter(s.outcome for s in sends if s.stage == CONFIRMATION)
+    return {
+        "confirmations_sent": dict(answered),
+        "confirmation_rows": {f"{k[0]}: {k[1]}": n for k, n in sorted(rows.items())},
+        "decisions": dict(sorted(decided.items())),
+        "wait_ends": dict(sorted(ends.items())),
+        "signals_lost": len(lost),
+        "applied_twice": len(twice),
+        "stages_too_soon": len(early),
+        "wait_violations": lost + twice + early + other,
+    }
+
+
 def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: int) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -807,7 +1278,18 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("recoveries (re-dispatches)", report["recoveries"]),
         ("duplicate deliveries suppressed", report["duplicates"]),
         ("seconds to drain after the last submission", f"{waited:.1f}"),
+        *[(f"waits ended: {end}", n) for end, n in report["wait_ends"].items()],
+        *[(f"confirmations stored: {k}", n) for k, n in report["confirmation_rows"].items()],
+        *[
+            (f"the drill's confirmations answered {outcome}", n)
+            for outcome, n in sorted(report["confirmations_sent"].items())
+        ],
+        *[(f"the drill's decisions: {k}", n) for k, n in report["decisions"].items()],
+        ("the drill's sends and reads retried (database down)", report["outside_errors"]),
         ("sagas lost", report["lost"]),
+        ("signals lost", report["signals_lost"]),
+        ("signals applied twice (or waits ended twice)", report["applied_twice"]),
+        ("stages begun before the wait before them ended", report["stages_too_soon"]),
         ("double charges", report["double_charged"]),
         ("charged and cancelled (not refunded)", report["charged_and_cancelled"]),
         ("invariant violations (all)", len(report["violations"])),
