@@ -1122,6 +1122,7 @@ STAGE_RAN = (
     "wait_failed",
 )
 WAIT_ENDS = ("wait_completed", "wait_skipped", "wait_timed_out", "wait_failed")
+SIGNAL_ENDS = ("consumed", "refused", "discarded")
 
 
 def check_waits(saga_ids: list[str], sends: list[Send]) -> dict[str, Any]:
@@ -1148,7 +1149,8 @@ def check_waits(saga_ids: list[str], sends: list[Send]) -> dict[str, Any]:
     early: list[str] = []
     other: list[str] = []
     ends: Counter[str] = Counter()
-    rows: Counter[tuple[str, str]] = Counter()  # (sender, final status) of the confirmations
+    senders: Counter[str] = Counter()  # the confirmations stored, by sender
+    came: Counter[tuple[str, str]] = Counter()  # (when, final status) of the confirmations
     for saga_id, saga in sagas.items():
         timeline = events.get(saga_id, [])
         turned = [
@@ -1185,9 +1187,15 @@ def check_waits(saga_ids: list[str], sends: list[Send]) -> dict[str, Any]:
             over_at = min(over, default=None)
             in_time = [r for r in received if over_at is None or r.created_at <= over_at]
             for row in received:
-                sender = "gateway" if (row.idempotency_key or "").startswith("url:") else "drill"
                 if wait.name == CONFIRMATION:
-                    rows[(sender, row.status)] += 1
+                    gateway = (row.idempotency_key or "").startswith("url:")
+                    senders["gateway" if gateway else "drill"] += 1
+                    if over_at is not None and row.created_at > over_at:
+                        came[("after it ended", row.status)] += 1
+                    elif begun and row.created_at >= begun[0].created_at:
+                        came[("while it waited", row.status)] += 1
+                    else:
+                        came[("before the wait", row.status)] += 1
                 # Kept in a paused saga is right: an operator's retry may still reach the wait.
                 if row.status == "kept" and saga.status != "failed":
                     lost.append(f"{where}: signal {row.pk} still kept, its saga {saga.status}")
@@ -1238,7 +1246,11 @@ def check_waits(saga_ids: list[str], sends: list[Send]) -> dict[str, Any]:
     answered = Counter(s.outcome for s in sends if s.stage == CONFIRMATION)
     return {
         "confirmations_sent": dict(answered),
-        "confirmation_rows": {f"{k[0]}: {k[1]}": n for k, n in sorted(rows.items())},
+        "confirmations_stored": f"{senders['gateway']} / {senders['drill']}",
+        "confirmations_came": {
+            when: " / ".join(str(came[(when, status)]) for status in SIGNAL_ENDS)
+            for when in ("before the wait", "while it waited", "after it ended")
+        },
         "decisions": dict(sorted(decided.items())),
         "wait_ends": dict(sorted(ends.items())),
         "signals_lost": len(lost),
@@ -1279,7 +1291,11 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("duplicate deliveries suppressed", report["duplicates"]),
         ("seconds to drain after the last submission", f"{waited:.1f}"),
         *[(f"waits ended: {end}", n) for end, n in report["wait_ends"].items()],
-        *[(f"confirmations stored: {k}", n) for k, n in report["confirmation_rows"].items()],
+        ("confirmations stored (the gateway's / the drill's)", report["confirmations_stored"]),
+        *[
+            (f"  that came {when}: consumed / refused / discarded", n)
+            for when, n in report["confirmations_came"].items()
+        ],
         *[
             (f"the drill's confirmations answered {outcome}", n)
             for outcome, n in sorted(report["confirmations_sent"].items())
