@@ -475,6 +475,8 @@ def main() -> int:
     print_report(report, faults_done, finished, seed)
     for note in stack.exits:
         print(f"  note: {note} (started again, as a supervisor would)")
+    for note in report["failed_sagas"][:20]:
+        print(f"  note: {note}")
     if report["violations"] or report["lost"]:
         print(f"drill: FAILED (logs kept in {logs})")
         return 1
@@ -1080,6 +1082,13 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     violations += double_charged + charged_and_cancelled
     return {
         "failed_reasons": dict(reasons),
+        # Paused for an operator: which, where and why, to read in the logs (kept on a pass
+        # with --keep).
+        "failed_sagas": [
+            f"saga {s.pk} paused at stage {s.current_step}: {s.error_code}: {s.error_message}"
+            for s in sagas.values()
+            if s.status == "failed"
+        ],
         "sagas": len(saga_ids),
         "statuses": dict(statuses),
         "lost": len(lost),
