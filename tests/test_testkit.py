@@ -570,6 +570,8 @@ def test_an_engine_that_takes_any_decision_fails_the_kits_guarantees(saga_db, mo
         return waits.signal(saga_id, "review", payload=payload, fail=fail, decision=True)
 
     monkeypatch.setattr("sagas.engine.waits.decide", any_decision)
+    # Nor does it know a decision taken again (under the saga's lock, `_same_decision`).
+    monkeypatch.setattr("sagas.engine.waits._same_decision", lambda *args: None)
     early = broken(REVIEWED.case("review decided before the saga waits for it").run(saga_db))
     for problem in [
         "the saga never waited at review: a decision taken before was applied",
