@@ -229,8 +229,10 @@ def _due(unit: Unit, step: StepRow, now: datetime) -> datetime | None:
 
 
 def _skip(unit: Unit, step: StepRow) -> None:
-    """The wait's condition is false: it completes with no output, and what was kept for it
-    is discarded, as no wait will ever consume it."""
+    """The wait's condition is false: it completes with no output. A signal kept for it (sent
+    early) is discarded when the saga ends (`Unit.move_saga`), as no wait will consume it:
+    not here, where every saga of a definition whose condition skips the wait would pay a
+    query for the rare one that got a signal."""
     unit.move_step(
         step,
         StepStatus.COMPLETED,
@@ -241,14 +243,6 @@ def _skip(unit: Unit, step: StepRow) -> None:
         finished_at=timezone.now(),
         due_at=None,
     )
-    event = step.definition.get("event")
-    if event:
-        for kept in kept_for(unit.saga.pk, event):
-            reason = "Its wait was skipped (its condition was false)."
-            SagaSignal.objects.filter(pk=kept.pk).update(
-                status=SignalStatus.DISCARDED, reason=reason
-            )
-            unit.event(EventKind.SIGNAL_DISCARDED, step, {"signal": kept.pk, "event": event})
     _go_on(unit, step)
 
 
