@@ -246,11 +246,13 @@ def answers(url: str) -> bool:
 
 
 @contextmanager
-def running_server(env: dict[str, str], log: Path, ready_path: str = "/healthz") -> Iterator[str]:
-    """A real `manage.py runserver` on a free port; yields its base URL."""
+def running_server(
+    env: dict[str, str], log: Path, ready_path: str = "/healthz", options: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """A real `manage.py runserver` on a free port, with `options`; yields its base URL."""
     ARTIFACTS.mkdir(exist_ok=True)
     base = f"http://127.0.0.1:{free_port()}"
-    cmd = [sys.executable, "manage.py", "runserver", base.rsplit("/", 1)[1], "--noreload"]
+    cmd = [sys.executable, "manage.py", "runserver", base.rsplit("/", 1)[1], "--noreload", *options]
     with log.open("w") as output:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT)
     try:
