@@ -450,8 +450,9 @@ def main() -> int:
         finished = wait_all_final(saga_ids, args.timeout)
         # The sends once a wait is over, each at most 1.5 s after its saga ended.
         unmade = outside.finish(timeout=30)
-        # The relay sends a notice once it is RELAY_AFTER old, at the next sweep.
-        unsent = wait_signals_sent(saga_ids, timeout=RELAY_AFTER + 30)
+        # The relay sends a notice once it is RELAY_AFTER old, at the next sweep, which waits
+        # in the queue behind the steps still queued (a loaded CI machine): a minute and a half.
+        unsent = wait_signals_sent(saga_ids, timeout=RELAY_AFTER + 90)
         report = check_invariants(saga_ids, products)
         report.update(check_waits(saga_ids, outside.done))
         report["violations"] += report.pop("wait_violations")
