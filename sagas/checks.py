@@ -36,7 +36,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
 
 from . import conf
-from .definitions import Wait, import_callable, registered, stored_paths
+from .definitions import Wait, import_callable, registered, steps_in, stored_paths
 from .exceptions import CodeMissing, DefinitionError
 
 logger = logging.getLogger("sagas")
@@ -329,9 +329,7 @@ def longest_step() -> int:
     grace = conf.hard_time_limit_grace()
     longest = 0
     for definition in registered().values():
-        for step in definition.steps:
-            if isinstance(step, Wait):
-                continue  # a wait holds no message
+        for step in (s for stage in definition.steps for s in steps_in(stage)):
             limit = max(step.time_limit, step.compensation_time_limit or 0) + grace
             wait = max(step.retry.longest_wait(), step.compensation_retry.longest_wait())
             longest = max(longest, int(limit), int(wait))

@@ -1,5 +1,5 @@
-"""The declarative definition API: a saga is a name and an ordered list of stages: steps, and
-waits for an event or a time."""
+"""The declarative definition API: a saga is a name and an ordered list of stages: steps, waits
+for an event or a time, and groups of steps that run at the same time."""
 
 from __future__ import annotations
 
@@ -38,10 +38,18 @@ class StepContext:
     outputs: dict[str, Any]
     attempt: int
     output: Any = None  # the step's own output, for its compensation
+    # A group member's: the item of the list its group maps over (None for a listed member).
+    item: Any = None
+    # A group member's: the group's name (the member's own name is `step`).
+    group: str = ""
 
     @property
     def idempotency_key(self) -> str:
-        """Pass this to any external system, so a repeated call is recognised as such."""
+        """Pass this to any external system, so a repeated call is recognised as such:
+        `<saga>:<step>`, and for a group's member `<saga>:<group>:<member>` (a map's member
+        is named by its item's key)."""
+        if self.group:
+            return f"{self.saga_id}:{self.group}:{self.step}"
         return f"{self.saga_id}:{self.step}"
 
     def signal_url(self, event: str) -> str:
@@ -306,6 +314,129 @@ class Approval(Wait):
             )
 
 
+# The most members a group may have, unless it says otherwise (`Group.max_fan_out`).
+MAX_FAN_OUT = 1000
+# The longest name of a member (a map's: its item's key).
+MEMBER_NAME_MAX_LENGTH = 100
+
+
+@dataclass(frozen=True)
+class Group:
+    """A stage whose members run at the same time, each a `Step` with its own action,
+    compensation and policy; the saga goes on once every member completed.
+
+    Give `members` (listed steps), or `items` and `step` (a map): `items(ctx)` returns the list
+    to map over, computed once when the group begins and stored then; `step` runs once per item
+    (`ctx.item`), named by the item's key: `key(item)` if given, else the item itself when it
+    is a string or an integer, else its position in the list. More than `max_fan_out` items
+    fail the group's start (the saga pauses for an operator); an empty list completes it at once.
+
+    `concurrency` bounds how many members run at once (None: all). A map may tolerate up to
+    `tolerated_failures` members failing for good: the group then completes without them.
+
+    When a member fails for good (beyond that tolerance), no new member starts, those running
+    finish or fail, then the members that completed are compensated, one at a time in reverse
+    order (of the list, or of the items), then the stages before the group in reverse. A
+    saga's retry after it paused in a group runs only the members that did not complete.
+
+    The group's output, which later stages read in `ctx.outputs[name]`, is a dict of the
+    members' outputs by name (a map's: a list in the items' order, None for a tolerated
+    failure). A member's idempotency key is `<saga>:<group>:<member>`.
+    """
+
+    name: str
+    members: Sequence[Step] = ()
+    items: str | Callable[..., Any] | None = None
+    step: Step | None = None
+    key: str | Callable[..., Any] | None = None
+    max_fan_out: int = MAX_FAN_OUT
+    concurrency: int | None = None
+    tolerated_failures: int = 0
+
+    def __post_init__(self) -> None:
+        mapped = self.items is not None or self.step is not None
+        if mapped and self.members:
+            raise DefinitionError(f"group {self.name!r}: give members, or items and a step")
+        if mapped and (self.items is None or self.step is None):
+            raise DefinitionError(f"group {self.name!r}: a map needs items and a step")
+        if not mapped and not self.members:
+            raise DefinitionError(f"group {self.name!r} has no members")
+        if not mapped and (self.key is not None or self.tolerated_failures):
+            raise DefinitionError(
+                f"group {self.name!r}: key and tolerated_failures are a map's (items and step)"
+            )
+        steps = list(self.members) if not mapped else [self.step]
+        for member in steps:
+            if not isinstance(member, Step):
+                raise DefinitionError(f"group {self.name!r}: its members are steps")
+            if member.pivot:
+                raise DefinitionError(
+                    f"group {self.name!r}: a pivot inside a group is not allowed ({member.name!r})"
+                )
+        names = [m.name for m in self.members]
+        if len(set(names)) != len(names):
+            raise DefinitionError(f"group {self.name!r} has duplicate member names")
+        if any(len(n) > MEMBER_NAME_MAX_LENGTH for n in names):
+            raise DefinitionError(f"group {self.name!r}: a member's name is too long")
+        if not 1 <= self.max_fan_out <= 100_000:
+            raise DefinitionError(f"group {self.name!r}: max_fan_out must be within [1, 100000]")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise DefinitionError(f"group {self.name!r}: concurrency must be at least 1")
+        if self.tolerated_failures < 0:
+            raise DefinitionError(f"group {self.name!r}: tolerated_failures must be >= 0")
+        object.__setattr__(self, "members", tuple(self.members))
+        for attribute in ("items", "key"):
+            value = getattr(self, attribute)
+            if value is not None:
+                path = dotted_path(value)
+                if "<" in path:
+                    raise DefinitionError(
+                        f"group {self.name!r}: {attribute} must be a module-level function"
+                    )
+                object.__setattr__(self, attribute, path)
+
+    def snapshot(self, on_unexpected_error: str | None = None) -> dict[str, Any]:
+        """What a saga copies into the group's row when it starts: its members' definitions
+        (a map's one step's) with it; a member's row holds only its state."""
+        snapshot: dict[str, Any] = {
+            "kind": "group",
+            "members": [{**m.snapshot(on_unexpected_error), "name": m.name} for m in self.members],
+            "concurrency": self.concurrency,
+            # What the engine reads of every stage: the members run and undo, not the group.
+            "compensation": None,
+            "time_limit": 1,
+            "pivot": False,
+        }
+        if self.step is not None:
+            snapshot["map"] = {
+                "items": self.items,
+                "key": self.key,
+                "step": {**self.step.snapshot(on_unexpected_error), "name": self.step.name},
+                "max_fan_out": self.max_fan_out,
+                "tolerated_failures": self.tolerated_failures,
+            }
+        return snapshot
+
+
+def steps_in(stage: Step | Wait | Group) -> list[Step]:
+    """The steps a stage runs: itself, a group's members (a map's one step), or none (a wait)."""
+    if isinstance(stage, Group):
+        return list(stage.members) if stage.step is None else [stage.step]
+    return [] if isinstance(stage, Wait) else [stage]
+
+
+def is_group(definition: dict[str, Any]) -> bool:
+    """Whether a stage's stored definition is a group's."""
+    return definition.get("kind") == "group"
+
+
+def member_definitions(definition: dict[str, Any]) -> list[dict[str, Any]]:
+    """The step definitions of a group's members as stored (a map's one step)."""
+    if "map" in definition:
+        return [definition["map"]["step"]]
+    return list(definition["members"])
+
+
 def is_wait(definition: dict[str, Any]) -> bool:
     """Whether a stage's stored definition is a wait's."""
     return definition.get("kind") == "wait"
@@ -332,7 +463,7 @@ class SagaDefinition:
     """
 
     name: str
-    steps: Sequence[Step | Wait]
+    steps: Sequence[Step | Wait | Group]
     on_complete: str | Callable[..., Any] | None = None
     continue_compensation_on_failure: bool = False
     # Seconds a saga may run; past it the sweeper compensates it, unless it passed its pivot.
@@ -356,6 +487,8 @@ class SagaDefinition:
             raise DefinitionError(f"saga {self.name!r} waits twice for the same event")
         if isinstance(self.steps[-1], Wait):
             raise DefinitionError(f"saga {self.name!r} ends with a wait: its last stage is a step")
+        if isinstance(self.steps[-1], Group):
+            raise DefinitionError(f"saga {self.name!r} ends with a group: its last stage is a step")
         object.__setattr__(self, "steps", tuple(self.steps))
         if self.on_complete is not None:
             object.__setattr__(self, "on_complete", dotted_path(self.on_complete))
@@ -370,7 +503,8 @@ class SagaDefinition:
 
     @property
     def begins_with_a_wait(self) -> bool:
-        return isinstance(self.steps[0], Wait)
+        """Whether its first stage is a wait or a group (begun once the start commits)."""
+        return isinstance(self.steps[0], Wait | Group)
 
     def key_of(self, input: dict[str, Any]) -> str | None:
         """The business key of a saga started with this input, as stored on its row."""
@@ -434,6 +568,11 @@ def stored_paths(steps: Sequence[dict[str, Any]], on_complete: Any = None) -> se
     for step in steps:
         if is_wait(step):
             paths.update(step[k] for k in ("validate", "until", "condition") if step.get(k))
+            continue
+        if is_group(step):
+            mapped = step.get("map") or {}
+            paths.update(mapped[k] for k in ("items", "key") if mapped.get(k))
+            paths.update(stored_paths(member_definitions(step)))
             continue
         paths.add(step["action"])
         if step.get("compensation"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -321,6 +322,92 @@ class SagaStep(models.Model):
     @property
     def compensation(self) -> str | None:
         return self.definition.get("compensation")
+
+
+class SagaMember(models.Model):
+    """A member of a group stage (`sagas.definitions.Group`): a step that runs at the same time
+    as the group's other members, with its own status, attempts and output. Made when its
+    group begins (a map's: one per item, with the item). Its definition is in the group's
+    stage row (`SagaStep.definition`), not here."""
+
+    # Not indexed on its own: the unique (saga, stage, position) serves every lookup by saga.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="members", db_index=False)
+    stage = models.PositiveSmallIntegerField(help_text="The index of its group's stage.")
+    position = models.PositiveIntegerField(help_text="Its place in the group (an item's index).")
+    name = models.CharField(
+        max_length=100, help_text="Its name in the group (a map's member: its item's key)."
+    )
+    item = models.JSONField(null=True, blank=True, help_text="A map's member: its item.")
+    status = models.CharField(
+        max_length=20,
+        choices=StepStatus.choices,
+        default=StepStatus.PENDING,
+        help_text="Where the member is in its life cycle.",
+    )
+    attempts = models.PositiveIntegerField(
+        default=0, help_text="Failed or completed attempts of its action, counted from its row."
+    )
+    compensation_attempts = models.PositiveIntegerField(
+        default=0, help_text="Attempts of its compensation."
+    )
+    output = models.JSONField(null=True, blank=True, help_text="What its action returned.")
+    error_code = models.CharField(max_length=100, blank=True, help_text="Safe error code.")
+    error_message = models.CharField(
+        max_length=500, blank=True, help_text="Safe, human-readable error message."
+    )
+    started_at = models.DateTimeField(null=True, blank=True, help_text="First attempt started.")
+    finished_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its action completed or finally failed."
+    )
+    compensated_at = models.DateTimeField(
+        null=True, blank=True, help_text="When its compensation completed."
+    )
+    fenced_until = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="An attempt of its action may still be running until then: its compensation "
+        "waits (as a step's, `SagaStep.fenced_until`).",
+    )
+
+    class Meta:
+        verbose_name = "group member"
+        verbose_name_plural = "group members"
+        # By the saga's id, not its row: ordering by `saga` would join (and lock) the saga.
+        ordering = ("saga_id", "stage", "position")
+        constraints = [
+            _status_check("saga_member_status_valid", StepStatus),
+            models.UniqueConstraint(
+                fields=["saga", "stage", "position"], name="saga_member_unique_position"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.stage}.{self.position}:{self.name} ({self.status})"
+
+    # The engine reads a member as it reads a step (`sagas.engine.groups.load`): its stage's
+    # index, its definition (from the group's row) and its group's name.
+    definition: dict[str, Any]
+    group: str
+
+    @property
+    def index(self) -> int:
+        return self.stage
+
+    @property
+    def compensation(self) -> str | None:
+        return self.definition.get("compensation")
+
+    @property
+    def label(self) -> str:
+        """Its step's name on the timeline, in metrics and traces: `<group>.<member>` (a map's
+        member: `<group>.<step>`, the same for every item; its item's key is in the event's
+        detail, `member`)."""
+        return f"{getattr(self, 'group', self.stage)}.{self.definition['name']}"[:100]
+
+    @property
+    def title(self) -> str:
+        """Its name for a person: `<group>.<member>` (a map's member: `<group>.<item key>`)."""
+        return f"{getattr(self, 'group', self.stage)}.{self.name}"
 
 
 # Keys of an event's detail that only staff see: an unexpected error's class, its message where

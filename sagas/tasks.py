@@ -77,6 +77,7 @@ def attempt(
     forward: bool,
     fault: Any = None,
     bound: float | None = None,
+    member: int | None = None,
 ) -> engine.Outcome:
     """One delivery of a step's (or a compensation's) message: run it, or record its failure.
     `bound`: the task's hard time limit, which bounds the attempt's database session too.
@@ -86,7 +87,7 @@ def attempt(
     execute = engine.step_attempt if forward else engine.compensation_attempt
     record_failure = engine.step_attempt_failed if forward else engine.compensation_attempt_failed
     try:
-        return execute(saga_id, index, epoch=epoch, fault=fault, bound=bound)
+        return execute(saga_id, index, epoch=epoch, fault=fault, bound=bound, member=member)
     except Saga.DoesNotExist:
         raise
     except DATABASE_UNAVAILABLE as exc:
@@ -98,7 +99,7 @@ def attempt(
     # The attempt's transaction rolled back, and its failure is recorded next: a connection
     # lost now loses no attempt (the record commits, or the attempt runs again).
     engine.ACTION_BEGAN.set(False)
-    return record_failure(saga_id, index, exception, epoch=epoch)
+    return record_failure(saga_id, index, exception, epoch=epoch, member=member)
 
 
 def _lost(task: Any, lost: str) -> str:
@@ -120,6 +121,7 @@ def _run(
     forward: bool,
     lost: str,
     unsure_since: float,
+    member: int | None = None,
 ) -> None:
     engine.ACTION_BEGAN.set(False)
     began = time.time()
@@ -129,8 +131,14 @@ def _run(
         if unsure_since or why == "redelivered":
             # A previous delivery may have committed unheard, or died right after its commit.
             since = unsure_since or None
-            failed = engine.after_unsure_commit(saga_id, index, forward=forward, since=since)
-        counted = engine.attempt_lost(saga_id, index, forward=forward, why=why) if why else None
+            failed = engine.after_unsure_commit(
+                saga_id, index, forward=forward, since=since, member=member
+            )
+        counted = (
+            engine.attempt_lost(saga_id, index, forward=forward, why=why, member=member)
+            if why
+            else None
+        )
         why = ""  # counted, or nothing to count
         injector = None
         if counted is not None:
@@ -140,7 +148,13 @@ def _run(
             injector = hook(saga_id, index, forward=forward) if hook is not None else None
             hard_limit = (task.request.timelimit or (None, None))[0]
             outcome = attempt(
-                saga_id, index, epoch, forward=forward, fault=injector, bound=hard_limit
+                saga_id,
+                index,
+                epoch,
+                forward=forward,
+                fault=injector,
+                bound=hard_limit,
+                member=member,
             )
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: message ignored", saga_id)
@@ -151,12 +165,17 @@ def _run(
         # Sent again: an attempt that may have run is counted by the next delivery, which
         # also tells what a transaction of this one may have committed unheard
         # (`engine.after_unsure_commit`).
-        again = {"epoch": epoch, "lost": why, "unsure_since": unsure_since or began}
+        again: dict[str, Any] = {"epoch": epoch, "lost": why, "unsure_since": unsure_since or began}
+        if member is not None:
+            again["member"] = member
         raise _database_unavailable(task, saga_id, kwargs=again) from None
     except ProgrammingError:
         raise _schema_behind(task, saga_id) from None
     if outcome.kind == "retry":
-        raise task.retry(countdown=outcome.countdown, kwargs={"epoch": epoch})
+        kwargs: dict[str, Any] = {"epoch": epoch}
+        if member is not None:
+            kwargs["member"] = member
+        raise task.retry(countdown=outcome.countdown, kwargs=kwargs)
     if outcome.kind == "fail":
         assert outcome.error is not None
         if injector is not None:
@@ -176,21 +195,51 @@ def _run(
 
 @shared_task(bind=True, name="sagas.run_step", max_retries=None, throws=(StepFailed,))
 def run_step(
-    self: Any, saga_id: str, index: int, epoch: int, lost: str = "", unsure_since: float = 0.0
+    self: Any,
+    saga_id: str,
+    index: int,
+    epoch: int,
+    lost: str = "",
+    unsure_since: float = 0.0,
+    member: int | None = None,
 ) -> None:
     """Run step `index` of a saga. Idempotent: a completed step is not run again. `lost`:
     why the previous delivery's attempt may have run and recorded nothing (counted first);
     `unsure_since`: when a previous delivery that lost its database connection began."""
-    _run(self, saga_id, index, epoch, forward=True, lost=lost, unsure_since=unsure_since)
+    _run(
+        self,
+        saga_id,
+        index,
+        epoch,
+        forward=True,
+        lost=lost,
+        unsure_since=unsure_since,
+        member=member,
+    )
 
 
 @shared_task(bind=True, name="sagas.compensate_step", max_retries=None, throws=(StepFailed,))
 def compensate_step(
-    self: Any, saga_id: str, index: int, epoch: int, lost: str = "", unsure_since: float = 0.0
+    self: Any,
+    saga_id: str,
+    index: int,
+    epoch: int,
+    lost: str = "",
+    unsure_since: float = 0.0,
+    member: int | None = None,
 ) -> None:
     """Compensate step `index` of a saga. Idempotent: a compensated step is skipped. `lost`
-    as for `run_step`."""
-    _run(self, saga_id, index, epoch, forward=False, lost=lost, unsure_since=unsure_since)
+    as for `run_step`; `member`: a group's member's position in stage `index`."""
+    _run(
+        self,
+        saga_id,
+        index,
+        epoch,
+        forward=False,
+        lost=lost,
+        unsure_since=unsure_since,
+        member=member,
+    )
 
 
 # Not bound, and taking the failure's (request, exc, traceback): Celery calls it in the process

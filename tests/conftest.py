@@ -278,6 +278,7 @@ def lose_messages(monkeypatch) -> None:
     """Every chain the engine sends from this process is lost (as in a broker crash)."""
     monkeypatch.setattr("sagas.engine.dispatch.send_steps", lambda *args, **kwargs: None)
     monkeypatch.setattr("sagas.engine.dispatch.send_compensations", lambda *args, **kwargs: None)
+    monkeypatch.setattr("sagas.engine.dispatch.send_members", lambda *args, **kwargs: None)
 
 
 def attempt_in_process(saga_id, index: int) -> str:

@@ -781,3 +781,8 @@ def _review_fixes() -> None:
 
 
 _review_fixes()
+
+
+# -- groups (tests/test_groups.py) -------------------------------------------------------------
+
+from tests import groupdefs  # noqa: E402, F401  (registers them in the workers too)

@@ -1,6 +1,7 @@
 """The engine: every saga and step transition happens here, under the saga's row lock.
 
-`forward` starts sagas and runs steps, `compensation` undoes them, `callbacks` are the
+`forward` starts sagas and runs steps, `groups` runs a group's members at the same time,
+`compensation` undoes them, `callbacks` are the
 chains' error callbacks, `recovery` is what the sweeper does to one saga, and `operator` holds
 the operator actions. `unit` is the locked saga they all change. Celery tasks
 (`sagas.tasks`) and the services (`sagas.services`) call these functions; nothing else
@@ -21,6 +22,7 @@ from .callbacks import (
 )
 from .compensation import begin_compensation, compensation_attempt, compensation_attempt_failed
 from .forward import start, step_attempt, step_attempt_failed
+from .groups import enter_group
 from .operator import (
     KEEP,
     Deadline,
@@ -64,6 +66,7 @@ __all__ = [
     "compensation_attempt_failed",
     "compensation_chain_failed",
     "deadline_passed",
+    "enter_group",
     "lock",
     "plan",
     "plan_compensate",

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime
+from typing import Any
 
 from django.db import transaction
 
 from ..models import EventKind, SagaEvent
-from . import rows
+from . import dispatch, groups, rows
 from .compensation import finish_if_done, its_turn, record_compensation_failure
 from .forward import attempt_may_fail, record_attempt_failure, record_unexpected_failure
 from .relay import relay_saga
@@ -41,6 +42,7 @@ from .unit import (
     compensation_time_limit,
     hard_time_limit_error,
     lock,
+    unexpected_error_policy,
 )
 
 logger = logging.getLogger("sagas")
@@ -78,7 +80,12 @@ def step_chain_failed(
     task_id: str = "",
 ) -> None:
     """Error callback of a saga's forward chain; `failed` is the index of the step whose task
-    failed, where its task id tells, and `cause` the class of its exception. Idempotent."""
+    failed, where its task id tells, and `cause` the class of its exception. Idempotent. A
+    group's member's task has one of its own (`groups.member_chain_failed`)."""
+    member = dispatch.failed_member(task_id, saga_id, epoch)
+    if member is not None:
+        member_chain_failed(saga_id, epoch, *member, cause=cause, task_id=task_id)
+        return
     with transaction.atomic():
         unit = lock(saga_id)
         saga = unit.saga
@@ -128,11 +135,12 @@ def compensation_chain_failed(
             logger.info("saga %s: compensation error callback with nothing to do", saga_id)
             return
         remaining = unit.to_compensate()
+        member = dispatch.failed_member(task_id, saga_id, epoch)
+        failed_key = member or ((failed, None) if failed is not None else None)
+        owed = {(s.index, getattr(s, "position", None)) for s in remaining}
         if not remaining:
             finish_if_done(unit)
-        elif (failed is not None and failed not in {s.index for s in remaining}) or (
-            broker_failed(cause)
-        ):
+        elif (failed_key is not None and failed_key not in owed) or broker_failed(cause):
             # That compensation committed (or its retry was recorded); then its task failed to
             # send the next message: send the rest again, nothing failed.
             unit.send_compensations()
@@ -160,16 +168,24 @@ LOST = {
 }
 
 
-def attempt_lost(saga_id: str, index: int, *, forward: bool, why: str) -> Outcome | None:
+def attempt_lost(
+    saga_id: str, index: int, *, forward: bool, why: str, member: int | None = None
+) -> Outcome | None:
     """Count, in a transaction of its own, an attempt of the step (or of its compensation)
     that may have run and recorded nothing: its message arrived redelivered (its worker died
     before it committed), or its database session ended after its action began (`why`, a key
     of `LOST`). It is a transient failure of the step: retried while its policy allows, else
     the step fails for good. None when the step is not in progress (nothing to count)."""
     error = LOST[why]
+    if forward and member is not None:
+        return groups.member_lost(saga_id, index, member, error, why)
     with transaction.atomic():
         unit = lock(saga_id)
-        step = unit.steps[index]
+        step: Any = unit.steps[index]
+        if member is not None:
+            step = unit.member(index, member)
+            if step is None:
+                return None
         detail = {"delivery": why}
         if forward:
             if not attempt_may_fail(unit, step) or step.status not in IN_PROGRESS:
@@ -193,7 +209,7 @@ def attempt_lost(saga_id: str, index: int, *, forward: bool, why: str) -> Outcom
 
 
 def after_unsure_commit(
-    saga_id: str, index: int, *, forward: bool, since: float | None
+    saga_id: str, index: int, *, forward: bool, since: float | None, member: int | None = None
 ) -> SafeError | None:
     """A previous delivery of this message may have committed a transition unheard: it lost
     its database connection (`since`: when it began, on its worker's clock), as when
@@ -213,13 +229,15 @@ def after_unsure_commit(
             .exclude(kind=EventKind.DUPLICATE_IGNORED)
             .exists()
         )
-        step = unit.steps[index]
+        step: Any = unit.steps[index]
+        if member is not None:
+            step = unit.member(index, member)
     relay_saga(saga_id)
     # Only a step's failure ends its chain for its error callback to act: a compensation's
     # final failure halts the saga itself (its callback then has nothing to do), or, with
     # `continue_compensation_on_failure`, carries on in the same chain, which a callback
     # sent now would fork.
-    if forward and since_then and step.status == StepStatus.FAILED:
+    if forward and since_then and step is not None and step.status == StepStatus.FAILED:
         return SafeError(step.error_code, step.error_message)
     return None
 
@@ -230,3 +248,44 @@ def _carry_on(unit: Unit, outcome: str, countdown: float, *, forward_from: int) 
         unit.send_forward(forward_from, countdown=countdown)
     elif unit.saga.status == SagaStatus.COMPENSATING:
         unit.send_compensations()
+
+
+def member_chain_failed(
+    saga_id: str, epoch: int, index: int, position: int, *, cause: str | None, task_id: str
+) -> None:
+    """Error callback of a member's task (see `callbacks.step_chain_failed`). Idempotent."""
+    with transaction.atomic():
+        if groups.lock_member(saga_id, index, position) is None:
+            return
+        unit = lock(saga_id)
+        if not unit.is_current(epoch):
+            logger.info("saga %s: error callback of an older chain, ignored", saga_id)
+            return
+        member = unit.member(index, position)
+        stage = unit.steps[index]
+        if unit.saga.status == SagaStatus.COMPENSATING:
+            unit.send_compensations()  # a member's final failure began the compensation
+        elif member is not None and member.status in IN_PROGRESS and groups.going(unit, stage):
+            if broker_failed(cause):
+                groups.resend(unit, stage, member)
+            else:
+                error = outside_attempt_error(cause, task_id, int(member.definition["time_limit"]))
+                if error.code == "task_failed":
+                    policy = unexpected_error_policy(member)
+                    outcome = groups.record_member_failure(
+                        unit,
+                        member,
+                        error,
+                        transient=policy == "retry",
+                        pause="task failed" if policy == "pause" else "",
+                        detail={"exception": cause or "", "reference": task_id},
+                    )
+                else:
+                    outcome = groups.record_member_failure(unit, member, error, transient=True)
+                if outcome.kind == "retry":
+                    groups.resend(unit, stage, member, countdown=outcome.countdown)
+                elif unit.saga.status == SagaStatus.COMPENSATING:
+                    unit.send_compensations()
+        else:
+            return
+        unit.save()

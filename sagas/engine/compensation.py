@@ -14,8 +14,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from .. import conf
+from ..definitions import is_group
 from ..exceptions import CodeMissing
-from ..models import EventKind
+from ..models import EventKind, SagaMember
 from . import rows
 from .rows import StepRow
 from .unit import (
@@ -53,7 +54,7 @@ def begin_compensation(
         unit.move_step(current, StepStatus.FAILED, None, finished_at=timezone.now())
     detail = {**(detail or {}), "steps": [s.name for s in owed]}
     for step in owed:
-        if step is current and step.status in IN_PROGRESS:
+        if step is current and step.status in IN_PROGRESS and not is_group(step.definition):
             # Turned back from outside an attempt of the step (an operator, a deadline), while
             # an attempt of it may still run: its session may have ended (a restart, a
             # failover), releasing the lock, while its worker went on. The compensation waits
@@ -72,6 +73,8 @@ def begin_compensation(
         unit.send_compensations()
 
 
+# Seconds a group's settling waits before it looks again for a member's attempt still running.
+SETTLE_POLL = 1.0
 # What a fence adds to an attempt's time limit and the hard kill's grace: the time the
 # worker's main process takes to notice the limit and kill the attempt's process.
 FENCE_MARGIN = 5
@@ -87,12 +90,23 @@ def fence_of(step: StepRow) -> datetime:
 
 
 def compensation_attempt(
-    saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
+    saga_id: str,
+    index: int,
+    *,
+    epoch: int,
+    fault: Any = None,
+    bound: float | None = None,
+    member: int | None = None,
 ) -> Outcome:
-    """Run one step's compensation and record it in the same transaction."""
+    """Run one step's (or a group's `member`'s) compensation and record it in the same
+    transaction. A group's own compensation settles its members first (`groups.settle`)."""
     with transaction.atomic():
         unit = lock(saga_id, bound=bound)
-        step = unit.steps[index]
+        step: Any = unit.steps[index]
+        if member is not None:
+            step = unit.member(index, member)
+            if step is None:
+                return STOP
         if step.status == StepStatus.COMPENSATED:
             if not unit.is_current(epoch):
                 return STOP  # a newer chain carries the saga on from here
@@ -101,6 +115,8 @@ def compensation_attempt(
             return DUPLICATE
         if not its_turn(unit, step):
             return STOP
+        if member is None and is_group(step.definition):
+            return settle(unit, step)
         if step.fenced_until is not None:
             wait = (step.fenced_until - rows.database_now()).total_seconds()
             if wait > 0:  # an attempt of the step may still run: not yet (nothing counted)
@@ -120,6 +136,8 @@ def compensation_attempt(
             compensated_at=timezone.now(),
             compensation_attempts=ctx.attempt,
         )
+        if member is not None:
+            member_compensated(unit, step)
         unit.progressed()
         finish_if_done(unit)
         unit.save(commit=True)
@@ -140,7 +158,14 @@ def finish_if_done(unit: Unit) -> None:
     if remaining:
         unit.set_saga(current_step=remaining[0].index)
         return
-    failed = [s for s in unit.steps if s.status == StepStatus.COMPENSATION_FAILED]
+    failed: list[Any] = [s for s in unit.steps if s.status == StepStatus.COMPENSATION_FAILED]
+    failed += [
+        m
+        for s in unit.steps
+        if is_group(s.definition)
+        for m in unit.members(s.index)
+        if m.status == StepStatus.COMPENSATION_FAILED
+    ]
     if failed:
         _fail_saga(unit, failed[0])
     else:
@@ -148,24 +173,25 @@ def finish_if_done(unit: Unit) -> None:
 
 
 def _fail_saga(unit: Unit, step: StepRow) -> None:
-    detail = unit.remember_cause({"step": step.name})
+    detail = unit.remember_cause({"step": getattr(step, "label", step.name)})
     unit.halt_compensation()
+    name = getattr(step, "label", step.name)
     unit.set_saga(
         current_step=step.index,
         error_code="compensation_failed",
-        error_message=f"The compensation of step {step.name} failed.",
+        error_message=f"The compensation of step {name} failed.",
     )
     unit.move_saga(SagaStatus.FAILED, EventKind.SAGA_FAILED, detail)
 
 
 def compensation_attempt_failed(
-    saga_id: str, index: int, exc: BaseException, *, epoch: int
+    saga_id: str, index: int, exc: BaseException, *, epoch: int, member: int | None = None
 ) -> Outcome:
     """Record a failed compensation attempt: retry while the policy allows, else fail it."""
     with transaction.atomic():
         unit = lock(saga_id)
-        step = unit.steps[index]
-        if not its_turn(unit, step):
+        step: Any = unit.steps[index] if member is None else unit.member(index, member)
+        if step is None or not its_turn(unit, step):
             return STOP
         error = safe_error(exc, time_limit=compensation_time_limit(step))
         attempt = step.compensation_attempts + 1
@@ -227,3 +253,85 @@ def record_compensation_failure(
         return DONE
     _fail_saga(unit, step)
     return Outcome("fail", error=error)
+
+
+# -- a group's members ----------------------------------------------------------------------
+
+
+def settle(unit: Unit, stage: Any) -> Outcome:
+    """Begin the compensation of a group: once no member's attempt runs (their rows are
+    locked while they do), mark what is owed (the members that completed; those that may have
+    started where their definition says `compensate_failed_step`), and send the compensations
+    from the rows. Runs as the group's first compensation, under the saga's lock."""
+    members = unit.members(stage.index)
+    unsettled = [m for m in members if m.status in IN_PROGRESS]
+    if unsettled:
+        free = set(
+            SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
+            .filter(pk__in=[m.pk for m in unsettled])
+            .order_by()
+            .values_list("pk", flat=True)
+        )
+        if len(free) < len(unsettled):
+            return Outcome("retry", countdown=SETTLE_POLL)  # an attempt runs: it ends first
+    owed = []
+    for member in members:
+        may_have_started = member.status == StepStatus.FAILED or member.attempts > 0
+        if member.status == StepStatus.COMPLETED:
+            owed.append(member)
+            unit.move_step(member, StepStatus.COMPENSATING, None)
+        elif member.status in IN_PROGRESS and member.definition.get("compensate_failed_step"):
+            # It may have begun an attempt whose session ended while its worker went on.
+            owed.append(member)
+            unit.move_step(
+                member,
+                StepStatus.COMPENSATING,
+                None,
+                fenced_until=fence_of(member),  # type: ignore[arg-type]
+            )
+        elif member.status == StepStatus.FAILED and member.definition.get("compensate_failed_step"):
+            owed.append(member)
+            unit.move_step(member, StepStatus.COMPENSATING, None)
+        elif member.status == StepStatus.RUNNING:
+            if may_have_started:
+                unit.move_step(member, StepStatus.FAILED, None, finished_at=timezone.now())
+            else:
+                unit.move_step(member, StepStatus.PENDING, None)  # sent, never run
+    detail = {"members": [m.name for m in reversed(owed)]}
+    if owed:
+        unit.move_step(stage, StepStatus.COMPENSATING, None, compensation_attempts=1)
+        unit.event(EventKind.COMPENSATION_STARTED, stage, detail)
+    else:
+        unit.move_step(
+            stage,
+            StepStatus.COMPENSATED,
+            EventKind.STEP_COMPENSATED,
+            detail,
+            compensation_attempts=1,
+            compensated_at=timezone.now(),
+        )
+    unit.progressed()
+    finish_if_done(unit)
+    if unit.saga.status == SagaStatus.COMPENSATING:
+        unit.send_compensations()  # a new chain, from the rows as settled
+    unit.save()
+    return STOP
+
+
+def member_compensated(unit: Unit, member: SagaMember) -> None:
+    """After a member's compensation: its group is compensated once none of its members is
+    owed any more."""
+    stage = unit.steps[member.index]
+    owed = (StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED)
+    if not any(m.status in owed for m in unit.members(stage.index)):
+        unit.move_step(stage, StepStatus.COMPENSATED, None, compensated_at=timezone.now())
+
+
+def resume_members(unit: Unit) -> None:
+    """An operator resumes a halted compensation: a member whose compensation failed gets a
+    new budget, as a step's does."""
+    for stage in unit.steps:
+        if is_group(stage.definition) and stage.status == StepStatus.COMPENSATING:
+            for member in unit.members(stage.index):
+                if member.status == StepStatus.COMPENSATION_FAILED:
+                    unit.move_step(member, StepStatus.COMPENSATING, None, compensation_attempts=0)

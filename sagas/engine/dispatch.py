@@ -21,10 +21,22 @@ CHAIN_FAILED = "sagas.chain_failed"
 BULK_ACTION_BATCH = "sagas.bulk_action_batch"
 
 
-def task_id(saga_id: str, epoch: int, index: int) -> str:
+def task_id(saga_id: str, epoch: int, index: int, member: int | None = None) -> str:
     """The Celery task id of step `index`'s message in the saga's chain of `epoch`: unique, as
-    every chain raises the epoch, and telling an error callback which task of its chain failed."""
+    every chain raises the epoch, and telling an error callback which task of its chain failed.
+    A group's member's: `<saga>:<epoch>:<stage>.<member>`."""
+    if member is not None:
+        return f"{saga_id}:{epoch}:{index}.{member}"
     return f"{saga_id}:{epoch}:{index}"
+
+
+def failed_member(failed_task_id: str, saga_id: str, epoch: int) -> tuple[int, int] | None:
+    """The (stage, member) of a group's member whose task failed, from its task id."""
+    parts = failed_task_id.split(":")
+    if len(parts) != 3 or parts[0] != saga_id or parts[1] != str(epoch):
+        return None
+    stage, _, member = parts[2].partition(".")
+    return (int(stage), int(member)) if stage.isdigit() and member.isdigit() else None
 
 
 def failed_index(failed_task_id: str, saga_id: str, epoch: int) -> int | None:
@@ -36,18 +48,27 @@ def failed_index(failed_task_id: str, saga_id: str, epoch: int) -> int | None:
     return int(parts[2]) if parts[2].isdigit() else None
 
 
-def _signature(task: str, saga_id: str, index: int, epoch: int, time_limit: int) -> Signature:
+def _signature(
+    task: str, saga_id: str, index: int, epoch: int, time_limit: int, member: int | None = None
+) -> Signature:
     # A soft time limit raised inside the action (retried as transient), and a hard one a
     # little later that kills the process if the action ignores the first.
+    kwargs: dict[str, int] = {"epoch": epoch}
+    if member is not None:
+        kwargs["member"] = member
     return current_app.signature(
         task,
         args=(saga_id, index),
-        kwargs={"epoch": epoch},
+        kwargs=kwargs,
         immutable=True,
         soft_time_limit=time_limit,
         time_limit=time_limit + conf.hard_time_limit_grace(),
-        task_id=task_id(saga_id, epoch, index),
+        task_id=task_id(saga_id, epoch, index, member),
     )
+
+
+# A task of a chain: the stage's index, its time limit, and a group's member's position (or None).
+Entry = tuple[int, int, int | None]
 
 
 def _send(
@@ -55,10 +76,12 @@ def _send(
     errback: str,
     saga_id: str,
     epoch: int,
-    steps: list[tuple[int, int]],
+    entries: list[Entry],
     countdown: float,
 ) -> None:
-    signatures = [_signature(task, saga_id, index, epoch, limit) for index, limit in steps]
+    signatures = [
+        _signature(task, saga_id, index, epoch, limit, member) for index, limit, member in entries
+    ]
     # Celery calls `chain_failed` where the task failed, with its exception; it sends
     # `errback` on as a message, with the exception's class (`sagas.tasks.chain_failed`).
     on_error = current_app.signature(
@@ -73,14 +96,23 @@ def _send(
 
 def send_steps(saga_id: str, epoch: int, steps: list[tuple[int, int]], countdown: float) -> None:
     """Send `run_step` for each (index, time limit) in order, as one chain."""
-    _send(RUN_STEP, ON_STEP_FAILURE, saga_id, epoch, steps, countdown)
+    entries: list[Entry] = [(index, limit, None) for index, limit in steps]
+    _send(RUN_STEP, ON_STEP_FAILURE, saga_id, epoch, entries, countdown)
 
 
-def send_compensations(
-    saga_id: str, epoch: int, steps: list[tuple[int, int]], countdown: float
+def send_members(
+    saga_id: str, epoch: int, index: int, members: list[tuple[int, int]], countdown: float
 ) -> None:
-    """Send `compensate_step` for each (index, time limit) in the order given (reverse)."""
-    _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, steps, countdown)
+    """Send `run_step` for each (member, time limit) of the group at stage `index`, each as a
+    task of its own (with the error callback a chain has): they run at the same time."""
+    for member, limit in members:
+        _send(RUN_STEP, ON_STEP_FAILURE, saga_id, epoch, [(index, limit, member)], countdown)
+
+
+def send_compensations(saga_id: str, epoch: int, entries: list[Entry], countdown: float) -> None:
+    """Send `compensate_step` for each (index, time limit, member) in the order given
+    (reverse), as one chain."""
+    _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, entries, countdown)
 
 
 def send_error_callback(

@@ -7,8 +7,6 @@ that decision says (`sagas.engine.callbacks`), and the sweeper does when the cal
 
 from __future__ import annotations
 
-import os
-import socket
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -20,7 +18,7 @@ from django.utils import timezone
 from ..definitions import SagaDefinition, StepContext, get_definition
 from ..exceptions import CodeMissing, SagaKeyInFlight, StepError
 from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
-from . import dispatch, notify, waits
+from . import dispatch, groups, notify, waits
 from .compensation import begin_compensation
 from .rows import EventRow, StepRow, insert_saga
 from .unit import (
@@ -44,11 +42,6 @@ from .unit import (
     staff_detail,
     unexpected_error_policy,
 )
-
-
-def _worker() -> str:
-    """Which process ran a step: shown in the timeline, to tell workers apart."""
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def start(
@@ -109,7 +102,7 @@ def start(
                 # this process dies first).
                 transaction.on_commit(partial(waits.begin, saga.id), robust=True)
             else:
-                chain = chain_of(steps, 0)  # up to the first wait
+                chain = chain_of(steps, 0)  # up to the first wait or group
                 transaction.on_commit(
                     publish_or_leave_to_sweeper(
                         saga.id, lambda: dispatch.send_steps(str(saga.id), 1, chain, 0.0)
@@ -150,9 +143,18 @@ def _in_flight(definition: SagaDefinition, key: str | None) -> SagaKeyInFlight:
 
 
 def step_attempt(
-    saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
+    saga_id: str,
+    index: int,
+    *,
+    epoch: int,
+    fault: Any = None,
+    bound: float | None = None,
+    member: int | None = None,
 ) -> Outcome:
-    """Run one attempt of a step and record its completion in the same transaction."""
+    """Run one attempt of a step (or of a group's `member`) and record its completion in the
+    same transaction."""
+    if member is not None:
+        return groups.member_attempt(saga_id, index, member, epoch=epoch, fault=fault, bound=bound)
     with transaction.atomic():
         unit = lock(saga_id, bound=bound)
         saga, step = unit.saga, unit.steps[index]
@@ -183,26 +185,9 @@ def step_attempt(
             output = action(ctx)
             if fault is not None:
                 fault.after_action()
-        finished = timezone.now()
-        unit.move_step(
-            step,
-            StepStatus.COMPLETED,
-            EventKind.STEP_COMPLETED,
-            {
-                "attempt": ctx.attempt,
-                "duration_ms": int((finished - started).total_seconds() * 1000),
-                "worker": _worker(),
-            },
-            output=output,
-            attempts=ctx.attempt,
-            started_at=started,
-            finished_at=finished,
-            error_code="",
-            error_message="",
-        )
-        unit.progressed()
-        if not last and unit.waits_at(index + 1):
-            waits.enter_wait(unit, unit.steps[index + 1])
+        unit.attempt_completed(step, ctx.attempt, output, started)
+        if not last and unit.stops_at(index + 1):
+            waits.go_on(unit, index + 1)
         elif last:
             if on_complete is not None:
                 outputs = unit.outputs_before(len(unit.steps))
@@ -214,8 +199,12 @@ def step_attempt(
     return DONE
 
 
-def step_attempt_failed(saga_id: str, index: int, exc: BaseException, *, epoch: int) -> Outcome:
+def step_attempt_failed(
+    saga_id: str, index: int, exc: BaseException, *, epoch: int, member: int | None = None
+) -> Outcome:
     """Record a failed attempt: retry while the policy allows, or fail the step for good."""
+    if member is not None:
+        return groups.member_attempt_failed(saga_id, index, member, exc, epoch=epoch)
     with transaction.atomic():
         unit = lock(saga_id)
         step = unit.steps[index]

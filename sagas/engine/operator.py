@@ -25,7 +25,7 @@ from ..definitions import PAYLOAD_MAX_BYTES, StepContext, import_callable, is_wa
 from ..exceptions import InvalidTransition
 from ..models import EventKind, OperatorAction, SagaStep
 from . import waits
-from .compensation import FENCE_MARGIN, begin_compensation, finish_if_done
+from .compensation import FENCE_MARGIN, begin_compensation, finish_if_done, resume_members
 from .unit import IN_PROGRESS, STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
@@ -41,10 +41,6 @@ class Plan:
     reason: str = ""
     run: tuple[str, ...] = ()
     undo: tuple[str, ...] = ()
-
-
-def _names(steps: list) -> tuple[str, ...]:
-    return tuple(s.name for s in steps)
 
 
 class Keep(enum.Enum):
@@ -76,7 +72,7 @@ def plan_retry(unit: Unit, deadline: Deadline = KEEP) -> Plan:
             OperatorAction.RETRY,
             True,
             "Resume the compensation.",
-            undo=_names(unit.owed_on_resume()),
+            undo=unit.undo_names(unit.owed_on_resume()),
         )
     step = unit.in_progress()
     assert step is not None, "a failed saga going forward has a step to run"
@@ -89,7 +85,7 @@ def plan_retry(unit: Unit, deadline: Deadline = KEEP) -> Plan:
             "It passed its pivot: a deadline no longer applies to it.",
         )
     reason = "Resume from the failed step." + _deadline_words(unit, deadline)
-    return Plan(OperatorAction.RETRY, True, reason, run=_names(unit.steps[step.index :]))
+    return Plan(OperatorAction.RETRY, True, reason, run=unit.run_names(unit.steps[step.index :]))
 
 
 def _deadline_words(unit: Unit, deadline: Deadline) -> str:
@@ -141,7 +137,7 @@ def plan_compensate(unit: Unit) -> Plan:
             f" {current.name} may have an attempt running: its compensation waits up to "
             f"{wait} s, until that attempt cannot be running any more."
         )
-    return Plan(OperatorAction.COMPENSATE, True, reason, undo=_names(owed))
+    return Plan(OperatorAction.COMPENSATE, True, reason, undo=unit.undo_names(owed))
 
 
 def plan_resolve(unit: Unit, index: int) -> Plan:
@@ -152,7 +148,7 @@ def plan_resolve(unit: Unit, index: int) -> Plan:
         return Plan(
             OperatorAction.RESOLVE, False, "Only a step whose compensation failed can be resolved."
         )
-    rest = _names([s for s in unit.owed_on_resume() if s.index != index])
+    rest = unit.undo_names([s for s in unit.owed_on_resume() if s.index != index])
     return Plan(
         OperatorAction.RESOLVE, True, f"Mark {step.name} as compensated by hand.", undo=rest
     )
@@ -178,7 +174,7 @@ def plan_skip(unit: Unit, index: int) -> Plan:
         why = "Only a waiting stage, or the failed stage a paused saga stopped at, can be skipped."
         return Plan(OperatorAction.SKIP, False, why)
     reason = f"Mark {stage.name} as done with the output given; the saga goes on from there."
-    return Plan(OperatorAction.SKIP, True, reason, run=_names(unit.steps[index + 1 :]))
+    return Plan(OperatorAction.SKIP, True, reason, run=unit.run_names(unit.steps[index + 1 :]))
 
 
 def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
@@ -187,6 +183,7 @@ def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
             unit.move_step(step, StepStatus.COMPENSATING, None, compensation_attempts=0)
         elif step.status != StepStatus.COMPENSATING:  # never reached before the compensation halted
             unit.move_step(step, StepStatus.COMPENSATING, None)
+    resume_members(unit)
     unit.restore_cause()
     unit.move_saga(SagaStatus.COMPENSATING, kind, detail)
     if unit.to_compensate():

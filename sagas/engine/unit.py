@@ -9,6 +9,8 @@ so do the events that signals, metrics or traces want (`sagas.engine.notify`).
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
@@ -26,7 +28,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from .. import conf
-from ..definitions import RetryPolicy, StepContext, import_callable, is_wait
+from ..definitions import RetryPolicy, StepContext, import_callable, is_group, is_wait
 from ..exceptions import (
     BusinessError,
     CodeMissing,
@@ -37,6 +39,7 @@ from ..exceptions import (
 from ..models import (
     Direction,
     EventKind,
+    SagaMember,
     SagaSignal,
     SagaStatus,
     SagaStep,
@@ -47,6 +50,9 @@ from . import dispatch, notify, rows
 from .rows import EventRow, SagaRow, StepRow
 
 logger = logging.getLogger("sagas")
+
+# A row whose status the engine moves: a stage's, or a group's member's.
+Moving = StepRow | SagaMember
 
 
 SAGA_TRANSITIONS: dict[str, set[str]] = {
@@ -94,7 +100,9 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
     },
     # A wait ends with its event or its timeout, or, the saga turned back, before either.
     StepStatus.WAITING: {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.PENDING},
+    # (A group's member sent and never run goes back to pending when its group is settled.)
     StepStatus.RUNNING: {
+        StepStatus.PENDING,
         StepStatus.RUNNING,
         StepStatus.COMPLETED,
         StepStatus.FAILED,
@@ -240,7 +248,7 @@ def is_transient(exc: BaseException, policy: RetryPolicy) -> bool:
     return False
 
 
-def unexpected_error_policy(step: StepRow) -> str:
+def unexpected_error_policy(step: Moving) -> str:
     """What an error the step did not declare does: its definition's, or the setting's (an
     invalid setting pauses: `sagas.E004` names it)."""
     policy = step.definition.get("on_unexpected_error")
@@ -260,7 +268,7 @@ def resolve(path: str) -> Any:
 
 
 def log_failure(
-    unit: Unit, step: StepRow, attempt: int, exc: BaseException, *, compensation: bool = False
+    unit: Unit, step: Moving, attempt: int, exc: BaseException, *, compensation: bool = False
 ) -> str:
     """Log a failed attempt for the developer reading the worker's log: one line for a declared
     error (a decline, a transient fault), the traceback for anything else (a bug in the step's
@@ -281,11 +289,11 @@ def log_failure(
     return reference
 
 
-def policy_of(step: StepRow, key: str) -> RetryPolicy:
+def policy_of(step: Moving, key: str) -> RetryPolicy:
     return rows.policy(step.definition, key)
 
 
-def compensation_time_limit(step: StepRow) -> int:
+def compensation_time_limit(step: Moving) -> int:
     return int(step.definition.get("compensation_time_limit") or step.definition["time_limit"])
 
 
@@ -321,6 +329,9 @@ class Unit:
     changed_steps: dict[int, set[str]] = field(default_factory=dict)
     saga_fields: set[str] = field(default_factory=set)
     after_commit: list[Callable[[], None]] = field(default_factory=list)
+    # The members of the saga's groups by stage, read on first use (`members`).
+    _members: dict[int, list[SagaMember]] | None = None
+    changed_members: dict[int, tuple[SagaMember, set[str]]] = field(default_factory=dict)
 
     # -- transitions: the only code that changes a status --------------------------------
 
@@ -362,7 +373,7 @@ class Unit:
 
     def move_step(
         self,
-        step: StepRow,
+        step: Moving,
         to: str,
         kind: str | None,
         detail: dict[str, Any] | None = None,
@@ -373,9 +384,33 @@ class Unit:
         step.status = to
         for name, value in values.items():
             setattr(step, name, value)
-        self.changed_steps.setdefault(step.index, set()).update({"status", *values})
+        if isinstance(step, SagaMember):
+            self.changed_members.setdefault(step.pk, (step, set()))[1].update({"status", *values})
+        else:
+            self.changed_steps.setdefault(step.index, set()).update({"status", *values})
         if kind:
             self.event(kind, step, detail)
+
+    def attempt_completed(self, step: Moving, attempt: int, output: Any, started: Any) -> None:
+        """Record an attempt of a step's (or a member's) action that completed it."""
+        finished = timezone.now()
+        self.move_step(
+            step,
+            StepStatus.COMPLETED,
+            EventKind.STEP_COMPLETED,
+            {
+                "attempt": attempt,
+                "duration_ms": int((finished - started).total_seconds() * 1000),
+                "worker": worker_name(),
+            },
+            output=output,
+            attempts=attempt,
+            started_at=started,
+            finished_at=finished,
+            error_code="",
+            error_message="",
+        )
+        self.progressed()
 
     def set_saga(self, **values: Any) -> None:
         for name, value in values.items():
@@ -387,19 +422,22 @@ class Unit:
         if self.saga.recovery_attempts:
             self.set_saga(recovery_attempts=0)
 
-    def event(self, kind: str, step: StepRow | None, detail: dict[str, Any] | None) -> None:
+    def event(self, kind: str, step: Moving | None, detail: dict[str, Any] | None) -> None:
+        name = step.name if step else ""
+        if isinstance(step, SagaMember):  # on its group's stage, named `<group>.<member>`
+            name, detail = step.label, {**(detail or {}), "member": step.name}
         self.events.append(
             EventRow(
                 self.saga.pk,
                 step.index if step else None,
-                step.name if step else "",
+                name,
                 kind,
                 detail or {},
                 timezone.now(),
             )
         )
 
-    def attempt(self, step: StepRow, *, compensation: bool = False) -> AbstractContextManager[Any]:
+    def attempt(self, step: Moving, *, compensation: bool = False) -> AbstractContextManager[Any]:
         """What an attempt of the step's action (or compensation) runs in: its span, when
         traces are on (`sagas.tracing`), which ends once the attempt's outcome commits."""
         ACTION_BEGAN.set(True)
@@ -428,7 +466,7 @@ class Unit:
     def send_forward(self, start: int, *, countdown: float = 0.0) -> None:
         """Send the steps from step `start` on, up to the next wait, as a new chain after the
         commit (to go on from a stage that may be a wait: `sagas.engine.waits.go_on`)."""
-        assert not is_wait(self.steps[start].definition), "a chain begins with a step"
+        assert not self.stops_at(start), "a chain begins with a step"
         saga_id, epoch = str(self.saga.pk), self._next_epoch()
         steps = chain_of(self.steps, start)
         self.after_commit.append(lambda: dispatch.send_steps(saga_id, epoch, steps, countdown))
@@ -436,7 +474,10 @@ class Unit:
     def send_compensations(self, *, countdown: float = 0.0) -> None:
         """Send the compensations still to run, in reverse order, as a new chain."""
         saga_id, epoch = str(self.saga.pk), self._next_epoch()
-        steps = [(s.index, compensation_time_limit(s)) for s in self.to_compensate()]
+        steps: list[dispatch.Entry] = [
+            (s.index, compensation_time_limit(s), getattr(s, "position", None))
+            for s in self.to_compensate()
+        ]
         if steps:
             self.after_commit.append(
                 lambda: dispatch.send_compensations(saga_id, epoch, steps, countdown)
@@ -455,6 +496,7 @@ class Unit:
         self.saga.updated_at = timezone.now()
         writes = [rows.update_sql(self.saga, self.saga_fields | {"updated_at"})]
         writes += [rows.update_sql(self.steps[i], f) for i, f in self.changed_steps.items()]
+        writes += [rows.update_sql(m, f) for m, f in self.changed_members.values()]
         for send in self.after_commit:
             transaction.on_commit(publish_or_leave_to_sweeper(self.saga.pk, send))
         self._write_events(writes, commit=commit)
@@ -485,9 +527,20 @@ class Unit:
         run in order, whatever has become of them since (compensated, or owed)."""
         return {s.name: s.output for s in self.steps[:index]}
 
-    def context(self, step: StepRow, *, compensation: bool = False) -> StepContext:
+    def context(self, step: Moving, *, compensation: bool = False) -> StepContext:
         """What the step's action (or its compensation) receives; attempts count from the rows."""
         attempts = step.compensation_attempts if compensation else step.attempts
+        if isinstance(step, SagaMember):
+            return StepContext(
+                saga_id=self.saga.pk,
+                step=step.name,
+                input=self.saga.input,
+                outputs=self.outputs_before(step.index),
+                attempt=attempts + 1,
+                output=step.output,
+                item=step.item,
+                group=step.group,
+            )
         return StepContext(
             saga_id=self.saga.pk,
             step=step.name,
@@ -507,10 +560,55 @@ class Unit:
         """Whether stage `index` is a wait."""
         return is_wait(self.steps[index].definition)
 
-    def to_compensate(self) -> list[StepRow]:
-        """Steps whose compensation is owed and not yet failed, in the order to run them."""
-        owed = [s for s in self.steps if s.status == StepStatus.COMPENSATING]
-        return sorted(owed, key=lambda s: s.index, reverse=True)
+    def stops_at(self, index: int) -> bool:
+        """Whether a chain ends before stage `index`: a wait, or a group."""
+        definition = self.steps[index].definition
+        return is_wait(definition) or is_group(definition)
+
+    def members(self, index: int) -> list[SagaMember]:
+        """The members of the group at stage `index`, in order (none before it began); the
+        saga's groups' members are read in one query, on first use."""
+        if self._members is None:
+            self._members = {}
+            if self.has_groups():
+                rows_ = SagaMember.objects.filter(saga_id=self.saga.pk).order_by(
+                    "stage", "position"
+                )
+                for member in rows_:
+                    attach(member, self.steps[member.stage])
+                    self._members.setdefault(member.stage, []).append(member)
+        return self._members.get(index, [])
+
+    def member(self, index: int, position: int) -> SagaMember | None:
+        return next((m for m in self.members(index) if m.position == position), None)
+
+    def go_on(self, index: int) -> None:
+        """Go on from stage `index`: begin the wait or the group, or send the steps from it as
+        a new chain."""
+        stage = self.steps[index]
+        begin = BEGIN_STAGE.get(str(stage.definition.get("kind", "")))
+        if begin is not None:
+            begin(self, stage)
+        else:
+            self.send_forward(index)
+
+    def has_groups(self) -> bool:
+        return any(is_group(s.definition) for s in self.steps)
+
+    def to_compensate(self) -> list[Any]:
+        """Steps whose compensation is owed and not yet failed, in the order to run them. A
+        group's stage stands first for its members until they are settled (its running
+        members finished: `sagas.engine.groups.settle`), then its owed members, last first."""
+        owed: list[Any] = []
+        for stage in sorted(self.steps, key=lambda s: s.index, reverse=True):
+            if stage.status != StepStatus.COMPENSATING:
+                continue
+            if not is_group(stage.definition) or not stage.compensation_attempts:
+                owed.append(stage)
+            else:
+                members = self.members(stage.index)
+                owed += [m for m in reversed(members) if m.status == StepStatus.COMPENSATING]
+        return owed
 
     def owed_on_compensation(self) -> list[StepRow]:
         """What compensating now would undo, in reverse order: every completed step, those
@@ -520,7 +618,34 @@ class Unit:
         current = self.in_progress()
         if current is not None and current.definition.get("compensate_failed_step"):
             owed.append(current)
+        elif current is not None and is_group(current.definition) and self.members(current.index):
+            owed.append(current)  # a group that began: its members are settled, then undone
         return sorted(owed, key=lambda s: s.index, reverse=True)
+
+    def run_names(self, stages: Sequence[StepRow]) -> tuple[str, ...]:
+        """The names of what going on with `stages` runs, for a plan: a group that began runs
+        its members that did not complete (`<group>.<member>`)."""
+        names: list[str] = []
+        for stage in stages:
+            members = self.members(stage.index) if is_group(stage.definition) else []
+            if stage.status == StepStatus.COMPLETED or not members:
+                names.append(stage.name)
+            else:
+                names += [m.title for m in members if m.status != StepStatus.COMPLETED]
+        return tuple(names)
+
+    def undo_names(self, stages: Sequence[StepRow]) -> tuple[str, ...]:
+        """The names of what compensating `stages` undoes, for a plan: a group's members that
+        completed (or may have, being in progress), `<group>.<member>`, last first."""
+        names: list[str] = []
+        for stage in stages:
+            if not is_group(stage.definition):
+                names.append(stage.name)
+                continue
+            undone = (StepStatus.COMPLETED, *OWED, *IN_PROGRESS)
+            members = [m for m in reversed(self.members(stage.index)) if m.status in undone]
+            names += [m.title for m in members if m.status != StepStatus.PENDING or m.attempts]
+        return tuple(names)
 
     def owed_on_resume(self) -> list[StepRow]:
         """What resuming a backward saga's compensation would undo, in reverse order: the steps
@@ -546,6 +671,13 @@ class Unit:
             and current.definition.get("compensate_failed_step")
         ):
             owed.append(current)
+        elif (
+            current is not None
+            and current.status in (StepStatus.RUNNING, StepStatus.FAILED)
+            and is_group(current.definition)
+            and self.members(current.index)
+        ):
+            owed.append(current)  # a group that began: its members are settled, then undone
         return sorted(owed, key=lambda s: s.index, reverse=True)
 
     def _undoable(self) -> list[StepRow]:
@@ -598,6 +730,27 @@ class Unit:
         )
 
 
+# What begins a stage that ends a chain, by its kind ("wait", "group"): registered by the
+# modules of those stages (`sagas.engine.waits`, `sagas.engine.groups`), which import this one.
+BEGIN_STAGE: dict[str, Callable[[Unit, Any], None]] = {}
+
+
+def attach(member: SagaMember, stage: Any) -> SagaMember:
+    """A member's row as the engine reads it: its definition (from its group's stage) and its
+    group's name beside its columns."""
+    definition = stage.definition
+    member.definition = (
+        definition["map"]["step"] if "map" in definition else definition["members"][member.position]
+    )
+    member.group = stage.name
+    return member
+
+
+def worker_name() -> str:
+    """Which process ran a step: shown in the timeline, to tell workers apart."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def chain_of(steps: Sequence[StepRow | SagaStep], start: int) -> list[tuple[int, int]]:
     """The (index, time limit) of the steps a chain from `start` runs: up to the next wait
     (whatever its condition says: a wait skipped sends the rest as a new chain, as many broker
@@ -605,7 +758,7 @@ def chain_of(steps: Sequence[StepRow | SagaStep], start: int) -> list[tuple[int,
     `steps`: the rows as read (`StepRow`) or as a start makes them (`SagaStep`)."""
     chain = []
     for step in steps[start:]:
-        if is_wait(step.definition):
+        if is_wait(step.definition) or is_group(step.definition):
             break
         chain.append((step.index, int(step.definition["time_limit"])))
     return chain

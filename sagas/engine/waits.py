@@ -47,7 +47,7 @@ from ..models import (
 from . import notify
 from .compensation import begin_compensation
 from .rows import StepRow
-from .unit import SafeError, Unit, lock
+from .unit import BEGIN_STAGE, SafeError, Unit, lock
 
 logger = logging.getLogger("sagas")
 
@@ -208,6 +208,9 @@ def enter_wait(unit: Unit, step: StepRow) -> None:
         timed_out(unit, step.index)
 
 
+BEGIN_STAGE["wait"] = enter_wait
+
+
 def _condition_holds(unit: Unit, step: StepRow) -> bool:
     condition = step.definition.get("condition")
     return not condition or bool(import_callable(condition)(unit.context(step)))
@@ -274,11 +277,9 @@ def kept_for(saga_id: Any, event: str) -> list[SagaSignal]:
 
 
 def go_on(unit: Unit, index: int) -> None:
-    """Go on from stage `index`: begin the wait, or send the steps from it as a new chain."""
-    if unit.waits_at(index):
-        enter_wait(unit, unit.steps[index])
-    else:
-        unit.send_forward(index)
+    """Go on from stage `index`: begin the wait or the group, or send the steps from it as a
+    new chain (`Unit.go_on`)."""
+    unit.go_on(index)
 
 
 def begin(saga_id: UUID | str) -> None:

@@ -138,7 +138,10 @@ def completed_steps(saga_id: UUID) -> set[int]:
     """The indexes of the saga's steps that completed, by their action or by an operator's
     hand (`operator_skip`): each completes at most once."""
     done = [EventKind.STEP_COMPLETED, EventKind.OPERATOR_SKIP]
-    events = SagaEvent.objects.filter(saga_id=saga_id, kind__in=done)
+    # A group's members' events name their group's stage, with the member in their detail.
+    events = SagaEvent.objects.filter(saga_id=saga_id, kind__in=done).exclude(
+        detail__has_key="member"
+    )
     return set(events.values_list("step_index", flat=True))  # type: ignore[arg-type]
 
 
