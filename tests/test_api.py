@@ -257,10 +257,11 @@ def test_saga_detail_shape(world):
         "schedule_shipment",
     ]
     assert set(body["steps"][0]) == {
-        "index", "name", "kind", "status", "attempts", "error", "event", "started_at", "due_at",
-        "finished_at", "compensated_at",
+        "index", "name", "kind", "status", "attempts", "error", "event", "members", "started_at",
+        "due_at", "finished_at", "compensated_at",
     }  # fmt: skip
     assert (body["steps"][0]["kind"], body["steps"][0]["event"]) == ("step", None)
+    assert body["steps"][0]["members"] is None  # a group's only
     assert [e["kind"] for e in body["events"]] == ["saga_started"]
     assert "input" not in body  # it carries the payment token
 

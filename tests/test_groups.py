@@ -413,3 +413,36 @@ def test_a_member_holds_its_own_row_not_the_sagas_while_it_runs(saga_db, tmp_pat
         cursor.execute("SELECT 1 FROM sagas_saga WHERE id = %s FOR NO KEY UPDATE", [saga.pk])
     Path(f"{gate}.a").touch()
     assert wait_final(saga.pk).status == "completed"
+
+
+# -- the admin and the API show the members ----------------------------------------------------
+
+
+def test_the_api_and_the_admin_show_each_member(saga_db, admin_client):
+    from django.urls import reverse
+
+    skus = products("a", "b", "c")
+    saga = wait_final(start(skus=skus, behave={"b": "decline"}).pk)
+    assert saga.status == "compensated"
+
+    body = admin_client.get(f"/api/sagas/{saga.pk}/").json()
+    group = body["steps"][1]
+    assert group["kind"] == "group" and group["name"] == "parallel"
+    statuses = [(m["name"], m["status"]) for m in group["members"]]
+    assert [name for name, _ in statuses] == ["a", "b", "c"]
+    assert statuses[1] == ("b", "failed")
+    # The others completed before b failed (then undone), or never started.
+    assert {statuses[0][1], statuses[2][1]} <= {"compensated", "pending"}
+    assert group["members"][1]["error"] == {"code": "declined", "message": "Declined."}
+    assert body["steps"][0]["members"] is None
+
+    page = admin_client.get(reverse("admin:sagas_saga_change", args=[saga.pk]))
+    assert page.status_code == 200
+    html = page.content.decode()
+    assert "Group members" in html
+    assert 'class="saga-node-members"' in html
+    assert html.count('class="saga-member ') == 3
+    listing = admin_client.get(reverse("admin:sagas_saga_changelist")).content.decode()
+    # Its progress counts the members: first, a, b, c, last.
+    undone = 1 + sum(1 for _, status in statuses if status == "compensated")
+    assert f"0 of 5, {undone} undone" in listing

@@ -21,7 +21,7 @@ from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from .. import conf
-from ..models import Saga, SagaEvent, SagaStatus, SagaStep, StepStatus
+from ..models import Saga, SagaEvent, SagaMember, SagaStatus, SagaStep, StepStatus
 from ..paginators import BoundedPaginator
 from ..permissions import may_operate
 from .bulk import SagaBulkActionsMixin
@@ -102,6 +102,56 @@ class SagaStepInline(SagaRowsInline):
     @admin.display(description="compensated")
     def compensated(self, step: SagaStep) -> str:
         return clock(step.compensated_at)
+
+
+class SagaMemberInline(SagaRowsInline):
+    """The members of the saga's groups (shown only for a saga that has some)."""
+
+    model = SagaMember
+    verbose_name = "group member"
+    verbose_name_plural = "group members"
+    fields = (
+        "group",
+        "name",
+        "status_badge",
+        "tries",
+        "error",
+        "started",
+        "duration",
+        "compensated",
+    )
+    readonly_fields = fields
+    ordering = ("stage", "position")
+
+    @admin.display(description="group")
+    def group(self, member: SagaMember) -> str:
+        return f"{member.stage + 1}"
+
+    @admin.display(description="status")
+    def status_badge(self, member: SagaMember) -> SafeString:
+        return status_badge(member.status, member.get_status_display())
+
+    @admin.display(description="error")
+    def error(self, member: SagaMember) -> str:
+        return error_text(member.error_code, member.error_message)
+
+    @admin.display(description="attempts (undo)")
+    def tries(self, member: SagaMember) -> str:
+        if member.compensation_attempts:
+            return f"{member.attempts} ({member.compensation_attempts})"
+        return str(member.attempts)
+
+    @admin.display(description="started")
+    def started(self, member: SagaMember) -> str:
+        return clock(member.started_at)
+
+    @admin.display(description="duration")
+    def duration(self, member: SagaMember) -> str:
+        return duration_text(step_duration(member))  # type: ignore[arg-type]
+
+    @admin.display(description="compensated")
+    def compensated(self, member: SagaMember) -> str:
+        return clock(member.compensated_at)
 
 
 class SagaEventInline(SagaRowsInline):
@@ -218,7 +268,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
     # Neither the table's count nor the filtered list's: a count that stops past the page.
     show_full_result_count = False
     paginator = BoundedPaginator
-    inlines = (SagaStepInline, SagaEventInline)
+    inlines = (SagaStepInline, SagaMemberInline, SagaEventInline)
     fieldsets = (
         (
             None,
@@ -283,7 +333,20 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         # One query for the steps of every saga on the page, with what a wait waits for: the
         # list costs the same number of queries for one saga or a hundred.
         steps = steps_for_pages()
-        return super().get_queryset(request).prefetch_related(Prefetch("steps", queryset=steps))
+        # And the members of their groups, in one more query (none for sagas without groups).
+        members = SagaMember.objects.order_by("stage", "position").defer("output", "item")
+        return (
+            super()
+            .get_queryset(request)
+            .prefetch_related(Prefetch("steps", queryset=steps))
+            .prefetch_related(Prefetch("members", queryset=members))
+        )
+
+    def get_inline_instances(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        inlines = super().get_inline_instances(request, obj)
+        if obj is None or not self._members(obj):
+            inlines = [i for i in inlines if not isinstance(i, SagaMemberInline)]
+        return inlines
 
     def get_paginator(
         self,
@@ -348,6 +411,14 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
     def _steps(saga: Saga) -> list[SagaStep]:
         return list(saga.steps.all())  # prefetched by get_queryset
 
+    @staticmethod
+    def _members(saga: Saga) -> dict[int, list[SagaMember]]:
+        """Its groups' members by stage (prefetched by get_queryset)."""
+        by_stage: dict[int, list[SagaMember]] = {}
+        for member in saga.members.all():
+            by_stage.setdefault(member.stage, []).append(member)
+        return by_stage
+
     def _current_step(self, saga: Saga) -> SagaStep | None:
         steps = self._steps(saga)
         if saga.status == SagaStatus.COMPLETED or not steps:
@@ -368,7 +439,11 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
 
     @admin.display(description="progress")
     def progress(self, saga: Saga) -> SafeString:
-        steps = self._steps(saga)
+        # A group counts as its members, each a segment of its own.
+        members = self._members(saga)
+        steps: list[Any] = []
+        for step in self._steps(saga):
+            steps += members.get(step.index, [step])
         done = sum(1 for step in steps if step.status == StepStatus.COMPLETED)
         undone = sum(1 for step in steps if step.status == StepStatus.COMPENSATED)
         segments = format_html_join(
@@ -435,7 +510,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
 
     @admin.display(description="steps")
     def diagram(self, saga: Saga) -> SafeString:
-        return step_diagram(self._steps(saga))
+        return step_diagram(self._steps(saga), self._members(saga))
 
     @admin.display(description="links")
     def related_objects(self, saga: Saga) -> SafeString | str:

@@ -16,7 +16,7 @@ from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
 from ..bulk import BulkFilter, BulkSkip
-from ..definitions import is_wait
+from ..definitions import is_group, is_wait
 from ..models import (
     STAFF_ONLY_DETAIL,
     BulkAction,
@@ -25,6 +25,7 @@ from ..models import (
     OperatorAction,
     Saga,
     SagaEvent,
+    SagaMember,
     SagaStatus,
     SagaStep,
 )
@@ -118,16 +119,42 @@ class ErrorSerializer(serializers.Serializer):
     message = serializers.CharField(help_text="A safe, human-readable message.")
 
 
-def _error(obj: Saga | SagaStep) -> dict[str, str] | None:
+def _error(obj: Saga | SagaStep | SagaMember) -> dict[str, str] | None:
     if not obj.error_code and not obj.error_message:
         return None
     return {"code": obj.error_code, "message": obj.error_message}
 
 
 def stage_kind(step: SagaStep) -> str:
+    if is_group(step.definition):
+        return "group"
     if not is_wait(step.definition):
         return "step"
     return "approval" if step.definition.get("approval") else "wait"
+
+
+class SagaMemberSerializer(ModelSerializer):
+    """A member of a group: a step that runs at the same time as the group's others."""
+
+    error = serializers.SerializerMethodField(help_text="Why the member failed, if it did.")
+
+    class Meta:
+        model = SagaMember
+        fields = [
+            "position",
+            "name",
+            "status",
+            "attempts",
+            "error",
+            "started_at",
+            "finished_at",
+            "compensated_at",
+        ]
+        read_only_fields = fields
+
+    @extend_schema_field(ErrorSerializer(allow_null=True))
+    def get_error(self, member: SagaMember) -> dict[str, str] | None:
+        return _error(member)
 
 
 class WaitingSerializer(serializers.Serializer):
@@ -142,10 +169,15 @@ class WaitingSerializer(serializers.Serializer):
 
 class SagaStepSerializer(ModelSerializer):
     kind = serializers.SerializerMethodField(
-        help_text="step, wait (for an event or a time), or approval (a person's decision)."
+        help_text="step, wait (for an event or a time), approval (a person's decision), or "
+        "group (members that run at the same time)."
     )
     error = serializers.SerializerMethodField(help_text="Why the step failed, if it did.")
     event = serializers.SerializerMethodField(help_text="The event a wait waits for, if any.")
+    members = serializers.SerializerMethodField(
+        help_text="A group's members, in order (none before the group began); null for "
+        "another stage."
+    )
 
     class Meta:
         model = SagaStep
@@ -157,6 +189,7 @@ class SagaStepSerializer(ModelSerializer):
             "attempts",
             "error",
             "event",
+            "members",
             "started_at",
             "due_at",
             "finished_at",
@@ -169,6 +202,14 @@ class SagaStepSerializer(ModelSerializer):
 
     def get_event(self, step: SagaStep) -> str | None:
         return step.definition.get("event") if is_wait(step.definition) else None
+
+    @extend_schema_field(SagaMemberSerializer(many=True, allow_null=True))
+    def get_members(self, step: SagaStep) -> list[dict[str, Any]] | None:
+        if not is_group(step.definition):
+            return None
+        # The saga's members are prefetched with its steps (`_with_steps`): no query per stage.
+        members = [m for m in step.saga.members.all() if m.stage == step.index]
+        return SagaMemberSerializer(members, many=True).data  # type: ignore[return-value]
 
     @extend_schema_field(ErrorSerializer(allow_null=True))
     def get_error(self, step: SagaStep) -> dict[str, str] | None:

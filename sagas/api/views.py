@@ -51,6 +51,7 @@ from ..models import (
     OperatorAction,
     Saga,
     SagaEvent,
+    SagaMember,
     SagaStatus,
     SagaStep,
     SignalStatus,
@@ -196,7 +197,10 @@ class MayOperate(BasePermission):
 
 def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
     """Steps (and the timeline) in one query each, whatever the number of sagas."""
-    sagas = sagas.prefetch_related(Prefetch("steps", queryset=SagaStep.objects.order_by("index")))
+    sagas = sagas.prefetch_related(
+        Prefetch("steps", queryset=SagaStep.objects.order_by("index")),
+        Prefetch("members", queryset=SagaMember.objects.order_by("stage", "position")),
+    )
     if events:
         sagas = sagas.prefetch_related(
             Prefetch("events", queryset=SagaEvent.objects.order_by("id"))
