@@ -3,6 +3,8 @@
 - `sagas.E001`: a registered definition's callable or exception class does not import.
 - `sagas.E003`: `SAGAS_RENAMED_CALLABLES` is not a mapping of paths, or it loops.
 - `sagas.E004`: `SAGAS_ON_UNEXPECTED_ERROR` is not one of pause, compensate, retry.
+- `sagas.E005`: a definition's child stage names a saga that is not registered, its children
+  form a cycle, or they nest too deep (`sagas.definitions.Child`).
 - `sagas.W001`: `task_acks_late` is off.
 - `sagas.W002`: `task_reject_on_worker_lost` is off.
 - `sagas.W003`: `worker_prefetch_multiplier` is not 1.
@@ -96,6 +98,26 @@ def check_definitions(app_configs: Any = None, **kwargs: Any) -> list[checks.Che
         for name, definition in sorted(registered().items())
         for missing in _missing(definition.paths())
     ]
+
+
+@checks.register("sagas")
+def check_children(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """Every child stage of every registered definition names a registered saga, with no
+    cycle and at most `MAX_CHILD_DEPTH` deep (`SagaDefinition.check_children`)."""
+    found: list[checks.CheckMessage] = []
+    for name, definition in sorted(registered().items()):
+        try:
+            definition.check_children()
+        except DefinitionError as exc:
+            found.append(
+                checks.Error(
+                    str(exc),
+                    hint="A saga that reaches the stage pauses for an operator (child_not_begun).",
+                    obj=name,
+                    id="sagas.E005",
+                )
+            )
+    return found
 
 
 def _policy_invalid() -> list[checks.CheckMessage]:

@@ -418,11 +418,65 @@ class Group:
         return snapshot
 
 
-def steps_in(stage: Step | Wait | Group) -> list[Step]:
+# How deep children may nest: a saga's child's child's ... (the saga itself is depth 0).
+MAX_CHILD_DEPTH = 5
+
+
+@dataclass(frozen=True)
+class Child:
+    """A stage that starts another registered saga, its child, and waits for it holding no
+    worker (as a wait does).
+
+    `saga` names the child's definition; `input(ctx)`, optional, computes the child's input
+    from the parent's context (its input and the outputs so far; default: the parent's
+    input), in the transaction that starts the child with the stage. The child completed: the
+    stage completes, its output the child's outputs (a dict by the child's stage names). The
+    child compensated: the stage fails with the child's error, and the parent follows its
+    policy (compensates, or pauses past its pivot). A child that pauses for an operator keeps
+    its parent waiting until an operator settles it.
+
+    When the parent compensates, a completed child is compensated too (its completed steps
+    undone in reverse, on its own timeline): the only way a completed saga changes. An abort
+    of the parent, or its deadline, compensates a child in flight. Children nest at most
+    `MAX_CHILD_DEPTH` deep, and a definition that is (transitively) its own child is refused.
+    """
+
+    name: str
+    saga: str
+    input: str | Callable[..., Any] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.saga:
+            raise DefinitionError(f"child {self.name!r}: name the child's saga")
+        if self.input is not None:
+            path = dotted_path(self.input)
+            if "<" in path:
+                raise DefinitionError(f"child {self.name!r}: input must be a module-level function")
+            object.__setattr__(self, "input", path)
+
+    def snapshot(self, on_unexpected_error: str | None = None) -> dict[str, Any]:
+        """What a saga copies into the child stage's row when it starts."""
+        return {
+            "kind": "child",
+            "saga": self.saga,
+            "input": self.input,
+            # What the engine reads of every stage: the child undoes itself, not the stage.
+            "compensation": None,
+            "time_limit": 1,
+            "pivot": False,
+        }
+
+
+def is_child(definition: dict[str, Any]) -> bool:
+    """Whether a stage's stored definition is a child's."""
+    return definition.get("kind") == "child"
+
+
+def steps_in(stage: Step | Wait | Group | Child) -> list[Step]:
     """The steps a stage runs: itself, a group's members (a map's one step), or none (a wait)."""
     if isinstance(stage, Group):
         return list(stage.members) if stage.step is None else [stage.step]
-    return [] if isinstance(stage, Wait) else [stage]
+    return [] if isinstance(stage, Wait | Child) else [stage]
 
 
 def is_group(definition: dict[str, Any]) -> bool:
@@ -463,7 +517,7 @@ class SagaDefinition:
     """
 
     name: str
-    steps: Sequence[Step | Wait | Group]
+    steps: Sequence[Step | Wait | Group | Child]
     on_complete: str | Callable[..., Any] | None = None
     continue_compensation_on_failure: bool = False
     # Seconds a saga may run; past it the sweeper compensates it, unless it passed its pivot.
@@ -487,8 +541,11 @@ class SagaDefinition:
             raise DefinitionError(f"saga {self.name!r} waits twice for the same event")
         if isinstance(self.steps[-1], Wait):
             raise DefinitionError(f"saga {self.name!r} ends with a wait: its last stage is a step")
-        if isinstance(self.steps[-1], Group):
-            raise DefinitionError(f"saga {self.name!r} ends with a group: its last stage is a step")
+        if isinstance(self.steps[-1], Group | Child):
+            what = "a group" if isinstance(self.steps[-1], Group) else "a child"
+            raise DefinitionError(f"saga {self.name!r} ends with {what}: its last stage is a step")
+        if any(isinstance(s, Child) and s.saga == self.name for s in self.steps):
+            raise DefinitionError(f"saga {self.name!r} is its own child")
         object.__setattr__(self, "steps", tuple(self.steps))
         if self.on_complete is not None:
             object.__setattr__(self, "on_complete", dotted_path(self.on_complete))
@@ -504,7 +561,7 @@ class SagaDefinition:
     @property
     def begins_with_a_wait(self) -> bool:
         """Whether its first stage is a wait or a group (begun once the start commits)."""
-        return isinstance(self.steps[0], Wait | Group)
+        return isinstance(self.steps[0], Wait | Group | Child)
 
     def key_of(self, input: dict[str, Any]) -> str | None:
         """The business key of a saga started with this input, as stored on its row."""
@@ -555,6 +612,30 @@ class SagaDefinition:
                 import_callable(path)
             except CodeMissing as exc:
                 raise DefinitionError(f"saga {self.name!r}: {exc}") from exc
+        self.check_children()
+
+    def check_children(self, path: tuple[str, ...] = ()) -> None:
+        """Every child's definition is registered, none is its own ancestor, and they nest at
+        most `MAX_CHILD_DEPTH` deep (the system check `sagas.E005` asks this of every
+        registered definition)."""
+        path = (*path, self.name)
+        for stage in self.steps:
+            if not isinstance(stage, Child):
+                continue
+            if stage.saga in path:
+                cycle = " -> ".join((*path, stage.saga))
+                raise DefinitionError(f"saga {self.name!r}: its children form a cycle ({cycle})")
+            if len(path) > MAX_CHILD_DEPTH:
+                raise DefinitionError(
+                    f"saga {path[0]!r}: its children nest more than {MAX_CHILD_DEPTH} deep"
+                )
+            child = _registry.get(stage.saga)
+            if child is None:
+                raise DefinitionError(
+                    f"saga {self.name!r}: its child {stage.name!r} names {stage.saga!r}, "
+                    "which is not registered"
+                )
+            child.check_children(path)
 
     def paths(self) -> list[str]:
         """The import paths a saga of this definition stores: callables and exception classes."""
@@ -568,6 +649,9 @@ def stored_paths(steps: Sequence[dict[str, Any]], on_complete: Any = None) -> se
     for step in steps:
         if is_wait(step):
             paths.update(step[k] for k in ("validate", "until", "condition") if step.get(k))
+            continue
+        if is_child(step):
+            paths.update([step["input"]] if step.get("input") else [])
             continue
         if is_group(step):
             mapped = step.get("map") or {}

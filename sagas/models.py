@@ -81,6 +81,7 @@ class EventKind(models.TextChoices):
     SIGNAL_KEPT = "signal_kept", "Signal kept for a wait to come"
     SIGNAL_REFUSED = "signal_refused", "Signal refused"
     SIGNAL_DISCARDED = "signal_discarded", "Kept signal discarded"
+    CHILD_STARTED = "child_started", "Child saga started"
 
 
 def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
@@ -166,6 +167,19 @@ class Saga(models.Model):
         help_text="The W3C traceparent of the saga's span (SAGAS_TRACING): its steps' and "
         "compensations' spans are its children, in whichever process they run.",
     )
+    # A child saga's (`sagas.definitions.Child`): the saga that started it, and at which stage.
+    parent = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="children",
+        db_index=False,  # saga_parent_idx, partial: most sagas have none
+        help_text="The saga that started this one as its child, if any.",
+    )
+    parent_stage = models.PositiveSmallIntegerField(
+        null=True, blank=True, help_text="The parent's stage that started this child."
+    )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the saga was started.")
     updated_at = models.DateTimeField(auto_now=True, help_text="Last progress of the saga.")
     finished_at = models.DateTimeField(
@@ -219,6 +233,12 @@ class Saga(models.Model):
                 condition=Q(deadline_at__isnull=False)
                 & Q(status__in=[SagaStatus.PENDING, SagaStatus.RUNNING, SagaStatus.WAITING]),
                 name="saga_deadline_idx",
+            ),
+            # A parent's children (its page, its compensation, the sweeper's safety net).
+            models.Index(
+                fields=["parent", "parent_stage"],
+                condition=Q(parent__isnull=False),
+                name="saga_parent_idx",
             ),
             # Retention (sagas.retention): the oldest finished sagas of a status, first.
             models.Index(

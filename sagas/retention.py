@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import transaction
-from django.db.models import Count
+from django.db.models import Count, Exists, OuterRef, QuerySet
 from django.utils import timezone
 
 from .models import FINAL_STATUSES, OperatorRequest, Saga, SagaEvent, SagaStatus, SagaStep
@@ -119,10 +119,17 @@ def purge(
     return report
 
 
+def _unfinished_parent() -> QuerySet[Saga]:
+    """A child saga is kept while its parent is unfinished: the parent may still compensate
+    it. (A subquery, not a join: the claim locks the sagas it deletes, not their parents.)"""
+    return Saga.objects.filter(pk=OuterRef("parent_id")).exclude(status__in=FINAL_STATUSES)
+
+
 def count(cutoff: datetime, statuses: Iterable[str]) -> dict[str, int]:
     """Sagas of each status that finished before `cutoff` (by the index, no table scan)."""
     rows = (
         Saga.objects.filter(status__in=tuple(statuses), finished_at__lt=cutoff)
+        .filter(~Exists(_unfinished_parent()))
         .order_by()
         .values("status")
         .annotate(n=Count("pk"))
@@ -136,6 +143,7 @@ def _purge_batch(status: str, cutoff: datetime, batch_size: int) -> dict[str, in
         ids = list(
             Saga.objects.select_for_update(skip_locked=True)
             .filter(status=status, finished_at__lt=cutoff)
+            .filter(~Exists(_unfinished_parent()))
             .order_by("finished_at")
             .values_list("pk", flat=True)[:batch_size]
         )

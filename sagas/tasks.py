@@ -292,6 +292,20 @@ def on_compensation_failure(
     _callback(self, task_id, saga_id, engine.compensation_chain_failed, epoch, cause)
 
 
+@shared_task(bind=True, name="sagas.child_ended", max_retries=None)
+def child_ended(self: Any, parent_id: str, stage: int) -> None:
+    """A child saga ended (or stopped for an operator): its parent goes on, or fails the stage.
+    Idempotent: the parent's rows say whether it still waits for it."""
+    try:
+        engine.child_ended(parent_id, stage)
+    except Saga.DoesNotExist:
+        logger.warning("saga %s does not exist: child_ended ignored", parent_id)
+    except DATABASE_UNAVAILABLE:
+        raise _database_unavailable(self, parent_id) from None
+    except ProgrammingError:
+        raise _schema_behind(self, parent_id) from None
+
+
 @shared_task(bind=True, name="sagas.bulk_action_batch", max_retries=None)
 def bulk_action_batch(self: Any, bulk_action_id: int) -> None:
     """Act on the next batch of a bulk action's sagas, then send the next batch. Idempotent:
@@ -319,6 +333,7 @@ def sweep() -> dict[str, int]:
         "relayed": report.relayed,
         "waits_timed_out": len(report.waits_timed_out),
         "signals_applied": report.signals_applied,
+        "children_ended": report.children_ended,
     }
 
 

@@ -783,6 +783,7 @@ def _review_fixes() -> None:
 _review_fixes()
 
 
-# -- groups (tests/test_groups.py) -------------------------------------------------------------
+# -- groups and children (tests/test_groups.py, tests/test_children.py) ----------------------
 
-from tests import groupdefs  # noqa: E402, F401  (registers them in the workers too)
+# Registered in the workers too (SAGAS_MODULES names this module).
+from tests import childdefs, groupdefs  # noqa: E402, F401

@@ -16,11 +16,13 @@ from django.contrib.admin.views.main import PAGE_VAR, ChangeList
 from django.db import connection
 from django.db.models import Prefetch, Q, QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
 from .. import conf
+from ..definitions import MAX_CHILD_DEPTH
 from ..models import Saga, SagaEvent, SagaMember, SagaStatus, SagaStep, StepStatus
 from ..paginators import BoundedPaginator
 from ..permissions import may_operate
@@ -102,6 +104,34 @@ class SagaStepInline(SagaRowsInline):
     @admin.display(description="compensated")
     def compensated(self, step: SagaStep) -> str:
         return clock(step.compensated_at)
+
+
+def _children_tree(saga_id: Any, *, depth: int) -> SafeString:
+    """A saga's children and theirs, as nested lists of links (children nest a few deep at most:
+    `sagas.definitions.MAX_CHILD_DEPTH`)."""
+    children = list(
+        Saga.objects.filter(parent_id=saga_id)
+        .order_by("created_at")
+        .only("id", "name", "status", "parent_stage")
+    )
+    if not children or depth > MAX_CHILD_DEPTH:
+        return SafeString("")
+    items = format_html_join(
+        "",
+        '<li><a href="{}">{} {}</a> {} (stage {}){}</li>',
+        (
+            (
+                reverse("admin:sagas_saga_change", args=[child.pk]),
+                child.name,
+                str(child.pk)[:8],
+                status_badge(child.status, child.get_status_display()),
+                (child.parent_stage or 0) + 1,
+                _children_tree(child.pk, depth=depth + 1),
+            )
+            for child in children
+        ),
+    )
+    return format_html('<ul class="saga-children">{}</ul>', items)
 
 
 class SagaMemberInline(SagaRowsInline):
@@ -285,6 +315,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         ),
         ("Waiting", {"classes": ("saga-waiting",), "fields": ("waiting_details",)}),
         ("Steps, forward and compensation", {"classes": ("saga-flow",), "fields": ("diagram",)}),
+        ("Parent and children", {"classes": ("saga-family",), "fields": ("family",)}),
         ("Related objects", {"classes": ("saga-related",), "fields": ("related_objects",)}),
         (
             "Input and bookkeeping",
@@ -317,6 +348,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         "updated_at",
         "waiting_details",
         "diagram",
+        "family",
         "related_objects",
         "input_json",
         "options_json",
@@ -512,6 +544,20 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
     def diagram(self, saga: Saga) -> SafeString:
         return step_diagram(self._steps(saga), self._members(saga))
 
+    @admin.display(description="family")
+    def family(self, saga: Saga) -> SafeString:
+        """Its parent (a link), and the tree of its children below it, each a link to its page."""
+        parent = ""
+        if saga.parent_id is not None:
+            link = reverse("admin:sagas_saga_change", args=[saga.parent_id])
+            parent = format_html(
+                '<p>Child of <a href="{}">{}</a> (its stage {}).</p>',
+                link,
+                str(saga.parent_id)[:8],
+                (saga.parent_stage or 0) + 1,
+            )
+        return format_html("{}{}", parent, _children_tree(saga.pk, depth=0))
+
     @admin.display(description="links")
     def related_objects(self, saga: Saga) -> SafeString | str:
         links = admin_links(saga)
@@ -532,4 +578,6 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
             left_out.add("Related objects")
         if obj is None or obj.status != SagaStatus.WAITING:
             left_out.add("Waiting")
+        if obj is None or (obj.parent_id is None and not obj.children.exists()):
+            left_out.add("Parent and children")
         return [fieldset for fieldset in fieldsets if fieldset[0] not in left_out]

@@ -16,7 +16,7 @@ from rest_framework import serializers
 from rest_framework.exceptions import ValidationError
 
 from ..bulk import BulkFilter, BulkSkip
-from ..definitions import is_group, is_wait
+from ..definitions import is_child, is_group, is_wait
 from ..models import (
     STAFF_ONLY_DETAIL,
     BulkAction,
@@ -128,6 +128,8 @@ def _error(obj: Saga | SagaStep | SagaMember) -> dict[str, str] | None:
 def stage_kind(step: SagaStep) -> str:
     if is_group(step.definition):
         return "group"
+    if is_child(step.definition):
+        return "child"
     if not is_wait(step.definition):
         return "step"
     return "approval" if step.definition.get("approval") else "wait"
@@ -161,7 +163,7 @@ class WaitingSerializer(serializers.Serializer):
     """What a waiting saga waits for."""
 
     stage = serializers.CharField(help_text="The wait's name.")
-    kind = serializers.CharField(help_text="wait, or approval.")
+    kind = serializers.CharField(help_text="wait, approval, or child (its child saga runs).")
     event = serializers.CharField(allow_null=True, help_text="Its event; none for a timer.")
     since = serializers.DateTimeField(help_text="When it began waiting.")
     until = serializers.DateTimeField(allow_null=True, help_text="Its timeout; none: no end.")
@@ -169,8 +171,8 @@ class WaitingSerializer(serializers.Serializer):
 
 class SagaStepSerializer(ModelSerializer):
     kind = serializers.SerializerMethodField(
-        help_text="step, wait (for an event or a time), approval (a person's decision), or "
-        "group (members that run at the same time)."
+        help_text="step, wait (for an event or a time), approval (a person's decision), "
+        "group (members that run at the same time), or child (another saga, awaited)."
     )
     error = serializers.SerializerMethodField(help_text="Why the step failed, if it did.")
     event = serializers.SerializerMethodField(help_text="The event a wait waits for, if any.")
@@ -241,6 +243,20 @@ class SagaSummarySerializer(ModelSerializer):
         read_only_fields = fields
 
 
+class ChildSerializer(ModelSerializer):
+    """A child saga, as its parent lists it."""
+
+    url = serializers.HyperlinkedIdentityField(view_name=SAGA_DETAIL, read_only=True)
+    stage = serializers.IntegerField(
+        source="parent_stage", read_only=True, help_text="The parent's stage that started it."
+    )
+
+    class Meta:
+        model = Saga
+        fields = ["id", "name", "stage", "status", "url"]
+        read_only_fields = fields
+
+
 class SagaSerializer(ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name=SAGA_DETAIL, read_only=True)
     key = serializers.CharField(
@@ -254,6 +270,14 @@ class SagaSerializer(ModelSerializer):
         help_text="While the saga waits: for what, since when and until when."
     )
     steps = SagaStepSerializer(many=True, read_only=True)
+    parent = serializers.PrimaryKeyRelatedField(
+        read_only=True,
+        allow_null=True,
+        help_text="The saga that started this one as its child (a child stage), if any.",
+    )
+    children = ChildSerializer(
+        many=True, read_only=True, help_text="The sagas its child stages started, oldest first."
+    )
 
     class Meta:
         model = Saga
@@ -270,6 +294,8 @@ class SagaSerializer(ModelSerializer):
             "created_at",
             "updated_at",
             "finished_at",
+            "parent",
+            "children",
             "steps",
         ]
         read_only_fields = fields

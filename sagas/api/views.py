@@ -200,6 +200,12 @@ def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
     sagas = sagas.prefetch_related(
         Prefetch("steps", queryset=SagaStep.objects.order_by("index")),
         Prefetch("members", queryset=SagaMember.objects.order_by("stage", "position")),
+        Prefetch(
+            "children",
+            queryset=Saga.objects.order_by("created_at").only(
+                "id", "name", "status", "parent_id", "parent_stage", "created_at"
+            ),
+        ),
     )
     if events:
         sagas = sagas.prefetch_related(

@@ -1,6 +1,7 @@
 """The engine: every saga and step transition happens here, under the saga's row lock.
 
 `forward` starts sagas and runs steps, `groups` runs a group's members at the same time,
+`children` starts child sagas and waits for them,
 `compensation` undoes them, `callbacks` are the
 chains' error callbacks, `recovery` is what the sweeper does to one saga, and `operator` holds
 the operator actions. `unit` is the locked saga they all change. Celery tasks
@@ -20,6 +21,7 @@ from .callbacks import (
     compensation_chain_failed,
     step_chain_failed,
 )
+from .children import child_ended, finished_children
 from .compensation import begin_compensation, compensation_attempt, compensation_attempt_failed
 from .forward import start, step_attempt, step_attempt_failed
 from .groups import enter_group
@@ -60,6 +62,7 @@ __all__ = [
     "after_unsure_commit",
     "attempt_lost",
     "begin_compensation",
+    "child_ended",
     "class_path",
     "compensate",
     "compensation_attempt",
@@ -67,6 +70,7 @@ __all__ = [
     "compensation_chain_failed",
     "deadline_passed",
     "enter_group",
+    "finished_children",
     "lock",
     "plan",
     "plan_compensate",

@@ -20,6 +20,7 @@ from ..models import EventKind, SagaMember
 from . import rows
 from .rows import StepRow
 from .unit import (
+    COMPENSATE_STAGE,
     DONE,
     DUPLICATE,
     IN_PROGRESS,
@@ -46,7 +47,7 @@ def begin_compensation(
     false (a failing step's attempt leaves that to the chain's error callback)."""
     owed = unit.owed_on_compensation()
     current = unit.in_progress()
-    if current is not None and current.status == StepStatus.WAITING:
+    if current is not None and current.status == StepStatus.WAITING and current not in owed:
         # A wait ends, never completed: nothing to undo, no attempt to fence.
         unit.move_step(current, StepStatus.PENDING, None, due_at=None)
     if current is not None and current.status == StepStatus.RUNNING and current not in owed:
@@ -117,6 +118,9 @@ def compensation_attempt(
             return STOP
         if member is None and is_group(step.definition):
             return settle(unit, step)
+        undo_stage = COMPENSATE_STAGE.get(str(step.definition.get("kind", "")))
+        if member is None and undo_stage is not None:
+            return undo_stage(unit, step)
         if step.fenced_until is not None:
             wait = (step.fenced_until - rows.database_now()).total_seconds()
             if wait > 0:  # an attempt of the step may still run: not yet (nothing counted)

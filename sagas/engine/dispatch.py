@@ -19,6 +19,7 @@ ON_STEP_FAILURE = "sagas.on_step_failure"
 ON_COMPENSATION_FAILURE = "sagas.on_compensation_failure"
 CHAIN_FAILED = "sagas.chain_failed"
 BULK_ACTION_BATCH = "sagas.bulk_action_batch"
+CHILD_ENDED = "sagas.child_ended"
 
 
 def task_id(saga_id: str, epoch: int, index: int, member: int | None = None) -> str:
@@ -134,3 +135,8 @@ def send_error_callback(
 def send_bulk_batch(bulk_action_id: int) -> None:
     """Send `bulk_action_batch`: the next batch of a bulk action's sagas."""
     current_app.signature(BULK_ACTION_BATCH, args=(bulk_action_id,)).apply_async()
+
+
+def send_child_ended(parent_id: str, stage: int) -> None:
+    """Send `child_ended`: the child of the parent's `stage` ended, or stopped."""
+    current_app.signature(CHILD_ENDED, args=(parent_id, stage)).apply_async()

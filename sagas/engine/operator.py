@@ -163,6 +163,9 @@ def plan_skip(unit: Unit, index: int) -> Plan:
     if stage.definition.get("approval"):
         why = "An approval is decided, not skipped: approve or reject it."
         return Plan(OperatorAction.SKIP, False, why)
+    if stage.definition.get("kind") == "child" and stage.status == StepStatus.WAITING:
+        why = "A child stage ends with its child saga: act on the child (its page is linked)."
+        return Plan(OperatorAction.SKIP, False, why)
     waiting = saga.status == SagaStatus.WAITING and stage.status == StepStatus.WAITING
     paused = (
         saga.status == SagaStatus.FAILED

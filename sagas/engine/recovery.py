@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from ..models import IN_FLIGHT, EventKind, SagaEvent
+from ..models import IN_FLIGHT, EventKind, Saga, SagaEvent
 from . import rows, waits
 from .compensation import begin_compensation, finish_if_done
-from .unit import SagaStatus, lock
+from .unit import SagaStatus, Unit, lock
 
 
 def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
@@ -26,6 +26,8 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
     fenced = [s.fenced_until for s in unit.to_compensate()[:1] if s.fenced_until is not None]
     if fenced and fenced[0] > rows.database_now():
         return False  # not stalled: its next compensation waits for an attempt that may run
+    if _child_compensating(unit):
+        return False  # not stalled: its next compensation waits for its child's
     stalls = saga.recovery_attempts + 1
     unit.set_saga(recovery_attempts=stalls)
     if stalls > max_recoveries:
@@ -73,3 +75,13 @@ def deadline_passed(saga_id: UUID | str) -> bool:
     begin_compensation(unit, EventKind.DEADLINE_PASSED, {"action": "compensate"})
     unit.save()
     return True
+
+
+def _child_compensating(unit: Unit) -> bool:
+    """Whether the saga's next compensation is a child stage's whose child compensates."""
+    following = unit.to_compensate()[:1] if unit.saga.status == SagaStatus.COMPENSATING else []
+    if not following or following[0].definition.get("kind") != "child":
+        return False
+    stage = following[0]
+    children = Saga.objects.filter(parent_id=unit.saga.pk, parent_stage=stage.index)
+    return children.filter(status=SagaStatus.COMPENSATING).exists()

@@ -28,6 +28,7 @@ from .. import conf
 from ..bulk import batches
 from ..models import IN_FLIGHT, Direction, EventKind, Saga, SagaStatus
 from . import notify, waker
+from .children import finished_children
 from .recovery import deadline_passed, recover
 from .relay import relay
 
@@ -43,6 +44,7 @@ class SweepReport:
     relayed: int = 0
     waits_timed_out: list[str] = field(default_factory=list)
     signals_applied: int = 0
+    children_ended: int = 0
 
 
 # After k recoveries in a row without progress, the next waits stale_after * 2**k, at most
@@ -114,6 +116,8 @@ def sweep(
     woken = waker.wake(batch_size=batch_size)
     report.signals_applied = woken.signals_applied
     report.waits_timed_out = woken.waits_timed_out
+    # Parents still waiting for a child that ended (the message that tells them was lost).
+    report.children_ended = finished_children(batch_size=batch_size)
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     report.relayed = relay(older_than=conf.relay_after())
     if stale:

@@ -39,6 +39,7 @@ from ..exceptions import (
 from ..models import (
     Direction,
     EventKind,
+    Saga,
     SagaMember,
     SagaSignal,
     SagaStatus,
@@ -85,9 +86,11 @@ SAGA_TRANSITIONS: dict[str, set[str]] = {
         SagaStatus.COMPENSATING,
         SagaStatus.COMPENSATED,
     },
-    SagaStatus.COMPLETED: set(),
+    # A child saga, when its parent compensates (`sagas.engine.children`); no other saga.
+    SagaStatus.COMPLETED: {SagaStatus.COMPENSATING},
     SagaStatus.COMPENSATED: set(),
 }
+FINAL = (SagaStatus.COMPLETED, SagaStatus.COMPENSATED)
 
 STEP_TRANSITIONS: dict[str, set[str]] = {
     # A step in progress may be owed a compensation (`compensate_failed_step`) at any point.
@@ -98,8 +101,14 @@ STEP_TRANSITIONS: dict[str, set[str]] = {
         StepStatus.FAILED,
         StepStatus.COMPENSATING,
     },
-    # A wait ends with its event or its timeout, or, the saga turned back, before either.
-    StepStatus.WAITING: {StepStatus.COMPLETED, StepStatus.FAILED, StepStatus.PENDING},
+    # A wait ends with its event or its timeout, or, the saga turned back, before either (a
+    # child stage, waiting for its child, is then owed: its child is compensated).
+    StepStatus.WAITING: {
+        StepStatus.COMPLETED,
+        StepStatus.FAILED,
+        StepStatus.PENDING,
+        StepStatus.COMPENSATING,
+    },
     # (A group's member sent and never run goes back to pending when its group is settled.)
     StepStatus.RUNNING: {
         StepStatus.PENDING,
@@ -339,6 +348,8 @@ class Unit:
         saga = self.saga
         if to != saga.status and to not in SAGA_TRANSITIONS[saga.status]:
             raise InvalidTransition(f"saga cannot go from {saga.status} to {to}")
+        if saga.status == SagaStatus.COMPLETED and saga.parent_id is None:
+            raise InvalidTransition("only a child saga leaves completed (its parent compensates)")
         if to == SagaStatus.RUNNING and saga.is_backward:
             raise InvalidTransition("a saga that began compensating never runs forward again")
         if to == SagaStatus.COMPENSATING:
@@ -354,6 +365,11 @@ class Unit:
             detail["error_message"] = saga.error_message
         if kind:
             self.event(kind, None, detail)
+        if saga.parent_id is not None and to in (*FINAL, SagaStatus.FAILED):
+            # A child ended, or stopped: its parent is told once this commits (never locked
+            # from here: a parent locks its child, not the other way round).
+            parent, stage = str(saga.parent_id), int(saga.parent_stage or 0)
+            self.after_commit.append(lambda: dispatch.send_child_ended(parent, stage))
 
     def _discard_kept_signals(self) -> None:
         """The saga is finished: the signals kept for waits it never reached are discarded,
@@ -464,8 +480,8 @@ class Unit:
         return self.saga.epoch
 
     def send_forward(self, start: int, *, countdown: float = 0.0) -> None:
-        """Send the steps from step `start` on, up to the next wait, as a new chain after the
-        commit (to go on from a stage that may be a wait: `sagas.engine.waits.go_on`)."""
+        """Send the steps from step `start` on, up to the next stage that is not a step, as a
+        new chain after the commit (to go on from a stage that may be a wait: `go_on`)."""
         assert not self.stops_at(start), "a chain begins with a step"
         saga_id, epoch = str(self.saga.pk), self._next_epoch()
         steps = chain_of(self.steps, start)
@@ -561,9 +577,9 @@ class Unit:
         return is_wait(self.steps[index].definition)
 
     def stops_at(self, index: int) -> bool:
-        """Whether a chain ends before stage `index`: a wait, or a group."""
-        definition = self.steps[index].definition
-        return is_wait(definition) or is_group(definition)
+        """Whether a chain ends before stage `index`: a wait, a group or a child (any stage
+        but a step)."""
+        return "kind" in self.steps[index].definition
 
     def members(self, index: int) -> list[SagaMember]:
         """The members of the group at stage `index`, in order (none before it began); the
@@ -620,6 +636,12 @@ class Unit:
             owed.append(current)
         elif current is not None and is_group(current.definition) and self.members(current.index):
             owed.append(current)  # a group that began: its members are settled, then undone
+        elif (
+            current is not None
+            and current.status == StepStatus.WAITING
+            and current.definition.get("kind") == "child"
+        ):
+            owed.append(current)  # its child is in flight: it is compensated (aborted)
         return sorted(owed, key=lambda s: s.index, reverse=True)
 
     def run_names(self, stages: Sequence[StepRow]) -> tuple[str, ...]:
@@ -678,6 +700,13 @@ class Unit:
             and self.members(current.index)
         ):
             owed.append(current)  # a group that began: its members are settled, then undone
+        elif (
+            current is not None
+            and current.status in (StepStatus.PENDING, StepStatus.FAILED)
+            and current.definition.get("kind") == "child"
+            and Saga.objects.filter(parent_id=self.saga.pk, parent_stage=current.index).exists()
+        ):
+            owed.append(current)  # its child, aborted or failed, is compensated
         return sorted(owed, key=lambda s: s.index, reverse=True)
 
     def _undoable(self) -> list[StepRow]:
@@ -733,6 +762,9 @@ class Unit:
 # What begins a stage that ends a chain, by its kind ("wait", "group"): registered by the
 # modules of those stages (`sagas.engine.waits`, `sagas.engine.groups`), which import this one.
 BEGIN_STAGE: dict[str, Callable[[Unit, Any], None]] = {}
+# What compensates a stage that undoes itself another way than by a compensation of its own,
+# by its kind ("child": its saga is compensated): registered by its module.
+COMPENSATE_STAGE: dict[str, Callable[[Unit, Any], Outcome]] = {}
 
 
 def attach(member: SagaMember, stage: Any) -> SagaMember:
@@ -752,13 +784,14 @@ def worker_name() -> str:
 
 
 def chain_of(steps: Sequence[StepRow | SagaStep], start: int) -> list[tuple[int, int]]:
-    """The (index, time limit) of the steps a chain from `start` runs: up to the next wait
-    (whatever its condition says: a wait skipped sends the rest as a new chain, as many broker
-    messages as a longer chain, and no message of an older chain is left to race it).
+    """The (index, time limit) of the steps a chain from `start` runs: up to the next wait,
+    group or child (whatever a wait's condition says: a wait skipped sends the rest as a new
+    chain, as many broker messages as a longer chain, and no message of an older chain is
+    left to race it).
     `steps`: the rows as read (`StepRow`) or as a start makes them (`SagaStep`)."""
     chain = []
     for step in steps[start:]:
-        if is_wait(step.definition) or is_group(step.definition):
+        if "kind" in step.definition:  # a wait, a group or a child: not a step
             break
         chain.append((step.index, int(step.definition["time_limit"])))
     return chain

@@ -29,6 +29,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connection, transaction
 
 from sagas.definitions import (
+    Child,
     Group,
     SagaDefinition,
     Step,
@@ -228,7 +229,7 @@ class FailureMatrix:
             definition = get_definition(definition)
         elif definition.name not in registered():
             register(definition)
-        self.stages: tuple[Step | Wait | Group, ...] = tuple(definition.steps)
+        self.stages: tuple[Step | Wait | Group | Child, ...] = tuple(definition.steps)
         self.steps: tuple[Step, ...] = tuple(s for s in self.stages if isinstance(s, Step))
         self.waits: tuple[Wait, ...] = tuple(s for s in self.stages if isinstance(s, Wait))
         self.definition, self.make_input, self.start = definition, make_input, start
@@ -316,7 +317,7 @@ class FailureMatrix:
         """The stage index of a step or a wait."""
         return [s.name for s in self.stages].index(name)
 
-    def stage(self, name: str) -> Step | Wait | Group:
+    def stage(self, name: str) -> Step | Wait | Group | Child:
         return self.stages[self.position(name)]
 
     def steps_before(self, position: int) -> list[str]:
@@ -617,7 +618,7 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
     Saga.objects.filter(pk=saga.pk).update(definition_version=version)
 
 
-def is_approval(stage: Step | Wait | Group) -> bool:
+def is_approval(stage: Step | Wait | Group | Child) -> bool:
     return bool(getattr(stage, "approval", False))
 
 

@@ -29,6 +29,8 @@ class SagaRow:
         "input",
         "name",
         "options",
+        "parent_id",
+        "parent_stage",
         "recovery_attempts",
         "status",
         "trace_context",
@@ -50,6 +52,8 @@ class SagaRow:
     idempotency_key: str | None
     business_key: str | None
     recovery_attempts: int
+    parent_id: UUID | None
+    parent_stage: int | None
     created_by_id: int | None
     deadline_at: Any
     trace_context: str
