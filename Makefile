@@ -107,9 +107,11 @@ drill: install
 ## Submit a batch of demo orders to a running stack and print the outcomes, with orders that wait:
 ## for a 3-D Secure confirmation (the gateway's webhook; an abandoned one times out after
 ## ORDERS_CONFIRM_TIMEOUT, 5 s here) and for an operator's review above ORDERS_REVIEW_ABOVE (500
-## here), which the demo approves and rejects. Both are read by the demo, which submits the orders.
+## here), which the demo approves and rejects; each order's lines reserved at once (a group: one
+## runs out of stock, the other is compensated) and its shipment as a child saga (compensated with
+## its order for an unsupported destination). All are read by the demo, which submits the orders.
 demo: install
-	ORDERS_REVIEW_ABOVE=500 ORDERS_CONFIRM_TIMEOUT=5 $(BIN)/python manage.py demo_orders
+	ORDERS_REVIEW_ABOVE=500 ORDERS_CONFIRM_TIMEOUT=5 ORDERS_RESERVE_EACH_LINE=1 ORDERS_SHIP_AS_CHILD=1 $(BIN)/python manage.py demo_orders
 
 clean:
 	rm -rf $(VENV) .local test-artifacts docs/_build .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

@@ -84,8 +84,13 @@ def inventory_reserve(
     """
     requested = _quantities_by_sku(lines)
     products = {product.sku: product for product in _lock_products(Q(sku__in=list(requested)))}
-    # Checked under the product locks, so a concurrent duplicate sees the first one's rows.
-    existing = list(Reservation.objects.filter(order_id=order_id, status=ReservationStatus.ACTIVE))
+    # Checked under the product locks, so a concurrent duplicate sees the first one's rows. By
+    # SKU: the lines of one order may be reserved one at a time (`inventory.steps.reserve_line`).
+    existing = list(
+        Reservation.objects.filter(
+            order_id=order_id, status=ReservationStatus.ACTIVE, product__sku__in=list(requested)
+        )
+    )
     if existing:
         return existing
     unknown = sorted(set(requested) - set(products))
@@ -112,13 +117,18 @@ def inventory_reserve(
 
 
 @transaction.atomic(savepoint=False)
-def inventory_release(*, order_id: UUID | str) -> list[Reservation]:
-    """Return the stock of an order's active reservations. Idempotent: returns what it released."""
-    reservations = list(
-        Reservation.objects.select_for_update()
-        .filter(order_id=order_id, status=ReservationStatus.ACTIVE)
-        .order_by("pk")
+def inventory_release(
+    *, order_id: UUID | str, skus: Iterable[str] | None = None
+) -> list[Reservation]:
+    """Return the stock of an order's active reservations (of `skus` only, if given).
+    Idempotent: returns what it released."""
+    # Only the reservations' rows: products are locked below, in primary-key order.
+    active = Reservation.objects.select_for_update(of=("self",)).filter(
+        order_id=order_id, status=ReservationStatus.ACTIVE
     )
+    if skus is not None:
+        active = active.filter(product__sku__in=list(skus))
+    reservations = list(active.order_by("pk"))
     if not reservations:
         return []
     product_ids = {reservation.product_id for reservation in reservations}

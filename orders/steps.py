@@ -4,6 +4,7 @@ whether it waits for an operator's review."""
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import Any
 
 from orders.services import order_cancel, order_confirm, order_create
 from sagas.definitions import StepContext
@@ -28,6 +29,11 @@ def cancel_order(ctx: StepContext) -> None:
 def confirm_order(ctx: StepContext) -> None:
     """The saga's completion hook: every step succeeded."""
     order_confirm(order_id=ctx.input["order_id"])
+
+
+def shipment_input(ctx: StepContext) -> dict[str, Any]:
+    """The shipment saga's input (`ORDERS_SHIP_AS_CHILD`): the order and where it goes."""
+    return {"order_id": ctx.input["order_id"], "shipping_address": ctx.input["shipping_address"]}
 
 
 def order_needs_review(ctx: StepContext) -> bool:

@@ -324,6 +324,11 @@ ORDERS_CONFIRM_TIMEOUT = float(os.environ.get("ORDERS_CONFIRM_TIMEOUT", "900"))
 # Orders whose total is above this amount wait for an operator's approval before shipping
 # (orders.sagas); unset or empty: none does. Read where orders are submitted.
 ORDERS_REVIEW_ABOVE = os.environ.get("ORDERS_REVIEW_ABOVE", "").strip() or None
+# The order saga's shapes beyond a straight line (orders.sagas; read where orders are
+# submitted): reserve each line's stock at once (a group), and ship with the shipment saga as
+# its child. Off by default: `make demo` turns both on.
+ORDERS_RESERVE_EACH_LINE = os.environ.get("ORDERS_RESERVE_EACH_LINE", "") in ("1", "true", "yes")
+ORDERS_SHIP_AS_CHILD = os.environ.get("ORDERS_SHIP_AS_CHILD", "") in ("1", "true", "yes")
 # Seconds before the simulated gateway posts a 3-D Secure confirmation (tok_3ds) to the saga's
 # signed URL (payments.gateway).
 GATEWAY_CONFIRM_DELAY = float(os.environ.get("GATEWAY_CONFIRM_DELAY", "2"))

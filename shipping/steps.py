@@ -1,4 +1,5 @@
-"""The shipping step of the order fulfilment saga: schedule the shipment, or cancel it."""
+"""The shipping steps: schedule the shipment, or cancel it (the order fulfilment saga's step,
+or the shipment saga's first: `shipping.sagas`), and print its label."""
 
 from __future__ import annotations
 
@@ -15,3 +16,14 @@ def schedule_shipment(ctx: StepContext) -> dict[str, int | str]:
 
 def cancel_shipment(ctx: StepContext) -> None:
     shipment_cancel(order_id=ctx.input["order_id"])
+
+
+def book_carrier(ctx: StepContext) -> dict[str, int | str]:
+    """The shipment saga's first step: the same booking, under the shipment saga's name."""
+    return schedule_shipment(ctx)
+
+
+def print_label(ctx: StepContext) -> dict[str, str]:
+    """The shipment's label: a document of the booking's tracking number."""
+    tracking = ctx.outputs["book_carrier"]["tracking_number"]
+    return {"label": f"labels/{tracking}.pdf"}

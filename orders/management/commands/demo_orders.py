@@ -24,7 +24,7 @@ from orders.services import order_review_threshold, order_submit
 from payments.gateway import AMOUNT_LIMIT, gateway_outage_begin
 from sagas import conf
 from sagas.exceptions import SignalError
-from sagas.models import Saga, SagaStatus
+from sagas.models import Saga, SagaMember, SagaStatus
 from sagas.services import saga_approve, saga_reject
 
 FINAL = frozenset({"completed", "compensated", "failed"})
@@ -69,7 +69,12 @@ def _above_the_review_threshold(n: int) -> list[dict[str, Any]]:
 
 def _more_than_in_stock(n: int) -> list[dict[str, Any]]:
     # Nothing else in the demo orders this product, so its stock cannot grow meanwhile.
-    return [{"sku": SCARCE_SKU, "quantity": (product_stock(sku=SCARCE_SKU) or 0) + 5}]
+    short = {"sku": SCARCE_SKU, "quantity": (product_stock(sku=SCARCE_SKU) or 0) + 5}
+    if not settings.ORDERS_RESERVE_EACH_LINE:
+        return [short]
+    # Each line reserved at once: the everyday line is reserved, the scarce one fails, and
+    # the everyday line's reservation is compensated.
+    return [{"sku": EVERYDAY_SKUS[n % 4], "quantity": 1}, short]
 
 
 # Submitted once each, after the rotation, as far as the settings allow: orders that wait, for
@@ -203,6 +208,7 @@ class Command(BaseCommand):
             )
         sagas = self._wait(console, submitted, timeout)
         missed = self._report(console, submitted, sagas)
+        self._report_shapes(console, list(sagas))
         if all(saga.status == "pending" for saga in sagas.values()):
             raise CommandError(
                 f"No saga started within {timeout:g} s: no Celery worker seems to be running on "
@@ -307,6 +313,21 @@ class Command(BaseCommand):
             console.print(f"[red]Could not {decision} the review of {saga_id}[/red]: {error}")
             return
         console.print(f"[dim]The demo {done} the review of order saga {saga_id}.[/dim]")
+
+    def _report_shapes(self, console: Console, saga_ids: list[UUID]) -> None:
+        """What the groups' members and the child sagas did, where the settings use them."""
+        if settings.ORDERS_RESERVE_EACH_LINE:
+            members = Counter(
+                SagaMember.objects.filter(saga_id__in=saga_ids).values_list("status", flat=True)
+            )
+            shown = ", ".join(f"{n} {status}" for status, n in sorted(members.items()))
+            console.print(f"Lines reserved each at once (group members): {shown}.")
+        if settings.ORDERS_SHIP_AS_CHILD:
+            children = Counter(
+                Saga.objects.filter(parent_id__in=saga_ids).values_list("status", flat=True)
+            )
+            shown = ", ".join(f"{n} {status}" for status, n in sorted(children.items()))
+            console.print(f"Shipment sagas (children of the orders): {shown}.")
 
     def _report(
         self, console: Console, submitted: list[tuple[Scenario, UUID]], sagas: dict[UUID, Saga]
