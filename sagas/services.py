@@ -49,11 +49,13 @@ def saga_plan(
     index: int | None = None,
     deadline: engine.Deadline = engine.KEEP,
     locked: bool = True,
+    member: int | None = None,
 ) -> Plan:
     """Preview an operator action (`retry`, `compensate`, `resolve`, `skip`) without doing
-    it; `deadline` as for `saga_retry`. Not `locked`: from the rows as they are, never waiting
-    for a running step (a page that offers the action); the action's own plan decides."""
-    return engine.plan(saga_id, action, index, locked=locked, deadline=deadline)
+    it; `deadline` as for `saga_retry`, `member` as for `saga_skip`. Not `locked`: from the
+    rows as they are, never waiting for a running step (a page that offers the action); the
+    action's own plan decides."""
+    return engine.plan(saga_id, action, index, locked=locked, deadline=deadline, member=member)
 
 
 def saga_retry(
@@ -175,18 +177,24 @@ def saga_skip(
     note: str = "",
     bulk_action_id: int | None = None,
     matches: Callable[[], bool] | None = None,
+    member: int | None = None,
 ) -> Plan:
     """Mark stage `index` as done by hand, with `output` (what later stages read as its
     output), and go on from there: a wait that waits (its event is then refused as late), or
     the stage a paused saga stopped at going forward (a step that failed for good, a wait
     that timed out). Not an approval (approve it). `note` and `actor` go on the timeline.
 
+    With `member` (its position in the group at stage `index`): a failed member of the group
+    a paused saga stopped at is marked as done with `output` (its output in the group's); once
+    none of its members has failed, the group goes on (its members not yet run run, then the
+    stages after it); until then the saga stays paused.
+
     Raises Django's `ValidationError` (on `output`) for an output the stage would not take,
     `InvalidTransition` when the saga's state does not allow it (`saga_plan(action="skip",
     index=...)` says why beforehand), `SagaBusy` while a step holds the saga. Check the user's
     `sagas.skip_saga` before calling this. `bulk_action_id` and `matches` as for `saga_retry`.
     """
-    check_output(saga_id, index, output)
+    check_output(saga_id, index, output, member=member)
     try:
         waits.storable_text(note)
     except ValidationError as error:
@@ -199,6 +207,7 @@ def saga_skip(
         note=note,
         bulk_action_id=bulk_action_id,
         matches=matches,
+        member=member,
     )
 
 

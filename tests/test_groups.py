@@ -446,3 +446,38 @@ def test_the_api_and_the_admin_show_each_member(saga_db, admin_client):
     # Its progress counts the members: first, a, b, c, last.
     undone = 1 + sum(1 for _, status in statuses if status == "compensated")
     assert f"0 of 5, {undone} undone" in listing
+
+
+def test_an_operator_marks_a_failed_member_as_done_and_the_group_goes_on(
+    saga_db, admin_client, tmp_path
+):
+    skus = products("a", "b", "c")
+    stuck = tmp_path / "down"
+    stuck.touch()
+    saga = start(skus=skus, behave={"b": "stuck"}, stuck=str(stuck))
+    wait_for(lambda: status(saga) == "failed", what="the saga to pause")
+    wait_for(
+        lambda: members(saga)["a"].status == members(saga)["c"].status == "completed",
+        what="the other members to finish",
+    )
+    plan = admin_client.get(f"/api/sagas/{saga.pk}/plan/?action=skip&index=1&member=1").json()
+    assert plan["allowed"] is True
+    assert plan["run"] == ["last"]
+    refused = admin_client.get(f"/api/sagas/{saga.pk}/plan/?action=skip&index=1&member=0")
+    assert refused.json()["allowed"] is False  # a completed member
+
+    done = {"sku": skus["b"], "by_hand": True}
+    response = admin_client.post(
+        f"/api/sagas/{saga.pk}/steps/1/skip/",
+        {"output": done, "note": "reserved by phone", "member": 1},
+        content_type="application/json",
+    )
+    assert response.status_code == 202, response.content  # accepted: the saga goes on
+    saga = wait_final(saga.pk)
+
+    assert saga.status == "completed"
+    assert members(saga)["b"].output == done
+    assert SagaStep.objects.get(saga=saga, name="last").output["saw"]["b"] == done
+    skipped = SagaEvent.objects.get(saga=saga, kind=EventKind.OPERATOR_SKIP)
+    assert (skipped.step_name, skipped.detail["member"]) == ("parallel.b", "b")
+    assert skipped.detail["note"] == "reserved by phone"

@@ -352,6 +352,12 @@ class PlanQuerySerializer(serializers.Serializer):
         max_value=32767,
         help_text="The step to resolve or skip (required with action=resolve or skip).",
     )
+    member = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=100_000,
+        help_text="With action=skip: the position of a failed member of the group at `index`.",
+    )
 
     deadline = serializers.DateTimeField(
         required=False,
@@ -422,6 +428,15 @@ class SkipRequestSerializer(StrictSerializer):
         allow_blank=True,
         default="",
         help_text="Why, for the timeline.",
+    )
+    member = serializers.IntegerField(
+        required=False,
+        allow_null=True,
+        default=None,
+        min_value=0,
+        max_value=100_000,
+        help_text="A group's stage: the position of its failed member to mark as done (its "
+        "`members[].position`); the group goes on once none of its members has failed.",
     )
 
 

@@ -403,16 +403,23 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         body = SkipRequestSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         output, note = body.validated_data["output"], body.validated_data["note"]
+        member = body.validated_data["member"]
 
         def do(*, saga_id: Any, actor: str) -> Plan:
             try:
                 return saga_skip(
-                    saga_id=saga_id, index=int(index), output=output, actor=actor, note=note
+                    saga_id=saga_id,
+                    index=int(index),
+                    output=output,
+                    actor=actor,
+                    note=note,
+                    member=member,
                 )
             except DjangoValidationError as exc:  # a 400 with the field's error, no key taken
                 raise ValidationError(exc.message_dict) from None
 
-        canonical = json.dumps([output, note], sort_keys=True, default=str)
+        chosen_body = [output, note] if member is None else [output, note, member]
+        canonical = json.dumps(chosen_body, sort_keys=True, default=str)
         chosen = " " + hashlib.sha256(canonical.encode()).hexdigest()
         return self._act(request, do, chosen)
 
@@ -542,6 +549,7 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
                 action=query.validated_data["action"],
                 index=query.validated_data.get("index"),
                 deadline=query.validated_data.get("deadline", KEEP),
+                member=query.validated_data.get("member"),
             )
         except SagaBusy as exc:  # a step holds the saga: its action would answer the same
             raise Conflict(str(exc)) from exc

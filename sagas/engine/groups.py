@@ -139,6 +139,9 @@ def enter_group(unit: Unit, stage: Any) -> None:
             error_code="",
             error_message="",
         )
+    if not any(m.status in IN_PROGRESS for m in members):
+        _complete(unit, stage)  # every member done (an operator marked the last one so)
+        return
     epoch = unit._next_epoch()
     _send(unit, stage, epoch, resend=True)
 

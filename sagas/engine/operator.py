@@ -154,9 +154,12 @@ def plan_resolve(unit: Unit, index: int) -> Plan:
     )
 
 
-def plan_skip(unit: Unit, index: int) -> Plan:
+def plan_skip(unit: Unit, index: int, member: int | None = None) -> Plan:
     """Marking stage `index` as done by hand: a wait that waits, or the stage a saga paused
-    at going forward (a step that failed for good, a wait that timed out or failed)."""
+    at going forward (a step that failed for good, a wait that timed out or failed); or, with
+    `member`, a failed member of the group a saga paused at."""
+    if member is not None:
+        return _plan_skip_member(unit, index, member)
     if not 0 <= index < len(unit.steps):
         return Plan(OperatorAction.SKIP, False, "No such stage.")
     saga, stage = unit.saga, unit.steps[index]
@@ -178,6 +181,60 @@ def plan_skip(unit: Unit, index: int) -> Plan:
         return Plan(OperatorAction.SKIP, False, why)
     reason = f"Mark {stage.name} as done with the output given; the saga goes on from there."
     return Plan(OperatorAction.SKIP, True, reason, run=unit.run_names(unit.steps[index + 1 :]))
+
+
+def _plan_skip_member(unit: Unit, index: int, position: int) -> Plan:
+    stage = unit.steps[index] if 0 <= index < len(unit.steps) else None
+    member = unit.member(index, position) if stage is not None else None
+    if member is None:
+        return Plan(OperatorAction.SKIP, False, "No such member of a group.")
+    saga = unit.saga
+    paused = (
+        saga.status == SagaStatus.FAILED
+        and not saga.is_backward
+        and unit.in_progress() is stage
+        and member.status == StepStatus.FAILED
+    )
+    if not paused:
+        why = "Only a failed member of the group a paused saga stopped at can be skipped."
+        return Plan(OperatorAction.SKIP, False, why)
+    members = unit.members(index)
+    others = [m.title for m in members if m.status == StepStatus.FAILED and m is not member]
+    reason = f"Mark {member.title} as done with the output given; "
+    if others:
+        reason += (
+            f"the saga stays paused: {', '.join(others)} failed too (skip them, or retry "
+            "the saga to run them again)."
+        )
+        return Plan(OperatorAction.SKIP, True, reason)
+    rest = [m.title for m in members if m.status in IN_PROGRESS]
+    reason += "the group goes on" + (" with its members not yet run." if rest else ".")
+    return Plan(
+        OperatorAction.SKIP, True, reason, run=(*rest, *unit.run_names(unit.steps[index + 1 :]))
+    )
+
+
+def _skip_member(unit: Unit, stage: Any, position: int, output: Any, detail: dict) -> None:
+    """A failed member marked as done by hand: the group goes on once none failed."""
+    member = unit.member(stage.index, position)
+    assert member is not None
+    unit.move_step(
+        member,
+        StepStatus.COMPLETED,
+        EventKind.OPERATOR_SKIP,
+        detail,
+        output=output,
+        finished_at=timezone.now(),
+        error_code="",
+        error_message="",
+    )
+    unit.progressed()
+    if any(m.status == StepStatus.FAILED for m in unit.members(stage.index)):
+        return  # the saga stays paused for the others
+    unit.set_saga(recovery_attempts=0, error_code="", error_message="")
+    unit.move_step(stage, StepStatus.PENDING, None, error_code="", error_message="")
+    unit.move_saga(SagaStatus.RUNNING, None)
+    waits.go_on(unit, stage.index)
 
 
 def _resume_compensation(unit: Unit, kind: str, detail: dict) -> None:
@@ -310,7 +367,7 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
     return plan
 
 
-def check_output(saga_id: UUID | str, index: int, output: Any) -> None:
+def check_output(saga_id: UUID | str, index: int, output: Any, member: int | None = None) -> None:
     """Refuse an output stage `index` would not take (Django's `ValidationError`, on
     `output`): text PostgreSQL cannot store, larger than the stage's payload limit, or refused
     by a wait's `validate`. Run before the saga is locked: `validate` is the project's."""
@@ -329,7 +386,7 @@ def check_output(saga_id: UUID | str, index: int, output: Any) -> None:
     size = len(json.dumps(output, separators=(",", ":"), cls=DjangoJSONEncoder).encode())
     if size > limit:
         raise ValidationError({"output": f"At most {limit} bytes of JSON (this is {size})."})
-    if is_wait(definition) and definition.get("validate"):
+    if member is None and is_wait(definition) and definition.get("validate"):
         try:
             import_callable(definition["validate"])(output)
         except ValidationError as error:
@@ -345,15 +402,21 @@ def skip(
     note: str = "",
     bulk_action_id: int | None = None,
     matches: Matches | None = None,
+    member: int | None = None,
 ) -> Plan:
-    """Mark stage `index` as done by hand with `output` (which later stages read as its
-    output), and go on from there. Check the output first (`check_output`)."""
+    """Mark stage `index` (or the group's `member` there) as done by hand with `output`
+    (which later stages read as its output), and go on from there. Check the output first
+    (`check_output`)."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
         _still_matches(matches)
-        plan = _allowed(plan_skip(unit, index))
+        plan = _allowed(plan_skip(unit, index, member))
         stage = unit.steps[index]
         detail: dict[str, Any] = {**_by(actor, bulk_action_id), "note": note}
+        if member is not None:
+            _skip_member(unit, stage, member, output, detail)
+            unit.save()
+            return plan
         if _deadline_passed(unit):  # the operator chose to go on, as a retry does
             detail["deadline_cleared"] = unit.saga.deadline_at.isoformat()
             unit.set_saga(deadline_at=None)
@@ -402,8 +465,9 @@ def plan(
     *,
     locked: bool = True,
     deadline: Deadline = KEEP,
+    member: int | None = None,
 ) -> Plan:
-    """Preview an operator action without doing it.
+    """Preview an operator action without doing it (`member`: a skip's, of a group's member).
 
     Not `locked`: from the rows as they are, without waiting for a running step (a bulk
     action's preview, of many sagas); the action's own plan, under the lock, has the last word.
@@ -417,5 +481,5 @@ def plan(
         if action == OperatorAction.RESOLVE and index is not None:
             return plan_resolve(unit, index)
         if action == OperatorAction.SKIP and index is not None:
-            return plan_skip(unit, index)
+            return plan_skip(unit, index, member)
     raise InvalidTransition(f"unknown action {action!r}")
