@@ -171,3 +171,130 @@ register(
         deadline=2,
     )
 )
+
+
+# -- faults in groups (tests/test_groups_faults.py) ------------------------------------------
+#
+# `act` takes one unit of stock (committed with the member's row, or not at all), then notes
+# the attempt in the file `input["runs"]` (an effect outside the transaction, as a provider's
+# call would be: it stays when the attempt dies), then does what `input["faults"][<member>]`
+# lists, in order: "die_once" (SIGKILL its own process, the first time), "die" (every time),
+# "hang" (ignore the soft time limit), "gate" (wait for `<input["gate"]>.<member>`), "decline",
+# "flaky" (a transient error on its first attempt). Its compensation, `give_back`, notes itself
+# and returns the unit; it may fail, or die, as the input says.
+
+TWO = RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1)
+# A retry that comes late enough for an operator to act between two attempts.
+SLOW = RetryPolicy(max_attempts=2, backoff=4, backoff_max=4, jitter=False)
+
+
+def note(ctx: StepContext, line: str) -> None:
+    with Path(ctx.input["runs"]).open("a") as runs:
+        runs.write(f"{line}\n")
+
+
+def act(ctx: StepContext) -> dict:
+    """Take one unit of the member's product, note the attempt, then misbehave as told."""
+    import os
+    import signal
+
+    from django.db.models import F
+
+    from inventory.models import Product
+
+    started = time.time()
+    sku = _sku(ctx)
+    Product.objects.filter(sku=sku).update(stock_on_hand=F("stock_on_hand") - 1)
+    note(ctx, f"run {ctx.step} {ctx.attempt} {started}")
+    for fault in ctx.input.get("faults", {}).get(ctx.step, []):
+        if fault == "die_once":
+            died = Path(f"{ctx.input['runs']}.{ctx.step}.died")
+            if not died.exists():
+                died.touch()
+                os.kill(os.getpid(), signal.SIGKILL)
+        elif fault == "die":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif fault == "hang":
+            from sagas.testing.faults import hang
+
+            hang()
+        elif fault == "gate":
+            gate = Path(f"{ctx.input['gate']}.{ctx.step}")
+            Path(f"{gate}.started").touch()
+            deadline = time.monotonic() + 30
+            while not gate.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        elif fault == "decline":
+            raise BusinessError("Declined.", code="declined")
+        elif fault == "flaky" and ctx.attempt == 1:
+            raise TransientError("Try again.", code="hiccup")
+    return {"sku": sku, "attempt": ctx.attempt, "started": started, "finished": time.time()}
+
+
+def give_back(ctx: StepContext) -> None:
+    """Give the unit back (nothing when the member never completed). A member listed in
+    `input["undo_fails"]` fails (transiently) while the file `input["undo_stuck"]` exists; one
+    listed in `input["undo_dies"]` gives the unit back, then kills its own process, once."""
+    import os
+    import signal
+
+    from django.db.models import F
+
+    from inventory.models import Product
+
+    note(ctx, f"undo {ctx.step} {ctx.attempt} {time.time()}")
+    stuck = ctx.input.get("undo_stuck")
+    if ctx.step in ctx.input.get("undo_fails", []) and stuck and Path(stuck).exists():
+        raise TransientError("The stock service is down.", code="stock_down")
+    if ctx.output is None:
+        return
+    Product.objects.filter(sku=ctx.output["sku"]).update(stock_on_hand=F("stock_on_hand") + 1)
+    died = Path(f"{ctx.input['runs']}.{ctx.step}.undo_died")
+    if ctx.step in ctx.input.get("undo_dies", []) and not died.exists():
+        died.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def acting(name: str, **options: Any) -> Step:
+    options.setdefault("retry", FAST)
+    return Step(name, act, give_back, compensation_retry=TWO, **options)
+
+
+def faulty(name: str, members: list[Step], *, last_step: bool = True, **options: Any):
+    group_options = {k: options.pop(k) for k in ("concurrency",) if k in options}
+    steps: list[Any] = [
+        Step("first", first, undo, retry=FAST),
+        Group("parallel", members=members, **group_options),
+    ]
+    if last_step:
+        steps.append(Step("last", last, undo, retry=FAST))
+    return SagaDefinition(name=name, steps=steps, deadline=None, **options)
+
+
+register(faulty("faults_group", [acting("a"), acting("b"), acting("c")]))
+register(
+    faulty(
+        "faults_group_continue",
+        [acting("a"), acting("b"), acting("c")],
+        continue_compensation_on_failure=True,
+    )
+)
+# Members that may hang: a time limit of 1 s, killed 2 s later (the suite's grace).
+register(
+    faulty(
+        "faults_group_hung",
+        [acting("a", time_limit=1), acting("b", time_limit=1), acting("c", time_limit=1)],
+    )
+)
+# Two at a time: the third member is sent when one of the first two ends.
+register(faulty("faults_group_paced", [acting("a"), acting("b"), acting("c")], concurrency=2))
+# Member b retries 4 s after a transient failure.
+register(faulty("faults_group_slow_retry", [acting("a"), acting("b", retry=SLOW), acting("c")]))
+# One at a time; b may have half-happened (`compensate_failed_step`).
+register(
+    faulty(
+        "faults_group_one_at_a_time",
+        [acting("a"), acting("b", compensate_failed_step=True), acting("c")],
+        concurrency=1,
+    )
+)
