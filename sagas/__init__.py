@@ -12,7 +12,8 @@ the models.
 A map of the package:
 
 - `definitions`: the declarative definition API (`SagaDefinition`, `Step`, `Wait`,
-  `Approval`, `RetryPolicy`, `StepContext`, `register`) and the registry of definitions.
+  `Approval`, `Group`, `Child`, `RetryPolicy`, `StepContext`, `register`) and the registry of
+  definitions.
 - `services`: the public Python API: start a saga, send it a signal, approve or reject
   it, preview and run the operator actions (retry, compensate, resolve or skip a step),
   bulk actions. The admin, the API and the commands call these and nothing else.
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
     from .bulk import BulkFilter, BulkSkip
     from .definitions import (
         Approval,
+        Child,
+        Group,
         RetryPolicy,
         SagaDefinition,
         Step,
@@ -93,6 +96,8 @@ __version__ = "0.1.0"
 _WHERE = {
     # Defining sagas.
     "Approval": "definitions",
+    "Child": "definitions",
+    "Group": "definitions",
     "RetryPolicy": "definitions",
     "SagaDefinition": "definitions",
     "Step": "definitions",
@@ -137,7 +142,9 @@ __all__ = [
     "BulkPreviewOutdated",
     "BulkSkip",
     "BusinessError",
+    "Child",
     "DefinitionError",
+    "Group",
     "InvalidTransition",
     "RetryPolicy",
     "SagaBusy",

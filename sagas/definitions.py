@@ -314,6 +314,9 @@ class Approval(Wait):
             )
 
 
+# Seconds the engine's own work for a group or a child stage may take (a group's settling,
+# turning a child back): their tasks' time limit.
+STAGE_TIME_LIMIT = 30
 # The most members a group may have, unless it says otherwise (`Group.max_fan_out`).
 MAX_FAN_OUT = 1000
 # The longest name of a member (a map's: its item's key).
@@ -403,8 +406,9 @@ class Group:
             "members": [{**m.snapshot(on_unexpected_error), "name": m.name} for m in self.members],
             "concurrency": self.concurrency,
             # What the engine reads of every stage: the members run and undo, not the group.
+            # Its time limit bounds its compensation's settling (`compensation.settle`).
             "compensation": None,
-            "time_limit": 1,
+            "time_limit": STAGE_TIME_LIMIT,
             "pivot": False,
         }
         if self.step is not None:
@@ -461,8 +465,9 @@ class Child:
             "saga": self.saga,
             "input": self.input,
             # What the engine reads of every stage: the child undoes itself, not the stage.
+            # Its time limit bounds the task that turns the child back.
             "compensation": None,
-            "time_limit": 1,
+            "time_limit": STAGE_TIME_LIMIT,
             "pivot": False,
         }
 

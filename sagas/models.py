@@ -367,6 +367,11 @@ class SagaMember(models.Model):
     attempts = models.PositiveIntegerField(
         default=0, help_text="Failed or completed attempts of its action, counted from its row."
     )
+    epoch = models.PositiveIntegerField(
+        default=0,
+        help_text="The saga's epoch when the member was last sent: its task's error callback "
+        "of an older one does nothing.",
+    )
     compensation_attempts = models.PositiveIntegerField(
         default=0, help_text="Attempts of its compensation."
     )

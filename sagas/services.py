@@ -211,9 +211,12 @@ def saga_skip(
     )
 
 
-def saga_step_resolve(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
-    """Mark a step whose compensation failed as compensated by hand, and carry on."""
-    return engine.resolve(saga_id, index, actor=actor)
+def saga_step_resolve(
+    *, saga_id: UUID | str, index: int, actor: str = "", member: int | None = None
+) -> Plan:
+    """Mark a step whose compensation failed as compensated by hand, and carry on; with
+    `member`, that member of the group at stage `index`."""
+    return engine.resolve(saga_id, index, actor=actor, member=member)
 
 
 def bulk_action_preview(

@@ -342,6 +342,15 @@ class PlanSerializer(serializers.Serializer):
     )
 
 
+class MemberQuerySerializer(serializers.Serializer):
+    member = serializers.IntegerField(
+        required=False,
+        min_value=0,
+        max_value=100_000,
+        help_text="A group's stage: the position of one of its members.",
+    )
+
+
 class PlanQuerySerializer(serializers.Serializer):
     action = serializers.ChoiceField(
         choices=OperatorAction.choices, help_text="The action to preview."

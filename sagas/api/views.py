@@ -82,6 +82,7 @@ from .serializers import (
     BulkPreviewSerializer,
     DecisionRequestSerializer,
     DetailSerializer,
+    MemberQuerySerializer,
     PlanQuerySerializer,
     PlanSerializer,
     RetryRequestSerializer,
@@ -353,6 +354,14 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
                 OpenApiParameter.PATH,
                 description="The step's index (0 is the first step).",
             ),
+            OpenApiParameter(
+                "member",
+                {"type": "integer", "minimum": 0, "maximum": 100000},
+                OpenApiParameter.QUERY,
+                required=False,
+                description="A group's stage: the position of its member whose compensation "
+                "failed.",
+            ),
         ],
         responses={
             202: SagaDetailSerializer,
@@ -365,10 +374,14 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
     )
     @action(detail=True, methods=["post"], url_path=r"steps/(?P<index>[0-9]{1,9})/resolve")
     def resolve(self, request: Request, pk: str | None = None, index: str = "0") -> Response:
-        def do(*, saga_id: Any, actor: str) -> Plan:
-            return saga_step_resolve(saga_id=saga_id, index=int(index), actor=actor)
+        query = MemberQuerySerializer(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        member = query.validated_data.get("member")
 
-        return self._act(request, do)
+        def do(*, saga_id: Any, actor: str) -> Plan:
+            return saga_step_resolve(saga_id=saga_id, index=int(index), actor=actor, member=member)
+
+        return self._act(request, do, "" if member is None else f" member {member}")
 
     @extend_schema(
         summary="Mark a stage as done by hand",

@@ -144,6 +144,10 @@ def compensation_chain_failed(
             # That compensation committed (or its retry was recorded); then its task failed to
             # send the next message: send the rest again, nothing failed.
             unit.send_compensations()
+        elif "kind" in remaining[0].definition:
+            # A group's settling or a child's compensation: nothing of its own to count (it
+            # runs no compensation); it is tried again.
+            unit.send_compensations(countdown=1.0)
         else:
             # The compensation in progress recorded nothing: its task failed outside it.
             step = remaining[0]
@@ -192,8 +196,8 @@ def attempt_lost(
                 return None
             outcome = record_attempt_failure(unit, step, error, transient=True, detail=detail)
         else:
-            if not its_turn(unit, step):
-                return None
+            if not its_turn(unit, step) or "kind" in step.definition:
+                return None  # not its turn, or a group's or child's: nothing to count
             if step.fenced_until is not None and step.fenced_until > rows.database_now():
                 return None  # waiting for its fence: no attempt of it can have started
             outcome = record_compensation_failure(unit, step, error, detail=detail)
@@ -253,39 +257,38 @@ def _carry_on(unit: Unit, outcome: str, countdown: float, *, forward_from: int) 
 def member_chain_failed(
     saga_id: str, epoch: int, index: int, position: int, *, cause: str | None, task_id: str
 ) -> None:
-    """Error callback of a member's task (see `callbacks.step_chain_failed`). Idempotent."""
+    """Error callback of a member's task (see `callbacks.step_chain_failed`): records an
+    attempt its task ended outside of (a hard time limit, the process lost, the task's own
+    error), or sends the member again when the broker refused its retry. A member's final
+    failure sends the compensations itself: nothing to do for it here. Idempotent: the
+    member's row names the epoch of its last send, and a callback of another does nothing."""
     with transaction.atomic():
-        if groups.lock_member(saga_id, index, position) is None:
+        row = groups.lock_member(saga_id, index, position)
+        if row is None or row.status not in IN_PROGRESS or row.epoch != epoch:
+            # Before the saga's lock: whoever holds it may be settling this row.
+            logger.info("saga %s: error callback with nothing to do, ignored", saga_id)
             return
         unit = lock(saga_id)
-        if not unit.is_current(epoch):
-            logger.info("saga %s: error callback of an older chain, ignored", saga_id)
-            return
         member = unit.member(index, position)
         stage = unit.steps[index]
-        if unit.saga.status == SagaStatus.COMPENSATING:
-            unit.send_compensations()  # a member's final failure began the compensation
-        elif member is not None and member.status in IN_PROGRESS and groups.going(unit, stage):
-            if broker_failed(cause):
-                groups.resend(unit, stage, member)
-            else:
-                error = outside_attempt_error(cause, task_id, int(member.definition["time_limit"]))
-                if error.code == "task_failed":
-                    policy = unexpected_error_policy(member)
-                    outcome = groups.record_member_failure(
-                        unit,
-                        member,
-                        error,
-                        transient=policy == "retry",
-                        pause="task failed" if policy == "pause" else "",
-                        detail={"exception": cause or "", "reference": task_id},
-                    )
-                else:
-                    outcome = groups.record_member_failure(unit, member, error, transient=True)
-                if outcome.kind == "retry":
-                    groups.resend(unit, stage, member, countdown=outcome.countdown)
-                elif unit.saga.status == SagaStatus.COMPENSATING:
-                    unit.send_compensations()
-        else:
+        if member is None or not groups.going(unit, stage):
             return
+        if broker_failed(cause):
+            groups.resend(unit, stage, member)
+        else:
+            error = outside_attempt_error(cause, task_id, int(member.definition["time_limit"]))
+            if error.code == "task_failed":
+                policy = unexpected_error_policy(member)
+                outcome = groups.record_member_failure(
+                    unit,
+                    member,
+                    error,
+                    transient=policy == "retry",
+                    pause="task failed" if policy == "pause" else "",
+                    detail={"exception": cause or "", "reference": task_id},
+                )
+            else:
+                outcome = groups.record_member_failure(unit, member, error, transient=True)
+            if outcome.kind == "retry":
+                groups.resend(unit, stage, member, countdown=outcome.countdown)
         unit.save()

@@ -30,7 +30,17 @@ from ..exceptions import DefinitionError, SagaBusy, SagaKeyError, SagaKeyInFligh
 from ..models import FINAL_STATUSES, Direction, EventKind, Saga, SagaStatus, SagaStep
 from .compensation import begin_compensation, finish_if_done, record_compensation_failure
 from .forward import start
-from .unit import BEGIN_STAGE, COMPENSATE_STAGE, DONE, Outcome, SafeError, StepStatus, Unit, lock
+from .unit import (
+    BEGIN_STAGE,
+    COMPENSATE_STAGE,
+    DONE,
+    TURN_BACK_STAGE,
+    Outcome,
+    SafeError,
+    StepStatus,
+    Unit,
+    lock,
+)
 
 logger = logging.getLogger("sagas")
 
@@ -241,8 +251,25 @@ def compensate_child(unit: Unit, stage: Any) -> Outcome:
     return Outcome("retry", countdown=CHILD_POLL)
 
 
+def abort_child(unit: Unit, stage: Any) -> None:
+    """The parent turns back while its child is in flight: the child is aborted at once (its
+    compensation begins), unless a step of it holds it (then the stage's compensation does
+    it, in its turn)."""
+    child = child_of(unit.saga.pk, stage.index)
+    if child is not None and child.status not in FINAL_STATUSES:
+        with suppress(SagaBusy):
+            _turn_back(child.pk, unit.saga.pk)
+
+
 def _turn_back(child_id: Any, parent_id: Any) -> None:
-    """Begin the child's compensation, as its parent compensates (parent's lock held)."""
+    """Begin the child's compensation, as its parent compensates (parent's lock held). In a
+    savepoint of its own: `SagaBusy` (a step of the child holds it) leaves the parent's
+    transaction as it was."""
+    with transaction.atomic():
+        _turn_back_now(child_id, parent_id)
+
+
+def _turn_back_now(child_id: Any, parent_id: Any) -> None:
     child = lock(child_id, wait=CHILD_LOCK_WAIT)
     saga = child.saga
     if saga.status in (SagaStatus.COMPENSATING, SagaStatus.COMPENSATED) or (
@@ -263,3 +290,4 @@ def _turn_back(child_id: Any, parent_id: Any) -> None:
 
 BEGIN_STAGE["child"] = enter_child
 COMPENSATE_STAGE["child"] = compensate_child
+TURN_BACK_STAGE["child"] = abort_child

@@ -25,6 +25,7 @@ from .unit import (
     DUPLICATE,
     IN_PROGRESS,
     STOP,
+    TURN_BACK_STAGE,
     Outcome,
     SafeError,
     SagaStatus,
@@ -66,6 +67,9 @@ def begin_compensation(
         elif step.status != StepStatus.COMPENSATING:
             unit.move_step(step, StepStatus.COMPENSATING, None)
     unit.move_saga(SagaStatus.COMPENSATING, kind, detail)
+    turn_back = TURN_BACK_STAGE.get(str(current.definition.get("kind", ""))) if current else None
+    if turn_back is not None:
+        turn_back(unit, current)  # a child in flight is aborted now, not when its turn comes
     if not owed:
         unit.move_saga(SagaStatus.COMPENSATED, EventKind.SAGA_COMPENSATED)
         return
@@ -197,6 +201,10 @@ def compensation_attempt_failed(
         step: Any = unit.steps[index] if member is None else unit.member(index, member)
         if step is None or not its_turn(unit, step):
             return STOP
+        if "kind" in step.definition:
+            # A group's settling or a child's compensation failed (a lock wait, its time
+            # limit): nothing of its own to count; it is tried again.
+            return Outcome("retry", countdown=SETTLE_POLL)
         error = safe_error(exc, time_limit=compensation_time_limit(step))
         attempt = step.compensation_attempts + 1
         reference = log_failure(unit, step, attempt, exc, compensation=True)
@@ -266,26 +274,36 @@ def settle(unit: Unit, stage: Any) -> Outcome:
     """Begin the compensation of a group: once no member's attempt runs (their rows are
     locked while they do), mark what is owed (the members that completed; those that may have
     started where their definition says `compensate_failed_step`), and send the compensations
-    from the rows. Runs as the group's first compensation, under the saga's lock."""
+    from the rows. Runs as the group's first compensation, under the saga's lock.
+
+    It takes every member row it changes with SKIP LOCKED first: whoever holds one (an
+    attempt, or a late delivery that locks its member before the saga) is let finish, and
+    this looks again a moment later: it never waits for a member that waits for the saga."""
     members = unit.members(stage.index)
-    unsettled = [m for m in members if m.status in IN_PROGRESS]
-    if unsettled:
+    moving = [m for m in members if m.status in (*IN_PROGRESS, StepStatus.COMPLETED)]
+    moving += [
+        m
+        for m in members
+        if m.status == StepStatus.FAILED and m.definition.get("compensate_failed_step")
+    ]
+    if moving:
         free = set(
             SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
-            .filter(pk__in=[m.pk for m in unsettled])
+            .filter(pk__in=[m.pk for m in moving])
             .order_by()
             .values_list("pk", flat=True)
         )
-        if len(free) < len(unsettled):
-            return Outcome("retry", countdown=SETTLE_POLL)  # an attempt runs: it ends first
+        if len(free) < len(moving):
+            return Outcome("retry", countdown=SETTLE_POLL)  # a member's row is held: later
     owed = []
     for member in members:
-        may_have_started = member.status == StepStatus.FAILED or member.attempts > 0
+        undo_failed = bool(member.definition.get("compensate_failed_step"))
         if member.status == StepStatus.COMPLETED:
             owed.append(member)
             unit.move_step(member, StepStatus.COMPENSATING, None)
-        elif member.status in IN_PROGRESS and member.definition.get("compensate_failed_step"):
-            # It may have begun an attempt whose session ended while its worker went on.
+        elif member.status == StepStatus.RUNNING and undo_failed:
+            # Sent: it may have begun an attempt whose session ended while its worker went
+            # on; its compensation waits until that cannot run any more.
             owed.append(member)
             unit.move_step(
                 member,
@@ -293,14 +311,15 @@ def settle(unit: Unit, stage: Any) -> Outcome:
                 None,
                 fenced_until=fence_of(member),  # type: ignore[arg-type]
             )
-        elif member.status == StepStatus.FAILED and member.definition.get("compensate_failed_step"):
+        elif member.status == StepStatus.FAILED and undo_failed:
             owed.append(member)
             unit.move_step(member, StepStatus.COMPENSATING, None)
         elif member.status == StepStatus.RUNNING:
-            if may_have_started:
+            if member.attempts > 0:
                 unit.move_step(member, StepStatus.FAILED, None, finished_at=timezone.now())
             else:
                 unit.move_step(member, StepStatus.PENDING, None)  # sent, never run
+        # Pending: never sent, never run; nothing to undo.
     detail = {"members": [m.name for m in reversed(owed)]}
     if owed:
         unit.move_step(stage, StepStatus.COMPENSATING, None, compensation_attempts=1)

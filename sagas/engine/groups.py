@@ -237,14 +237,32 @@ def _send(unit: Unit, stage: Any, epoch: int, *, resend: bool, countdown: float 
     pending = [m for m in members if m.status == StepStatus.PENDING]
     room = max(limit - len(running), 0)
     sending = (running if resend else []) + pending[:room]
-    for member in pending[:room]:
-        unit.move_step(member, StepStatus.RUNNING, None)
+    # Only the rows no one holds: a member whose attempt runs holds its row, and waits for
+    # the saga's lock, held here; it is in flight, and needs no message.
+    free = _free(sending)
+    sending = [m for m in sending if m.pk in free]
+    for member in sending:
+        # Running: sent (or between attempts). Its epoch names its task, and its callback's.
+        unit.move_step(member, StepStatus.RUNNING, None, epoch=epoch)
     if not sending:
         return
     saga_id = str(unit.saga.pk)
     members_sent = [(m.position, int(m.definition["time_limit"])) for m in sending]
     unit.after_commit.append(
         lambda: dispatch.send_members(saga_id, epoch, stage.index, members_sent, countdown)
+    )
+
+
+def _free(members: list[SagaMember]) -> set[int]:
+    """The ids of those of `members` whose rows no one holds, now locked by this transaction
+    (SKIP LOCKED: never waiting, under the saga's lock, for a member that may wait for it)."""
+    if not members:
+        return set()
+    return set(
+        SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
+        .filter(pk__in=[m.pk for m in members])
+        .order_by()
+        .values_list("pk", flat=True)
     )
 
 
@@ -350,8 +368,9 @@ def member_attempt_failed(
     """Record a member's failed attempt: retry while its policy allows, or fail it for good."""
 
     with transaction.atomic():
-        if lock_member(saga_id, index, position) is None:
-            return STOP
+        row = lock_member(saga_id, index, position)
+        if row is None or row.status not in IN_PROGRESS:
+            return STOP  # before the saga's lock: one who holds it may be settling this row
         unit = lock(saga_id)
         member = unit.member(index, position)
         if member is None or member.status not in IN_PROGRESS:
@@ -444,8 +463,10 @@ def record_member_failure(
             SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": member.label, "reason": reason}
         )
     else:
-        # The member's error callback sends the compensations (or the sweeper, if it is lost).
-        begin_compensation(unit, EventKind.COMPENSATION_STARTED, send=False)
+        # Sent after this commits (the sweeper sends them if that is lost), not left to the
+        # member's error callback: the members' callbacks carry epochs of their own, and a
+        # member sent again since would find this one's older.
+        begin_compensation(unit, EventKind.COMPENSATION_STARTED)
     return Outcome("fail", error=error)
 
 
@@ -454,8 +475,9 @@ def member_lost(
 ) -> Outcome | None:
     """Count a member's attempt that may have run and recorded nothing (`attempt_lost`)."""
     with transaction.atomic():
-        if lock_member(saga_id, index, position) is None:
-            return None
+        row = lock_member(saga_id, index, position)
+        if row is None or row.status not in IN_PROGRESS:
+            return None  # before the saga's lock (see `member_attempt_failed`)
         unit = lock(saga_id)
         member = unit.member(index, position)
         if member is None or member.status not in IN_PROGRESS:
@@ -470,7 +492,9 @@ def member_lost(
 
 
 def resend(unit: Unit, stage: Any, member: SagaMember, *, countdown: float = 0.0) -> None:
+    """Send one member again, under a new epoch of its own (the saga's, raised)."""
     saga_id, epoch = str(unit.saga.pk), unit._next_epoch()
+    unit.move_step(member, member.status, None, epoch=epoch)
     sent = [(member.position, int(member.definition["time_limit"]))]
     unit.after_commit.append(
         lambda: dispatch.send_members(saga_id, epoch, stage.index, sent, countdown)

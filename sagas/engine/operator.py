@@ -25,7 +25,13 @@ from ..definitions import PAYLOAD_MAX_BYTES, StepContext, import_callable, is_wa
 from ..exceptions import InvalidTransition
 from ..models import EventKind, OperatorAction, SagaStep
 from . import waits
-from .compensation import FENCE_MARGIN, begin_compensation, finish_if_done, resume_members
+from .compensation import (
+    FENCE_MARGIN,
+    begin_compensation,
+    finish_if_done,
+    member_compensated,
+    resume_members,
+)
 from .unit import IN_PROGRESS, STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
 
 # Seconds an operator action waits for a saga locked by a running step.
@@ -140,18 +146,25 @@ def plan_compensate(unit: Unit) -> Plan:
     return Plan(OperatorAction.COMPENSATE, True, reason, undo=unit.undo_names(owed))
 
 
-def plan_resolve(unit: Unit, index: int) -> Plan:
+def plan_resolve(unit: Unit, index: int, member: int | None = None) -> Plan:
     if not 0 <= index < len(unit.steps):
         return Plan(OperatorAction.RESOLVE, False, "No such step.")
-    step = unit.steps[index]
+    step: Any = unit.steps[index]
+    if member is not None:
+        step = unit.member(index, member)
+        if step is None:
+            return Plan(OperatorAction.RESOLVE, False, "No such member of a group.")
     if unit.saga.status != SagaStatus.FAILED or step.status != StepStatus.COMPENSATION_FAILED:
         return Plan(
             OperatorAction.RESOLVE, False, "Only a step whose compensation failed can be resolved."
         )
-    rest = unit.undo_names([s for s in unit.owed_on_resume() if s.index != index])
-    return Plan(
-        OperatorAction.RESOLVE, True, f"Mark {step.name} as compensated by hand.", undo=rest
-    )
+    if member is not None:
+        rest = tuple(n for n in unit.undo_names(unit.owed_on_resume()) if n != step.title)
+        name = step.title
+    else:
+        rest = unit.undo_names([s for s in unit.owed_on_resume() if s.index != index])
+        name = step.name
+    return Plan(OperatorAction.RESOLVE, True, f"Mark {name} as compensated by hand.", undo=rest)
 
 
 def plan_skip(unit: Unit, index: int, member: int | None = None) -> Plan:
@@ -349,18 +362,22 @@ def compensate(
     return plan
 
 
-def resolve(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
-    """Mark a step whose compensation failed as handled by hand; continue the compensation."""
+def resolve(saga_id: UUID | str, index: int, *, actor: str = "", member: int | None = None) -> Plan:
+    """Mark a step (or a group's `member`) whose compensation failed as handled by hand;
+    continue the compensation."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
-        plan = _allowed(plan_resolve(unit, index))
+        plan = _allowed(plan_resolve(unit, index, member))
+        step: Any = unit.steps[index] if member is None else unit.member(index, member)
         unit.move_step(
-            unit.steps[index],
+            step,
             StepStatus.COMPENSATED,
             EventKind.OPERATOR_RESOLVE,
             {"actor": actor},
             compensated_at=timezone.now(),
         )
+        if member is not None:
+            member_compensated(unit, step)
         unit.set_saga(error_code="", error_message="", recovery_attempts=0)
         _resume_compensation(unit, EventKind.COMPENSATION_STARTED, {"actor": actor})
         unit.save()
@@ -479,7 +496,7 @@ def plan(
         if action == OperatorAction.COMPENSATE:
             return plan_compensate(unit)
         if action == OperatorAction.RESOLVE and index is not None:
-            return plan_resolve(unit, index)
+            return plan_resolve(unit, index, member)
         if action == OperatorAction.SKIP and index is not None:
             return plan_skip(unit, index, member)
     raise InvalidTransition(f"unknown action {action!r}")

@@ -664,9 +664,18 @@ class Unit:
             if not is_group(stage.definition):
                 names.append(stage.name)
                 continue
-            undone = (StepStatus.COMPLETED, *OWED, *IN_PROGRESS)
-            members = [m for m in reversed(self.members(stage.index)) if m.status in undone]
-            names += [m.title for m in members if m.status != StepStatus.PENDING or m.attempts]
+            running = self.saga.status in (SagaStatus.PENDING, SagaStatus.RUNNING)
+            for member in reversed(self.members(stage.index)):
+                undo_failed = member.definition.get("compensate_failed_step")
+                sent = member.status == StepStatus.RUNNING
+                if member.status in (StepStatus.COMPLETED, *OWED) or (
+                    undo_failed and (sent or member.status == StepStatus.FAILED)
+                ):
+                    names.append(member.title)  # as the group's settling will find it owed
+                elif sent and running:
+                    # Sent to a worker: undone if it completes before the settling; a paused
+                    # saga's members sent and not run never run.
+                    names.append(f"{member.title} (if it completes)")
         return tuple(names)
 
     def owed_on_resume(self) -> list[StepRow]:
@@ -765,6 +774,9 @@ BEGIN_STAGE: dict[str, Callable[[Unit, Any], None]] = {}
 # What compensates a stage that undoes itself another way than by a compensation of its own,
 # by its kind ("child": its saga is compensated): registered by its module.
 COMPENSATE_STAGE: dict[str, Callable[[Unit, Any], Outcome]] = {}
+# What a stage in progress does at once when its saga turns back, by its kind ("child": its
+# child in flight is aborted): registered by its module.
+TURN_BACK_STAGE: dict[str, Callable[[Unit, Any], None]] = {}
 
 
 def attach(member: SagaMember, stage: Any) -> SagaMember:

@@ -21,6 +21,7 @@ class Migration(migrations.Migration):
                 ('item', models.JSONField(blank=True, help_text="A map's member: its item.", null=True)),
                 ('status', models.CharField(choices=[('pending', 'Pending'), ('running', 'Running (retrying)'), ('waiting', 'Waiting'), ('completed', 'Completed'), ('failed', 'Failed'), ('compensating', 'To compensate'), ('compensated', 'Compensated'), ('compensation_failed', 'Compensation failed')], default='pending', help_text='Where the member is in its life cycle.', max_length=20)),
                 ('attempts', models.PositiveIntegerField(default=0, help_text='Failed or completed attempts of its action, counted from its row.')),
+                ('epoch', models.PositiveIntegerField(default=0, help_text="The saga's epoch when the member was last sent: its task's error callback of an older one does nothing.")),
                 ('compensation_attempts', models.PositiveIntegerField(default=0, help_text='Attempts of its compensation.')),
                 ('output', models.JSONField(blank=True, help_text='What its action returned.', null=True)),
                 ('error_code', models.CharField(blank=True, help_text='Safe error code.', max_length=100)),

@@ -35,11 +35,11 @@ from sagas.definitions import (
     Step,
     Wait,
     get_definition,
-    is_wait,
     register,
     registered,
     snapshot_version,
 )
+from sagas.exceptions import DefinitionError
 from sagas.models import Saga, SagaStatus, SagaStep, StepStatus
 from sagas.services import saga_start
 
@@ -229,6 +229,12 @@ class FailureMatrix:
             definition = get_definition(definition)
         elif definition.name not in registered():
             register(definition)
+        if any(isinstance(stage, Group | Child) for stage in definition.steps):
+            raise DefinitionError(
+                f"saga {definition.name!r}: the failure matrix covers steps and waits; it "
+                "does not yet plant faults in a group's members or a child saga (test those "
+                "with workers, as tests of your own)"
+            )
         self.stages: tuple[Step | Wait | Group | Child, ...] = tuple(definition.steps)
         self.steps: tuple[Step, ...] = tuple(s for s in self.stages if isinstance(s, Step))
         self.waits: tuple[Wait, ...] = tuple(s for s in self.stages if isinstance(s, Wait))
@@ -607,8 +613,8 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
     definition version of its own: workers cache definitions by version)."""
     steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
     for step in steps:
-        if is_wait(step.definition):
-            continue  # no attempts, no retries
+        if "kind" in step.definition:
+            continue  # a wait (no attempts, no retries), a group or a child
         for key in ("retry", "compensation_retry"):
             policy = step.definition[key]
             policy["backoff"] = min(policy["backoff"], longest)
