@@ -234,7 +234,8 @@ def record_compensation_failure(
     stops there for an operator or, with `continue_compensation_on_failure`, the chain goes
     on to the earlier steps ("done") and the saga ends failed after them.
     """
-    policy = policy_of(step, "compensation_retry")
+    # A child stage has no compensation of its own, nor a policy: it only ever gives up.
+    policy = policy_of(step, "compensation_retry") if not give_up else None
     attempt = step.compensation_attempts + 1
     values = {
         "compensation_attempts": attempt,
@@ -242,7 +243,7 @@ def record_compensation_failure(
         "error_message": error.message,
     }
     extra = detail or {}
-    if attempt < policy.max_attempts and not give_up:
+    if policy is not None and attempt < policy.max_attempts:
         countdown = policy.countdown(attempt)
         retrying = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
         unit.move_step(
