@@ -39,6 +39,13 @@ def _give(ctx: StepContext) -> None:
         Product.objects.filter(sku=sku).update(stock_on_hand=F("stock_on_hand") + 1)
 
 
+def give_unless_stuck(ctx: StepContext) -> None:
+    """A compensation that fails while the file `input["undo_stuck"]` exists."""
+    if Path(ctx.input.get("undo_stuck", "/nonexistent")).exists():
+        raise TransientError("The carrier's cancellation desk is down.", code="desk_down")
+    _give(ctx)
+
+
 def take_parent(ctx: StepContext) -> dict:
     return _take(ctx.input["sku"])
 
@@ -75,7 +82,7 @@ def last(ctx: StepContext) -> dict:
 
 def shipping_input(ctx: StepContext) -> dict:
     """The child's input, from the parent's."""
-    keep = ("child", "gate", "stuck")
+    keep = ("child", "gate", "stuck", "undo_stuck")
     return {"sku": ctx.input["child_sku"], **{k: ctx.input[k] for k in keep if k in ctx.input}}
 
 
@@ -107,5 +114,24 @@ register(
             Step("last", last, undo, retry=FAST),
         ],
         deadline=2,
+    )
+)
+register(
+    SagaDefinition(
+        name="child_fragile",
+        steps=[
+            Step("book", book, give_unless_stuck, retry=FAST, compensation_retry=FAST),
+            Step("label", label, undo, retry=FAST),
+        ],
+    )
+)
+register(
+    SagaDefinition(
+        name="parent_fragile",
+        steps=[
+            Step("take", take_parent, _give, retry=FAST),
+            Child("shipping", saga="child_fragile", input=shipping_input),
+            Step("last", last, undo, retry=FAST),
+        ],
     )
 )

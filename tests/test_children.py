@@ -221,3 +221,50 @@ def test_retention_keeps_a_finished_child_while_its_parent_is_unfinished(saga_db
 
     assert report.total == 0
     assert Saga.objects.filter(pk=child.pk).exists()
+
+
+def test_a_childs_compensation_that_stops_stops_its_parents_until_both_are_retried(
+    saga_db, tmp_path
+):
+    stuck = tmp_path / "desk-down"
+    stuck.touch()
+    saga = start("parent_fragile", last="decline", undo_stuck=str(stuck))
+    child = child_of(saga)
+    wait_for(lambda: status(saga) == "failed", timeout=40, what="the parent to stop")
+
+    saga.refresh_from_db()
+    stage = SagaStep.objects.get(saga=saga, name="shipping")
+    assert (stage.status, stage.error_code) == ("compensation_failed", "child_compensation_failed")
+    assert (status(child), Saga.objects.get(pk=child.pk).error_code) == (
+        "failed",
+        "compensation_failed",
+    )
+    assert SagaStep.objects.get(saga=saga, name="take").status == "completed"  # not yet undone
+
+    stuck.unlink()
+    services.saga_retry(saga_id=child.pk, actor="ops")
+    wait_for(lambda: status(child) == "compensated", what="the child to be compensated")
+    services.saga_retry(saga_id=saga.pk, actor="ops")
+    saga = wait_final(saga.pk, timeout=40)
+
+    assert saga.status == "compensated"
+    assert stock(saga, "sku") == stock(saga, "child_sku") == STOCK
+
+
+def test_a_retry_of_a_parent_paused_at_its_child_stage_starts_a_new_child(saga_db):
+    from sagas.models import SagaStep as Stage
+
+    saga = start()
+    saga = wait_final(saga.pk)
+    assert saga.status == "completed"
+    # Say the child could not begin (a deploy that lost its definition), and the parent paused.
+    Saga.objects.filter(pk=saga.pk).update(status="failed", finished_at=None, current_step=1)
+    Stage.objects.filter(saga=saga, name="shipping").update(status="failed")
+    Stage.objects.filter(saga=saga, name="last").update(status="pending", output=None)
+
+    services.saga_retry(saga_id=saga.pk, actor="ops")
+    saga = wait_final(saga.pk)
+
+    assert saga.status == "completed"
+    children = Saga.objects.filter(parent=saga).order_by("created_at")
+    assert [c.idempotency_key.rsplit(":", 1)[-1] for c in children] == ["1", "2"]
