@@ -65,6 +65,7 @@ from sagas.models import (
     EventKind,
     Saga,
     SagaEvent,
+    SagaMember,
     SagaNotice,
     SagaSignal,
     SagaStatus,
@@ -134,6 +135,7 @@ PROGRESS = {
 }
 # The tables one example writes; emptied before each example.
 RESET_MODELS = [
+    SagaMember,
     SagaNotice,
     SagaSignal,
     SagaEvent,
@@ -255,7 +257,7 @@ class Broker:
         self.chains.append(Chain(STEP, saga_id, epoch, [index for index, _ in steps]))
 
     def send_compensations(self, saga_id: str, epoch: int, steps: list, countdown: float) -> None:
-        self.chains.append(Chain(COMPENSATION, saga_id, epoch, [index for index, _ in steps]))
+        self.chains.append(Chain(COMPENSATION, saga_id, epoch, [entry[0] for entry in steps]))
 
     def pick(self, i: int) -> Chain:
         return self.chains[i % len(self.chains)]
