@@ -89,10 +89,12 @@ class Tracing:
     # -- spans while they run ----------------------------------------------------------------
 
     def begin_saga(self, saga: Any) -> str:
-        span = self.tracer.start_span(
-            f"saga {saga.name}",
-            attributes={"sagas.saga.id": str(saga.id), "sagas.saga.definition": saga.name},
-        )
+        attributes = {"sagas.saga.id": str(saga.id), "sagas.saga.definition": saga.name}
+        if getattr(saga, "parent_id", None) is not None:
+            # A child saga: a trace of its own, which names its parent (and its stage).
+            attributes["sagas.saga.parent_id"] = str(saga.parent_id)
+            attributes["sagas.saga.parent_stage"] = int(saga.parent_stage or 0)
+        span = self.tracer.start_span(f"saga {saga.name}", attributes=attributes)
         carrier: dict[str, str] = {}
         self.propagator.inject(carrier, context=trace.set_span_in_context(span))
         self._keep((str(saga.id), None, False), span)
@@ -188,17 +190,23 @@ class Attempt:
         saga, step = self.saga, self.step
         attempts = step.compensation_attempts if self.compensation else step.attempts
         parent, links = self.tracing.placed(saga)
+        # A group's member: `<group>.<step>` (the same for every item of a map), its own name
+        # (a map's: its item's key) as an attribute.
+        name = getattr(step, "label", step.name)
+        attributes: dict[str, Any] = {
+            "sagas.saga.id": str(saga.id),
+            "sagas.saga.definition": saga.name,
+            "sagas.step.name": name,
+            "sagas.step.index": step.index,
+            "sagas.attempt": attempts + 1,
+        }
+        if hasattr(step, "label"):
+            attributes["sagas.member"] = step.name
         self.span = self.tracing.tracer.start_span(
-            f"{'compensate' if self.compensation else 'step'} {step.name}",
+            f"{'compensate' if self.compensation else 'step'} {name}",
             context=parent,
             links=links,
-            attributes={
-                "sagas.saga.id": str(saga.id),
-                "sagas.saga.definition": saga.name,
-                "sagas.step.name": step.name,
-                "sagas.step.index": step.index,
-                "sagas.attempt": attempts + 1,
-            },
+            attributes=attributes,
         )
         self.tracing._keep((str(saga.id), step.index, self.compensation), self.span)
         self.token = otel_context.attach(trace.set_span_in_context(self.span))

@@ -127,3 +127,38 @@ def test_a_start_that_rolls_back_exports_no_span(spans):
         saga_start(name="three_steps", input={})
         1 / 0  # noqa: B018
     assert spans.get_finished_spans() == ()
+
+
+def test_a_groups_members_are_spans_of_their_saga_named_by_their_step(spans):
+    from tests.factories import ProductFactory
+
+    skus = [ProductFactory(stock_on_hand=5).sku for _ in range(2)]
+    saga, _ = saga_start(name="group_map", input={"lines": skus})
+    assert delivered(lambda: run(saga.pk, 0)) == "done"  # begins the group (its sends lost)
+    for position in (0, 1):
+        outcome = delivered(
+            lambda p=position: engine.step_attempt(str(saga.pk), 1, epoch=0, member=p).kind
+        )
+        assert outcome == "done"
+
+    root, others = tree(spans)
+    members = [s for s in others if s.name == "step lines.reserve"]
+    assert [s.attributes["sagas.member"] for s in members] == skus  # the items' keys
+    assert {s.parent.span_id for s in members} == {root.context.span_id}
+    assert {s.attributes["sagas.outcome"] for s in members} == {"completed"}
+
+
+def test_a_child_sagas_trace_names_its_parent(spans):
+    from tests.factories import ProductFactory
+
+    skus = {"sku": ProductFactory().sku, "child_sku": ProductFactory().sku}
+    saga, _ = saga_start(name="parent_order", input=skus)
+    assert delivered(lambda: run(saga.pk, 0)) == "done"  # starts the child
+
+    child = Saga.objects.get(parent=saga)
+    (started,) = [s for s in spans.get_finished_spans() if s.name == "saga child_shipping"]
+    assert started.attributes["sagas.saga.id"] == str(child.pk)
+    assert started.attributes["sagas.saga.parent_id"] == str(saga.pk)
+    assert started.attributes["sagas.saga.parent_stage"] == 1
+    (parent,) = [s for s in spans.get_finished_spans() if s.name == "saga parent_order"]
+    assert started.context.trace_id != parent.context.trace_id  # a trace of its own
