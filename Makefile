@@ -59,7 +59,7 @@ browser:
 			echo "chromium is not installed: the browser test will be skipped (install Debian's chromium package to run it)"; \
 		fi; }
 
-## Benchmark: order saga vs bare Celery chain (BENCH_ARGS="--sagas 300 --scaling").
+## Benchmark: order saga vs bare Celery chain, and a group vs a bare chord (BENCH_ARGS="--sagas 300 --scaling").
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
@@ -79,7 +79,7 @@ bench-waits: install
 profile: install
 	$(BIN)/python -m bench.profile_step $(PROFILE_ARGS)
 
-## Where a step's time goes across the system: CPU of workers, PostgreSQL, Redis; sends per step (PROFILE_ARGS="--round-trips").
+## Where a step's time goes across the system: CPU of workers, PostgreSQL, Redis; sends per step (PROFILE_ARGS="--round-trips"; "--group": a group saga vs a bare chord).
 profile-system: install
 	$(BIN)/python -m bench.breakdown $(PROFILE_ARGS)
 

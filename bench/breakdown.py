@@ -12,6 +12,10 @@ UPDATE), and reports per step and per bare task:
 - with `--round-trips` (needs `strace`), the round trips of the pool processes to PostgreSQL and
   to Redis over TCP, counted in a short separate run (strace slows what it watches).
 
+With `--group`, the same for a saga whose first stage is a group of 4 one-UPDATE members, then
+one such step, against a bare Celery chord of the same shape (as `make bench`), per task: five
+a saga, five a chord.
+
 Prints a table, then one JSON object as its last line.
 """
 
@@ -34,7 +38,11 @@ import psutil
 
 from bench.run import (
     BareChains,
+    BareChords,
+    GroupSagas,
     SyntheticSagas,
+    chord_app,
+    chord_backend_url,
     latencies,
     prepare,
     report,
@@ -188,6 +196,11 @@ def main() -> int:
     parser.add_argument(
         "--py-spy", action="store_true", help="where the pool processes' Python time goes"
     )
+    parser.add_argument(
+        "--group",
+        action="store_true",
+        help="a group of 4 members then a step, against a bare chord of 4 tasks then a callback",
+    )
     args = parser.parse_args()
     concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
     queue = prepare()
@@ -200,20 +213,28 @@ def main() -> int:
     }
 
     results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas, "steps": STEPS}
-    with workers(queue, concurrency) as node:
-        for warmup in (SyntheticSagas(STEPS), BareChains(STEPS)):
+    backend = chord_backend_url() if args.group else None
+    with workers(queue, concurrency, result_backend=backend) as node:
+        saga: Any = SyntheticSagas(STEPS)
+        bare: Any = BareChains(STEPS)
+        if args.group:  # per task: a group's member or its step, a chord's task or callback
+            saga, bare = GroupSagas(), BareChords(chord_app(queue))
+            results.update(group=True, steps=saga.steps)
+        pair = (("saga", saga), ("bare", bare))
+        for _, warmup in pair:
             throughput(warmup, 10)
-        for name, workload in (("saga", SyntheticSagas(STEPS)), ("bare", BareChains(STEPS))):
+        for name, workload in pair:
             for key, value in measure(node, workload, args.sagas).items():
                 results[f"{name} {key}"] = value
             samples = latencies(workload, args.latency_samples)
-            results[f"{name} latency_ms_per_step"] = sorted(samples)[len(samples) // 2] / STEPS
+            median = sorted(samples)[len(samples) // 2]
+            results[f"{name} latency_ms_per_step"] = median / workload.steps
         if args.round_trips and shutil.which("strace"):
-            for name, workload in (("saga", SyntheticSagas(STEPS)), ("bare", BareChains(STEPS))):
+            for name, workload in pair:
                 for server, per_step in round_trips(node, workload, 10, ports).items():
                     results[f"{name} round_trips_per_step {server}"] = per_step
         if args.py_spy and Path(PY_SPY).exists():
-            for name, workload in (("saga", SyntheticSagas(STEPS)), ("bare", BareChains(STEPS))):
+            for name, workload in pair:
                 for layer, share in python_profile(node, workload, args.sagas).items():
                     results[f"{name} python_share {layer}"] = share
     return report(results, print_table)
@@ -223,7 +244,12 @@ def print_table(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"One step of a {STEPS}-step synthetic saga vs one bare task")
+    title = f"One step of a {STEPS}-step synthetic saga vs one bare task"
+    if r.get("group"):
+        title = (
+            "One task of a group saga (4 members, a step) vs of a bare chord (4 tasks, a callback)"
+        )
+    table = Table(title=title)
     for column in ("per step", "saga step", "bare task", "difference"):
         table.add_column(column, justify="left" if column == "per step" else "right")
     rows = [

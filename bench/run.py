@@ -4,8 +4,10 @@ Runs real Celery worker processes (WORKER_CONCURRENCY, default 2) on PostgreSQL 
 a database of its own (`<database>_bench`), and measures in the same run and with the same
 settings: the order saga (success path and compensation path), a bare chain of as many tasks
 each doing one committed UPDATE, a synthetic saga of 4 and 16 one-UPDATE steps against bare
-chains of 4 and 16 tasks, latency one saga at a time, database cost per step and the peak
-memory of the worker processes. Prints a table, then one JSON object as its last line.
+chains of 4 and 16 tasks, a group of 4 one-UPDATE members then such a step against a bare
+chord of the same shape, latency one saga at a time, database cost per step (and per member of
+the group) and the peak memory of the worker processes. Prints a table, then one JSON object as
+its last line.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import psutil
 
@@ -71,9 +73,31 @@ def bench_database_url(name: str | None = None) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-def workers(queue: str, concurrency: int) -> CeleryWorker:
+def chord_backend_url() -> str:
+    """The bare chord's result backend: `BENCH_CHORD_BACKEND`, else the broker's Redis server
+    with the database numbered after the broker's. Never the broker's database."""
+    broker = urlsplit(os.environ["CELERY_BROKER_URL"])
+    if url := os.environ.get("BENCH_CHORD_BACKEND"):
+        backend = url
+    elif broker.scheme == "redis+socket":  # the embedded server: its database in the query
+        query = parse_qs(broker.query)
+        database = int(query.get("virtual_host", ["0"])[0].strip("/") or 0)
+        query["virtual_host"] = [str((database + 1) % 16)]
+        backend = urlunsplit(broker._replace(scheme="socket", query=urlencode(query, doseq=True)))
+    else:
+        database = int(broker.path.strip("/") or 0)
+        backend = urlunsplit(broker._replace(path=f"/{(database + 1) % 16}"))
+    if backend == urlunsplit(broker):
+        raise SystemExit(f"bench: the chord's result backend {backend} is the broker's database")
+    return backend
+
+
+def workers(queue: str, concurrency: int, result_backend: str | None = None) -> CeleryWorker:
     """One worker node of `concurrency` processes on the run's queue, with the benchmark's tasks,
-    logging to .local/bench/worker-0.log."""
+    logging to .local/bench/worker-0.log; with `result_backend`, the one a chord needs (Celery
+    reads `CELERY_RESULT_BACKEND` before its settings). The project has none, and its tasks,
+    which ignore their results (`CELERY_TASK_IGNORE_RESULT`), never touch this one."""
+    backend = {"CELERY_RESULT_BACKEND": result_backend} if result_backend else {}
     return CeleryWorker(
         "sagaproject",
         queue=queue,
@@ -83,6 +107,7 @@ def workers(queue: str, concurrency: int) -> CeleryWorker:
             "CELERY_TASK_DEFAULT_QUEUE": queue,
             "SAGAS_MODULES": "bench.sagas",
             "SAGAS_LOG_LEVEL": "WARNING",
+            **backend,
         },
         log=ROOT / ".local" / "bench" / "worker-{index}.log",
         include=["bench.tasks"],
@@ -204,6 +229,81 @@ class BareChains:
             return cursor.fetchone()[0]
 
 
+class GroupSagas:
+    """A saga whose first stage is a group of 4 members, then one step (`bench_group`): each
+    member and the step one UPDATE of a row of its own."""
+
+    def __init__(self) -> None:
+        from bench.sagas import GROUP_MEMBERS
+
+        self.members = GROUP_MEMBERS
+        self.steps = self.members + 1  # its tasks, as a chain's steps are
+
+    def submit(self) -> str:
+        from bench.sagas import GROUP_STAGES
+        from bench.tasks import new_rows
+        from sagas.services import saga_start
+
+        rows = dict(zip(GROUP_STAGES, new_rows(len(GROUP_STAGES)), strict=True))
+        saga, _ = saga_start(name="bench_group", input={"rows": rows})
+        return str(saga.pk)
+
+    done = OrderSagas.done
+
+
+def chord_app(queue: str) -> Any:
+    """A Celery app that sends the bare chords, and nothing else: the project's broker and the
+    run's queue, with the chord's result backend (`chord_backend_url`), which the project's
+    app has not."""
+    from celery import Celery
+    from django.conf import settings
+
+    app = Celery(
+        "bench_chord",
+        broker=settings.CELERY_BROKER_URL,
+        backend=chord_backend_url(),
+        set_as_current=False,
+    )
+    app.conf.update(
+        task_default_queue=queue,
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+    )
+    return app
+
+
+class BareChords:
+    """The ceiling of a group: a Celery chord of as many tasks, each one committed UPDATE of a
+    row of its own, then its callback doing the same. Celery joins it in its result backend
+    (Redis: the last task of the header to end sends the callback)."""
+
+    def __init__(self, app: Any) -> None:
+        from bench.sagas import GROUP_MEMBERS
+
+        self.app, self.members = app, GROUP_MEMBERS
+        self.steps = self.members + 1  # its tasks
+
+    def submit(self) -> str:
+        from celery import chord
+
+        from bench.tasks import new_rows
+
+        *members, last = new_rows(self.members + 1)
+        # Their results ignored, as every task of the project's: the worker still hands each
+        # to the chord's join, and this process subscribes to none.
+        header = [
+            self.app.signature("bench.bare_step", args=(row,), immutable=True, ignore_result=True)
+            for row in members
+        ]
+        callback = self.app.signature("bench.bare_step", args=(last,), immutable=True)
+        chord(header, callback, app=self.app).apply_async()
+        return str(last)
+
+    def done(self, ids: list[str]) -> int:
+        return BareChains(1).done(ids)
+
+
 def throughput(workload: Any, count: int) -> float:
     started = time.perf_counter()
     ids = [workload.submit() for _ in range(count)]
@@ -310,6 +410,49 @@ def database_cost(samples: int = 20) -> dict[str, float]:
     }
 
 
+def group_database_cost(samples: int = 20) -> dict[str, float]:
+    """Queries and commits per member of the group saga (`GroupSagas`), its messages run in
+    this process in the order they are sent (none is sent): the members' attempts are counted,
+    the last one's join included; the start and the step after the group are not."""
+    from sagas import engine
+    from sagas.engine import dispatch
+    from sagas.models import Saga
+
+    sent: list[tuple[str, int, int, int | None]] = []
+
+    def send_members(saga_id: str, epoch: int, index: int, members: list, countdown: float):
+        sent.extend((saga_id, epoch, index, member) for member, _ in members)
+
+    def send_steps(saga_id: str, epoch: int, steps: list, countdown: float):
+        sent.extend((saga_id, epoch, index, None) for index, _ in steps)
+
+    workload = GroupSagas()
+    counts = {"queries": 0, "commits": 0}
+    originals = dispatch.send_members, dispatch.send_steps
+    dispatch.send_members, dispatch.send_steps = send_members, send_steps  # type: ignore[assignment]
+    try:
+        for _ in range(samples):
+            saga_id = workload.submit()
+            while sent:
+                saga_id, epoch, index, member = sent.pop(0)
+                if member is None:
+                    outcome = engine.step_attempt(saga_id, index, epoch=epoch, bound=WORKER_BOUND)
+                else:
+                    with count_database_work(counts):
+                        outcome = engine.step_attempt(
+                            saga_id, index, epoch=epoch, bound=WORKER_BOUND, member=member
+                        )
+                assert outcome.kind == "done", outcome
+            assert Saga.objects.get(pk=saga_id).status == "completed"
+    finally:
+        dispatch.send_members, dispatch.send_steps = originals  # type: ignore[assignment]
+    members = samples * workload.members
+    return {
+        "group_queries_per_member": counts["queries"] / members,
+        "group_commits_per_member": counts["commits"] / members,
+    }
+
+
 TABLES = ("sagas_saga", "sagas_sagastep")
 
 
@@ -391,7 +534,7 @@ def main() -> int:
     results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas}
     results["sagas_in_tables"] = sagas_in_tables()
     updates_before = updates()
-    with workers(queue, concurrency) as node:
+    with workers(queue, concurrency, result_backend=chord_backend_url()) as node:
         for warmup in (OrderSagas(), BareChains(4)):
             throughput(warmup, 20)
         results["bare_chain_per_s"] = throughput(BareChains(4), args.sagas)
@@ -410,9 +553,19 @@ def main() -> int:
             results[f"synthetic_{steps}_p50_ms"] = statistics.median(lat)
             results[f"bare_{steps}_p50_ms"] = statistics.median(bare_lat)
         results["bare_4_per_s"] = results["bare_chain_per_s"]
+        chords = BareChords(chord_app(queue))
+        for warmup in (GroupSagas(), chords):
+            throughput(warmup, 20)
+        results["bare_chord_per_s"] = throughput(chords, args.sagas)
+        results["group_per_s"] = throughput(GroupSagas(), args.sagas)
+        lat = latencies(GroupSagas(), args.latency_samples)
+        bare_lat = latencies(chords, args.latency_samples)
+        results["group_p50_ms"] = statistics.median(lat)
+        results["bare_chord_p50_ms"] = statistics.median(bare_lat)
         results["worker_peak_rss_mb"] = round(peak_rss_mb(node), 1)
     results.update(hot_updates(updates_before, updates()))
     results.update(database_cost())
+    results.update(group_database_cost())
     for name, samples in (("", saga), ("bare_", bare)):
         for pct in (50, 95, 99):
             results[f"{name}p{pct}_ms"] = round(percentile(samples, pct), 2)
@@ -426,6 +579,7 @@ def main() -> int:
             results[f"ratio_{steps}"] = round(
                 results[f"synthetic_{steps}_per_s"] / results[f"bare_{steps}_per_s"], 3
             )
+    results["group_ratio"] = round(results["group_per_s"] / results["bare_chord_per_s"], 3)
     return report(results, print_table)
 
 
@@ -483,6 +637,18 @@ def print_table(r: dict[str, Any]) -> None:
                 f"{r[f'bare_{steps}_per_s']:.1f}, {r[f'bare_{steps}_p50_ms']:.1f}",
                 f"{r[f'ratio_{steps}']:.2f}",
             )
+    table.add_row(
+        "group of 4, then a step (/s, p50 ms; bare: a chord of 4 + 1)",
+        f"{r['group_per_s']:.1f}, {r['group_p50_ms']:.1f}",
+        f"{r['bare_chord_per_s']:.1f}, {r['bare_chord_p50_ms']:.1f}",
+        f"{r['group_ratio']:.2f}",
+    )
+    table.add_row(
+        "queries, commits per group member",
+        f"{r['group_queries_per_member']:.2f}, {r['group_commits_per_member']:.2f}",
+        "1, 1",
+        "",
+    )
     Console(stderr=False).print(table)
 
 

@@ -1,9 +1,9 @@
-"""Synthetic sagas of 4, 8 and 16 steps whose steps each do one UPDATE, like the bare chain;
-sagas that wait (`bench.waits`)."""
+"""Synthetic sagas of 4, 8 and 16 steps whose steps each do one UPDATE, like the bare chain; a
+group of 4 such members and a step, like the bare chord; sagas that wait (`bench.waits`)."""
 
 from __future__ import annotations
 
-from sagas.definitions import SagaDefinition, Step, StepContext, Wait, register
+from sagas.definitions import Group, SagaDefinition, Step, StepContext, Wait, register
 
 from .tasks import touch
 
@@ -25,6 +25,31 @@ for count in STEP_COUNTS:
             steps=[Step(f"step_{i}", touch_step, untouch_step) for i in range(count)],
         )
     )
+
+
+# A group of 4 members, then a step: each does one UPDATE of a row of its own, named by the
+# member's (or the step's) name in `input["rows"]`, as each task of the bare chord does: the
+# members share no row but the saga's.
+GROUP_MEMBERS = 4
+GROUP_STAGES = (*(f"member_{i}" for i in range(GROUP_MEMBERS)), "after")
+
+
+def touch_own_row(ctx: StepContext) -> None:
+    touch(ctx.input["rows"][ctx.step])
+
+
+register(
+    SagaDefinition(
+        name="bench_group",
+        steps=[
+            Group(
+                "members",
+                members=[Step(name, touch_own_row, untouch_step) for name in GROUP_STAGES[:-1]],
+            ),
+            Step(GROUP_STAGES[-1], touch_own_row, untouch_step),
+        ],
+    )
+)
 
 
 # Waits (`make bench-waits`): sagas waiting for an event, for days, the step after each wait a
