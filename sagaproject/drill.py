@@ -390,6 +390,12 @@ def main() -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the servers' data and logs, even on a pass"
     )
+    parser.add_argument(
+        "--shapes",
+        action="store_true",
+        help="the order saga with its group (each line reserved at once) and its child saga "
+        "(the shipment): ORDERS_RESERVE_EACH_LINE and ORDERS_SHIP_AS_CHILD",
+    )
     args = parser.parse_args()
     # Terminated (CI time-out, kill): still stop the workers and servers in `finally`.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -425,6 +431,8 @@ def main() -> int:
         "SAGAS_RELAY_AFTER": str(RELAY_AFTER),
         "ORDERS_CONFIRM_TIMEOUT": str(CONFIRM_TIMEOUT),
         "ORDERS_REVIEW_ABOVE": REVIEW_ABOVE,
+        "ORDERS_RESERVE_EACH_LINE": "1" if args.shapes else "",
+        "ORDERS_SHIP_AS_CHILD": "1" if args.shapes else "",
         "GATEWAY_CONFIRM_DELAY": str(GATEWAY_CONFIRM_DELAY),
         # The drill's web server, where the gateway posts its webhooks; never a port 8000 that
         # another stack may be listening on.
@@ -499,11 +507,12 @@ def setup_catalog(count: int) -> dict[str, int]:
 
 def order_steps() -> list[Any]:
     """The order saga's steps, where faults are planted: not its waits and approvals, which run
-    no action (a fault planted on one would never fire)."""
+    no action (a fault planted on one would never fire), nor a child stage (its child's steps
+    run the actions); a group's, which its members' attempts meet (`--shapes`)."""
     from orders.sagas import ORDER_FULFILMENT
-    from sagas.definitions import Wait
+    from sagas.definitions import Child, Wait
 
-    return [stage for stage in ORDER_FULFILMENT.steps if not isinstance(stage, Wait)]
+    return [stage for stage in ORDER_FULFILMENT.steps if not isinstance(stage, Wait | Child)]
 
 
 def plant_crash_faults(count: int) -> None:
@@ -988,8 +997,7 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     from inventory.models import Product, Reservation
     from orders.models import Order
     from payments.models import GatewayCharge
-    from sagas.definitions import is_wait
-    from sagas.models import EventKind, Saga, SagaEvent, SagaStep
+    from sagas.models import EventKind, Saga, SagaEvent, SagaMember, SagaStep
     from sagas.testing.models import Fault, FaultEffect, FaultPoint
 
     violations: list[str] = []
@@ -998,6 +1006,14 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     sagas = {str(s.pk): s for s in Saga.objects.filter(pk__in=saga_ids)}
     statuses = Counter(s.status for s in sagas.values())
     lost = [i for i in saga_ids if sagas[i].status not in ("completed", "compensated", "failed")]
+    # The shipment sagas (`--shapes`): each final, or stopped for an operator, as its parent;
+    # a compensated order's shipment compensated (or never begun).
+    for child in Saga.objects.filter(parent__in=list(sagas.values())):
+        parent = sagas[str(child.parent_id)]
+        if child.status not in ("completed", "compensated", "failed"):
+            lost.append(str(child.pk))
+        elif parent.status == "compensated" and child.status != "compensated":
+            violations.append(f"saga {parent.pk} compensated, its child {child.pk} {child.status}")
     for saga in sagas.values():
         if saga.status == "failed" and not saga.error_code:
             violations.append(f"saga {saga.pk} failed without a reason")
@@ -1040,29 +1056,59 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     for saga in sagas.values():
         if saga.status != "compensated":
             continue
-        completed = list(
-            SagaEvent.objects.filter(saga=saga, kind=EventKind.STEP_COMPLETED).values_list(
-                "step_index", flat=True
+        # A group's stage is undone by its members (checked below), not by an event of its own.
+        groups = set(
+            SagaStep.objects.filter(saga=saga, definition__kind="group").values_list(
+                "index", flat=True
             )
         )
-        undone = list(
-            SagaEvent.objects.filter(saga=saga, kind=EventKind.STEP_COMPENSATED)
+        stages = SagaEvent.objects.filter(saga=saga).exclude(detail__has_key="member")
+        completed = list(
+            stages.filter(kind=EventKind.STEP_COMPLETED).values_list("step_index", flat=True)
+        )
+        undone = [
+            i
+            for i in stages.filter(kind=EventKind.STEP_COMPENSATED)
             .order_by("id")
             .values_list("step_index", flat=True)
-        )
+            if i not in groups
+        ]
         # Also the failing step, where its definition says compensate_failed_step.
         failing = (
             SagaStep.objects.filter(saga=saga, status="compensated")
             .exclude(index__in=[i for i in completed if i is not None])
+            .exclude(index__in=groups)
             .values_list("index", flat=True)
         )
-        expected = sorted({i for i in completed if i is not None} | set(failing), reverse=True)
+        done = {i for i in completed if i is not None} - groups
+        expected = sorted(done | set(failing), reverse=True)
         if undone != expected:
             violations.append(f"saga {saga.pk} compensated {undone}, expected {expected}")
+        # A group's members: each that completed undone once, the last first.
+        members = SagaEvent.objects.filter(saga=saga, step_index__in=groups).filter(
+            detail__has_key="member"
+        )
+        member_done = list(
+            members.filter(kind=EventKind.STEP_COMPLETED).values_list("detail__member", flat=True)
+        )
+        member_undone = list(
+            members.filter(kind=EventKind.STEP_COMPENSATED)
+            .order_by("id")
+            .values_list("detail__member", flat=True)
+        )
+        positions = dict(SagaMember.objects.filter(saga=saga).values_list("name", "position"))
+        if sorted(member_undone) != sorted(member_done) or member_undone != sorted(
+            member_undone, key=lambda name: positions[name], reverse=True
+        ):
+            violations.append(
+                f"saga {saga.pk}: members completed {member_done}, undone {member_undone}"
+            )
 
     # Counted attempts never exceed the policy's, however the attempts ended.
-    for step in SagaStep.objects.filter(saga_id__in=saga_ids):
-        if is_wait(step.definition):  # a wait makes no attempts
+    shipments = Saga.objects.filter(parent__in=list(sagas.values()))
+    children = list(shipments.values_list("pk", flat=True))
+    for step in SagaStep.objects.filter(saga_id__in=[*saga_ids, *children]):
+        if "kind" in step.definition:  # a wait, a group or a child makes no attempts
             continue
         most = step.definition["retry"]["max_attempts"]
         most_undo = step.definition["compensation_retry"]["max_attempts"]
@@ -1073,6 +1119,15 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
                 f"{most_undo})"
             )
 
+    for member in SagaMember.objects.filter(saga_id__in=saga_ids):
+        definition = SagaStep.objects.get(saga_id=member.saga_id, index=member.stage).definition
+        most = definition["map"]["step"]["retry"]["max_attempts"]
+        if member.attempts > most:
+            violations.append(
+                f"saga {member.saga_id} member {member.name}: {member.attempts} attempts "
+                f"(at most {most})"
+            )
+
     of_these = SagaEvent.objects.filter(saga_id__in=saga_ids)
     events = Counter(of_these.values_list("kind", flat=True))
     fired = Counter(
@@ -1081,7 +1136,13 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     )
     reasons = Counter(s.error_code for s in sagas.values() if s.status == "failed")
     violations += double_charged + charged_and_cancelled
+    member_statuses = SagaMember.objects.filter(saga_id__in=saga_ids).values_list(
+        "status", flat=True
+    )
     return {
+        # The shapes (`--shapes`): what the groups' members and the child sagas became.
+        "members": dict(sorted(Counter(member_statuses).items())),
+        "children": dict(sorted(Counter(shipments.values_list("status", flat=True)).items())),
         "failed_reasons": dict(reasons),
         # Paused for an operator: which, where and why, to read in the logs (kept on a pass
         # with --keep).
@@ -1300,6 +1361,8 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("recoveries (re-dispatches)", report["recoveries"]),
         ("duplicate deliveries suppressed", report["duplicates"]),
         ("seconds to drain after the last submission", f"{waited:.1f}"),
+        *[(f"group members: {status}", n) for status, n in report["members"].items()],
+        *[(f"shipment sagas (children): {status}", n) for status, n in report["children"].items()],
         *[(f"waits ended: {end}", n) for end, n in report["wait_ends"].items()],
         ("confirmations stored (the gateway's / the drill's)", report["confirmations_stored"]),
         *[

@@ -486,3 +486,24 @@ def test_an_operator_marks_a_failed_member_as_done_and_the_group_goes_on(
     skipped = SagaEvent.objects.get(saga=saga, kind=EventKind.OPERATOR_SKIP)
     assert (skipped.step_name, skipped.detail["member"]) == ("parallel.b", "b")
     assert skipped.detail["note"] == "reserved by phone"
+
+
+def test_a_start_whose_group_could_not_begin_after_the_commit_is_left_to_the_sweeper(
+    saga_db, monkeypatch, caplog
+):
+    """The group of a saga's first stage begins once its start commits, in a transaction of
+    its own; that failing (the database, at that moment) is logged, not raised to the caller
+    of a start that committed, and the sweeper begins it later."""
+    skus = products("a", "c")
+
+    def unavailable(saga_id):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr("sagas.engine.waits.begin", unavailable)
+    saga = start("group_first", skus=skus)  # no error: the start committed
+    assert status(saga) == "pending"
+    assert "the database went away" in caplog.text or "RuntimeError" in caplog.text
+    monkeypatch.undo()
+
+    sweep()
+    assert wait_final(saga.pk).status == "completed"

@@ -8,7 +8,6 @@ that decision says (`sagas.engine.callbacks`), and the sweeper does when the cal
 from __future__ import annotations
 
 from datetime import timedelta
-from functools import partial
 from typing import Any
 from uuid import uuid4
 
@@ -105,7 +104,12 @@ def start(
             if definition.begins_with_a_wait:
                 # In a transaction of its own once the start commits (the sweeper does it if
                 # this process dies first).
-                transaction.on_commit(partial(waits.begin, saga.id), robust=True)
+                # A function, not a `partial`: Django logs a robust callback's failure by its
+                # `__qualname__`, which a partial has not (Django ticket #36487).
+                def begin(saga_id: Any = saga.id) -> None:
+                    waits.begin(saga_id)
+
+                transaction.on_commit(begin, robust=True)
             else:
                 chain = chain_of(steps, 0)  # up to the first wait or group
                 transaction.on_commit(

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
-from functools import partial
 from typing import Any, Protocol
 
 from django.db import DatabaseError, connection, transaction
@@ -124,7 +123,13 @@ def on_commit(
     told = wanted(events)
     if told:
         told_ids = [numbered.get(id(e)) for e in told]
-        transaction.on_commit(partial(committed, saga, told, told_ids, notice), robust=True)
+
+        # A function, not a `partial`: Django logs a robust callback's failure by its
+        # `__qualname__`, which a partial has not (Django ticket #36487).
+        def tell() -> None:
+            committed(saga, told, told_ids, notice)
+
+        transaction.on_commit(tell, robust=True)
 
 
 def committed(
@@ -160,7 +165,11 @@ def signal_received(saga: Any, *, refused: bool = False) -> None:
     """Tell the observers of a signal stored for `saga` once the current transaction commits
     (`Observer.signal_received`)."""
     if observers:
-        transaction.on_commit(partial(_received, saga, refused), robust=True)
+
+        def tell_received() -> None:  # a function, not a partial (see `on_commit`)
+            _received(saga, refused)
+
+        transaction.on_commit(tell_received, robust=True)
 
 
 def _received(saga: Any, refused: bool) -> None:
