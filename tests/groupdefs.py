@@ -298,3 +298,40 @@ register(
         concurrency=1,
     )
 )
+# Members that may hang, killed apart: a (1 s, killed 2 s later) twice, which fails the group,
+# well before b (8 s, killed 2 s later) is killed once.
+register(
+    faulty(
+        "faults_group_hung_apart",
+        [acting("a", time_limit=1), acting("b", time_limit=8), acting("c", time_limit=1)],
+    )
+)
+
+
+def act_then_stuck(ctx: StepContext) -> dict:
+    """`act`, then a transient error while the file `input["stuck"]` exists: with `STUCK` and
+    `on_exhausted="pause"`, the member pauses its saga when its attempts run out."""
+    output = act(ctx)
+    if Path(ctx.input["stuck"]).exists():
+        raise TransientError("Still down.", code="down")
+    return output
+
+
+# b pauses the saga when it stays stuck (`input["stuck"]` exists) through its three attempts.
+register(
+    faulty(
+        "faults_group_pausing",
+        [
+            acting("a"),
+            Step(
+                "b",
+                act_then_stuck,
+                give_back,
+                retry=STUCK,
+                on_exhausted="pause",
+                compensation_retry=TWO,
+            ),
+            acting("c"),
+        ],
+    )
+)
