@@ -32,7 +32,13 @@ _compensation_attempt = engine.compensation_attempt
 
 
 def compensation_attempt_without_its_duplicate_check(
-    saga_id: str, index: int, *, epoch: int, fault: Any = None, bound: float | None = None
+    saga_id: str,
+    index: int,
+    *,
+    epoch: int,
+    fault: Any = None,
+    bound: float | None = None,
+    member: int | None = None,
 ) -> engine.Outcome:
     with transaction.atomic():
         unit = lock(saga_id)
@@ -44,7 +50,9 @@ def compensation_attempt_without_its_duplicate_check(
             unit.move_step(step, StepStatus.COMPENSATED, EventKind.STEP_COMPENSATED, {"attempt": 1})
             unit.save()
             return DUPLICATE  # not "done", which would have the message delivered yet again
-    return _compensation_attempt(saga_id, index, epoch=epoch, fault=fault, bound=bound)
+    return _compensation_attempt(
+        saga_id, index, epoch=epoch, fault=fault, bound=bound, member=member
+    )
 
 
 Unit.to_compensate = to_compensate_first_step_first  # type: ignore[method-assign]

@@ -6,7 +6,8 @@ member's row or not at all) and its compensation gives it back: the tests count 
 that each member ran once and was undone once. What a member does besides is in the saga's
 input, `behave[<member>]`: "decline" (a business error), "flaky" (a transient error on its first
 attempt), "stuck" (transient errors while the file `input["stuck"]` exists), "gate" (it waits
-for the file `<input["gate"]>.<member>` to exist), a number (it sleeps that many seconds).
+for the file `<input["gate"]>.<member>` to exist; "gate_decline": then declines), a number
+(it sleeps that many seconds).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _behave(ctx: StepContext) -> None:
         raise TransientError("Try again.", code="hiccup")
     elif behaviour == "stuck" and Path(ctx.input["stuck"]).exists():
         raise TransientError("Still down.", code="down")
-    elif behaviour == "gate":
+    elif behaviour in ("gate", "gate_decline"):
         gate = Path(f"{ctx.input['gate']}.{ctx.step}")
         Path(f"{gate}.started").touch()
         deadline = time.monotonic() + 30
@@ -53,7 +54,7 @@ def take(ctx: StepContext) -> dict:
     sku = _sku(ctx)
     Product.objects.filter(sku=sku).update(stock_on_hand=F("stock_on_hand") - 1)
     _behave(ctx)
-    if ctx.input.get("behave", {}).get(ctx.step) == "decline":
+    if ctx.input.get("behave", {}).get(ctx.step) in ("decline", "gate_decline"):
         raise BusinessError("Declined.", code="declined")
     return {
         "sku": sku,

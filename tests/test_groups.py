@@ -193,9 +193,19 @@ def test_one_more_failure_than_tolerated_compensates(saga_db):
 # -- a member fails --------------------------------------------------------------------------
 
 
-def test_a_member_failing_lets_those_in_flight_finish_then_undoes_them_last_first(saga_db):
+def test_a_member_failing_lets_those_in_flight_finish_then_undoes_them_last_first(
+    saga_db, tmp_path
+):
     skus = products("a", "b", "c")
-    saga = start(skus=skus, behave={"a": 1.0, "b": "decline", "c": 1.0})
+    gate = tmp_path / "gate"
+    behave = {"a": "gate", "b": "gate_decline", "c": "gate"}
+    saga = start(skus=skus, behave=behave, gate=str(gate))
+    for name in "abc":
+        wait_for(lambda n=name: Path(f"{gate}.{n}.started").exists(), what=f"{name} to start")
+    Path(f"{gate}.b").touch()  # b fails for good while a and c run
+    wait_for(lambda: status(saga) == "compensating", what="the saga to turn back")
+    Path(f"{gate}.a").touch()
+    Path(f"{gate}.c").touch()
 
     saga = wait_final(saga.pk, timeout=30)
 

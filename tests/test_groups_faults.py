@@ -422,21 +422,9 @@ def test_a_member_ignoring_its_soft_limit_is_killed_each_attempt_counted(saga_db
 
 # Both members killed at their hard limit at the same moment race for the saga's lock, and the
 # one whose callback comes second finds the saga turned back: the tests place that second one
-# apart (below, on workers), or in this process (after).
-NOT_COUNTED_AFTER_THE_TURN_BACK = (
-    "a member's attempt killed at its hard time limit after the saga turned back is never "
-    "counted: callbacks.member_chain_failed returns when its group no longer goes ('if member "
-    "is None or not groups.going(unit, stage): return'), where groups.member_attempt_failed "
-    "records an attempt that fails after the turn back"
-)
+# apart (below, on workers), or in this process (after). It is counted all the same.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=NOT_COUNTED_AFTER_THE_TURN_BACK + "; and compensation.settle, finding the member's "
-    "row free, moves a running member with no attempt counted to pending ('sent, never run'): "
-    "b ends pending with 0 attempts although it ran once",
-)
 def test_two_members_killed_at_their_hard_limit_each_count_every_attempt(saga_db, tmp_path):
     """a hangs and is killed at its hard limit twice (its budget), which fails the group and
     turns the saga back while b's first attempt still hangs; b is killed at its own, longer
@@ -459,7 +447,6 @@ def test_two_members_killed_at_their_hard_limit_each_count_every_attempt(saga_db
     )
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_COUNTED_AFTER_THE_TURN_BACK)
 def test_a_member_killed_at_its_hard_limit_after_the_saga_turned_back_is_counted(
     saga_db, tmp_path, monkeypatch
 ):
@@ -629,13 +616,6 @@ def test_a_retry_of_a_saga_paused_in_a_group_while_a_member_is_in_flight(saga_db
     assert len(events(saga, EventKind.STEP_COMPLETED, "parallel.a")) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="groups._send sends only the members whose rows it takes with SKIP LOCKED: a pending "
-    "member whose row someone holds a moment (its last attempt's error callback, a late "
-    "duplicate: they lock the member first) stays pending and unsent, and no one sends it "
-    "after (the group waits for every member): the saga stays running until the sweeper",
-)
 def test_a_retry_while_a_late_delivery_holds_the_failed_members_row(saga_db, tmp_path, monkeypatch):
     """The saga paused at b (stuck, its attempts run out). As the operator retries, a late
     delivery for b (its last attempt's error callback, which locks b's row to find b failed)
@@ -708,13 +688,6 @@ def test_a_saga_paused_in_a_group_then_compensated_waits_for_the_member_in_fligh
     assert SagaStep.objects.get(saga_id=saga.pk, name="first").status == "compensated"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Unit.undo_names leaves out every running member of a paused saga as 'sent, never "
-    "run' (its 'elif sent and running' asks only the saga's status), but a member whose "
-    "attempt was in flight when the saga paused goes on, completes (groups.member_attempt "
-    "records it) and is undone: the plan says (parallel.c, first)",
-)
 def test_the_plan_of_a_paused_saga_lists_its_member_in_flight(saga_db, tmp_path):
     """The saga paused while a's attempt runs: compensating it would undo a if a completes
     (as the test above shows it does), and the plan says so."""

@@ -271,7 +271,15 @@ def member_chain_failed(
         unit = lock(saga_id)
         member = unit.member(index, position)
         stage = unit.steps[index]
-        if member is None or not groups.going(unit, stage):
+        if member is None:
+            return
+        if not groups.going(unit, stage):
+            # Its saga paused or turned back meanwhile: the attempt that ended outside its
+            # transaction (a hard time limit, its process lost) still ran, and is counted.
+            if not broker_failed(cause):
+                error = outside_attempt_error(cause, task_id, int(member.definition["time_limit"]))
+                groups.record_member_failure(unit, member, error, transient=True)
+                unit.save()
             return
         if broker_failed(cause):
             groups.resend(unit, stage, member)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -237,20 +238,34 @@ def _send(unit: Unit, stage: Any, epoch: int, *, resend: bool, countdown: float 
     pending = [m for m in members if m.status == StepStatus.PENDING]
     room = max(limit - len(running), 0)
     sending = (running if resend else []) + pending[:room]
-    # Only the rows no one holds: a member whose attempt runs holds its row, and waits for
-    # the saga's lock, held here; it is in flight, and needs no message.
+    # Only the rows no one holds are changed: a member whose attempt runs holds its row, and
+    # waits for the saga's lock, held here; it is in flight, and needs no message. A pending
+    # member's row held (a late callback, a duplicate: both let go at once) is sent as it is,
+    # under its row's epoch, its row unchanged: nothing else would send it.
     free = _free(sending)
+    held = [m for m in sending if m.pk not in free and m.status == StepStatus.PENDING]
     sending = [m for m in sending if m.pk in free]
     for member in sending:
         # Running: sent (or between attempts). Its epoch names its task, and its callback's.
         unit.move_step(member, StepStatus.RUNNING, None, epoch=epoch)
-    if not sending:
-        return
     saga_id = str(unit.saga.pk)
-    members_sent = [(m.position, int(m.definition["time_limit"])) for m in sending]
-    unit.after_commit.append(
-        lambda: dispatch.send_members(saga_id, epoch, stage.index, members_sent, countdown)
-    )
+    by_epoch: dict[int, list[tuple[int, int]]] = {}
+    for member in [*sending, *held]:
+        sent_epoch = epoch if member in sending else member.epoch
+        by_epoch.setdefault(sent_epoch, []).append(
+            (member.position, int(member.definition["time_limit"]))
+        )
+    for sent_epoch, members_sent in by_epoch.items():
+        unit.after_commit.append(_sender(saga_id, sent_epoch, stage.index, members_sent, countdown))
+
+
+def _sender(
+    saga_id: str, epoch: int, index: int, members: list[tuple[int, int]], countdown: float
+) -> Callable[[], None]:
+    def send() -> None:
+        dispatch.send_members(saga_id, epoch, index, members, countdown)
+
+    return send
 
 
 def _free(members: list[SagaMember]) -> set[int]:

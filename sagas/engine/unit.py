@@ -595,6 +595,20 @@ class Unit:
                     self._members.setdefault(member.stage, []).append(member)
         return self._members.get(index, [])
 
+    def members_in_flight(self, index: int) -> set[int]:
+        """The ids of the group's running members whose attempt runs now: their rows are held
+        (an attempt holds its member's row). Asked with SKIP LOCKED: never waiting for one."""
+        running = [m.pk for m in self.members(index) if m.status == StepStatus.RUNNING]
+        if not running:
+            return set()
+        free = set(
+            SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
+            .filter(pk__in=running)
+            .order_by()
+            .values_list("pk", flat=True)
+        )
+        return set(running) - free
+
     def member(self, index: int, position: int) -> SagaMember | None:
         return next((m for m in self.members(index) if m.position == position), None)
 
@@ -665,6 +679,7 @@ class Unit:
                 names.append(stage.name)
                 continue
             running = self.saga.status in (SagaStatus.PENDING, SagaStatus.RUNNING)
+            in_flight = self.members_in_flight(stage.index)
             for member in reversed(self.members(stage.index)):
                 undo_failed = member.definition.get("compensate_failed_step")
                 sent = member.status == StepStatus.RUNNING
@@ -672,9 +687,10 @@ class Unit:
                     undo_failed and (sent or member.status == StepStatus.FAILED)
                 ):
                     names.append(member.title)  # as the group's settling will find it owed
-                elif sent and running:
-                    # Sent to a worker: undone if it completes before the settling; a paused
-                    # saga's members sent and not run never run.
+                elif sent and (running or member.pk in in_flight):
+                    # Sent to a worker: undone if it completes before the settling. A paused
+                    # saga's members sent and not run never run, but one whose attempt runs
+                    # now (its row held) may complete.
                     names.append(f"{member.title} (if it completes)")
         return tuple(names)
 

@@ -35,6 +35,7 @@ SAGA_TASKS = (
     "sagas.on_compensation_failure",
     "sagas.chain_failed",
     "sagas.bulk_action_batch",
+    "sagas.child_ended",
     "sagas.sweep",
     "sagas.wake",
     "sagas.purge",
