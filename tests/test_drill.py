@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 # The full mix over TCP (as `make run` reaches Redis); over the unix socket, what depends on
-# the transport only: a Redis restart under load, and a worker killed.
+# the transport only: a Redis restart under load, and a worker killed; that one with the order
+# saga's group and child saga (`--shapes`).
 MIXES = {
     "tcp": [
         *("--sagas", "80", "--worker-kills", "3", "--redis-restarts", "1"),
@@ -27,6 +28,8 @@ MIXES = {
         *("--postgres-restarts", "0", "--crash-faults", "1", "--hung-steps", "0"),
         *("--lost-callbacks", "0", "--session-kills", "0", "--poison-steps", "0"),
         *("--lost-commit-answers", "0", "--statement-timeouts", "0", "--timeout", "180"),
+        # The order saga with its group (each line reserved at once) and its child saga.
+        "--shapes",
     ],
 }
 
