@@ -15,7 +15,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 from django.utils.safestring import SafeString
 
-from ..models import SagaStatus, SagaStep, StepStatus
+from ..models import SagaMember, SagaStatus, SagaStep, StepStatus
 
 EMPTY = "—"
 
@@ -87,7 +87,7 @@ def status_badge(status: str, label: str) -> SafeString:
     )
 
 
-def step_duration(step: SagaStep) -> timedelta | None:
+def step_duration(step: SagaStep | SagaMember) -> timedelta | None:
     if step.started_at is None or step.finished_at is None:
         return None
     return step.finished_at - step.started_at

@@ -59,50 +59,33 @@ class SagaRowsInline(ReadOnlyAdminMixin, admin.TabularInline):
         return may_operate(request.user, "view") or may_operate(request.user, "change")
 
 
-class SagaStepInline(SagaRowsInline):
-    model = SagaStep
-    verbose_name_plural = "steps"
-    fields = (
-        "position",
-        "name",
-        "status_badge",
-        "tries",
-        "error",
-        "started",
-        "duration",
-        "compensated",
-    )
-    readonly_fields = fields
-    ordering = ("index",)
-
-    @admin.display(description="#")
-    def position(self, step: SagaStep) -> int:
-        return step.index + 1
+class StageRowColumns:
+    """The columns a stage's row and a group member's row show alike in their inlines."""
 
     @admin.display(description="status")
-    def status_badge(self, step: SagaStep) -> SafeString:
+    def status_badge(self, step: SagaStep | SagaMember) -> SafeString:
         return status_badge(step.status, step.get_status_display())
 
     @admin.display(description="error")
-    def error(self, step: SagaStep) -> str:
+    def error(self, step: SagaStep | SagaMember) -> str:
         return error_text(step.error_code, step.error_message)
 
     @admin.display(description="attempts (undo)")
-    def tries(self, step: SagaStep) -> str:
+    def tries(self, step: SagaStep | SagaMember) -> str:
         if step.compensation_attempts:
             return f"{step.attempts} ({step.compensation_attempts})"
         return str(step.attempts)
 
     @admin.display(description="started")
-    def started(self, step: SagaStep) -> str:
+    def started(self, step: SagaStep | SagaMember) -> str:
         return clock(step.started_at)
 
     @admin.display(description="duration")
-    def duration(self, step: SagaStep) -> str:
+    def duration(self, step: SagaStep | SagaMember) -> str:
         return duration_text(step_duration(step))
 
     @admin.display(description="compensated")
-    def compensated(self, step: SagaStep) -> str:
+    def compensated(self, step: SagaStep | SagaMember) -> str:
         return clock(step.compensated_at)
 
 
@@ -134,7 +117,28 @@ def _children_tree(saga_id: Any, *, depth: int) -> SafeString:
     return format_html('<ul class="saga-children">{}</ul>', items)
 
 
-class SagaMemberInline(SagaRowsInline):
+class SagaStepInline(StageRowColumns, SagaRowsInline):
+    model = SagaStep
+    verbose_name_plural = "steps"
+    fields = (
+        "position",
+        "name",
+        "status_badge",
+        "tries",
+        "error",
+        "started",
+        "duration",
+        "compensated",
+    )
+    readonly_fields = fields
+    ordering = ("index",)
+
+    @admin.display(description="#")
+    def position(self, step: SagaStep) -> int:
+        return step.index + 1
+
+
+class SagaMemberInline(StageRowColumns, SagaRowsInline):
     """The members of the saga's groups (shown only for a saga that has some)."""
 
     model = SagaMember
@@ -156,32 +160,6 @@ class SagaMemberInline(SagaRowsInline):
     @admin.display(description="group")
     def group(self, member: SagaMember) -> str:
         return f"{member.stage + 1}"
-
-    @admin.display(description="status")
-    def status_badge(self, member: SagaMember) -> SafeString:
-        return status_badge(member.status, member.get_status_display())
-
-    @admin.display(description="error")
-    def error(self, member: SagaMember) -> str:
-        return error_text(member.error_code, member.error_message)
-
-    @admin.display(description="attempts (undo)")
-    def tries(self, member: SagaMember) -> str:
-        if member.compensation_attempts:
-            return f"{member.attempts} ({member.compensation_attempts})"
-        return str(member.attempts)
-
-    @admin.display(description="started")
-    def started(self, member: SagaMember) -> str:
-        return clock(member.started_at)
-
-    @admin.display(description="duration")
-    def duration(self, member: SagaMember) -> str:
-        return duration_text(step_duration(member))  # type: ignore[arg-type]
-
-    @admin.display(description="compensated")
-    def compensated(self, member: SagaMember) -> str:
-        return clock(member.compensated_at)
 
 
 class SagaEventInline(SagaRowsInline):

@@ -99,18 +99,18 @@ def enter_child(unit: Unit, stage: Any) -> None:
             parent=(saga.pk, stage.index),
         )
     except ChildNotBegun as exc:
-        _not_begun(unit, stage, exc.error)
+        unit.stage_not_begun(stage, exc.error)
         return
     except (DefinitionError, SagaKeyError, SagaKeyInFlight) as exc:
         code = "child_in_flight" if isinstance(exc, SagaKeyInFlight) else "child_not_begun"
-        _not_begun(unit, stage, SafeError(code, str(exc)[:500]))
+        unit.stage_not_begun(stage, SafeError(code, str(exc)[:500]))
         return
     except Exception as exc:  # the project's `input`: a bug of its own
         logger.warning(
             "The child %s of saga %s could not begin: %s", stage.name, saga.pk, type(exc).__name__
         )
         message = f"The child's input raised {type(exc).__name__}; fix it and retry."
-        _not_begun(unit, stage, SafeError("child_not_begun", message))
+        unit.stage_not_begun(stage, SafeError("child_not_begun", message))
         return
     now = timezone.now()
     unit.move_step(
@@ -124,23 +124,6 @@ def enter_child(unit: Unit, stage: Any) -> None:
         error_message="",
     )
     unit.move_saga(SagaStatus.WAITING, None)
-
-
-def _not_begun(unit: Unit, stage: Any, error: SafeError) -> None:
-    unit.move_step(
-        stage,
-        StepStatus.FAILED,
-        EventKind.STEP_FAILED,
-        error.as_dict(),
-        started_at=stage.started_at or timezone.now(),
-        finished_at=timezone.now(),
-        error_code=error.code,
-        error_message=error.message,
-    )
-    unit.set_saga(error_code=error.code, error_message=error.message)
-    unit.move_saga(
-        SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": stage.name, "reason": error.code}
-    )
 
 
 def child_ended(parent_id: UUID | str, index: int) -> None:

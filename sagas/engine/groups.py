@@ -102,7 +102,7 @@ def enter_group(unit: Unit, stage: Any) -> None:
         try:
             members = _make(unit, stage)
         except GroupNotBegun as exc:
-            _not_begun(unit, stage, exc.error)
+            unit.stage_not_begun(stage, exc.error)
             return
         except Exception as exc:  # the project's `items` or `key`: a bug of its own
             logger.warning(
@@ -112,7 +112,7 @@ def enter_group(unit: Unit, stage: Any) -> None:
                 type(exc).__name__,
             )
             message = f"The group's items or key raised {type(exc).__name__}; fix it and retry."
-            _not_begun(unit, stage, SafeError("group_not_begun", message))
+            unit.stage_not_begun(stage, SafeError("group_not_begun", message))
             return
         if not members:  # an empty map: done at once
             unit.move_step(stage, StepStatus.RUNNING, None, started_at=now)
@@ -208,25 +208,6 @@ def _item_key(item: Any, position: int, key: Any) -> str:
             f"An item's key must have 1 to {MEMBER_NAME_MAX_LENGTH} characters and no ':'.",
         )
     return name
-
-
-def _not_begun(unit: Unit, stage: Any, error: SafeError) -> None:
-    """The group could not begin: it fails, and the saga pauses for an operator (whose retry
-    asks for its items again)."""
-    unit.move_step(
-        stage,
-        StepStatus.FAILED,
-        EventKind.STEP_FAILED,
-        error.as_dict(),
-        started_at=stage.started_at or timezone.now(),
-        finished_at=timezone.now(),
-        error_code=error.code,
-        error_message=error.message,
-    )
-    unit.set_saga(error_code=error.code, error_message=error.message)
-    unit.move_saga(
-        SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": stage.name, "reason": error.code}
-    )
 
 
 def _send(unit: Unit, stage: Any, epoch: int, *, resend: bool, countdown: float = 0.0) -> None:

@@ -428,6 +428,26 @@ class Unit:
         )
         self.progressed()
 
+    def stage_not_begun(self, stage: StepRow, error: SafeError) -> None:
+        """A group or a child stage could not begin (its items, its child's input or
+        definition): it fails, and the saga pauses for an operator, whose retry begins it
+        again."""
+        now = timezone.now()
+        self.move_step(
+            stage,
+            StepStatus.FAILED,
+            EventKind.STEP_FAILED,
+            error.as_dict(),
+            started_at=stage.started_at or now,
+            finished_at=now,
+            error_code=error.code,
+            error_message=error.message,
+        )
+        self.set_saga(error_code=error.code, error_message=error.message)
+        self.move_saga(
+            SagaStatus.FAILED, EventKind.SAGA_PAUSED, {"step": stage.name, "reason": error.code}
+        )
+
     def set_saga(self, **values: Any) -> None:
         for name, value in values.items():
             setattr(self.saga, name, value)
