@@ -37,6 +37,7 @@ from .unit import (
     TURN_BACK_STAGE,
     Outcome,
     SafeError,
+    StageNotBegun,
     StepStatus,
     Unit,
     lock,
@@ -49,12 +50,6 @@ logger = logging.getLogger("sagas")
 CHILD_POLL = 5.0
 # Seconds a parent's compensation waits for its child's lock (a step of the child running).
 CHILD_LOCK_WAIT = 2.0
-
-
-class ChildNotBegun(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.error = SafeError(code, message)
 
 
 def children_of(saga_id: Any, index: int) -> Any:
@@ -85,11 +80,11 @@ def enter_child(unit: Unit, stage: Any) -> None:
     unit.set_saga(current_step=stage.index)
     try:
         if saga.parent_id is not None and _depth(saga.pk) >= MAX_CHILD_DEPTH:
-            raise ChildNotBegun("child_too_deep", f"Children nest at most {MAX_CHILD_DEPTH} deep.")
+            raise StageNotBegun("child_too_deep", f"Children nest at most {MAX_CHILD_DEPTH} deep.")
         path = definition.get("input")
         child_input = import_callable(path)(unit.context(stage)) if path else saga.input
         if not isinstance(child_input, dict):
-            raise ChildNotBegun("child_input_invalid", "A child's input must be a dict.")
+            raise StageNotBegun("child_input_invalid", "A child's input must be a dict.")
         number = children_of(saga.pk, stage.index).count() + 1
         child, _ = start(
             definition["saga"],
@@ -98,7 +93,7 @@ def enter_child(unit: Unit, stage: Any) -> None:
             created_by_id=saga.created_by_id,
             parent=(saga.pk, stage.index),
         )
-    except ChildNotBegun as exc:
+    except StageNotBegun as exc:
         unit.stage_not_begun(stage, exc.error)
         return
     except (DefinitionError, SagaKeyError, SagaKeyInFlight) as exc:

@@ -52,6 +52,7 @@ from .unit import (
     Outcome,
     SafeError,
     SagaStatus,
+    StageNotBegun,
     StepStatus,
     Unit,
     attach,
@@ -67,14 +68,6 @@ from .unit import (
 )
 
 logger = logging.getLogger("sagas")
-
-
-class GroupNotBegun(Exception):
-    """A group could not begin: its items are not a list, too many, or not storable."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(code, message)
-        self.error = SafeError(code, message)
 
 
 def lock_member(saga_id: UUID | str, index: int, position: int) -> SagaMember | None:
@@ -101,7 +94,7 @@ def enter_group(unit: Unit, stage: Any) -> None:
     if not members:
         try:
             members = _make(unit, stage)
-        except GroupNotBegun as exc:
+        except StageNotBegun as exc:
             unit.stage_not_begun(stage, exc.error)
             return
         except Exception as exc:  # the project's `items` or `key`: a bug of its own
@@ -156,12 +149,12 @@ def _make(unit: Unit, stage: Any) -> list[SagaMember]:
     else:
         items = import_callable(mapped["items"])(unit.context(stage))
         if not isinstance(items, list | tuple):
-            raise GroupNotBegun(
+            raise StageNotBegun(
                 "group_items_invalid",
                 f"The group's items must be a list, not {type(items).__name__}.",
             )
         if len(items) > int(mapped["max_fan_out"]):
-            raise GroupNotBegun(
+            raise StageNotBegun(
                 "group_fan_out_exceeded",
                 f"The group has {len(items)} items, more than its maximum of "
                 f"{mapped['max_fan_out']}.",
@@ -169,14 +162,14 @@ def _make(unit: Unit, stage: Any) -> list[SagaMember]:
         try:
             json.dumps(list(items), cls=DjangoJSONEncoder)
         except (TypeError, ValueError):
-            raise GroupNotBegun(
+            raise StageNotBegun(
                 "group_items_invalid", "The group's items must be JSON-serialisable."
             ) from None
         key = import_callable(mapped["key"]) if mapped.get("key") else None
         specs = [(_item_key(item, position, key), item) for position, item in enumerate(items)]
         names = [name for name, _ in specs]
         if len(set(names)) != len(names):
-            raise GroupNotBegun(
+            raise StageNotBegun(
                 "group_items_invalid", "Two of the group's items have the same key."
             )
     members = [
@@ -203,7 +196,7 @@ def _item_key(item: Any, position: int, key: Any) -> str:
         value = position
     name = str(value)
     if not name or len(name) > MEMBER_NAME_MAX_LENGTH or ":" in name:
-        raise GroupNotBegun(
+        raise StageNotBegun(
             "group_items_invalid",
             f"An item's key must have 1 to {MEMBER_NAME_MAX_LENGTH} characters and no ':'.",
         )

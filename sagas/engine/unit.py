@@ -151,6 +151,15 @@ class SafeError:
         return {"code": self.code, "message": self.message}
 
 
+class StageNotBegun(Exception):
+    """A group or a child stage could not begin (`Unit.stage_not_begun`), with the error its
+    saga pauses with."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.error = SafeError(code, message)
+
+
 def safe_error(exc: BaseException, *, time_limit: int | None = None) -> SafeError:
     """A code and message fit to store and show: never a traceback or exception text."""
     if isinstance(exc, StepError | CodeMissing):
@@ -591,10 +600,6 @@ class Unit:
         if self.saga.is_backward:
             return None
         return next((s for s in self.steps if s.status != StepStatus.COMPLETED), None)
-
-    def waits_at(self, index: int) -> bool:
-        """Whether stage `index` is a wait."""
-        return is_wait(self.steps[index].definition)
 
     def stops_at(self, index: int) -> bool:
         """Whether a chain ends before stage `index`: a wait, a group or a child (any stage
