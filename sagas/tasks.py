@@ -145,7 +145,9 @@ def _run(
             outcome = counted  # its retry (a new message), or the step's budget is spent
         else:
             hook = hooks.fault_hook
-            injector = hook(saga_id, index, forward=forward) if hook is not None else None
+            injector = (
+                hook(saga_id, index, forward=forward, member=member) if hook is not None else None
+            )
             hard_limit = (task.request.timelimit or (None, None))[0]
             outcome = attempt(
                 saga_id,

@@ -16,8 +16,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sagas.definitions import Group, RetryPolicy, SagaDefinition, Step, StepContext, register
+from sagas.definitions import (
+    Child,
+    Group,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    StepContext,
+    register,
+)
 from sagas.exceptions import BusinessError, TransientError
+from tests.childdefs import shipping_input, take_parent
 
 FAST = RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1)
 # A member stuck on a transient error: tries a few times, then pauses its saga.
@@ -333,6 +342,27 @@ register(
                 compensation_retry=TWO,
             ),
             acting("c"),
+        ],
+    )
+)
+
+
+# -- every shape, for the failure matrix (tests/test_testkit.py) ------------------------------
+#
+# A step, a listed group, a child saga, a map and a step; each takes one unit of stock of a
+# product of its own (`input["sku"]`, `input["skus"][<member>]`, the child's
+# `input["child_sku"]`, each line's sku) and gives it back when compensated.
+
+
+register(
+    SagaDefinition(
+        name="every_shape",
+        steps=[
+            Step("first", take_parent, give, retry=FAST),
+            Group("parallel", members=[member("a"), member("b")]),
+            Child("shipping", saga="child_shipping", input=shipping_input),
+            Group("lines", items=lines, step=member("reserve")),
+            Step("last", last, undo, retry=FAST),
         ],
     )
 )

@@ -587,3 +587,62 @@ def test_an_engine_that_takes_any_decision_fails_the_kits_guarantees(saga_db, mo
         "the decision on review sent again was not the first one repeated",
         "2 decisions on review stored, expected 1",
     ]
+
+
+# -- groups and children -------------------------------------------------------------------------
+
+
+def every_shape_input() -> dict:
+    def sku() -> str:
+        return str(ProductFactory(stock_on_hand=10).sku)
+
+    return {
+        "sku": sku(),
+        "skus": {"a": sku(), "b": sku()},
+        "child_sku": sku(),
+        "lines": [sku(), sku()],
+    }
+
+
+def every_unit_back_or_held(saga: Saga) -> None:
+    """Each product is out of stock by one exactly while the step or member that took it holds
+    it (completed and not undone), whatever the saga's end."""
+    from sagas.models import SagaMember
+
+    held = ("completed", "compensating", "compensation_failed")
+    holders = {saga.input["sku"]: saga.steps.get(name="first").status}
+    for member in SagaMember.objects.filter(saga=saga):
+        sku = member.item if member.item is not None else saga.input["skus"][member.name]
+        holders[sku] = member.status
+    child = Saga.objects.filter(parent=saga).first()
+    if child is not None:
+        holders[saga.input["child_sku"]] = child.steps.get(name="book").status
+    for sku, status in holders.items():
+        on_hand = Product.objects.get(sku=sku).stock_on_hand
+        expected = 9 if status in held else 10
+        assert on_hand == expected, f"{sku}: {on_hand} in stock, expected {expected} ({status})"
+
+
+EVERY_SHAPE = FailureMatrix(
+    "every_shape", make_input=every_shape_input, invariant=every_unit_back_or_held
+)
+
+
+def test_the_matrix_of_a_saga_with_groups_and_a_child_names_their_cases():
+    ids = [case.id for case in EVERY_SHAPE.cases()]
+    assert {
+        "parallel.a fails for good",
+        "parallel.b fails for good",
+        "parallel.a and parallel.b fail for good together",
+        "parallel.a completes after parallel.b failed for good",
+        "lines[0] fails for good",
+        "lines[0] and lines[1] fail for good together",
+        "lines[0] completes after lines[1] failed for good",
+        "shipping: its child saga fails (book fails for good)",
+        "last fails for good",  # the parent compensates after its child completed
+    } <= set(ids)
+
+
+@EVERY_SHAPE.parametrize()
+def test_a_saga_with_groups_and_a_child_passes_its_matrix(saga_db, case):
+    case.run(saga_db).assert_guarantees()

@@ -323,6 +323,12 @@ def member_attempt(
             with connection.cursor() as cursor:
                 cursor.execute(SESSION_BOUNDS_SQL, session_bounds(bound))
         if row.status not in IN_PROGRESS:
+            if row.status == StepStatus.COMPLETED and row.epoch == epoch:
+                # Delivered again after its commit (its acknowledgement lost): on the timeline.
+                seen = peek(saga_id)
+                member = attach(row, seen.steps[index])
+                seen.event(EventKind.DUPLICATE_IGNORED, member, {"of": "action"})
+                seen.save_events()
             return STOP  # done (a duplicate delivery), or settled
         seen = peek(saga_id)  # as it is: the saga's lock is taken to record the outcome only
         stage = seen.steps[index]

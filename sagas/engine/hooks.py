@@ -10,10 +10,11 @@ from typing import Any, Protocol
 
 
 class FaultHook(Protocol):
-    def __call__(self, saga_id: str, index: int, *, forward: bool) -> Any:
-        """The injector for this attempt of step `index` (its action or its compensation), or
-        None. An injector has `before_action`, `after_action`, `before_compensation`,
-        `after_commit` and `after_final_failure(task_id, saga_id, epoch, forward)`."""
+    def __call__(self, saga_id: str, index: int, *, forward: bool, member: int | None) -> Any:
+        """The injector for this attempt of step `index` (its action or its compensation; a
+        group's member at position `member`), or None. An injector has `before_action`,
+        `after_action`, `before_compensation`, `after_commit` and
+        `after_final_failure(task_id, saga_id, epoch, forward)`."""
 
 
 fault_hook: FaultHook | None = None

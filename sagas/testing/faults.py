@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from celery import current_app, current_task
 from celery.exceptions import SoftTimeLimitExceeded
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q
 from kombu.exceptions import OperationalError
 
 from sagas.engine import dispatch
 from sagas.exceptions import BusinessError, TransientError
-from sagas.models import SagaStep
+from sagas.models import Saga, SagaMember, SagaStep, StepStatus
 
 from .models import Fault, FaultEffect, FaultPoint
 
@@ -33,12 +35,23 @@ class InjectedBusinessError(BusinessError):
     code = "injected_business_error"
 
 
+HOLD_TIMEOUT = 30.0  # seconds a held member waits for another's failure at most
+
+
 @dataclass
 class Injector:
     effects: dict[str, str] = field(default_factory=dict)  # point -> effect
+    # The attempt's saga, stage and member (a group's), for a hold.
+    saga_id: str = ""
+    index: int = 0
+    member: int | None = None
 
     def fire(self, point: str) -> None:
         effect = self.effects.get(point)
+        if effect == FaultEffect.HOLD:
+            self.hold()
+        if effect == FaultEffect.FAIL_WHILE_HELD:
+            self.fail_while_held()
         if effect == FaultEffect.CRASH:
             os._exit(137)  # as if the kernel killed the worker process
         if effect == FaultEffect.TRANSIENT_ERROR:
@@ -75,6 +88,53 @@ class Injector:
             cause = "sagas.tasks.StepFailed"
             dispatch.send_error_callback(errback, task_id, saga_id, epoch, cause, countdown=1)
         self.fire(FaultPoint.AFTER_FINAL_FAILURE)
+
+    def hold(self) -> None:
+        """Wait until another member of this one's group failed for good (committed), so that
+        this one's outcome comes after that failure; go on after `HOLD_TIMEOUT` regardless.
+        While it waits, it holds an advisory lock of its group, which `fail_while_held` sees."""
+        others = SagaMember.objects.filter(
+            saga_id=self.saga_id, stage=self.index, status=StepStatus.FAILED
+        ).exclude(position=-1 if self.member is None else self.member)
+        key = self._group_key()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock((%s)::int, (%s)::int)", key)
+        try:
+            until(others.exists)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_unlock((%s)::int, (%s)::int)", key)
+
+    def fail_while_held(self) -> None:
+        """Fail for good once another member of the group is held (`hold`): it began its
+        attempt, and its action will end after this failure."""
+
+        def held() -> bool:
+            with connection.cursor() as cursor:
+                cursor.execute(HELD_SQL, self._group_key())
+                return bool(cursor.fetchone()[0])
+
+        until(held)
+        raise InjectedBusinessError("Injected business fault.")
+
+    def _group_key(self) -> tuple[int, int]:
+        """The advisory lock of a hold in this attempt's group: (a constant, the group's)."""
+        digest = zlib.crc32(f"{self.saga_id}:{self.index}".encode())
+        return HOLD_LOCK_CLASS, digest - (1 << 31)
+
+
+HOLD_LOCK_CLASS = 0x5A6A  # the first key of a hold's advisory lock
+HELD_SQL = (
+    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND classid = (%s)::int::oid AND objid = (%s)::int::oid AND objsubid = 2)"
+)
+
+
+def until(condition: Callable[[], bool], timeout: float = HOLD_TIMEOUT) -> None:
+    """Wait until `condition()` holds, or `timeout` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not condition():
+        time.sleep(0.05)
 
 
 def redeliver() -> None:
@@ -166,17 +226,26 @@ def hang() -> None:
             continue
 
 
-def take(saga_id: str, index: int, *, forward: bool) -> Injector | None:
-    """The faults that fire in this attempt of step `index`, counted down now (the hook)."""
+def take(saga_id: str, index: int, *, forward: bool, member: int | None = None) -> Injector | None:
+    """The faults that fire in this attempt of step `index` (a group's member at position
+    `member`), counted down now (the hook). A fault names the stage; a member too, by its
+    name or position (`<group>.<member>`, `<group>[<position>]`); a step of a child saga is
+    also named in its parent's faults, under the parent's stage (`<stage>.<step>`)."""
     points = STEP_POINTS if forward else COMPENSATION_POINTS
-    step_name = SagaStep.objects.filter(saga_id=saga_id, index=index).values("name")[:1]
-    injector = Injector()
+    names = fault_names(saga_id, index, member)
+    aimed = (Q(saga_id=saga_id) | Q(saga__isnull=True)) & Q(step_name__in=names)
+    parent_id, parent_stage = (
+        Saga.objects.filter(pk=saga_id).values_list("parent_id", "parent_stage").first()
+    ) or (None, None)
+    if parent_id is not None and parent_stage is not None:
+        stage = SagaStep.objects.filter(saga_id=parent_id, index=parent_stage)
+        for stage_name in stage.values_list("name", flat=True)[:1]:
+            aimed |= Q(saga_id=parent_id, step_name__in=[f"{stage_name}.{n}" for n in names])
+    injector = Injector(saga_id=saga_id, index=index, member=member)
     with transaction.atomic():
         rows = (
             Fault.objects.select_for_update()
-            .filter(
-                Q(saga_id=saga_id) | Q(saga__isnull=True), step_name=step_name, point__in=points
-            )
+            .filter(aimed, point__in=points)
             .filter(Q(remaining__isnull=True) | Q(remaining__gt=0))
             .order_by("id")
         )
@@ -189,6 +258,18 @@ def take(saga_id: str, index: int, *, forward: bool) -> Injector | None:
                 taken["remaining"] = F("remaining") - 1
             Fault.objects.filter(pk=fault.pk).update(**taken)
     return injector if injector.effects else None
+
+
+def fault_names(saga_id: str, index: int, member: int | None) -> list[str]:
+    """The names a fault may give the attempt's step by: its stage's; a member's too."""
+    name = SagaStep.objects.filter(saga_id=saga_id, index=index).values_list("name", flat=True)
+    names = list(name[:1])
+    if member is not None and names:
+        row = SagaMember.objects.filter(saga_id=saga_id, stage=index, position=member)
+        group = names[0]
+        names += [f"{group}.{n}" for n in row.values_list("name", flat=True)[:1]]
+        names.append(f"{group}[{member}]")
+    return names
 
 
 STEP_POINTS = (

@@ -10,11 +10,22 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from sagas.definitions import RetryPolicy, is_wait
-from sagas.models import EventKind, Saga, SagaEvent, SagaSignal, SagaStep, SignalStatus
+from sagas.definitions import RetryPolicy
+from sagas.engine.unit import attach
+from sagas.models import (
+    EventKind,
+    Saga,
+    SagaEvent,
+    SagaMember,
+    SagaSignal,
+    SagaStep,
+    SignalStatus,
+    StepStatus,
+)
 
 from . import waits
 from .models import Fault
@@ -45,6 +56,8 @@ class Result:
     unfinished: list[str]  # what did not happen in time
     played: Played = field(default_factory=Played)  # what the kit did at the waits
     signals: list[SagaSignal] = field(default_factory=list)
+    members: list[Member] = field(default_factory=list)
+    children: dict[str, Saga] = field(default_factory=dict)  # by the stage that started each
 
     @classmethod
     def read(
@@ -62,6 +75,12 @@ class Result:
             unfinished=unfinished,
             played=played or Played(),
             signals=signals,
+            members=members_of(saga.pk, steps),
+            children={
+                steps[child.parent_stage].name: child
+                for child in Saga.objects.filter(parent=saga).order_by("created_at")
+                if child.parent_stage is not None
+            },
         )
 
     @property
@@ -70,17 +89,27 @@ class Result:
         says."""
         case = self.case
         won = case.scenario is not None and self.played.timed_out.get(case.scenario.wait)
-        if case.if_timed_out is not None and won:
-            return case.if_timed_out
-        return case.expected
+        expected = case.if_timed_out if case.if_timed_out is not None and won else case.expected
+        return case.matrix.shaped(expected)
 
     @property
     def compensated(self) -> list[str]:
-        """The steps compensated, in the order their compensations committed."""
+        """The steps compensated (a group's members, `<group>.<member>`), in the order their
+        compensations committed. A group's own stage counts only where none of its members
+        was owed anything."""
         return self.named(EventKind.STEP_COMPENSATED)
 
     def named(self, kind: str) -> list[str]:
-        return [e.step_name for e in self.events if e.kind == kind]
+        return [name_of(e, self.steps) for e in self.events if e.kind == kind]
+
+    @property
+    def groups(self) -> set[str]:
+        return {step.name for step in self.steps if step.definition.get("kind") == "group"}
+
+    def stage_of(self, name: str) -> str:
+        """The stage a compensated (or completed) name belongs to: a member's, its group."""
+        group, _, member = name.partition(".")
+        return group if member and group in self.groups else name
 
     def problems(self) -> list[str]:
         """Every broken guarantee, as a sentence; empty when the case held."""
@@ -146,9 +175,12 @@ def compensated_at_most_once(result: Result) -> list[str]:
 
 
 def compensated_in_reverse_order(result: Result) -> list[str]:
-    order = {step.name: step.index for step in result.steps}
+    """Stages in reverse; a group's members in reverse of their positions (items), before the
+    stages ahead of the group."""
+    order: dict[str, tuple[int, int]] = {step.name: (step.index, 0) for step in result.steps}
+    order |= {member.key: (member.stage, member.position) for member in result.members}
     names = list(dict.fromkeys(result.compensated))
-    indices = [order[name] for name in names]
+    indices = [order.get(name, (-1, 0)) for name in names]
     if indices != sorted(indices, reverse=True):
         return [f"compensations ran in the order {names}, not the reverse of the steps'"]
     return []
@@ -159,17 +191,23 @@ def compensated_what_completed(result: Result) -> list[str]:
     were compensated, as the case expects."""
     completed = set(result.named(EventKind.STEP_COMPLETED))
     flagged = {s.name for s in result.steps if s.definition.get("compensate_failed_step")}
+    flagged |= {m.key for m in result.members if m.definition.get("compensate_failed_step")}
     problems = [
         f"{name} was compensated though it never completed"
         for name in dict.fromkeys(result.compensated)
-        if name not in completed | flagged
+        if name not in completed | flagged | result.groups
+    ]
+    problems += [
+        f"{member.key} completed and was never compensated"
+        for member in result.members
+        if result.saga.status == "compensated"
+        and member.key in completed
+        and member.key not in result.compensated
     ]
     expected = set(result.expected.compensated)
-    if set(result.compensated) != expected:
-        problems.append(
-            f"the steps compensated are {sorted(set(result.compensated))}, "
-            f"expected {sorted(expected)}"
-        )
+    stages = {result.stage_of(name) for name in result.compensated}
+    if stages != expected:
+        problems.append(f"the steps compensated are {sorted(stages)}, expected {sorted(expected)}")
     return problems
 
 
@@ -179,49 +217,68 @@ def completed_once(result: Result) -> list[str]:
 
 
 def nothing_forward_after_compensation_began(result: Result) -> list[str]:
-    turned = next((e.pk for e in result.events if e.kind in TURNS_BACKWARD), None)
+    """No step completed after the saga turned backward; a group's member only if its attempt
+    had begun before (members in flight finish), and no member began after."""
+    turned = next((e for e in result.events if e.kind in TURNS_BACKWARD), None)
     if turned is None:
         return []
-    late = [
-        e.step_name for e in result.events if e.kind == EventKind.STEP_COMPLETED and e.pk > turned
-    ]
-    return [f"{name} completed after compensation began" for name in late]
+    began = {member.key: member.started_at for member in result.members}
+    problems = []
+    for event in result.events:
+        if event.kind != EventKind.STEP_COMPLETED or event.pk < turned.pk:
+            continue
+        name = name_of(event, result.steps)
+        started = began.get(name)
+        if started is None:
+            problems.append(f"{name} completed after compensation began")
+        elif started > turned.created_at:
+            problems.append(f"{name} began after compensation began, and completed")
+    return problems
 
 
 def attempts_within_policy(result: Result) -> list[str]:
     problems = []
-    for step in result.steps:
-        if is_wait(step.definition):
-            continue
+    stages: list[SagaStep | Member] = [*result.steps, *result.members]
+    for step in stages:
+        if "kind" in step.definition:
+            continue  # a wait, a group (its members count) or a child stage
         for used, key in (
             (step.attempts, "retry"),
             (step.compensation_attempts, "compensation_retry"),
         ):
             allowed = RetryPolicy.from_dict(step.definition[key]).max_attempts
             if used > allowed:
-                problems.append(f"{step.name} used {used} attempts ({key}), over its {allowed}")
+                name = step.key if isinstance(step, Member) else step.name
+                problems.append(f"{name} used {used} attempts ({key}), over its {allowed}")
     return problems
 
 
 def attempts_as_expected(result: Result) -> list[str]:
     expected, problems = result.expected, []
-    for step in result.steps:
+    stages: list[SagaStep | Member] = [*result.steps, *result.members]
+    for step in stages:
+        names = step.names if isinstance(step, Member) else (step.name,)
         for used, wanted, what in (
-            (step.attempts, expected.attempts.get(step.name), "attempts"),
+            (step.attempts, _first(expected.attempts, names), "attempts"),
             (
                 step.compensation_attempts,
-                expected.compensation_attempts.get(step.name),
+                _first(expected.compensation_attempts, names),
                 "compensation attempts",
             ),
         ):
             if wanted is not None and used != wanted:
-                problems.append(f"{step.name} used {used} {what}, expected {wanted}")
+                problems.append(f"{names[0]} used {used} {what}, expected {wanted}")
     return problems
+
+
+def _first(by_name: dict[str, int], names: tuple[str, ...]) -> int | None:
+    return next((by_name[name] for name in names if name in by_name), None)
 
 
 def business_failure_not_retried(result: Result) -> list[str]:
     name = result.expected.business_failure
-    retried = result.named(EventKind.STEP_RETRYING).count(name) if name else 0
+    named = {name} | {m.key for m in result.members if name in m.names}
+    retried = sum(n in named for n in result.named(EventKind.STEP_RETRYING)) if name else 0
     return [f"the business failure of {name} was retried {retried} times"] if retried else []
 
 
@@ -232,21 +289,153 @@ def duplicates_delivered(result: Result) -> list[str]:
 
 def duplicates_missing(saga_id: UUID, wanted: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
     """The (step, "action" or "compensation") of `wanted` whose second delivery was not seen:
-    neither ignored as a duplicate nor (wrongly) acted on a second time."""
-    events = SagaEvent.objects.filter(saga_id=saga_id)
-    ignored = {
-        (name, detail.get("of"))
-        for name, detail in events.filter(kind=EventKind.DUPLICATE_IGNORED).values_list(
-            "step_name", "detail"
-        )
-    }
+    neither ignored as a duplicate nor (wrongly) acted on a second time. A group's name stands
+    for each of its members that ran that far."""
+    steps = list(SagaStep.objects.filter(saga_id=saga_id).order_by("index"))
     done: dict[str, str] = {
         EventKind.STEP_COMPLETED: "action",
         EventKind.STEP_COMPENSATED: "compensation",
     }
-    twice = Counter(events.filter(kind__in=done).values_list("step_name", "kind"))
-    acted = {(name, done[kind]) for (name, kind), n in twice.items() if n > 1}
-    return [pair for pair in wanted if pair not in ignored | acted]
+    kinds = [*done, EventKind.DUPLICATE_IGNORED]
+    events = SagaEvent.objects.filter(saga_id=saga_id, kind__in=kinds)
+    ignored, twice = set(), Counter[tuple[str, str]]()
+    for event in events.only("step_index", "step_name", "kind", "detail"):
+        name = name_of(event, steps)
+        if event.kind == EventKind.DUPLICATE_IGNORED:
+            ignored.add((name, event.detail.get("of")))
+        else:
+            twice[(name, done[event.kind])] += 1
+    acted = {pair for pair, n in twice.items() if n > 1}
+    groups = {step.name for step in steps if step.definition.get("kind") == "group"}
+    members = members_of(saga_id, steps) if groups & {name for name, _ in wanted} else []
+    ran = {"action": (StepStatus.COMPLETED, StepStatus.COMPENSATED)}
+    expanded = []
+    for name, kind in wanted:
+        if name not in groups:
+            expanded.append((name, kind))
+            continue
+        reached = ran.get(kind, (StepStatus.COMPENSATED,))
+        expanded += [(m.key, kind) for m in members if m.group == name and m.status in reached]
+    return [pair for pair in expanded if pair not in ignored | acted]
+
+
+def name_of(event: SagaEvent, steps: list[SagaStep]) -> str:
+    """Who an event is about: its step, or a group's member as `<group>.<member>` (a map's
+    member by its item's key, where the timeline's name is its step's)."""
+    member = event.detail.get("member") if isinstance(event.detail, dict) else None
+    index = event.step_index
+    if member is None or index is None or index >= len(steps):
+        return event.step_name
+    return f"{steps[index].name}.{member}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A group member as a case reads it: `key` is `<group>.<member>`; `names`, what a case may
+    call it (that, and `<group>[<position>]`); `definition`, its step's, from its group's."""
+
+    key: str
+    names: tuple[str, ...]
+    group: str
+    stage: int
+    position: int
+    status: str
+    attempts: int
+    compensation_attempts: int
+    started_at: datetime | None
+    definition: dict[str, Any]
+
+
+def members_of(saga_id: UUID, steps: list[SagaStep]) -> list[Member]:
+    """A saga's group members, in their groups' order, then their positions."""
+    members = []
+    for row in SagaMember.objects.filter(saga_id=saga_id).order_by("stage", "position"):
+        attach(row, steps[row.stage])
+        key = f"{row.group}.{row.name}"  # type: ignore[attr-defined]
+        members.append(
+            Member(
+                key=key,
+                names=(key, f"{row.group}[{row.position}]"),  # type: ignore[attr-defined]
+                group=row.group,  # type: ignore[attr-defined]
+                stage=row.stage,
+                position=row.position,
+                status=row.status,
+                attempts=row.attempts,
+                compensation_attempts=row.compensation_attempts,
+                started_at=row.started_at,
+                definition=row.definition,  # type: ignore[attr-defined]
+            )
+        )
+    return members
+
+
+# -- groups and children --------------------------------------------------------------------------
+
+
+def members_as_expected(result: Result) -> list[str]:
+    """Each member ended in a status its case allows (by its name, its position, or its
+    group's `<group>.*`)."""
+    expected, problems = result.expected.members, []
+    for member in result.members:
+        names = (*member.names, f"{member.group}.*")
+        allowed = next((expected[name] for name in names if name in expected), None)
+        if allowed is not None and member.status not in allowed:
+            wanted = " or ".join(sorted(allowed)) or "no member (its group never began)"
+            problems.append(f"member {member.key} ended {member.status}, expected {wanted}")
+    return problems
+
+
+def completed_after(result: Result) -> list[str]:
+    """A held member's action completed after the other member's final failure."""
+    if result.expected.completed_after is None:
+        return []
+    held, failing = result.expected.completed_after
+    keys = {name: m.key for m in result.members for name in m.names}
+    moments: dict[tuple[str, str], int] = {}
+    for event in result.events:
+        moments.setdefault((name_of(event, result.steps), event.kind), event.pk)
+    completed = moments.get((keys.get(held, held), EventKind.STEP_COMPLETED))
+    failed = moments.get((keys.get(failing, failing), EventKind.STEP_FAILED))
+    if completed is None or failed is None or completed < failed:
+        return [f"{held} did not complete after {failing} failed for good"]
+    return []
+
+
+def children_as_expected(result: Result) -> list[str]:
+    """Each child stage's child ended as its case expects (or none started); a compensated
+    child undid each of its steps that completed exactly once, in reverse order."""
+    problems = []
+    for stage, wanted in result.expected.children.items():
+        child = result.children.get(stage)
+        status = child.status if child is not None else ""
+        if status != wanted:
+            problems.append(
+                f"the child of {stage} ended {status or 'unstarted'}, "
+                f"expected {wanted or 'none started'}"
+            )
+        if child is None or status != "compensated":
+            continue
+        steps = list(SagaStep.objects.filter(saga=child).order_by("index"))
+        events = SagaEvent.objects.filter(saga=child).order_by("id")
+        completed = Counter[str]()
+        undone: list[str] = []
+        for event in events:
+            if event.kind == EventKind.STEP_COMPLETED:
+                completed[name_of(event, steps)] += 1
+            elif event.kind == EventKind.STEP_COMPENSATED:
+                undone.append(name_of(event, steps))
+        groups = {s.name for s in steps if s.definition.get("kind") == "group"}
+        for name in completed:
+            if name not in groups and undone.count(name) != 1:
+                problems.append(
+                    f"{name} of the child of {stage} completed and was compensated "
+                    f"{undone.count(name)} times"
+                )
+        order = {s.name: s.index for s in steps}
+        indices = [order.get(name.partition(".")[0], -1) for name in undone]
+        if indices != sorted(indices, reverse=True):
+            problems.append(f"the child of {stage} compensated in the order {undone}")
+    return problems
 
 
 # -- waits and signals ----------------------------------------------------------------------------
@@ -513,6 +702,9 @@ CHECKS: list[Callable[[Result], list[str]]] = [
     attempts_as_expected,
     business_failure_not_retried,
     duplicates_delivered,
+    members_as_expected,
+    completed_after,
+    children_as_expected,
     waits_ended_once,
     signals_applied_once,
     decisions_recorded,

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from functools import partial
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 from celery import current_app
@@ -39,7 +40,6 @@ from sagas.definitions import (
     registered,
     snapshot_version,
 )
-from sagas.exceptions import DefinitionError
 from sagas.models import Saga, SagaStatus, SagaStep, StepStatus
 from sagas.services import saga_start
 
@@ -83,6 +83,13 @@ class Expected:
     compensation_attempts: dict[str, int] = field(default_factory=dict)
     business_failure: str | None = None  # the step whose business error must not be retried
     duplicates: tuple[tuple[str, str], ...] = ()  # (step, "action" or "compensation") redelivered
+    # A group's members: the statuses each may end in, by `<group>.<member>`, `<group>[<i>]`
+    # or `<group>.*` (every member not named otherwise).
+    members: dict[str, frozenset[str]] = field(default_factory=dict)
+    # The child saga each child stage started: its final status ("": none started).
+    children: dict[str, str] = field(default_factory=dict)
+    # (a member, another): the first completed after the other failed for good.
+    completed_after: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -229,15 +236,11 @@ class FailureMatrix:
             definition = get_definition(definition)
         elif definition.name not in registered():
             register(definition)
-        if any(isinstance(stage, Group | Child) for stage in definition.steps):
-            raise DefinitionError(
-                f"saga {definition.name!r}: the failure matrix covers steps and waits; it "
-                "does not yet plant faults in a group's members or a child saga (test those "
-                "with workers, as tests of your own)"
-            )
         self.stages: tuple[Step | Wait | Group | Child, ...] = tuple(definition.steps)
         self.steps: tuple[Step, ...] = tuple(s for s in self.stages if isinstance(s, Step))
         self.waits: tuple[Wait, ...] = tuple(s for s in self.stages if isinstance(s, Wait))
+        self.groups: tuple[Group, ...] = tuple(s for s in self.stages if isinstance(s, Group))
+        self.children: tuple[Child, ...] = tuple(s for s in self.stages if isinstance(s, Child))
         self.definition, self.make_input, self.start = definition, make_input, start
         self.invariant, self.timeout, self.retry_wait = invariant, timeout, retry_wait
         self.payloads = dict(payloads or {})
@@ -271,12 +274,16 @@ class FailureMatrix:
         cases += [
             self._compensation_fails(trigger, name)
             for name in self.owed(trigger)
-            if steps[self.index(name)].compensation
+            if isinstance(step := self.stage(name), Step) and step.compensation
         ]
         cases += [self._delivered_twice(None), self._delivered_twice(trigger)]
         for position, stage in enumerate(self.stages):
             if isinstance(stage, Wait):
                 cases += self._wait_cases(position, stage)
+            elif isinstance(stage, Group):
+                cases += self._group_cases(position, stage)
+            elif isinstance(stage, Child):
+                cases += self._child_fails(position, stage)
         return cases
 
     def case(self, id: str) -> Case:
@@ -327,8 +334,10 @@ class FailureMatrix:
         return self.stages[self.position(name)]
 
     def steps_before(self, position: int) -> list[str]:
-        """The steps before stage `position`, in reverse: what an abort there undoes."""
-        return [s.name for s in reversed(self.stages[:position]) if isinstance(s, Step)]
+        """The stages before stage `position` that a failure there undoes, in reverse: steps,
+        groups (the members that completed) and child stages (their children); a wait undoes
+        nothing."""
+        return [s.name for s in reversed(self.stages[:position]) if not isinstance(s, Wait)]
 
     def pivot_before(self, position: int) -> bool:
         return any(isinstance(s, Step) and s.pivot for s in self.stages[:position])
@@ -343,10 +352,11 @@ class FailureMatrix:
         return min([len(self.steps) - 1, *pivots])
 
     def owed(self, index: int) -> list[str]:
-        """The compensations that step `index` failing for good runs, in their order."""
-        steps = self.steps
-        failed = [steps[index].name] if steps[index].compensate_failed_step else []
-        return failed + [step.name for step in reversed(steps[:index])]
+        """The compensations that step `index` failing for good runs, in their order (a group
+        by its name, a child stage by its own)."""
+        step = self.steps[index]
+        failed = [step.name] if step.compensate_failed_step else []
+        return failed + self.steps_before(self.position(step.name))
 
     # -- the cases -----------------------------------------------------------------------------
 
@@ -396,10 +406,19 @@ class FailureMatrix:
     def _delivered_twice(self, trigger: int | None) -> Case:
         """Every step's message, and every compensation's, delivered again after its commit;
         with a failure, the chain's error callback sent twice too."""
-        steps = self.steps
-        faults = [(s.name, FaultPoint.AFTER_COMMIT, FaultEffect.REDELIVER) for s in steps]
+        steps, groups = self.steps, {group.name for group in self.groups}
+        # A group's name plants it in each of its members; a child stage's, in its compensation.
+        sent = [s.name for s in self.stages if not isinstance(s, Wait)]
+        faults = [(name, FaultPoint.AFTER_COMMIT, FaultEffect.REDELIVER) for name in sent]
         if trigger is None:
-            names = [s.name for s in steps]
+            # A step's message delivered again once the saga went on to a group or a child
+            # (under a new epoch) stops without a trace: nothing to see of it.
+            names = [
+                s.name
+                for s, after in zip(self.stages, [*self.stages[1:], None], strict=True)
+                if isinstance(s, Group)
+                or (isinstance(s, Step) and not isinstance(after, Group | Child))
+            ]
             expected = replace(self._completed(), duplicates=tuple((n, "action") for n in names))
             return self._case("every message delivered twice", faults, expected)
         name = steps[trigger].name
@@ -408,10 +427,15 @@ class FailureMatrix:
             (name, FaultPoint.AFTER_FINAL_FAILURE, FaultEffect.REPEAT_CALLBACK),
         ]
         expected = self._stopped_at(trigger, paused=False, code=BUSINESS, attempts=1)
+        # A compensation's message delivered again once a group's compensation began (a new
+        # chain, under a new epoch) stops without a trace: nothing to see of it.
+        owed = expected.compensated
+        following = dict(pairwise(owed))
+        seen = [name for name in owed if following.get(name) not in groups]
         expected = replace(
             expected,
             business_failure=name,
-            duplicates=tuple((n, "compensation") for n in expected.compensated),
+            duplicates=tuple((n, "compensation") for n in seen),
         )
         return self._case(f"every message delivered twice, {name} fails for good", faults, expected)
 
@@ -600,12 +624,128 @@ class FailureMatrix:
             status=SagaStatus.COMPENSATED, error_code="", steps=statuses, compensated=tuple(owed)
         )
 
+    # -- the cases of a group and of a child ------------------------------------------------------
+
+    def _group_cases(self, position: int, group: Group) -> list[Case]:
+        """Each member failing for good (a map's: its first item), the first two failing
+        together, and the first completing after the second failed for good."""
+        if group.step is None:
+            names = [f"{group.name}.{member.name}" for member in group.members]
+            cases = [self._member_fails(position, group, [name]) for name in names]
+        else:  # a map's members are its items, known only once the group begins
+            names = [f"{group.name}[0]", f"{group.name}[1]"]
+            cases = [self._member_fails(position, group, names[:1])]
+        if len(names) > 1:
+            first, second = names[:2]
+            cases.append(self._member_fails(position, group, [first, second]))
+            cases.append(self._member_fails(position, group, [second], held=first))
+        return cases
+
+    def _member_fails(
+        self, position: int, group: Group, failing: list[str], held: str | None = None
+    ) -> Case:
+        """`failing` members fail for good (the first at once; `held`'s action waits for that
+        failure, then completes). Beyond a map's `tolerated_failures`, the group fails: the
+        members that completed are compensated, then the stages before it (a pause instead,
+        past a pivot)."""
+        name, paused = group.name, self.pivot_before(position)
+        step = group.step or group.members[0]
+        tolerated = len(failing) <= (group.tolerated_failures if group.step else 0)
+        if held is not None:
+            id = f"{held} completes after {failing[0]} failed for good"
+        elif len(failing) > 1:
+            id = f"{' and '.join(failing)} fail for good together"
+        else:
+            id = f"{failing[0]} fails for good"
+        if tolerated:
+            id += " (tolerated)"
+        elif paused:
+            id += " after the pivot"
+        faults = [
+            (member, FaultPoint.BEFORE_ACTION, BUSINESS_FAULT if held is None else HELD_FAULT)
+            for member in failing
+        ]
+        if held is not None:
+            faults.append((held, FaultPoint.BEFORE_ACTION, FaultEffect.HOLD))
+        failed = {StepStatus.FAILED}
+        if len(failing) > 1 and not tolerated:
+            failed.add(StepStatus.PENDING)  # the other's failure came first: it never ran
+        others: set[str] = {StepStatus.COMPENSATED, StepStatus.PENDING}
+        if tolerated:
+            expected = self._completed()
+            others = {StepStatus.COMPLETED}
+        else:
+            owed = [] if paused else self.steps_before(position)
+            status = StepStatus.FAILED if paused else StepStatus.COMPENSATED
+            statuses = self._statuses(position, status)
+            statuses |= dict.fromkeys(owed, StepStatus.COMPENSATED)
+            expected = Expected(
+                status=SagaStatus.FAILED if paused else SagaStatus.COMPENSATED,
+                error_code=BUSINESS,
+                steps=statuses,
+                compensated=tuple(([] if paused else [name]) + owed),
+            )
+            if paused:  # what ran completes; what was sent and had not begun never will
+                others = {StepStatus.COMPLETED, StepStatus.RUNNING, StepStatus.PENDING}
+            elif step.compensate_failed_step:
+                failed.add(StepStatus.COMPENSATED)
+        members = {f"{name}.*": frozenset(others)} | dict.fromkeys(failing, frozenset(failed))
+        if held is not None:
+            done = StepStatus.COMPLETED if tolerated or paused else StepStatus.COMPENSATED
+            members[held] = frozenset({done})
+            expected = replace(expected, completed_after=(held, failing[0]))
+        expected = replace(
+            expected,
+            members=members,
+            attempts={} if len(failing) > 1 else {failing[0]: 1},
+            business_failure=failing[0] if len(failing) == 1 else None,
+        )
+        return self._case(id, faults, expected)
+
+    def _child_fails(self, position: int, child: Child) -> list[Case]:
+        """The child's first step fails for good: the child compensates, the stage fails with
+        its error, and the parent compensates the stages before it (pauses, past a pivot).
+        None for a child that waits or starts a child of its own before its first step."""
+        stages = list(get_definition(child.saga).steps)
+        step = next(s for s in stages if isinstance(s, Step))  # a definition ends with one
+        if any(isinstance(s, Wait | Child) for s in stages[: stages.index(step)]):
+            return []
+        expected = self._wait_failed(position, BUSINESS, pause=False)
+        expected = replace(expected, children={child.name: SagaStatus.COMPENSATED})
+        id = f"{child.name}: its child saga fails ({step.name} fails for good)"
+        id += " after the pivot" if self.pivot_before(position) else ""
+        fault = (f"{child.name}.{step.name}", FaultPoint.BEFORE_ACTION, BUSINESS_FAULT)
+        return [self._case(id, [fault], expected)]
+
+    def shaped(self, expected: Expected) -> Expected:
+        """`expected` with what its stages' statuses say of their members and children, where
+        the case said nothing: a group completed has its members completed, one compensated
+        its members compensated (those that ran), one not begun no member; a child stage
+        completed or compensated, its child the same; one not begun, no child."""
+        members: dict[str, frozenset[str]] = {}
+        for group in self.groups:
+            status = expected.steps.get(group.name, StepStatus.PENDING)
+            ran = status if status in (StepStatus.COMPLETED, StepStatus.COMPENSATED) else None
+            members[f"{group.name}.*"] = frozenset([ran] if ran else [])
+        children: dict[str, str] = {}
+        for child in self.children:
+            status = expected.steps.get(child.name, StepStatus.PENDING)
+            # A child ends as its stage: completed, or compensated with its parent.
+            ended = status in (StepStatus.COMPLETED, StepStatus.COMPENSATED)
+            children[child.name] = str(status) if ended else ""
+        return replace(
+            expected,
+            members=members | expected.members,
+            children=children | expected.children,
+        )
+
     def _case(self, id: str, faults: Sequence[tuple[str, str, str]], expected: Expected) -> Case:
         planted = tuple(PlannedFault(step, point, effect) for step, point, effect in faults)
         return Case(id=id, faults=planted, expected=expected, matrix=self)
 
 
 BUSINESS_FAULT = FaultEffect.BUSINESS_ERROR
+HELD_FAULT = FaultEffect.FAIL_WHILE_HELD
 
 
 def shorten_retry_waits(saga: Saga, longest: float) -> None:
@@ -613,10 +753,15 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
     definition version of its own: workers cache definitions by version)."""
     steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
     for step in steps:
-        if "kind" in step.definition:
-            continue  # a wait (no attempts, no retries), a group or a child
-        for key in ("retry", "compensation_retry"):
-            policy = step.definition[key]
+        definition = step.definition
+        kind = definition.get("kind")
+        if kind == "group":  # its members' policies
+            policies = [*definition["members"]]
+            if "map" in definition:
+                policies.append(definition["map"]["step"])
+        else:  # a wait (no attempts, no retries) or a child stage (its child's own) have none
+            policies = [] if kind else [definition]
+        for policy in [p[key] for p in policies for key in ("retry", "compensation_retry")]:
             policy["backoff"] = min(policy["backoff"], longest)
             policy["backoff_max"] = min(policy["backoff_max"], longest)
         step.save(update_fields=["definition"])

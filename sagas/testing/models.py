@@ -37,6 +37,16 @@ class FaultEffect(models.TextChoices):
         "lose_commit_answer",
         "The next COMMIT's answer is lost: it commits, and the worker hears an error",
     )
+    HOLD = (
+        "hold",
+        "Hold a group member's action until another member of its group failed for good "
+        "(at most 30 s)",
+    )
+    FAIL_WHILE_HELD = (
+        "fail_while_held",
+        "Raise a business error while another member of its group is held (waiting for one "
+        "at most 30 s)",
+    )
     STATEMENT_TIMEOUT = (
         "statement_timeout",
         "A query of the attempt's own outlives its statement timeout (SQLSTATE 57014)",
@@ -49,7 +59,12 @@ class Fault(models.Model):
     saga = models.ForeignKey(
         Saga, null=True, blank=True, on_delete=models.CASCADE, help_text="Empty: any saga."
     )
-    step_name = models.CharField(max_length=100, help_text="The step to inject into.")
+    step_name = models.CharField(
+        max_length=100,
+        help_text="The step to inject into: a stage's name (a group's: each of its members), "
+        "`<group>.<member>` or `<group>[<position>]` (one member), `<child stage>.<step>` (a "
+        "step of the child saga that stage starts).",
+    )
     point = models.CharField(max_length=40, choices=FaultPoint.choices, help_text="Where.")
     effect = models.CharField(max_length=30, choices=FaultEffect.choices, help_text="What.")
     remaining = models.PositiveIntegerField(

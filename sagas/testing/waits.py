@@ -20,6 +20,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection, transaction
 from django.utils import timezone
 
+from sagas.definitions import is_wait
 from sagas.engine.unit import lock
 from sagas.engine.waits import NotWaiting, SignalOutcome, timed_out
 from sagas.exceptions import SagaBusy
@@ -293,6 +294,8 @@ class Player:
         row = SagaStep.objects.get(saga_id=self.saga.pk, index=saga["current_step"])
         if row.status != StepStatus.WAITING or row.index in self.acted:
             return
+        if not is_wait(row.definition):
+            return  # a child stage: its child saga runs on its own
         if not self.may_act(row.index):
             return
         self.acted.add(row.index)
