@@ -5,7 +5,8 @@ a database of its own (`<database>_bench`), and measures in the same run and wit
 settings: the order saga (success path and compensation path), a bare chain of as many tasks
 each doing one committed UPDATE, a synthetic saga of 4 and 16 one-UPDATE steps against bare
 chains of 4 and 16 tasks, a group of 4 one-UPDATE members then such a step against a bare
-chord of the same shape, latency one saga at a time, database cost per step (and per member of
+chord of the same shape, the 4-step saga with its middle two steps in a child saga against
+it inline, latency one saga at a time, database cost per step (and per member of
 the group) and the peak memory of the worker processes. Prints a table, then one JSON object as
 its last line.
 """
@@ -227,6 +228,20 @@ class BareChains:
                 [[int(i) for i in ids], self.steps],
             )
             return cursor.fetchone()[0]
+
+
+class ChildSagas(SyntheticSagas):
+    """The 4 steps of `bench_4`, the middle two in a child saga (`bench_with_child`)."""
+
+    def __init__(self) -> None:
+        super().__init__(4)
+
+    def submit(self) -> str:
+        from bench.tasks import new_rows
+        from sagas.services import saga_start
+
+        saga, _ = saga_start(name="bench_with_child", input={"row": new_rows(1)[0]})
+        return str(saga.pk)
 
 
 class GroupSagas:
@@ -553,6 +568,9 @@ def main() -> int:
             results[f"synthetic_{steps}_p50_ms"] = statistics.median(lat)
             results[f"bare_{steps}_p50_ms"] = statistics.median(bare_lat)
         results["bare_4_per_s"] = results["bare_chain_per_s"]
+        throughput(ChildSagas(), 20)
+        results["child_per_s"] = throughput(ChildSagas(), args.sagas)
+        results["child_p50_ms"] = statistics.median(latencies(ChildSagas(), args.latency_samples))
         chords = BareChords(chord_app(queue))
         for warmup in (GroupSagas(), chords):
             throughput(warmup, 20)
@@ -580,6 +598,7 @@ def main() -> int:
                 results[f"synthetic_{steps}_per_s"] / results[f"bare_{steps}_per_s"], 3
             )
     results["group_ratio"] = round(results["group_per_s"] / results["bare_chord_per_s"], 3)
+    results["child_ratio"] = round(results["child_per_s"] / results["synthetic_4_per_s"], 3)
     return report(results, print_table)
 
 
@@ -642,6 +661,12 @@ def print_table(r: dict[str, Any]) -> None:
         f"{r['group_per_s']:.1f}, {r['group_p50_ms']:.1f}",
         f"{r['bare_chord_per_s']:.1f}, {r['bare_chord_p50_ms']:.1f}",
         f"{r['group_ratio']:.2f}",
+    )
+    table.add_row(
+        "4 steps, the middle 2 in a child saga (/s, p50 ms; against: inline, the 4-step saga)",
+        f"{r['child_per_s']:.1f}, {r['child_p50_ms']:.1f}",
+        f"{r['synthetic_4_per_s']:.1f}, {r['synthetic_4_p50_ms']:.1f}",
+        f"{r['child_ratio']:.2f}",
     )
     table.add_row(
         "queries, commits per group member",

@@ -1,9 +1,10 @@
 """Synthetic sagas of 4, 8 and 16 steps whose steps each do one UPDATE, like the bare chain; a
-group of 4 such members and a step, like the bare chord; sagas that wait (`bench.waits`)."""
+group of 4 such members and a step, like the bare chord; the 4 steps with the middle two in a
+child saga; sagas that wait (`bench.waits`)."""
 
 from __future__ import annotations
 
-from sagas.definitions import Group, SagaDefinition, Step, StepContext, Wait, register
+from sagas.definitions import Child, Group, SagaDefinition, Step, StepContext, Wait, register
 
 from .tasks import touch
 
@@ -47,6 +48,26 @@ register(
                 members=[Step(name, touch_own_row, untouch_step) for name in GROUP_STAGES[:-1]],
             ),
             Step(GROUP_STAGES[-1], touch_own_row, untouch_step),
+        ],
+    )
+)
+
+
+# The steps of `bench_4`, the middle two in a child saga (given the parent's input, its row):
+# what a child costs against the same steps inline.
+register(
+    SagaDefinition(
+        name="bench_child_inner",
+        steps=[Step(f"step_{i}", touch_step, untouch_step) for i in (1, 2)],
+    )
+)
+register(
+    SagaDefinition(
+        name="bench_with_child",
+        steps=[
+            Step("step_0", touch_step, untouch_step),
+            Child("inner", saga="bench_child_inner"),
+            Step("step_3", touch_step, untouch_step),
         ],
     )
 )

@@ -498,6 +498,51 @@ def test_an_operator_marks_a_failed_member_as_done_and_the_group_goes_on(
     assert skipped.detail["note"] == "reserved by phone"
 
 
+def test_the_admin_marks_a_failed_member_as_done_after_a_preview(saga_db, admin_client, tmp_path):
+    """The saga page offers each failed member that may be marked as done; its page takes the
+    output and a note, previews what runs next, and marks it once per confirmation. Staff
+    without the permission get neither the button nor the page."""
+    from django.urls import reverse
+
+    from tests.test_admin_waits import logged_in, staff_with
+
+    skus = products("a", "b", "c")
+    stuck = tmp_path / "down"
+    stuck.touch()
+    saga = start(skus=skus, behave={"b": "stuck"}, stuck=str(stuck))
+    wait_for(lambda: status(saga) == "failed", what="the saga to pause")
+    wait_for(
+        lambda: members(saga)["a"].status == members(saga)["c"].status == "completed",
+        what="the other members to finish",
+    )
+    url = reverse("admin:sagas_saga_skip_member", args=[saga.pk, 1, 1])
+    page = admin_client.get(reverse("admin:sagas_saga_change", args=[saga.pk]))
+    assert page.context["saga_skip_members"] == [("parallel.b", url)]
+    assert "Mark parallel.b as done&hellip;" in page.content.decode()
+    viewer = logged_in(staff_with("view_saga"))
+    viewer_page = viewer.get(reverse("admin:sagas_saga_change", args=[saga.pk]))
+    assert not viewer_page.context.get("saga_skip_members")
+    assert viewer.get(url).status_code in (403, 404)
+
+    form = admin_client.get(url)
+    assert "The member <strong>parallel.b</strong> (failed)" in form.content.decode()
+    output = '{"sku": "by-phone"}'
+    preview = admin_client.post(url, {"output": output, "note": "by phone", "_preview": "1"})
+    html = preview.content.decode()
+    assert "<code>parallel.b</code>" in html and "Yes, mark it as done" in html
+    assert status(saga) == "failed"  # a preview changes nothing
+    once = preview.context["once"]
+    confirmation = {"output": output, "note": "by phone", "post": "yes", "_once": once}
+    assert admin_client.post(url, confirmation).status_code == 302
+    assert admin_client.post(url, confirmation).status_code == 302  # sent twice: acts once
+
+    saga = wait_final(saga.pk)
+    assert saga.status == "completed"
+    assert members(saga)["b"].output == {"sku": "by-phone"}
+    [skipped] = SagaEvent.objects.filter(saga=saga, kind=EventKind.OPERATOR_SKIP)
+    assert (skipped.step_name, skipped.detail["note"]) == ("parallel.b", "by phone")
+
+
 def test_a_start_whose_group_could_not_begin_after_the_commit_is_left_to_the_sweeper(
     saga_db, monkeypatch, caplog
 ):

@@ -154,12 +154,13 @@ class DecisionForm(forms.Form):
 @dataclass(frozen=True)
 class Choices:
     """What the operator chose on a confirmation page: a retry's deadline, a decision's note,
-    the stage marked as done and its output."""
+    the stage (or a group's member) marked as done and its output."""
 
     deadline: Deadline = KEEP
     note: str = ""
     index: int = 0
     output: Any = None
+    member: int | None = None  # a group's member marked as done, by its position
 
 
 @dataclass(frozen=True)
@@ -343,6 +344,7 @@ class OperatorActionsAdmin(admin.ModelAdmin):
                 output=choices.output,
                 actor=actor,
                 note=choices.note,
+                member=choices.member,
             )
         index = self._resolve_index(saga)
         return services.saga_step_resolve(saga_id=saga.pk, index=index, actor=actor)
