@@ -339,8 +339,11 @@ class Group:
 
     When a member fails for good (beyond that tolerance), no new member starts, those running
     finish or fail, then the members that completed are compensated, one at a time in reverse
-    order (of the list, or of the items), then the stages before the group in reverse. A
-    saga's retry after it paused in a group runs only the members that did not complete.
+    order (of the list, or of the items), then the stages before the group in reverse. With
+    `concurrent_compensation`, the members' compensations run at the same time instead (each
+    holding its member's row, as an action does); the stages before the group are compensated
+    once every member's is done. A saga's retry after it paused in a group runs only the
+    members that did not complete.
 
     The group's output, which later stages read in `ctx.outputs[name]`, is a dict of the
     members' outputs by name (a map's: a list in the items' order, None for a tolerated
@@ -355,6 +358,7 @@ class Group:
     max_fan_out: int = MAX_FAN_OUT
     concurrency: int | None = None
     tolerated_failures: int = 0
+    concurrent_compensation: bool = False
 
     def __post_init__(self) -> None:
         mapped = self.items is not None or self.step is not None
@@ -405,6 +409,7 @@ class Group:
             "kind": "group",
             "members": [{**m.snapshot(on_unexpected_error), "name": m.name} for m in self.members],
             "concurrency": self.concurrency,
+            "concurrent_compensation": self.concurrent_compensation,
             # What the engine reads of every stage: the members run and undo, not the group.
             # Its time limit bounds its compensation's settling (`compensation.settle`).
             "compensation": None,

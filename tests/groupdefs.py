@@ -244,7 +244,8 @@ def act(ctx: StepContext) -> dict:
 def give_back(ctx: StepContext) -> None:
     """Give the unit back (nothing when the member never completed). A member listed in
     `input["undo_fails"]` fails (transiently) while the file `input["undo_stuck"]` exists; one
-    listed in `input["undo_dies"]` gives the unit back, then kills its own process, once."""
+    listed in `input["undo_dies"]` gives the unit back, then kills its own process, once. Each
+    first sleeps `input["undo_sleep"]` seconds (0 by default)."""
     import os
     import signal
 
@@ -252,13 +253,16 @@ def give_back(ctx: StepContext) -> None:
 
     from inventory.models import Product
 
-    note(ctx, f"undo {ctx.step} {ctx.attempt} {time.time()}")
+    began = time.time()
+    note(ctx, f"undo {ctx.step} {ctx.attempt} {began}")
+    time.sleep(float(ctx.input.get("undo_sleep", 0)))
     stuck = ctx.input.get("undo_stuck")
     if ctx.step in ctx.input.get("undo_fails", []) and stuck and Path(stuck).exists():
         raise TransientError("The stock service is down.", code="stock_down")
     if ctx.output is None:
         return
     Product.objects.filter(sku=ctx.output["sku"]).update(stock_on_hand=F("stock_on_hand") + 1)
+    note(ctx, f"undone {ctx.step} {began} {time.time()}")
     died = Path(f"{ctx.input['runs']}.{ctx.step}.undo_died")
     if ctx.step in ctx.input.get("undo_dies", []) and not died.exists():
         died.touch()
@@ -271,7 +275,8 @@ def acting(name: str, **options: Any) -> Step:
 
 
 def faulty(name: str, members: list[Step], *, last_step: bool = True, **options: Any):
-    group_options = {k: options.pop(k) for k in ("concurrency",) if k in options}
+    grouped = ("concurrency", "concurrent_compensation")
+    group_options = {k: options.pop(k) for k in grouped if k in options}
     steps: list[Any] = [
         Step("first", first, undo, retry=FAST),
         Group("parallel", members=members, **group_options),
@@ -294,6 +299,22 @@ register(
     faulty(
         "faults_group_hung",
         [acting("a", time_limit=1), acting("b", time_limit=1), acting("c", time_limit=1)],
+    )
+)
+# Their compensations at the same time, then the stages before the group's.
+register(
+    faulty(
+        "faults_group_together",
+        [acting("a"), acting("b"), acting("c")],
+        concurrent_compensation=True,
+    )
+)
+register(
+    faulty(
+        "faults_group_together_continue",
+        [acting("a"), acting("b"), acting("c")],
+        concurrent_compensation=True,
+        continue_compensation_on_failure=True,
     )
 )
 # Two at a time: the third member is sent when one of the first two ends.

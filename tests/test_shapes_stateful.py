@@ -11,7 +11,8 @@ lost or repeated, the sweeper, an operator's abort, retry and resolve, failures 
 members, in the child and in compensations.
 
 The saga: a step, a group of three members (two at a time; the middle one compensated
-whenever it may have started), a child saga of two steps, a last step. Every step, member and
+whenever it may have started; in half the sagas, their compensations at the same time, each a
+message of its own), a child saga of two steps, a last step. Every step, member and
 child step takes one unit of a product of its own, in its transaction, and gives it back when
 compensated: the stock says, after every rule, that each effect is in place exactly when its
 row says so.
@@ -104,21 +105,28 @@ PARENT_STEPS = ("s_first", "s_last")
 NAMES = (*PARENT_STEPS, *MEMBERS, *CHILD_STEPS)
 
 register(SagaDefinition(name="sf_child", steps=[step(n) for n in CHILD_STEPS]))
-register(
-    SagaDefinition(
-        name="sf_parent",
+
+
+def parent(name: str, **group_options: Any) -> SagaDefinition:
+    return SagaDefinition(
+        name=name,
         steps=[
             step("s_first"),
             Group(
                 "g",
                 members=[step("m0"), step("m1", compensate_failed_step=True), step("m2")],
                 concurrency=2,
+                **group_options,
             ),
             Child("ch", saga="sf_child"),
             step("s_last"),
         ],
     )
-)
+
+
+register(parent("sf_parent"))
+# Its members' compensations at the same time, each a message of its own.
+register(parent("sf_parent_together", concurrent_compensation=True))
 
 STEP, COMPENSATION = "step", "compensation"
 STEP_FAILED = "sagas.tasks.StepFailed"
@@ -158,6 +166,12 @@ class Broker:
 
     def send_compensations(self, saga_id: str, epoch: int, entries: list, countdown: float) -> None:
         self.chains.append(Chain(COMPENSATION, saga_id, epoch, [(e[0], e[2]) for e in entries]))
+
+    def send_member_compensations(
+        self, saga_id: str, epoch: int, entries: list, countdown: float
+    ) -> None:
+        for entry in entries:
+            self.chains.append(Chain(COMPENSATION, saga_id, epoch, [(entry[0], entry[2])]))
 
     def send_child_ended(self, parent_id: str, stage: int) -> None:
         self.ended.append((parent_id, stage))
@@ -243,18 +257,20 @@ class ShapesMachine(RuleBasedStateMachine):
         faults=st.lists(
             st.tuples(st.sampled_from(NAMES), st.sampled_from(["business", "transient", "undo"])),
             max_size=2,
-        )
+        ),
+        together=st.booleans(),
     )
-    def begin(self, faults: list[tuple[str, str]]) -> None:
-        self.start(faults)
+    def begin(self, faults: list[tuple[str, str]], together: bool) -> None:
+        self.start(faults, together)
 
     @rule(
         faults=st.lists(
             st.tuples(st.sampled_from(NAMES), st.sampled_from(["business", "transient", "undo"])),
             max_size=2,
-        )
+        ),
+        together=st.booleans(),
     )
-    def start(self, faults: list[tuple[str, str]]) -> None:
+    def start(self, faults: list[tuple[str, str]], together: bool = False) -> None:
         if len(self.sagas) >= 3:
             return
         order = f"o{len(self.orders)}"
@@ -264,7 +280,8 @@ class ShapesMachine(RuleBasedStateMachine):
         )
         for name, kind in faults:
             FAULTS[(order, name)] = kind
-        saga, _ = services.saga_start(name="sf_parent", input={"order": order})
+        name = "sf_parent_together" if together else "sf_parent"
+        saga, _ = services.saga_start(name=name, input={"order": order})
         self.sagas.append(str(saga.pk))
 
     @rule(i=st.integers(0, 20), how=st.sampled_from(["once", "twice", "killed", "lost"]))
@@ -470,6 +487,26 @@ def run_until(machine: ShapesMachine, done: Any, limit: int = 50) -> None:
         machine.effects_match_the_rows()
 
 
+def run_everything_until(machine: ShapesMachine, done: Any, limit: int = 500) -> None:
+    """Deliver every message in turn (one whose outcome is a retry stays), the error
+    callbacks and the children's ends, until `done()` or nothing is left."""
+    for _ in range(limit):
+        if not (BROKER.chains or BROKER.callbacks or BROKER.ended):
+            return
+        for chain in list(BROKER.chains):
+            if done():
+                return
+            if chain in BROKER.chains:
+                deliver(chain)
+                machine.effects_match_the_rows()
+        while BROKER.callbacks and not done():
+            run_callback(BROKER.callbacks.pop(0))
+        while BROKER.ended and not done():
+            engine.child_ended(*BROKER.ended.pop(0))
+        if done():
+            return
+
+
 # Fixed examples, run first: each path the random ones might miss, with the invariants after
 # each rule and at the end.
 SCRIPTS = {
@@ -490,7 +527,23 @@ SCRIPTS = {
         drive_to_the_end(m),
         check_child_compensated_by_its_parent(),
     ),
+    "members compensated at the same time, one killed after its undo": lambda m: (
+        m.start([("s_last", "business")], together=True),
+        run_everything_until(m, lambda: len(member_compensation_chains()) > 1),
+        m.deliver(member_compensation_chains()[-1], "killed"),
+        m.deliver(member_compensation_chains()[0], "once"),
+        drive_to_the_end(m),
+    ),
 }
+
+
+def member_compensation_chains() -> list[int]:
+    """The broker's positions of the messages of the members' compensations."""
+    return [
+        i
+        for i, chain in enumerate(BROKER.chains)
+        if chain.kind == COMPENSATION and chain.entries[0][1] is not None
+    ]
 
 
 @pytest.fixture
@@ -498,6 +551,9 @@ def broker(monkeypatch) -> Broker:
     monkeypatch.setattr("sagas.engine.dispatch.send_steps", BROKER.send_steps)
     monkeypatch.setattr("sagas.engine.dispatch.send_members", BROKER.send_members)
     monkeypatch.setattr("sagas.engine.dispatch.send_compensations", BROKER.send_compensations)
+    monkeypatch.setattr(
+        "sagas.engine.dispatch.send_member_compensations", BROKER.send_member_compensations
+    )
     monkeypatch.setattr("sagas.engine.dispatch.send_child_ended", BROKER.send_child_ended)
     return BROKER
 

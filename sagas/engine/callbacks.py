@@ -42,6 +42,7 @@ from .unit import (
     compensation_time_limit,
     hard_time_limit_error,
     lock,
+    lock_member,
     unexpected_error_policy,
 )
 
@@ -129,13 +130,15 @@ def compensation_chain_failed(
 ) -> None:
     """Error callback of a saga's compensation chain; `failed` and `cause` as above.
     Idempotent."""
+    member = dispatch.failed_member(task_id, saga_id, epoch)
     with transaction.atomic():
+        if member is not None:
+            lock_member(saga_id, *member)  # before the saga's: see `lock_member`
         unit = lock(saga_id)
         if not unit.is_current(epoch) or unit.saga.status != SagaStatus.COMPENSATING:
             logger.info("saga %s: compensation error callback with nothing to do", saga_id)
             return
         remaining = unit.to_compensate()
-        member = dispatch.failed_member(task_id, saga_id, epoch)
         failed_key = member or ((failed, None) if failed is not None else None)
         owed = {(s.index, getattr(s, "position", None)) for s in remaining}
         if not remaining:
@@ -149,8 +152,12 @@ def compensation_chain_failed(
             # runs no compensation); it is tried again.
             unit.send_compensations(countdown=1.0)
         else:
-            # The compensation in progress recorded nothing: its task failed outside it.
-            step = remaining[0]
+            # The compensation in progress recorded nothing: its task failed outside it (a
+            # member's of a group compensating concurrently: the one whose task it was).
+            step = next(
+                (s for s in remaining if (s.index, getattr(s, "position", None)) == failed_key),
+                remaining[0],
+            )
             error = outside_attempt_error(cause, task_id, compensation_time_limit(step))
             outcome = record_compensation_failure(unit, step, error)
             if unit.saga.status == SagaStatus.COMPENSATING:
@@ -184,6 +191,8 @@ def attempt_lost(
     if forward and member is not None:
         return groups.member_lost(saga_id, index, member, error, why)
     with transaction.atomic():
+        if member is not None:
+            lock_member(saga_id, index, member)  # before the saga's: see `lock_member`
         unit = lock(saga_id)
         step: Any = unit.steps[index]
         if member is not None:
@@ -263,7 +272,7 @@ def member_chain_failed(
     failure sends the compensations itself: nothing to do for it here. Idempotent: the
     member's row names the epoch of its last send, and a callback of another does nothing."""
     with transaction.atomic():
-        row = groups.lock_member(saga_id, index, position)
+        row = lock_member(saga_id, index, position)
         if row is None or row.status not in IN_PROGRESS or row.epoch != epoch:
             # Before the saga's lock: whoever holds it may be settling this row.
             logger.info("saga %s: error callback with nothing to do, ignored", saga_id)

@@ -31,9 +31,13 @@ from .unit import (
     SagaStatus,
     StepStatus,
     Unit,
+    claim_members,
+    compensates_concurrently,
     compensation_time_limit,
     lock,
+    lock_member,
     log_failure,
+    peek,
     policy_of,
     resolve,
     safe_error,
@@ -105,59 +109,130 @@ def compensation_attempt(
 ) -> Outcome:
     """Run one step's (or a group's `member`'s) compensation and record it in the same
     transaction. A group's own compensation settles its members first (`groups.settle`)."""
+    if member is not None:
+        return member_compensation_attempt(
+            saga_id, index, member, epoch=epoch, fault=fault, bound=bound
+        )
     with transaction.atomic():
         unit = lock(saga_id, bound=bound)
         step: Any = unit.steps[index]
-        if member is not None:
-            step = unit.member(index, member)
-            if step is None:
-                return STOP
-        if step.status == StepStatus.COMPENSATED:
-            if not unit.is_current(epoch):
-                return STOP  # a newer chain carries the saga on from here
-            unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "compensation"})
-            unit.save_events()
-            return DUPLICATE
-        if not its_turn(unit, step):
-            return STOP
-        if member is None and is_group(step.definition):
-            return settle(unit, step)
-        undo_stage = COMPENSATE_STAGE.get(str(step.definition.get("kind", "")))
-        if member is None and undo_stage is not None:
-            return undo_stage(unit, step)
-        if step.fenced_until is not None:
-            wait = (step.fenced_until - rows.database_now()).total_seconds()
-            if wait > 0:  # an attempt of the step may still run: not yet (nothing counted)
-                return Outcome("retry", countdown=wait)
-        undo = resolve(step.compensation) if step.compensation else None
-        ctx = unit.context(step, compensation=True)
-        with unit.attempt(step, compensation=True):
-            if fault is not None:
-                fault.before_compensation()
-            if undo is not None:
-                undo(ctx)
-        unit.move_step(
-            step,
-            StepStatus.COMPENSATED,
-            EventKind.STEP_COMPENSATED,
-            {"attempt": ctx.attempt},
-            compensated_at=timezone.now(),
-            compensation_attempts=ctx.attempt,
-        )
-        if member is not None:
-            member_compensated(unit, step)
-        unit.progressed()
-        finish_if_done(unit)
+        if step.status != StepStatus.COMPENSATED and its_turn(unit, step):
+            if is_group(step.definition):
+                return settle(unit, step)
+            undo_stage = COMPENSATE_STAGE.get(str(step.definition.get("kind", "")))
+            if undo_stage is not None:
+                return undo_stage(unit, step)
+        not_now = _not_due(unit, step, epoch)
+        if not_now is not None:
+            return not_now
+        attempt = _undo(unit, step, fault)
+        record_compensated(unit, step, attempt)
         unit.save(commit=True)
     return DONE
 
 
+def member_compensation_attempt(
+    saga_id: str,
+    index: int,
+    position: int,
+    *,
+    epoch: int,
+    fault: Any = None,
+    bound: float | None = None,
+) -> Outcome:
+    """Run one attempt of a member's compensation holding its row's lock (as an attempt of its
+    action does), and record it under the saga's: the members of a group that compensates
+    concurrently undo at the same time."""
+    with transaction.atomic():
+        if lock_member(saga_id, index, position, bound=bound) is None:
+            return STOP
+        seen = peek(saga_id)  # as it is: the saga's lock is taken to record the outcome only
+        member: Any = seen.member(index, position)  # read after its row's lock: as it is
+        if member is None:
+            return STOP
+        not_now = _not_due(seen, member, epoch)
+        if not_now is not None:
+            return not_now
+        attempt = _undo(seen, member, fault)
+        unit = lock(saga_id)
+        recorded = unit.member(index, position)
+        assert recorded is not None and recorded.status == StepStatus.COMPENSATING, "locked"
+        record_compensated(unit, recorded, attempt)
+        unit.save(commit=True)
+    return DONE
+
+
+def _not_due(unit: Unit, step: Any, epoch: int) -> Outcome | None:
+    """Why a compensation's message does nothing now (None: it runs): it ran before (a
+    duplicate delivery, on the timeline), it is not its turn, or it waits for its fence (an
+    attempt of its action may still run; nothing counted)."""
+    if step.status == StepStatus.COMPENSATED:
+        if not unit.is_current(epoch):
+            return STOP  # a newer chain carries the saga on from here
+        unit.event(EventKind.DUPLICATE_IGNORED, step, {"of": "compensation"})
+        unit.save_events()
+        return DUPLICATE
+    if not its_turn(unit, step):
+        return STOP
+    if step.fenced_until is not None:
+        wait = (step.fenced_until - rows.database_now()).total_seconds()
+        if wait > 0:
+            return Outcome("retry", countdown=wait)
+    return None
+
+
+def _undo(unit: Unit, step: Any, fault: Any) -> int:
+    """Run the step's (or member's) compensation, if it has one: the attempt's number."""
+    undo = resolve(step.compensation) if step.compensation else None
+    ctx = unit.context(step, compensation=True)
+    with unit.attempt(step, compensation=True):
+        if fault is not None:
+            fault.before_compensation()
+        if undo is not None:
+            undo(ctx)
+    return ctx.attempt
+
+
+def record_compensated(unit: Unit, step: Any, attempt: int) -> None:
+    """Record a compensation that ran (a step's, or a member's), and what comes next."""
+    unit.move_step(
+        step,
+        StepStatus.COMPENSATED,
+        EventKind.STEP_COMPENSATED,
+        {"attempt": attempt},
+        compensated_at=timezone.now(),
+        compensation_attempts=attempt,
+    )
+    if isinstance(step, SagaMember):
+        member_compensated(unit, step)
+    unit.progressed()
+    if unit.saga.status == SagaStatus.COMPENSATING:
+        finish_if_done(unit)
+        _after_members_together(unit, step)
+
+
 def its_turn(unit: Unit, step: StepRow) -> bool:
     """The saga is compensating, this step is owed, and no later step still waits (reverse
-    order: a message that arrives early stops, and the later step's chain brings it again)."""
+    order: a message that arrives early stops, and the later step's chain brings it again).
+    A member of a group that compensates concurrently: any of its group's owed members, once
+    nothing after the group is owed."""
     if unit.saga.status != SagaStatus.COMPENSATING or step.status != StepStatus.COMPENSATING:
         return False
-    return unit.to_compensate()[0] is step
+    owed = unit.to_compensate()
+    return owed[0] is step or step in unit.compensating_together(owed)
+
+
+def _after_members_together(unit: Unit, step: Any) -> None:
+    """After a member of a group that compensates concurrently ended its compensation (or
+    gave up on it, carrying on): the last of them sends the rest, as a new chain. A chain's
+    compensation needs none of this: its chain goes on."""
+    if not isinstance(step, SagaMember) or not compensates_concurrently(unit.steps[step.index]):
+        return
+    owed = (StepStatus.COMPENSATING,)
+    if any(m.status in owed for m in unit.members(step.index)):
+        return  # another member's compensation still runs (or is due)
+    if unit.saga.status == SagaStatus.COMPENSATING:
+        unit.send_compensations()
 
 
 def finish_if_done(unit: Unit) -> None:
@@ -197,6 +272,8 @@ def compensation_attempt_failed(
 ) -> Outcome:
     """Record a failed compensation attempt: retry while the policy allows, else fail it."""
     with transaction.atomic():
+        if member is not None:
+            lock_member(saga_id, index, member)  # before the saga's: see `lock_member`
         unit = lock(saga_id)
         step: Any = unit.steps[index] if member is None else unit.member(index, member)
         if step is None or not its_turn(unit, step):
@@ -263,6 +340,7 @@ def record_compensation_failure(
     )
     if unit.to_compensate() and unit.saga.options.get("continue_compensation_on_failure"):
         unit.set_saga(current_step=unit.to_compensate()[0].index)
+        _after_members_together(unit, step)
         return DONE
     _fail_saga(unit, step)
     return Outcome("fail", error=error)
@@ -356,6 +434,9 @@ def resume_members(unit: Unit) -> None:
     new budget, as a step's does."""
     for stage in unit.steps:
         if is_group(stage.definition) and stage.status == StepStatus.COMPENSATING:
-            for member in unit.members(stage.index):
-                if member.status == StepStatus.COMPENSATION_FAILED:
-                    unit.move_step(member, StepStatus.COMPENSATING, None, compensation_attempts=0)
+            failed = [
+                m for m in unit.members(stage.index) if m.status == StepStatus.COMPENSATION_FAILED
+            ]
+            claim_members(failed)
+            for member in failed:
+                unit.move_step(member, StepStatus.COMPENSATING, None, compensation_attempts=0)

@@ -116,6 +116,15 @@ def send_compensations(saga_id: str, epoch: int, entries: list[Entry], countdown
     _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, entries, countdown)
 
 
+def send_member_compensations(
+    saga_id: str, epoch: int, entries: list[Entry], countdown: float
+) -> None:
+    """Send `compensate_step` for each (index, time limit, member) of a group that compensates
+    concurrently, each as a task of its own (with the error callback a chain has)."""
+    for entry in entries:
+        _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, [entry], countdown)
+
+
 def send_error_callback(
     callback: str,
     task_id: str,

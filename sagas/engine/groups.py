@@ -32,10 +32,9 @@ import json
 import logging
 from collections.abc import Callable
 from typing import Any
-from uuid import UUID
 
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connection, transaction
+from django.db import transaction
 from django.utils import timezone
 
 from ..definitions import MEMBER_NAME_MAX_LENGTH, import_callable
@@ -43,7 +42,6 @@ from ..exceptions import CodeMissing, StepError
 from ..models import EventKind, SagaMember
 from . import dispatch
 from .compensation import begin_compensation
-from .rows.read import SESSION_BOUNDS_SQL, session_bounds
 from .unit import (
     BEGIN_STAGE,
     DONE,
@@ -56,8 +54,10 @@ from .unit import (
     StepStatus,
     Unit,
     attach,
+    claim_members,
     is_transient,
     lock,
+    lock_member,
     log_failure,
     peek,
     policy_of,
@@ -68,16 +68,6 @@ from .unit import (
 )
 
 logger = logging.getLogger("sagas")
-
-
-def lock_member(saga_id: UUID | str, index: int, position: int) -> SagaMember | None:
-    """Lock a member's row (waiting for another delivery of the same member to end)."""
-    return (
-        SagaMember.objects.select_for_update(no_key=True, of=("self",))
-        .filter(saga_id=saga_id, stage=index, position=position)
-        .order_by()  # no join of the saga, whose row this must not lock
-        .first()
-    )
 
 
 # -- beginning a group ----------------------------------------------------------------------
@@ -112,17 +102,18 @@ def enter_group(unit: Unit, stage: Any) -> None:
             _complete(unit, stage)
             return
     else:
-        for member in members:
-            if member.status == StepStatus.FAILED:  # an operator's retry: a new budget
-                unit.move_step(
-                    member,
-                    StepStatus.PENDING,
-                    None,
-                    attempts=0,
-                    finished_at=None,
-                    error_code="",
-                    error_message="",
-                )
+        failed = [m for m in members if m.status == StepStatus.FAILED]
+        claim_members(failed)  # an operator's retry: busy while a late message holds one
+        for member in failed:  # an operator's retry: a new budget
+            unit.move_step(
+                member,
+                StepStatus.PENDING,
+                None,
+                attempts=0,
+                finished_at=None,
+                error_code="",
+                error_message="",
+            )
     if stage.status != StepStatus.RUNNING:
         unit.move_step(
             stage,
@@ -316,12 +307,9 @@ def member_attempt(
 ) -> Outcome:
     """Run one attempt of a member, holding its row's lock, and record it under the saga's."""
     with transaction.atomic():
-        row = lock_member(saga_id, index, position)
+        row = lock_member(saga_id, index, position, bound=bound)
         if row is None:
             return STOP
-        if bound is not None:
-            with connection.cursor() as cursor:
-                cursor.execute(SESSION_BOUNDS_SQL, session_bounds(bound))
         if row.status not in IN_PROGRESS:
             if row.status == StepStatus.COMPLETED and row.epoch == epoch:
                 # Delivered again after its commit (its acknowledgement lost): on the timeline.

@@ -32,7 +32,16 @@ from .compensation import (
     member_compensated,
     resume_members,
 )
-from .unit import IN_PROGRESS, STOP_CODES, SagaStatus, StepStatus, Unit, lock, peek
+from .unit import (
+    IN_PROGRESS,
+    STOP_CODES,
+    SagaStatus,
+    StepStatus,
+    Unit,
+    claim_members,
+    lock,
+    peek,
+)
 
 # Seconds an operator action waits for a saga locked by a running step.
 LOCK_WAIT = 5.0
@@ -231,6 +240,7 @@ def _skip_member(unit: Unit, stage: Any, position: int, output: Any, detail: dic
     """A failed member marked as done by hand: the group goes on once none failed."""
     member = unit.member(stage.index, position)
     assert member is not None
+    claim_members([member])
     unit.move_step(
         member,
         StepStatus.COMPLETED,
@@ -369,6 +379,8 @@ def resolve(saga_id: UUID | str, index: int, *, actor: str = "", member: int | N
         unit = lock(saga_id, wait=LOCK_WAIT)
         plan = _allowed(plan_resolve(unit, index, member))
         step: Any = unit.steps[index] if member is None else unit.member(index, member)
+        if member is not None:
+            claim_members([step])
         unit.move_step(
             step,
             StepStatus.COMPENSATED,

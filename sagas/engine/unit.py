@@ -23,7 +23,7 @@ import psycopg
 from celery.exceptions import SoftTimeLimitExceeded
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
-from django.db import DatabaseError, transaction
+from django.db import DatabaseError, connection, transaction
 from django.dispatch import receiver
 from django.utils import timezone
 
@@ -33,6 +33,7 @@ from ..exceptions import (
     BusinessError,
     CodeMissing,
     InvalidTransition,
+    SagaBusy,
     StepError,
     TransientError,
 )
@@ -517,16 +518,33 @@ class Unit:
         self.after_commit.append(lambda: dispatch.send_steps(saga_id, epoch, steps, countdown))
 
     def send_compensations(self, *, countdown: float = 0.0) -> None:
-        """Send the compensations still to run, in reverse order, as a new chain."""
+        """Send the compensations still to run, in reverse order, as a new chain; or, when
+        the next are the members of a group that compensates concurrently, each of those as a
+        message of its own (the last to end sends the rest)."""
         saga_id, epoch = str(self.saga.pk), self._next_epoch()
+        owed = self.to_compensate()
+        together = self.compensating_together(owed)
         steps: list[dispatch.Entry] = [
             (s.index, compensation_time_limit(s), getattr(s, "position", None))
-            for s in self.to_compensate()
+            for s in (together or owed)
         ]
-        if steps:
+        if together:
+            self.after_commit.append(
+                lambda: dispatch.send_member_compensations(saga_id, epoch, steps, countdown)
+            )
+        elif steps:
             self.after_commit.append(
                 lambda: dispatch.send_compensations(saga_id, epoch, steps, countdown)
             )
+
+    def compensating_together(self, owed: Sequence[Any] | None = None) -> list[SagaMember]:
+        """The members whose compensations run now at the same time: those still owed of the
+        group at the head of what is owed, if it compensates concurrently (else none)."""
+        owed = self.to_compensate() if owed is None else owed
+        head = owed[0] if owed else None
+        if not isinstance(head, SagaMember) or not compensates_concurrently(self.steps[head.index]):
+            return []
+        return [m for m in owed if isinstance(m, SagaMember) and m.index == head.index]
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -818,6 +836,50 @@ COMPENSATE_STAGE: dict[str, Callable[[Unit, Any], Outcome]] = {}
 # What a stage in progress does at once when its saga turns back, by its kind ("child": its
 # child in flight is aborted): registered by its module.
 TURN_BACK_STAGE: dict[str, Callable[[Unit, Any], None]] = {}
+
+
+def lock_member(
+    saga_id: UUID | str, index: int, position: int, *, bound: float | None = None
+) -> SagaMember | None:
+    """Lock a member's row (waiting for another delivery of the same member to end). An
+    attempt of a member's action or compensation holds it while it runs, and takes the saga's
+    lock after it: whoever holds the saga's lock must not wait for a member's row (SKIP
+    LOCKED), and whoever means to change a member's row takes it first. With `bound` (an
+    attempt's hard time limit), the session's timeouts are set as `lock` sets them."""
+    row = (
+        SagaMember.objects.select_for_update(no_key=True, of=("self",))
+        .filter(saga_id=saga_id, stage=index, position=position)
+        .order_by()  # no join of the saga, whose row this must not lock
+        .first()
+    )
+    if row is not None and bound is not None:
+        with connection.cursor() as cursor:
+            cursor.execute(rows.read.SESSION_BOUNDS_SQL, rows.read.session_bounds(bound))
+    return row
+
+
+def claim_members(members: Sequence[SagaMember]) -> None:
+    """Lock the rows of `members` an operator's action changes, under the saga's lock, without
+    waiting (SKIP LOCKED): a late message of a member (an attempt, its error callback) holds
+    its row and takes the saga's lock next, so waiting for it could deadlock. One held: the
+    saga is busy (`SagaBusy`), and the action changes nothing."""
+    if not members:
+        return
+    free = set(
+        SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
+        .filter(pk__in=[m.pk for m in members])
+        .order_by()
+        .values_list("pk", flat=True)
+    )
+    held = [m for m in members if m.pk not in free]
+    if held:
+        name = getattr(held[0], "label", held[0].name)
+        raise SagaBusy(f"A message of {name} is being handled; try again in a moment.")
+
+
+def compensates_concurrently(stage: Any) -> bool:
+    """Whether the members of the group at `stage` (a row) are compensated at the same time."""
+    return bool(stage.definition.get("concurrent_compensation"))
 
 
 def attach(member: SagaMember, stage: Any) -> SagaMember:

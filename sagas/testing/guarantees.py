@@ -10,7 +10,7 @@ import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -34,6 +34,9 @@ from .waits import Played
 if TYPE_CHECKING:
     from .matrix import Case, Expected
 
+# How long after the turn's time a member's attempt may still have begun (see
+# `nothing_forward_after_compensation_began`).
+CROSSING = timedelta(seconds=1)
 # Events after which a saga goes backward, whoever turned it.
 TURNS_BACKWARD = (EventKind.COMPENSATION_STARTED, EventKind.OPERATOR_COMPENSATE)
 # Events that end a wait: its event, its timeout, a signal that fails it, its condition.
@@ -175,10 +178,11 @@ def compensated_at_most_once(result: Result) -> list[str]:
 
 
 def compensated_in_reverse_order(result: Result) -> list[str]:
-    """Stages in reverse; a group's members in reverse of their positions (items), before the
-    stages ahead of the group."""
+    """Stages in reverse; a group's members in reverse of their positions (items), or in any
+    order where it compensates them concurrently, before the stages ahead of the group."""
     order: dict[str, tuple[int, int]] = {step.name: (step.index, 0) for step in result.steps}
-    order |= {member.key: (member.stage, member.position) for member in result.members}
+    together = {s.index for s in result.steps if s.definition.get("concurrent_compensation")}
+    order |= {m.key: (m.stage, 0 if m.stage in together else m.position) for m in result.members}
     names = list(dict.fromkeys(result.compensated))
     indices = [order.get(name, (-1, 0)) for name in names]
     if indices != sorted(indices, reverse=True):
@@ -218,7 +222,9 @@ def completed_once(result: Result) -> list[str]:
 
 def nothing_forward_after_compensation_began(result: Result) -> list[str]:
     """No step completed after the saga turned backward; a group's member only if its attempt
-    had begun before (members in flight finish), and no member began after."""
+    had begun before (members in flight finish), and no member began after (by more than
+    `CROSSING`: a member's check that its saga goes on and the commit that turns it back may
+    cross, and the turn's time is taken before its commit)."""
     turned = next((e for e in result.events if e.kind in TURNS_BACKWARD), None)
     if turned is None:
         return []
@@ -231,7 +237,7 @@ def nothing_forward_after_compensation_began(result: Result) -> list[str]:
         started = began.get(name)
         if started is None:
             problems.append(f"{name} completed after compensation began")
-        elif started > turned.created_at:
+        elif started > turned.created_at + CROSSING:
             problems.append(f"{name} began after compensation began, and completed")
     return problems
 

@@ -430,8 +430,14 @@ class FailureMatrix:
         # A compensation's message delivered again once a group's compensation began (a new
         # chain, under a new epoch) stops without a trace: nothing to see of it.
         owed = expected.compensated
+        # Nor is a member's of a group compensating concurrently, once the last of them sent
+        # the rest (a new epoch).
         following = dict(pairwise(owed))
-        seen = [name for name in owed if following.get(name) not in groups]
+        seen = [
+            name
+            for name in owed
+            if following.get(name) not in groups and name not in self.together()
+        ]
         expected = replace(
             expected,
             business_failure=name,
@@ -716,6 +722,10 @@ class FailureMatrix:
         id += " after the pivot" if self.pivot_before(position) else ""
         fault = (f"{child.name}.{step.name}", FaultPoint.BEFORE_ACTION, BUSINESS_FAULT)
         return [self._case(id, [fault], expected)]
+
+    def together(self) -> set[str]:
+        """The groups that compensate their members concurrently."""
+        return {group.name for group in self.groups if group.concurrent_compensation}
 
     def shaped(self, expected: Expected) -> Expected:
         """`expected` with what its stages' statuses say of their members and children, where
