@@ -346,16 +346,26 @@ def percentile(samples: list[float], pct: float) -> float:
 
 @contextmanager
 def count_database_work(counts: dict[str, int]):
-    """Count statements and commits on every connection of this process."""
+    """Count statements, commits and round trips on every connection of this process. A round
+    trip: a statement sent alone (and the BEGIN psycopg sends alone before the first one of a
+    transaction), a pipeline of statements (psycopg's pipeline mode: sent together, their
+    results read together), a COMMIT sent alone."""
     from django.db import connections
+    from psycopg.pq import TransactionStatus
 
     originals = {}
+    counts.setdefault("round_trips", 0)
 
     def wrapper(alias: str):
         def execute(execute, sql, params, many, context):
             counts["queries"] += 1
+            raw = connections[alias].connection
             if not connections[alias].in_atomic_block:
                 counts["commits"] += 1  # a statement in autocommit mode commits by itself
+            if raw._pipeline is None:
+                counts["round_trips"] += 1
+                idle = raw.info.transaction_status == TransactionStatus.IDLE
+                counts["round_trips"] += int(idle and not raw.autocommit)  # its BEGIN
             return execute(sql, params, many, context)
 
         return execute
@@ -363,20 +373,29 @@ def count_database_work(counts: dict[str, int]):
     for alias in connections:
         conn = connections[alias]
         conn.ensure_connection()
-        originals[alias] = conn.connection.commit
+        raw = conn.connection
+        originals[alias] = raw.commit, raw.pipeline
         conn.execute_wrappers.append(wrapper(alias))
 
-        def commit(alias=alias):
+        def commit(alias=alias, raw=raw):
             counts["commits"] += 1
-            return originals[alias]()
+            if raw.info.transaction_status != TransactionStatus.IDLE:
+                counts["round_trips"] += 1  # a COMMIT sent alone
+            return originals[alias][0]()
 
-        conn.connection.commit = commit  # type: ignore[method-assign]
+        def pipeline(alias=alias, raw=raw):
+            counts["round_trips"] += int(raw._pipeline is None)  # the outermost one
+            return originals[alias][1]()
+
+        raw.commit = commit  # type: ignore[method-assign]
+        raw.pipeline = pipeline  # type: ignore[method-assign]
     try:
         yield counts
     finally:
         for alias in connections:
             connections[alias].execute_wrappers.pop()
-            connections[alias].connection.commit = originals[alias]  # type: ignore[method-assign]
+            raw = connections[alias].connection
+            raw.commit, raw.pipeline = originals[alias]  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -443,6 +462,7 @@ def group_database_cost(samples: int = 20) -> dict[str, float]:
 
     workload = GroupSagas()
     counts = {"queries": 0, "commits": 0}
+    step_counts = {"queries": 0, "commits": 0}
     originals = dispatch.send_members, dispatch.send_steps
     dispatch.send_members, dispatch.send_steps = send_members, send_steps  # type: ignore[assignment]
     try:
@@ -450,8 +470,11 @@ def group_database_cost(samples: int = 20) -> dict[str, float]:
             saga_id = workload.submit()
             while sent:
                 saga_id, epoch, index, member = sent.pop(0)
-                if member is None:
-                    outcome = engine.step_attempt(saga_id, index, epoch=epoch, bound=WORKER_BOUND)
+                if member is None:  # the step after the group, for comparison
+                    with count_database_work(step_counts):
+                        outcome = engine.step_attempt(
+                            saga_id, index, epoch=epoch, bound=WORKER_BOUND
+                        )
                 else:
                     with count_database_work(counts):
                         outcome = engine.step_attempt(
@@ -465,6 +488,8 @@ def group_database_cost(samples: int = 20) -> dict[str, float]:
     return {
         "group_queries_per_member": counts["queries"] / members,
         "group_commits_per_member": counts["commits"] / members,
+        "group_round_trips_per_member": counts["round_trips"] / members,
+        "round_trips_per_step": step_counts["round_trips"] / samples,
     }
 
 
@@ -672,6 +697,12 @@ def print_table(r: dict[str, Any]) -> None:
         "queries, commits per group member",
         f"{r['group_queries_per_member']:.2f}, {r['group_commits_per_member']:.2f}",
         "1, 1",
+        "",
+    )
+    table.add_row(
+        "round trips: a group member's, a step's",
+        f"{r['group_round_trips_per_member']:.2f}, {r['round_trips_per_step']:.2f}",
+        "",
         "",
     )
     Console(stderr=False).print(table)

@@ -58,8 +58,9 @@ from .unit import (
     is_transient,
     lock,
     lock_member,
+    lock_with_members,
     log_failure,
-    peek,
+    peek_at_member,
     policy_of,
     resolve,
     safe_error,
@@ -305,20 +306,22 @@ def member_attempt(
     fault: Any = None,
     bound: float | None = None,
 ) -> Outcome:
-    """Run one attempt of a member, holding its row's lock, and record it under the saga's."""
+    """Run one attempt of a member, holding its row's lock, and record it under the saga's.
+    Its round trips: its row's lock with the saga and steps as they are (`peek_at_member`),
+    its action, the saga's lock with the members (`lock_with_members`), the writes with the
+    COMMIT; a step's, one fewer."""
     with transaction.atomic():
-        row = lock_member(saga_id, index, position, bound=bound)
+        # As they are: the saga's lock is taken to record the outcome only.
+        row, seen = peek_at_member(saga_id, index, position, bound=bound)
         if row is None:
             return STOP
         if row.status not in IN_PROGRESS:
             if row.status == StepStatus.COMPLETED and row.epoch == epoch:
                 # Delivered again after its commit (its acknowledgement lost): on the timeline.
-                seen = peek(saga_id)
                 member = attach(row, seen.steps[index])
                 seen.event(EventKind.DUPLICATE_IGNORED, member, {"of": "action"})
                 seen.save_events()
             return STOP  # done (a duplicate delivery), or settled
-        seen = peek(saga_id)  # as it is: the saga's lock is taken to record the outcome only
         stage = seen.steps[index]
         if not going(seen, stage):
             return STOP  # the saga turned back, paused, or moved on: no member starts
@@ -332,7 +335,7 @@ def member_attempt(
             output = action(ctx)
             if fault is not None:
                 fault.after_action()
-        unit = lock(saga_id)
+        unit = lock_with_members(saga_id)
         recorded = unit.member(index, position)
         assert recorded is not None and recorded.status in IN_PROGRESS, "its row is locked"
         unit.attempt_completed(recorded, ctx.attempt, output, started)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -626,17 +626,24 @@ class Unit:
 
     def members(self, index: int) -> list[SagaMember]:
         """The members of the group at stage `index`, in order (none before it began); the
-        saga's groups' members are read in one query, on first use."""
+        saga's groups' members are read in one query, on first use (unless read with the
+        saga: `lock_with_members`)."""
         if self._members is None:
-            self._members = {}
+            found: Iterable[SagaMember] = ()
             if self.has_groups():
-                rows_ = SagaMember.objects.filter(saga_id=self.saga.pk).order_by(
+                found = SagaMember.objects.filter(saga_id=self.saga.pk).order_by(
                     "stage", "position"
                 )
-                for member in rows_:
-                    attach(member, self.steps[member.stage])
-                    self._members.setdefault(member.stage, []).append(member)
+            self.read_members(found)
+        assert self._members is not None
         return self._members.get(index, [])
+
+    def read_members(self, members: Iterable[SagaMember]) -> None:
+        """Take the saga's members as read, by group then position."""
+        self._members = {}
+        for member in members:
+            attach(member, self.steps[member.stage])
+            self._members.setdefault(member.stage, []).append(member)
 
     def members_in_flight(self, index: int) -> set[int]:
         """The ids of the group's running members whose attempt runs now: their rows are held
@@ -954,6 +961,24 @@ def lock(saga_id: UUID | str, *, wait: float | None = None, bound: float | None 
     """
     saga, steps = rows.read_locked(saga_id, wait=wait, bound=bound)
     return Unit(saga=saga, steps=steps)
+
+
+def lock_with_members(saga_id: UUID | str, *, bound: float | None = None) -> Unit:
+    """`lock`, with the saga's group members read in the same round trip (to record a
+    member's outcome)."""
+    saga, steps, members = rows.read_locked_with_members(saga_id, bound=bound)
+    unit = Unit(saga=saga, steps=steps)
+    unit.read_members(members)
+    return unit
+
+
+def peek_at_member(
+    saga_id: UUID | str, index: int, position: int, *, bound: float | None = None
+) -> tuple[SagaMember | None, Unit]:
+    """A member's row locked (`lock_member`), and its saga and steps as they are (`peek`), in
+    one round trip: an attempt of the member begins so."""
+    member, saga, steps = rows.read_member_locked(saga_id, index, position, bound=bound)
+    return member, Unit(saga=saga, steps=steps)
 
 
 def peek(saga_id: UUID | str) -> Unit:

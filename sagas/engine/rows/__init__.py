@@ -12,7 +12,14 @@ version and process (`definitions`).
 
 from .definitions import Definition, definitions, policy
 from .objects import EventRow, Row, SagaRow, Sql, StepRow
-from .read import completed_steps, database_now, last_cause, read_locked
+from .read import (
+    completed_steps,
+    database_now,
+    last_cause,
+    read_locked,
+    read_locked_with_members,
+    read_member_locked,
+)
 from .write import execute_as_one, insert_events_sql, insert_saga, update_sql
 
 __all__ = [
@@ -31,5 +38,7 @@ __all__ = [
     "last_cause",
     "policy",
     "read_locked",
+    "read_locked_with_members",
+    "read_member_locked",
     "update_sql",
 ]

@@ -4,6 +4,7 @@ or resumed compensation needs it (rare)."""
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, cast
 from uuid import UUID
@@ -13,7 +14,7 @@ from django.db.models import Field
 from django.db.transaction import TransactionManagementError
 
 from ...exceptions import SagaBusy
-from ...models import EventKind, Saga, SagaEvent, SagaStep
+from ...models import EventKind, Saga, SagaEvent, SagaMember, SagaStep
 from .cursors import column, default_db, read_cursor
 from .definitions import definitions
 from .objects import SagaRow, StepRow
@@ -42,23 +43,80 @@ def read_locked(
     """Lock the saga row, then read its steps; see `sagas.engine.unit.lock`. Without `lock`,
     read them as they are (`sagas.engine.unit.peek`). With `bound`, bound the session
     (`SESSION_BOUNDS_SQL`) in the same round trip."""
+    read = _read(saga_id, wait=wait, lock=lock, bound=bound)
+    return read.saga, read.steps
+
+
+def read_locked_with_members(
+    saga_id: UUID | str, *, bound: float | None = None
+) -> tuple[SagaRow, list[StepRow], list[SagaMember]]:
+    """`read_locked`, and the saga's group members as they are (its lock keeps them so but
+    for a member's attempt, which holds its own row), in the same round trip."""
+    read = _read(saga_id, wait=None, lock=True, bound=bound, members=True)
+    return read.saga, read.steps, read.members
+
+
+def read_member_locked(
+    saga_id: UUID | str, index: int, position: int, *, bound: float | None = None
+) -> tuple[SagaMember | None, SagaRow, list[StepRow]]:
+    """Lock a group member's row (an attempt of its action or compensation holds it), then
+    read its saga and steps as they are, without the saga's lock, in one round trip; with
+    `bound`, bound the session too. The member is None if it does not exist."""
+    read = _read(saga_id, wait=None, lock=False, bound=bound, member=(index, position))
+    return read.member, read.saga, read.steps
+
+
+@dataclass
+class _Read:
+    saga: SagaRow
+    steps: list[StepRow]
+    member: SagaMember | None = None
+    members: list[SagaMember] = field(default_factory=list)
+
+
+def _read(
+    saga_id: UUID | str,
+    *,
+    wait: float | None,
+    lock: bool,
+    bound: float | None,
+    member: tuple[int, int] | None = None,
+    members: bool = False,
+) -> _Read:
+    """The statements of a read, sent together (psycopg's pipeline mode): a member's lock
+    first if asked, the saga's row (locked or not), the session's bounds, its steps, and its
+    members if asked. The server runs them one after the other."""
     db = default_db()
     if not db.in_atomic_block:  # as select_for_update() would refuse
         raise TransactionManagementError("lock() must run inside a transaction")
     saga_sql, steps_sql = _lock_sql(lock)
     key = UUID(str(saga_id))
+    member_values: Any = None
+    members_values: list[Any] = []
     try:
-        with read_cursor(db) as cursor, read_cursor(db) as steps_cursor:
+        with (
+            read_cursor(db) as cursor,
+            read_cursor(db) as steps_cursor,
+            read_cursor(db) as members_cursor,
+        ):
             # Results are read after the pipeline's end, which fetches them all at once.
             with db.wrap_database_errors, db.connection.pipeline():
                 if wait is not None:
                     cursor.execute(f"SET LOCAL lock_timeout = '{int(wait * 1000)}ms'")
+                if member is not None:
+                    members_cursor.execute(_member_sql(one=True), [key, *member])
                 cursor.execute(saga_sql, [key])
                 if bound is not None:
                     steps_cursor.execute(SESSION_BOUNDS_SQL, session_bounds(bound))
                 steps_cursor.execute(steps_sql, [key])
+                if members:
+                    members_cursor.execute(_member_sql(one=False), [key])
             saga_values = cursor.fetchone()
             step_values = steps_cursor.fetchall()
+            if member is not None:
+                member_values = members_cursor.fetchone()
+            elif members:
+                members_values = members_cursor.fetchall()
             if wait is not None:
                 cursor.execute("SET LOCAL lock_timeout = 0")
     except OperationalError as exc:
@@ -81,7 +139,35 @@ def read_locked(
     steps = [_row(StepRow, values, db) for values in step_values]
     for step, definition in zip(steps, definitions(saga), strict=True):
         step.definition = definition
-    return saga, steps
+    return _Read(
+        saga,
+        steps,
+        member=_member(member_values, db) if member_values is not None else None,
+        members=[_member(values, db) for values in members_values],
+    )
+
+
+def _member(values: tuple[Any, ...], db: Any) -> SagaMember:
+    """A member's row as the model's instance (as a queryset would make it)."""
+    fields = SagaMember._meta.concrete_fields
+    converted = [
+        f.from_db_value(v, None, db) if hasattr(f, "from_db_value") else v
+        for f, v in zip(fields, values, strict=True)
+    ]
+    return SagaMember.from_db(db.alias, [f.attname for f in fields], converted)
+
+
+@cache
+def _member_sql(*, one: bool) -> str:
+    """A member's row locked (`one`), or every member of a saga, by group then position."""
+    q = connection.ops.quote_name
+    members = q(SagaMember._meta.db_table)
+    columns = ", ".join(column(f) for f in SagaMember._meta.concrete_fields)
+    if one:
+        where = f"saga_id = %s AND {q('stage')} = %s AND {q('position')} = %s"
+        return f"SELECT {columns} FROM {members} WHERE {where} FOR NO KEY UPDATE"
+    order = f"{q('stage')}, {q('position')}"
+    return f"SELECT {columns} FROM {members} WHERE saga_id = %s ORDER BY {order}"
 
 
 def _replanned(exc: NotSupportedError) -> bool:
