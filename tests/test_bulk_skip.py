@@ -236,3 +236,50 @@ def test_the_admin_previews_and_starts_a_bulk_skip(saga_db, admin_client, client
     assert page.context["skip_form"] is None
     assert [section.action for section in page.context["previews"]] == ["retry"]
     assert client.post(BULK_PAGE, posted).status_code == 403
+
+
+def test_a_bulk_skip_marks_a_failed_member_of_a_group_as_done(saga_db, tmp_path):
+    """Two sagas paused in their group with its member b failed (its service down) and one
+    whose b completed: a bulk skip of `parallel.b` marks b as done in the first two, which
+    complete; the third is counted apart (its b did not fail)."""
+    from tests.test_groups import members, products
+    from tests.test_groups import start as start_group
+
+    stuck = tmp_path / "down"
+    stuck.touch()
+    paused = [
+        start_group(skus=products("a", "b", "c"), behave={"b": "stuck"}, stuck=str(stuck))
+        for _ in range(2)
+    ]
+    for saga in paused:
+        wait_for(lambda saga=saga: Saga.objects.get(pk=saga.pk).status == "failed", what="pause")
+    stuck.unlink()
+    completed = wait_final(start_group(skus=products("a", "b", "c")).pk)
+    client = client_for(make_operator())
+    body: dict[str, Any] = {
+        "action": "skip",
+        "filter": {"name": "group_listed"},
+        "stage": "parallel.b",
+        "output": {"sku": "by-phone"},
+        "note": "Reserved by phone.",
+    }
+    preview = client.post(PREVIEW, body, format="json").json()
+    assert [(g["count"], g["allowed"]) for g in preview["groups"]] == [(2, True), (1, False)]
+    ghost = client.post(PREVIEW, {**body, "stage": "parallel.z"}, format="json").json()
+    assert {g["reason"] for g in ghost["groups"]} == {"The saga's group parallel has no member z."}
+
+    started = client.post(BULK, {**body, "expected_count": 3}, format="json")
+    assert started.status_code == 202, started.content
+
+    def finished() -> dict | None:
+        progress = client.get(started.json()["url"]).json()
+        return progress if progress["status"] == "completed" else None
+
+    result = wait_for(finished, timeout=30, what="the bulk skip to finish")
+    assert (result["total"], result["done"], result["skipped"]) == (3, 2, 1)
+    for saga in paused:
+        assert wait_final(saga.pk).status == "completed"
+        assert members(saga)["b"].output == {"sku": "by-phone"}
+        [detail] = skips(saga)
+        assert detail["note"] == "Reserved by phone." and detail["member"] == "b"
+    assert not skips(completed)

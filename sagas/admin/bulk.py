@@ -95,7 +95,8 @@ class BulkSkipForm(SkipForm):
         max_length=100,
         required=False,
         help_text="To mark a stage as done in every matching saga: its name (such as "
-        "payment_confirmation).",
+        "payment_confirmation), or a group's failed member as <group>.<member> (such as "
+        "prepare.book_carrier).",
     )
     field_order = ("stage", "output", "note")
 

@@ -560,7 +560,7 @@ class BulkPreviewRequestSerializer(StrictSerializer):
         max_length=100,
         required=False,
         help_text="With action=skip (required): the name of the stage to mark as done in each "
-        "saga.",
+        "saga, or a group's failed member as `<group>.<member>`.",
     )
     output = serializers.JSONField(
         required=False,

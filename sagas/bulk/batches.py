@@ -36,7 +36,7 @@ from ..models import (
 )
 from .create import send_batch_or_leave_to_sweeper
 from .filters import BulkFilter
-from .skip import BulkSkip, no_such_stage, refused_output
+from .skip import BulkSkip, refused_output
 
 logger = logging.getLogger("sagas")
 
@@ -56,15 +56,21 @@ def _service(bulk_action: BulkAction) -> Callable[..., Plan]:
 
 
 def _skip(skip: BulkSkip, *, saga_id: UUID, **by: Any) -> Plan:
-    """`saga_skip` of the stage of the skip's name, with its output and note; `by` are the
-    actor, the bulk action and `matches`, as for a retry."""
-    stage = SagaStep.objects.filter(saga_id=saga_id, name=skip.stage)
-    index = stage.values_list("index", flat=True).first()
-    if index is None:
-        raise InvalidTransition(no_such_stage(skip.stage))
+    """`saga_skip` of the stage of the skip's name (or the group's member), with its output
+    and note; `by` are the actor, the bulk action and `matches`, as for a retry."""
+    stages = SagaStep.objects.filter(saga_id=saga_id).order_by("index")
+    target = skip.target(saga_id, tuple(stages.values_list("name", flat=True)))
+    if isinstance(target, str):
+        raise InvalidTransition(target)
+    index, member = target
     try:
         return services.saga_skip(
-            saga_id=saga_id, index=index, output=skip.output, note=skip.note, **by
+            saga_id=saga_id,
+            index=index,
+            output=skip.output,
+            note=skip.note,
+            member=member,
+            **by,
         )
     except ValidationError as error:  # its stage's limit, or a wait's validator
         raise InvalidTransition(refused_output(error)) from None
