@@ -325,16 +325,18 @@ class SagaStep(models.Model):
             models.UniqueConstraint(fields=["saga", "index"], name="saga_step_unique_index"),
         ]
         indexes = [
-            # The sweeper's: the waits whose timeout is due, a few among millions of steps.
+            # The waker's: the waits whose timeout is due, a few among millions of steps (a
+            # wait's end clears its `due_at`). Not `WHERE status = 'waiting'`: a column in an
+            # index's predicate blocks HOT updates as an indexed column does, whatever the
+            # values, and every step's write changes `status`.
             models.Index(
                 fields=["due_at"],
-                condition=Q(status=StepStatus.WAITING),
-                name="saga_step_due_idx",
+                condition=Q(due_at__isnull=False),
+                name="saga_step_due_at_idx",
             ),
         ]
-        # No index on `status` alone: nothing looks steps up by it, and every step's write
-        # changes it; a step's write then can be a HOT update. (A partial index on it changes
-        # that for the statuses it covers only: `waiting`, which steps never take.)
+        # No index on `status` (nor a predicate on it): nothing looks steps up by it, and every
+        # step's write changes it; a step's write then can be a HOT update.
 
     def __str__(self) -> str:
         return f"{self.index}:{self.name} ({self.status})"

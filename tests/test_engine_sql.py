@@ -172,3 +172,46 @@ def test_a_migration_that_changes_a_column_the_engine_reads_fails_no_step(
     saga.refresh_from_db()
     assert saga.status == "completed"
     assert list(saga.steps.values_list("attempts", flat=True)) == [1, 1]
+
+
+# -- rows that stay cheap to write -----------------------------------------------------------
+
+
+def test_a_steps_write_is_a_hot_update():
+    """A step's write changes no indexed column, nor one an index's predicate reads (the due
+    waits' index is on `due_at`, set only while a wait waits): PostgreSQL then updates its row
+    in place (HOT), touching no index."""
+    saga, _ = saga_start(name="three_steps", input={})
+    step = saga.steps.get(index=0)
+    with transaction.atomic(), connection.cursor() as cursor:
+        step.status, step.attempts = "completed", 1
+        step.save(update_fields=["status", "attempts"])
+        cursor.execute(
+            "SELECT pg_stat_get_xact_tuples_updated(%s::regclass), "
+            "pg_stat_get_xact_tuples_hot_updated(%s::regclass)",
+            ["sagas_sagastep", "sagas_sagastep"],
+        )
+        assert cursor.fetchone() == (1, 1)
+
+
+def test_the_waker_finds_the_due_waits_through_their_index():
+    """However many steps the table holds, the due waits are read through their index."""
+    from django.utils import timezone
+
+    from sagas.models import SagaStep, StepStatus
+
+    sagas = Saga.objects.bulk_create(
+        Saga(name="history", status="completed", input={}) for _ in range(2000)
+    )
+    SagaStep.objects.bulk_create(
+        SagaStep(saga=s, index=i, name=f"s{i}", status="completed", definition={})
+        for s in sagas
+        for i in range(3)
+    )
+    due = SagaStep.objects.filter(status=StepStatus.WAITING, due_at__lte=timezone.now())
+    sql, params = due.values("pk").query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE sagas_sagastep")
+        cursor.execute("EXPLAIN " + sql, params)
+        plan = "\n".join(row[0] for row in cursor.fetchall())
+    assert "saga_step_due_at_idx" in plan and "Seq Scan" not in plan, plan

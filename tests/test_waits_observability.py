@@ -360,8 +360,9 @@ def test_the_web_view_reads_the_waiting_sagas_from_the_database(saga_db, client)
 
 @pytest.mark.django_db
 def test_the_waiting_gauges_read_the_waits_through_their_partial_indexes():
-    """One statement that reads the waiting stages (saga_step_due_idx) and their sagas, not
-    the tables' history: cheap with many finished sagas, and linear in the waiting ones."""
+    """One statement that reads the waiting sagas (saga_in_flight_idx) and their stage rows
+    (by the saga), not the tables' history: cheap with many finished sagas, and linear in the
+    waiting ones."""
     from sagas.metrics.database import waiting_parameters, waiting_sql
 
     finished = Saga.objects.bulk_create(
@@ -385,7 +386,7 @@ def test_the_waiting_gauges_read_the_waits_through_their_partial_indexes():
         cursor.execute("ANALYZE sagas_sagastep")
         cursor.execute("EXPLAIN " + waiting_sql(), waiting_parameters(timezone.now()))
         plan = "\n".join(row[0] for row in cursor.fetchall())
-    assert "saga_step_due_idx" in plan and "Seq Scan" not in plan, plan
+    assert "saga_in_flight_idx" in plan and "Seq Scan" not in plan, plan
 
 
 # -- traces -------------------------------------------------------------------------------------

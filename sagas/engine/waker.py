@@ -48,7 +48,7 @@ class WakeReport:
 def due(now: datetime) -> tuple[bool, bool]:
     """Whether some kept signal is for the wait its saga waits at (`waits.apply_kept` applies
     it), and whether some wait's timeout is due: one query, each half from a partial index
-    (`saga_signal_kept_idx`, then each such signal's stage rows; `saga_step_due_idx`), so a
+    (`saga_signal_kept_idx`, then each such signal's stage rows; `saga_step_due_at_idx`), so a
     wake with nothing to do reads next to nothing. A signal kept for a wait still to come (sent
     early) is not counted: the wait consumes it when it begins."""
     waiting_for_it = (
