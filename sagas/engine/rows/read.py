@@ -4,6 +4,7 @@ or resumed compensation needs it (rare)."""
 from __future__ import annotations
 
 import datetime
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, cast
@@ -94,11 +95,9 @@ def _read(
     member_values: Any = None
     members_values: list[Any] = []
     try:
-        with (
-            read_cursor(db) as cursor,
-            read_cursor(db) as steps_cursor,
-            read_cursor(db) as members_cursor,
-        ):
+        # A step's read needs no third cursor: none is made on its path.
+        third: Any = read_cursor(db) if member or members else nullcontext()
+        with read_cursor(db) as cursor, read_cursor(db) as steps_cursor, third as members_cursor:
             # Results are read after the pipeline's end, which fetches them all at once.
             with db.wrap_database_errors, db.connection.pipeline():
                 if wait is not None:
