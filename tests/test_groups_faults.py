@@ -1059,19 +1059,22 @@ def test_a_late_delivery_for_a_completed_member_during_the_settling(saga_db, tmp
     assert no_compensation_failed(saga)
 
 
-def test_a_member_failing_after_a_recovery_resent_the_group_compensates_at_once(saga_db, tmp_path):
-    """The sweeper recovers the saga while a and b run: their rows are held by their attempts,
-    so it sends them no duplicate (nor a new epoch). b then declines: its final failure sends
-    the compensations itself, at once, not at the next sweep."""
+def test_a_member_failing_after_a_sweep_compensates_at_once(saga_db, tmp_path):
+    """The sweeper finds the saga stale while a and b run: their rows are held by their
+    attempts, so it is not stalled, and the sweeper passes over it (no duplicate, no new
+    epoch, no recovery counted). b then declines: its final failure sends the compensations
+    itself, at once, not at the next sweep."""
     skus = products("a", "b", "c")
     saga = start("faults_group", tmp_path, skus, faults={"a": ["gate"], "b": ["gate", "decline"]})
     started(tmp_path, "a", "b")
     wait_for(lambda: members(saga)["c"].status == "completed", what="member c to complete")
     sent = members(saga)
     stall(saga)
-    assert sweep().recovered == [str(saga.pk)]
-    recovered = members(saga)
-    assert [recovered[n].epoch for n in "ab"] == [sent[n].epoch for n in "ab"]
+    report = sweep()
+    assert str(saga.pk) not in report.recovered + report.dead_lettered
+    swept = members(saga)
+    assert [swept[n].epoch for n in "ab"] == [sent[n].epoch for n in "ab"]
+    assert Saga.objects.get(pk=saga.pk).recovery_attempts == 0
 
     open_gates(tmp_path, "b")
     wait_for(lambda: status(saga) == "compensating", what="b's final failure")

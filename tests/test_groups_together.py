@@ -33,9 +33,13 @@ from tests.test_groups_faults import (
     members,
     products,
     rows_of,
+    runs,
+    stall,
     start,
+    started,
     status,
     stocks,
+    sweep,
 )
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -161,3 +165,39 @@ def test_an_operator_resolving_a_member_whose_row_a_message_holds_is_told_busy(s
 
     assert saga.status == "compensated"
     assert SagaStep.objects.get(saga_id=saga.pk, name="first").status == "compensated"
+
+
+@pytest.mark.parametrize("name", ["faults_group", "faults_group_together"])
+def test_the_sweeper_passes_over_a_saga_whose_member_compensation_runs(saga_db, tmp_path, name):
+    """A member's compensation holds its member's row, not the saga's: while a long one runs,
+    the saga's row shows no progress, yet it is not stalled. The sweeper passes over it, as it
+    passes over a saga whose step holds the saga's lock: no re-send, no recovery counted, and
+    never `recovery_exhausted`, however often it sweeps."""
+    skus = products("a", "b", "c")
+    saga = start(name, tmp_path, skus, last="decline", undo_sleep=3.0)
+    wait_for(lambda: runs(tmp_path, "undo"), what="a member's compensation to begin")
+    for _ in range(4):
+        stall(saga)
+        report = sweep()
+        assert str(saga.pk) not in report.recovered + report.dead_lettered
+    saga = wait_final(saga.pk, timeout=30)
+
+    assert (saga.status, saga.recovery_attempts) == ("compensated", 0)
+    assert_undone_exactly_once(saga, skus)
+    assert not events(saga, EventKind.RECOVERED)
+
+
+def test_the_sweeper_passes_over_a_saga_whose_member_attempt_runs(saga_db, tmp_path):
+    """The same going forward: a member waiting at its gate holds its row while the saga's
+    shows no progress; the sweeper passes over the saga until the member ends."""
+    skus = products("a", "b", "c")
+    saga = start("faults_group", tmp_path, skus, faults={"a": ["gate"]})
+    started(tmp_path, "a")
+    for _ in range(3):
+        stall(saga)
+        assert str(saga.pk) not in sweep().recovered
+    (tmp_path / "gate.a").touch()
+    saga = wait_final(saga.pk, timeout=30)
+
+    assert (saga.status, saga.recovery_attempts) == ("completed", 0)
+    assert runs(tmp_path) == {"a": 1, "b": 1, "c": 1}

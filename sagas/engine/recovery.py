@@ -7,27 +7,34 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from ..models import IN_FLIGHT, EventKind, Saga, SagaEvent
+from ..definitions import is_group
+from ..models import IN_FLIGHT, EventKind, Saga, SagaEvent, SagaMember
 from . import rows, waits
 from .compensation import begin_compensation, finish_if_done
-from .unit import SagaStatus, Unit, lock
+from .unit import SagaStatus, StepStatus, Unit, lock
+
+# What `recover` did: re-sent the saga, gave up on it (too many stalls in a row), or passed
+# over it (it ended, or it is not stalled: what comes next waits for something that runs).
+RECOVERED, GAVE_UP, NOT_STALLED = "recovered", "gave_up", "not_stalled"
 
 
-def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
+def recover(saga_id: UUID | str, *, max_recoveries: int) -> str:
     """Re-send a stalled saga from its rows; after too many stalls in a row, fail it.
 
     A stall is counted each time; any progress (a step or a compensation done) starts the
-    count again. Returns whether the saga was re-sent.
+    count again. Returns what it did (`RECOVERED`, `GAVE_UP` or `NOT_STALLED`).
     """
     unit = lock(saga_id)
     saga = unit.saga
     if saga.status not in IN_FLIGHT:
-        return False
+        return NOT_STALLED
     fenced = [s.fenced_until for s in unit.to_compensate()[:1] if s.fenced_until is not None]
     if fenced and fenced[0] > rows.database_now():
-        return False  # not stalled: its next compensation waits for an attempt that may run
+        return NOT_STALLED  # its next compensation waits for an attempt that may run
     if _child_compensating(unit):
-        return False  # not stalled: its next compensation waits for its child's
+        return NOT_STALLED  # its next compensation waits for its child's
+    if _member_at_work(unit):
+        return NOT_STALLED  # a member's attempt (or its compensation) runs now
     stalls = saga.recovery_attempts + 1
     unit.set_saga(recovery_attempts=stalls)
     if stalls > max_recoveries:
@@ -37,7 +44,7 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
         unit.set_saga(error_code="recovery_exhausted", error_message=message)
         unit.move_saga(SagaStatus.FAILED, EventKind.SAGA_FAILED, detail)
         unit.save()
-        return False
+        return GAVE_UP
     if saga.status == SagaStatus.COMPENSATING:
         # Also where a failed step's error callback was lost: its attempt began this.
         remaining = unit.to_compensate()
@@ -52,7 +59,7 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> bool:
         unit.event(EventKind.RECOVERED, None, {"attempt": stalls, "from_step": step.index})
         waits.go_on(unit, step.index)
     unit.save()
-    return True
+    return RECOVERED
 
 
 def deadline_passed(saga_id: UUID | str) -> bool:
@@ -75,6 +82,25 @@ def deadline_passed(saga_id: UUID | str) -> bool:
     begin_compensation(unit, EventKind.DEADLINE_PASSED, {"action": "compensate"})
     unit.save()
     return True
+
+
+def _member_at_work(unit: Unit) -> bool:
+    """Whether an attempt of a group member's action or compensation runs now: it holds its
+    member's row, as a step's attempt holds the saga's (which the sweeper passes over), while
+    the saga's row shows no progress. Asked with SKIP LOCKED: never waiting for one."""
+    busy = [
+        member
+        for stage in unit.steps
+        if is_group(stage.definition)
+        and stage.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
+        for member in unit.members(stage.index)
+        if member.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
+    ]
+    if not busy:
+        return False
+    free = SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
+    found = free.filter(pk__in=[m.pk for m in busy]).order_by().values_list("pk", flat=True)
+    return len(set(found)) < len(busy)
 
 
 def _child_compensating(unit: Unit) -> bool:

@@ -29,7 +29,7 @@ from ..bulk import batches
 from ..models import IN_FLIGHT, Direction, EventKind, Saga, SagaStatus
 from . import notify, waker
 from .children import finished_children
-from .recovery import deadline_passed, recover
+from .recovery import GAVE_UP, RECOVERED, deadline_passed, recover
 from .relay import relay
 
 logger = logging.getLogger("sagas")
@@ -93,9 +93,10 @@ def sweep(
     with transaction.atomic():
         stale = list(stale_sagas(now, stale_after)[:batch_size])
         for saga_id in stale:
-            if recover(saga_id, max_recoveries=limit):
+            outcome = recover(saga_id, max_recoveries=limit)
+            if outcome == RECOVERED:
                 report.recovered.append(str(saga_id))
-            else:
+            elif outcome == GAVE_UP:
                 report.dead_lettered.append(str(saga_id))
     with transaction.atomic():
         expired = list(
