@@ -22,7 +22,7 @@ import pytest
 from sagas import services
 from sagas.engine import callbacks, dispatch
 from sagas.exceptions import SagaBusy
-from sagas.models import EventKind, SagaStep
+from sagas.models import EventKind, Saga, SagaStep
 from tests.conftest import wait_final, wait_for
 from tests.test_groups_faults import (
     GROUP,
@@ -201,3 +201,32 @@ def test_the_sweeper_passes_over_a_saga_whose_member_attempt_runs(saga_db, tmp_p
 
     assert (saga.status, saga.recovery_attempts) == ("completed", 0)
     assert runs(tmp_path) == {"a": 1, "b": 1, "c": 1}
+
+
+def test_a_resend_while_members_undo_sends_none_of_those_running(saga_db, tmp_path, monkeypatch):
+    """An error callback that sends the compensations again (the broker refused a message)
+    while the members' compensations run: each running one holds its row and will record its
+    outcome, so none is sent again (a message for one would only wait for its row, holding a
+    worker process); the saga ends compensated, each member undone once."""
+    skus = products("a", "b", "c")
+    saga = start("faults_group_together", tmp_path, skus, last="decline", undo_sleep=3.0)
+    wait_for(lambda: runs(tmp_path, "undo") == {"a": 1, "b": 1, "c": 1}, what="the undos to run")
+    sent: list[list[int | None]] = []
+    monkeypatch.setattr(
+        dispatch,
+        "send_member_compensations",
+        lambda saga_id, epoch, entries, countdown: sent.append([e[2] for e in entries]),
+    )
+    epoch = Saga.objects.get(pk=saga.pk).epoch
+    callbacks.compensation_chain_failed(
+        str(saga.pk),
+        epoch,
+        cause="kombu.exceptions.OperationalError",
+        task_id=dispatch.task_id(str(saga.pk), epoch, GROUP),
+    )
+    assert sent == []
+    monkeypatch.undo()
+    saga = wait_final(saga.pk, timeout=30)
+
+    assert saga.status == "compensated"
+    assert_undone_exactly_once(saga, skus)

@@ -34,6 +34,7 @@ from .unit import (
     claim_members,
     compensates_concurrently,
     compensation_time_limit,
+    free_members,
     lock,
     lock_member,
     log_failure,
@@ -365,15 +366,8 @@ def settle(unit: Unit, stage: Any) -> Outcome:
         for m in members
         if m.status == StepStatus.FAILED and m.definition.get("compensate_failed_step")
     ]
-    if moving:
-        free = set(
-            SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
-            .filter(pk__in=[m.pk for m in moving])
-            .order_by()
-            .values_list("pk", flat=True)
-        )
-        if len(free) < len(moving):
-            return Outcome("retry", countdown=SETTLE_POLL)  # a member's row is held: later
+    if len(free_members(moving)) < len(moving):
+        return Outcome("retry", countdown=SETTLE_POLL)  # a member's row is held: later
     owed = []
     for member in members:
         undo_failed = bool(member.definition.get("compensate_failed_step"))

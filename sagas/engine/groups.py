@@ -55,6 +55,7 @@ from .unit import (
     Unit,
     attach,
     claim_members,
+    free_members,
     is_transient,
     lock,
     lock_member,
@@ -208,7 +209,7 @@ def _send(unit: Unit, stage: Any, epoch: int, *, resend: bool, countdown: float 
     # waits for the saga's lock, held here; it is in flight, and needs no message. A pending
     # member's row held (a late callback, a duplicate: both let go at once) is sent as it is,
     # under its row's epoch, its row unchanged: nothing else would send it.
-    free = _free(sending)
+    free = free_members(sending)
     held = [m for m in sending if m.pk not in free and m.status == StepStatus.PENDING]
     sending = [m for m in sending if m.pk in free]
     for member in sending:
@@ -232,19 +233,6 @@ def _sender(
         dispatch.send_members(saga_id, epoch, index, members, countdown)
 
     return send
-
-
-def _free(members: list[SagaMember]) -> set[int]:
-    """The ids of those of `members` whose rows no one holds, now locked by this transaction
-    (SKIP LOCKED: never waiting, under the saga's lock, for a member that may wait for it)."""
-    if not members:
-        return set()
-    return set(
-        SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
-        .filter(pk__in=[m.pk for m in members])
-        .order_by()
-        .values_list("pk", flat=True)
-    )
 
 
 def _complete(unit: Unit, stage: Any) -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 from uuid import UUID
 
 from ..definitions import is_group
-from ..models import IN_FLIGHT, EventKind, Saga, SagaEvent, SagaMember
+from ..models import IN_FLIGHT, EventKind, Saga, SagaEvent
 from . import rows, waits
 from .compensation import begin_compensation, finish_if_done
-from .unit import SagaStatus, StepStatus, Unit, lock
+from .unit import SagaStatus, StepStatus, Unit, free_members, lock
 
 # What `recover` did: re-sent the saga, gave up on it (too many stalls in a row), or passed
 # over it (it ended, or it is not stalled: what comes next waits for something that runs).
@@ -96,11 +96,7 @@ def _member_at_work(unit: Unit) -> bool:
         for member in unit.members(stage.index)
         if member.status in (StepStatus.RUNNING, StepStatus.COMPENSATING)
     ]
-    if not busy:
-        return False
-    free = SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
-    found = free.filter(pk__in=[m.pk for m in busy]).order_by().values_list("pk", flat=True)
-    return len(set(found)) < len(busy)
+    return len(free_members(busy)) < len(busy)
 
 
 def _child_compensating(unit: Unit) -> bool:

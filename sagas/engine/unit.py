@@ -521,9 +521,16 @@ class Unit:
         """Send the compensations still to run, in reverse order, as a new chain; or, when
         the next are the members of a group that compensates concurrently, each of those as a
         message of its own (the last to end sends the rest)."""
-        saga_id, epoch = str(self.saga.pk), self._next_epoch()
         owed = self.to_compensate()
         together = self.compensating_together(owed)
+        if together:
+            # Not those whose compensation runs now (it holds its member's row, and records
+            # its outcome): a message for one would only wait for that row, holding a worker.
+            free = free_members(together)
+            together = [m for m in together if m.pk in free]
+            if not together:
+                return
+        saga_id, epoch = str(self.saga.pk), self._next_epoch()
         steps: list[dispatch.Entry] = [
             (s.index, compensation_time_limit(s), getattr(s, "position", None))
             for s in (together or owed)
@@ -648,16 +655,8 @@ class Unit:
     def members_in_flight(self, index: int) -> set[int]:
         """The ids of the group's running members whose attempt runs now: their rows are held
         (an attempt holds its member's row). Asked with SKIP LOCKED: never waiting for one."""
-        running = [m.pk for m in self.members(index) if m.status == StepStatus.RUNNING]
-        if not running:
-            return set()
-        free = set(
-            SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
-            .filter(pk__in=running)
-            .order_by()
-            .values_list("pk", flat=True)
-        )
-        return set(running) - free
+        running = [m for m in self.members(index) if m.status == StepStatus.RUNNING]
+        return {m.pk for m in running} - free_members(running)
 
     def member(self, index: int, position: int) -> SagaMember | None:
         return next((m for m in self.members(index) if m.position == position), None)
@@ -865,19 +864,26 @@ def lock_member(
     return row
 
 
-def claim_members(members: Sequence[SagaMember]) -> None:
-    """Lock the rows of `members` an operator's action changes, under the saga's lock, without
-    waiting (SKIP LOCKED): a late message of a member (an attempt, its error callback) holds
-    its row and takes the saga's lock next, so waiting for it could deadlock. One held: the
-    saga is busy (`SagaBusy`), and the action changes nothing."""
+def free_members(members: Sequence[SagaMember]) -> set[int]:
+    """The ids of those of `members` whose rows no one else holds, now locked by this
+    transaction (SKIP LOCKED: never waiting, under the saga's lock, for a member's attempt,
+    which may wait for the saga's lock next)."""
     if not members:
-        return
-    free = set(
+        return set()
+    return set(
         SagaMember.objects.select_for_update(no_key=True, skip_locked=True, of=("self",))
         .filter(pk__in=[m.pk for m in members])
         .order_by()
         .values_list("pk", flat=True)
     )
+
+
+def claim_members(members: Sequence[SagaMember]) -> None:
+    """Lock the rows of `members` an operator's action changes, under the saga's lock, without
+    waiting (`free_members`): a late message of a member (an attempt, its error callback)
+    holds its row and takes the saga's lock next, so waiting for it could deadlock. One held:
+    the saga is busy (`SagaBusy`), and the action changes nothing."""
+    free = free_members(members)
     held = [m for m in members if m.pk not in free]
     if held:
         name = getattr(held[0], "label", held[0].name)
