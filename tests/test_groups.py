@@ -248,9 +248,9 @@ def test_no_member_starts_after_the_saga_turned_back(saga_db):
 # -- operators ---------------------------------------------------------------------------------
 
 
-def test_a_retry_of_a_saga_paused_in_a_group_runs_only_the_members_that_did_not_complete(
-    saga_db, tmp_path
-):
+def paused_at_b(tmp_path: Path) -> tuple[Saga, dict[str, str], Path]:
+    """A saga paused in its group: b's service is down (while the file `stuck` exists) and its
+    attempts ran out; a and c completed. Returns it, the members' products and that file."""
     skus = products("a", "b", "c")
     stuck = tmp_path / "down"
     stuck.touch()
@@ -260,6 +260,13 @@ def test_a_retry_of_a_saga_paused_in_a_group_runs_only_the_members_that_did_not_
         lambda: members(saga)["a"].status == members(saga)["c"].status == "completed",
         what="the other members to finish",
     )
+    return saga, skus, stuck
+
+
+def test_a_retry_of_a_saga_paused_in_a_group_runs_only_the_members_that_did_not_complete(
+    saga_db, tmp_path
+):
+    saga, skus, stuck = paused_at_b(tmp_path)
     plan = services.saga_plan(saga_id=saga.pk, action="retry")
     assert plan.run == ("parallel.b", "last")
 
@@ -466,15 +473,7 @@ def test_the_api_and_the_admin_show_each_member(saga_db, admin_client):
 def test_an_operator_marks_a_failed_member_as_done_and_the_group_goes_on(
     saga_db, admin_client, tmp_path
 ):
-    skus = products("a", "b", "c")
-    stuck = tmp_path / "down"
-    stuck.touch()
-    saga = start(skus=skus, behave={"b": "stuck"}, stuck=str(stuck))
-    wait_for(lambda: status(saga) == "failed", what="the saga to pause")
-    wait_for(
-        lambda: members(saga)["a"].status == members(saga)["c"].status == "completed",
-        what="the other members to finish",
-    )
+    saga, skus, _ = paused_at_b(tmp_path)
     plan = admin_client.get(f"/api/sagas/{saga.pk}/plan/?action=skip&index=1&member=1").json()
     assert plan["allowed"] is True
     assert plan["run"] == ["last"]
@@ -506,15 +505,7 @@ def test_the_admin_marks_a_failed_member_as_done_after_a_preview(saga_db, admin_
 
     from tests.test_admin_waits import logged_in, staff_with
 
-    skus = products("a", "b", "c")
-    stuck = tmp_path / "down"
-    stuck.touch()
-    saga = start(skus=skus, behave={"b": "stuck"}, stuck=str(stuck))
-    wait_for(lambda: status(saga) == "failed", what="the saga to pause")
-    wait_for(
-        lambda: members(saga)["a"].status == members(saga)["c"].status == "completed",
-        what="the other members to finish",
-    )
+    saga, _, _ = paused_at_b(tmp_path)
     url = reverse("admin:sagas_saga_skip_member", args=[saga.pk, 1, 1])
     page = admin_client.get(reverse("admin:sagas_saga_change", args=[saga.pk]))
     assert page.context["saga_skip_members"] == [("parallel.b", url)]
