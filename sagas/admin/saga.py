@@ -62,6 +62,8 @@ class SagaRowsInline(ReadOnlyAdminMixin, admin.TabularInline):
 class StageRowColumns:
     """The columns a stage's row and a group member's row show alike in their inlines."""
 
+    columns = ("status_badge", "tries", "error", "started", "duration", "compensated")
+
     @admin.display(description="status")
     def status_badge(self, step: SagaStep | SagaMember) -> SafeString:
         return status_badge(step.status, step.get_status_display())
@@ -120,16 +122,7 @@ def _children_tree(saga_id: Any, *, depth: int) -> SafeString:
 class SagaStepInline(StageRowColumns, SagaRowsInline):
     model = SagaStep
     verbose_name_plural = "steps"
-    fields = (
-        "position",
-        "name",
-        "status_badge",
-        "tries",
-        "error",
-        "started",
-        "duration",
-        "compensated",
-    )
+    fields = ("position", "name", *StageRowColumns.columns)
     readonly_fields = fields
     ordering = ("index",)
 
@@ -144,16 +137,7 @@ class SagaMemberInline(StageRowColumns, SagaRowsInline):
     model = SagaMember
     verbose_name = "group member"
     verbose_name_plural = "group members"
-    fields = (
-        "group",
-        "name",
-        "status_badge",
-        "tries",
-        "error",
-        "started",
-        "duration",
-        "compensated",
-    )
+    fields = ("group", "name", *StageRowColumns.columns)
     readonly_fields = fields
     ordering = ("stage", "position")
 
