@@ -326,7 +326,7 @@ MEMBER_NAME_MAX_LENGTH = 100
 @dataclass(frozen=True)
 class Group:
     """A stage whose members run at the same time, each a `Step` with its own action,
-    compensation and policy; the saga goes on once every member completed.
+    compensation and policy, or a `Child` saga; the saga goes on once every member completed.
 
     Give `members` (listed steps), or `items` and `step` (a map): `items(ctx)` returns the list
     to map over, computed once when the group begins and stored then; `step` runs once per item
@@ -348,12 +348,18 @@ class Group:
     The group's output, which later stages read in `ctx.outputs[name]`, is a dict of the
     members' outputs by name (a map's: a list in the items' order, None for a tolerated
     failure). A member's idempotency key is `<saga>:<group>:<member>`.
+
+    A `Child` member starts its saga when it is sent (its `input(ctx)` gets the member's
+    `ctx.item`), and holds no worker while the child runs: the child completed, the member
+    completed with the child's outputs; the child compensated, the member failed for good with
+    the child's error. When the group compensates, a completed child is compensated, and one
+    in flight aborted at once and compensated, as a child stage's.
     """
 
     name: str
-    members: Sequence[Step] = ()
+    members: Sequence[Step | Child] = ()
     items: str | Callable[..., Any] | None = None
-    step: Step | None = None
+    step: Step | Child | None = None
     key: str | Callable[..., Any] | None = None
     max_fan_out: int = MAX_FAN_OUT
     concurrency: int | None = None
@@ -374,9 +380,9 @@ class Group:
             )
         steps = list(self.members) if not mapped else [self.step]
         for member in steps:
-            if not isinstance(member, Step):
-                raise DefinitionError(f"group {self.name!r}: its members are steps")
-            if member.pivot:
+            if not isinstance(member, Step | Child):
+                raise DefinitionError(f"group {self.name!r}: its members are steps or children")
+            if isinstance(member, Step) and member.pivot:
                 raise DefinitionError(
                     f"group {self.name!r}: a pivot inside a group is not allowed ({member.name!r})"
                 )
@@ -483,10 +489,24 @@ def is_child(definition: dict[str, Any]) -> bool:
 
 
 def steps_in(stage: Step | Wait | Group | Child) -> list[Step]:
-    """The steps a stage runs: itself, a group's members (a map's one step), or none (a wait)."""
+    """The steps a stage runs: itself, a group's step members (a map's one step), or none (a
+    wait, a child)."""
     if isinstance(stage, Group):
-        return list(stage.members) if stage.step is None else [stage.step]
+        members = list(stage.members) if stage.step is None else [stage.step]
+        return [m for m in members if isinstance(m, Step)]
     return [] if isinstance(stage, Wait | Child) else [stage]
+
+
+def children_in(stages: Sequence[Step | Wait | Group | Child]) -> list[Child]:
+    """The children that stages start: child stages, and groups' child members."""
+    found: list[Child] = []
+    for stage in stages:
+        if isinstance(stage, Group):
+            members = list(stage.members) if stage.step is None else [stage.step]
+            found += [m for m in members if isinstance(m, Child)]
+        elif isinstance(stage, Child):
+            found.append(stage)
+    return found
 
 
 def is_group(definition: dict[str, Any]) -> bool:
@@ -554,7 +574,7 @@ class SagaDefinition:
         if isinstance(self.steps[-1], Group | Child):
             what = "a group" if isinstance(self.steps[-1], Group) else "a child"
             raise DefinitionError(f"saga {self.name!r} ends with {what}: its last stage is a step")
-        if any(isinstance(s, Child) and s.saga == self.name for s in self.steps):
+        if any(child.saga == self.name for child in children_in(self.steps)):
             raise DefinitionError(f"saga {self.name!r} is its own child")
         object.__setattr__(self, "steps", tuple(self.steps))
         if self.on_complete is not None:
@@ -629,9 +649,7 @@ class SagaDefinition:
         most `MAX_CHILD_DEPTH` deep (the system check `sagas.E005` asks this of every
         registered definition)."""
         path = (*path, self.name)
-        for stage in self.steps:
-            if not isinstance(stage, Child):
-                continue
+        for stage in children_in(self.steps):
             if stage.saga in path:
                 cycle = " -> ".join((*path, stage.saga))
                 raise DefinitionError(f"saga {self.name!r}: its children form a cycle ({cycle})")

@@ -167,7 +167,8 @@ class Saga(models.Model):
         help_text="The W3C traceparent of the saga's span (SAGAS_TRACING): its steps' and "
         "compensations' spans are its children, in whichever process they run.",
     )
-    # A child saga's (`sagas.definitions.Child`): the saga that started it, and at which stage.
+    # A child saga's (`sagas.definitions.Child`): the saga that started it, and at which stage
+    # (and which member of a group, when a group's member started it).
     parent = models.ForeignKey(
         "self",
         null=True,
@@ -179,6 +180,12 @@ class Saga(models.Model):
     )
     parent_stage = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="The parent's stage that started this child."
+    )
+    parent_member = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="The position of the parent's group member that started this child, if a "
+        "group's member started it.",
     )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the saga was started.")
     updated_at = models.DateTimeField(auto_now=True, help_text="Last progress of the saga.")

@@ -295,11 +295,15 @@ def on_compensation_failure(
 
 
 @shared_task(bind=True, name="sagas.child_ended", max_retries=None)
-def child_ended(self: Any, parent_id: str, stage: int) -> None:
-    """A child saga ended (or stopped for an operator): its parent goes on, or fails the stage.
-    Idempotent: the parent's rows say whether it still waits for it."""
+def child_ended(self: Any, parent_id: str, stage: int, member: int | None = None) -> None:
+    """A child saga ended (or stopped for an operator): its parent goes on, or fails the stage
+    (or the group's `member` that started it). Idempotent: the parent's rows say whether it
+    still waits for it."""
     try:
-        engine.child_ended(parent_id, stage)
+        if member is None:
+            engine.child_ended(parent_id, stage)
+        else:
+            engine.member_child_ended(parent_id, stage, member)
     except Saga.DoesNotExist:
         logger.warning("saga %s does not exist: child_ended ignored", parent_id)
     except DATABASE_UNAVAILABLE:

@@ -14,7 +14,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sagas.definitions import Child, RetryPolicy, SagaDefinition, Step, StepContext, register
+from sagas.definitions import (
+    Child,
+    Group,
+    RetryPolicy,
+    SagaDefinition,
+    Step,
+    StepContext,
+    register,
+)
 from sagas.exceptions import BusinessError, TransientError
 
 FAST = RetryPolicy(max_attempts=2, backoff=0.05, backoff_max=0.1)
@@ -135,3 +143,89 @@ register(
         ],
     )
 )
+
+
+# -- a group's child members (tests/test_group_children.py) ------------------------------------
+#
+# The group `fulfil` reserves one unit of `input["member_sku"]` (a step member; "decline" in
+# `input["reserve"]` declines, "wait" waits for the file `input["gate"]` to be started) while
+# its child member `ship` runs `child_shipping`. The map `parcels` starts one child per parcel
+# of `input["parcels"]`; the parcel `input["bad_parcel"]`'s child declines.
+
+
+def reserve(ctx: StepContext) -> dict:
+    if ctx.input.get("reserve") == "decline":
+        raise BusinessError("Out of stock.", code="out_of_stock")
+    if ctx.input.get("reserve") == "after_child_started":
+        gate = Path(f"{ctx.input['gate']}.started")
+        deadline = time.monotonic() + 30
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise BusinessError("Out of stock.", code="out_of_stock")
+    return _take(ctx.input["member_sku"])
+
+
+def last_of_group(ctx: StepContext) -> dict:
+    if ctx.input.get("last") == "decline":
+        raise BusinessError("Declined at the end.", code="declined_last")
+    return {"shipped_with": ctx.outputs["fulfil"]["ship"]["label"]["label"]}
+
+
+def broken_while_flagged(ctx: StepContext) -> dict:
+    """A child's input that raises while the file `input["broken"]` exists (a bug, then its
+    fix deployed)."""
+    if Path(ctx.input.get("broken", "/nonexistent")).exists():
+        raise KeyError("carrier")
+    return shipping_input(ctx)
+
+
+def parcels(ctx: StepContext) -> list:
+    return list(ctx.input["parcels"])
+
+
+def parcel_input(ctx: StepContext) -> dict:
+    behaviour = "decline" if ctx.item == ctx.input.get("bad_parcel") else ""
+    return {"sku": ctx.input["child_sku"], "child": behaviour}
+
+
+def last_of_map(ctx: StepContext) -> dict:
+    return {"labels": [o and o["label"]["label"] for o in ctx.outputs["parcels"]]}
+
+
+def _group_parent(name: str, child_input, **group) -> SagaDefinition:
+    return SagaDefinition(
+        name=name,
+        steps=[
+            Step("take", take_parent, _give, retry=FAST),
+            Group(
+                "fulfil",
+                members=[
+                    Step("reserve", reserve, _give, retry=FAST),
+                    Child("ship", saga="child_shipping", input=child_input),
+                ],
+                **group,
+            ),
+            Step("last", last_of_group, undo, retry=FAST),
+        ],
+    )
+
+
+register(_group_parent("parent_group_child", shipping_input))
+register(_group_parent("parent_group_child_together", shipping_input, concurrent_compensation=True))
+register(_group_parent("parent_group_child_broken", broken_while_flagged))
+for tolerated in (0, 1):
+    register(
+        SagaDefinition(
+            name=f"parent_map_children_{tolerated}",
+            steps=[
+                Step("take", take_parent, _give, retry=FAST),
+                Group(
+                    "parcels",
+                    items=parcels,
+                    step=Child("ship", saga="child_shipping", input=parcel_input),
+                    tolerated_failures=tolerated,
+                ),
+                Step("last", last_of_map, undo, retry=FAST),
+            ],
+        )
+    )

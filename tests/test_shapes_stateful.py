@@ -11,8 +11,9 @@ lost or repeated, the sweeper, an operator's abort, retry and resolve, failures 
 members, in the child and in compensations.
 
 The saga: a step, a group of three members (two at a time; the middle one compensated
-whenever it may have started; in half the sagas, their compensations at the same time, each a
-message of its own), a child saga of two steps, a last step. Every step, member and
+whenever it may have started; in some sagas, their compensations at the same time, each a
+message of its own), a child saga of two steps, a last step; in others, the child is the
+group's third member instead of a stage of its own. Every step, member and
 child step takes one unit of a product of its own, in its transaction, and gives it back when
 compensated: the stock says, after every rule, that each effect is in place exactly when its
 row says so.
@@ -127,6 +128,28 @@ def parent(name: str, **group_options: Any) -> SagaDefinition:
 register(parent("sf_parent"))
 # Its members' compensations at the same time, each a message of its own.
 register(parent("sf_parent_together", concurrent_compensation=True))
+# The child as the group's third member (whose name takes no stock of its own) instead of a
+# stage of its own.
+CHILD_MEMBER = "mc"
+register(
+    SagaDefinition(
+        name="sf_parent_member_child",
+        steps=[
+            step("s_first"),
+            Group(
+                "g",
+                members=[
+                    step("m0"),
+                    step("m1", compensate_failed_step=True),
+                    Child(CHILD_MEMBER, saga="sf_child"),
+                ],
+                concurrency=2,
+            ),
+            step("s_last"),
+        ],
+    )
+)
+SHAPES = ("sf_parent", "sf_parent_together", "sf_parent_member_child")
 
 STEP, COMPENSATION = "step", "compensation"
 STEP_FAILED = "sagas.tasks.StepFailed"
@@ -153,7 +176,7 @@ class Broker:
     def __init__(self) -> None:
         self.chains: list[Chain] = []
         self.callbacks: list[Callback] = []
-        self.ended: list[tuple[str, int]] = []
+        self.ended: list[tuple[str, int, int | None]] = []
 
     def send_steps(self, saga_id: str, epoch: int, steps: list, countdown: float) -> None:
         self.chains.append(Chain(STEP, saga_id, epoch, [(i, None) for i, _ in steps]))
@@ -173,8 +196,14 @@ class Broker:
         for entry in entries:
             self.chains.append(Chain(COMPENSATION, saga_id, epoch, [(entry[0], entry[2])]))
 
-    def send_child_ended(self, parent_id: str, stage: int) -> None:
-        self.ended.append((parent_id, stage))
+    def send_child_ended(self, parent_id: str, stage: int, member: int | None = None) -> None:
+        self.ended.append((parent_id, stage, member))
+
+
+def child_ended(parent_id: str, stage: int, member: int | None) -> None:
+    """What the task `sagas.child_ended` does."""
+    tasks.child_ended.run(parent_id, stage, member)
+    STATS["child member ended" if member is not None else "child ended"] += 1
 
 
 BROKER = Broker()
@@ -258,19 +287,19 @@ class ShapesMachine(RuleBasedStateMachine):
             st.tuples(st.sampled_from(NAMES), st.sampled_from(["business", "transient", "undo"])),
             max_size=2,
         ),
-        together=st.booleans(),
+        shape=st.sampled_from(SHAPES),
     )
-    def begin(self, faults: list[tuple[str, str]], together: bool) -> None:
-        self.start(faults, together)
+    def begin(self, faults: list[tuple[str, str]], shape: str) -> None:
+        self.start(faults, shape)
 
     @rule(
         faults=st.lists(
             st.tuples(st.sampled_from(NAMES), st.sampled_from(["business", "transient", "undo"])),
             max_size=2,
         ),
-        together=st.booleans(),
+        shape=st.sampled_from(SHAPES),
     )
-    def start(self, faults: list[tuple[str, str]], together: bool = False) -> None:
+    def start(self, faults: list[tuple[str, str]], shape: str = "sf_parent") -> None:
         if len(self.sagas) >= 3:
             return
         order = f"o{len(self.orders)}"
@@ -280,8 +309,7 @@ class ShapesMachine(RuleBasedStateMachine):
         )
         for name, kind in faults:
             FAULTS[(order, name)] = kind
-        name = "sf_parent_together" if together else "sf_parent"
-        saga, _ = services.saga_start(name=name, input={"order": order})
+        saga, _ = services.saga_start(name=shape, input={"order": order})
         self.sagas.append(str(saga.pk))
 
     @rule(i=st.integers(0, 20), how=st.sampled_from(["once", "twice", "killed", "lost"]))
@@ -312,10 +340,9 @@ class ShapesMachine(RuleBasedStateMachine):
     def child_ended(self, i: int, lost: bool) -> None:
         if not BROKER.ended:
             return
-        parent, stage = BROKER.ended.pop(i % len(BROKER.ended))
+        ended = BROKER.ended.pop(i % len(BROKER.ended))
         if not lost:
-            engine.child_ended(parent, stage)
-            STATS["child ended"] += 1
+            child_ended(*ended)
 
     @rule()
     def sweeper(self) -> None:
@@ -398,8 +425,8 @@ def check_effects(*, final: bool) -> None:
         for stage in SagaStep.objects.filter(saga=saga):
             if "kind" not in stage.definition:
                 rows.append((stage.name, stage.status, stage))
-        for member in SagaMember.objects.filter(saga=saga):
-            rows.append((member.name, member.status, member))
+        for member in SagaMember.objects.filter(saga=saga).exclude(name=CHILD_MEMBER):
+            rows.append((member.name, member.status, member))  # a child's own rows say
         for name, status, row in rows:
             # Owed a compensation with no output: a member that failed, undone in case it
             # half-happened (`compensate_failed_step`): nothing of it is in place.
@@ -448,8 +475,7 @@ def drive_to_the_end(machine: ShapesMachine, rounds: int = 60) -> None:
             while BROKER.callbacks:
                 run_callback(BROKER.callbacks.pop(0))
             while BROKER.ended:
-                engine.child_ended(*BROKER.ended.pop(0))
-                STATS["child ended"] += 1
+                child_ended(*BROKER.ended.pop(0))
         sagas = Saga.objects.exclude(status__in=("completed", "compensated"))
         if not sagas.exists():
             return
@@ -502,7 +528,7 @@ def run_everything_until(machine: ShapesMachine, done: Any, limit: int = 500) ->
         while BROKER.callbacks and not done():
             run_callback(BROKER.callbacks.pop(0))
         while BROKER.ended and not done():
-            engine.child_ended(*BROKER.ended.pop(0))
+            child_ended(*BROKER.ended.pop(0))
         if done():
             return
 
@@ -527,8 +553,19 @@ SCRIPTS = {
         drive_to_the_end(m),
         check_child_compensated_by_its_parent(),
     ),
+    "the parent compensates its group's completed child member": lambda m: (
+        m.start([("s_last", "business")], "sf_parent_member_child"),
+        drive_to_the_end(m),
+        check_child_compensated_by_its_parent(),
+    ),
+    "a member fails for good while the child member's child is in flight": lambda m: (
+        m.start([("m1", "business")], "sf_parent_member_child"),
+        run_until(m, lambda: Saga.objects.filter(parent__isnull=False).exists()),
+        m.deliver(head_member_chain(1), "once"),  # m1 fails: the child in flight is aborted
+        drive_to_the_end(m),
+    ),
     "members compensated at the same time, one killed after its undo": lambda m: (
-        m.start([("s_last", "business")], together=True),
+        m.start([("s_last", "business")], "sf_parent_together"),
         run_everything_until(m, lambda: len(member_compensation_chains()) > 1),
         m.deliver(member_compensation_chains()[-1], "killed"),
         m.deliver(member_compensation_chains()[0], "once"),
@@ -586,6 +623,7 @@ def test_groups_and_children_under_every_order_of_messages(transactional_db, bro
         (COMPENSATION, "done", True),
         "killed",
         "child ended",
+        "child member ended",
         "child compensated by its parent",
         ("operator", "compensate"),
     ]:

@@ -97,26 +97,46 @@ def _children_tree(saga_id: Any, *, depth: int) -> SafeString:
     children = list(
         Saga.objects.filter(parent_id=saga_id)
         .order_by("created_at")
-        .only("id", "name", "status", "parent_stage")
+        .only("id", "name", "status", "parent_stage", "parent_member")
     )
     if not children or depth > MAX_CHILD_DEPTH:
         return SafeString("")
+    names = _member_names(saga_id) if any(c.parent_member is not None for c in children) else {}
     items = format_html_join(
         "",
-        '<li><a href="{}">{} {}</a> {} (stage {}){}</li>',
+        '<li><a href="{}">{} {}</a> {} ({}){}</li>',
         (
             (
                 reverse("admin:sagas_saga_change", args=[child.pk]),
                 child.name,
                 str(child.pk)[:8],
                 status_badge(child.status, child.get_status_display()),
-                (child.parent_stage or 0) + 1,
+                _started_by(child, names),
                 _children_tree(child.pk, depth=depth + 1),
             )
             for child in children
         ),
     )
     return format_html('<ul class="saga-children">{}</ul>', items)
+
+
+def _member_names(saga_id: Any) -> dict[tuple[int, int], str]:
+    """The `<group>.<member>` names of a saga's group members, by (stage, position)."""
+    groups = dict(SagaStep.objects.filter(saga_id=saga_id).values_list("index", "name"))
+    return {
+        (stage, position): f"{groups.get(stage, stage)}.{name}"
+        for stage, position, name in SagaMember.objects.filter(saga_id=saga_id).values_list(
+            "stage", "position", "name"
+        )
+    }
+
+
+def _started_by(child: Saga, names: dict[tuple[int, int], str]) -> str:
+    """What of its parent started a child: its stage (numbered from 1), or its group's member."""
+    stage = child.parent_stage or 0
+    if child.parent_member is None:
+        return f"stage {stage + 1}"
+    return f"member {names.get((stage, child.parent_member), child.parent_member)}"
 
 
 class SagaStepInline(StageRowColumns, SagaRowsInline):
@@ -512,11 +532,12 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         parent = ""
         if saga.parent_id is not None:
             link = reverse("admin:sagas_saga_change", args=[saga.parent_id])
+            names = _member_names(saga.parent_id) if saga.parent_member is not None else {}
             parent = format_html(
-                '<p>Child of <a href="{}">{}</a> (its stage {}).</p>',
+                '<p>Child of <a href="{}">{}</a> (its {}).</p>',
                 link,
                 str(saga.parent_id)[:8],
-                (saga.parent_stage or 0) + 1,
+                _started_by(saga, names),
             )
         return format_html("{}{}", parent, _children_tree(saga.pk, depth=0))
 

@@ -250,10 +250,17 @@ class ChildSerializer(ModelSerializer):
     stage = serializers.IntegerField(
         source="parent_stage", read_only=True, help_text="The parent's stage that started it."
     )
+    member = serializers.IntegerField(
+        source="parent_member",
+        read_only=True,
+        allow_null=True,
+        help_text="The position in its group of the parent's member that started it (the "
+        "stage is a group), else null.",
+    )
 
     class Meta:
         model = Saga
-        fields = ["id", "name", "stage", "status", "url"]
+        fields = ["id", "name", "stage", "member", "status", "url"]
         read_only_fields = fields
 
 
@@ -273,10 +280,14 @@ class SagaSerializer(ModelSerializer):
     parent = serializers.PrimaryKeyRelatedField(
         read_only=True,
         allow_null=True,
-        help_text="The saga that started this one as its child (a child stage), if any.",
+        help_text="The saga that started this one as its child (a child stage or a group's "
+        "child member), if any.",
     )
     children = ChildSerializer(
-        many=True, read_only=True, help_text="The sagas its child stages started, oldest first."
+        many=True,
+        read_only=True,
+        help_text="The sagas its child stages (and its groups' child members) started, oldest "
+        "first.",
     )
 
     class Meta:

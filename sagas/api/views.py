@@ -204,7 +204,7 @@ def _with_steps(sagas: QuerySet[Saga], *, events: bool) -> QuerySet[Saga]:
         Prefetch(
             "children",
             queryset=Saga.objects.order_by("created_at").only(
-                "id", "name", "status", "parent_id", "parent_stage", "created_at"
+                "id", "name", "status", "parent_id", "parent_stage", "parent_member", "created_at"
             ),
         ),
     )

@@ -21,7 +21,7 @@ from .callbacks import (
     compensation_chain_failed,
     step_chain_failed,
 )
-from .children import child_ended, finished_children
+from .children import child_ended, finished_children, member_child_ended
 from .compensation import begin_compensation, compensation_attempt, compensation_attempt_failed
 from .forward import start, step_attempt, step_attempt_failed
 from .groups import enter_group
@@ -72,6 +72,7 @@ __all__ = [
     "enter_group",
     "finished_children",
     "lock",
+    "member_child_ended",
     "plan",
     "plan_compensate",
     "plan_resolve",

@@ -7,6 +7,10 @@ own lock, then goes on with the child's outputs, or fails the stage with the chi
 (`child_ended`). If that message is lost, the sweeper finds the waiting parent of a finished
 child and does the same (`finished_children`).
 
+A group's member may be a child too (`sagas.definitions.Group`): it runs no task; its child
+is started when the group sends it (`start_child`), and the child's end completes or fails
+the member (`member_child_ended`) as an attempt of a step member would.
+
 When the parent compensates, its child stage is compensated by compensating the child
 (`compensate_child`): a completed child turns backward (the only way a completed saga
 changes), one in flight is aborted, and the parent's compensation waits, polling, until the
@@ -22,25 +26,38 @@ from typing import Any
 from uuid import UUID
 
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, OuterRef, Subquery
 from django.utils import timezone
 
 from ..definitions import MAX_CHILD_DEPTH, import_callable, is_child
 from ..exceptions import DefinitionError, SagaBusy, SagaKeyError, SagaKeyInFlight
-from ..models import FINAL_STATUSES, Direction, EventKind, Saga, SagaStatus, SagaStep
-from .compensation import begin_compensation, finish_if_done, record_compensation_failure
+from ..models import FINAL_STATUSES, Direction, EventKind, Saga, SagaMember, SagaStatus, SagaStep
+from . import dispatch
+from .compensation import (
+    begin_compensation,
+    its_turn,
+    record_compensated,
+    record_compensation_failure,
+)
 from .forward import start
+from .groups import after_member, going, record_member_failure
 from .unit import (
     BEGIN_STAGE,
+    COMPENSATE_MEMBER,
     COMPENSATE_STAGE,
     DONE,
+    START_MEMBER,
+    TURN_BACK_MEMBER,
     TURN_BACK_STAGE,
     Outcome,
     SafeError,
     StageNotBegun,
     StepStatus,
     Unit,
+    compensates_concurrently,
+    compensation_time_limit,
     lock,
+    lock_member,
 )
 
 logger = logging.getLogger("sagas")
@@ -52,13 +69,15 @@ CHILD_POLL = 5.0
 CHILD_LOCK_WAIT = 2.0
 
 
-def children_of(saga_id: Any, index: int) -> Any:
-    return Saga.objects.filter(parent_id=saga_id, parent_stage=index)
+def children_of(saga_id: Any, index: int, member: int | None = None) -> Any:
+    """The children the stage `index` started (those its group's `member` started)."""
+    return Saga.objects.filter(parent_id=saga_id, parent_stage=index, parent_member=member)
 
 
-def child_of(saga_id: Any, index: int) -> Saga | None:
-    """The stage's child: the last one it started (a retry of the stage starts another)."""
-    return children_of(saga_id, index).order_by("-created_at").first()
+def child_of(saga_id: Any, index: int, member: int | None = None) -> Saga | None:
+    """The stage's child (its group's `member`'s): the last one it started (a retry of the
+    stage starts another)."""
+    return children_of(saga_id, index, member).order_by("-created_at").first()
 
 
 def _depth(saga_id: Any) -> int:
@@ -73,39 +92,53 @@ def _depth(saga_id: Any) -> int:
 # -- forward -------------------------------------------------------------------------------------
 
 
-def enter_child(unit: Unit, stage: Any) -> None:
-    """Start the stage's child, in this transaction, and wait for it."""
-    definition = stage.definition
+def start_child(unit: Unit, step: Any) -> Saga:
+    """Start the child of a child stage, or of a group's child member (`step`: its row), in
+    this transaction; raises `StageNotBegun` with the error when it cannot begin."""
+    definition = step.definition
     saga = unit.saga
-    unit.set_saga(current_step=stage.index)
+    member = step.position if isinstance(step, SagaMember) else None
     try:
         if saga.parent_id is not None and _depth(saga.pk) >= MAX_CHILD_DEPTH:
             raise StageNotBegun("child_too_deep", f"Children nest at most {MAX_CHILD_DEPTH} deep.")
         path = definition.get("input")
-        child_input = import_callable(path)(unit.context(stage)) if path else saga.input
+        child_input = import_callable(path)(unit.context(step)) if path else saga.input
         if not isinstance(child_input, dict):
             raise StageNotBegun("child_input_invalid", "A child's input must be a dict.")
-        number = children_of(saga.pk, stage.index).count() + 1
+        number = children_of(saga.pk, step.index, member).count() + 1
+        at = str(step.index) if member is None else f"{step.index}.{member}"
         child, _ = start(
             definition["saga"],
             child_input,
-            idempotency_key=f"{saga.pk}:{stage.index}:{number}",
+            idempotency_key=f"{saga.pk}:{at}:{number}",
             created_by_id=saga.created_by_id,
-            parent=(saga.pk, stage.index),
+            parent=(saga.pk, step.index),
+            parent_member=member,
         )
-    except StageNotBegun as exc:
-        unit.stage_not_begun(stage, exc.error)
-        return
+    except StageNotBegun:
+        raise
     except (DefinitionError, SagaKeyError, SagaKeyInFlight) as exc:
         code = "child_in_flight" if isinstance(exc, SagaKeyInFlight) else "child_not_begun"
-        unit.stage_not_begun(stage, SafeError(code, str(exc)[:500]))
-        return
+        raise StageNotBegun(code, str(exc)[:500]) from None
     except Exception as exc:  # the project's `input`: a bug of its own
         logger.warning(
-            "The child %s of saga %s could not begin: %s", stage.name, saga.pk, type(exc).__name__
+            "The child %s of saga %s could not begin: %s",
+            getattr(step, "label", step.name),
+            saga.pk,
+            type(exc).__name__,
         )
         message = f"The child's input raised {type(exc).__name__}; fix it and retry."
-        unit.stage_not_begun(stage, SafeError("child_not_begun", message))
+        raise StageNotBegun("child_not_begun", message) from None
+    return child
+
+
+def enter_child(unit: Unit, stage: Any) -> None:
+    """Start the stage's child, in this transaction, and wait for it."""
+    unit.set_saga(current_step=stage.index)
+    try:
+        child = start_child(unit, stage)
+    except StageNotBegun as exc:
+        unit.stage_not_begun(stage, exc.error)
         return
     now = timezone.now()
     unit.move_step(
@@ -196,21 +229,15 @@ def finished_children(batch_size: int = 200) -> int:
 # -- backward ------------------------------------------------------------------------------------
 
 
-def compensate_child(unit: Unit, stage: Any) -> Outcome:
-    """The parent compensates its child stage: once the child is compensated, the stage is;
-    until then, the child is turned backward (a completed one too, or one in flight) and this
-    looks again later. Runs under the parent's lock, as the stage's compensation."""
-    child = child_of(unit.saga.pk, stage.index)
+def compensate_child(unit: Unit, step: Any) -> Outcome:
+    """The parent compensates its child stage (or a group's child member, `step`): once the
+    child is compensated, the stage is; until then, the child is turned backward (a completed
+    one too, or one in flight) and this looks again later. Runs under the parent's lock, as the
+    stage's compensation."""
+    child = child_of(unit.saga.pk, step.index, _position(step))
     if child is None or child.status == SagaStatus.COMPENSATED:
-        unit.move_step(
-            stage,
-            StepStatus.COMPENSATED,
-            EventKind.STEP_COMPENSATED,
-            {"child": str(child.pk)} if child else {},
-            compensated_at=timezone.now(),
-        )
-        unit.progressed()
-        finish_if_done(unit)
+        detail = {"child": str(child.pk)} if child else {}
+        record_compensated(unit, step, step.compensation_attempts + 1, detail=detail)
         unit.save(commit=True)
         return DONE
     if child.status == SagaStatus.FAILED and child.direction == Direction.BACKWARD:
@@ -219,7 +246,7 @@ def compensate_child(unit: Unit, stage: Any) -> Outcome:
             f"The compensation of the child saga {child.name} stopped: {child.error_message}"[:500],
         )
         outcome = record_compensation_failure(
-            unit, stage, error, give_up=True, detail={"child": str(child.pk)}
+            unit, step, error, give_up=True, detail={"child": str(child.pk)}
         )
         unit.save()
         return outcome
@@ -229,14 +256,19 @@ def compensate_child(unit: Unit, stage: Any) -> Outcome:
     return Outcome("retry", countdown=CHILD_POLL)
 
 
-def abort_child(unit: Unit, stage: Any) -> None:
-    """The parent turns back while its child is in flight: the child is aborted at once (its
-    compensation begins), unless a step of it holds it (then the stage's compensation does
-    it, in its turn)."""
-    child = child_of(unit.saga.pk, stage.index)
+def abort_child(unit: Unit, step: Any) -> None:
+    """The parent turns back while its child (a stage's, or a group's child member's, `step`)
+    is in flight: the child is aborted at once (its compensation begins), unless a step of it
+    holds it (then the stage's compensation does it, in its turn)."""
+    child = child_of(unit.saga.pk, step.index, _position(step))
     if child is not None and child.status not in FINAL_STATUSES:
         with suppress(SagaBusy):
             _turn_back(child.pk, unit.saga.pk)
+
+
+def _position(step: Any) -> int | None:
+    """A group member's position; None for a stage."""
+    return step.position if isinstance(step, SagaMember) else None
 
 
 def _turn_back(child_id: Any, parent_id: Any) -> None:
@@ -266,6 +298,82 @@ def _turn_back_now(child_id: Any, parent_id: Any) -> None:
     child.save()
 
 
+# -- a child member ----------------------------------------------------------------------------
+
+
+def member_child_ended(parent_id: UUID | str, index: int, position: int) -> None:
+    """The child of the group's member at `position` ended (or stopped for an operator): the
+    member completes with the child's outputs, or fails for good with its error (and its group
+    with it, beyond a map's tolerance); a parent waiting for the child's compensation carries
+    on with its own. Idempotent: the rows say whether the member still waits for it."""
+    with transaction.atomic():
+        if lock_member(parent_id, index, position) is None:
+            return  # before the saga's lock, as for any change of a member's row
+        unit = lock(parent_id)
+        member = unit.member(index, position)
+        if member is None or not is_child(member.definition):
+            return
+        stage = unit.steps[index]
+        if unit.saga.status == SagaStatus.COMPENSATING:
+            if member.status == StepStatus.COMPENSATING and its_turn(unit, member):
+                resend_compensation(unit, member)  # its compensation polls: no need to wait
+                unit.save()
+            return
+        child = child_of(parent_id, index, position)
+        if member.status != StepStatus.RUNNING or child is None:
+            return
+        if child.status == SagaStatus.COMPLETED:
+            outputs = dict(SagaStep.objects.filter(saga=child).values_list("name", "output"))
+            started = member.started_at or timezone.now()
+            unit.attempt_completed(member, member.attempts + 1, outputs, started)
+            if going(unit, stage):
+                after_member(unit, stage)
+        elif child.status == SagaStatus.COMPENSATED:
+            error = SafeError(
+                child.error_code or "child_compensated",
+                child.error_message or f"The child saga {child.name} was compensated.",
+            )
+            record_member_failure(unit, member, error, detail={"child": str(child.pk)})
+        else:
+            return  # stopped for an operator: the member waits
+        unit.save()
+
+
+def finished_member_children(batch_size: int = 200) -> int:
+    """The sweeper's safety net for child members: a running member whose child has ended
+    (its message lost) is told. Returns how many."""
+    latest = Saga.objects.filter(
+        parent_id=OuterRef("saga_id"),
+        parent_stage=OuterRef("stage"),
+        parent_member=OuterRef("position"),
+    ).order_by("-created_at")
+    found = list(
+        SagaMember.objects.filter(saga__status=SagaStatus.RUNNING, status=StepStatus.RUNNING)
+        .annotate(child_status=Subquery(latest.values("status")[:1]))
+        .filter(child_status__in=FINAL_STATUSES)
+        .order_by()
+        .values_list("saga_id", "stage", "position")[:batch_size]
+    )
+    for saga_id, index, position in found:
+        member_child_ended(saga_id, index, position)
+    return len(found)
+
+
+def resend_compensation(unit: Unit, member: SagaMember) -> None:
+    """Send a member's compensation again now (its child was compensated: no need to wait for
+    its poll): with its group's other members if they compensate one at a time (a chain), on
+    its own if they compensate concurrently."""
+    if not compensates_concurrently(unit.steps[member.index]):
+        unit.send_compensations()
+        return
+    saga_id, epoch = str(unit.saga.pk), unit._next_epoch()
+    entry: list[dispatch.Entry] = [(member.index, compensation_time_limit(member), member.position)]
+    unit.after_commit.append(lambda: dispatch.send_member_compensations(saga_id, epoch, entry, 0.0))
+
+
 BEGIN_STAGE["child"] = enter_child
 COMPENSATE_STAGE["child"] = compensate_child
 TURN_BACK_STAGE["child"] = abort_child
+START_MEMBER["child"] = start_child
+COMPENSATE_MEMBER["child"] = compensate_child
+TURN_BACK_MEMBER["child"] = abort_child

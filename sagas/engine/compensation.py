@@ -20,11 +20,13 @@ from ..models import EventKind, SagaMember
 from . import rows
 from .rows import StepRow
 from .unit import (
+    COMPENSATE_MEMBER,
     COMPENSATE_STAGE,
     DONE,
     DUPLICATE,
     IN_PROGRESS,
     STOP,
+    TURN_BACK_MEMBER,
     TURN_BACK_STAGE,
     Outcome,
     SafeError,
@@ -154,6 +156,13 @@ def member_compensation_attempt(
         not_now = _not_due(seen, member, epoch)
         if not_now is not None:
             return not_now
+        undo_member = COMPENSATE_MEMBER.get(str(member.definition.get("kind", "")))
+        if undo_member is not None:  # a child member: its child is compensated
+            unit = lock(saga_id)
+            recorded = unit.member(index, position)
+            if recorded is None or not its_turn(unit, recorded):
+                return STOP
+            return undo_member(unit, recorded)
         attempt = _undo(seen, member, fault)
         unit = lock(saga_id)
         recorded = unit.member(index, position)
@@ -194,13 +203,15 @@ def _undo(unit: Unit, step: Any, fault: Any) -> int:
     return ctx.attempt
 
 
-def record_compensated(unit: Unit, step: Any, attempt: int) -> None:
+def record_compensated(
+    unit: Unit, step: Any, attempt: int, *, detail: dict[str, Any] | None = None
+) -> None:
     """Record a compensation that ran (a step's, or a member's), and what comes next."""
     unit.move_step(
         step,
         StepStatus.COMPENSATED,
         EventKind.STEP_COMPENSATED,
-        {"attempt": attempt},
+        {"attempt": attempt, **(detail or {})},
         compensated_at=timezone.now(),
         compensation_attempts=attempt,
     )
@@ -212,7 +223,7 @@ def record_compensated(unit: Unit, step: Any, attempt: int) -> None:
         _after_members_together(unit, step)
 
 
-def its_turn(unit: Unit, step: StepRow) -> bool:
+def its_turn(unit: Unit, step: StepRow | SagaMember) -> bool:
     """The saga is compensating, this step is owed, and no later step still waits (reverse
     order: a message that arrives early stops, and the later step's chain brings it again).
     A member of a group that compensates concurrently: any of its group's owed members, once
@@ -371,9 +382,15 @@ def settle(unit: Unit, stage: Any) -> Outcome:
     owed = []
     for member in members:
         undo_failed = bool(member.definition.get("compensate_failed_step"))
+        turn_back = TURN_BACK_MEMBER.get(str(member.definition.get("kind", "")))
         if member.status == StepStatus.COMPLETED:
             owed.append(member)
             unit.move_step(member, StepStatus.COMPENSATING, None)
+        elif member.status == StepStatus.RUNNING and turn_back is not None:
+            # A child member whose child is in flight: aborted now, compensated in its turn.
+            owed.append(member)
+            unit.move_step(member, StepStatus.COMPENSATING, None)
+            turn_back(unit, member)
         elif member.status == StepStatus.RUNNING and undo_failed:
             # Sent: it may have begun an attempt whose session ended while its worker went
             # on; its compensation waits until that cannot run any more.

@@ -146,6 +146,8 @@ def send_bulk_batch(bulk_action_id: int) -> None:
     current_app.signature(BULK_ACTION_BATCH, args=(bulk_action_id,)).apply_async()
 
 
-def send_child_ended(parent_id: str, stage: int) -> None:
-    """Send `child_ended`: the child of the parent's `stage` ended, or stopped."""
-    current_app.signature(CHILD_ENDED, args=(parent_id, stage)).apply_async()
+def send_child_ended(parent_id: str, stage: int, member: int | None = None) -> None:
+    """Send `child_ended`: the child of the parent's `stage` (of its group's `member`, if a
+    member started it) ended, or stopped."""
+    args = (parent_id, stage) if member is None else (parent_id, stage, member)
+    current_app.signature(CHILD_ENDED, args=args).apply_async()

@@ -51,13 +51,15 @@ def start(
     created_by: Any = None,
     created_by_id: int | None = None,
     parent: tuple[Any, int] | None = None,
+    parent_member: int | None = None,
 ) -> tuple[Saga, bool]:
     """Create the saga, its step rows and its first event in one statement; send the chain
     when the transaction commits. With an idempotency key already used, return that saga.
 
     Raises `SagaKeyError` if the definition's key is not in the input, and `SagaKeyInFlight`
     if the definition allows one saga in flight per key and one is. `parent`: the (saga id,
-    stage) of the parent that starts this saga as its child (`sagas.engine.children`).
+    stage) of the parent that starts this saga as its child (`sagas.engine.children`), and
+    `parent_member` the position of the group member that starts it, if one does.
     """
     definition = get_definition(name)
     snapshots, version = definition.snapshot()
@@ -81,6 +83,7 @@ def start(
         **({"created_by_id": created_by_id} if created_by_id else {"created_by": created_by}),
         parent_id=parent[0] if parent else None,
         parent_stage=parent[1] if parent else None,
+        parent_member=parent_member,
         created_at=now,
         updated_at=now,
     )

@@ -37,7 +37,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import transaction
 from django.utils import timezone
 
-from ..definitions import MEMBER_NAME_MAX_LENGTH, import_callable
+from ..definitions import MEMBER_NAME_MAX_LENGTH, import_callable, is_child
 from ..exceptions import CodeMissing, StepError
 from ..models import EventKind, SagaMember
 from . import dispatch
@@ -46,6 +46,7 @@ from .unit import (
     BEGIN_STAGE,
     DONE,
     IN_PROGRESS,
+    START_MEMBER,
     STOP,
     Outcome,
     SafeError,
@@ -205,6 +206,14 @@ def _send(unit: Unit, stage: Any, epoch: int, *, resend: bool, countdown: float 
     pending = [m for m in members if m.status == StepStatus.PENDING]
     room = max(limit - len(running), 0)
     sending = (running if resend else []) + pending[:room]
+    children = [m for m in sending if is_child(m.definition)]
+    if children:
+        # A child member runs no task: its child saga runs, and tells it when it ends
+        # (`member_child_ended`); one already started is left to it.
+        sending = [m for m in sending if m not in children]
+        starting = [m for m in children if m.status == StepStatus.PENDING]
+        if not _start_children(unit, stage, starting, epoch):
+            return  # one could not begin: the group failed, and no other member is sent
     # Only the rows no one holds are changed: a member whose attempt runs holds its row, and
     # waits for the saga's lock, held here; it is in flight, and needs no message. A pending
     # member's row held (a late callback, a duplicate: both let go at once) is sent as it is,
@@ -224,6 +233,32 @@ def _send(unit: Unit, stage: Any, epoch: int, *, resend: bool, countdown: float 
         )
     for sent_epoch, members_sent in by_epoch.items():
         unit.after_commit.append(_sender(saga_id, sent_epoch, stage.index, members_sent, countdown))
+
+
+def _start_children(unit: Unit, stage: Any, members: list[SagaMember], epoch: int) -> bool:
+    """Start the child sagas of the group's child `members` (pending), in this transaction;
+    false if one could not begin (its member fails for good, and its saga pauses, as a child
+    stage's does)."""
+    free = free_members(members)  # a late message of an older child holds one: next time
+    now = timezone.now()
+    for member in (m for m in members if m.pk in free):
+        try:
+            child = START_MEMBER[member.definition["kind"]](unit, member)
+        except StageNotBegun as exc:
+            record_member_failure(unit, member, exc.error, pause=exc.error.code)
+            return False
+        unit.move_step(
+            member,
+            StepStatus.RUNNING,
+            EventKind.CHILD_STARTED,
+            {"child": str(child.pk), "saga": child.name},
+            epoch=epoch,
+            started_at=member.started_at or now,
+            finished_at=None,
+            error_code="",
+            error_message="",
+        )
+    return True
 
 
 def _sender(
@@ -262,7 +297,7 @@ def _complete(unit: Unit, stage: Any) -> None:
     unit.go_on(stage.index + 1)
 
 
-def _after_member(unit: Unit, stage: Any) -> None:
+def after_member(unit: Unit, stage: Any) -> None:
     """A member ended (completed, or failed within the tolerance) while its group runs: the
     group completes if it was the last, or the next member is sent (its concurrency)."""
     members = unit.members(stage.index)
@@ -314,6 +349,8 @@ def member_attempt(
         if not going(seen, stage):
             return STOP  # the saga turned back, paused, or moved on: no member starts
         member = attach(row, stage)
+        if is_child(member.definition):
+            return STOP  # a child member runs no action (a message of another version)
         action = resolve(member.definition["action"])
         started = member.started_at or timezone.now()
         ctx = seen.context(member)
@@ -329,7 +366,7 @@ def member_attempt(
         unit.attempt_completed(recorded, ctx.attempt, output, started)
         stage = unit.steps[index]
         if going(unit, stage):
-            _after_member(unit, stage)
+            after_member(unit, stage)
         # Else the saga paused or turned back while it ran: it is recorded, and a
         # compensation's settling finds it completed.
         unit.save(commit=True)
@@ -387,7 +424,6 @@ def record_member_failure(
     (beyond a map's tolerance), with what the saga does next: pause, or compensate."""
     stage = unit.steps[member.index]
     extra = detail or {}
-    policy = policy_of(member, "retry")  # type: ignore[arg-type]
     attempt = member.attempts + 1
     values: dict[str, Any] = {
         "attempts": attempt,
@@ -396,7 +432,9 @@ def record_member_failure(
         "started_at": member.started_at or timezone.now(),
     }
     forward = going(unit, stage)
-    if forward and transient and not pause and attempt < policy.max_attempts:
+    # (Only a step member's failures are transient: a child member has no policy of its own.)
+    policy = policy_of(member, "retry") if transient else None  # type: ignore[arg-type]
+    if forward and policy is not None and not pause and attempt < policy.max_attempts:
         countdown = policy.countdown(attempt)
         retrying = {**error.as_dict(), "attempt": attempt, "retry_in_s": round(countdown, 3)}
         unit.move_step(
@@ -417,7 +455,7 @@ def record_member_failure(
     tolerated = int((stage.definition.get("map") or {}).get("tolerated_failures") or 0)
     failed = [m for m in members if m.status == StepStatus.FAILED]
     if not pause and len(failed) <= tolerated:
-        _after_member(unit, stage)
+        after_member(unit, stage)
         return STOP  # the group goes on without it
     unit.move_step(
         stage,

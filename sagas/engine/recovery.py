@@ -5,10 +5,11 @@ The sweeper (`sagas.engine.sweeper`) claims the sagas; these functions run in it
 
 from __future__ import annotations
 
+from typing import Any
 from uuid import UUID
 
-from ..definitions import is_group
-from ..models import IN_FLIGHT, EventKind, Saga, SagaEvent
+from ..definitions import is_child, is_group
+from ..models import FINAL_STATUSES, IN_FLIGHT, EventKind, Saga, SagaEvent, SagaMember
 from . import rows, waits
 from .compensation import begin_compensation, finish_if_done
 from .unit import SagaStatus, StepStatus, Unit, free_members, lock
@@ -35,6 +36,8 @@ def recover(saga_id: UUID | str, *, max_recoveries: int) -> str:
         return NOT_STALLED  # its next compensation waits for its child's
     if _member_at_work(unit):
         return NOT_STALLED  # a member's attempt (or its compensation) runs now
+    if _children_at_work(unit):
+        return NOT_STALLED  # its group waits for its child members' children
     stalls = saga.recovery_attempts + 1
     unit.set_saga(recovery_attempts=stalls)
     if stalls > max_recoveries:
@@ -100,10 +103,35 @@ def _member_at_work(unit: Unit) -> bool:
 
 
 def _child_compensating(unit: Unit) -> bool:
-    """Whether the saga's next compensation is a child stage's whose child compensates."""
-    following = unit.to_compensate()[:1] if unit.saga.status == SagaStatus.COMPENSATING else []
-    if not following or following[0].definition.get("kind") != "child":
+    """Whether the saga's next compensation is a child stage's (or a group's child members')
+    whose child compensates."""
+    if unit.saga.status != SagaStatus.COMPENSATING:
         return False
-    stage = following[0]
-    children = Saga.objects.filter(parent_id=unit.saga.pk, parent_stage=stage.index)
-    return children.filter(status=SagaStatus.COMPENSATING).exists()
+    owed = unit.to_compensate()
+    following = unit.compensating_together(owed) or owed[:1]
+    return _children_where(unit, following, SagaStatus.COMPENSATING).exists()
+
+
+def _children_at_work(unit: Unit) -> bool:
+    """Whether the saga goes forward in a group whose running members are child members, one
+    of whose children is in flight: it waits for them, as a wait does (a step member running
+    without its row held is stalled: it is sent again)."""
+    stage = unit.in_progress() if unit.saga.status == SagaStatus.RUNNING else None
+    if stage is None or not is_group(stage.definition):
+        return False
+    running = [m for m in unit.members(stage.index) if m.status == StepStatus.RUNNING]
+    if not running or not all(is_child(m.definition) for m in running):
+        return False
+    return _children_where(unit, running).exclude(status__in=FINAL_STATUSES).exists()
+
+
+def _children_where(unit: Unit, stages: list[Any], status: str | None = None) -> Any:
+    """The children of `stages` (child stages, or a group's child members) that have
+    `status`; none for stages that start no child."""
+    found = Saga.objects.none()
+    for stage in (s for s in stages if is_child(s.definition)):
+        position = stage.position if isinstance(stage, SagaMember) else None
+        found |= Saga.objects.filter(
+            parent_id=unit.saga.pk, parent_stage=stage.index, parent_member=position
+        )
+    return found.filter(status=status) if status else found

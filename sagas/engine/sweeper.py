@@ -28,7 +28,7 @@ from .. import conf
 from ..bulk import batches
 from ..models import IN_FLIGHT, Direction, EventKind, Saga, SagaStatus
 from . import notify, waker
-from .children import finished_children
+from .children import finished_children, finished_member_children
 from .recovery import GAVE_UP, RECOVERED, deadline_passed, recover
 from .relay import relay
 
@@ -117,8 +117,10 @@ def sweep(
     woken = waker.wake(batch_size=batch_size)
     report.signals_applied = woken.signals_applied
     report.waits_timed_out = woken.waits_timed_out
-    # Parents still waiting for a child that ended (the message that tells them was lost).
+    # Parents still waiting for a child that ended (the message that tells them was lost),
+    # at a child stage or at a group's child member.
     report.children_ended = finished_children(batch_size=batch_size)
+    report.children_ended += finished_member_children(batch_size=batch_size)
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
     report.relayed = relay(older_than=conf.relay_after())
     if stale:

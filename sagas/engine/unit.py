@@ -28,7 +28,7 @@ from django.dispatch import receiver
 from django.utils import timezone
 
 from .. import conf
-from ..definitions import RetryPolicy, StepContext, import_callable, is_group, is_wait
+from ..definitions import RetryPolicy, StepContext, import_callable, is_child, is_group, is_wait
 from ..exceptions import (
     BusinessError,
     CodeMissing,
@@ -379,7 +379,8 @@ class Unit:
             # A child ended, or stopped: its parent is told once this commits (never locked
             # from here: a parent locks its child, not the other way round).
             parent, stage = str(saga.parent_id), int(saga.parent_stage or 0)
-            self.after_commit.append(lambda: dispatch.send_child_ended(parent, stage))
+            member = saga.parent_member
+            self.after_commit.append(lambda: dispatch.send_child_ended(parent, stage, member))
 
     def _discard_kept_signals(self) -> None:
         """The saga is finished: the signals kept for waits it never reached are discarded,
@@ -732,8 +733,10 @@ class Unit:
             for member in reversed(self.members(stage.index)):
                 undo_failed = member.definition.get("compensate_failed_step")
                 sent = member.status == StepStatus.RUNNING
-                if member.status in (StepStatus.COMPLETED, *OWED) or (
-                    undo_failed and (sent or member.status == StepStatus.FAILED)
+                if (
+                    member.status in (StepStatus.COMPLETED, *OWED)
+                    or (undo_failed and (sent or member.status == StepStatus.FAILED))
+                    or (sent and is_child(member.definition))  # its child, aborted, is undone
                 ):
                     names.append(member.title)  # as the group's settling will find it owed
                 elif sent and (running or member.pk in in_flight):
@@ -842,6 +845,13 @@ COMPENSATE_STAGE: dict[str, Callable[[Unit, Any], Outcome]] = {}
 # What a stage in progress does at once when its saga turns back, by its kind ("child": its
 # child in flight is aborted): registered by its module.
 TURN_BACK_STAGE: dict[str, Callable[[Unit, Any], None]] = {}
+# The same for a group's member that is not a step, by its kind ("child": a group's child
+# member), under the saga's lock: what begins it (it runs no task: its child saga is started,
+# and returned; raises `StageNotBegun`), its compensation, and what its group's settling does
+# at once to one in flight (registered by `sagas.engine.children`).
+START_MEMBER: dict[str, Callable[[Unit, Any], Any]] = {}
+COMPENSATE_MEMBER: dict[str, Callable[[Unit, Any], Outcome]] = {}
+TURN_BACK_MEMBER: dict[str, Callable[[Unit, Any], None]] = {}
 
 
 def lock_member(

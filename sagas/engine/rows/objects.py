@@ -30,6 +30,7 @@ class SagaRow:
         "name",
         "options",
         "parent_id",
+        "parent_member",
         "parent_stage",
         "recovery_attempts",
         "status",
@@ -54,6 +55,7 @@ class SagaRow:
     recovery_attempts: int
     parent_id: UUID | None
     parent_stage: int | None
+    parent_member: int | None
     created_by_id: int | None
     deadline_at: Any
     trace_context: str
