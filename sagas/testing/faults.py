@@ -234,12 +234,19 @@ def take(saga_id: str, index: int, *, forward: bool, member: int | None = None) 
     points = STEP_POINTS if forward else COMPENSATION_POINTS
     names = fault_names(saga_id, index, member)
     aimed = (Q(saga_id=saga_id) | Q(saga__isnull=True)) & Q(step_name__in=names)
-    parent_id, parent_stage = (
-        Saga.objects.filter(pk=saga_id).values_list("parent_id", "parent_stage").first()
-    ) or (None, None)
+    parent_id, parent_stage, parent_member = (
+        Saga.objects.filter(pk=saga_id)
+        .values_list("parent_id", "parent_stage", "parent_member")
+        .first()
+    ) or (None, None, None)
     if parent_id is not None and parent_stage is not None:
         stage = SagaStep.objects.filter(saga_id=parent_id, index=parent_stage)
         for stage_name in stage.values_list("name", flat=True)[:1]:
+            if parent_member is not None:  # a group's child member: `<group>.<member>.<step>`
+                starter = SagaMember.objects.filter(
+                    saga_id=parent_id, stage=parent_stage, position=parent_member
+                )
+                stage_name += "." + (starter.values_list("name", flat=True).first() or "")
             aimed |= Q(saga_id=parent_id, step_name__in=[f"{stage_name}.{n}" for n in names])
     injector = Injector(saga_id=saga_id, index=index, member=member)
     with transaction.atomic():

@@ -60,7 +60,8 @@ class Result:
     played: Played = field(default_factory=Played)  # what the kit did at the waits
     signals: list[SagaSignal] = field(default_factory=list)
     members: list[Member] = field(default_factory=list)
-    children: dict[str, Saga] = field(default_factory=dict)  # by the stage that started each
+    # By the stage that started each (a group's member: `<group>.<member>`).
+    children: dict[str, Saga] = field(default_factory=dict)
 
     @classmethod
     def read(
@@ -70,6 +71,15 @@ class Result:
         steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
         events = list(SagaEvent.objects.filter(saga=saga).order_by("id"))
         signals = list(SagaSignal.objects.filter(saga=saga).order_by("id"))
+        members = members_of(saga.pk, steps)
+        keys: dict[tuple[int, int | None], str] = {(m.stage, m.position): m.key for m in members}
+        children = {}
+        for child in Saga.objects.filter(parent=saga).order_by("created_at"):
+            if child.parent_stage is None:
+                continue
+            at = (child.parent_stage, child.parent_member)
+            key = steps[child.parent_stage].name if at[1] is None else keys.get(at, "")
+            children[key] = child  # a stage's (a member's) last child
         return cls(
             case=case,
             saga=saga,
@@ -78,12 +88,8 @@ class Result:
             unfinished=unfinished,
             played=played or Played(),
             signals=signals,
-            members=members_of(saga.pk, steps),
-            children={
-                steps[child.parent_stage].name: child
-                for child in Saga.objects.filter(parent=saga).order_by("created_at")
-                if child.parent_stage is not None
-            },
+            members=members,
+            children=children,
         )
 
     @property
@@ -191,11 +197,16 @@ def compensated_in_reverse_order(result: Result) -> list[str]:
 
 
 def compensated_what_completed(result: Result) -> list[str]:
-    """Exactly the completed steps (plus a `compensate_failed_step` one that may have started)
-    were compensated, as the case expects."""
+    """Exactly the completed steps (plus a `compensate_failed_step` one that may have started,
+    and a child member whose child was in flight, aborted) were compensated, as the case
+    expects."""
     completed = set(result.named(EventKind.STEP_COMPLETED))
     flagged = {s.name for s in result.steps if s.definition.get("compensate_failed_step")}
-    flagged |= {m.key for m in result.members if m.definition.get("compensate_failed_step")}
+    flagged |= {
+        m.key
+        for m in result.members
+        if m.definition.get("compensate_failed_step") or m.definition.get("kind") == "child"
+    }
     problems = [
         f"{name} was compensated though it never completed"
         for name in dict.fromkeys(result.compensated)
@@ -296,7 +307,7 @@ def duplicates_delivered(result: Result) -> list[str]:
 def duplicates_missing(saga_id: UUID, wanted: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
     """The (step, "action" or "compensation") of `wanted` whose second delivery was not seen:
     neither ignored as a duplicate nor (wrongly) acted on a second time. A group's name stands
-    for each of its members that ran that far."""
+    for each of its members that ran that far (a child member's action sends no message)."""
     steps = list(SagaStep.objects.filter(saga_id=saga_id).order_by("index"))
     done: dict[str, str] = {
         EventKind.STEP_COMPLETED: "action",
@@ -321,7 +332,14 @@ def duplicates_missing(saga_id: UUID, wanted: tuple[tuple[str, str], ...]) -> li
             expanded.append((name, kind))
             continue
         reached = ran.get(kind, (StepStatus.COMPENSATED,))
-        expanded += [(m.key, kind) for m in members if m.group == name and m.status in reached]
+        expanded += [
+            (m.key, kind)
+            for m in members
+            if m.group == name
+            and m.status in reached
+            # A child member's action is its child's: no message of its own.
+            and not (kind == "action" and m.definition.get("kind") == "child")
+        ]
     return [pair for pair in expanded if pair not in ignored | acted]
 
 

@@ -636,8 +636,14 @@ class FailureMatrix:
         """Each member failing for good (a map's: its first item), the first two failing
         together, and the first completing after the second failed for good."""
         if group.step is None:
-            names = [f"{group.name}.{member.name}" for member in group.members]
+            # A child member fails when its child does: its child's steps carry the fault.
+            steps = [m for m in group.members if isinstance(m, Step)]
+            names = [f"{group.name}.{member.name}" for member in steps]
             cases = [self._member_fails(position, group, [name]) for name in names]
+            for child in (m for m in group.members if isinstance(m, Child)):
+                cases += self._child_member_fails(position, group, child)
+        elif isinstance(group.step, Child):
+            return []
         else:  # a map's members are its items, known only once the group begins
             names = [f"{group.name}[0]", f"{group.name}[1]"]
             cases = [self._member_fails(position, group, names[:1])]
@@ -693,7 +699,7 @@ class FailureMatrix:
             )
             if paused:  # what ran completes; what was sent and had not begun never will
                 others = {StepStatus.COMPLETED, StepStatus.RUNNING, StepStatus.PENDING}
-            elif step.compensate_failed_step:
+            elif getattr(step, "compensate_failed_step", False):
                 failed.add(StepStatus.COMPENSATED)
         members = {f"{name}.*": frozenset(others)} | dict.fromkeys(failing, frozenset(failed))
         if held is not None:
@@ -708,13 +714,27 @@ class FailureMatrix:
         )
         return self._case(id, faults, expected)
 
+    def _child_member_fails(self, position: int, group: Group, child: Child) -> list[Case]:
+        """The child of a group's child member fails (its first step fails for good): the
+        member fails for good with the child's error, and its group as if a step member had
+        failed. None for a child that waits or starts a child before its first step."""
+        step = _first_step(child)
+        if step is None:
+            return []
+        name = f"{group.name}.{child.name}"
+        expected = self._member_fails(position, group, [name]).expected
+        expected = replace(expected, children={name: SagaStatus.COMPENSATED})
+        id = f"{name}: its child saga fails ({step.name} fails for good)"
+        id += " after the pivot" if self.pivot_before(position) else ""
+        fault = (f"{name}.{step.name}", FaultPoint.BEFORE_ACTION, BUSINESS_FAULT)
+        return [self._case(id, [fault], expected)]
+
     def _child_fails(self, position: int, child: Child) -> list[Case]:
         """The child's first step fails for good: the child compensates, the stage fails with
         its error, and the parent compensates the stages before it (pauses, past a pivot).
         None for a child that waits or starts a child of its own before its first step."""
-        stages = list(get_definition(child.saga).steps)
-        step = next(s for s in stages if isinstance(s, Step))  # a definition ends with one
-        if any(isinstance(s, Wait | Child) for s in stages[: stages.index(step)]):
+        step = _first_step(child)
+        if step is None:
             return []
         expected = self._wait_failed(position, BUSINESS, pause=False)
         expected = replace(expected, children={child.name: SagaStatus.COMPENSATED})
@@ -733,11 +753,15 @@ class FailureMatrix:
         its members compensated (those that ran), one not begun no member; a child stage
         completed or compensated, its child the same; one not begun, no child."""
         members: dict[str, frozenset[str]] = {}
+        children: dict[str, str] = {}
         for group in self.groups:
             status = expected.steps.get(group.name, StepStatus.PENDING)
             ran = status if status in (StepStatus.COMPLETED, StepStatus.COMPENSATED) else None
             members[f"{group.name}.*"] = frozenset([ran] if ran else [])
-        children: dict[str, str] = {}
+            if status == StepStatus.COMPLETED:  # its child members' children completed
+                listed = group.members if group.step is None else ()
+                for child in (m for m in listed if isinstance(m, Child)):
+                    children[f"{group.name}.{child.name}"] = SagaStatus.COMPLETED
         for child in self.children:
             status = expected.steps.get(child.name, StepStatus.PENDING)
             # A child ends as its stage: completed, or compensated with its parent.
@@ -765,10 +789,11 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
     for step in steps:
         definition = step.definition
         kind = definition.get("kind")
-        if kind == "group":  # its members' policies
+        if kind == "group":  # its step members' policies (a child member has none)
             policies = [*definition["members"]]
             if "map" in definition:
                 policies.append(definition["map"]["step"])
+            policies = [p for p in policies if "kind" not in p]
         else:  # a wait (no attempts, no retries) or a child stage (its child's own) have none
             policies = [] if kind else [definition]
         for policy in [p[key] for p in policies for key in ("retry", "compensation_retry")]:
@@ -799,3 +824,13 @@ def _duplicates_seen(saga: Saga, case: Case) -> bool:
     from .guarantees import duplicates_missing
 
     return not duplicates_missing(saga.pk, case.expected.duplicates)
+
+
+def _first_step(child: Child) -> Step | None:
+    """The first step of a child's saga, where the child reaches it before any wait or child
+    (a definition ends with a step)."""
+    stages = list(get_definition(child.saga).steps)
+    step = next(s for s in stages if isinstance(s, Step))
+    if any(isinstance(s, Wait | Child) for s in stages[: stages.index(step)]):
+        return None
+    return step
