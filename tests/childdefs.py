@@ -154,6 +154,8 @@ register(
 
 
 def reserve(ctx: StepContext) -> dict:
+    if Path(ctx.input.get("reserve_stuck", "/nonexistent")).exists():
+        raise TransientError("The warehouse is down.", code="warehouse_down")
     if ctx.input.get("reserve") == "decline":
         raise BusinessError("Out of stock.", code="out_of_stock")
     if ctx.input.get("reserve") == "after_child_started":
@@ -192,7 +194,7 @@ def last_of_map(ctx: StepContext) -> dict:
     return {"labels": [o and o["label"]["label"] for o in ctx.outputs["parcels"]]}
 
 
-def _group_parent(name: str, child_input, **group) -> SagaDefinition:
+def _group_parent(name: str, child_input, reserving: str = "compensate", **group) -> SagaDefinition:
     return SagaDefinition(
         name=name,
         steps=[
@@ -200,7 +202,7 @@ def _group_parent(name: str, child_input, **group) -> SagaDefinition:
             Group(
                 "fulfil",
                 members=[
-                    Step("reserve", reserve, _give, retry=FAST),
+                    Step("reserve", reserve, _give, retry=FAST, on_exhausted=reserving),
                     Child("ship", saga="child_shipping", input=child_input),
                 ],
                 **group,
@@ -213,6 +215,8 @@ def _group_parent(name: str, child_input, **group) -> SagaDefinition:
 register(_group_parent("parent_group_child", shipping_input))
 register(_group_parent("parent_group_child_together", shipping_input, concurrent_compensation=True))
 register(_group_parent("parent_group_child_broken", broken_while_flagged))
+# `reserve` pauses the saga when the file `input["reserve_stuck"]` exists through its attempts.
+register(_group_parent("parent_group_child_pausing", shipping_input, reserving="pause"))
 for tolerated in (0, 1):
     register(
         SagaDefinition(

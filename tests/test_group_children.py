@@ -160,6 +160,48 @@ def test_an_abort_of_the_parent_compensates_its_child_member_in_flight(saga_db, 
     assert stock(saga) == (0, 0, 0)
 
 
+def test_a_parent_waiting_for_its_busy_child_to_turn_back_is_not_stalled(saga_db, tmp_path):
+    gate = tmp_path / "gate"
+    saga = start(child="gate", gate=str(gate))
+    wait_for(lambda: Path(f"{gate}.started").exists(), what="the child's step to start")
+    services.saga_compensate(saga_id=saga.pk, actor="ops")
+    # The group settled; the child's step holds the child, so its abort waits for that step.
+    wait_for(lambda: members(saga)["ship"] == "compensating", what="the group to settle")
+    assert Saga.objects.get(parent=saga).status == "pending"
+
+    report = sweeper.sweep(stale_after=timedelta(0))
+
+    assert str(saga.pk) not in report.recovered
+    assert Saga.objects.get(pk=saga.pk).recovery_attempts == 0
+    gate.touch()
+    saga = wait_final(saga.pk, timeout=40)
+    assert saga.status == "compensated"
+    assert Saga.objects.get(parent=saga).status == "compensated"
+    assert stock(saga) == (0, 0, 0)
+
+
+def test_a_group_whose_child_member_runs_cannot_be_skipped(saga_db, tmp_path):
+    gate, stuck = tmp_path / "gate", tmp_path / "stuck"
+    stuck.touch()
+    saga = start(
+        "parent_group_child_pausing", child="gate", gate=str(gate), reserve_stuck=str(stuck)
+    )
+    wait_for(lambda: status(saga) == "failed", what="reserve to pause the saga")
+    assert members(saga) == {"reserve": "failed", "ship": "running"}
+
+    plan = services.saga_plan(saga_id=saga.pk, action="skip", index=1)
+    assert not plan.allowed
+    assert "fulfil.ship" in plan.reason
+    skip_member = services.saga_plan(saga_id=saga.pk, action="skip", index=1, member=0)
+    assert skip_member.allowed  # the failed member can be: the group then waits for the child
+
+    services.saga_skip(saga_id=saga.pk, index=1, member=0, output={"by": "hand"}, actor="ops")
+    gate.touch()
+    saga = wait_final(saga.pk)
+    assert saga.status == "completed"
+    assert members(saga) == {"reserve": "completed", "ship": "completed"}
+
+
 def test_a_lost_message_of_a_child_members_end_is_made_up_by_the_sweeper(saga_db, monkeypatch):
     monkeypatch.setattr("sagas.engine.dispatch.send_child_ended", lambda *args: None)
     lose_messages(monkeypatch)  # the parent's and the child's run here, as a worker would

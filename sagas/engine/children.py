@@ -259,11 +259,14 @@ def compensate_child(unit: Unit, step: Any) -> Outcome:
 def abort_child(unit: Unit, step: Any) -> None:
     """The parent turns back while its child (a stage's, or a group's child member's, `step`)
     is in flight: the child is aborted at once (its compensation begins), unless a step of it
-    holds it (then the stage's compensation does it, in its turn)."""
+    holds it (then the stage's compensation does it, in its turn). Never waits for the child's
+    lock (SKIP LOCKED): a group's settling may abort many children, under the parent's lock."""
     child = child_of(unit.saga.pk, step.index, _position(step))
-    if child is not None and child.status not in FINAL_STATUSES:
-        with suppress(SagaBusy):
-            _turn_back(child.pk, unit.saga.pk)
+    if child is None or child.status in FINAL_STATUSES:
+        return
+    free = Saga.objects.select_for_update(no_key=True, skip_locked=True).filter(pk=child.pk)
+    if list(free.values_list("pk", flat=True)):  # locked by this transaction: taken at once
+        _turn_back(child.pk, unit.saga.pk)
 
 
 def _position(step: Any) -> int | None:

@@ -21,7 +21,14 @@ from django.db import transaction
 from django.utils import timezone
 
 from .. import conf
-from ..definitions import PAYLOAD_MAX_BYTES, StepContext, import_callable, is_wait
+from ..definitions import (
+    PAYLOAD_MAX_BYTES,
+    StepContext,
+    import_callable,
+    is_child,
+    is_group,
+    is_wait,
+)
 from ..exceptions import InvalidTransition
 from ..models import EventKind, OperatorAction, SagaStep
 from . import waits
@@ -190,6 +197,17 @@ def plan_skip(unit: Unit, index: int, member: int | None = None) -> Plan:
         return Plan(OperatorAction.SKIP, False, why)
     if stage.definition.get("kind") == "child" and stage.status == StepStatus.WAITING:
         why = "A child stage ends with its child saga: act on the child (its page is linked)."
+        return Plan(OperatorAction.SKIP, False, why)
+    running = [
+        m.title
+        for m in (unit.members(index) if is_group(stage.definition) else [])
+        if m.status == StepStatus.RUNNING and is_child(m.definition)
+    ]
+    if running:
+        why = (
+            f"A child member's child saga is in flight ({', '.join(running)}): it ends with "
+            "its child; act on the child (its page is linked), or skip the failed members."
+        )
         return Plan(OperatorAction.SKIP, False, why)
     waiting = saga.status == SagaStatus.WAITING and stage.status == StepStatus.WAITING
     paused = (

@@ -9,7 +9,7 @@ from typing import Any
 from uuid import UUID
 
 from ..definitions import is_child, is_group
-from ..models import FINAL_STATUSES, IN_FLIGHT, EventKind, Saga, SagaEvent, SagaMember
+from ..models import FINAL_STATUSES, IN_FLIGHT, Direction, EventKind, Saga, SagaEvent, SagaMember
 from . import rows, waits
 from .compensation import begin_compensation, finish_if_done
 from .unit import SagaStatus, StepStatus, Unit, free_members, lock
@@ -104,12 +104,22 @@ def _member_at_work(unit: Unit) -> bool:
 
 def _child_compensating(unit: Unit) -> bool:
     """Whether the saga's next compensation is a child stage's (or a group's child members')
-    whose child compensates."""
+    whose child compensates, or whose child a step of it holds (the compensation turns it back
+    once that step ends): it waits for the child, and is not stalled."""
     if unit.saga.status != SagaStatus.COMPENSATING:
         return False
     owed = unit.to_compensate()
     following = unit.compensating_together(owed) or owed[:1]
-    return _children_where(unit, following, SagaStatus.COMPENSATING).exists()
+    children = _children_where(unit, following)
+    if children.filter(status=SagaStatus.COMPENSATING).exists():
+        return True
+    in_flight = set(
+        children.exclude(status__in=FINAL_STATUSES)
+        .exclude(direction=Direction.BACKWARD)
+        .values_list("pk", flat=True)
+    )
+    free = Saga.objects.select_for_update(no_key=True, skip_locked=True).filter(pk__in=in_flight)
+    return bool(in_flight - set(free.values_list("pk", flat=True)))
 
 
 def _children_at_work(unit: Unit) -> bool:
