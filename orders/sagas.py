@@ -18,6 +18,7 @@ from inventory.steps import (
     reserve_inventory,
     reserve_line,
 )
+from orders.reconcile import order_ledger
 from orders.services import ORDER_FULFILMENT_SAGA, order_review_threshold
 from orders.steps import (
     cancel_order,
@@ -164,6 +165,9 @@ def order_fulfilment() -> SagaDefinition:
         # order is never fulfilled by two sagas at once.
         key="order_id",
         one_in_flight_per_key=True,
+        # Once final, the gateway's ledger must agree with the outcome (a late charge, a
+        # refund made outside the saga): checked by the sweeper.
+        reconcile=order_ledger,
     )
 
 

@@ -22,6 +22,12 @@ Test tokens:
                             (lost if the shop's broker, the simulation's clock, is down then).
     tok_3ds_abandoned       charged, pending a confirmation that never comes: the customer
                             abandoned the 3-D Secure page.
+    tok_late_charge         declined at once, code "issuer_timeout" (the gateway gave up
+                            waiting for the card's issuer); the issuer's approval lands anyway:
+                            the charge appears in the ledger `GATEWAY_LATE_CHARGE_DELAY`
+                            seconds later (default 5), written by a process of its own, which
+                            no kill of the worker that asked stops. The order saga's
+                            reconciliation check finds it (`orders.reconcile`).
     any other token         declined, code "invalid_token".
 
 A 3-D Secure token (`tok_3ds*`) needs a `confirmation_url`: without one the request is
@@ -42,9 +48,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+import subprocess
+import sys
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
+from pathlib import Path
 
 from django.conf import settings
 from django.db import connections, transaction
@@ -66,6 +75,8 @@ from sagas.exceptions import BusinessError, StepError, TransientError
 logger = logging.getLogger("payments")
 
 AMOUNT_LIMIT = Decimal("10000.00")
+# Where `python -m payments.late_charge` finds the project's packages.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TOK_TRANSIENT_2_FAILURES = 2
 
 
@@ -75,6 +86,7 @@ class DeclineCode(StrEnum):
     AMOUNT_OVER_LIMIT = "amount_over_limit"
     INVALID_AMOUNT = "invalid_amount"
     INVALID_TOKEN = "invalid_token"
+    ISSUER_TIMEOUT = "issuer_timeout"
 
 
 DECLINE_MESSAGES: dict[str, str] = {
@@ -83,6 +95,7 @@ DECLINE_MESSAGES: dict[str, str] = {
     DeclineCode.AMOUNT_OVER_LIMIT: f"The amount exceeds the payment limit of {AMOUNT_LIMIT}.",
     DeclineCode.INVALID_AMOUNT: "The amount to charge must be positive.",
     DeclineCode.INVALID_TOKEN: "The payment method is not valid.",
+    DeclineCode.ISSUER_TIMEOUT: "The card's issuer did not answer in time.",
 }
 
 TOKEN_DECLINES: dict[str, DeclineCode] = {
@@ -91,7 +104,14 @@ TOKEN_DECLINES: dict[str, DeclineCode] = {
 }
 CONFIRMATION_TOKENS = frozenset({"tok_3ds", "tok_3ds_abandoned"})
 CHARGEABLE_TOKENS = frozenset(
-    {"tok_ok", "tok_transient_2", "tok_timeout", "tok_lost_response", *CONFIRMATION_TOKENS}
+    {
+        "tok_ok",
+        "tok_transient_2",
+        "tok_timeout",
+        "tok_lost_response",
+        "tok_late_charge",
+        *CONFIRMATION_TOKENS,
+    }
 )
 # The webhook the gateway posts once the customer confirmed a 3-D Secure charge.
 CONFIRMED_EVENT_TYPE = "payment.confirmed"
@@ -223,6 +243,9 @@ def _charge(idempotency_key: str, token: str, amount: Decimal, currency: str) ->
     existing = GatewayCharge.objects.filter(idempotency_key=idempotency_key).first()
     if existing is not None:
         return _replay(existing, token, amount, currency)
+    if token == "tok_late_charge" and _decline_code(token, amount) is None:
+        _land_later(idempotency_key, token, amount, currency)
+        return _Result(GatewayOutcome.DECLINED, error=_declined(DeclineCode.ISSUER_TIMEOUT))
     if token == "tok_transient_2" and _failed_attempts(idempotency_key) < TOK_TRANSIENT_2_FAILURES:
         return _Result(GatewayOutcome.UNAVAILABLE, error=_unavailable())
     decline_code = _decline_code(token, amount)
@@ -241,6 +264,48 @@ def _charge(idempotency_key: str, token: str, amount: Decimal, currency: str) ->
         lost = _unavailable("The payment gateway did not respond in time.")
         return _Result(GatewayOutcome.RESPONSE_LOST, charge, lost)
     return _Result(GatewayOutcome.CHARGED, charge)
+
+
+def _land_later(idempotency_key: str, token: str, amount: Decimal, currency: str) -> None:
+    """The issuer approves the charge late: a process of its own (`payments.late_charge`),
+    started once the gateway's answer commits, records it after the delay. Started once per
+    key: a repeated request finds the attempt it declined."""
+    declined = GatewayAttempt.objects.filter(
+        idempotency_key=idempotency_key, operation=GatewayOperation.CHARGE
+    )
+    if declined.exists():
+        return
+    delay = float(getattr(settings, "GATEWAY_LATE_CHARGE_DELAY", 5))
+    command = [sys.executable, "-m", "payments.late_charge", idempotency_key, token]
+    command += [str(amount), currency, str(delay)]
+
+    def start() -> None:
+        # Its own session: a kill of the worker's process group does not reach it.
+        subprocess.Popen(command, cwd=PROJECT_ROOT, start_new_session=True)
+
+    transaction.on_commit(start, using=GATEWAY_DB)
+
+
+def gateway_land_late_charge(
+    *, idempotency_key: str, token: str, amount: Decimal, currency: str
+) -> GatewayCharge:
+    """Record a charge the issuer approved after the gateway declined it (`tok_late_charge`):
+    the ledger now holds it, whatever the shop did meanwhile."""
+    with transaction.atomic(using=GATEWAY_DB):
+        _one_request_at_a_time(idempotency_key)
+        charge, _ = GatewayCharge.objects.get_or_create(
+            idempotency_key=idempotency_key,
+            defaults={
+                "charge_id": f"ch_{secrets.token_hex(12)}",
+                "token": token,
+                "amount": amount,
+                "currency": currency,
+                "status": GatewayChargeStatus.CHARGED,
+            },
+        )
+        _record(idempotency_key, GatewayOperation.CHARGE, token, _Result(GatewayOutcome.CHARGED))
+    logger.info("The issuer's late approval of %s landed: %s", idempotency_key, charge.charge_id)
+    return charge
 
 
 def _replay(charge: GatewayCharge, token: str, amount: Decimal, currency: str) -> _Result:

@@ -244,6 +244,10 @@ SAGAS_RECOVERY_STALE_AFTER = float(os.environ.get("SAGAS_RECOVERY_STALE_AFTER", 
 SAGAS_RECOVERY_MAX_ATTEMPTS = int(os.environ.get("SAGAS_RECOVERY_MAX_ATTEMPTS", "5"))
 # Seconds before the sweeper's relay sends a transition's signals that no process sent.
 SAGAS_RELAY_AFTER = float(os.environ.get("SAGAS_RELAY_AFTER", "30"))
+# Reconciliation (sagas.engine.reconcile): the sweeper checks a finished order saga against the
+# gateway's ledger this many seconds after its end, again every SAGAS_RECONCILE_EVERY, for a day.
+SAGAS_RECONCILE_AFTER = float(os.environ.get("SAGAS_RECONCILE_AFTER", "60"))
+SAGAS_RECONCILE_EVERY = float(os.environ.get("SAGAS_RECONCILE_EVERY", "3600"))
 # Extra modules that register saga definitions (apps may also register in AppConfig.ready).
 SAGAS_MODULES = [m for m in os.environ.get("SAGAS_MODULES", "").split(",") if m]
 # Seconds between a step's soft time limit and the hard kill of its process.
@@ -332,6 +336,9 @@ ORDERS_SHIP_AS_CHILD = os.environ.get("ORDERS_SHIP_AS_CHILD", "") in ("1", "true
 # Seconds before the simulated gateway posts a 3-D Secure confirmation (tok_3ds) to the saga's
 # signed URL (payments.gateway).
 GATEWAY_CONFIRM_DELAY = float(os.environ.get("GATEWAY_CONFIRM_DELAY", "2"))
+# Seconds before the issuer's late approval of a `tok_late_charge` charge lands in the gateway's
+# ledger, from a process of its own (payments.late_charge).
+GATEWAY_LATE_CHARGE_DELAY = float(os.environ.get("GATEWAY_LATE_CHARGE_DELAY", "5"))
 # The site's base URL, on which the signed URLs that steps hand to external systems are made
 # (the simulated gateway's 3-D Secure webhook). Locally (DEBUG on), `make run`'s own server.
 SAGAS_BASE_URL = os.environ.get("SAGAS_BASE_URL") or (

@@ -198,3 +198,47 @@ def shown_exceptions() -> tuple[str, ...]:
     such a class (or a subclass) keeps its message, cut to 500 characters, in the timeline of
     the admin; any other keeps only its class. API clients never see either."""
     return tuple(getattr(settings, "SAGAS_SHOWN_EXCEPTIONS", ()))
+
+
+def _duration_setting(name: str, default: float) -> timedelta:
+    """A setting of a duration: seconds (0 for none), a duration such as `"24h"`, or a
+    `timedelta`."""
+    value = getattr(settings, name, default)
+    if isinstance(value, timedelta):
+        return value
+    try:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError("it must not be negative")
+            return timedelta(seconds=value)
+        return parse_duration(str(value))
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"{name} = {value!r}: {exc}") from None
+
+
+def reconcile_window() -> timedelta | None:
+    """`SAGAS_RECONCILE_WINDOW`, default 86,400 seconds (a day; seconds, a duration such as
+    `"24h"`, or a `timedelta`): how long after a saga finished the sweeper still runs its
+    definition's reconciliation check. None or 0 turns the sweeper's checks off (an
+    operator's still run)."""
+    if getattr(settings, "SAGAS_RECONCILE_WINDOW", 86400) is None:
+        return None
+    return _duration_setting("SAGAS_RECONCILE_WINDOW", 86400) or None
+
+
+def reconcile_after() -> timedelta:
+    """`SAGAS_RECONCILE_AFTER`, default 60 seconds: how long after a saga finished its first
+    check runs (what the outside world does late, it does within a while)."""
+    return _duration_setting("SAGAS_RECONCILE_AFTER", 60)
+
+
+def reconcile_every() -> timedelta:
+    """`SAGAS_RECONCILE_EVERY`, default 3,600 seconds: how often a saga's check runs again while
+    it is in the window (a discrepant one too, until it agrees)."""
+    return _duration_setting("SAGAS_RECONCILE_EVERY", 3600)
+
+
+def reconcile_batch_size() -> int:
+    """`SAGAS_RECONCILE_BATCH`, default 200: the most sagas one sweep checks (with the sweep's
+    schedule, the pace of the checks)."""
+    return int(getattr(settings, "SAGAS_RECONCILE_BATCH", 200))

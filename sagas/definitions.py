@@ -527,6 +527,60 @@ def is_wait(definition: dict[str, Any]) -> bool:
 
 
 @dataclass(frozen=True)
+class Repair:
+    """What would repair a discrepancy: run the compensation of the saga's step `step` again
+    (an operator chooses to, after a preview; the saga's status never changes). `note` says
+    to the operator what it will do."""
+
+    step: str
+    note: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"action": "compensate", "step": self.step, "note": self.note}
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """A way in which the outside world disagrees with a final saga's outcome (a charge
+    still held for a compensated order): `code` (an identifier), `message` (for an operator:
+    no secret, no traceback) and, where there is one, the `repair` that would set it right."""
+
+    code: str
+    message: str
+    repair: Repair | None = None
+
+    def __post_init__(self) -> None:
+        if not self.code or len(self.code) > 100:
+            raise DefinitionError("a discrepancy's code must have 1 to 100 characters")
+
+    def as_dict(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"code": self.code, "message": self.message[:500]}
+        if self.repair is not None:
+            found["repair"] = self.repair.as_dict()
+        return found
+
+
+@dataclass(frozen=True)
+class ReconcileContext:
+    """What a definition's `reconcile` check receives: a final saga, as its rows hold it."""
+
+    saga_id: UUID
+    name: str
+    status: str  # "completed" or "compensated"
+    input: dict[str, Any]
+    # Each stage's output by name (a step compensated since keeps the output it had).
+    outputs: dict[str, Any]
+    # Each stage's status by name ("completed", "compensated", "failed", ...).
+    statuses: dict[str, str]
+    error_code: str
+
+    def idempotency_key(self, step: str) -> str:
+        """The idempotency key the saga's step `step` passed to external systems
+        (`StepContext.idempotency_key`): to find what that step did there."""
+        return f"{self.saga_id}:{step}"
+
+
+@dataclass(frozen=True)
 class SagaDefinition:
     """A named, ordered list of steps.
 
@@ -544,6 +598,11 @@ class SagaDefinition:
     raises `SagaKeyInFlight`.
 
     `on_unexpected_error` is the default of its steps' (`Step.on_unexpected_error`).
+
+    `reconcile(ctx)`, optional, checks a final saga against the outside world: it receives a
+    `ReconcileContext` and returns the `Discrepancy`s it finds (none: the world agrees). The
+    sweeper runs it on the sagas that finished within `SAGAS_RECONCILE_WINDOW`
+    (`sagas.engine.reconcile`); a module-level function, as its path is stored.
     """
 
     name: str
@@ -555,8 +614,16 @@ class SagaDefinition:
     key: str | Callable[[dict[str, Any]], Any] | None = None
     one_in_flight_per_key: bool = False
     on_unexpected_error: OnUnexpectedError | None = None
+    reconcile: str | Callable[..., Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.reconcile is not None:
+            path = dotted_path(self.reconcile)
+            if "<" in path:
+                raise DefinitionError(
+                    f"saga {self.name!r}: reconcile must be a module-level function"
+                )
+            object.__setattr__(self, "reconcile", path)
         if self.on_unexpected_error not in (None, *UNEXPECTED_ERROR_POLICIES):
             raise DefinitionError(
                 f"saga {self.name!r}: on_unexpected_error must be pause, compensate or retry"
@@ -668,7 +735,8 @@ class SagaDefinition:
     def paths(self) -> list[str]:
         """The import paths a saga of this definition stores: callables and exception classes."""
         steps, _ = self.snapshot()
-        return sorted(stored_paths(steps, self.on_complete))
+        paths = stored_paths(steps, self.on_complete)
+        return sorted(paths | ({str(self.reconcile)} if self.reconcile else set()))
 
 
 def stored_paths(steps: Sequence[dict[str, Any]], on_complete: Any = None) -> set[str]:

@@ -82,6 +82,20 @@ class EventKind(models.TextChoices):
     SIGNAL_REFUSED = "signal_refused", "Signal refused"
     SIGNAL_DISCARDED = "signal_discarded", "Kept signal discarded"
     CHILD_STARTED = "child_started", "Child saga started"
+    DISCREPANCY_FOUND = "discrepancy_found", "Reconciliation found discrepancies"
+    DISCREPANCY_CLEARED = "discrepancy_cleared", "Reconciliation agrees again"
+    RECONCILE_FAILED = "reconcile_failed", "Reconciliation check failed"
+    REPAIR_RAN = "repair_ran", "Operator repair ran"
+    REPAIR_FAILED = "repair_failed", "Operator repair failed"
+
+
+class Reconciliation(models.TextChoices):
+    """What the last run of a final saga's reconciliation check found
+    (`SagaDefinition.reconcile`)."""
+
+    UNCHECKED = "unchecked", "Not checked"
+    AGREES = "agrees", "Agrees with the world"
+    DISCREPANT = "discrepant", "Discrepancies found"
 
 
 def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
@@ -187,6 +201,21 @@ class Saga(models.Model):
         help_text="The position of the parent's group member that started this child, if a "
         "group's member started it.",
     )
+    # Reconciliation (`sagas.engine.reconcile`): what the last check of the final saga found.
+    reconciliation = models.CharField(
+        max_length=20,
+        choices=Reconciliation.choices,
+        default=Reconciliation.UNCHECKED,
+        help_text="What the last reconciliation check found: discrepant sagas are flagged.",
+    )
+    reconciled_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the reconciliation check last ran on the saga."
+    )
+    discrepancies = models.JSONField(
+        null=True,
+        blank=True,
+        help_text="The discrepancies the last check found (code, message, repair), if any.",
+    )
     created_at = models.DateTimeField(auto_now_add=True, help_text="When the saga was started.")
     updated_at = models.DateTimeField(auto_now=True, help_text="Last progress of the saga.")
     finished_at = models.DateTimeField(
@@ -248,6 +277,12 @@ class Saga(models.Model):
                 name="saga_parent_idx",
             ),
             # Retention (sagas.retention): the oldest finished sagas of a status, first.
+            # The flagged sagas (the admin's filter, the API's, the metric): few.
+            models.Index(
+                fields=["-finished_at"],
+                condition=Q(reconciliation="discrepant"),
+                name="saga_discrepant_idx",
+            ),
             models.Index(
                 fields=["status", "finished_at"],
                 condition=Q(finished_at__isnull=False),
@@ -262,6 +297,8 @@ class Saga(models.Model):
             ("signal_saga", "Can send a signal to a saga"),
             ("approve_saga", "Can approve or reject a saga's approval"),
             ("skip_saga", "Can mark a failed or waiting stage as done by hand"),
+            ("reconcile_saga", "Can run a final saga's reconciliation check"),
+            ("repair_saga", "Can run a repair a reconciliation check offers"),
         ]
 
     def __str__(self) -> str:
@@ -557,6 +594,8 @@ class OperatorAction(models.TextChoices):
     COMPENSATE = "compensate", "Compensate"
     RESOLVE = "resolve", "Resolve"
     SKIP = "skip", "Skip"
+    RECONCILE = "reconcile", "Reconcile"
+    REPAIR = "repair", "Repair"
 
 
 class BulkOperation(models.TextChoices):
@@ -566,6 +605,8 @@ class BulkOperation(models.TextChoices):
     COMPENSATE = OperatorAction.COMPENSATE.value, OperatorAction.COMPENSATE.label
     #: Mark the stage of one name as done in every saga, with one output (`BulkAction.stage`).
     SKIP = OperatorAction.SKIP.value, OperatorAction.SKIP.label
+    #: Run each final saga's reconciliation check now.
+    RECONCILE = OperatorAction.RECONCILE.value, OperatorAction.RECONCILE.label
 
 
 class BulkActionStatus(models.TextChoices):

@@ -51,10 +51,10 @@ def saga_plan(
     locked: bool = True,
     member: int | None = None,
 ) -> Plan:
-    """Preview an operator action (`retry`, `compensate`, `resolve`, `skip`) without doing
-    it; `deadline` as for `saga_retry`, `member` as for `saga_skip`. Not `locked`: from the
-    rows as they are, never waiting for a running step (a page that offers the action); the
-    action's own plan decides."""
+    """Preview an operator action (`retry`, `compensate`, `resolve`, `skip`, `reconcile`,
+    `repair`) without doing it; `deadline` as for `saga_retry`, `member` as for `saga_skip`.
+    Not `locked`: from the rows as they are, never waiting for a running step (a page that
+    offers the action); the action's own plan decides."""
     return engine.plan(saga_id, action, index, locked=locked, deadline=deadline, member=member)
 
 
@@ -209,6 +209,30 @@ def saga_skip(
         matches=matches,
         member=member,
     )
+
+
+def saga_reconcile(
+    *,
+    saga_id: UUID | str,
+    actor: str = "",
+    bulk_action_id: int | None = None,
+    matches: Callable[[], bool] | None = None,
+) -> Plan:
+    """Run a final saga's reconciliation check now (its definition's `reconcile`): what it
+    finds flags the saga (or clears its flag) and goes on its timeline; its status never
+    changes. `matches` as for `saga_retry`. Raises `InvalidTransition` for a saga in flight
+    or of a definition without a check."""
+    return engine.reconcile_now(
+        saga_id, actor=actor, bulk_action_id=bulk_action_id, matches=matches
+    )
+
+
+def saga_repair(*, saga_id: UUID | str, index: int, actor: str = "") -> Plan:
+    """Run the compensation of step `index` again, the repair a discrepancy of the last check
+    offers: a worker runs it once this returns, records it on the timeline (who, which step,
+    the result) and runs the check again. The saga's status never changes. Raises
+    `InvalidTransition` when no recorded discrepancy offers it."""
+    return engine.repair(saga_id, index, actor=actor)
 
 
 def saga_step_resolve(

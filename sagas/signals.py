@@ -43,6 +43,8 @@ logger = logging.getLogger("sagas")
 __all__ = [
     "saga_compensated",
     "saga_completed",
+    "saga_discrepancy_cleared",
+    "saga_discrepancy_found",
     "saga_failed",
     "saga_paused",
     "saga_resumed",
@@ -86,6 +88,14 @@ saga_waiting = Signal()
 #: (an operator's abort, its deadline) is not announced here: its `saga_compensated` is.
 saga_resumed = Signal()
 
+#: A final saga's reconciliation check found the outside world disagreeing with its outcome
+#: (`SagaDefinition.reconcile`), or found other discrepancies than it had recorded: the saga
+#: is flagged. Also: `discrepancies`, a list of `{"code", "message", "repair"}` (`repair`:
+#: `{"action": "compensate", "step", "note"}`, where the check offers one).
+saga_discrepancy_found = Signal()
+#: A flagged saga's check agrees with the outside world again: its flag is cleared.
+saga_discrepancy_cleared = Signal()
+
 BY_KIND: dict[str, Signal] = {
     EventKind.SAGA_STARTED: saga_started,
     EventKind.SAGA_COMPLETED: saga_completed,
@@ -97,6 +107,8 @@ BY_KIND: dict[str, Signal] = {
     EventKind.WAIT_COMPLETED: saga_resumed,
     EventKind.WAIT_TIMED_OUT: saga_resumed,
     EventKind.WAIT_FAILED: saga_resumed,
+    EventKind.DISCREPANCY_FOUND: saga_discrepancy_found,
+    EventKind.DISCREPANCY_CLEARED: saga_discrepancy_cleared,
 }
 # How a wait ended, by the kind of the event that ended it (`saga_resumed`).
 RESUMED_HOW: dict[str, str] = {
@@ -138,6 +150,8 @@ def _arguments(saga: Any, event: Any) -> dict[str, Any]:
         found.update(stage=event.step_name, index=event.step_index, event=detail.get("event"))
         until = detail.get("until")
         found["until"] = parse_datetime(until) if until else None
+    elif kind == EventKind.DISCREPANCY_FOUND:
+        found["discrepancies"] = detail.get("discrepancies", [])
     elif kind in RESUMED_HOW:
         found.update(stage=event.step_name, index=event.step_index)
         found["how"] = resumed_how(kind, detail)

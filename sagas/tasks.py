@@ -16,7 +16,7 @@ from django.db import InterfaceError, OperationalError, ProgrammingError, close_
 
 from . import conf, engine, retention
 from .bulk import batches
-from .engine import dispatch, hooks, sweeper, waker
+from .engine import dispatch, hooks, reconcile, sweeper, waker
 from .models import BulkAction, Saga
 
 logger = logging.getLogger("sagas")
@@ -312,6 +312,20 @@ def child_ended(self: Any, parent_id: str, stage: int, member: int | None = None
         raise _schema_behind(self, parent_id) from None
 
 
+@shared_task(bind=True, name="sagas.repair", max_retries=None)
+def repair(self: Any, saga_id: str, index: int, actor: str = "") -> str:
+    """Run step `index`'s compensation again, a repair an operator chose after a
+    reconciliation check found a discrepancy (`sagas.engine.reconcile`), and check again.
+    Idempotent: a repeated message finds the discrepancy gone and does nothing."""
+    try:
+        return reconcile.run_repair(saga_id, index, actor=actor)
+    except Saga.DoesNotExist:
+        logger.warning("saga %s does not exist: repair ignored", saga_id)
+        return "not offered"
+    except DATABASE_UNAVAILABLE:
+        raise _database_unavailable(self, saga_id) from None
+
+
 @shared_task(bind=True, name="sagas.bulk_action_batch", max_retries=None)
 def bulk_action_batch(self: Any, bulk_action_id: int) -> None:
     """Act on the next batch of a bulk action's sagas, then send the next batch. Idempotent:
@@ -340,6 +354,8 @@ def sweep() -> dict[str, int]:
         "waits_timed_out": len(report.waits_timed_out),
         "signals_applied": report.signals_applied,
         "children_ended": report.children_ended,
+        "reconciled": report.reconciled,
+        "discrepant": report.discrepant,
     }
 
 

@@ -38,6 +38,10 @@ DEFAULTS = [
     ("SAGAS_ON_UNEXPECTED_ERROR", conf.on_unexpected_error, "pause"),
     ("SAGAS_RENAMED_CALLABLES", conf.renamed_callables, {}),
     ("SAGAS_SHOWN_EXCEPTIONS", conf.shown_exceptions, ()),
+    ("SAGAS_RECONCILE_WINDOW", conf.reconcile_window, timedelta(days=1)),
+    ("SAGAS_RECONCILE_AFTER", conf.reconcile_after, timedelta(seconds=60)),
+    ("SAGAS_RECONCILE_EVERY", conf.reconcile_every, timedelta(hours=1)),
+    ("SAGAS_RECONCILE_BATCH", conf.reconcile_batch_size, 200),
 ]
 
 
@@ -66,6 +70,10 @@ def test_a_set_setting_is_read_when_used(settings):
     settings.SAGAS_BULK_MAX_SAGAS = "500"
     settings.SAGAS_BULK_BATCH_SIZE = 20
     settings.SAGAS_LIST_COUNT_LIMIT = "50"
+    settings.SAGAS_RECONCILE_WINDOW = "12h"
+    settings.SAGAS_RECONCILE_AFTER = 0
+    settings.SAGAS_RECONCILE_EVERY = timedelta(minutes=5)
+    settings.SAGAS_RECONCILE_BATCH = "50"
     assert conf.hard_time_limit_grace() == 3
     assert conf.recovery_stale_after() == timedelta(seconds=7.5)
     assert conf.recovery_max_attempts() == 2
@@ -77,6 +85,11 @@ def test_a_set_setting_is_read_when_used(settings):
     assert conf.metrics_token() == ""
     assert (conf.bulk_max_sagas(), conf.bulk_batch_size()) == (500, 20)
     assert conf.list_count_limit() == 50
+    assert conf.reconcile_window() == timedelta(hours=12)
+    assert (conf.reconcile_after(), conf.reconcile_every()) == (timedelta(0), timedelta(minutes=5))
+    assert conf.reconcile_batch_size() == 50
+    settings.SAGAS_RECONCILE_WINDOW = 0
+    assert conf.reconcile_window() is None  # the sweeper's checks are off
     from orders.admin_links import saga_links
 
     assert conf.admin_links_hook() is saga_links
@@ -88,11 +101,18 @@ def test_a_set_setting_is_read_when_used(settings):
         ("SAGAS_ON_UNEXPECTED_ERROR", "ignore"),
         ("SAGAS_RENAMED_CALLABLES", ["shop.steps.old"]),
         ("SAGAS_RENAMED_CALLABLES", {"shop.steps.old": 3}),
+        ("SAGAS_RECONCILE_AFTER", "soon"),
+        ("SAGAS_RECONCILE_WINDOW", -5),
     ],
 )
 def test_a_bad_value_is_refused_with_a_clear_message(settings, name, value):
     setattr(settings, name, value)
-    read = {"SAGAS_ON_UNEXPECTED_ERROR": conf.on_unexpected_error}.get(name, conf.renamed_callables)
+    readers = {
+        "SAGAS_ON_UNEXPECTED_ERROR": conf.on_unexpected_error,
+        "SAGAS_RECONCILE_AFTER": conf.reconcile_after,
+        "SAGAS_RECONCILE_WINDOW": conf.reconcile_window,
+    }
+    read = readers.get(name, conf.renamed_callables)
     with pytest.raises(ImproperlyConfigured, match=name):
         read()
 

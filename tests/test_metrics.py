@@ -183,6 +183,7 @@ def test_the_grafana_dashboard_queries_only_metrics_that_exist():
     names = {f"{m._name}_total" if isinstance(m, Counter) else m._name for m in metrics}
     names |= {"sagas_in_flight", "sagas_stalled", "sagas_oldest_progress_age_seconds"}
     names |= {"sagas_waiting", "sagas_waits_overdue", "sagas_oldest_wait_age_seconds"}
+    names |= {"sagas_discrepant"}
     queried = set()
     for panel in dashboard["panels"]:
         assert panel["targets"], panel["title"]

@@ -29,7 +29,7 @@ from django.utils.safestring import SafeString
 
 from .. import conf, services
 from ..durations import parse_duration
-from ..engine import KEEP, Deadline, Plan
+from ..engine import KEEP, Deadline, Plan, reconcile
 from ..engine.waits import SignalOutcome, storable_text
 from ..exceptions import InvalidTransition, SagaBusy, SignalError
 from ..models import Direction, OperatorAction, Saga, SignalStatus, StepStatus
@@ -71,6 +71,23 @@ ACTION_WORDS: dict[str, ActionWords] = {
         "Resolving marks the step whose compensation failed as compensated by hand (you "
         "undid its effect yourself); the remaining compensations then run.",
     ),
+    OperatorAction.RECONCILE: ActionWords(
+        "reconcile_sagas",
+        "Reconcile",
+        "Reconciled",
+        "Reconciling runs the definition's reconciliation check of each final saga now, "
+        "against the outside world: discrepancies flag the saga, an agreeing check clears its "
+        "flag. A saga's status never changes.",
+    ),
+    OperatorAction.REPAIR: ActionWords(
+        "repair_sagas",
+        "Repair",
+        "Repair sent for",
+        "Repairing runs again the compensation of the step a discrepancy of the last check "
+        "names (a refund of a charge that landed late, say), in a worker; the repair and its "
+        "result go on the saga's timeline, and the check runs again. A saga's status never "
+        "changes.",
+    ),
     APPROVE: ActionWords(
         "approve_sagas",
         "Approve",
@@ -98,6 +115,8 @@ ACTION_WORDS: dict[str, ActionWords] = {
 }
 # The actions with a page of their own for one saga, not a list action.
 OWN_PAGES = (*DECISIONS, OperatorAction.SKIP)
+# The actions on a final saga only (`sagas.engine.reconcile`).
+FINAL_ONLY = (OperatorAction.RECONCILE, OperatorAction.REPAIR)
 
 
 class RetryDeadlineForm(forms.Form):
@@ -178,7 +197,15 @@ class Preview:
 class OperatorActionsAdmin(admin.ModelAdmin):
     """The operator actions of a saga ModelAdmin, each gated by its own permission."""
 
-    actions = ("retry_sagas", "compensate_sagas", "resolve_sagas", "approve_sagas", "reject_sagas")
+    actions = (
+        "retry_sagas",
+        "compensate_sagas",
+        "resolve_sagas",
+        "approve_sagas",
+        "reject_sagas",
+        "reconcile_sagas",
+        "repair_sagas",
+    )
 
     def has_retry_permission(self, request: HttpRequest) -> bool:
         return may_operate(request.user, OperatorAction.RETRY)
@@ -191,6 +218,12 @@ class OperatorActionsAdmin(admin.ModelAdmin):
 
     def has_approve_permission(self, request: HttpRequest) -> bool:
         return may_operate(request.user, APPROVE)
+
+    def has_reconcile_permission(self, request: HttpRequest) -> bool:
+        return may_operate(request.user, OperatorAction.RECONCILE)
+
+    def has_repair_permission(self, request: HttpRequest) -> bool:
+        return may_operate(request.user, OperatorAction.REPAIR)
 
     def get_urls(self) -> list[URLPattern]:
         decisions = [
@@ -234,13 +267,15 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         Whether an action applies is for its confirmation page to say (from `saga_plan`): a
         plan locks the saga row, which a page view should not wait for while a step runs.
         """
-        if saga.is_final:
-            return []
+        if saga.is_final:  # reconciled, and repaired where a discrepancy offers a repair
+            final = [OperatorAction.RECONCILE] if reconcile.check_of(saga.name) else []
+            final += [OperatorAction.REPAIR] if self._repair_index(saga) is not None else []
+            return [ACTION_WORDS[a] for a in final if may_operate(request.user, a)]
         stuck = any(s.status == StepStatus.COMPENSATION_FAILED for s in saga.steps.all())
         return [
             words
             for action, words in ACTION_WORDS.items()
-            if action not in OWN_PAGES
+            if action not in (*OWN_PAGES, *FINAL_ONLY)
             and may_operate(request.user, action)
             and (action != OperatorAction.RESOLVE or stuck)
         ]
@@ -300,6 +335,22 @@ class OperatorActionsAdmin(admin.ModelAdmin):
     def resolve_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
         return self._operate(request, queryset, OperatorAction.RESOLVE)
 
+    @admin.action(
+        description="Run the reconciliation check of the selected sagas",
+        permissions=[OperatorAction.RECONCILE],
+    )
+    def reconcile_sagas(
+        self, request: HttpRequest, queryset: QuerySet[Saga]
+    ) -> HttpResponse | None:
+        return self._operate(request, queryset, OperatorAction.RECONCILE)
+
+    @admin.action(
+        description="Run the repair the discrepancies of the selected sagas offer",
+        permissions=[OperatorAction.REPAIR],
+    )
+    def repair_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
+        return self._operate(request, queryset, OperatorAction.REPAIR)
+
     @admin.action(description="Approve the approval of the selected sagas", permissions=[APPROVE])
     def approve_sagas(self, request: HttpRequest, queryset: QuerySet[Saga]) -> HttpResponse | None:
         return self._operate(request, queryset, APPROVE)
@@ -317,10 +368,23 @@ class OperatorActionsAdmin(admin.ModelAdmin):
         failed = [s.index for s in saga.steps.all() if s.status == StepStatus.COMPENSATION_FAILED]
         return max(failed, default=saga.current_step)
 
+    @staticmethod
+    def _repair_index(saga: Saga) -> int | None:
+        """The step whose compensation the first repair the saga's discrepancies offer runs
+        again, if one does."""
+        offered = [d["repair"]["step"] for d in saga.discrepancies or [] if d.get("repair")]
+        if not offered:
+            return None
+        return saga.steps.filter(name=offered[0]).values_list("index", flat=True).first()
+
     def _plan(self, saga: Saga, action: str) -> Plan:
         if action in DECISIONS:
             return decision_plan(saga, action)
         index = self._resolve_index(saga) if action == OperatorAction.RESOLVE else None
+        if action == OperatorAction.REPAIR:
+            index = self._repair_index(saga)
+            if index is None:
+                return Plan(action, False, "No discrepancy of its last check offers a repair.")
         return services.saga_plan(saga_id=saga.pk, action=action, index=index)
 
     def _act(
@@ -346,6 +410,13 @@ class OperatorActionsAdmin(admin.ModelAdmin):
                 note=choices.note,
                 member=choices.member,
             )
+        if action == OperatorAction.RECONCILE:
+            return services.saga_reconcile(saga_id=saga.pk, actor=actor)
+        if action == OperatorAction.REPAIR:
+            repair = self._repair_index(saga)
+            if repair is None:
+                raise InvalidTransition("No discrepancy of its last check offers a repair.")
+            return services.saga_repair(saga_id=saga.pk, index=repair, actor=actor)
         index = self._resolve_index(saga)
         return services.saga_step_resolve(saga_id=saga.pk, index=index, actor=actor)
 

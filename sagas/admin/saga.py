@@ -23,7 +23,15 @@ from django.utils.safestring import SafeString
 
 from .. import conf
 from ..definitions import MAX_CHILD_DEPTH
-from ..models import Saga, SagaEvent, SagaMember, SagaStatus, SagaStep, StepStatus
+from ..models import (
+    Reconciliation,
+    Saga,
+    SagaEvent,
+    SagaMember,
+    SagaStatus,
+    SagaStep,
+    StepStatus,
+)
 from ..paginators import BoundedPaginator
 from ..permissions import may_operate
 from .bulk import SagaBulkActionsMixin
@@ -270,7 +278,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         "duration",
     )
     list_display_links = ("short_id",)
-    list_filter = ("status", ("name", SagaNameFilter), "created_at")
+    list_filter = ("status", ("name", SagaNameFilter), "reconciliation", "created_at")
     date_hierarchy = "created_at"
     # as get_search_results searches them (through indexes), with the business key, whole,
     # and the project's SAGAS_ADMIN_SEARCH_FIELDS
@@ -298,6 +306,10 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         ("Waiting", {"classes": ("saga-waiting",), "fields": ("waiting_details",)}),
         ("Steps, forward and compensation", {"classes": ("saga-flow",), "fields": ("diagram",)}),
         ("Parent and children", {"classes": ("saga-family",), "fields": ("family",)}),
+        (
+            "Reconciliation",
+            {"classes": ("saga-reconciliation",), "fields": ("reconciliation_details",)},
+        ),
         ("Related objects", {"classes": ("saga-related",), "fields": ("related_objects",)}),
         (
             "Input and bookkeeping",
@@ -331,6 +343,7 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
         "waiting_details",
         "diagram",
         "family",
+        "reconciliation_details",
         "related_objects",
         "input_json",
         "options_json",
@@ -449,7 +462,40 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, saga: Saga) -> SafeString:
-        return status_badge(saga.status, saga.get_status_display())
+        badge = status_badge(saga.status, saga.get_status_display())
+        if saga.reconciliation == Reconciliation.DISCREPANT:
+            # Flagged by its reconciliation check: the world disagrees with its outcome.
+            flag = format_html(
+                '<span class="saga-discrepant" title="{}">discrepant</span>',
+                "; ".join(d.get("message", "") for d in saga.discrepancies or []),
+            )
+            return format_html("{} {}", badge, flag)
+        return badge
+
+    @admin.display(description="reconciliation")
+    def reconciliation_details(self, saga: Saga) -> SafeString:
+        """What the last check found, each discrepancy with the repair it offers."""
+        checked = clock(saga.reconciled_at) if saga.reconciled_at else "never"
+        found = format_html_join(
+            "",
+            "<li><code>{}</code> {}{}</li>",
+            (
+                (
+                    d.get("code", ""),
+                    d.get("message", ""),
+                    format_html(" (repair: run the compensation of {} again)", d["repair"]["step"])
+                    if d.get("repair")
+                    else "",
+                )
+                for d in saga.discrepancies or []
+            ),
+        )
+        return format_html(
+            "<p>{}: last checked {}.</p>{}",
+            saga.get_reconciliation_display(),
+            checked,
+            format_html("<ul>{}</ul>", found) if saga.discrepancies else "",
+        )
 
     @admin.display(description="progress")
     def progress(self, saga: Saga) -> SafeString:
@@ -563,4 +609,6 @@ class SagaAdmin(ReadOnlyAdminMixin, SagaSignalAdmin, SagaSkipAdmin, SagaBulkActi
             left_out.add("Waiting")
         if obj is None or (obj.parent_id is None and not obj.children.exists()):
             left_out.add("Parent and children")
+        if obj is None or (obj.reconciled_at is None and not obj.discrepancies):
+            left_out.add("Reconciliation")
         return [fieldset for fieldset in fieldsets if fieldset[0] not in left_out]

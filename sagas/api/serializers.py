@@ -23,6 +23,7 @@ from ..models import (
     BulkOperation,
     BulkOutcome,
     OperatorAction,
+    Reconciliation,
     Saga,
     SagaEvent,
     SagaMember,
@@ -264,6 +265,31 @@ class ChildSerializer(ModelSerializer):
         read_only_fields = fields
 
 
+class RepairSerializer(serializers.Serializer):
+    action = serializers.CharField(help_text='What the repair runs: "compensate".')
+    step = serializers.CharField(help_text="The step whose compensation it runs again.")
+    note = serializers.CharField(help_text="What it will do, for the operator.")
+
+
+class DiscrepancySerializer(serializers.Serializer):
+    code = serializers.CharField(help_text="What disagrees (the check's identifier).")
+    message = serializers.CharField(help_text="For an operator: what the check found.")
+    repair = RepairSerializer(required=False, help_text="The repair it offers, if any.")
+
+
+class ReconciliationSerializer(serializers.Serializer):
+    status = serializers.ChoiceField(
+        choices=Reconciliation.choices,
+        help_text="What the last check found: `discrepant` sagas are flagged.",
+    )
+    checked_at = serializers.DateTimeField(
+        allow_null=True, help_text="When the check last ran (null: never)."
+    )
+    discrepancies = DiscrepancySerializer(
+        many=True, help_text="What the last check found, if the saga is flagged."
+    )
+
+
 class SagaSerializer(ModelSerializer):
     url = serializers.HyperlinkedIdentityField(view_name=SAGA_DETAIL, read_only=True)
     key = serializers.CharField(
@@ -277,6 +303,10 @@ class SagaSerializer(ModelSerializer):
         help_text="While the saga waits: for what, since when and until when."
     )
     steps = SagaStepSerializer(many=True, read_only=True)
+    reconciliation = serializers.SerializerMethodField(
+        help_text="A final saga checked against the outside world (its definition's "
+        "`reconcile`): what the last check found."
+    )
     parent = serializers.PrimaryKeyRelatedField(
         read_only=True,
         allow_null=True,
@@ -305,11 +335,21 @@ class SagaSerializer(ModelSerializer):
             "created_at",
             "updated_at",
             "finished_at",
+            "reconciliation",
             "parent",
             "children",
             "steps",
         ]
         read_only_fields = fields
+
+    @extend_schema_field(ReconciliationSerializer)
+    def get_reconciliation(self, saga: Saga) -> dict[str, Any]:
+        found = {
+            "status": saga.reconciliation,
+            "checked_at": saga.reconciled_at,
+            "discrepancies": saga.discrepancies or [],
+        }
+        return ReconciliationSerializer(found).data  # its time as the API writes times
 
     @extend_schema_field(ErrorSerializer(allow_null=True))
     def get_error(self, saga: Saga) -> dict[str, str] | None:
@@ -370,7 +410,7 @@ class PlanQuerySerializer(serializers.Serializer):
         required=False,
         min_value=0,
         max_value=32767,
-        help_text="The step to resolve or skip (required with action=resolve or skip).",
+        help_text="The step to resolve, skip or repair (required with those actions).",
     )
     member = serializers.IntegerField(
         required=False,
@@ -389,7 +429,7 @@ class PlanQuerySerializer(serializers.Serializer):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        needs_index = (OperatorAction.RESOLVE, OperatorAction.SKIP)
+        needs_index = (OperatorAction.RESOLVE, OperatorAction.SKIP, OperatorAction.REPAIR)
         if attrs["action"] in needs_index and attrs.get("index") is None:
             raise serializers.ValidationError({"index": f"Required with action={attrs['action']}."})
         if "deadline" in attrs and attrs["action"] != OperatorAction.RETRY:

@@ -49,6 +49,7 @@ from ..models import (
     BulkAction,
     BulkOperation,
     OperatorAction,
+    Reconciliation,
     Saga,
     SagaEvent,
     SagaMember,
@@ -66,7 +67,9 @@ from ..services import (
     saga_approve,
     saga_compensate,
     saga_plan,
+    saga_reconcile,
     saga_reject,
+    saga_repair,
     saga_retry,
     saga_signal,
     saga_skip,
@@ -163,6 +166,12 @@ class SagaFilter(filters.FilterSet):
         field_name="business_key",
         help_text="Only sagas with this business key (their definition's `key`), such as an "
         "order id: the sagas of an object.",
+    )
+
+    reconciliation = filters.ChoiceFilter(
+        choices=Reconciliation.choices,
+        help_text="Only sagas whose last reconciliation check found this (`discrepant`: the "
+        "flagged ones).",
     )
 
     class Meta:
@@ -539,8 +548,68 @@ class SagaViewSet(viewsets.ReadOnlyModelViewSet):
         return self._decide(request, approve=False)
 
     @extend_schema(
+        summary="Run a final saga's reconciliation check now",
+        description=(
+            "Its definition's `reconcile` check, against the outside world: discrepancies "
+            "flag the saga (`reconciliation`), an agreeing check clears its flag; its status "
+            "never changes. Staff with `sagas.reconcile_saga`."
+        ),
+        request=None,
+        parameters=[IDEMPOTENCY_KEY],
+        responses={
+            202: SagaDetailSerializer,
+            409: OpenApiResponse(
+                DetailSerializer,
+                description="Not final, its parent not final, or its definition has no check.",
+            ),
+            **ERROR_RESPONSES,
+            **KEYED_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"])
+    def reconcile(self, request: Request, pk: str | None = None) -> Response:
+        return self._act(request, saga_reconcile)
+
+    @extend_schema(
+        summary="Run a repair a discrepancy offers",
+        description=(
+            "Run the compensation of the step again, as a discrepancy the last check found "
+            "offers: a worker runs it, records it on the timeline (who, which step, the "
+            "result) and runs the check again. The saga's status never changes. Staff with "
+            "`sagas.repair_saga`."
+        ),
+        request=None,
+        parameters=[
+            IDEMPOTENCY_KEY,
+            OpenApiParameter(
+                "index",
+                {"type": "integer", "minimum": 0, "maximum": 999999999},
+                OpenApiParameter.PATH,
+                description="The step's index (0 is the first step).",
+            ),
+        ],
+        responses={
+            202: SagaDetailSerializer,
+            409: OpenApiResponse(
+                DetailSerializer, description="No discrepancy offers a repair of that step."
+            ),
+            **ERROR_RESPONSES,
+            **KEYED_RESPONSES,
+        },
+    )
+    @action(detail=True, methods=["post"], url_path=r"steps/(?P<index>[0-9]{1,9})/repair")
+    def repair(self, request: Request, pk: str | None = None, index: str = "0") -> Response:
+        def do(*, saga_id: Any, actor: str) -> Plan:
+            return saga_repair(saga_id=saga_id, index=int(index), actor=actor)
+
+        return self._act(request, do)
+
+    @extend_schema(
         summary="Preview an operator action",
-        description="What retry, compensate or resolve would do now, without doing it. Staff only.",
+        description=(
+            "What retry, compensate, resolve, skip, reconcile or repair would do now, without "
+            "doing it. Staff only."
+        ),
         parameters=[PlanQuerySerializer],
         responses={
             200: PlanSerializer,

@@ -44,6 +44,7 @@ logger = logging.getLogger("sagas")
 SERVICES: dict[str, Callable[..., Plan]] = {
     BulkOperation.RETRY: services.saga_retry,
     BulkOperation.COMPENSATE: services.saga_compensate,
+    BulkOperation.RECONCILE: services.saga_reconcile,
 }
 
 DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)

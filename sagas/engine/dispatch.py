@@ -20,6 +20,7 @@ ON_COMPENSATION_FAILURE = "sagas.on_compensation_failure"
 CHAIN_FAILED = "sagas.chain_failed"
 BULK_ACTION_BATCH = "sagas.bulk_action_batch"
 CHILD_ENDED = "sagas.child_ended"
+REPAIR = "sagas.repair"
 
 
 def task_id(saga_id: str, epoch: int, index: int, member: int | None = None) -> str:
@@ -151,3 +152,15 @@ def send_child_ended(parent_id: str, stage: int, member: int | None = None) -> N
     member started it) ended, or stopped."""
     args = (parent_id, stage) if member is None else (parent_id, stage, member)
     current_app.signature(CHILD_ENDED, args=args).apply_async()
+
+
+def send_repair(saga_id: str, index: int, actor: str, time_limit: int) -> None:
+    """Send `repair`: run step `index`'s compensation again, as an operator chose, within the
+    compensation's time limit."""
+    current_app.signature(
+        REPAIR,
+        args=(saga_id, index),
+        kwargs={"actor": actor},
+        soft_time_limit=time_limit,
+        time_limit=time_limit + conf.hard_time_limit_grace(),
+    ).apply_async()

@@ -31,7 +31,7 @@ from ..definitions import (
 )
 from ..exceptions import InvalidTransition
 from ..models import EventKind, OperatorAction, SagaStep
-from . import waits
+from . import reconcile, waits
 from .compensation import (
     FENCE_MARGIN,
     begin_compensation,
@@ -505,6 +505,51 @@ def _complete(unit: Unit) -> None:
     unit.move_saga(SagaStatus.COMPLETED, EventKind.SAGA_COMPLETED)
 
 
+def plan_reconcile(unit: Unit) -> Plan:
+    """Running the saga's reconciliation check now (`sagas.engine.reconcile`)."""
+    why = reconcile.why_not(unit)
+    if why:
+        return Plan(OperatorAction.RECONCILE, False, why)
+    reason = (
+        f"Run the reconciliation check of {unit.saga.name} now: discrepancies flag the saga, "
+        "an agreeing check clears its flag; its status stays what it is."
+    )
+    return Plan(OperatorAction.RECONCILE, True, reason)
+
+
+def reconcile_now(
+    saga_id: UUID | str,
+    *,
+    actor: str = "",
+    bulk_action_id: int | None = None,
+    matches: Matches | None = None,
+) -> Plan:
+    """Run a final saga's reconciliation check now, as an operator (or a bulk action) asks."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        _still_matches(matches)
+        plan = _allowed(plan_reconcile(unit))
+        reconcile.check_locked(unit, by=_by(actor, bulk_action_id))
+    return plan
+
+
+def plan_repair(unit: Unit, index: int) -> Plan:
+    """Running the compensation of step `index` again, as a discrepancy's repair offers."""
+    allowed, reason = reconcile.repair_plan(unit, index)
+    undo = (unit.steps[index].name,) if allowed else ()
+    return Plan(OperatorAction.REPAIR, allowed, reason, undo=undo)
+
+
+def repair(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
+    """Run the repair of step `index` a discrepancy offers: a worker runs the step's
+    compensation again once this commits, records it, and checks again."""
+    with transaction.atomic():
+        unit = lock(saga_id, wait=LOCK_WAIT)
+        plan = _allowed(plan_repair(unit, index))
+    reconcile.request_repair(saga_id, index, actor=actor)
+    return plan
+
+
 def plan(
     saga_id: UUID | str,
     action: str,
@@ -529,4 +574,8 @@ def plan(
             return plan_resolve(unit, index, member)
         if action == OperatorAction.SKIP and index is not None:
             return plan_skip(unit, index, member)
+        if action == OperatorAction.RECONCILE:
+            return plan_reconcile(unit)
+        if action == OperatorAction.REPAIR and index is not None:
+            return plan_repair(unit, index)
     raise InvalidTransition(f"unknown action {action!r}")

@@ -27,7 +27,7 @@ from django.utils import timezone
 from .. import conf
 from ..bulk import batches
 from ..models import IN_FLIGHT, Direction, EventKind, Saga, SagaStatus
-from . import notify, waker
+from . import notify, reconcile, waker
 from .children import finished_children, finished_member_children
 from .recovery import GAVE_UP, RECOVERED, deadline_passed, recover
 from .relay import relay
@@ -45,6 +45,10 @@ class SweepReport:
     waits_timed_out: list[str] = field(default_factory=list)
     signals_applied: int = 0
     children_ended: int = 0
+    # Final sagas whose reconciliation check ran (`sagas.engine.reconcile`), and those of them
+    # it found discrepant.
+    reconciled: int = 0
+    discrepant: int = 0
 
 
 # After k recoveries in a row without progress, the next waits stale_after * 2**k, at most
@@ -122,6 +126,9 @@ def sweep(
     report.children_ended = finished_children(batch_size=batch_size)
     report.children_ended += finished_member_children(batch_size=batch_size)
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
+    # Final sagas checked against the outside world, in a bounded batch.
+    reconciled = reconcile.sweep()
+    report.reconciled, report.discrepant = reconciled.checked, reconciled.discrepant
     report.relayed = relay(older_than=conf.relay_after())
     if stale:
         logger.warning(

@@ -16,13 +16,14 @@ from functools import cache
 from typing import Any
 
 from django.db import connection
+from django.db.models import Count
 from django.utils import timezone
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .. import conf
 from ..definitions import SagaDefinition, Wait, registered
-from ..models import IN_FLIGHT, Saga, SagaStatus, SagaStep, StepStatus
+from ..models import IN_FLIGHT, Reconciliation, Saga, SagaStatus, SagaStep, StepStatus
 
 
 @cache
@@ -99,6 +100,26 @@ class DatabaseCollector(Collector):
             oldest.add_metric([name], age)
         yield from (in_flight, stalled, oldest)
         yield from self.waits(now)
+        yield self.discrepant()
+
+    def discrepant(self) -> GaugeMetricFamily:
+        """The final sagas their reconciliation check flagged (`saga_discrepant_idx`)."""
+        found = dict(
+            Saga.objects.filter(reconciliation=Reconciliation.DISCREPANT)
+            .order_by()
+            .values_list("name")
+            .annotate(count=Count("pk"))
+        )
+        gauge = GaugeMetricFamily(
+            "sagas_discrepant",
+            "Final sagas whose last reconciliation check found the outside world disagreeing "
+            "with them (flagged until a check agrees again).",
+            labels=["definition"],
+        )
+        checked = [name for name, definition in registered().items() if definition.reconcile]
+        for name in sorted({*checked, *found}):
+            gauge.add_metric([name], found.get(name, 0))
+        return gauge
 
     def waits(self, now: datetime) -> Iterator[GaugeMetricFamily]:
         """The sagas waiting at a wait, those past their wait's due time that no wake (or

@@ -112,6 +112,21 @@ signals_discarded = Counter(
     "Signals kept for a wait the saga never reached (it finished first, or skipped the wait).",
     BY_DEFINITION,
 )
+discrepancies_found = Counter(
+    "sagas_discrepancies_found",
+    "Reconciliation checks that flagged a final saga (found discrepancies it had not recorded).",
+    BY_DEFINITION,
+)
+reconcile_failures = Counter(
+    "sagas_reconcile_failures",
+    "Reconciliation checks that raised (run again at their next turn).",
+    BY_DEFINITION,
+)
+repairs = Counter(
+    "sagas_repairs",
+    "Repairs an operator chose (a step's compensation run again), by outcome (ran, failed).",
+    ["definition", "step", "outcome"],
+)
 sweep_duration = Histogram(
     "sagas_sweep_duration_seconds",
     "Time a sweep of the recovery sweeper took.",
@@ -212,6 +227,10 @@ COUNT: dict[str, Callable[[str, Any], None]] = {
     K.WAIT_FAILED: _wait_ended,
     K.SIGNAL_REFUSED: lambda d, e: signals_refused.labels(d).inc(),
     K.SIGNAL_DISCARDED: lambda d, e: signals_discarded.labels(d).inc(),
+    K.DISCREPANCY_FOUND: lambda d, e: discrepancies_found.labels(d).inc(),
+    K.RECONCILE_FAILED: lambda d, e: reconcile_failures.labels(d).inc(),
+    K.REPAIR_RAN: lambda d, e: repairs.labels(*_step(d, e), "ran").inc(),
+    K.REPAIR_FAILED: lambda d, e: repairs.labels(*_step(d, e), "failed").inc(),
 }
 
 

@@ -714,6 +714,25 @@ def _the_events_played_out(result: Result) -> list[str]:
     return problems
 
 
+def reconciliation_agrees(result: Result) -> list[str]:
+    """A final saga's definition's reconciliation check (`SagaDefinition.reconcile`) finds
+    the outside world agreeing with its outcome: what the saga did, its compensations undid,
+    whatever the faults. Run here, as the sweeper would, without recording anything."""
+    from django.db import transaction
+
+    from sagas.definitions import import_callable
+    from sagas.engine import reconcile
+    from sagas.engine.unit import peek
+
+    path = reconcile.check_of(result.saga.name)
+    if path is None or not result.saga.is_final:
+        return []
+    with transaction.atomic():
+        ctx = reconcile.context(peek(result.saga.pk))
+    found = import_callable(path)(ctx) or []
+    return [f"its reconciliation check found {d.code}: {d.message}" for d in found]
+
+
 CHECKS: list[Callable[[Result], list[str]]] = [
     final_state,
     step_statuses,
@@ -733,4 +752,5 @@ CHECKS: list[Callable[[Result], list[str]]] = [
     signals_applied_once,
     decisions_recorded,
     the_scenario_played_out,
+    reconciliation_agrees,
 ]

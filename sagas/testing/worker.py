@@ -36,6 +36,7 @@ SAGA_TASKS = (
     "sagas.chain_failed",
     "sagas.bulk_action_batch",
     "sagas.child_ended",
+    "sagas.repair",
     "sagas.sweep",
     "sagas.wake",
     "sagas.purge",

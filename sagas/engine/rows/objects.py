@@ -38,6 +38,9 @@ class SagaRow:
         "updated_at",
     )
     model = Saga
+    # The columns the engine never reads on a step's path: reconciliation's, of final sagas
+    # (`sagas.engine.reconcile` reads them by a query of its own).
+    unread = frozenset({"reconciliation", "reconciled_at", "discrepancies"})
 
     id: UUID
     name: str
