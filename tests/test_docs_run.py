@@ -67,6 +67,7 @@ GOES_ON_FROM = {
     "docs/howto/waits.md": ["docs/howto/define-a-saga.md", "docs/howto/testing.md"],
     "docs/howto/groups.md": ["docs/howto/define-a-saga.md", "docs/howto/testing.md"],
     "docs/howto/children.md": ["docs/howto/define-a-saga.md", "docs/howto/testing.md"],
+    "docs/howto/reconcile.md": ["docs/howto/define-a-saga.md", "docs/howto/testing.md"],
 }
 # Python's own, relative to the repository (the pages name the virtualenv's).
 VENV_PYTHON = ".venv/bin/python"
