@@ -55,6 +55,7 @@ import threading
 import time
 from collections import Counter
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ SCENARIOS = [  # (name, weight, token, country, quantity)
     ("3-D Secure, confirmed", 12, "tok_3ds", "NO", 1),
     ("3-D Secure, abandoned", 5, "tok_3ds_abandoned", "NO", 1),
     ("3-D Secure, large (confirmed, then reviewed)", 3, "tok_3ds", "NO", 3),
+    # Declined at once; the issuer's approval lands GATEWAY_LATE_CHARGE_DELAY later, from a
+    # process of its own: the sweeper's reconciliation flags the saga, the drill repairs it.
+    ("late charge (reconciled)", 4, "tok_late_charge", "NO", 1),
 ]
 # The step where a scenario fails for good, if it does: where a lost error callback matters.
 FAILS_AT = {"tok_declined": "charge_payment", "AQ": "schedule_shipment"}
@@ -82,6 +86,9 @@ RELAY_AFTER = 5
 # (GATEWAY_CONFIRM_DELAY), and the total above which an order waits for a review
 # (ORDERS_REVIEW_ABOVE: orders of 3 units, 59.70; not those of 1, 19.90).
 CONFIRM_TIMEOUT, GATEWAY_CONFIRM_DELAY, REVIEW_ABOVE = 5, 2, "50"
+# Seconds before a late charge lands (GATEWAY_LATE_CHARGE_DELAY), and before the sweeper checks
+# a finished saga against the gateway's ledger (SAGAS_RECONCILE_AFTER), and again.
+LATE_CHARGE_DELAY, RECONCILE_AFTER = 3, 5
 CONFIRMATION, REVIEW = "payment_confirmation", "review"
 PRICE = Decimal("19.90")  # of every product
 
@@ -434,6 +441,9 @@ def main() -> int:
         "ORDERS_RESERVE_EACH_LINE": "1" if args.shapes else "",
         "ORDERS_SHIP_AS_CHILD": "1" if args.shapes else "",
         "GATEWAY_CONFIRM_DELAY": str(GATEWAY_CONFIRM_DELAY),
+        "GATEWAY_LATE_CHARGE_DELAY": str(LATE_CHARGE_DELAY),
+        "SAGAS_RECONCILE_AFTER": str(RECONCILE_AFTER),
+        "SAGAS_RECONCILE_EVERY": str(RECONCILE_AFTER),
         # The drill's web server, where the gateway posts its webhooks; never a port 8000 that
         # another stack may be listening on.
         "SAGAS_BASE_URL": f"http://127.0.0.1:{free_port()}",
@@ -461,7 +471,11 @@ def main() -> int:
         # The relay sends a notice once it is RELAY_AFTER old, at the next sweep, which waits
         # in the queue behind the steps still queued (a loaded CI machine): a minute and a half.
         unsent = wait_signals_sent(saga_ids, timeout=RELAY_AFTER + 90)
+        reconciled = reconcile_and_repair(saga_ids, timeout=90)
         report = check_invariants(saga_ids, products)
+        report.update(reconciled)
+        if reconciled["still_flagged"]:
+            report["violations"].append(f"{reconciled['still_flagged']} sagas still flagged")
         report.update(check_waits(saga_ids, outside.done))
         report["violations"] += report.pop("wait_violations")
         if unsent:
@@ -975,6 +989,55 @@ def wait_all_final(saga_ids: list[str], timeout: float) -> float:
     return time.monotonic() - started
 
 
+def reconcile_and_repair(saga_ids: list[str], timeout: float) -> dict[str, int]:
+    """The late charges: wait until the sweeper's reconciliation flagged every compensated
+    saga the gateway charged late, then repair each flagged saga as an operator would
+    (`saga_repair`, the refund its discrepancy offers) and wait until its flag clears. The
+    invariants are checked after, with every flagged saga repaired."""
+    from payments.models import GatewayCharge
+    from sagas.exceptions import InvalidTransition, SagaBusy
+    from sagas.models import Reconciliation, Saga
+    from sagas.services import saga_repair
+
+    def late() -> set[str]:  # compensated, and the gateway holds a charge for it
+        compensated = Saga.objects.filter(pk__in=saga_ids, status="compensated")
+        keys = [f"{pk}:charge_payment" for pk in compensated.values_list("pk", flat=True)]
+        held = GatewayCharge.objects.filter(idempotency_key__in=keys, status="charged")
+        return {key.split(":")[0] for key in held.values_list("idempotency_key", flat=True)}
+
+    def flagged() -> set[str]:
+        found = Saga.objects.filter(pk__in=saga_ids, reconciliation=Reconciliation.DISCREPANT)
+        return {str(pk) for pk in found.values_list("pk", flat=True)}
+
+    # The late charges land within LATE_CHARGE_DELAY of their decline; the sweeper checks
+    # each saga RECONCILE_AFTER after its end.
+    time.sleep(LATE_CHARGE_DELAY + RECONCILE_AFTER)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not retrying(late, "reconciling") <= retrying(
+        flagged, "reconciling"
+    ):
+        time.sleep(1)
+    found = retrying(flagged, "reconciling")
+    repaired = 0
+    for saga_id in sorted(found):
+        saga = Saga.objects.get(pk=saga_id)
+        steps = [d["repair"]["step"] for d in saga.discrepancies or [] if d.get("repair")]
+        if not steps:
+            continue
+        index = saga.steps.get(name=steps[0]).index
+        with contextlib.suppress(InvalidTransition, SagaBusy):
+            retrying(partial(saga_repair, saga_id=saga_id, index=index, actor="drill"), "repair")
+            repaired += 1
+    while time.monotonic() < deadline and retrying(flagged, "reconciling"):
+        time.sleep(1)
+    return {
+        "late_charges": len(retrying(late, "reconciling") | found),
+        "discrepancies_found": len(found),
+        "discrepancies_repaired": repaired,
+        "still_flagged": len(retrying(flagged, "reconciling")),
+    }
+
+
 def wait_signals_sent(saga_ids: list[str], timeout: float) -> int:
     """Wait until every signal the sagas' committed transitions owed is sent (their notices
     deleted: by the process that committed them, a redelivery, or the relay); the number of
@@ -1381,6 +1444,9 @@ def print_report(report: dict[str, Any], faults: Counter, waited: float, seed: i
         ("stages begun before the wait before them ended", report["stages_too_soon"]),
         ("double charges", report["double_charged"]),
         ("charged and cancelled (not refunded)", report["charged_and_cancelled"]),
+        ("late charges found by reconciliation (flagged)", report["discrepancies_found"]),
+        ("  repaired by the drill as an operator", report["discrepancies_repaired"]),
+        ("  still flagged", report["still_flagged"]),
         ("invariant violations (all)", len(report["violations"])),
     ]
     for name, value in rows:

@@ -21,11 +21,11 @@ from rich.table import Table
 from inventory.selectors import product_prices, product_stock
 from inventory.services import catalog_seed
 from orders.services import order_review_threshold, order_submit
-from payments.gateway import AMOUNT_LIMIT, gateway_outage_begin
+from payments.gateway import AMOUNT_LIMIT, gateway_find_charge, gateway_outage_begin
 from sagas import conf
-from sagas.exceptions import SignalError
-from sagas.models import Saga, SagaMember, SagaStatus
-from sagas.services import saga_approve, saga_reject
+from sagas.exceptions import InvalidTransition, SignalError
+from sagas.models import Reconciliation, Saga, SagaMember, SagaStatus
+from sagas.services import saga_approve, saga_reconcile, saga_reject, saga_repair
 
 FINAL = frozenset({"completed", "compensated", "failed"})
 EVERYDAY_SKUS = ("TEE-BLUE", "MUG-CLASSIC", "HOODIE-GREY", "CAP-BLACK")
@@ -81,6 +81,7 @@ def _more_than_in_stock(n: int) -> list[dict[str, Any]]:
 # the customer's 3-D Secure confirmation (the simulated gateway's webhook, or its timeout) or
 # for an operator's review.
 CONFIRMED, ABANDONED = "3-D Secure, confirmed", "3-D Secure, abandoned"
+LATE_CHARGE = "issuer answered late (reconciled)"
 REVIEWED = ("review, approved", "review, rejected")
 SUCCEEDS = Scenario("succeeds", "completed", "", "tok_ok", _everyday_items)
 SCENARIOS = {
@@ -126,6 +127,7 @@ SCENARIOS = {
             "tok_3ds_abandoned",
             _everyday_items,
         ),
+        Scenario(LATE_CHARGE, "compensated", "issuer_timeout", "tok_late_charge", _everyday_items),
         Scenario(
             REVIEWED[0],
             "completed",
@@ -209,6 +211,8 @@ class Command(BaseCommand):
         sagas = self._wait(console, submitted, timeout)
         missed = self._report(console, submitted, sagas)
         self._report_shapes(console, list(sagas))
+        late = [saga_id for s, saga_id in submitted if s.name == LATE_CHARGE]
+        missed += sum(not self._reconcile(console, saga_id) for saga_id in late)
         if all(saga.status == "pending" for saga in sagas.values()):
             raise CommandError(
                 f"No saga started within {timeout:g} s: no Celery worker seems to be running on "
@@ -223,7 +227,7 @@ class Command(BaseCommand):
 
     def _waiting_scenarios(self, console: Console, timeout: float) -> list[str]:
         """The orders that wait which this run can show, as its settings allow."""
-        names = [CONFIRMED]
+        names = [CONFIRMED, LATE_CHARGE]
         confirm_timeout = float(settings.ORDERS_CONFIRM_TIMEOUT)
         if confirm_timeout + TIMEOUT_LAG <= timeout:
             names.append(ABANDONED)
@@ -300,6 +304,50 @@ class Command(BaseCommand):
                 if finished == len(saga_ids) or time.monotonic() > deadline:
                     return sagas
                 time.sleep(0.25)
+
+    def _reconcile(self, console: Console, saga_id: UUID) -> bool:
+        """The late charge of a `tok_late_charge` order: wait for it to land, then, as an
+        operator, run the saga's reconciliation check (the sweeper would, within
+        SAGAS_RECONCILE_AFTER of the end), which flags it, and its repair, which refunds it;
+        whether the flag then cleared, the saga still compensated."""
+        saga = Saga.objects.get(pk=saga_id)
+        if saga.status != SagaStatus.COMPENSATED:
+            return False
+        key = f"{saga_id}:charge_payment"
+        deadline = time.monotonic() + 30
+        while gateway_find_charge(idempotency_key=key) is None:
+            if time.monotonic() > deadline:
+                console.print(f"[red]The late charge of {saga_id} never landed.[/red]")
+                return False
+            time.sleep(0.25)
+        saga_reconcile(saga_id=saga_id, actor="make demo")
+        saga.refresh_from_db()
+        found = ", ".join(d["code"] for d in saga.discrepancies or []) or "nothing"
+        console.print(
+            f"Late charge: the gateway charged order saga {saga_id} after it compensated; its "
+            f"reconciliation check found {found}: flagged {saga.reconciliation}."
+        )
+        index = saga.steps.get(name="charge_payment").index
+        try:
+            saga_repair(saga_id=saga_id, index=index, actor="make demo")
+        except InvalidTransition as error:
+            console.print(f"[red]No repair offered[/red]: {error}")
+            return False
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            saga.refresh_from_db()
+            if saga.reconciliation == Reconciliation.AGREES:
+                charge = gateway_find_charge(idempotency_key=key)
+                held = charge.status if charge else "gone"
+                console.print(
+                    f"Repaired by the demo as an operator: the charge is {held}, "
+                    f"the flag cleared, the saga still {saga.status} (the repair is on its "
+                    "timeline)."
+                )
+                return saga.status == SagaStatus.COMPENSATED
+            time.sleep(0.25)
+        console.print(f"[red]The repair of {saga_id} did not clear its flag.[/red]")
+        return False
 
     def _decide(self, console: Console, saga_id: UUID, decision: str) -> None:
         """Approve or reject the order's review, as an operator with `sagas.approve_saga`
