@@ -496,6 +496,59 @@ def group_database_cost(samples: int = 20) -> dict[str, float]:
 TABLES = ("sagas_saga", "sagas_sagastep")
 
 
+RECONCILED_SAGAS = 10_000
+
+
+def reconcile_sweep(count: int = RECONCILED_SAGAS) -> dict[str, float]:
+    """A sweep with reconciliation over `count` recently finished sagas whose check is due
+    (each reads one row of the outside world): one sweep's time (its batch of
+    `SAGAS_RECONCILE_BATCH` checks and the rest of the sweep), and the checks per second
+    through all of them. The sagas are deleted afterwards."""
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.utils import timezone
+
+    from bench.tasks import new_rows
+    from sagas.engine import reconcile, sweeper
+    from sagas.models import Saga
+
+    finished = timezone.now() - timedelta(minutes=5)
+    rows = new_rows(count)
+    Saga.objects.bulk_create(
+        (
+            Saga(
+                name="bench_reconciled",
+                status="completed",
+                input={"row": row},
+                finished_at=finished,
+            )
+            for row in rows
+        ),
+        batch_size=2000,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("ANALYZE sagas_saga")
+    try:
+        began = time.perf_counter()
+        swept = sweeper.sweep()
+        one_sweep = time.perf_counter() - began
+        began, checked = time.perf_counter(), swept.reconciled
+        while checked < count:
+            done = reconcile.sweep().checked
+            if not done:
+                break
+            checked += done
+        rate = (checked - swept.reconciled) / max(time.perf_counter() - began, 1e-9)
+    finally:
+        Saga.objects.filter(name="bench_reconciled").delete()
+    return {
+        "reconcile_sweep_ms": one_sweep * 1000,
+        "reconcile_sweep_checked": swept.reconciled,
+        "reconcile_checks_per_s": rate,
+    }
+
+
 def sagas_in_tables() -> int:
     """The saga table's size, as the planner knows it (no count of a filled table)."""
     from django.db import connection
@@ -609,6 +662,7 @@ def main() -> int:
     results.update(hot_updates(updates_before, updates()))
     results.update(database_cost())
     results.update(group_database_cost())
+    results.update(reconcile_sweep())
     for name, samples in (("", saga), ("bare_", bare)):
         for pct in (50, 95, 99):
             results[f"{name}p{pct}_ms"] = round(percentile(samples, pct), 2)
@@ -692,6 +746,12 @@ def print_table(r: dict[str, Any]) -> None:
         f"{r['child_per_s']:.1f}, {r['child_p50_ms']:.1f}",
         f"{r['synthetic_4_per_s']:.1f}, {r['synthetic_4_p50_ms']:.1f}",
         f"{r['child_ratio']:.2f}",
+    )
+    table.add_row(
+        f"a sweep with reconciliation over {RECONCILED_SAGAS:,} finished sagas (ms; checks)",
+        f"{r['reconcile_sweep_ms']:.0f}; {r['reconcile_sweep_checked']}",
+        "",
+        f"{r['reconcile_checks_per_s']:.0f} checks/s",
     )
     table.add_row(
         "queries, commits per group member",

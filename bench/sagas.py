@@ -4,9 +4,19 @@ child saga; sagas that wait (`bench.waits`)."""
 
 from __future__ import annotations
 
-from sagas.definitions import Child, Group, SagaDefinition, Step, StepContext, Wait, register
+from sagas.definitions import (
+    Child,
+    Discrepancy,
+    Group,
+    ReconcileContext,
+    SagaDefinition,
+    Step,
+    StepContext,
+    Wait,
+    register,
+)
 
-from .tasks import touch
+from .tasks import row_exists, touch
 
 STEP_COUNTS = (4, 8, 16)
 
@@ -98,5 +108,20 @@ register(
     SagaDefinition(
         name="bench_timer",
         steps=[Wait("timer", timeout=TIMER_SECONDS), Step("after_timer", nothing, untouch_step)],
+    )
+)
+
+
+# Reconciliation (`make bench`): finished sagas whose check reads one row of the outside world
+# (the row their step touched), as a ledger lookup by key would.
+def ledger_agrees(ctx: ReconcileContext) -> list[Discrepancy]:
+    return [] if row_exists(ctx.input["row"]) else [Discrepancy("row_missing", "No row.")]
+
+
+register(
+    SagaDefinition(
+        name="bench_reconciled",
+        steps=[Step("step_0", touch_step, untouch_step)],
+        reconcile=ledger_agrees,
     )
 )

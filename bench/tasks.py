@@ -28,6 +28,12 @@ def touch(row_id: int) -> None:
         cursor.execute(f"UPDATE {TABLE} SET n = n + 1 WHERE id = %s", [row_id])
 
 
+def row_exists(row_id: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT 1 FROM {TABLE} WHERE id = %s", [row_id])
+        return cursor.fetchone() is not None
+
+
 @shared_task(name="bench.bare_step")
 def bare_step(row_id: int) -> None:
     """One committed UPDATE (autocommit), nothing else."""
