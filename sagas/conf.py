@@ -241,4 +241,11 @@ def reconcile_every() -> timedelta:
 def reconcile_batch_size() -> int:
     """`SAGAS_RECONCILE_BATCH`, default 200: the most sagas one sweep checks (with the sweep's
     schedule, the pace of the checks)."""
-    return int(getattr(settings, "SAGAS_RECONCILE_BATCH", 200))
+    value = getattr(settings, "SAGAS_RECONCILE_BATCH", 200)
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        size = 0
+    if size < 1:
+        raise ImproperlyConfigured(f"SAGAS_RECONCILE_BATCH = {value!r}: a whole number above 0")
+    return size

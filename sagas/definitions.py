@@ -535,8 +535,19 @@ class Repair:
     step: str
     note: str = ""
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.step, str) or not 0 < len(self.step) <= 100:
+            raise DefinitionError("a repair names a step: 1 to 100 characters")
+        if not isinstance(self.note, str):
+            raise DefinitionError("a repair's note is text")
+
     def as_dict(self) -> dict[str, str]:
-        return {"action": "compensate", "step": self.step, "note": self.note}
+        return {"action": "compensate", "step": self.step, "note": _stored(self.note)}
+
+
+def _stored(text: str, limit: int = 500) -> str:
+    """Text as a discrepancy stores it: at most `limit` characters, none PostgreSQL refuses."""
+    return text.replace("\x00", "")[:limit]
 
 
 @dataclass(frozen=True)
@@ -550,11 +561,15 @@ class Discrepancy:
     repair: Repair | None = None
 
     def __post_init__(self) -> None:
-        if not self.code or len(self.code) > 100:
+        if not isinstance(self.code, str) or not 0 < len(self.code) <= 100:
             raise DefinitionError("a discrepancy's code must have 1 to 100 characters")
+        if not isinstance(self.message, str):
+            raise DefinitionError("a discrepancy's message is text")
+        if self.repair is not None and not isinstance(self.repair, Repair):
+            raise DefinitionError("a discrepancy's repair is a Repair")
 
     def as_dict(self) -> dict[str, Any]:
-        found: dict[str, Any] = {"code": self.code, "message": self.message[:500]}
+        found: dict[str, Any] = {"code": _stored(self.code), "message": _stored(self.message)}
         if self.repair is not None:
             found["repair"] = self.repair.as_dict()
         return found

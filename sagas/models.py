@@ -85,6 +85,7 @@ class EventKind(models.TextChoices):
     DISCREPANCY_FOUND = "discrepancy_found", "Reconciliation found discrepancies"
     DISCREPANCY_CLEARED = "discrepancy_cleared", "Reconciliation agrees again"
     RECONCILE_FAILED = "reconcile_failed", "Reconciliation check failed"
+    REPAIR_REQUESTED = "repair_requested", "Operator repair requested"
     REPAIR_RAN = "repair_ran", "Operator repair ran"
     REPAIR_FAILED = "repair_failed", "Operator repair failed"
 

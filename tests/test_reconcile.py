@@ -13,12 +13,13 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.utils import timezone
 
 from payments.gateway import gateway_refund
 from payments.models import GatewayCharge
 from sagas import services
-from sagas.definitions import Discrepancy, SagaDefinition, Step, register
+from sagas.definitions import Discrepancy, Repair, SagaDefinition, Step, register
 from sagas.engine import reconcile, sweeper
 from sagas.exceptions import InvalidTransition
 from sagas.models import EventKind, Saga, SagaEvent
@@ -158,6 +159,13 @@ def flaky_check(ctx) -> list[Discrepancy]:
         raise ConnectionError("the ledger is down")
     if ctx.input["mode"] == "bad":
         return [Discrepancy("ledger_mismatch", "The ledger disagrees.")]
+    if ctx.input["mode"] == "query_fails":  # its transaction would be left aborted
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1/0")
+    if ctx.input["mode"] == "not_json":
+        return [Discrepancy("ledger", "x", repair=Repair("only", note=object()))]  # type: ignore[arg-type]
+    if ctx.input["mode"] == "many":
+        return [Discrepancy(f"c{i}", "The ledger \x00 disagrees. " * 100) for i in range(500)]
     return []
 
 
@@ -204,3 +212,23 @@ def test_a_check_that_raises_is_recorded_retried_and_never_breaks_the_sweep(tran
     assert flag(bad) == ("agrees", [])
     assert kinds(bad)[-1] == EventKind.DISCREPANCY_CLEARED
     assert cleared == [bad.pk]
+
+
+def test_a_check_that_breaks_its_query_or_answers_garbage_fails_alone(transactional_db):
+    CALLS.clear()
+    broken = [finished(mode) for mode in ("query_fails", "not_json")]
+    many, good = finished("many"), finished("good")
+
+    report = sweeper.sweep(stale_after=timedelta(minutes=5))  # the whole sweep goes on
+
+    assert report.reconciled == 4
+    for saga in broken:
+        assert SagaEvent.objects.filter(saga=saga, kind=EventKind.RECONCILE_FAILED).exists()
+        assert flag(saga) == ("unchecked", [])
+    assert flag(good) == ("agrees", [])
+    # At most MAX_DISCREPANCIES are kept, each message bounded, and no text PostgreSQL refuses.
+    stored = Saga.objects.get(pk=many.pk).discrepancies
+    assert len(stored) == reconcile.MAX_DISCREPANCIES + 1 and stored[-1]["code"] == "more"
+    assert all(len(d["message"]) <= 500 and "\x00" not in d["message"] for d in stored)
+    with pytest.raises(Exception, match="1 to 100 characters"):
+        Discrepancy(["a"], "x")  # type: ignore[arg-type]

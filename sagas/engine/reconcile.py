@@ -26,6 +26,7 @@ once a saga is final; this module runs it and records what it finds:
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import Iterable
@@ -34,7 +35,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -55,7 +56,15 @@ from ..models import (
     Saga,
 )
 from . import dispatch
-from .unit import Unit, class_path, compensation_time_limit, lock, resolve, safe_error
+from .unit import (
+    Unit,
+    class_path,
+    compensation_time_limit,
+    lock,
+    resolve,
+    safe_error,
+    staff_detail,
+)
 
 logger = logging.getLogger("sagas")
 
@@ -118,8 +127,11 @@ def check_locked(unit: Unit, *, by: dict[str, Any] | None = None) -> Checked:
         Saga.objects.filter(pk=saga.pk).values_list("reconciliation", "discrepancies").get()
     )
     try:
-        check = import_callable(str(check_of(saga.name)))
-        found = _discrepancies(check(context(unit)))
+        # In a savepoint: a check whose query fails leaves this transaction usable, to record
+        # that it failed.
+        with transaction.atomic():
+            check = import_callable(str(check_of(saga.name)))
+            found = _discrepancies(check(context(unit)))
     except Exception as exc:  # the project's check: its bug, or a system it cannot reach
         reference = f"{saga.pk}/reconcile/{secrets.token_hex(4)}"
         logger.warning(
@@ -161,13 +173,24 @@ def context(unit: Unit) -> ReconcileContext:
     )
 
 
+# The most discrepancies a saga records (the rest are counted in one more): they are stored on
+# its row and its timeline, and shown on its pages.
+MAX_DISCREPANCIES = 20
+
+
 def _discrepancies(found: Iterable[Any] | None) -> tuple[dict[str, Any], ...]:
-    """The check's answer as stored: each a `Discrepancy`, or the check is broken."""
+    """The check's answer as stored: each a `Discrepancy` (or the check is broken), at most
+    `MAX_DISCREPANCIES` of them, and JSON."""
     answer = list(found or ())
     for item in answer:
         if not isinstance(item, Discrepancy):
             raise TypeError(f"a reconciliation check returns Discrepancy, not {type(item)}")
-    return tuple(item.as_dict() for item in answer)
+    stored = [item.as_dict() for item in answer[:MAX_DISCREPANCIES]]
+    if len(answer) > MAX_DISCREPANCIES:
+        more = len(answer) - MAX_DISCREPANCIES
+        stored.append({"code": "more", "message": f"{more} more discrepancies not recorded."})
+    json.dumps(stored)  # a check's own mistake (bytes, an object) fails the check, not the sweep
+    return tuple(stored)
 
 
 # -- the sweeper's pass -----------------------------------------------------------------------
@@ -226,6 +249,9 @@ def sweep(*, now: datetime | None = None, batch_size: int | None = None) -> Swee
             continue
         except Saga.DoesNotExist:
             continue  # purged meanwhile
+        except DatabaseError as exc:  # the saga's own record could not be written: the next
+            logger.warning("saga %s: its reconciliation was not recorded: %s", saga_id, exc)
+            continue
         report.checked += checked.status != "skipped"
         report.discrepant += checked.status == Reconciliation.DISCREPANT
         report.failed += checked.status == "failed"
@@ -279,6 +305,10 @@ def request_repair(saga_id: UUID | str, index: int, *, actor: str) -> None:
         step = unit.steps[index]
         limit = compensation_time_limit(step)
         saga = str(unit.saga.pk)
+        # On the timeline now: a repair whose worker dies (killed at its time limit) leaves
+        # this, with no `repair_ran` after it.
+        unit.event(EventKind.REPAIR_REQUESTED, step, {"actor": actor, "step": step.name})
+        unit.save_events()
         transaction.on_commit(lambda: dispatch.send_repair(saga, index, actor, limit))
 
 
@@ -299,10 +329,17 @@ def run_repair(saga_id: UUID | str, index: int, *, actor: str) -> str:
                 resolve(str(step.definition["compensation"]))(ctx)
         except Exception as exc:
             error = safe_error(exc, time_limit=compensation_time_limit(step))
+            reference = f"{unit.saga.pk}/{step.name}/repair/{secrets.token_hex(4)}"
             logger.warning(
-                "saga %s: the repair of %s failed: %s", unit.saga.pk, step.name, type(exc).__name__
+                "saga %s: the repair of %s failed: %s [%s]",
+                unit.saga.pk,
+                step.name,
+                type(exc).__name__,
+                reference,
+                exc_info=exc,
             )
-            unit.event(EventKind.REPAIR_FAILED, step, {**by, **error.as_dict()})
+            detail = {**by, **error.as_dict(), **staff_detail(exc, reference)}
+            unit.event(EventKind.REPAIR_FAILED, step, detail)
             unit.save_events()
             return "failed"
         unit.event(EventKind.REPAIR_RAN, step, by)

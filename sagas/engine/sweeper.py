@@ -126,9 +126,13 @@ def sweep(
     report.children_ended = finished_children(batch_size=batch_size)
     report.children_ended += finished_member_children(batch_size=batch_size)
     report.bulk_actions_resumed = batches.resume_stalled(stale_after=stale_after)
-    # Final sagas checked against the outside world, in a bounded batch.
-    reconciled = reconcile.sweep()
-    report.reconciled, report.discrepant = reconciled.checked, reconciled.discrepant
+    # Final sagas checked against the outside world, in a bounded batch: never at the cost of
+    # the rest of the sweep (the relay, below).
+    try:
+        reconciled = reconcile.sweep()
+        report.reconciled, report.discrepant = reconciled.checked, reconciled.discrepant
+    except Exception:
+        logger.exception("sweep: the reconciliation pass failed; the rest of the sweep goes on")
     report.relayed = relay(older_than=conf.relay_after())
     if stale:
         logger.warning(
