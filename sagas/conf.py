@@ -238,6 +238,13 @@ def reconcile_every() -> timedelta:
     return _duration_setting("SAGAS_RECONCILE_EVERY", 3600)
 
 
+def reconcile_budget() -> timedelta:
+    """`SAGAS_RECONCILE_BUDGET`, default 0.5 seconds: how long one sweep spends on checks at
+    most (it begins none past it; the rest wait for the next sweep), so that a slow check keeps
+    no sweep long."""
+    return _duration_setting("SAGAS_RECONCILE_BUDGET", 0.5)
+
+
 def reconcile_batch_size() -> int:
     """`SAGAS_RECONCILE_BATCH`, default 200: the most sagas one sweep checks (with the sweep's
     schedule, the pace of the checks)."""

@@ -42,6 +42,7 @@ DEFAULTS = [
     ("SAGAS_RECONCILE_AFTER", conf.reconcile_after, timedelta(seconds=60)),
     ("SAGAS_RECONCILE_EVERY", conf.reconcile_every, timedelta(hours=1)),
     ("SAGAS_RECONCILE_BATCH", conf.reconcile_batch_size, 200),
+    ("SAGAS_RECONCILE_BUDGET", conf.reconcile_budget, timedelta(seconds=0.5)),
 ]
 
 

@@ -7,7 +7,8 @@ once a saga is final; this module runs it and records what it finds:
 
 - **When.** The sweeper runs it (`sweep`) on the sagas that finished at least
   `SAGAS_RECONCILE_AFTER` ago and at most `SAGAS_RECONCILE_WINDOW` ago, each again every
-  `SAGAS_RECONCILE_EVERY`, at most `SAGAS_RECONCILE_BATCH` per sweep; an operator runs it on one
+  `SAGAS_RECONCILE_EVERY`, at most `SAGAS_RECONCILE_BATCH` per sweep, none begun once the
+  sweep's `SAGAS_RECONCILE_BUDGET` is spent; an operator runs it on one
   saga, or on every saga a filter matches (a bulk action). Only on a **final** saga (completed
   or compensated), and on a child only once its parent is final too (until then its parent
   may still compensate it): never on a saga in flight.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -242,7 +244,12 @@ def sweep(*, now: datetime | None = None, batch_size: int | None = None) -> Swee
     others."""
     report = SweepReport()
     now = now or timezone.now()
+    # The pace: a batch per sweep, and within it, no check begun past the budget (a check is
+    # the project's code: a slow one must not make the whole sweep slow).
+    until = time.monotonic() + conf.reconcile_budget().total_seconds()
     for saga_id in due(now, batch_size or conf.reconcile_batch_size()):
+        if time.monotonic() > until:
+            break
         try:
             checked = run_check(saga_id, wait=SWEEP_LOCK_WAIT, by={"by": "sweeper"})
         except SagaBusy:
