@@ -543,11 +543,8 @@ def plan_repair(unit: Unit, index: int) -> Plan:
 def repair(saga_id: UUID | str, index: int, *, actor: str = "") -> Plan:
     """Run the repair of step `index` a discrepancy offers: a worker runs the step's
     compensation again once this commits, records it, and checks again."""
-    with transaction.atomic():
-        unit = lock(saga_id, wait=LOCK_WAIT)
-        plan = _allowed(plan_repair(unit, index))
-    reconcile.request_repair(saga_id, index, actor=actor)
-    return plan
+    reason = reconcile.request_repair(saga_id, index, actor=actor)  # planned under its lock
+    return Plan(OperatorAction.REPAIR, True, reason, undo=(reconcile.step_name(saga_id, index),))
 
 
 def plan(

@@ -301,9 +301,15 @@ def repair_plan(unit: Unit, index: int) -> tuple[bool, str]:
     return True, reason
 
 
-def request_repair(saga_id: UUID | str, index: int, *, actor: str) -> None:
+def step_name(saga_id: UUID | str, index: int) -> str:
+    """The name of the saga's step `index`."""
+    return Saga.objects.get(pk=saga_id).steps.get(index=index).name
+
+
+def request_repair(saga_id: UUID | str, index: int, *, actor: str) -> str:
     """An operator's repair: checked under the saga's lock, then run by a worker once this
-    commits (`run_repair`). Raises `InvalidTransition` when no discrepancy offers it."""
+    commits (`run_repair`); returns its plan's reason. Raises `InvalidTransition` when no
+    discrepancy offers it."""
     with transaction.atomic():
         unit = lock(saga_id, wait=LOCK_WAIT)
         allowed, reason = repair_plan(unit, index)
@@ -317,6 +323,7 @@ def request_repair(saga_id: UUID | str, index: int, *, actor: str) -> None:
         unit.event(EventKind.REPAIR_REQUESTED, step, {"actor": actor, "step": step.name})
         unit.save_events()
         transaction.on_commit(lambda: dispatch.send_repair(saga, index, actor, limit))
+    return reason
 
 
 def run_repair(saga_id: UUID | str, index: int, *, actor: str) -> str:
