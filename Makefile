@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test check lint typecheck docs pytest pytest-framework browser wrk bench bench-api bench-pages bench-waits fill profile profile-system profile-api drill demo clean
+.PHONY: install run test check lint typecheck docs pytest pytest-framework browser wrk bench bench-db bench-api bench-pages bench-waits fill profile profile-system profile-api drill demo clean
 
 # The framework (editable, with its extras: `api`, `metrics`, `tracing`) and, from
 # pyproject.toml's dependency groups, what the reference project and the tests need: neither is
@@ -62,6 +62,12 @@ browser:
 ## Benchmark: order saga vs bare Celery chain, and a group vs a bare chord (BENCH_ARGS="--sagas 300 --scaling").
 bench: install
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+## What a step costs PostgreSQL (CPU, WAL by table and index, statements, commits, round trips,
+## HOT updates), the synthetic and order sagas against a bare task, on a private cluster
+## (DB_BENCH_ARGS="--sagas 300 --batches 3").
+bench-db: install
+	$(BIN)/python -m bench.db $(DB_BENCH_ARGS)
 
 ## A benchmark database of finished sagas, by SQL (FILL_ARGS="--sagas 1000000 --database NAME").
 fill: install
