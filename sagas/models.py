@@ -170,6 +170,7 @@ class Saga(models.Model):
         blank=True,
         on_delete=models.SET_NULL,
         related_name="+",
+        db_index=False,  # saga_created_by_idx, partial: most sagas are started by no user
         help_text="The user on whose behalf the saga was started, if any.",
     )
     deadline_at = models.DateTimeField(
@@ -263,6 +264,13 @@ class Saga(models.Model):
                 condition=Q(business_key__isnull=False),
                 name="saga_business_key_idx",
             ),
+            # A user's sagas (`GET /api/sagas/` for a user who sees only theirs; a user's
+            # deletion, which clears `created_by`): sagas started without a user are left out.
+            models.Index(
+                fields=["created_by"],
+                condition=Q(created_by__isnull=False),
+                name="saga_created_by_idx",
+            ),
             # The sweeper's: the sagas whose deadline passed, among those it may compensate
             # (a few, where millions wait or are finished; `sagas.engine.sweeper`).
             models.Index(
@@ -316,7 +324,12 @@ class Saga(models.Model):
 
 class SagaStep(models.Model):
     # Not indexed on its own: the unique (saga, index) serves every lookup by saga.
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="steps", db_index=False)
+    # No foreign-key constraint (`db_constraint`), for the check each row's insert would cost:
+    # a saga's steps are inserted by the statement that inserts the saga, and deleted with it
+    # (Django's cascade).
+    saga = models.ForeignKey(
+        Saga, on_delete=models.CASCADE, related_name="steps", db_index=False, db_constraint=False
+    )
     index = models.PositiveSmallIntegerField(help_text="Position of the step in the saga.")
     name = models.CharField(max_length=100, help_text="Name of the step.")
     status = models.CharField(
@@ -398,7 +411,10 @@ class SagaMember(models.Model):
     stage row (`SagaStep.definition`), not here."""
 
     # Not indexed on its own: the unique (saga, stage, position) serves every lookup by saga.
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="members", db_index=False)
+    # Inserted under the saga's row lock (see `SagaEvent.saga`): no foreign-key check.
+    saga = models.ForeignKey(
+        Saga, on_delete=models.CASCADE, related_name="members", db_index=False, db_constraint=False
+    )
     stage = models.PositiveSmallIntegerField(help_text="The index of its group's stage.")
     position = models.PositiveIntegerField(help_text="Its place in the group (an item's index).")
     name = models.CharField(
@@ -489,7 +505,13 @@ STAFF_ONLY_DETAIL = frozenset({"exception", "exception_message", "reference"})
 
 class SagaEvent(models.Model):
     # Not indexed on its own: saga_event_saga_idx (saga, id) serves every lookup by saga.
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="events", db_index=False)
+    # No foreign-key constraint (`db_constraint`), for the check each event's insert would
+    # cost (a statement each): the engine inserts events under the saga's row lock, which no
+    # deletion passes (a purge locks the saga FOR UPDATE); they go with their saga (Django's
+    # cascade).
+    saga = models.ForeignKey(
+        Saga, on_delete=models.CASCADE, related_name="events", db_index=False, db_constraint=False
+    )
     step_index = models.PositiveSmallIntegerField(
         null=True, blank=True, help_text="The step the event is about, if any."
     )
@@ -568,7 +590,8 @@ class SagaNotice(models.Model):
     still here after `SAGAS_RELAY_AFTER` was never sent (its process died after the commit, or
     the COMMIT's answer was lost): the relay sends it (`sagas.engine.relay`)."""
 
-    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="+")
+    # Written with its events (see `SagaEvent.saga`): no foreign-key check.
+    saga = models.ForeignKey(Saga, on_delete=models.CASCADE, related_name="+", db_constraint=False)
     first_event_id = models.BigIntegerField(help_text="The transition's first event.")
     last_event_id = models.BigIntegerField(help_text="The transition's last event.")
     # Written by the engine's statement with `clock_timestamp()`, next to its COMMIT: the

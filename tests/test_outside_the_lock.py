@@ -253,7 +253,7 @@ def test_a_commit_whose_answer_is_lost_still_notifies_and_compensates(saga_db, t
     failed = SagaEvent.objects.get(saga=saga, kind=EventKind.STEP_FAILED)
     told = signals.read_text().splitlines()
     assert told and set(told) == {f"step_failed charge card_declined {failed.pk}"}, told
-    assert not SagaNotice.objects.filter(saga=saga).exists()
+    wait_for(lambda: not SagaNotice.objects.filter(saga=saga).exists(), timeout=10)
 
 
 def test_a_process_that_dies_between_its_commit_and_its_signals_is_made_up_for(saga_db, tmp_path):
@@ -274,7 +274,7 @@ def test_a_process_that_dies_between_its_commit_and_its_signals_is_made_up_for(s
     failed = SagaEvent.objects.get(saga=saga, kind=EventKind.STEP_FAILED)
     wait_for(lambda: signals.exists(), timeout=10)
     assert signals.read_text().splitlines() == [f"step_failed charge card_declined {failed.pk}"]
-    assert not SagaNotice.objects.filter(saga=saga).exists()
+    wait_for(lambda: not SagaNotice.objects.filter(saga=saga).exists(), timeout=10)
 
 
 def test_signals_are_sent_once_and_their_notices_deleted_on_the_happy_path(saga_db, tmp_path):
@@ -288,7 +288,9 @@ def test_signals_are_sent_once_and_their_notices_deleted_on_the_happy_path(saga_
     )
     assert wait_final(saga.pk, timeout=30).status == "compensated"
     wait_for(lambda: signals.exists(), timeout=10)
-    assert not SagaNotice.objects.filter(saga=saga).exists()
+    # The notice of the saga's last transition is deleted once its signals are sent, after its
+    # commit: a moment after the saga is seen final.
+    wait_for(lambda: not SagaNotice.objects.filter(saga=saga).exists(), timeout=10)
     assert relay(older_than=timedelta(0)) == 0
     assert len(signals.read_text().splitlines()) == 1
 

@@ -16,7 +16,7 @@ from django.test.utils import CaptureQueriesContext
 
 from sagas import conf, tasks
 from sagas.durations import parse_duration
-from sagas.models import Saga, SagaEvent, SagaStep
+from sagas.models import Saga, SagaEvent, SagaMember, SagaNotice, SagaStep
 from sagas.retention import parse_statuses, purge
 from tests.conftest import database_url
 from tests.factories import OrderFactory
@@ -225,6 +225,11 @@ def test_the_purge_deletes_old_finished_sagas_in_batches_and_nothing_else():
     assert out.getvalue().startswith("Purged 1 saga(s) (1 completed) that finished before ")
     assert piped.getvalue() == ""
     assert rows_of(["old_finished"]) == (0, 0, 0)
+    # Nothing of theirs is left behind: steps, events, members and notices have no foreign-key
+    # constraint (their inserts are spared its check), and the purge's cascade deletes them.
+    sagas = Saga.objects.values("pk")
+    for model in (SagaStep, SagaEvent, SagaMember, SagaNotice):
+        assert not model.objects.exclude(saga_id__in=sagas).exists(), model
 
 
 def test_the_beat_task_purges_only_when_retention_is_set(db, settings):
