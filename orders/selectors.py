@@ -74,12 +74,13 @@ def order_views_with_fulfilment(views: list[OrderView]) -> list[OrderView]:
 
 
 def sagas_of_order(order_id: uuid.UUID) -> QuerySet[Saga]:
-    """The order fulfilment saga of an order, found by its input (an order has one).
+    """The order fulfilment saga of an order, found by its key (the definition's
+    `key="order_id"`: an order has one saga).
 
-    Unordered, so that PostgreSQL uses orders_saga_order_id_idx: with the default ordering and
-    a LIMIT it walks the newest sagas instead.
+    Unordered, so that PostgreSQL uses saga_business_key_idx: with the default ordering and a
+    LIMIT it walks the newest sagas instead.
     """
-    return Saga.objects.filter(name=ORDER_FULFILMENT_SAGA, input__order_id=str(order_id)).order_by()
+    return Saga.objects.filter(name=ORDER_FULFILMENT_SAGA, business_key=str(order_id)).order_by()
 
 
 def order_views(orders: Iterable[Order]) -> list[OrderView]:

@@ -639,7 +639,7 @@ def test_list_queries_do_not_grow_with_the_page(db, path):
 
 
 def test_an_order_not_created_yet_is_looked_up_through_its_index(world):
-    """The lookup by saga input must match orders_saga_order_id_idx, or it scans every saga."""
+    """The lookup of an order's saga must match saga_business_key_idx, or it scans every saga."""
     a = client_for(world["a"])
     order_id = world["saga_a"].input["order_id"]
     Order.objects.filter(pk=order_id).delete()  # as before the saga's first step has run
@@ -652,7 +652,7 @@ def test_an_order_not_created_yet_is_looked_up_through_its_index(world):
         cursor.execute(f"EXPLAIN {sql}", params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     # Searched by the index (an Index Cond), not merely walked instead of the table.
-    assert "orders_saga_order_id_idx" in plan and "Index Cond" in plan, plan
+    assert "saga_business_key_idx" in plan and "Index Cond" in plan, plan
 
 
 def test_detail_queries_do_not_grow_with_the_saga(world):
