@@ -1060,7 +1060,7 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
     from inventory.models import Product, Reservation
     from orders.models import Order
     from payments.models import GatewayCharge
-    from sagas.models import EventKind, Saga, SagaEvent, SagaMember, SagaStep
+    from sagas.models import EventKind, Saga, SagaEvent, SagaMember, SagaStep, stage_definition
     from sagas.testing.models import Fault, FaultEffect, FaultPoint
 
     violations: list[str] = []
@@ -1121,9 +1121,10 @@ def check_invariants(saga_ids: list[str], initial_stock: dict[str, int]) -> dict
             continue
         # A group's stage is undone by its members (checked below), not by an event of its own.
         groups = set(
-            SagaStep.objects.filter(saga=saga, definition__kind="group").values_list(
-                "index", flat=True
-            )
+            SagaStep.objects.filter(saga=saga)
+            .alias(stage_definition=stage_definition())
+            .filter(stage_definition__kind="group")
+            .values_list("index", flat=True)
         )
         stages = SagaEvent.objects.filter(saga=saga).exclude(detail__has_key="member")
         completed = list(

@@ -230,7 +230,11 @@ def _stored_paths_in_use() -> dict[str, dict[str, int]]:
         one = unfinished.filter(
             name=version["name"], definition_version=version["definition_version"]
         )
-        steps = SagaStep.objects.filter(saga__in=one[:1]).values_list("definition", flat=True)
+        steps = (
+            SagaStep.objects.filter(saga__in=one[:1])
+            .with_definition()
+            .values_list("stage_definition", flat=True)
+        )
         for path in stored_paths(list(steps)):
             users[path][version["name"]] += version["count"]
     completions = unfinished.values("name", "options__on_complete").annotate(count=Count("id"))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Any
 
 from django.conf import settings
 from django.db import models
-from django.db.models import Q
+from django.db.models import F, Func, OuterRef, Q, Subquery
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from .definitions import KEY_MAX_LENGTH
@@ -322,6 +324,69 @@ class Saga(models.Model):
         return self.direction == Direction.BACKWARD
 
 
+class DefinitionVersion(models.Model):
+    """The stage definitions of a saga definition's version, stored once for every saga that
+    starts from it: the saga names it (`Saga.definition_version`, a digest of them), and its
+    stage rows hold no copy (`SagaStep.definition` reads it). Never changed nor deleted: a
+    saga in flight runs the version it started with, whatever a deploy changes since."""
+
+    digest = models.CharField(max_length=64, primary_key=True, help_text="Their digest.")
+    name = models.CharField(max_length=100, help_text="The saga definition's name.")
+    steps = models.JSONField(help_text="The stage definitions, in order.")
+    created_at = models.DateTimeField(help_text="When a saga first started from it.")
+
+    class Meta:
+        verbose_name = "definition version"
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.digest}"
+
+
+# The stage definitions of each version this process has read (immutable, never deleted).
+_versions: dict[str, list[dict[str, Any]]] = {}
+
+
+def version_steps(digest: str) -> list[dict[str, Any]] | None:
+    """The stage definitions of a definition version, read once per process; None if no such
+    version is stored."""
+    steps = _versions.get(digest)
+    if steps is None:
+        steps = (
+            DefinitionVersion.objects.filter(digest=digest).values_list("steps", flat=True).first()
+        )
+        if steps is not None:
+            _versions[digest] = steps
+    return steps
+
+
+def stage_definition() -> Coalesce:
+    """A stage row's definition, in SQL: its own copy (sagas started before definitions were
+    stored once, or made by hand), else its saga's version's entry. For `QuerySet.annotate()`
+    or `alias()`, as `SagaStepQuerySet.with_definition()` does."""
+    entry = (
+        DefinitionVersion.objects.filter(digest=OuterRef("saga__definition_version"))
+        .annotate(
+            entry=Func(
+                F("steps"),
+                OuterRef("index"),
+                template="(%(expressions)s)",
+                arg_joiner=" -> ",
+                output_field=models.JSONField(),
+            )
+        )
+        .values("entry")[:1]
+    )
+    return Coalesce(F("stored_definition"), Subquery(entry), output_field=models.JSONField())
+
+
+class SagaStepQuerySet(models.QuerySet["SagaStep"]):
+    # Typed as Any: the type checker's plugin knows no annotation a method adds.
+    def with_definition(self) -> Any:
+        """Each row with its definition, as `stage_definition` (see `stage_definition`), for
+        `values()` and lookups such as `KT("stage_definition__event")`."""
+        return self.annotate(stage_definition=stage_definition())
+
+
 class SagaStep(models.Model):
     # Not indexed on its own: the unique (saga, index) serves every lookup by saga.
     # No foreign-key constraint (`db_constraint`), for the check each row's insert would cost:
@@ -338,8 +403,15 @@ class SagaStep(models.Model):
         default=StepStatus.PENDING,
         help_text="Where the step is in its life cycle.",
     )
-    definition = models.JSONField(
-        help_text="The step's action, compensation and policy, copied when the saga started."
+    # NULL where the saga's definition version is stored (`DefinitionVersion`): read through
+    # `definition`, or `SagaStepQuerySet.with_definition()` in a query.
+    stored_definition = models.JSONField(
+        null=True,
+        blank=True,
+        db_column="definition",
+        help_text="The stage's definition copied into its row (sagas started before "
+        "definitions were stored once per version); else empty, and read from its saga's "
+        "definition version.",
     )
     attempts = models.PositiveIntegerField(
         default=0,
@@ -374,6 +446,8 @@ class SagaStep(models.Model):
         "step is in progress outside an attempt of its own.",
     )
 
+    objects = SagaStepQuerySet.as_manager()
+
     class Meta:
         verbose_name = "saga step"
         verbose_name_plural = "saga steps"
@@ -398,6 +472,29 @@ class SagaStep(models.Model):
 
     def __str__(self) -> str:
         return f"{self.index}:{self.name} ({self.status})"
+
+    @property
+    def definition(self) -> Any:  # a dict, typed as the JSON field it stands for
+        """The stage's action, compensation and policy as the saga started with them: the row's
+        copy, else its saga's definition version's (a copy of its own, free to change)."""
+        if self.stored_definition is not None:
+            return self.stored_definition
+        if "stage_definition" in self.__dict__:  # annotated (`with_definition`)
+            return self.__dict__["stage_definition"]
+        steps = version_steps(self.saga.definition_version)
+        if steps is None:
+            raise DefinitionVersion.DoesNotExist(
+                f"saga {self.saga_id}: no definition version {self.saga.definition_version!r}"
+            )
+        definition = copy.deepcopy(steps[self.index])
+        self.__dict__["stage_definition"] = definition
+        return definition
+
+    @definition.setter
+    def definition(self, value: dict[str, Any]) -> None:
+        """Give the row a copy of its own (the engine reads it instead of the version's)."""
+        self.stored_definition = value
+        self.__dict__.pop("stage_definition", None)
 
     @property
     def compensation(self) -> str | None:

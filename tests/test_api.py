@@ -632,6 +632,7 @@ def test_list_queries_do_not_grow_with_the_page(db, path):
             ProductFactory()
 
     add_rows(1)
+    count_queries(staff, path)  # a process reads each definition version once
     one = count_queries(staff, path)
     add_rows(9)
     ten = count_queries(staff, path)

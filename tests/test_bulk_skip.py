@@ -120,7 +120,7 @@ def test_a_saga_that_changed_since_the_start_is_skipped_over_with_the_reason(sag
     services.saga_signal(saga_id=signalled.pk, event="payment_confirmed", payload=CONFIRMED)
     assert wait_final(signalled.pk).status == "completed"
     SagaStep.objects.filter(saga=refused, name="confirmation").update(
-        definition={
+        stored_definition={  # a copy of its own, in its row
             **SagaStep.objects.get(saga=refused, name="confirmation").definition,
             "max_payload_bytes": 10,
         }

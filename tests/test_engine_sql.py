@@ -61,7 +61,8 @@ def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monk
         sent: list[str] = []
 
         def record(execute, sql, params, many, context, sent=sent):
-            if not sql.startswith('SELECT "definition"'):  # read once per definition version
+            # (The definitions: read once per definition version and process.)
+            if '"sagas_definitionversion"' not in sql and not sql.startswith('SELECT "definition"'):
                 sent.append(sql)
             return execute(sql, params, many, context)
 
@@ -78,7 +79,7 @@ def test_a_step_locks_reads_writes_and_commits_with_either_binding(binding, monk
             cursor.execute("SELECT statement FROM pg_prepared_statements")
             prepared = {statement for (statement,) in cursor.fetchall()}
         assert any(statement.endswith("FOR NO KEY UPDATE") for statement in prepared), prepared
-        assert "COMMIT" in prepared and any(s.startswith("WITH s AS (INSERT") for s in prepared)
+        assert "COMMIT" in prepared and any(s.startswith("WITH dv AS (INSERT") for s in prepared)
 
 
 def test_a_missing_saga_is_reported_as_missing(binding):

@@ -71,6 +71,7 @@ from sagas.models import (
     SagaStatus,
     SagaStep,
     StepStatus,
+    stage_definition,
 )
 from sagas.services import saga_compensate, saga_retry, saga_signal, saga_step_resolve
 from sagas.signals import BY_KIND
@@ -510,12 +511,14 @@ class EngineMachine(RuleBasedStateMachine):
         self.sagas.append(str(saga.pk))
         # Compensations give up after 2 attempts, not 6, so that examples reach that too: a
         # definition of its own, under a version of its own (workers cache them by version).
+        # Every row gets a copy of its own: its saga's new version is not stored.
         steps = list(SagaStep.objects.filter(saga=saga).order_by("index"))
         for step in steps:
-            if is_wait(step.definition):
-                continue
-            step.definition["compensation_retry"]["max_attempts"] = 2
-            step.save(update_fields=["definition"])
+            definition = step.definition
+            if not is_wait(definition):
+                definition["compensation_retry"]["max_attempts"] = 2
+            step.definition = definition
+            step.save(update_fields=["stored_definition"])
         version = snapshot_version([step.definition for step in steps])
         Saga.objects.filter(pk=saga.pk).update(definition_version=version)
 
@@ -850,7 +853,13 @@ def check_invariants(*, final: bool = False) -> None:
     }
     steps: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for step in SagaStep.objects.order_by("saga_id", "index").values(
-        "saga_id", "index", "name", "status", "attempts", "compensation_attempts", "definition"
+        "saga_id",
+        "index",
+        "name",
+        "status",
+        "attempts",
+        "compensation_attempts",
+        definition=stage_definition(),
     ):
         steps[str(step["saga_id"])].append(step)
     events: dict[str, list[tuple[str, int | None, dict]]] = defaultdict(list)

@@ -70,7 +70,7 @@ def add_sagas(name: str, count: int, status: str, finished: str | None, age: str
             "index": "k",
             "name": "'step_' || k",
             "status": "'completed'",
-            "definition": """'{"action": "tests.sagadefs.record"}'::jsonb""",
+            "stored_definition": """'{"action": "tests.sagadefs.record"}'::jsonb""",
         },
     )
     insert_select(

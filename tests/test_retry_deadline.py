@@ -203,7 +203,7 @@ def test_a_saga_past_its_pivot_gets_no_deadline():
     saga = saga_rows("snapshot_demo", stopped_at=1)
     steps = list(saga.steps.order_by("index"))
     steps[0].definition = {**steps[0].definition, "pivot": True}
-    steps[0].save(update_fields=["definition"])
+    steps[0].save(update_fields=["stored_definition"])
     version = snapshot_version([s.definition for s in steps])
     Saga.objects.filter(pk=saga.pk).update(definition_version=version)
     with pytest.raises(InvalidTransition, match="passed its pivot"):

@@ -33,7 +33,15 @@ from ..definitions import is_wait
 from ..engine import Plan
 from ..engine.waits import SignalOutcome, check_payload
 from ..exceptions import SagaBusy, SignalError
-from ..models import Saga, SagaSignal, SagaStatus, SagaStep, SignalStatus, StepStatus
+from ..models import (
+    Saga,
+    SagaSignal,
+    SagaStatus,
+    SagaStep,
+    SignalStatus,
+    StepStatus,
+    stage_definition,
+)
 from ..permissions import may_operate
 from .display import EMPTY, duration_text, timestamp
 
@@ -60,8 +68,13 @@ ON_TIMEOUT_WORDS = {
 def steps_for_pages() -> QuerySet[SagaStep]:
     """The stage rows the saga pages prefetch: without their definition and output (large),
     but with the keys of a wait's definition that the pages show."""
-    keys: dict[str, Any] = {f"wait_{key}": KT(f"definition__{key}") for key in WAIT_KEYS}
-    return SagaStep.objects.order_by("index").defer("definition", "output").annotate(**keys)
+    keys: dict[str, Any] = {f"wait_{key}": KT(f"stage_definition__{key}") for key in WAIT_KEYS}
+    return (
+        SagaStep.objects.order_by("index")
+        .defer("stored_definition", "output")
+        .alias(stage_definition=stage_definition())
+        .annotate(**keys)
+    )
 
 
 def _key(step: SagaStep, key: str) -> str:
@@ -206,7 +219,8 @@ class Stage:
 
 def _stages(saga_id: Any) -> list[Stage]:
     rows = SagaStep.objects.filter(saga_id=saga_id).order_by("index")
-    return [Stage(*row) for row in rows.values_list("index", "name", "status", "definition")]
+    values = rows.with_definition().values_list("index", "name", "status", "stage_definition")
+    return [Stage(*row) for row in values]
 
 
 def _after(stages: list[Stage], stage: Stage) -> tuple[str, ...]:

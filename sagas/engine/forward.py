@@ -87,10 +87,13 @@ def start(
         created_at=now,
         updated_at=now,
     )
-    steps = [
-        SagaStep(saga=saga, index=i, name=step.name, definition=snapshot)
-        for i, (step, snapshot) in enumerate(zip(definition.steps, snapshots, strict=True))
-    ]
+    # The stages' definitions are stored once, as the version the saga names (`insert_saga`):
+    # the stage rows hold none, and these know theirs as a read would (`SagaStep.definition`).
+    steps = []
+    for i, (stage, snapshot) in enumerate(zip(definition.steps, snapshots, strict=True)):
+        step = SagaStep(saga=saga, index=i, name=stage.name)
+        step.__dict__["stage_definition"] = snapshot
+        steps.append(step)
     started = EventRow(
         saga.id, None, "", EventKind.SAGA_STARTED, {"steps": [s.name for s in steps]}, now
     )
@@ -99,7 +102,12 @@ def start(
     try:
         with transaction.atomic():
             inserted = insert_saga(
-                saga, steps, started, commit=True, notice=notify.signalled([started])
+                saga,
+                steps,
+                started,
+                commit=True,
+                notice=notify.signalled([started]),
+                definitions=snapshots,
             )
             if inserted is None:
                 # The key was used, maybe by a request that committed a moment ago: its saga.

@@ -420,7 +420,8 @@ def check_output(saga_id: UUID | str, index: int, output: Any, member: int | Non
     by a wait's `validate`. Run before the saga is locked: `validate` is the project's."""
     definition = (
         SagaStep.objects.filter(saga_id=saga_id, index=index)
-        .values_list("definition", flat=True)
+        .with_definition()
+        .values_list("stage_definition", flat=True)
         .first()
     )
     if definition is None:

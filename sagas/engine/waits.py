@@ -43,6 +43,7 @@ from ..models import (
     SagaStep,
     SignalStatus,
     StepStatus,
+    stage_definition,
 )
 from . import notify
 from .compensation import begin_compensation
@@ -117,7 +118,11 @@ def check_payload(saga_id: UUID | str, event: str, payload: Any, *, fail: bool =
     than the wait's `max_payload_bytes` as JSON, or refused by its `validate` (unless the
     signal `fail`s the wait). `NoSuchWait` if
     no wait of the saga is for `event`. Run before the saga is locked: `validate` is yours."""
-    definitions = SagaStep.objects.filter(saga_id=saga_id).values_list("definition", flat=True)
+    definitions = (
+        SagaStep.objects.filter(saga_id=saga_id)
+        .with_definition()
+        .values_list("stage_definition", flat=True)
+    )
     found = [d for d in definitions if is_wait(d) and d.get("event") == event]
     if not found:
         if not Saga.objects.filter(pk=saga_id).exists():
@@ -480,7 +485,8 @@ def decide(
         (name, d, status)
         for name, d, status in SagaStep.objects.filter(saga_id=saga_id)
         .order_by("index")
-        .values_list("name", "definition", "status")
+        .with_definition()
+        .values_list("name", "stage_definition", "status")
         if is_wait(d) and d.get("approval")
     ]
     if not approvals:
@@ -639,7 +645,11 @@ def _kept_while_busy(
     first = _first(saga.pk, key)
     if first is not None:
         return first
-    waits = SagaStep.objects.filter(saga=saga).values_list("name", "definition", "status")
+    waits = (
+        SagaStep.objects.filter(saga=saga)
+        .with_definition()
+        .values_list("name", "stage_definition", "status")
+    )
     found = [(n, st, d) for n, d, st in waits if is_wait(d) and d.get("event") == event]
     if not found:
         raise NoSuchWait(f"The saga has no wait for the event {event!r}.")
@@ -679,7 +689,8 @@ def apply_kept(*, batch_size: int = 200) -> int:
     current_event = (
         SagaStep.objects.filter(saga_id=OuterRef("saga_id"), status=StepStatus.WAITING)
         .order_by("index")
-        .values(event=KT("definition__event"))[:1]
+        .alias(stage_definition=stage_definition())
+        .values(event=KT("stage_definition__event"))[:1]
     )
     due = (
         SagaSignal.objects.filter(status=SignalStatus.KEPT, saga__status=SagaStatus.WAITING)

@@ -21,7 +21,7 @@ from django.db.models import Exists, OuterRef
 from django.db.models.fields.json import KT
 from django.utils import timezone
 
-from ..models import Saga, SagaSignal, SagaStep, SignalStatus, StepStatus
+from ..models import Saga, SagaSignal, SagaStep, SignalStatus, StepStatus, stage_definition
 from . import waits
 from .unit import lock
 
@@ -53,7 +53,8 @@ def due(now: datetime) -> tuple[bool, bool]:
     early) is not counted: the wait consumes it when it begins."""
     waiting_for_it = (
         SagaStep.objects.filter(saga_id=OuterRef("saga_id"), status=StepStatus.WAITING)
-        .annotate(waited_for=KT("definition__event"))
+        .alias(stage_definition=stage_definition())
+        .annotate(waited_for=KT("stage_definition__event"))
         .filter(waited_for=OuterRef("event"))
     )
     kept = SagaSignal.objects.filter(Exists(waiting_for_it), status=SignalStatus.KEPT)

@@ -799,7 +799,8 @@ def shorten_retry_waits(saga: Saga, longest: float) -> None:
         for policy in [p[key] for p in policies for key in ("retry", "compensation_retry")]:
             policy["backoff"] = min(policy["backoff"], longest)
             policy["backoff_max"] = min(policy["backoff_max"], longest)
-        step.save(update_fields=["definition"])
+        step.definition = definition  # a copy of its own, in its row
+        step.save(update_fields=["stored_definition"])
     version = snapshot_version([step.definition for step in steps])
     Saga.objects.filter(pk=saga.pk).update(definition_version=version)
 

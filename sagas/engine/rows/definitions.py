@@ -1,6 +1,7 @@
-"""The steps' definitions, copied into their rows when a saga starts, are the same for every saga
-started from the same definition: the saga row names them by a digest (`definition_version`),
-and a process reads and parses each version once."""
+"""The stages' definitions are the same for every saga started from the same definition: they
+are stored once per version (`sagas.models.DefinitionVersion`), which the saga row names by its
+digest (`definition_version`), and a process reads and parses each version once. A saga whose
+version is not stored (one started before they were, or made by hand) has them in its rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 from django.db import connection
 
 from ...definitions import RetryPolicy
-from ...models import SagaStep
+from ...models import DefinitionVersion, SagaStep, version_steps
 from .objects import SagaRow
 
 
@@ -28,18 +29,28 @@ _definitions: dict[str, tuple[Definition, ...]] = {}
 
 
 def definitions(saga: SagaRow) -> tuple[Definition, ...]:
-    """The step definitions the saga started with, read from its step rows at most once per
-    definition version and process (a saga made by hand, without a version: every time)."""
+    """The stage definitions the saga started with, read at most once per definition version
+    and process: from the stored version, else from its stage rows (a saga made by hand,
+    without a version: every time)."""
     version = saga.definition_version
     cached = _definitions.get(version) if version else None
     if cached is not None:
         return cached
-    with connection.cursor() as cursor:
-        cursor.execute(_definitions_sql(), [saga.id])
-        field = SagaStep._meta.get_field("definition")
+    stored = version_steps(version) if version else None
+    if stored is not None:
+        loaded = tuple(Definition(step) for step in stored)
+    else:
+        with connection.cursor() as cursor:
+            cursor.execute(_definitions_sql(), [saga.id])
+            values = [value for (value,) in cursor.fetchall()]
+        if any(value is None for value in values):
+            raise DefinitionVersion.DoesNotExist(
+                f"saga {saga.id}: no definition version {version!r}, nor definitions in its rows"
+            )
+        field = SagaStep._meta.get_field("stored_definition")
         loaded = tuple(
             Definition(field.from_db_value(value, None, connection))  # type: ignore[attr-defined,arg-type]
-            for (value,) in cursor.fetchall()
+            for value in values
         )
     if version:
         _definitions[version] = loaded
@@ -50,7 +61,8 @@ def definitions(saga: SagaRow) -> tuple[Definition, ...]:
 def _definitions_sql() -> str:
     q = connection.ops.quote_name
     table = q(SagaStep._meta.db_table)
-    return f"SELECT {q('definition')} FROM {table} WHERE saga_id = %s ORDER BY {q('index')}"
+    column = q(str(SagaStep._meta.get_field("stored_definition").column))
+    return f"SELECT {column} FROM {table} WHERE saga_id = %s ORDER BY {q('index')}"
 
 
 def policy(definition: dict[str, Any], key: str) -> RetryPolicy:

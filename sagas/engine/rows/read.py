@@ -198,7 +198,7 @@ def _layout(cls: Any) -> tuple[list[str], list[tuple[str, Any]]]:
 def _read_fields(cls: Any) -> list[Field[Any, Any]]:
     # Not the steps' definitions: they come from the cache of the saga's definition version;
     # nor the columns a row class says the engine never reads.
-    unread = {"definition", *getattr(cls, "unread", ())}
+    unread = {"stored_definition", *getattr(cls, "unread", ())}
     return [f for f in cls.model._meta.concrete_fields if f.attname not in unread]
 
 

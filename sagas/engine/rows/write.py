@@ -9,7 +9,7 @@ from typing import Any
 from django.db import DEFAULT_DB_ALIAS, connection, connections
 from django.db.models import Field, Model
 
-from ...models import Saga, SagaEvent, SagaNotice, SagaStep
+from ...models import DefinitionVersion, Saga, SagaEvent, SagaNotice, SagaStep
 from .cursors import column, default_db, engine_cursor, execute
 from .objects import EventRow, SagaRow, Sql, StepRow
 
@@ -90,10 +90,17 @@ def _notice_sql(events: str) -> str:
 
 
 def insert_saga(
-    saga: Saga, steps: list[SagaStep], event: EventRow, *, commit: bool, notice: bool = False
+    saga: Saga,
+    steps: list[SagaStep],
+    event: EventRow,
+    *,
+    commit: bool,
+    notice: bool = False,
+    definitions: list[dict[str, Any]] | None = None,
 ) -> tuple[int, int] | None:
     """Insert a new saga, its steps and its first event in one statement; with `notice`, a
-    `SagaNotice` of that event too.
+    `SagaNotice` of that event too; with `definitions`, its stages' definitions as the
+    `DefinitionVersion` the saga names, unless that version is stored already.
 
     Returns None, inserting nothing, if a saga with the same name and idempotency key exists;
     else the event's id and the notice's (0 without one). Any other unique constraint (one
@@ -103,7 +110,17 @@ def insert_saga(
     # The statement is built once per number of steps; each start only adapts its values,
     # on this thread's connection looked up once (not through the proxy for each value).
     db = connections[DEFAULT_DB_ALIAS]
+    version: list[Any] = []
+    if definitions is not None:
+        steps_field = DefinitionVersion._meta.get_field("steps")
+        version = [
+            saga.definition_version,
+            saga.name,
+            steps_field.get_db_prep_save(definitions, db),
+            saga.created_at,
+        ]
     params = [
+        *version,
         *_insert_params(Saga, [saga], db),
         *_insert_params(SagaStep, steps, db),
         *(
@@ -111,7 +128,7 @@ def insert_saga(
             for f, value in zip(event_columns()[1], event, strict=True)
         ),
     ]
-    sql = _insert_saga_sql(len(steps), notice=notice)
+    sql = _insert_saga_sql(len(steps), notice=notice, version=bool(version))
     with engine_cursor(db) as cursor:
         # (If the key was taken, the COMMIT ends an empty transaction: harmless.)
         execute(db, cursor, sql, params, commit=commit)
@@ -120,7 +137,7 @@ def insert_saga(
 
 
 @cache
-def _insert_saga_sql(step_count: int, *, notice: bool) -> str:
+def _insert_saga_sql(step_count: int, *, notice: bool, version: bool) -> str:
     saga_columns, saga_row = _insert_columns(Saga)
     step_columns, step_row = _insert_columns(SagaStep)
     columns_of_events, event_fields = event_columns()
@@ -133,8 +150,19 @@ def _insert_saga_sql(step_count: int, *, notice: bool) -> str:
         if notice
         else " "
     )
+    # The version first, whether or not the saga is inserted: it is the same for every saga
+    # that names its digest (a start of the same version at the same moment waits for the
+    # other's to commit, then inserts nothing).
+    stored = (
+        f"dv AS (INSERT INTO {q(DefinitionVersion._meta.db_table)} "
+        "(digest, name, steps, created_at) VALUES (%s, %s, %s::jsonb, %s::timestamptz) "
+        "ON CONFLICT (digest) DO NOTHING), "
+        if version
+        else ""
+    )
     return (
-        f"WITH s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) VALUES {saga_row} "
+        f"WITH {stored}s AS (INSERT INTO {q(Saga._meta.db_table)} ({saga_columns}) "
+        f"VALUES {saga_row} "
         "ON CONFLICT (name, idempotency_key) WHERE idempotency_key IS NOT NULL "
         "DO NOTHING RETURNING id), "
         f"st AS (INSERT INTO {q(SagaStep._meta.db_table)} ({step_columns}) "
