@@ -216,3 +216,34 @@ def test_the_waker_finds_the_due_waits_through_their_index():
         cursor.execute("EXPLAIN " + sql, params)
         plan = "\n".join(row[0] for row in cursor.fetchall())
     assert "saga_step_due_at_idx" in plan and "Seq Scan" not in plan, plan
+
+
+def test_the_first_start_of_a_new_version_holds_up_no_other_start(binding, monkeypatch):
+    """A saga of a definition version no saga has used yet, started in a transaction its caller
+    keeps open: another start of the same version, elsewhere, neither waits for it to commit
+    nor deadlocks with it (the version is committed on a connection of its own first)."""
+    from sagas.definitions import SagaDefinition, Step, register
+    from sagas.models import DefinitionVersion
+
+    lose_messages(monkeypatch)
+    # A time limit no other test uses: a digest no saga, nor this process, has used yet.
+    name = f"new_version_{uuid.uuid4().hex[:8]}"
+    limit = 3_600 + uuid.uuid4().int % 1_000_000
+    register(SagaDefinition(name, [Step("a", action="tests.sagadefs.record", time_limit=limit)]))
+    other: list[object] = []
+
+    def start_elsewhere() -> None:
+        try:
+            other.append(saga_start(name=name, input={})[0].pk)
+        finally:
+            connections.close_all()
+
+    with transaction.atomic():
+        first, _ = saga_start(name=name, input={})
+        thread = threading.Thread(target=start_elsewhere)
+        thread.start()
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "the other start waited for this transaction"
+    assert len(other) == 1 and Saga.objects.filter(pk__in=[first.pk, *other]).count() == 2
+    digest = Saga.objects.get(pk=first.pk).definition_version
+    assert DefinitionVersion.objects.filter(digest=digest, name=name).count() == 1

@@ -19,7 +19,7 @@ from ..exceptions import CodeMissing, SagaKeyInFlight, StepError
 from ..models import FINAL_STATUSES, ONE_IN_FLIGHT_PER_KEY, EventKind, Saga, SagaStep
 from . import dispatch, groups, notify, waits
 from .compensation import begin_compensation
-from .rows import EventRow, StepRow, insert_saga
+from .rows import EventRow, StepRow, insert_saga, store_version
 from .unit import (
     DONE,
     DUPLICATE,
@@ -99,6 +99,7 @@ def start(
     )
     if notify.tracer is not None:
         saga.trace_context = notify.tracer.begin_saga(saga)
+    store_version(version, name, snapshots, now)
     try:
         with transaction.atomic():
             inserted = insert_saga(

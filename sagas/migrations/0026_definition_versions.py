@@ -1,29 +1,62 @@
 # Stage definitions stored once per definition version (`DefinitionVersion`), not copied into
 # every stage row: a new saga's rows hold none (`SagaStep.stored_definition`, the column
 # `definition`, becomes nullable), and each update of a stage no longer writes its definition
-# again to the WAL. The versions of the sagas already started are copied from one saga each
-# (their rows keep their copy: nothing is rewritten); a saga without a version (made by hand)
-# reads its rows, as before.
+# again to the WAL. The version of each digest the sagas already started name is copied from
+# one of its sagas whose rows hash to that digest (a saga whose rows were changed without a
+# digest of their own is passed over); their rows keep their copies: nothing is rewritten, and
+# a saga without a stored version reads its rows, as before.
+#
+# Not atomic: the column's change takes the table's lock for a moment, and the copy, a read of
+# every saga, runs after it, holding no lock that stops the engine.
+
+import json
 
 from django.db import migrations, models
 
-COPY_VERSIONS = """
-INSERT INTO sagas_definitionversion (digest, name, steps, created_at)
-SELECT DISTINCT ON (s.definition_version)
-       s.definition_version, s.name,
-       (SELECT jsonb_agg(st.definition ORDER BY st.index)
-        FROM sagas_sagastep st WHERE st.saga_id = s.id),
-       s.created_at
-FROM sagas_saga s
-WHERE s.definition_version <> ''
-  AND NOT EXISTS (SELECT FROM sagas_sagastep st WHERE st.saga_id = s.id AND st.definition IS NULL)
-  AND EXISTS (SELECT FROM sagas_sagastep st WHERE st.saga_id = s.id)
-ORDER BY s.definition_version, s.created_at
-ON CONFLICT (digest) DO NOTHING
+# Per digest, the earliest sagas that name it: candidates, in order, for its content.
+CANDIDATES = """
+SELECT definition_version, name, id, created_at FROM (
+    SELECT definition_version, name, id, created_at,
+           row_number() OVER (PARTITION BY definition_version ORDER BY created_at, id) AS n
+    FROM sagas_saga WHERE definition_version <> ''
+) ranked
+WHERE n <= 5
+ORDER BY definition_version, n
 """
 
 
+def copy_versions(apps, schema_editor):
+    from sagas.definitions import snapshot_version
+
+    connection = schema_editor.connection
+    with connection.cursor() as cursor:
+        cursor.execute(CANDIDATES)
+        candidates = cursor.fetchall()
+        stored = set()
+        for digest, name, saga_id, created_at in candidates:
+            if digest in stored:
+                continue
+            cursor.execute(
+                "SELECT definition FROM sagas_sagastep WHERE saga_id = %s ORDER BY \"index\"",
+                [saga_id],
+            )
+            rows = [value for (value,) in cursor.fetchall()]
+            if not rows or any(value is None for value in rows):
+                continue
+            steps = [json.loads(v) if isinstance(v, str) else v for v in rows]
+            if snapshot_version(steps) != digest:
+                continue  # changed by hand under its old digest
+            cursor.execute(
+                "INSERT INTO sagas_definitionversion (digest, name, steps, created_at) "
+                "VALUES (%s, %s, %s::jsonb, %s) ON CONFLICT (digest) DO NOTHING",
+                [digest, name, json.dumps(steps), created_at],
+            )
+            stored.add(digest)
+
+
 class Migration(migrations.Migration):
+    atomic = False
+
     dependencies = [
         ("sagas", "0025_cheap_rows"),
     ]
@@ -83,5 +116,5 @@ class Migration(migrations.Migration):
                 ),
             ],
         ),
-        migrations.RunSQL(COPY_VERSIONS, migrations.RunSQL.noop),
+        migrations.RunPython(copy_versions, migrations.RunPython.noop),
     ]

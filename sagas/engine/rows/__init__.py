@@ -20,7 +20,7 @@ from .read import (
     read_locked_with_members,
     read_member_locked,
 )
-from .write import execute_as_one, insert_events_sql, insert_saga, update_sql
+from .write import execute_as_one, insert_events_sql, insert_saga, store_version, update_sql
 
 __all__ = [
     "Definition",
@@ -40,5 +40,6 @@ __all__ = [
     "read_locked",
     "read_locked_with_members",
     "read_member_locked",
+    "store_version",
     "update_sql",
 ]

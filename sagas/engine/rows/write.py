@@ -88,6 +88,32 @@ def _notice_sql(events: str) -> str:
 
 # -- starting --------------------------------------------------------------------------------
 
+# The definition versions this process has stored, committed (each is immutable).
+_stored_versions: set[str] = set()
+
+
+def store_version(digest: str, name: str, steps: list[dict[str, Any]], now: Any) -> None:
+    """Store a definition version, committed at once on a connection of its own, before this
+    process starts the first saga of it: that start, maybe in a long transaction of the
+    caller's, then finds it committed, and neither waits for another start of the same new
+    version to commit nor deadlocks with one. (The start's statement inserts it again if it is
+    missing, `insert_saga`: a table emptied since, as tests do.)"""
+    if digest in _stored_versions:
+        return
+    other = connections.create_connection(DEFAULT_DB_ALIAS)
+    try:
+        steps_field = DefinitionVersion._meta.get_field("steps")
+        with other.cursor() as cursor:
+            cursor.execute(
+                f"INSERT INTO {other.ops.quote_name(DefinitionVersion._meta.db_table)} "
+                "(digest, name, steps, created_at) VALUES (%s, %s, %s, %s) "
+                "ON CONFLICT (digest) DO NOTHING",
+                [digest, name, steps_field.get_db_prep_save(steps, other), now],
+            )
+    finally:
+        other.close()
+    _stored_versions.add(digest)
+
 
 def insert_saga(
     saga: Saga,
@@ -151,8 +177,8 @@ def _insert_saga_sql(step_count: int, *, notice: bool, version: bool) -> str:
         else " "
     )
     # The version first, whether or not the saga is inserted: it is the same for every saga
-    # that names its digest (a start of the same version at the same moment waits for the
-    # other's to commit, then inserts nothing).
+    # that names its digest. `store_version` committed it already, so this inserts nothing
+    # and waits for no one; it is here for a table emptied since.
     stored = (
         f"dv AS (INSERT INTO {q(DefinitionVersion._meta.db_table)} "
         "(digest, name, steps, created_at) VALUES (%s, %s, %s::jsonb, %s::timestamptz) "
