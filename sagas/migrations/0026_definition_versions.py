@@ -9,9 +9,18 @@
 # Not atomic: the column's change takes the table's lock for a moment, and the copy, a read of
 # every saga, runs after it, holding no lock that stops the engine.
 
+import hashlib
 import json
 
 from django.db import migrations, models
+
+
+def digest_of(steps):
+    """The digest the sagas name their version by, as `sagas.definitions.snapshot_version`
+    made it when this migration was written (a migration keeps its own copy)."""
+    encoded = json.dumps(steps, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(encoded).hexdigest()[:32]
+
 
 # Per digest, the earliest sagas that name it: candidates, in order, for its content.
 CANDIDATES = """
@@ -26,8 +35,6 @@ ORDER BY definition_version, n
 
 
 def copy_versions(apps, schema_editor):
-    from sagas.definitions import snapshot_version
-
     connection = schema_editor.connection
     with connection.cursor() as cursor:
         cursor.execute(CANDIDATES)
@@ -37,14 +44,14 @@ def copy_versions(apps, schema_editor):
             if digest in stored:
                 continue
             cursor.execute(
-                "SELECT definition FROM sagas_sagastep WHERE saga_id = %s ORDER BY \"index\"",
+                'SELECT definition FROM sagas_sagastep WHERE saga_id = %s ORDER BY "index"',
                 [saga_id],
             )
             rows = [value for (value,) in cursor.fetchall()]
             if not rows or any(value is None for value in rows):
                 continue
             steps = [json.loads(v) if isinstance(v, str) else v for v in rows]
-            if snapshot_version(steps) != digest:
+            if digest_of(steps) != digest:
                 continue  # changed by hand under its old digest
             cursor.execute(
                 "INSERT INTO sagas_definitionversion (digest, name, steps, created_at) "
