@@ -36,6 +36,7 @@ from celery import current_app
 from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError
+from kombu import Connection
 
 from . import conf
 from .definitions import Wait, import_callable, registered, steps_in, stored_paths
@@ -339,8 +340,10 @@ def check_wake_scheduled(app_configs: Any = None, **kwargs: Any) -> list[checks.
 
 
 def _is_redis(app: Any) -> bool:
+    """Whether the broker is Redis, as kombu reads its URL (`redis+socket://` too); no
+    connection is made."""
     url = str(app.conf.broker_url or "")
-    return url.split(":", 1)[0] in ("redis", "rediss", "sentinel")
+    return bool(url) and Connection(url).transport_cls in ("redis", "rediss", "sentinel")
 
 
 def _has_broker_fix(app: Any) -> bool:

@@ -83,6 +83,18 @@ def test_the_visibility_timeout_must_outlast_the_longest_step(celery_conf, regis
     assert "sagas.W004" in ids()
 
 
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://cache:6380/0", "redis+socket:///run/redis.sock"]
+)
+def test_a_redis_broker_is_known_by_its_transport_not_its_scheme(celery_conf, monkeypatch, url):
+    # (Celery reads the broker's URL from the environment first.)
+    monkeypatch.setenv("CELERY_BROKER_URL", url)
+    celery_conf["broker_transport_options"] = {"visibility_timeout": 60}
+    assert "sagas.W004" in ids()
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest@127.0.0.1:5672//")
+    assert "sagas.W004" not in ids()
+
+
 def test_a_broker_connection_without_the_frameworks_fix_is_checked(monkeypatch):
     from celery.app.amqp import AMQP
 
