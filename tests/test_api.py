@@ -247,7 +247,7 @@ def test_the_saga_list_counts_no_further_than_past_its_page(world, settings):
 
 def test_saga_detail_shape(world):
     body = client_for(world["a"]).get(f"/api/sagas/{world['saga_a'].pk}/").json()
-    assert body["status"] == "pending"
+    assert body["status"] == "running"  # created running: its first stage is a step
     assert body["error"] is None
     assert [s["name"] for s in body["steps"]] == [
         "create_order",
@@ -346,7 +346,7 @@ def test_submission_returns_the_pending_order_and_its_saga(customer):
         {"sku": "SKU-TWO", "quantity": 1, "unit_price": "3.00", "line_total": "3.00"},
     ]
     assert order["saga"]["id"] == str(saga.pk)
-    assert order["saga"]["status"] == "pending"
+    assert order["saga"]["status"] == "running"
     assert order["saga"]["url"].endswith(f"/api/sagas/{saga.pk}/")
     assert order["payment"] is None and order["shipment"] is None and order["reservations"] == []
     assert response["Location"].endswith(f"/api/orders/{order['id']}/")

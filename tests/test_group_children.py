@@ -172,7 +172,7 @@ def test_a_parent_waiting_for_its_busy_child_to_turn_back_is_not_stalled(saga_db
     services.saga_compensate(saga_id=saga.pk, actor="ops")
     # The group settled; the child's step holds the child, so its abort waits for that step.
     wait_for(lambda: members(saga)["ship"] == "compensating", what="the group to settle")
-    assert Saga.objects.get(parent=saga).status == "pending"
+    assert Saga.objects.get(parent=saga).status == "running"
 
     report = sweeper.sweep(stale_after=timedelta(0))
 

@@ -120,7 +120,7 @@ def test_the_web_view_serves_its_counters_and_the_gauges_of_the_database(
     assert response["Content-Type"].startswith("text/plain")
     samples = parse(response.content.decode())
     assert value(samples, "sagas_started_total", definition="three_steps") == started + 1
-    assert value(samples, "sagas_in_flight", definition="three_steps", status="pending") == 1
+    assert value(samples, "sagas_in_flight", definition="three_steps", status="running") == 1
     assert value(samples, "sagas_stalled", definition="three_steps") == 1
     assert value(samples, "sagas_oldest_progress_age_seconds", definition="three_steps") >= 3600
 

@@ -48,7 +48,7 @@ def test_a_saga_whose_first_message_was_lost_is_recovered(saga_db, monkeypatch):
     saga, _ = saga_start(name="snapshot_demo", input={})
     monkeypatch.undo()
     saga.refresh_from_db()
-    assert saga.status == "pending"
+    assert saga.status == "running" and saga.steps.get(index=0).status == "pending"
 
     assert sweeper.sweep(stale_after=timedelta(seconds=60)).recovered == []  # not stale yet
     _age(saga, 120)

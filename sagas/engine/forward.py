@@ -73,6 +73,11 @@ def start(
     saga = Saga(
         id=uuid4(),
         name=name,
+        # Created running when its first stage is a step (the chain is sent as the start
+        # commits): the first step's write then changes no indexed column, and is a HOT
+        # update. One that begins with a wait, a group or a child is pending until that
+        # stage begins (`waits.begin`).
+        status=SagaStatus.PENDING if definition.begins_with_a_wait else SagaStatus.RUNNING,
         input=input,
         business_key=definition.key_of(input),
         options=options,
@@ -190,7 +195,8 @@ def step_attempt(
         if step.status not in IN_PROGRESS or unit.in_progress() is not step:
             return STOP  # an earlier step is not done: this message is stale
         if saga.status == SagaStatus.PENDING:
-            # The start was recorded when the saga was created.
+            # A saga started by a release that created sagas pending. (The start was recorded
+            # when the saga was created.)
             unit.move_saga(SagaStatus.RUNNING, None)
         last = index + 1 == len(unit.steps)
         # Imported before anything runs: code a deploy removed pauses the saga, and the last
