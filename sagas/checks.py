@@ -340,10 +340,18 @@ def check_wake_scheduled(app_configs: Any = None, **kwargs: Any) -> list[checks.
 
 
 def _is_redis(app: Any) -> bool:
-    """Whether the broker is Redis, as kombu reads its URL (`redis+socket://` too); no
-    connection is made."""
-    url = str(app.conf.broker_url or "")
-    return bool(url) and Connection(url).transport_cls in ("redis", "rediss", "sentinel")
+    """Whether the broker is Redis, as kombu reads its URL (`redis+socket://` too, and a list
+    of URLs for failover); no connection is made. A URL kombu cannot read is judged by its
+    scheme: a check never raises."""
+    url = app.conf.broker_url
+    if not url:
+        return False
+    try:
+        transport = Connection(url).transport_cls
+    except (KeyError, ValueError):
+        first = url[0] if isinstance(url, list | tuple) else str(url)
+        transport = str(first).split(":", 1)[0]
+    return transport in ("redis", "rediss", "sentinel")
 
 
 def _has_broker_fix(app: Any) -> bool:

@@ -95,6 +95,17 @@ def test_a_redis_broker_is_known_by_its_transport_not_its_scheme(celery_conf, mo
     assert "sagas.W004" not in ids()
 
 
+def test_a_broker_url_kombu_cannot_read_does_not_break_the_checks(celery_conf, monkeypatch):
+    # An unescaped "#" in a password: kombu refuses the URL; the check still runs.
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://:pa#ss@127.0.0.1:6379/0")
+    celery_conf["broker_transport_options"] = {"visibility_timeout": 60}
+    assert "sagas.W004" in ids()
+    # A list of URLs, for failover.
+    monkeypatch.delenv("CELERY_BROKER_URL")
+    celery_conf["broker_url"] = ["redis://127.0.0.1:6379/0", "redis://127.0.0.1:6380/0"]
+    assert "sagas.W004" in ids()
+
+
 def test_a_broker_connection_without_the_frameworks_fix_is_checked(monkeypatch):
     from celery.app.amqp import AMQP
 
