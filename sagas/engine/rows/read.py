@@ -224,7 +224,9 @@ def _lock_sql(lock: bool = True) -> tuple[str, str]:
 def _bounded_steps_sql() -> str:
     """The steps' read that sets the session's bounds too (`SESSION_BOUNDS_SQL`): an
     uncorrelated subquery in its WHERE is a one-time filter, run once before the rows are
-    read, even if there are none; the bounds hold from the next statement on."""
+    read, even if there are none; the bounds hold from the next statement on. (This read is
+    not bounded itself: like the saga's lock before it, it waits for no row, only for a
+    migration's lock on the table, if one is queued.)"""
     steps = _lock_sql(True)[1]
     head, where = steps.split(" WHERE ", 1)
     return f"{head} WHERE (SELECT concat({SESSION_BOUNDS})) IS NOT NULL AND {where}"
