@@ -25,12 +25,11 @@ from .objects import SagaRow, StepRow
 # attempt's hard time limit, nor a lock wait, nor the session idle in its transaction during
 # the action's external call (and a margin), and a statement running when the attempt's
 # process is killed ends within a second (PostgreSQL checks that the client is still there).
-SESSION_BOUNDS = (
-    "set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
+SESSION_BOUNDS_SQL = (
+    "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true), "
     "set_config('idle_in_transaction_session_timeout', %s, true), "
     "set_config('client_connection_check_interval', '1000', true)"
 )
-SESSION_BOUNDS_SQL = f"SELECT {SESSION_BOUNDS}"
 IDLE_MARGIN = 5  # seconds
 
 
@@ -106,10 +105,9 @@ def _read(
                 if member is not None:
                     members_cursor.execute(_member_sql(one=True), [key, *member])
                 cursor.execute(saga_sql, [key])
-                if bound is None:
-                    steps_cursor.execute(steps_sql, [key])
-                else:  # the bounds set by the same statement (one fewer per step)
-                    steps_cursor.execute(_bounded_steps_sql(), [*session_bounds(bound), key])
+                if bound is not None:
+                    steps_cursor.execute(SESSION_BOUNDS_SQL, session_bounds(bound))
+                steps_cursor.execute(steps_sql, [key])
                 if members:
                     members_cursor.execute(_member_sql(one=False), [key])
             saga_values = cursor.fetchone()
@@ -218,18 +216,6 @@ def _lock_sql(lock: bool = True) -> tuple[str, str]:
         + (" FOR NO KEY UPDATE" if lock else ""),
         f"SELECT {step_columns} FROM {steps} WHERE saga_id = %s ORDER BY {q('index')}",
     )
-
-
-@cache
-def _bounded_steps_sql() -> str:
-    """The steps' read that sets the session's bounds too (`SESSION_BOUNDS_SQL`): an
-    uncorrelated subquery in its WHERE is a one-time filter, run once before the rows are
-    read, even if there are none; the bounds hold from the next statement on. (This read is
-    not bounded itself: like the saga's lock before it, it waits for no row, only for a
-    migration's lock on the table, if one is queued.)"""
-    steps = _lock_sql(True)[1]
-    head, where = steps.split(" WHERE ", 1)
-    return f"{head} WHERE (SELECT concat({SESSION_BOUNDS})) IS NOT NULL AND {where}"
 
 
 # -- the timeline ----------------------------------------------------------------------------
