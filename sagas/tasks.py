@@ -246,15 +246,34 @@ def compensate_step(
 
 # Not bound, and taking the failure's (request, exc, traceback): Celery calls it in the process
 # that saw the failure, which for a hard time limit is the worker's main one. So it only
-# sends the chain's real error callback (`callback`, a bound task, which Celery would send as a
-# message with the failed task's id alone) with the class of the exception that failed the
-# task: the saga's lock is taken by a worker process, never by the main one.
+# sends the chain's real error callback (a bound task, which Celery would send as a message
+# with the failed task's id alone) with the class of the exception that failed the task: the
+# saga's lock is taken by a worker process, never by the main one. Which callback, and for
+# which saga and epoch, it reads from the failed task's name and id; chains sent by earlier
+# releases name them in its keyword arguments.
 @shared_task(name="sagas.chain_failed", ignore_result=True)
 def chain_failed(
-    request: Any, exc: BaseException, traceback: Any, *, saga_id: str, epoch: int, callback: str
+    request: Any,
+    exc: BaseException,
+    traceback: Any,
+    *,
+    saga_id: str | None = None,
+    epoch: int | None = None,
+    callback: str | None = None,
 ) -> None:
-    """Error callback of a saga's chain, run where the task failed: sends `callback` with what
-    failed the task. Safe to lose (the sweeper makes up for it) and to repeat."""
+    """Error callback of a saga's chain, run where the task failed: sends the chain's error
+    callback with what failed the task. Safe to lose (the sweeper makes up for it) and to
+    repeat."""
+    if saga_id is None or epoch is None or callback is None:
+        failed = dispatch.failed_chain(str(request.id), getattr(request, "task", None))
+        if failed is None:
+            logger.error(
+                "task %s (%s) of no saga's chain failed: its error callback does nothing",
+                request.id,
+                getattr(request, "task", None),
+            )
+            return
+        saga_id, epoch, callback = failed
     cause = engine.class_path(type(exc))
     dispatch.send_error_callback(callback, request.id, saga_id, epoch, cause)
 

@@ -275,6 +275,55 @@ def test_a_task_that_fails_outside_its_attempt_is_recorded_as_such_never_as_a_ti
     assert wait_final(saga.pk).status == "completed"
 
 
+def test_the_error_callback_reads_its_chain_from_the_failed_task():
+    """Celery copies a chain's error callback into each of its tasks, so it names nothing: the
+    saga, the epoch and the engine's callback come from the failed task's id and name."""
+    from sagas.engine import dispatch
+
+    saga = "0b0f3c1e-8a3e-4d4b-9f55-1c2d3e4f5a6b"
+    assert dispatch.failed_chain(f"{saga}:3:1", dispatch.RUN_STEP) == (
+        saga,
+        3,
+        dispatch.ON_STEP_FAILURE,
+    )
+    assert dispatch.failed_chain(f"{saga}:3:2.4", dispatch.COMPENSATE_STEP) == (
+        saga,
+        3,
+        dispatch.ON_COMPENSATION_FAILURE,
+    )
+    assert dispatch.failed_chain(f"{saga}:3:1", "tasks.another") is None
+    assert dispatch.failed_chain(f"{saga}:3:1", None) is None
+    assert dispatch.failed_chain("a-task-of-celery's-own-id", dispatch.RUN_STEP) is None
+    assert dispatch.failed_chain(f"{saga}:x:1", dispatch.RUN_STEP) is None
+
+
+def test_a_chain_sent_before_a_deploy_still_reaches_its_error_callback(saga_db, monkeypatch):
+    """Chains an earlier release sent, still in the broker across the deploy, name their saga,
+    epoch and callback in the error callback's keyword arguments: it is sent all the same, and
+    the declined saga compensates."""
+    from celery import chain, current_app
+
+    from sagas.engine import dispatch
+
+    monkeypatch.setattr(dispatch, "send_steps", lambda *args, **kwargs: None)
+    name = define(
+        "chain_of_an_earlier_release",
+        Step("first", RECORD, UNDO, retry=FAST),
+        Step("second", "tests.sagadefs.decline", UNDO),
+    )
+    saga, _ = saga_start(name=name, input={})
+    saga_id, epoch = str(saga.pk), saga.epoch
+    signatures = [dispatch._signature(dispatch.RUN_STEP, saga_id, i, epoch, 30) for i in (0, 1)]
+    errback = current_app.signature(
+        dispatch.CHAIN_FAILED,
+        kwargs={"saga_id": saga_id, "epoch": epoch, "callback": dispatch.ON_STEP_FAILURE},
+    )
+    chain(*signatures).on_error(errback).apply_async()
+    saga = wait_final(saga.pk)
+    assert (saga.status, saga.error_code) == ("compensated", "declined")
+    assert statuses(saga) == ["compensated", "failed"]
+
+
 def test_a_halted_compensation_leaves_the_steps_it_never_reached_as_they_were(saga_db):
     name = define(
         "halts_compensation",

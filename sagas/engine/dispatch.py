@@ -50,6 +50,20 @@ def failed_index(failed_task_id: str, saga_id: str, epoch: int) -> int | None:
     return int(parts[2]) if parts[2].isdigit() else None
 
 
+# The error callback each task of a chain names, by the chain's task.
+CALLBACKS = {RUN_STEP: ON_STEP_FAILURE, COMPENSATE_STEP: ON_COMPENSATION_FAILURE}
+
+
+def failed_chain(failed_task_id: str, task: str | None) -> tuple[str, int, str] | None:
+    """The (saga id, epoch, error callback) of the chain whose task `task` (its name) of id
+    `failed_task_id` failed; None for a task id or a task of another form."""
+    parts = failed_task_id.split(":")
+    callback = CALLBACKS.get(task or "")
+    if len(parts) != 3 or not parts[1].isdigit() or callback is None:
+        return None
+    return parts[0], int(parts[1]), callback
+
+
 def _signature(
     task: str, saga_id: str, index: int, epoch: int, time_limit: int, member: int | None = None
 ) -> Signature:
@@ -66,6 +80,9 @@ def _signature(
         soft_time_limit=time_limit,
         time_limit=time_limit + conf.hard_time_limit_grace(),
         task_id=task_id(saga_id, epoch, index, member),
+        # Not the app's thread id, which Celery would store in every signature of the chain:
+        # the message is sent with it all the same (`send_task`), and no result is awaited.
+        reply_to="",
     )
 
 
@@ -75,7 +92,6 @@ Entry = tuple[int, int, int | None]
 
 def _send(
     task: str,
-    errback: str,
     saga_id: str,
     epoch: int,
     entries: list[Entry],
@@ -84,12 +100,12 @@ def _send(
     signatures = [
         _signature(task, saga_id, index, epoch, limit, member) for index, limit, member in entries
     ]
-    # Celery calls `chain_failed` where the task failed, with its exception; it sends
-    # `errback` on as a message, with the exception's class (`sagas.tasks.chain_failed`).
-    on_error = current_app.signature(
-        CHAIN_FAILED, kwargs={"saga_id": saga_id, "epoch": epoch, "callback": errback}
-    )
-    chained = chain(*signatures).on_error(on_error)
+    # Celery calls `chain_failed` where the task failed, with its exception; it sends the
+    # chain's error callback (`CALLBACKS`) on as a message, with the exception's class
+    # (`sagas.tasks.chain_failed`). Celery copies it into every task of the chain, and each
+    # message carries the rest of the chain: so it names nothing, and `chain_failed` reads the
+    # saga, the epoch and the callback from the failed task's id and name (`failed_chain`).
+    chained = chain(*signatures).on_error(current_app.signature(CHAIN_FAILED))
     if countdown:
         chained.apply_async(countdown=countdown)
     else:
@@ -99,7 +115,7 @@ def _send(
 def send_steps(saga_id: str, epoch: int, steps: list[tuple[int, int]], countdown: float) -> None:
     """Send `run_step` for each (index, time limit) in order, as one chain."""
     entries: list[Entry] = [(index, limit, None) for index, limit in steps]
-    _send(RUN_STEP, ON_STEP_FAILURE, saga_id, epoch, entries, countdown)
+    _send(RUN_STEP, saga_id, epoch, entries, countdown)
 
 
 def send_members(
@@ -108,13 +124,13 @@ def send_members(
     """Send `run_step` for each (member, time limit) of the group at stage `index`, each as a
     task of its own (with the error callback a chain has): they run at the same time."""
     for member, limit in members:
-        _send(RUN_STEP, ON_STEP_FAILURE, saga_id, epoch, [(index, limit, member)], countdown)
+        _send(RUN_STEP, saga_id, epoch, [(index, limit, member)], countdown)
 
 
 def send_compensations(saga_id: str, epoch: int, entries: list[Entry], countdown: float) -> None:
     """Send `compensate_step` for each (index, time limit, member) in the order given
     (reverse), as one chain."""
-    _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, entries, countdown)
+    _send(COMPENSATE_STEP, saga_id, epoch, entries, countdown)
 
 
 def send_member_compensations(
@@ -123,7 +139,7 @@ def send_member_compensations(
     """Send `compensate_step` for each (index, time limit, member) of a group that compensates
     concurrently, each as a task of its own (with the error callback a chain has)."""
     for entry in entries:
-        _send(COMPENSATE_STEP, ON_COMPENSATION_FAILURE, saga_id, epoch, [entry], countdown)
+        _send(COMPENSATE_STEP, saga_id, epoch, [entry], countdown)
 
 
 def send_error_callback(
