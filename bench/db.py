@@ -18,7 +18,9 @@ connection whose backend's CPU is subtracted):
 - the share of each table's updates that were HOT;
 
 and the 16-core ceiling computed from the CPU. Prints a table, then one JSON object as its
-last line.
+last line. With `--fill N`, the tables first hold N finished order sagas, copied as `make fill`
+copies them (the cluster's `shared_buffers` is 256 MB: large tables are read from the OS's
+cache, as a busy server's would be).
 """
 
 from __future__ import annotations
@@ -396,11 +398,23 @@ def main() -> int:
     parser.add_argument(
         "--statements", type=int, default=0, help="list each saga's N most frequent statements"
     )
+    parser.add_argument(
+        "--fill",
+        type=int,
+        default=0,
+        help="first fill the tables with as many finished order sagas (as `make fill` does)",
+    )
     args = parser.parse_args()
     concurrency = int(os.environ.get("WORKER_CONCURRENCY", "2"))
     with private_cluster() as cluster:
         os.environ["DATABASE_URL"] = cluster.url
         queue = prepare()
+        if args.fill:
+            from bench.fill import fill, run_templates, vacuum
+
+            templates = run_templates(queue, concurrency)
+            fill(templates, sagas=args.fill, batch=50_000, keep_indexes=False)
+            vacuum()
         import psycopg
         from django.db import connection
 
@@ -426,7 +440,11 @@ def main() -> int:
             "bare": BareChains(4),
         }
         totals = {name: Totals() for name in loads}
-        results: dict[str, Any] = {"workers": concurrency, "sagas": args.sagas}
+        results: dict[str, Any] = {
+            "workers": concurrency,
+            "sagas": args.sagas,
+            "filled": args.fill,
+        }
         with workers(queue, concurrency):
             for workload in loads.values():  # warm up: imports, prepared statements, caches
                 batch(poller, cluster, workload, 20, Totals())
