@@ -3,8 +3,8 @@
 A leaf module: the engine decides what to send and calls these after its commit; the tasks
 (`sagas.tasks`) run what arrives. Neither imports the other.
 
-Every chain carries the saga's epoch, and so does its error callback: a message of an older
-epoch finds the saga has moved on and does nothing.
+Every task of a chain carries the saga's epoch (in its id too, which its error callback reads):
+a message of an older epoch finds the saga has moved on and does nothing.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _signature(
         time_limit=time_limit + conf.hard_time_limit_grace(),
         task_id=task_id(saga_id, epoch, index, member),
         # Not the app's thread id, which Celery would store in every signature of the chain:
-        # the message is sent with it all the same (`send_task`), and no result is awaited.
+        # each message is sent with its sender's (`send_task`), and no result is awaited.
         reply_to="",
     )
 
