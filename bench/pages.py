@@ -83,6 +83,9 @@ def sweep_without_checks() -> None:
         sweep()
 
 
+SWEEPS = {"a sweep, nothing stale": sweep, "a sweep, reconciliation off": sweep_without_checks}
+
+
 def queries_of(call: Callable[[], Any]) -> list[str]:
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
@@ -144,13 +147,7 @@ def main() -> int:
     results: dict[str, Any] = {"runs": args.runs, "sagas": Saga.objects.order_by().count()}
     rows = []
     for what, url in pages(str(saga.pk), saga.business_key or ""):
-        call = (
-            request(client, url)
-            if url
-            else sweep
-            if what.endswith("stale")
-            else sweep_without_checks
-        )
+        call = request(client, url) if url else SWEEPS[what]
         samples, cpu = timed(call, warmup=args.warmup, runs=args.runs)
         sql = queries_of(call)
         if args.explain:

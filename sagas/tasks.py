@@ -265,12 +265,13 @@ def chain_failed(
     callback with what failed the task. Safe to lose (the sweeper makes up for it) and to
     repeat."""
     if saga_id is None or epoch is None or callback is None:
-        failed = dispatch.failed_chain(str(request.id), getattr(request, "task", None))
+        task = getattr(request, "task", None)
+        failed = dispatch.failed_chain(str(request.id), task)
         if failed is None:
             logger.error(
                 "task %s (%s) of no saga's chain failed: its error callback does nothing",
                 request.id,
-                getattr(request, "task", None),
+                task,
             )
             return
         saga_id, epoch, callback = failed

@@ -32,22 +32,31 @@ def task_id(saga_id: str, epoch: int, index: int, member: int | None = None) -> 
     return f"{saga_id}:{epoch}:{index}"
 
 
+def _parsed(failed_task_id: str) -> tuple[str, int, str] | None:
+    """(saga id, epoch, stage part) of a task id of a saga's chain (`task_id`), else None."""
+    parts = failed_task_id.split(":")
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1]), parts[2]
+
+
+def _task_of(failed_task_id: str, saga_id: str, epoch: int) -> str | None:
+    """The stage part of a task id of the saga's chain of `epoch`, else None."""
+    parsed = _parsed(failed_task_id)
+    return parsed[2] if parsed is not None and parsed[:2] == (saga_id, epoch) else None
+
+
 def failed_member(failed_task_id: str, saga_id: str, epoch: int) -> tuple[int, int] | None:
     """The (stage, member) of a group's member whose task failed, from its task id."""
-    parts = failed_task_id.split(":")
-    if len(parts) != 3 or parts[0] != saga_id or parts[1] != str(epoch):
-        return None
-    stage, _, member = parts[2].partition(".")
+    stage, _, member = (_task_of(failed_task_id, saga_id, epoch) or "").partition(".")
     return (int(stage), int(member)) if stage.isdigit() and member.isdigit() else None
 
 
 def failed_index(failed_task_id: str, saga_id: str, epoch: int) -> int | None:
     """The step whose task failed, from the id an error callback receives (None for a task
     id of another form)."""
-    parts = failed_task_id.split(":")
-    if len(parts) != 3 or parts[0] != saga_id or parts[1] != str(epoch):
-        return None
-    return int(parts[2]) if parts[2].isdigit() else None
+    stage = _task_of(failed_task_id, saga_id, epoch) or ""
+    return int(stage) if stage.isdigit() else None
 
 
 # The error callback each task of a chain names, by the chain's task.
@@ -57,11 +66,10 @@ CALLBACKS = {RUN_STEP: ON_STEP_FAILURE, COMPENSATE_STEP: ON_COMPENSATION_FAILURE
 def failed_chain(failed_task_id: str, task: str | None) -> tuple[str, int, str] | None:
     """The (saga id, epoch, error callback) of the chain whose task `task` (its name) of id
     `failed_task_id` failed; None for a task id or a task of another form."""
-    parts = failed_task_id.split(":")
-    callback = CALLBACKS.get(task or "")
-    if len(parts) != 3 or not parts[1].isdigit() or callback is None:
+    parsed, callback = _parsed(failed_task_id), CALLBACKS.get(task or "")
+    if parsed is None or callback is None:
         return None
-    return parts[0], int(parts[1]), callback
+    return parsed[0], parsed[1], callback
 
 
 def _signature(
